@@ -1,0 +1,1 @@
+//! admin: see DESIGN.md. Not built yet; tracked by its issue.

@@ -1,0 +1,1 @@
+//! Just-in-time approval (issue 6). Not built yet.

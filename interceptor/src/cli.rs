@@ -1,0 +1,111 @@
+//! The `chaperone` command line. Each subcommand is a thin layer over the
+//! module that owns the work.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::redirect;
+
+/// Chaperone guards the Kubernetes API connections of AI agents.
+///
+/// Agents (coding agents, in-cluster CI runners) are handed a service-account
+/// token and kubectl. Chaperone sits on their data path without any change on
+/// the agent's side: eBPF programs attached to the node's cgroup v2 hierarchy
+/// transparently redirect the API-server connections of labeled agent pods to
+/// a node-local proxy. The proxy knows from the kernel which pod and process
+/// dialed, verifies the agent's token, applies policy, and then masks secrets
+/// in responses, blocks dangerous requests, holds risky ones for a human's
+/// just-in-time approval, and records every session for replay and audit.
+///
+/// Deploy the DaemonSet, label agent pods `chaperone.dev/intercept=true`, and
+/// change nothing else.
+#[derive(Debug, Parser)]
+#[command(
+    name = "chaperone",
+    version,
+    about,
+    long_about,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chaperone=debug`.
+    #[arg(long, global = true, env = "CHAPERONE_LOG", default_value = "info")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
+    Check,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Check => check(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn check() -> anyhow::Result<ExitCode> {
+    let facts = redirect::preflight();
+    println!("kernel:            {}", facts.kernel);
+    match &facts.cgroup2_mount {
+        Some(path) => println!("cgroup v2 mount:   {}", path.display()),
+        None => println!("cgroup v2 mount:   MISSING (chaperone attaches to cgroup v2)"),
+    }
+    if facts.missing_capabilities.is_empty() {
+        println!("privileges:        ok (CAP_BPF/CAP_SYS_ADMIN, CAP_PERFMON, CAP_NET_ADMIN)");
+    } else {
+        println!(
+            "privileges:        MISSING {}",
+            facts.missing_capabilities.join(", ")
+        );
+    }
+    if facts.ready() {
+        println!("ready:             yes");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("ready:             no");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_explains_the_product() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("redirect"), "{help}");
+        assert!(help.contains("chaperone.dev/intercept=true"), "{help}");
+    }
+}

@@ -1,0 +1,1 @@
+//! config: see DESIGN.md. Not built yet; tracked by its issue.

@@ -1,0 +1,23 @@
+//! Chaperone: a transparent guard between AI agents and the Kubernetes API
+//! server. See DESIGN.md at the repository root for the map; each module
+//! below owns one concern of the data path.
+
+pub mod admin;
+pub mod approval;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod kstatus;
+pub mod mask;
+pub mod pods;
+pub mod policy;
+pub mod proxy;
+pub mod record;
+pub mod redirect;
+pub mod request;
+pub mod tls;
+
+/// The `SO_MARK` chaperone puts on its own upstream sockets; the eBPF
+/// programs never redirect a socket carrying it.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x4348_5031; // "CHP1"

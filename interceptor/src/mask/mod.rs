@@ -1,0 +1,1 @@
+//! Masking of secrets in responses (issue 5). Not built yet.

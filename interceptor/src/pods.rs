@@ -1,0 +1,1 @@
+//! pods: see DESIGN.md. Not built yet; tracked by its issue.

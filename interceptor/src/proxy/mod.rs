@@ -1,0 +1,1 @@
+//! The HTTP proxy (issue 3). Not built yet.

@@ -1,0 +1,1 @@
+//! Session recording and replay (issue 7). Not built yet.

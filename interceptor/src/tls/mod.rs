@@ -1,0 +1,1 @@
+//! Local CA, leaf certificates, upstream trust (issue 3). Not built yet.

@@ -1,0 +1,71 @@
+//! A minimal TCP client for the redirect tests: connects, reports what the
+//! socket says about itself as one JSON line on stdout, then holds the
+//! connection until the peer closes it (or 10 s pass).
+//!
+//! usage: agent-probe ADDR:PORT [--mark N] [--v6-socket]
+//!   --mark N       set SO_MARK on the socket before connecting
+//!   --v6-socket    use an AF_INET6 socket (IPv4 targets become ::ffff:a.b.c.d)
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV6},
+    time::Duration,
+};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let target: SocketAddr = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("usage: agent-probe ADDR:PORT [--mark N] [--v6-socket]");
+    let mut mark = None;
+    let mut v6_socket = false;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--mark" => mark = args.next().and_then(|m| m.parse::<u32>().ok()),
+            "--v6-socket" => v6_socket = true,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let (domain, target) = match (v6_socket, target) {
+        (true, SocketAddr::V4(v4)) => (
+            Domain::IPV6,
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+        ),
+        (true, v6 @ SocketAddr::V6(_)) | (false, v6 @ SocketAddr::V6(_)) => (Domain::IPV6, v6),
+        (false, v4) => (Domain::IPV4, v4),
+    };
+    let socket = Socket::new(domain, Type::STREAM, None).expect("socket");
+    if let Some(mark) = mark {
+        socket
+            .set_mark(mark)
+            .expect("SO_MARK (needs CAP_NET_ADMIN)");
+    }
+    let result = socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(3));
+    let pid = std::process::id();
+    let report = match &result {
+        Ok(()) => serde_json::json!({
+            "pid": pid,
+            "connected": true,
+            "peer": socket.peer_addr().ok().and_then(|a| a.as_socket()).map(|a| a.to_string()),
+            "local": socket.local_addr().ok().and_then(|a| a.as_socket()).map(|a| a.to_string()),
+        }),
+        Err(error) => serde_json::json!({
+            "pid": pid,
+            "connected": false,
+            "errno": error.raw_os_error(),
+            "error": error.to_string(),
+        }),
+    };
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{report}").unwrap();
+    stdout.flush().unwrap();
+    if result.is_ok() {
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut buf = [0u8; 64];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}

@@ -1,0 +1,165 @@
+//! `cargo xtask`: the project's own commands. Each sets up what it needs
+//! (idempotently, saying what it installs) before doing its work.
+//!
+//! - `setup`: the eBPF toolchain (Debian `llvm-22-dev`, `bpf-linker` built
+//!   against it, `rust-src` for the nightly toolchain) and the test tools.
+//! - `build`: setup, then one release build of the `chaperone` binary with
+//!   the eBPF object embedded.
+//! - `test`: setup, then formatting, clippy and the whole test suite.
+//! - `demo`: setup, build, then the demo (needs root).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Chaperone's build, test and demo commands"
+)]
+struct Xtask {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools (idempotent).
+    Setup,
+    /// Build the release `chaperone` binary (eBPF programs embedded).
+    Build,
+    /// Run formatting and lint checks and the whole test suite.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run the demo on this machine (needs root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Xtask::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Setup => setup::all(),
+        Task::Build => {
+            setup::all()?;
+            cargo(&root, &["build", "--release", "--package", "chaperone"])
+        }
+        Task::Test {
+            no_lint,
+            cargo_test_args,
+        } => {
+            setup::all()?;
+            if !no_lint {
+                step("cargo fmt --check");
+                cargo(&root, &["fmt", "--all", "--", "--check"])?;
+                step("cargo clippy");
+                cargo(
+                    &root,
+                    &[
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ],
+                )?;
+            }
+            if !is_root() {
+                println!(
+                    "xtask: not root: tests that need the kernel (eBPF, namespaces, cgroups) will \
+                     print SKIPPED; CI runs as root"
+                );
+            }
+            step("cargo test --workspace");
+            let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+            if !cargo_test_args.is_empty() {
+                args.push("--");
+                args.extend(cargo_test_args.iter().map(String::as_str));
+            }
+            cargo(&root, &args)
+        }
+        Task::Demo => {
+            if !is_root() {
+                bail!(
+                    "the demo needs root: it loads eBPF programs, creates a network namespace \
+                     and a cgroup. Run it as root (sudo -E cargo xtask demo)"
+                );
+            }
+            setup::all()?;
+            step("building the demo");
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "chaperone-tests",
+                    "--bin",
+                    "chaperone-demo",
+                ],
+            )?;
+            let demo = root.join("target/release/chaperone-demo");
+            let status = Command::new(&demo)
+                .status()
+                .with_context(|| format!("cannot run {}", demo.display()))?;
+            if !status.success() {
+                bail!("the demo failed ({status})");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .env("PATH", setup::path_with_cargo_bin())
+        .status()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
