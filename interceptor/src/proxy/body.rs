@@ -1,0 +1,173 @@
+//! The body type that flows through the proxy, both directions, and the
+//! streaming transform hook that masking plugs into.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+use crate::kstatus::Status;
+
+/// Errors inside a proxied body. A body error aborts the stream (HTTP/2
+/// RST_STREAM, HTTP/1.1 connection close): an agent never receives a
+/// truncated body as if it were complete.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy produces or forwards.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> ProxyBody {
+    full(Bytes::new())
+}
+
+/// A Kubernetes `Status` response, as the API server would send it.
+pub fn status_response(status: &Status) -> http::Response<ProxyBody> {
+    http::Response::builder()
+        .status(status.code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("cache-control", "no-cache, private")
+        .body(full(status.to_body()))
+        .expect("a Status response is always valid")
+}
+
+/// A streaming rewrite of a response body (masking). `push` gets the body in
+/// whatever chunks arrive and appends what to send to `out`; `finish` flushes
+/// what is held back at the end. An error aborts the response.
+pub trait BodyTransform: Send + 'static {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BodyError>;
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), BodyError>;
+}
+
+/// Sees the bytes the agent actually receives (after any transform) and the
+/// end of the body; used for recording and metrics. Must be cheap.
+pub trait BodyObserver: Send + 'static {
+    fn on_data(&mut self, chunk: &[u8]);
+    /// `Ok` when the body completed, `Err` with a reason when it was cut
+    /// short (client gone, upstream error, transform refused).
+    fn on_end(&mut self, result: Result<(), String>);
+}
+
+/// A body passed through an optional transform and an optional observer.
+pub struct Transformed {
+    inner: ProxyBody,
+    transform: Option<Box<dyn BodyTransform>>,
+    observer: Option<Box<dyn BodyObserver>>,
+    finished: bool,
+    scratch: Vec<u8>,
+}
+
+impl Transformed {
+    pub fn new(
+        inner: ProxyBody,
+        transform: Option<Box<dyn BodyTransform>>,
+        observer: Option<Box<dyn BodyObserver>>,
+    ) -> Self {
+        Transformed {
+            inner,
+            transform,
+            observer,
+            finished: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, result: Result<(), String>) {
+        if let Some(mut observer) = self.observer.take() {
+            observer.on_end(result);
+        }
+    }
+}
+
+impl Drop for Transformed {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(Err(
+                "the body was dropped before it ended (client went away)".into(),
+            ));
+        }
+    }
+}
+
+impl http_body::Body for Transformed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(error))) => {
+                    this.finished = true;
+                    this.end(Err(error.to_string()));
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        // Trailers pass through untouched.
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let out = match &mut this.transform {
+                        None => frame,
+                        Some(transform) => {
+                            this.scratch.clear();
+                            if let Err(error) = transform.push(&frame, &mut this.scratch) {
+                                this.finished = true;
+                                this.end(Err(error.to_string()));
+                                return Poll::Ready(Some(Err(error)));
+                            }
+                            if this.scratch.is_empty() {
+                                continue;
+                            }
+                            Bytes::copy_from_slice(&this.scratch)
+                        }
+                    };
+                    if let Some(observer) = &mut this.observer {
+                        observer.on_data(&out);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    let mut tail = Vec::new();
+                    if let Some(transform) = &mut this.transform
+                        && let Err(error) = transform.finish(&mut tail)
+                    {
+                        this.end(Err(error.to_string()));
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    if tail.is_empty() {
+                        this.end(Ok(()));
+                        return Poll::Ready(None);
+                    }
+                    if let Some(observer) = &mut this.observer {
+                        observer.on_data(&tail);
+                    }
+                    this.end(Ok(()));
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+}

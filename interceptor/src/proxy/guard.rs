@@ -1,0 +1,88 @@
+//! The seam between HTTP mechanics (this module) and chaperone's decisions
+//! (identity, policy, masking, approval, recording): a [`Guard`] looks at
+//! each request before it is forwarded and says what to do with it.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::SystemTime};
+
+use http::request::Parts;
+
+use super::body::{BodyObserver, BodyTransform, ProxyBody};
+use crate::redirect::AttestedConnection;
+
+/// One accepted agent connection, as the proxy knows it.
+#[derive(Debug)]
+pub struct ConnectionInfo {
+    /// Unique per connection: the recording session id.
+    pub id: uuid::Uuid,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// What the kernel attested, when the connection came through the redirect.
+    pub attested: Option<AttestedConnection>,
+    /// The server name the agent asked for in its TLS ClientHello.
+    pub sni: Option<String>,
+    /// `h2` or `http/1.1`.
+    pub alpn: Option<String>,
+    pub accepted_at: SystemTime,
+}
+
+/// What to do with one request.
+pub enum Verdict {
+    /// Answer the agent directly (a denial, an error); nothing goes upstream.
+    Respond(http::Response<ProxyBody>),
+    /// Forward it (with the request parts as the guard left them).
+    Forward(Forward),
+}
+
+/// How to forward one request and handle its response.
+#[derive(Default)]
+pub struct Forward {
+    /// Rewrites the response body (masking). Applied to 2xx responses.
+    pub response_transform: Option<Box<dyn BodyTransform>>,
+    /// Sees what the agent receives and when it ends (recording, audit).
+    pub observer: Option<Box<dyn ResponseObserver>>,
+}
+
+/// Follows one forwarded exchange: the response head, then the body.
+pub trait ResponseObserver: Send + 'static {
+    /// The upstream answered (or could not be reached: status 502/503).
+    /// Returns the observer for the body, if it wants one.
+    fn on_response(
+        self: Box<Self>,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> Option<Box<dyn BodyObserver>>;
+    /// The request was upgraded (exec, attach, port-forward): the tunnel
+    /// taps, if any, see the two byte streams.
+    fn on_upgrade(&mut self) -> Option<Box<dyn TunnelTap>> {
+        None
+    }
+}
+
+/// Sees the bytes of an upgraded connection, both ways, as they pass.
+pub trait TunnelTap: Send + 'static {
+    fn from_agent(&mut self, bytes: &[u8]);
+    fn from_upstream(&mut self, bytes: &[u8]);
+    fn closed(&mut self);
+}
+
+/// Decides, per request, what the proxy does.
+pub trait Guard: Send + Sync + 'static {
+    /// Inspect (and possibly rewrite: credentials, Accept) the request head.
+    /// The body is forwarded as a stream after the verdict.
+    fn check(
+        &self,
+        conn: &Arc<ConnectionInfo>,
+        parts: &mut Parts,
+    ) -> impl Future<Output = Verdict> + Send;
+}
+
+/// Forwards everything untouched: faithful proxying, no decisions. The
+/// proxy's mechanics are tested with it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Passthrough;
+
+impl Guard for Passthrough {
+    async fn check(&self, _conn: &Arc<ConnectionInfo>, _parts: &mut Parts) -> Verdict {
+        Verdict::Forward(Forward::default())
+    }
+}

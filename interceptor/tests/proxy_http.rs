@@ -1,0 +1,517 @@
+//! The proxy's HTTP mechanics against a small TLS upstream: forwarding,
+//! hop-by-hop headers, streaming without buffering, upgrades, limits,
+//! upstream failures, HTTP/2, client disconnects and graceful drain.
+//! (End-to-end tests with kubectl and the API-server simulator live in
+//! tests/.)
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use chaperone::proxy::{
+    Passthrough, Proxy, ProxyConfig, StaticTls, Upstream, UpstreamSpec,
+    upstream::client_tls_trusting,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::mpsc,
+};
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+struct Pki {
+    ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> Pki {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test ca");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf_params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let mut server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Pki {
+        ca_pem: ca.pem(),
+        server: Arc::new(server),
+    }
+}
+
+/// What the upstream saw.
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(String, http::HeaderMap)>,
+    stream_closed: bool,
+}
+
+/// A TLS upstream: `/echo` echoes the request line and headers, `/stream`
+/// sends a chunk, waits for the test's go, sends another, `/upgrade`
+/// switches to an echo protocol, `/big` posts are counted.
+async fn upstream(pki: &Pki, seen: Arc<Mutex<Seen>>, go: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let seen = seen.clone();
+            let go = go.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    let go = go.clone();
+                    async move { Ok::<_, Infallible>(answer(req, seen, go).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    seen: Arc<Mutex<Seen>>,
+    go: Arc<tokio::sync::Notify>,
+) -> Response<TestBody> {
+    let line = format!(
+        "{} {}",
+        req.method(),
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    seen.lock()
+        .unwrap()
+        .requests
+        .push((line.clone(), req.headers().clone()));
+    match req.uri().path() {
+        "/stream" => {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                tx.send(Ok(Frame::data(Bytes::from_static(
+                    b"{\"type\":\"ADDED\"}\n",
+                ))))
+                .await
+                .unwrap();
+                go.notified().await;
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(
+                        b"{\"type\":\"MODIFIED\"}\n",
+                    ))))
+                    .await
+                    .is_err()
+                {
+                    seen.lock().unwrap().stream_closed = true;
+                    return;
+                }
+                // Keep going until the client disappears.
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"\n"))))
+                        .await
+                        .is_err()
+                    {
+                        seen.lock().unwrap().stream_closed = true;
+                        return;
+                    }
+                }
+            });
+            Response::new(StreamBody::new(tokio_stream_from(rx)).boxed())
+        }
+        "/upgrade" => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let upgraded = on_upgrade.await.unwrap();
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = Vec::new();
+                // Echo everything until the client half-closes, then say bye.
+                io.read_to_end(&mut buf).await.unwrap();
+                io.write_all(&buf).await.unwrap();
+                io.write_all(b"|bye").await.unwrap();
+                io.shutdown().await.unwrap();
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "Upgrade")
+                .header("upgrade", "SPDY/3.1")
+                .header("x-stream-protocol-version", "v4.channel.k8s.io")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap()
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Response::new(Full::new(Bytes::from_static(b"slow done")).boxed())
+        }
+        _ => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            Response::builder()
+                .header("content-type", "text/plain")
+                .header("connection", "x-upstream-hop")
+                .header("x-upstream-hop", "1")
+                .body(Full::new(Bytes::from(format!("{line} body={body}"))).boxed())
+                .unwrap()
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+struct Harness {
+    proxy_addr: SocketAddr,
+    ca_pem: String,
+    seen: Arc<Mutex<Seen>>,
+    go: Arc<tokio::sync::Notify>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harness {
+    let pki = pki();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let upstream_addr = match upstream_addr {
+        Some(addr) => addr,
+        None => upstream(&pki, seen.clone(), go.clone()).await,
+    };
+    let upstream = Upstream::new(UpstreamSpec {
+        base: format!("https://{upstream_addr}").parse().unwrap(),
+        tls: client_tls_trusting(pki.ca_pem.as_bytes()).unwrap(),
+        mark: 0,
+        connect_timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let terminator = Arc::new(StaticTls(tokio_rustls::TlsAcceptor::from(
+        pki.server.clone(),
+    )));
+    let proxy = Proxy::new(config, Passthrough, upstream, terminator, Arc::new(()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(proxy.serve(vec![listener], async {
+        let _ = rx.await;
+    }));
+    Harness {
+        proxy_addr,
+        ca_pem: pki.ca_pem,
+        seen,
+        go,
+        shutdown: Some(tx),
+        served,
+    }
+}
+
+fn local_config() -> ProxyConfig {
+    ProxyConfig {
+        require_attestation: false,
+        ..ProxyConfig::default()
+    }
+}
+
+async fn client(
+    h: &Harness,
+    alpn: &[u8],
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    let tls = client_tls_trusting(h.ca_pem.as_bytes()).unwrap();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if alpn == b"h2" {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    if alpn == b"h2" {
+        builder.http2_only(true);
+    }
+    builder.build(connector)
+}
+
+fn url(h: &Harness, path: &str) -> String {
+    format!("https://localhost:{}{path}", h.proxy_addr.port())
+}
+
+#[tokio::test]
+async fn requests_are_forwarded_with_path_query_and_end_to_end_headers() {
+    let h = harness(local_config(), None).await;
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let client = client(&h, alpn).await;
+        let mut req = Request::get(url(&h, "/echo?watch=1&labelSelector=a%3Db"))
+            .header("authorization", "Bearer agent-token")
+            .header("x-agent", "yes")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        if alpn == b"http/1.1" {
+            req.headers_mut()
+                .insert("connection", "x-agent-hop".parse().unwrap());
+            req.headers_mut()
+                .insert("x-agent-hop", "1".parse().unwrap());
+        }
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.headers().get("x-upstream-hop").is_none(),
+            "hop-by-hop from upstream removed"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "GET /echo?watch=1&labelSelector=a%3Db body=0");
+    }
+    let seen = h.seen.lock().unwrap();
+    assert_eq!(seen.requests.len(), 2);
+    for (_, headers) in &seen.requests {
+        assert_eq!(headers["authorization"], "Bearer agent-token");
+        assert_eq!(headers["x-agent"], "yes");
+        assert!(headers.get("x-agent-hop").is_none());
+    }
+}
+
+#[tokio::test]
+async fn streams_are_not_buffered_and_a_client_going_away_closes_upstream() {
+    let h = harness(local_config(), None).await;
+    let client = client(&h, b"h2").await;
+    let resp = client
+        .request(
+            Request::get(url(&h, "/stream"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    // The first event arrives while the upstream is still holding the second.
+    let first = tokio::time::timeout(Duration::from_secs(3), body.frame())
+        .await
+        .expect("the first chunk arrives before the stream ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "{\"type\":\"ADDED\"}\n");
+    h.go.notify_one();
+    let second = tokio::time::timeout(Duration::from_secs(3), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.into_data().unwrap(), "{\"type\":\"MODIFIED\"}\n");
+    drop(body);
+    drop(client);
+    for _ in 0..100 {
+        if h.seen.lock().unwrap().stream_closed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upstream stream was not closed after the client went away");
+}
+
+#[tokio::test]
+async fn upgrades_are_tunneled_both_ways_with_half_close() {
+    let h = harness(local_config(), None).await;
+    let mut tls = client_tls_trusting(h.ca_pem.as_bytes()).unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await.unwrap();
+    let stream = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection.with_upgrades());
+    let resp = sender
+        .send_request(
+            Request::post("/upgrade")
+                .header("host", "localhost")
+                .header("connection", "Upgrade")
+                .header("upgrade", "SPDY/3.1")
+                .header("x-stream-protocol-version", "v4.channel.k8s.io")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        resp.headers()["x-stream-protocol-version"],
+        "v4.channel.k8s.io"
+    );
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = TokioIo::new(upgraded);
+    io.write_all(b"hello through the tunnel").await.unwrap();
+    io.shutdown().await.unwrap(); // half-close: the upstream sees EOF and answers
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"hello through the tunnel|bye");
+    let seen = h.seen.lock().unwrap();
+    let (_, headers) = seen
+        .requests
+        .iter()
+        .find(|(l, _)| l.contains("/upgrade"))
+        .unwrap();
+    assert_eq!(headers["upgrade"], "SPDY/3.1");
+}
+
+#[tokio::test]
+async fn an_oversized_body_gets_a_413_status() {
+    let h = harness(
+        ProxyConfig {
+            max_request_body: 1024,
+            ..local_config()
+        },
+        None,
+    )
+    .await;
+    let client = client(&h, b"http/1.1").await;
+    let resp = client
+        .request(
+            Request::post(url(&h, "/big"))
+                .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let status: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    let ok = client
+        .request(
+            Request::post(url(&h, "/small"))
+                .body(Full::new(Bytes::from(vec![b'x'; 512])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.into_body().collect().await.unwrap().to_bytes(),
+        "POST /small body=512"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_a_clear_503_status() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let h = harness(local_config(), Some(dead)).await;
+    let client = client(&h, b"h2").await;
+    let resp = client
+        .request(
+            Request::get(url(&h, "/api"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let status: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(status["reason"], "ServiceUnavailable");
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("cannot reach the API server"), "{message}");
+    assert!(message.contains(&dead.to_string()), "{message}");
+}
+
+#[tokio::test]
+async fn unattested_connections_are_refused_when_attestation_is_required() {
+    let h = harness(ProxyConfig::default(), None).await;
+    let client = client(&h, b"h2").await;
+    let result = client
+        .request(
+            Request::get(url(&h, "/echo"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert!(
+        result.is_err(),
+        "the connection must be closed without an answer"
+    );
+    assert!(h.seen.lock().unwrap().requests.is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let mut h = harness(local_config(), None).await;
+    let client = client(&h, b"h2").await;
+    let in_flight = tokio::spawn({
+        let req = client.request(
+            Request::get(url(&h, "/slow"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        );
+        async move {
+            req.await
+                .unwrap()
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.shutdown.take().unwrap().send(()).unwrap();
+    assert_eq!(in_flight.await.unwrap(), "slow done");
+    tokio::time::timeout(Duration::from_secs(5), &mut h.served)
+        .await
+        .unwrap()
+        .unwrap();
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(h.proxy_addr).await.is_err());
+}
