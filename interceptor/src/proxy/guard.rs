@@ -60,8 +60,8 @@ pub trait ResponseObserver: Send + 'static {
 
 /// Sees the bytes of an upgraded connection, both ways, as they pass.
 pub trait TunnelTap: Send + 'static {
-    fn from_agent(&mut self, bytes: &[u8]);
-    fn from_upstream(&mut self, bytes: &[u8]);
+    fn agent_sent(&mut self, bytes: &[u8]);
+    fn upstream_sent(&mut self, bytes: &[u8]);
     fn closed(&mut self);
 }
 

@@ -25,14 +25,14 @@ pub(super) async fn pump(
         if let Some(tap) = &up_tap {
             tap.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .from_agent(bytes);
+                .agent_sent(bytes);
         }
     });
     let down = copy_half(upstream_read, agent_write, move |bytes| {
         if let Some(tap) = &down_tap {
             tap.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .from_upstream(bytes);
+                .upstream_sent(bytes);
         }
     });
     let (up, down) = tokio::join!(up, down);
