@@ -1,1 +1,318 @@
-//! config: see DESIGN.md. Not built yet; tracked by its issue.
+//! The node agent's configuration: every flag, environment variable and
+//! config-file key has its name here and nowhere else. Precedence: flag >
+//! environment > config file (`--config`, YAML with the flags' long names in
+//! camelCase) > default.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::redirect::RefusedDestination;
+
+/// `chaperone node` flags. Each can also be set by the environment variable
+/// shown in `--help`, or in the `--config` file.
+#[derive(Clone, Debug, Default, Args)]
+pub struct NodeArgs {
+    /// YAML config file; flags and environment override its values.
+    #[arg(long, env = "CHAPERONE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// This node's name (DaemonSet: downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The address agent pods reach the proxy at: the node's IP (downward API
+    /// `status.hostIP`). Never 127.0.0.1: from a pod that is the pod itself.
+    #[arg(long, env = "CHAPERONE_PROXY_IP")]
+    pub proxy_ip: Vec<IpAddr>,
+
+    /// The proxy's port on the node.
+    #[arg(long, env = "CHAPERONE_PROXY_PORT")]
+    pub proxy_port: Option<u16>,
+
+    /// API-server addresses agents dial that are redirected (the
+    /// `kubernetes.default` ClusterIP:443, endpoint IP:6443, ...). Default:
+    /// KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT.
+    #[arg(long = "target", env = "CHAPERONE_TARGETS", value_delimiter = ',')]
+    pub targets: Vec<SocketAddr>,
+
+    /// Destinations agents may never dial (`:PORT`, `IP`, `IP:PORT`).
+    /// Default: kubelet :10250, etcd :2379 and :2380, 169.254.169.254.
+    #[arg(long = "refuse", env = "CHAPERONE_REFUSE", value_delimiter = ',')]
+    pub refused: Vec<RefusedDestination>,
+
+    /// cgroup v2 directory to attach the eBPF programs at. Default: the
+    /// cgroup v2 mount from /proc/mounts.
+    #[arg(long, env = "CHAPERONE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Kubeconfig for chaperone's own API access and the upstream. Default:
+    /// in-cluster config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Directory of chaperone's CA (ca.crt, ca.key).
+    #[arg(long, env = "CHAPERONE_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Policy files (local mode). Without them, `AgentPolicy` objects are
+    /// watched in the cluster.
+    #[arg(long = "policy", env = "CHAPERONE_POLICY", value_delimiter = ',')]
+    pub policy_files: Vec<PathBuf>,
+
+    /// Directory of session recordings.
+    #[arg(long, env = "CHAPERONE_RECORD_DIR")]
+    pub record_dir: Option<PathBuf>,
+
+    /// Audit log file (audit.k8s.io/v1 Events, JSON lines); `-` for stdout.
+    #[arg(long, env = "CHAPERONE_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+
+    /// Admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "CHAPERONE_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// `SO_MARK` of chaperone's own sockets (never redirected).
+    #[arg(long, env = "CHAPERONE_SOCKET_MARK")]
+    pub socket_mark: Option<u32>,
+
+    /// Accept connections the kernel did not redirect (local mode, tests).
+    #[arg(long, env = "CHAPERONE_ALLOW_UNATTESTED")]
+    pub allow_unattested: bool,
+
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, env = "CHAPERONE_DRAIN_SECONDS")]
+    pub drain_seconds: Option<u64>,
+}
+
+/// The config file: the same settings as the flags, in camelCase.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NodeFile {
+    node_name: Option<String>,
+    proxy_ip: Option<Vec<IpAddr>>,
+    proxy_port: Option<u16>,
+    targets: Option<Vec<SocketAddr>>,
+    refuse: Option<Vec<String>>,
+    cgroup_root: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    policy: Option<Vec<PathBuf>>,
+    record_dir: Option<PathBuf>,
+    audit_log: Option<String>,
+    admin_addr: Option<SocketAddr>,
+    socket_mark: Option<u32>,
+    allow_unattested: Option<bool>,
+    drain_seconds: Option<u64>,
+}
+
+/// The node agent's typed configuration, defaults applied and validated.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub proxy_ips: Vec<IpAddr>,
+    pub proxy_port: u16,
+    pub targets: Vec<SocketAddr>,
+    pub refused: Vec<RefusedDestination>,
+    pub cgroup_root: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub ca_dir: PathBuf,
+    pub policy_files: Vec<PathBuf>,
+    pub record_dir: PathBuf,
+    pub audit_log: Option<String>,
+    pub admin_addr: SocketAddr,
+    pub socket_mark: u32,
+    pub require_attestation: bool,
+    pub drain_timeout: Duration,
+}
+
+pub const DEFAULT_PROXY_PORT: u16 = 16443;
+pub const DEFAULT_ADMIN_PORT: u16 = 16444;
+
+impl NodeConfig {
+    /// Flags and environment (already merged by clap) over the config file
+    /// over defaults. `service_env` is `(KUBERNETES_SERVICE_HOST, _PORT)`.
+    pub fn resolve(
+        args: NodeArgs,
+        service_env: (Option<String>, Option<String>),
+    ) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the config file {}", path.display()))?;
+                serde_yaml::from_str::<NodeFile>(&text)
+                    .with_context(|| format!("{}: invalid config", path.display()))?
+            }
+            None => NodeFile::default(),
+        };
+        let node_name = args
+            .node_name
+            .or(file.node_name)
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .context("no node name: set --node-name or NODE_NAME")?;
+        let proxy_ips = first_non_empty(args.proxy_ip, file.proxy_ip.unwrap_or_default());
+        if proxy_ips.is_empty() {
+            bail!(
+                "no proxy address: set --proxy-ip (or CHAPERONE_PROXY_IP) to this node's IP; the \
+                 DaemonSet sets it from the downward API status.hostIP"
+            );
+        }
+        if let Some(loopback) = proxy_ips.iter().find(|ip| ip.is_loopback()) {
+            bail!(
+                "--proxy-ip {loopback} is a loopback address: from an agent pod's network namespace \
+                 that is the pod itself, so redirected connections would never reach chaperone. \
+                 Use the node's IP"
+            );
+        }
+        let mut targets = first_non_empty(args.targets, file.targets.unwrap_or_default());
+        if targets.is_empty()
+            && let (Some(host), Some(port)) = service_env
+        {
+            let addr: SocketAddr = format!("{host}:{port}")
+                .parse()
+                .or_else(|_| format!("[{host}]:{port}").parse())
+                .with_context(|| {
+                    format!("KUBERNETES_SERVICE_HOST/PORT {host}:{port} is not an address")
+                })?;
+            targets.push(addr);
+        }
+        if targets.is_empty() {
+            bail!(
+                "no API-server address to redirect: set --target (the kubernetes.default \
+                 ClusterIP:443 and the API-server endpoints), or run in-cluster"
+            );
+        }
+        let refused = if !args.refused.is_empty() {
+            args.refused
+        } else if let Some(list) = file.refuse {
+            list.iter()
+                .map(|s| s.parse::<RefusedDestination>().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            RefusedDestination::defaults()
+        };
+        Ok(NodeConfig {
+            node_name,
+            proxy_ips,
+            proxy_port: args
+                .proxy_port
+                .or(file.proxy_port)
+                .unwrap_or(DEFAULT_PROXY_PORT),
+            targets,
+            refused,
+            cgroup_root: args.cgroup_root.or(file.cgroup_root),
+            kubeconfig: args.kubeconfig.or(file.kubeconfig),
+            ca_dir: args
+                .ca_dir
+                .or(file.ca_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/ca")),
+            policy_files: first_non_empty(args.policy_files, file.policy.unwrap_or_default()),
+            record_dir: args
+                .record_dir
+                .or(file.record_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/sessions")),
+            audit_log: args.audit_log.or(file.audit_log),
+            admin_addr: args
+                .admin_addr
+                .or(file.admin_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            socket_mark: args
+                .socket_mark
+                .or(file.socket_mark)
+                .unwrap_or(crate::DEFAULT_SOCKET_MARK),
+            require_attestation: !(args.allow_unattested || file.allow_unattested.unwrap_or(false)),
+            drain_timeout: Duration::from_secs(
+                args.drain_seconds.or(file.drain_seconds).unwrap_or(20),
+            ),
+        })
+    }
+}
+
+fn first_non_empty<T>(preferred: Vec<T>, fallback: Vec<T>) -> Vec<T> {
+    if preferred.is_empty() {
+        fallback
+    } else {
+        preferred
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn args() -> NodeArgs {
+        NodeArgs {
+            node_name: Some("node-a".into()),
+            proxy_ip: vec!["10.0.0.5".parse().unwrap()],
+            ..NodeArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_in_cluster_environment() {
+        let config =
+            NodeConfig::resolve(args(), (Some("10.96.0.1".into()), Some("443".into()))).unwrap();
+        assert_eq!(config.targets, vec!["10.96.0.1:443".parse().unwrap()]);
+        assert_eq!(config.proxy_port, DEFAULT_PROXY_PORT);
+        assert_eq!(config.refused, RefusedDestination::defaults());
+        assert!(config.require_attestation);
+        assert_eq!(config.socket_mark, crate::DEFAULT_SOCKET_MARK);
+    }
+
+    #[test]
+    fn an_ipv6_service_host_is_understood() {
+        let config =
+            NodeConfig::resolve(args(), (Some("fd00::1".into()), Some("443".into()))).unwrap();
+        assert_eq!(config.targets, vec!["[fd00::1]:443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_loopback_proxy_address_is_refused_with_the_reason() {
+        let mut a = args();
+        a.proxy_ip = vec!["127.0.0.1".parse().unwrap()];
+        let error =
+            NodeConfig::resolve(a, (Some("10.96.0.1".into()), Some("443".into()))).unwrap_err();
+        assert!(error.to_string().contains("the pod itself"), "{error}");
+    }
+
+    #[test]
+    fn without_targets_the_error_says_what_to_set() {
+        let error = NodeConfig::resolve(args(), (None, None)).unwrap_err();
+        assert!(error.to_string().contains("--target"), "{error}");
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "proxyPort: 7000\nrecordDir: /tmp/rec\ntargets: [\"10.96.0.1:443\"]\nrefuse: [\":10250\"]").unwrap();
+        let mut a = args();
+        a.config = Some(file.path().into());
+        a.proxy_port = Some(8000);
+        let config = NodeConfig::resolve(a, (None, None)).unwrap();
+        assert_eq!(config.proxy_port, 8000);
+        assert_eq!(config.record_dir, PathBuf::from("/tmp/rec"));
+        assert_eq!(config.refused, vec![RefusedDestination::Port(10250)]);
+    }
+
+    #[test]
+    fn an_unknown_config_key_is_an_error_naming_it() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "proxyPrt: 7000").unwrap();
+        let mut a = args();
+        a.config = Some(file.path().into());
+        let error = format!("{:#}", NodeConfig::resolve(a, (None, None)).unwrap_err());
+        assert!(error.contains("proxyPrt"), "{error}");
+    }
+}
