@@ -243,7 +243,75 @@ pub struct Placement<'a> {
     pub netns: &'a Netns,
 }
 
+/// Where kubelet mounts a pod's service-account credentials.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// What an in-cluster client finds in its pod: the API server's service
+/// address in the environment and the service-account files.
+pub struct InClusterCredentials {
+    pub service_host: String,
+    pub service_port: u16,
+    /// Holds `token`, `ca.crt` and `namespace`; bind-mounted at
+    /// [`SERVICE_ACCOUNT_DIR`] for the process only.
+    pub dir: PathBuf,
+}
+
+impl InClusterCredentials {
+    pub fn write(
+        dir: impl Into<PathBuf>,
+        service: std::net::SocketAddr,
+        token: &str,
+        ca_pem: &str,
+        namespace: &str,
+    ) -> Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("token"), token)?;
+        fs::write(dir.join("ca.crt"), ca_pem)?;
+        fs::write(dir.join("namespace"), namespace)?;
+        Ok(InClusterCredentials {
+            service_host: service.ip().to_string(),
+            service_port: service.port(),
+            dir,
+        })
+    }
+}
+
 impl Placement<'_> {
+    /// Like [`Placement::command`], but the program also runs exactly as in a
+    /// pod: `KUBERNETES_SERVICE_HOST/PORT` set, no kubeconfig, and the
+    /// service-account files bind-mounted at the real in-cluster path in a
+    /// private mount namespace (the host's path is untouched).
+    ///
+    /// Do not pass kubectl `--request-timeout` (or any other connection
+    /// override): it makes kubectl's merged config non-default, and kubectl
+    /// then ignores the in-cluster config and dials localhost:8080. Bound
+    /// the process's run time from the test instead.
+    pub fn in_cluster_command(
+        &self,
+        credentials: &InClusterCredentials,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Command {
+        // The mount point must exist; creating an empty directory on the host
+        // is harmless (the bind mount is private to the process).
+        let _ = fs::create_dir_all(SERVICE_ACCOUNT_DIR);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(
+                r#"echo $$ > "$1" && ns="$2" && sa="$3" && shift 3 && exec ip netns exec "$ns" unshare --mount sh -c 'mount --bind "$0" /var/run/secrets/kubernetes.io/serviceaccount && exec "$@"' "$sa" "$@""#,
+            )
+            .arg("sh")
+            .arg(self.cgroup.procs_file())
+            .arg(&self.netns.name)
+            .arg(&credentials.dir)
+            .arg(program)
+            .env("KUBERNETES_SERVICE_HOST", &credentials.service_host)
+            .env("KUBERNETES_SERVICE_PORT", credentials.service_port.to_string())
+            .env_remove("KUBECONFIG")
+            .env("HOME", &credentials.dir);
+        cmd
+    }
+
     /// A command that runs `program` inside the cgroup and the namespace,
     /// unchanged: `sh` joins the cgroup, then `ip netns exec` enters the
     /// namespace and execs the program (same pid throughout).
