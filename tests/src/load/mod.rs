@@ -1,0 +1,448 @@
+//! `agent-load`: replays a realistic agent mix against an API server (the
+//! simulator directly, chaperone, or any reverse proxy) and reports latency
+//! percentiles and throughput. Open-loop mode schedules requests at a fixed
+//! rate and measures from each request's *intended* start, so a stall is
+//! charged to every request it delayed (no coordinated omission).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde::Serialize;
+
+/// One kind of request in the mix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    GetPod,
+    ListPods,
+    GetSecret,
+    CreateDeleteConfigMap,
+}
+
+impl Op {
+    pub const ALL: [Op; 4] = [
+        Op::GetPod,
+        Op::ListPods,
+        Op::GetSecret,
+        Op::CreateDeleteConfigMap,
+    ];
+
+    /// Relative weight in the mix: agents mostly read.
+    fn weight(self) -> u32 {
+        match self {
+            Op::GetPod => 5,
+            Op::ListPods => 1,
+            Op::GetSecret => 2,
+            Op::CreateDeleteConfigMap => 1,
+        }
+    }
+}
+
+/// What the load runs against and how.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    /// `https://host:port`.
+    pub base: String,
+    pub ca_pem: Vec<u8>,
+    pub token: String,
+    pub namespace: String,
+    pub http2: bool,
+    /// Concurrent workers (closed loop) or in-flight cap (open loop).
+    pub concurrency: usize,
+    /// `Some(rate)`: open loop at `rate` requests/s; `None`: closed loop.
+    pub rate: Option<u32>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Long-lived watch streams held open during the run.
+    pub watches: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpReport {
+    pub op: Op,
+    pub count: u64,
+    pub errors: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    pub base: String,
+    pub mode: String,
+    pub http: String,
+    pub seconds: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub requests_per_second: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub watch_events: u64,
+    pub ops: Vec<OpReport>,
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+fn client(spec: &LoadSpec) -> Result<HttpsClient> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&spec.ca_pem)? {
+        roots.add(cert).context("CA certificate")?;
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let mut client = Client::builder(TokioExecutor::new());
+    let connector = if spec.http2 {
+        client.http2_only(true);
+        builder.enable_http2().build()
+    } else {
+        client.pool_max_idle_per_host(spec.concurrency);
+        builder.enable_http1().build()
+    };
+    Ok(client.build(connector))
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .context("the CA bundle is not PEM")?;
+    if certs.is_empty() {
+        bail!("the CA bundle holds no certificate");
+    }
+    Ok(certs)
+}
+
+struct Recorder {
+    per_op: Vec<(Op, std::sync::Mutex<Histogram<u64>>, AtomicU64)>,
+    recording: std::sync::atomic::AtomicBool,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Recorder {
+            per_op: Op::ALL
+                .iter()
+                .map(|op| {
+                    (
+                        *op,
+                        std::sync::Mutex::new(
+                            Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+                        ),
+                        AtomicU64::new(0),
+                    )
+                })
+                .collect(),
+            recording: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn record(&self, op: Op, latency: Duration, ok: bool) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        let slot = self
+            .per_op
+            .iter()
+            .find(|(o, _, _)| *o == op)
+            .expect("every op has a slot");
+        if ok {
+            let micros = latency.as_micros().clamp(1, 60_000_000) as u64;
+            let _ = slot
+                .1
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(micros);
+        } else {
+            slot.2.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn request(
+    client: &HttpsClient,
+    spec: &LoadSpec,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> bool {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", spec.base))
+        .header("authorization", format!("Bearer {}", spec.token))
+        .header("accept", "application/json");
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder
+        .body(Full::new(body.map(Bytes::from).unwrap_or_default()))
+        .expect("valid request");
+    match client.request(request).await {
+        Ok(response) => {
+            let ok = response.status().is_success();
+            ok && response.into_body().collect().await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+async fn run_op(client: &HttpsClient, spec: &LoadSpec, op: Op, n: u64) -> bool {
+    let ns = &spec.namespace;
+    match op {
+        Op::GetPod => {
+            request(
+                client,
+                spec,
+                Method::GET,
+                &format!("/api/v1/namespaces/{ns}/pods/pod-{}", n % 500),
+                None,
+            )
+            .await
+        }
+        Op::ListPods => {
+            request(
+                client,
+                spec,
+                Method::GET,
+                &format!("/api/v1/namespaces/{ns}/pods"),
+                None,
+            )
+            .await
+        }
+        Op::GetSecret => {
+            request(
+                client,
+                spec,
+                Method::GET,
+                &format!("/api/v1/namespaces/{ns}/secrets/db-credentials"),
+                None,
+            )
+            .await
+        }
+        Op::CreateDeleteConfigMap => {
+            let name = format!("load-{}-{n}", std::process::id());
+            let body = format!(
+                r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}"}},"data":{{"k":"v"}}}}"#
+            );
+            request(
+                client,
+                spec,
+                Method::POST,
+                &format!("/api/v1/namespaces/{ns}/configmaps"),
+                Some(body),
+            )
+            .await
+                && request(
+                    client,
+                    spec,
+                    Method::DELETE,
+                    &format!("/api/v1/namespaces/{ns}/configmaps/{name}"),
+                    None,
+                )
+                .await
+        }
+    }
+}
+
+/// The op for the n-th request of the mix.
+fn pick(n: u64) -> Op {
+    let total: u32 = Op::ALL.iter().map(|o| o.weight()).sum();
+    let mut slot = (n % u64::from(total)) as u32;
+    for op in Op::ALL {
+        if slot < op.weight() {
+            return op;
+        }
+        slot -= op.weight();
+    }
+    Op::GetPod
+}
+
+/// Runs the load and reports.
+pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
+    let client = client(&spec)?;
+    // Fail early and clearly if the target is not usable.
+    if !run_op(&client, &spec, Op::GetPod, 0).await {
+        bail!(
+            "GET /api/v1/namespaces/{}/pods/pod-0 against {} failed: is the target up and seeded?",
+            spec.namespace,
+            spec.base
+        );
+    }
+    let recorder = Arc::new(Recorder::new());
+    let counter = Arc::new(AtomicU64::new(0));
+    let watch_events = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let mut watches = Vec::new();
+    for _ in 0..spec.watches {
+        let (client, spec, events, stop) = (
+            client.clone(),
+            spec.clone(),
+            watch_events.clone(),
+            stop.clone(),
+        );
+        watches.push(tokio::spawn(async move {
+            let request = Request::get(format!(
+                "{}/api/v1/namespaces/{}/configmaps?watch=true",
+                spec.base, spec.namespace
+            ))
+            .header("authorization", format!("Bearer {}", spec.token))
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+            if let Ok(response) = client.request(request).await {
+                let mut body = response.into_body();
+                while !stop.load(Ordering::Relaxed) {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Some(data) = frame.data_ref() {
+                                let n = data.iter().filter(|b| **b == b'\n').count();
+                                events.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    let deadline = started + spec.warmup + spec.duration;
+    let recording_from = started + spec.warmup;
+    {
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(recording_from.into()).await;
+            recorder.recording.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut workers = Vec::new();
+    match spec.rate {
+        None => {
+            for _ in 0..spec.concurrency {
+                let (client, spec, recorder, counter) = (
+                    client.clone(),
+                    spec.clone(),
+                    recorder.clone(),
+                    counter.clone(),
+                );
+                workers.push(tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        let n = counter.fetch_add(1, Ordering::Relaxed);
+                        let op = pick(n);
+                        let begun = Instant::now();
+                        let ok = run_op(&client, &spec, op, n).await;
+                        recorder.record(op, begun.elapsed(), ok);
+                    }
+                }));
+            }
+        }
+        Some(rate) => {
+            let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(spec.concurrency.max(1)));
+            let mut next = Instant::now();
+            let mut n = 0u64;
+            while next < deadline {
+                tokio::time::sleep_until(next.into()).await;
+                let intended = next;
+                let permit = in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open");
+                let (client, spec2, recorder) = (client.clone(), spec.clone(), recorder.clone());
+                let op = pick(n);
+                workers.push(tokio::spawn(async move {
+                    let ok = run_op(&client, &spec2, op, n).await;
+                    // Measured from the intended start: queueing counts.
+                    recorder.record(op, intended.elapsed(), ok);
+                    drop(permit);
+                }));
+                n += 1;
+                next += interval;
+            }
+        }
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for watch in watches {
+        watch.abort();
+    }
+
+    let seconds = spec.duration.as_secs_f64();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut ops = Vec::new();
+    let mut errors = 0;
+    for (op, histogram, op_errors) in &recorder.per_op {
+        let histogram = histogram.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = all.add(&*histogram);
+        let op_errors = op_errors.load(Ordering::Relaxed);
+        errors += op_errors;
+        ops.push(OpReport {
+            op: *op,
+            count: histogram.len(),
+            errors: op_errors,
+            p50_us: histogram.value_at_quantile(0.5),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        });
+    }
+    Ok(LoadReport {
+        base: spec.base.clone(),
+        mode: match spec.rate {
+            Some(rate) => format!("open-loop {rate}/s"),
+            None => format!("closed-loop x{}", spec.concurrency),
+        },
+        http: if spec.http2 { "h2" } else { "http/1.1" }.into(),
+        seconds,
+        requests: all.len(),
+        errors,
+        requests_per_second: all.len() as f64 / seconds,
+        p50_us: all.value_at_quantile(0.5),
+        p99_us: all.value_at_quantile(0.99),
+        p999_us: all.value_at_quantile(0.999),
+        watch_events: watch_events.load(Ordering::Relaxed),
+        ops,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_follows_the_weights() {
+        let mut counts = std::collections::HashMap::new();
+        for n in 0..900 {
+            *counts.entry(pick(n)).or_insert(0) += 1;
+        }
+        assert_eq!(counts[&Op::GetPod], 500);
+        assert_eq!(counts[&Op::ListPods], 100);
+        assert_eq!(counts[&Op::GetSecret], 200);
+        assert_eq!(counts[&Op::CreateDeleteConfigMap], 100);
+    }
+}
