@@ -21,7 +21,7 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde::Serialize;
 
 /// One kind of request in the mix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Op {
     GetPod,
