@@ -220,8 +220,12 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
     let upstream = Upstream::new(UpstreamSpec {
         base: format!("https://{upstream_addr}").parse().unwrap(),
         tls: client_tls_trusting(pki.ca_pem.as_bytes()).unwrap(),
-        mark: 0,
-        connect_timeout: Duration::from_secs(2),
+        tls_server_name: None,
+        connector: chaperone::tls::ConnectorOptions {
+            mark: 0,
+            connect_timeout: Duration::from_secs(2),
+            keepalive: None,
+        },
     })
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -4,25 +4,18 @@
 //! Upgrades (exec, attach, port-forward) need HTTP/1.1, so they use a second
 //! pool that only offers `http/1.1`.
 
-use std::{
-    future::Future,
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use http::{Uri, uri::Authority};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
 };
-use tokio::net::TcpStream;
+use rustls::pki_types::ServerName;
 
 use super::body::ProxyBody;
+use crate::tls::{ConnectorOptions, connect::marked_http_connector};
 
 /// Where the API server is and how to talk to it.
 #[derive(Clone)]
@@ -31,9 +24,11 @@ pub struct UpstreamSpec {
     pub base: Uri,
     /// Trusts the cluster CA (and carries a client certificate, if any).
     pub tls: rustls::ClientConfig,
-    /// `SO_MARK` for chaperone's own sockets (0: no mark).
-    pub mark: u32,
-    pub connect_timeout: Duration,
+    /// The name to verify the server certificate against when it differs
+    /// from the URL's host (kubeconfig `tls-server-name`).
+    pub tls_server_name: Option<String>,
+    /// Socket options, including chaperone's `SO_MARK`.
+    pub connector: ConnectorOptions,
 }
 
 /// Pooled clients to the API server.
@@ -41,8 +36,8 @@ pub struct UpstreamSpec {
 pub struct Upstream {
     base: Uri,
     authority: Authority,
-    pooled: Client<HttpsConnector<MarkedConnector>, ProxyBody>,
-    upgrades: Client<HttpsConnector<MarkedConnector>, ProxyBody>,
+    pooled: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    upgrades: Client<HttpsConnector<HttpConnector>, ProxyBody>,
 }
 
 impl Upstream {
@@ -58,10 +53,14 @@ impl Upstream {
                 spec.base
             ));
         }
-        let connector = MarkedConnector {
-            mark: spec.mark,
-            connect_timeout: spec.connect_timeout,
+        let server_name = match &spec.tls_server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|_| format!("tls-server-name {name:?} is not a valid name"))?,
+            ),
+            None => None,
         };
+        let tcp = marked_http_connector(&spec.connector);
         // hyper-rustls sets ALPN from the versions enabled below: h2 and
         // http/1.1 for the pool, http/1.1 alone for upgrades.
         let mut h1_tls = spec.tls.clone();
@@ -76,23 +75,11 @@ impl Upstream {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .http2_adaptive_window(true)
-            .build(
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(any_tls)
-                    .https_only()
-                    .enable_all_versions()
-                    .wrap_connector(connector.clone()),
-            );
+            .build(https(any_tls, &server_name, true, tcp.clone()));
         let upgrades = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_max_idle_per_host(0)
-            .build(
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(h1_tls)
-                    .https_only()
-                    .enable_http1()
-                    .wrap_connector(connector),
-            );
+            .build(https(h1_tls, &server_name, false, tcp));
         Ok(Upstream {
             base: spec.base,
             authority,
@@ -131,87 +118,26 @@ impl Upstream {
     }
 }
 
-/// Dials TCP with `SO_MARK` set before `connect()`, so the eBPF programs see
-/// the mark on the very connect they would otherwise redirect.
-#[derive(Clone, Debug)]
-pub struct MarkedConnector {
-    mark: u32,
-    connect_timeout: Duration,
-}
-
-impl MarkedConnector {
-    pub fn new(mark: u32, connect_timeout: Duration) -> Self {
-        MarkedConnector {
-            mark,
-            connect_timeout,
-        }
-    }
-
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        if self.mark != 0 {
-            socket.set_mark(self.mark).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot set SO_MARK {:#x} on the upstream socket (needs CAP_NET_ADMIN): {e}", self.mark),
-                )
-            })?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.set_tcp_nodelay(true)?;
-        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-        tokio::time::timeout(self.connect_timeout, socket.connect(addr))
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "connecting to {addr} timed out after {:?}",
-                        self.connect_timeout
-                    ),
-                )
-            })?
-    }
-}
-
-impl tower_service::Service<Uri> for MarkedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host"))
-                })?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(443);
-            let addrs = tokio::net::lookup_host((host.as_str(), port)).await?;
-            let mut last = io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{host} resolves to no address"),
-            );
-            for addr in addrs {
-                match this.connect(addr).await {
-                    Ok(stream) => return Ok(TokioIo::new(stream)),
-                    Err(error) => last = error,
-                }
-            }
-            Err(last)
-        })
+/// hyper-rustls over the marked TCP connector; `h2` offers HTTP/2 as well
+/// as HTTP/1.1 (ALPN is set by hyper-rustls from these choices).
+fn https(
+    tls: rustls::ClientConfig,
+    server_name: &Option<ServerName<'static>>,
+    h2: bool,
+    tcp: HttpConnector,
+) -> HttpsConnector<HttpConnector> {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
+    match (server_name, h2) {
+        (Some(name), true) => builder
+            .with_server_name_resolver(FixedServerNameResolver::new(name.clone()))
+            .enable_all_versions()
+            .wrap_connector(tcp),
+        (Some(name), false) => builder
+            .with_server_name_resolver(FixedServerNameResolver::new(name.clone()))
+            .enable_http1()
+            .wrap_connector(tcp),
+        (None, true) => builder.enable_all_versions().wrap_connector(tcp),
+        (None, false) => builder.enable_http1().wrap_connector(tcp),
     }
 }
 
