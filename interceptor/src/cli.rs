@@ -41,6 +41,8 @@ pub struct Cli {
 pub enum Command {
     /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
     Check,
+    /// Run the node agent: eBPF redirect + proxy (the DaemonSet's command).
+    Node(crate::config::NodeArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -48,6 +50,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Check => check(),
+        Command::Node(args) => node(args),
     };
     match result {
         Ok(code) => code,
@@ -65,6 +68,22 @@ fn init_logging(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+fn node(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {
+    let config = crate::config::NodeConfig::resolve(
+        args,
+        (
+            std::env::var("KUBERNETES_SERVICE_HOST").ok(),
+            std::env::var("KUBERNETES_SERVICE_PORT").ok(),
+        ),
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chaperone-data")
+        .build()?;
+    runtime.block_on(crate::node::run(config))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check() -> anyhow::Result<ExitCode> {

@@ -82,6 +82,19 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_SOCKET_MARK")]
     pub socket_mark: Option<u32>,
 
+    /// cgroups (v2 directories) to guard besides the agent pods the pod
+    /// tracker finds: a CI runner's systemd scope on a VM, a test cgroup.
+    #[arg(
+        long = "agent-cgroup",
+        env = "CHAPERONE_AGENT_CGROUPS",
+        value_delimiter = ','
+    )]
+    pub agent_cgroups: Vec<PathBuf>,
+
+    /// The cluster's DNS domain, for `kubernetes.default.svc.<domain>`.
+    #[arg(long, env = "CHAPERONE_CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
+
     /// Accept connections the kernel did not redirect (local mode, tests).
     #[arg(long, env = "CHAPERONE_ALLOW_UNATTESTED")]
     pub allow_unattested: bool,
@@ -110,6 +123,8 @@ struct NodeFile {
     socket_mark: Option<u32>,
     allow_unattested: Option<bool>,
     drain_seconds: Option<u64>,
+    agent_cgroups: Option<Vec<PathBuf>>,
+    cluster_domain: Option<String>,
 }
 
 /// The node agent's typed configuration, defaults applied and validated.
@@ -130,6 +145,8 @@ pub struct NodeConfig {
     pub socket_mark: u32,
     pub require_attestation: bool,
     pub drain_timeout: Duration,
+    pub agent_cgroups: Vec<PathBuf>,
+    pub cluster_domain: String,
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 16443;
@@ -234,6 +251,14 @@ impl NodeConfig {
             drain_timeout: Duration::from_secs(
                 args.drain_seconds.or(file.drain_seconds).unwrap_or(20),
             ),
+            agent_cgroups: first_non_empty(
+                args.agent_cgroups,
+                file.agent_cgroups.unwrap_or_default(),
+            ),
+            cluster_domain: args
+                .cluster_domain
+                .or(file.cluster_domain)
+                .unwrap_or_else(|| "cluster.local".into()),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod identity;
 pub mod kstatus;
 pub mod mask;
+pub mod node;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -126,7 +126,9 @@ fn https(
     h2: bool,
     tcp: HttpConnector,
 ) -> HttpsConnector<HttpConnector> {
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
     match (server_name, h2) {
         (Some(name), true) => builder
             .with_server_name_resolver(FixedServerNameResolver::new(name.clone()))

@@ -1,0 +1,155 @@
+//! `chaperone node`: the node agent. Wires the kernel redirect, the TLS
+//! terminator, the upstream and the proxy together and runs until SIGTERM,
+//! then drains.
+//!
+//! Order matters for failing closed: the proxy's listeners are bound before
+//! the eBPF programs start redirecting, so an agent connection is never sent
+//! to a port nobody listens on because of chaperone's own start-up.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::{
+    config::NodeConfig,
+    proxy::{Passthrough, Proxy, ProxyConfig, Terminate, Upstream, UpstreamSpec},
+    redirect::{self, CgroupId, RedirectSpec, Redirector},
+    tls::{ConnectorOptions, LeafCache, LeafConfig, LocalCa, TlsTerminator, UpstreamConfig},
+};
+
+impl Terminate for TlsTerminator {
+    async fn accept(
+        &self,
+        tcp: tokio::net::TcpStream,
+        orig_dst: Option<std::net::IpAddr>,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        // Without a kernel record the certificate names the address the
+        // client reached.
+        let ip = match orig_dst {
+            Some(ip) => ip,
+            None => tcp.local_addr()?.ip(),
+        };
+        TlsTerminator::accept(self, tcp, ip).await
+    }
+}
+
+pub async fn run(config: NodeConfig) -> Result<()> {
+    let ca = Arc::new(
+        LocalCa::load_or_create(&config.ca_dir)
+            .with_context(|| format!("chaperone's CA in {}", config.ca_dir.display()))?,
+    );
+    let mut leaf_ips: Vec<_> = config.targets.iter().map(|t| t.ip()).collect();
+    leaf_ips.extend(config.proxy_ips.iter().copied());
+    let leaves = Arc::new(LeafCache::new(
+        ca.clone(),
+        LeafConfig {
+            cluster_domain: config.cluster_domain.clone(),
+            ips: leaf_ips,
+            ..LeafConfig::default()
+        },
+    ));
+    let terminator = Arc::new(TlsTerminator::new(leaves));
+
+    let upstream_config = match &config.kubeconfig {
+        Some(path) => UpstreamConfig::from_kubeconfig(path, None)
+            .with_context(|| format!("upstream from kubeconfig {}", path.display()))?,
+        None => UpstreamConfig::in_cluster().context(
+            "upstream from the in-cluster service account (outside a cluster, pass --kubeconfig)",
+        )?,
+    };
+    let upstream = Upstream::new(UpstreamSpec {
+        base: upstream_config.server.clone(),
+        tls: upstream_config.client_config()?,
+        tls_server_name: upstream_config.tls_server_name.clone(),
+        connector: ConnectorOptions {
+            mark: config.socket_mark,
+            ..ConnectorOptions::default()
+        },
+    })
+    .map_err(anyhow::Error::msg)?;
+
+    let mut listeners = Vec::new();
+    for ip in &config.proxy_ips {
+        listeners.push(bind(SocketAddr::new(*ip, config.proxy_port))?);
+    }
+
+    let cgroup_root = match &config.cgroup_root {
+        Some(root) => root.clone(),
+        None => redirect::cgroup2_mount()?,
+    };
+    let redirector = Arc::new(
+        Redirector::attach(RedirectSpec {
+            cgroup: cgroup_root,
+            proxy_v4: config.proxy_ips.iter().find_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                _ => None,
+            }),
+            proxy_v6: config.proxy_ips.iter().find_map(|ip| match ip {
+                std::net::IpAddr::V6(v6) => Some(*v6),
+                _ => None,
+            }),
+            proxy_port: config.proxy_port,
+            mark: config.socket_mark,
+        })
+        .context("attaching the eBPF redirect")?,
+    );
+    for target in &config.targets {
+        redirector.add_target(*target)?;
+    }
+    for destination in &config.refused {
+        redirector.refuse(*destination)?;
+    }
+    for cgroup in &config.agent_cgroups {
+        let id = redirect::cgroupfs::cgroup_id(cgroup)
+            .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
+        redirector.add_agent_cgroup(CgroupId(id.0))?;
+        tracing::info!(cgroup = %cgroup.display(), id = %id, "guarding cgroup");
+    }
+    tracing::info!(
+        node = %config.node_name,
+        listen = ?config.proxy_ips,
+        port = config.proxy_port,
+        targets = ?config.targets,
+        upstream = %upstream_config.server,
+        "chaperone node agent ready"
+    );
+
+    let proxy = Proxy::new(
+        ProxyConfig {
+            require_attestation: config.require_attestation,
+            drain_timeout: config.drain_timeout,
+            ..ProxyConfig::default()
+        },
+        Passthrough,
+        upstream,
+        terminator,
+        redirector.clone(),
+    );
+    proxy.serve(listeners, shutdown_signal()).await;
+    tracing::info!("drained; detaching the eBPF programs");
+    drop(redirector);
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr}: is another chaperone running, or is --proxy-ip not an address of this node?"))?;
+    Ok(socket.listen(4096)?)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
