@@ -42,7 +42,7 @@ pub enum Command {
     /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
     Check,
     /// Run the node agent: eBPF redirect + proxy (the DaemonSet's command).
-    Node(crate::config::NodeArgs),
+    Node(Box<crate::config::NodeArgs>),
 }
 
 pub fn main() -> ExitCode {
@@ -50,7 +50,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Check => check(),
-        Command::Node(args) => node(args),
+        Command::Node(args) => node(*args),
     };
     match result {
         Ok(code) => code,
