@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::redirect;
+use crate::{redirect, webhook};
 
 /// Chaperone guards the Kubernetes API connections of AI agents.
 ///
@@ -41,6 +41,9 @@ pub struct Cli {
 pub enum Command {
     /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
     Check,
+    /// Serve the mutating admission webhook that injects the CA bundle (and,
+    /// in impersonate mode, the token audience) into agent pods.
+    Webhook(webhook::WebhookArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Check => check(),
+        Command::Webhook(args) => webhook::run(args),
     };
     match result {
         Ok(code) => code,
