@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::redirect;
+use crate::{redirect, webhook};
 
 /// Chaperone guards the Kubernetes API connections of AI agents.
 ///
@@ -43,6 +43,9 @@ pub enum Command {
     Check,
     /// Run the node agent: eBPF redirect + proxy (the DaemonSet's command).
     Node(Box<crate::config::NodeArgs>),
+    /// Serve the mutating admission webhook that injects the CA bundle (and,
+    /// in impersonate mode, the token audience) into agent pods.
+    Webhook(webhook::WebhookArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -51,6 +54,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check => check(),
         Command::Node(args) => node(*args),
+        Command::Webhook(args) => webhook::run(args),
     };
     match result {
         Ok(code) => code,

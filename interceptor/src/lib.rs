@@ -18,6 +18,7 @@ pub mod record;
 pub mod redirect;
 pub mod request;
 pub mod tls;
+pub mod webhook;
 
 /// The `SO_MARK` chaperone puts on its own upstream sockets; the eBPF
 /// programs never redirect a socket carrying it.
