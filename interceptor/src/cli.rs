@@ -41,6 +41,12 @@ pub struct Cli {
 pub enum Command {
     /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
     Check,
+    /// List recorded sessions: pod, caller, start, duration, decisions.
+    Sessions(crate::record::cli::SessionsArgs),
+    /// Print a recorded session as a timeline (or JSON with --json).
+    Replay(crate::record::cli::ReplayArgs),
+    /// Check a recorded session's hash chain; exit 1 at the first broken record.
+    Verify(crate::record::cli::VerifyArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -48,6 +54,9 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Check => check(),
+        Command::Sessions(args) => crate::record::cli::sessions(&args, &mut std::io::stdout()),
+        Command::Replay(args) => crate::record::cli::replay(&args, &mut std::io::stdout()),
+        Command::Verify(args) => crate::record::cli::verify(&args, &mut std::io::stdout()),
     };
     match result {
         Ok(code) => code,
