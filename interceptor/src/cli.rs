@@ -46,6 +46,12 @@ pub enum Command {
     /// Serve the mutating admission webhook that injects the CA bundle (and,
     /// in impersonate mode, the token audience) into agent pods.
     Webhook(webhook::WebhookArgs),
+    /// List recorded sessions: pod, caller, start, duration, decisions.
+    Sessions(crate::record::cli::SessionsArgs),
+    /// Print a recorded session as a timeline (or JSON with --json).
+    Replay(crate::record::cli::ReplayArgs),
+    /// Check a recorded session's hash chain; exit 1 at the first broken record.
+    Verify(crate::record::cli::VerifyArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -55,6 +61,9 @@ pub fn main() -> ExitCode {
         Command::Check => check(),
         Command::Node(args) => node(*args),
         Command::Webhook(args) => webhook::run(args),
+        Command::Sessions(args) => crate::record::cli::sessions(&args, &mut std::io::stdout()),
+        Command::Replay(args) => crate::record::cli::replay(&args, &mut std::io::stdout()),
+        Command::Verify(args) => crate::record::cli::verify(&args, &mut std::io::stdout()),
     };
     match result {
         Ok(code) => code,

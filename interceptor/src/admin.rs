@@ -1,1 +1,0 @@
-//! admin: see DESIGN.md. Not built yet; tracked by its issue.

@@ -1,0 +1,577 @@
+//! The writer thread: the only place that touches recording files.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use super::cast::CastWriter;
+use super::chain;
+use super::{Control, Data, Exchange, RecordConfig, SessionShared, StreamShared, micro_time};
+use crate::admin::Metrics;
+
+const TICK: Duration = Duration::from_millis(100);
+const BATCH: usize = 256;
+
+struct OpenSession {
+    dir: PathBuf,
+    file: BufWriter<File>,
+    part: u32,
+    bytes: u64,
+    seq: u64,
+    prev: String,
+    dirty: bool,
+    /// Drops already reported in a `gap` record.
+    reported_dropped: u64,
+}
+
+struct OpenStream {
+    cast: CastWriter<BufWriter<File>>,
+    name: String,
+}
+
+pub(super) struct Writer {
+    config: RecordConfig,
+    metrics: Metrics,
+    sessions: HashMap<String, OpenSession>,
+    streams: HashMap<(String, u64), OpenStream>,
+    last_sync: Instant,
+    last_retention: Instant,
+}
+
+impl Writer {
+    pub(super) fn new(config: RecordConfig, metrics: Metrics) -> Self {
+        Self {
+            config,
+            metrics,
+            sessions: HashMap::new(),
+            streams: HashMap::new(),
+            last_sync: Instant::now(),
+            last_retention: Instant::now(),
+        }
+    }
+
+    pub(super) fn run(mut self, data: Receiver<Data>, control: Receiver<Control>) {
+        loop {
+            let mut disconnected = false;
+            match data.recv_timeout(TICK) {
+                Ok(first) => {
+                    self.handle(first);
+                    for next in data.try_iter().take(BATCH) {
+                        self.handle(next);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => disconnected = true,
+            }
+            self.flush_buffers();
+            while let Ok(message) = control.try_recv() {
+                // Data sent before a close must be written before it.
+                while let Ok(next) = data.try_recv() {
+                    self.handle(next);
+                }
+                match message {
+                    Control::CloseSession(session) => {
+                        if self.sessions.contains_key(&session.id) {
+                            let _ = self.report_gap(&session);
+                        }
+                        self.close_session(&session.id, "closed");
+                    }
+                    Control::CloseStream(stream, at) => self.close_stream(&stream, at),
+                    Control::Flush(done) => {
+                        self.flush_buffers();
+                        self.sync_all();
+                        self.retention();
+                        let _ = done.send(());
+                    }
+                    Control::Shutdown => {
+                        self.shutdown();
+                        return;
+                    }
+                }
+            }
+            if disconnected {
+                self.shutdown();
+                return;
+            }
+            if self.last_sync.elapsed() >= self.config.fsync_interval {
+                self.sync_all();
+            }
+            if self.last_retention.elapsed() >= self.config.retention_interval {
+                self.retention();
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let streams: Vec<_> = self.streams.keys().cloned().collect();
+        for key in streams {
+            if let Some(open) = self.streams.remove(&key) {
+                finish_cast(open, OffsetDateTime::now_utc());
+            }
+        }
+        let ids: Vec<String> = self.sessions.keys().cloned().collect();
+        for id in ids {
+            self.close_session(&id, "shutdown");
+        }
+    }
+
+    fn handle(&mut self, data: Data) {
+        let result = match data {
+            Data::Exchange(session, exchange) => self.write_exchange(&session, &exchange),
+            Data::Stream(stream, channel, bytes, at) => {
+                self.write_stream(&stream, |cast| cast.data(channel, &bytes, at))
+            }
+        };
+        if let Err(error) = result {
+            self.metrics.record_dropped();
+            tracing::error!(%error, dir = %self.config.dir.display(), "cannot write a recording; check that the recording directory is writable and not full");
+        }
+    }
+
+    fn write_exchange(
+        &mut self,
+        session: &Arc<SessionShared>,
+        exchange: &Exchange,
+    ) -> std::io::Result<()> {
+        self.ensure_open(session, Some(exchange))?;
+        self.report_gap(session)?;
+        self.append(&session.id, exchange_record(exchange))
+    }
+
+    fn write_stream(
+        &mut self,
+        stream: &Arc<StreamShared>,
+        write: impl FnOnce(&mut CastWriter<BufWriter<File>>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let key = (stream.session.id.clone(), stream.number);
+        if !self.streams.contains_key(&key) {
+            self.ensure_open(&stream.session, None)?;
+            let dir = self.sessions[&stream.session.id].dir.clone();
+            let name = super::cast_name(&stream.session.id, stream.number);
+            let file = create_new(&dir.join(&name))?;
+            let cast = CastWriter::new(BufWriter::new(file), &stream.info, stream.started)?;
+            self.streams.insert(key.clone(), OpenStream { cast, name });
+        }
+        let open = self.streams.get_mut(&key).expect("inserted above");
+        write(&mut open.cast)
+    }
+
+    fn close_stream(&mut self, stream: &Arc<StreamShared>, at: OffsetDateTime) {
+        // A stream that never carried a byte still gets its (empty) cast.
+        if let Err(error) = self.write_stream(stream, |_| Ok(())) {
+            tracing::error!(%error, "cannot write an exec/attach recording");
+            return;
+        }
+        let key = (stream.session.id.clone(), stream.number);
+        let Some(open) = self.streams.remove(&key) else {
+            return;
+        };
+        let record = json!({
+            "type": "stream",
+            "time": micro_time(stream.started),
+            "ended": micro_time(at),
+            "auditID": stream.audit_id.to_string(),
+            "cast": open.name,
+            "title": stream.info.title(),
+            "bytesIn": open.cast.bytes_in,
+            "bytesOut": open.cast.bytes_out,
+            "dropped": stream.dropped.load(Ordering::Relaxed),
+        });
+        finish_cast(open, at);
+        if let Err(error) = self.append(&stream.session.id, as_map(record)) {
+            tracing::error!(%error, "cannot write a recording");
+        }
+    }
+
+    /// Creates the session file with its header on the first record.
+    fn ensure_open(
+        &mut self,
+        session: &Arc<SessionShared>,
+        first: Option<&Exchange>,
+    ) -> std::io::Result<()> {
+        if self.sessions.contains_key(&session.id) {
+            return Ok(());
+        }
+        let meta = &session.meta;
+        let dir = match &meta.pod {
+            Some(pod) => self
+                .config
+                .dir
+                .join(path_safe(&pod.namespace))
+                .join(path_safe(&pod.name)),
+            None => self
+                .config
+                .dir
+                .join("_unattested")
+                .join(path_safe(&meta.peer.ip().to_string())),
+        };
+        fs::create_dir_all(&dir)?;
+        let file = create_new(&dir.join(format!("{}.jsonl", session.id)))?;
+        let pod = meta.pod.as_ref().map(|p| {
+            json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "serviceAccount": p.service_account})
+        });
+        let caller = first.map(|e| {
+            json!({"username": e.caller.username, "uid": e.caller.uid, "groups": e.caller.groups})
+        });
+        let header = json!({
+            "seq": 0,
+            "type": "session",
+            "version": 1,
+            "session": session.id,
+            "node": self.config.node,
+            "pod": pod,
+            "peer": meta.peer.to_string(),
+            "started": micro_time(meta.started),
+            "caller": caller,
+        });
+        let (line, hash) = chain::seal(as_map(header), chain::GENESIS);
+        let mut open = OpenSession {
+            dir,
+            file: BufWriter::new(file),
+            part: 0,
+            bytes: 0,
+            seq: 1,
+            prev: hash,
+            dirty: true,
+            reported_dropped: 0,
+        };
+        write_line(&mut open, &line)?;
+        self.sessions.insert(session.id.clone(), open);
+        self.report_gap(session)
+    }
+
+    fn report_gap(&mut self, session: &SessionShared) -> std::io::Result<()> {
+        let dropped = session.dropped.load(Ordering::Relaxed);
+        let open = self.sessions.get_mut(&session.id).expect("open");
+        if dropped > open.reported_dropped {
+            let lost = dropped - open.reported_dropped;
+            open.reported_dropped = dropped;
+            let record = json!({"type": "gap", "time": micro_time(OffsetDateTime::now_utc()), "dropped": lost});
+            self.append_raw(&session.id, as_map(record))?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, id: &str, record: Map<String, Value>) -> std::io::Result<()> {
+        self.append_raw(id, record)?;
+        let open = &self.sessions[id];
+        if open.bytes >= self.config.max_file_bytes {
+            self.rotate(id)?;
+        }
+        Ok(())
+    }
+
+    fn append_raw(&mut self, id: &str, mut record: Map<String, Value>) -> std::io::Result<()> {
+        let open = self.sessions.get_mut(id).expect("session is open");
+        let mut numbered = Map::with_capacity(record.len() + 3);
+        numbered.insert("seq".into(), json!(open.seq));
+        numbered.append(&mut record);
+        let (line, hash) = chain::seal(numbered, &open.prev);
+        write_line(open, &line)?;
+        open.seq += 1;
+        open.prev = hash;
+        Ok(())
+    }
+
+    fn rotate(&mut self, id: &str) -> std::io::Result<()> {
+        let next_part = self.sessions[id].part + 1;
+        let from = part_name(id, next_part - 1);
+        let next = part_name(id, next_part);
+        self.append_raw(id, as_map(json!({"type": "rotate", "next": next})))?;
+        let open = self.sessions.get_mut(id).expect("open");
+        open.file.flush()?;
+        open.file.get_ref().sync_data()?;
+        let file = create_new(&open.dir.join(&next))?;
+        open.file = BufWriter::new(file);
+        open.part = next_part;
+        open.bytes = 0;
+        self.append_raw(
+            id,
+            as_map(json!({"type": "continue", "part": next_part, "from": from})),
+        )
+    }
+
+    fn close_session(&mut self, id: &str, reason: &str) {
+        let keys: Vec<_> = self
+            .streams
+            .keys()
+            .filter(|(s, _)| s == id)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(open) = self.streams.remove(&key) {
+                finish_cast(open, OffsetDateTime::now_utc());
+            }
+        }
+        if !self.sessions.contains_key(id) {
+            return; // nothing was ever recorded
+        }
+        let records = self.sessions[id].seq + 1;
+        let end = json!({
+            "type": "end",
+            "time": micro_time(OffsetDateTime::now_utc()),
+            "reason": reason,
+            "records": records,
+        });
+        let result = self.append_raw(id, as_map(end));
+        let Some(mut open) = self.sessions.remove(id) else {
+            return;
+        };
+        let result = result
+            .and_then(|()| open.file.flush())
+            .and_then(|()| open.file.get_ref().sync_all());
+        match result {
+            Ok(()) => {
+                tracing::info!(session = id, last_hash = %open.prev, records, "session recording sealed")
+            }
+            Err(error) => tracing::error!(%error, session = id, "cannot seal a session recording"),
+        }
+    }
+
+    fn flush_buffers(&mut self) {
+        for (id, open) in &mut self.sessions {
+            if let Err(error) = open.file.flush() {
+                tracing::error!(%error, session = id, "cannot write a session recording");
+            }
+        }
+        for open in self.streams.values_mut() {
+            let _ = open.cast_flush();
+        }
+    }
+
+    fn sync_all(&mut self) {
+        self.last_sync = Instant::now();
+        for open in self.sessions.values_mut() {
+            if open.dirty {
+                let _ = open.file.flush();
+                if open.file.get_ref().sync_data().is_ok() {
+                    open.dirty = false;
+                }
+            }
+        }
+        for open in self.streams.values_mut() {
+            let _ = open.cast_flush();
+        }
+    }
+
+    /// Deletes whole closed sessions by age, then oldest first by size.
+    fn retention(&mut self) {
+        self.last_retention = Instant::now();
+        if self.config.retention_bytes.is_none() && self.config.retention_age.is_none() {
+            return;
+        }
+        let mut groups = match session_groups(&self.config.dir) {
+            Ok(groups) => groups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot scan recordings for retention");
+                return;
+            }
+        };
+        let mut total: u64 = groups.iter().map(|g| g.bytes).sum();
+        groups.retain(|g| !self.sessions.contains_key(&g.id));
+        groups.sort_by(|a, b| a.modified.cmp(&b.modified).then(a.id.cmp(&b.id)));
+        let now = SystemTime::now();
+        for group in groups {
+            let too_old = self
+                .config
+                .retention_age
+                .is_some_and(|age| now.duration_since(group.modified).unwrap_or_default() > age);
+            let too_big = self.config.retention_bytes.is_some_and(|max| total > max);
+            if !too_old && !too_big {
+                continue;
+            }
+            for file in &group.files {
+                if let Err(error) = fs::remove_file(file) {
+                    tracing::warn!(%error, file = %file.display(), "retention cannot delete a recording");
+                }
+            }
+            total = total.saturating_sub(group.bytes);
+            tracing::info!(session = %group.id, bytes = group.bytes, too_old, "retention deleted a session recording");
+            // Remove the pod (and namespace) directory once empty.
+            if let Some(pod_dir) = group.files.first().and_then(|f| f.parent()) {
+                if fs::remove_dir(pod_dir).is_ok() {
+                    if let Some(ns_dir) = pod_dir.parent() {
+                        let _ = fs::remove_dir(ns_dir);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl OpenStream {
+    fn cast_flush(&mut self) -> std::io::Result<()> {
+        self.cast_mut().flush()
+    }
+
+    fn cast_mut(&mut self) -> &mut BufWriter<File> {
+        self.cast.get_mut()
+    }
+}
+
+fn finish_cast(open: OpenStream, at: OffsetDateTime) {
+    match open.cast.finish(at) {
+        Ok(file) => {
+            let _ = file.get_ref().sync_all();
+        }
+        Err(error) => tracing::error!(%error, cast = open.name, "cannot finish an exec recording"),
+    }
+}
+
+fn write_line(open: &mut OpenSession, line: &str) -> std::io::Result<()> {
+    open.file.write_all(line.as_bytes())?;
+    open.file.write_all(b"\n")?;
+    open.bytes += line.len() as u64 + 1;
+    open.dirty = true;
+    Ok(())
+}
+
+fn create_new(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create_new(true).append(true).open(path)
+}
+
+fn as_map(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => unreachable!("records are objects"),
+    }
+}
+
+/// A name that is one path component (Kubernetes names already are).
+fn path_safe(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
+    match cleaned.as_str() {
+        "" | "." | ".." => format!("_{cleaned}"),
+        _ => cleaned,
+    }
+}
+
+/// `<id>.jsonl` for the first part, `<id>.pN.jsonl` after rotations.
+pub(crate) fn part_name(id: &str, part: u32) -> String {
+    if part == 0 {
+        format!("{id}.jsonl")
+    } else {
+        format!("{id}.p{part}.jsonl")
+    }
+}
+
+fn exchange_record(e: &Exchange) -> Map<String, Value> {
+    let info = &e.request;
+    let mut r = Map::new();
+    r.insert("type".into(), json!("exchange"));
+    r.insert("time".into(), json!(micro_time(e.received)));
+    r.insert("auditID".into(), json!(e.audit_id.to_string()));
+    r.insert("stage".into(), json!(e.stage.as_str()));
+    r.insert("verb".into(), json!(info.verb));
+    r.insert("uri".into(), json!(e.request_uri));
+    for (key, value) in [
+        ("apiGroup", &info.api_group),
+        ("apiVersion", &info.api_version),
+        ("resource", &info.resource),
+        ("subresource", &info.subresource),
+        ("namespace", &info.namespace),
+        ("name", &info.name),
+    ] {
+        if !value.is_empty() {
+            r.insert(key.into(), json!(value));
+        }
+    }
+    r.insert("user".into(), json!(e.caller.username));
+    if let Some(user) = &e.impersonated_user {
+        r.insert("impersonatedUser".into(), json!(user.username));
+    }
+    r.insert("decision".into(), json!(e.decision.verdict()));
+    r.insert("rule".into(), json!(&*e.decision.rule));
+    r.insert("policy".into(), json!(&*e.decision.policy));
+    if let Some(approval) = &e.decision.approval {
+        r.insert("approval".into(), json!(&**approval));
+    }
+    r.insert("level".into(), json!(format!("{:?}", e.decision.level)));
+    r.insert("status".into(), json!(e.status.code));
+    if let Some(reason) = &e.status.reason {
+        r.insert("reason".into(), json!(reason));
+    }
+    if let Some(message) = &e.status.message {
+        r.insert("message".into(), json!(message));
+    }
+    r.insert(
+        "latencyMs".into(),
+        json!((e.latency().as_secs_f64() * 1e6).round() / 1e3),
+    );
+    r.insert("masked".into(), json!(e.masked_fields));
+    let level = e.decision.level;
+    if level >= crate::policy::RecordLevel::Request {
+        if let Some(body) = &e.request_body {
+            r.insert("requestObject".into(), body.clone());
+        }
+    }
+    if level >= crate::policy::RecordLevel::RequestResponse {
+        if let Some(body) = &e.response_body {
+            r.insert("responseObject".into(), body.clone());
+        }
+    }
+    r
+}
+
+/// The files of one session (all parts and casts).
+pub(crate) struct SessionFiles {
+    pub(crate) id: String,
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) bytes: u64,
+    pub(crate) modified: SystemTime,
+}
+
+/// Every session under `root` (`<root>/<ns>/<pod>/<id>.*`).
+pub(crate) fn session_groups(root: &Path) -> std::io::Result<Vec<SessionFiles>> {
+    let mut groups: HashMap<(PathBuf, String), SessionFiles> = HashMap::new();
+    for ns in read_dirs(root)? {
+        for pod in read_dirs(&ns)? {
+            for entry in fs::read_dir(&pod)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if !meta.is_file() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some((id, _)) = name.split_once('.') else {
+                    continue;
+                };
+                let group = groups
+                    .entry((pod.clone(), id.to_owned()))
+                    .or_insert_with(|| SessionFiles {
+                        id: id.to_owned(),
+                        files: Vec::new(),
+                        bytes: 0,
+                        modified: SystemTime::UNIX_EPOCH,
+                    });
+                group.files.push(entry.path());
+                group.bytes += meta.len();
+                group.modified = group.modified.max(meta.modified()?);
+            }
+        }
+    }
+    Ok(groups.into_values().collect())
+}
+
+fn read_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
