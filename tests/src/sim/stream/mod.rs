@@ -3,13 +3,37 @@
 //!
 //! This file is the seam between the simulator's router and the stream
 //! protocols: the router resolves the pod and calls these functions with the
-//! upgrade request. (Interface fixed here; implementation lands with the
-//! streams work.)
+//! upgrade request. Each answers `101 Switching Protocols` and serves the
+//! upgraded connection on a task of its own, which ends when the process has
+//! exited or the client has gone away (the router's hyper connection must be
+//! served `with_upgrades()`).
+//!
+//! | module | what |
+//! | --- | --- |
+//! | `options` | the query (`command`, `stdin`, `tty`, `ports`, ...) |
+//! | `process`, `shell` | the container side: pipes, terminal, the programs |
+//! | `status` | the exit `Status` on the error stream |
+//! | `websocket` | channel protocols v4/v5 (and base64), the port-forward tunnel |
+//! | `spdy` | SPDY/3.1 framing, header compression, flow control |
+//! | `remotecommand` | exec/attach over SPDY (`v4.channel.k8s.io`) |
+//! | `portforward` | `portforward.k8s.io` over SPDY (plain or tunneled in WebSocket) |
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+
+pub mod options;
+pub mod portforward;
+pub mod process;
+pub mod remotecommand;
+pub mod shell;
+pub mod spdy;
+pub mod status;
+pub mod websocket;
+
+use options::StreamOptions;
+use process::{Command, Container, Program};
 
 /// The simulator's response body type.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -26,12 +50,152 @@ pub struct StreamTarget {
     pub ports: BTreeMap<u16, SocketAddr>,
 }
 
-fn not_yet(what: &str) -> http::Response<Body> {
-    let body = format!(
-        "{{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{{}},\"status\":\"Failure\",\"message\":\"{what} is not supported by this simulator build\",\"reason\":\"BadRequest\",\"code\":400}}\n"
-    );
+impl StreamTarget {
+    fn container(&self) -> Container {
+        Container {
+            hostname: self.pod.clone(),
+            env: self.env.clone(),
+        }
+    }
+}
+
+/// `GET|POST /api/v1/namespaces/NS/pods/NAME/exec?command=...&stdin=...`
+pub async fn exec(
+    req: http::Request<hyper::body::Incoming>,
+    target: StreamTarget,
+) -> http::Response<Body> {
+    let options = StreamOptions::from_query(req.uri().query());
+    if options.command.is_empty() {
+        return bad_request("you must specify at least one command for the container");
+    }
+    if !(options.pipes.stdin || options.pipes.stdout || options.pipes.stderr) {
+        return bad_request("you must specify at least 1 of stdin, stdout, stderr");
+    }
+    let command = Command {
+        program: Program::Exec(options.command),
+        pipes: options.pipes,
+        container: target.container(),
+    };
+    remote_command(req, command)
+}
+
+/// `GET|POST /api/v1/namespaces/NS/pods/NAME/attach?...`
+pub async fn attach(
+    req: http::Request<hyper::body::Incoming>,
+    target: StreamTarget,
+) -> http::Response<Body> {
+    let options = StreamOptions::from_query(req.uri().query());
+    if !(options.pipes.stdin || options.pipes.stdout || options.pipes.stderr) {
+        return bad_request("you must specify at least 1 of stdin, stdout, stderr");
+    }
+    let command = Command {
+        program: Program::Attach,
+        pipes: options.pipes,
+        container: target.container(),
+    };
+    remote_command(req, command)
+}
+
+/// `GET|POST /api/v1/namespaces/NS/pods/NAME/portforward?ports=...`
+pub async fn port_forward(
+    mut req: http::Request<hyper::body::Incoming>,
+    target: StreamTarget,
+) -> http::Response<Body> {
+    if websocket::is_upgrade(&req) {
+        let Some(protocol) = websocket::choose(&req, &[websocket::PORT_FORWARD_TUNNEL]) else {
+            return bad_request(&format!(
+                "unable to upgrade: no supported WebSocket subprotocol (supported: {})",
+                websocket::PORT_FORWARD_TUNNEL
+            ));
+        };
+        let Some(response) = websocket::accept(&req, protocol) else {
+            return bad_request("missing Sec-WebSocket-Key");
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let ws = websocket::server(upgraded).await;
+                let io = websocket::ByteStream::new(ws);
+                portforward::serve(io, target).await;
+            }
+        });
+        return empty(response);
+    }
+    if spdy::is_upgrade(&req) {
+        let Some(response) = spdy::accept(&req, &[portforward::PROTOCOL]) else {
+            return spdy::refuse(&req, &[portforward::PROTOCOL]);
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                portforward::serve(hyper_util::rt::TokioIo::new(upgraded), target).await;
+            }
+        });
+        return empty(response);
+    }
+    bad_request("Upgrade request required")
+}
+
+/// Exec and attach: the upgrade to whichever protocol the client offers.
+fn remote_command(
+    mut req: http::Request<hyper::body::Incoming>,
+    command: Command,
+) -> http::Response<Body> {
+    if websocket::is_upgrade(&req) {
+        let Some(protocol) = websocket::choose(&req, websocket::REMOTE_COMMAND) else {
+            return bad_request(&format!(
+                "unable to upgrade: no supported WebSocket subprotocol (supported: {})",
+                websocket::REMOTE_COMMAND.join(", ")
+            ));
+        };
+        let Some(response) = websocket::accept(&req, protocol) else {
+            return bad_request("missing Sec-WebSocket-Key");
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let ws = websocket::server(upgraded).await;
+                websocket::remote_command(ws, protocol, command).await;
+            }
+        });
+        return empty(response);
+    }
+    if spdy::is_upgrade(&req) {
+        let Some(response) = spdy::accept(&req, remotecommand::PROTOCOLS) else {
+            return spdy::refuse(&req, remotecommand::PROTOCOLS);
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                remotecommand::serve(hyper_util::rt::TokioIo::new(upgraded), command).await;
+            }
+        });
+        return empty(response);
+    }
+    bad_request("Upgrade request required")
+}
+
+fn empty(response: http::response::Builder) -> http::Response<Body> {
+    response
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("static response")
+}
+
+/// A `Status` error answer, as the API server writes them.
+pub(crate) fn status_response(code: u16, reason: &str, message: &str) -> http::Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+    .to_string()
+        + "\n";
     http::Response::builder()
-        .status(400)
+        .status(code)
         .header("content-type", "application/json")
         .body(
             Full::new(Bytes::from(body))
@@ -41,26 +205,6 @@ fn not_yet(what: &str) -> http::Response<Body> {
         .expect("static response")
 }
 
-/// `GET|POST /api/v1/namespaces/NS/pods/NAME/exec?command=...&stdin=...`
-pub async fn exec(
-    _req: http::Request<hyper::body::Incoming>,
-    _target: StreamTarget,
-) -> http::Response<Body> {
-    not_yet("exec")
-}
-
-/// `GET|POST /api/v1/namespaces/NS/pods/NAME/attach?...`
-pub async fn attach(
-    _req: http::Request<hyper::body::Incoming>,
-    _target: StreamTarget,
-) -> http::Response<Body> {
-    not_yet("attach")
-}
-
-/// `GET|POST /api/v1/namespaces/NS/pods/NAME/portforward?ports=...`
-pub async fn port_forward(
-    _req: http::Request<hyper::body::Incoming>,
-    _target: StreamTarget,
-) -> http::Response<Body> {
-    not_yet("portforward")
+fn bad_request(message: &str) -> http::Response<Body> {
+    status_response(400, "BadRequest", message)
 }

@@ -1,0 +1,447 @@
+//! The streaming subresources of the API-server simulator against the real
+//! kubectl: exec, attach and port-forward over WebSocket and SPDY/3.1.
+//!
+//! The simulator's router lives elsewhere; this file serves what kubectl
+//! asks for before streaming (version, discovery, the pod) from a small
+//! plain-HTTP harness and routes `exec`, `attach` and `portforward` to
+//! `chaperone_tests::sim::stream`. The harness records which protocol each
+//! stream negotiated, so the tests can say what kubectl really used.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use chaperone_tests::sim::stream::{self, Body, StreamTarget};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    process::Command,
+};
+
+const POD: &str = "web";
+const NAMESPACE: &str = "default";
+/// Every kubectl run ends within this, or the test fails (and kills it).
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The kubectl under test: `KUBECTL` or the one on `PATH`.
+fn kubectl_binary() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
+}
+
+// === harness ===
+
+#[derive(Clone, Default)]
+struct Options {
+    /// Answer WebSocket upgrades with 400, as an API server without the
+    /// WebSocket streaming features does.
+    refuse_websocket: bool,
+}
+
+struct Harness {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    /// `(subresource, protocol)` of every upgrade the simulator accepted,
+    /// e.g. `("exec", "websocket v5.channel.k8s.io")`.
+    negotiated: Arc<Mutex<Vec<(String, String)>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+struct Shared {
+    target: StreamTarget,
+    options: Options,
+    negotiated: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Harness {
+    async fn start(ports: BTreeMap<u16, SocketAddr>, options: Options) -> Harness {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let negotiated = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::new(Shared {
+            target: StreamTarget {
+                namespace: NAMESPACE.into(),
+                pod: POD.into(),
+                container: "app".into(),
+                env: vec![
+                    ("GREETING".into(), "hello from the pod".into()),
+                    ("MODE".into(), "test".into()),
+                ],
+                ports,
+            },
+            options,
+            negotiated: negotiated.clone(),
+        });
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let shared = shared.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(route(req, &shared).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: http://{addr}\n\
+             users:\n- name: agent\n  user:\n    token: test-token\n\
+             contexts:\n- name: sim\n  context:\n    cluster: sim\n    user: agent\n    namespace: {NAMESPACE}\n\
+             current-context: sim\n"
+        );
+        std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
+        Harness {
+            addr,
+            dir,
+            negotiated,
+            server,
+        }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// A kubectl command against the harness (not yet started).
+    fn kubectl(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(kubectl_binary());
+        // Global flags first: everything after `--` is the remote command.
+        cmd.arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .envs(env.iter().copied())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs kubectl to completion with `input` on stdin.
+    async fn run(&self, args: &[&str], env: &[(&str, &str)], input: Option<Vec<u8>>) -> Run {
+        let mut cmd = self.kubectl(args, env);
+        cmd.stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl runs");
+        if let Some(input) = input {
+            let mut stdin = child.stdin.take().unwrap();
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&input).await;
+                // Dropping stdin is kubectl's end-of-file.
+            });
+        }
+        let output = tokio::time::timeout(KUBECTL_TIMEOUT, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish in {KUBECTL_TIMEOUT:?}"))
+            .unwrap();
+        Run {
+            code: output.status.code(),
+            stdout: output.stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    fn negotiated(&self) -> Vec<(String, String)> {
+        self.negotiated.lock().unwrap().clone()
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+fn json(code: u16, value: serde_json::Value) -> http::Response<Body> {
+    http::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(value.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+fn pod_json(target: &StreamTarget) -> serde_json::Value {
+    let env: Vec<_> = target
+        .env
+        .iter()
+        .map(|(name, value)| serde_json::json!({"name": name, "value": value}))
+        .collect();
+    let ports: Vec<_> = target
+        .ports
+        .keys()
+        .map(|port| serde_json::json!({"containerPort": port, "protocol": "TCP"}))
+        .collect();
+    serde_json::json!({
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {"name": target.pod, "namespace": target.namespace, "uid": "8d3c5f4e-1111-4a2b-9c3d-000000000001"},
+        "spec": {"containers": [{"name": target.container, "image": "busybox", "env": env, "ports": ports, "stdin": true}]},
+        "status": {"phase": "Running", "containerStatuses": [{"name": target.container, "ready": true, "started": true, "restartCount": 0, "image": "busybox", "imageID": "", "state": {"running": {}}}]},
+    })
+}
+
+async fn route(req: http::Request<Incoming>, shared: &Shared) -> http::Response<Body> {
+    let path = req.uri().path().to_string();
+    let pod_path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{POD}");
+    let websocket = stream::websocket::is_upgrade(&req);
+    let subresource = path
+        .strip_prefix(&pod_path)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .map(str::to_string);
+    let response = match (path.as_str(), subresource.as_deref()) {
+        ("/version", _) => {
+            return json(
+                200,
+                serde_json::json!({"major": "1", "minor": "32", "gitVersion": "v1.32.4", "platform": "linux/amd64"}),
+            );
+        }
+        ("/api", _) => {
+            return json(
+                200,
+                serde_json::json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]}),
+            );
+        }
+        ("/apis", _) => {
+            return json(
+                200,
+                serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
+            );
+        }
+        ("/api/v1", _) => {
+            return json(
+                200,
+                serde_json::json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                    {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"]},
+                    {"name": "pods/attach", "singularName": "", "namespaced": true, "kind": "PodAttachOptions", "verbs": ["create", "get"]},
+                    {"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions", "verbs": ["create", "get"]},
+                    {"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]},
+                ]}),
+            );
+        }
+        (p, None) if p == pod_path => return json(200, pod_json(&shared.target)),
+        (_, Some(sub @ ("exec" | "attach" | "portforward")))
+            if websocket && shared.options.refuse_websocket =>
+        {
+            let _ = sub;
+            return json(
+                400,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "Upgrade request required", "reason": "BadRequest", "code": 400}),
+            );
+        }
+        (_, Some("exec")) => stream::exec(req, shared.target.clone()).await,
+        (_, Some("attach")) => stream::attach(req, shared.target.clone()).await,
+        (_, Some("portforward")) => stream::port_forward(req, shared.target.clone()).await,
+        _ => {
+            return json(
+                404,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("the server could not find the requested resource ({path})"), "reason": "NotFound", "code": 404}),
+            );
+        }
+    };
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let headers = response.headers();
+        let protocol = if let Some(p) = headers.get(http::header::SEC_WEBSOCKET_PROTOCOL) {
+            format!("websocket {}", p.to_str().unwrap())
+        } else {
+            let p = headers.get(stream::spdy::PROTOCOL_HEADER).unwrap();
+            format!("spdy {}", p.to_str().unwrap())
+        };
+        shared
+            .negotiated
+            .lock()
+            .unwrap()
+            .push((subresource.unwrap_or_default(), protocol));
+    }
+    response
+}
+
+const SPDY_EXEC: &[(&str, &str)] = &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")];
+const SPDY_PORT_FORWARD: &[(&str, &str)] = &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")];
+
+fn protocols(h: &Harness, sub: &str) -> Vec<String> {
+    h.negotiated()
+        .into_iter()
+        .filter(|(s, _)| s == sub)
+        .map(|(_, p)| p)
+        .collect()
+}
+
+// === exec ===
+
+async fn exec_basics(env: &[(&str, &str)]) -> Harness {
+    let h = Harness::start(BTreeMap::new(), Options::default()).await;
+
+    let run = h
+        .run(&["exec", POD, "--", "echo", "hello"], env, None)
+        .await;
+    assert_eq!(
+        (run.code, run.stdout().as_str()),
+        (Some(0), "hello\n"),
+        "{run:?}"
+    );
+
+    let run = h
+        .run(&["exec", POD, "--", "sh", "-c", "exit 3"], env, None)
+        .await;
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert!(
+        run.stderr.contains("command terminated with exit code 3"),
+        "{run:?}"
+    );
+
+    let run = h
+        .run(
+            &[
+                "exec",
+                POD,
+                "--",
+                "sh",
+                "-c",
+                "echo to-out; echo to-err >&2; exit 0",
+            ],
+            env,
+            None,
+        )
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout(), "to-out\n");
+    assert!(run.stderr.contains("to-err\n"), "{run:?}");
+
+    let run = h.run(&["exec", POD, "--", "env"], env, None).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let out = run.stdout();
+    assert!(out.contains("HOSTNAME=web\n"), "{out}");
+    assert!(out.contains("GREETING=hello from the pod\n"), "{out}");
+
+    let run = h
+        .run(&["exec", POD, "--", "no-such-program"], env, None)
+        .await;
+    assert_eq!(run.code, Some(127), "{run:?}");
+    assert!(run.stderr.contains("executable file not found"), "{run:?}");
+    h
+}
+
+#[tokio::test]
+async fn exec_over_websocket_echo_exit_codes_stderr_and_env() {
+    let h = exec_basics(&[]).await;
+    let used = protocols(&h, "exec");
+    assert_eq!(used.len(), 5);
+    assert!(
+        used.iter().all(|p| p == "websocket v5.channel.k8s.io"),
+        "{used:?}"
+    );
+}
+
+#[tokio::test]
+async fn exec_over_spdy_echo_exit_codes_stderr_and_env() {
+    let h = exec_basics(SPDY_EXEC).await;
+    let used = protocols(&h, "exec");
+    assert_eq!(used.len(), 5);
+    assert!(
+        used.iter().all(|p| p == "spdy v4.channel.k8s.io"),
+        "{used:?}"
+    );
+}
+
+/// 1 MiB of not-quite-text through `kubectl exec -i -- cat`: every byte comes
+/// back, in order, and kubectl's end-of-file on stdin ends `cat`.
+async fn cat_round_trip(env: &[(&str, &str)]) -> Harness {
+    let h = Harness::start(BTreeMap::new(), Options::default()).await;
+    let input: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 251) as u8 | 1).collect();
+    let run = h
+        .run(&["exec", "-i", POD, "--", "cat"], env, Some(input.clone()))
+        .await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout.len(), input.len());
+    assert!(run.stdout == input, "the echoed bytes differ");
+
+    let run = h
+        .run(
+            &["exec", "-i", POD, "--", "sh"],
+            env,
+            Some(b"echo first\nprintenv MODE\nexit 7\necho never\n".to_vec()),
+        )
+        .await;
+    assert_eq!(run.code, Some(7), "{run:?}");
+    assert_eq!(run.stdout(), "first\ntest\n");
+    h
+}
+
+#[tokio::test]
+async fn exec_stdin_over_websocket_half_closes_and_carries_a_mebibyte() {
+    let h = cat_round_trip(&[]).await;
+    assert!(
+        protocols(&h, "exec")
+            .iter()
+            .all(|p| p == "websocket v5.channel.k8s.io")
+    );
+}
+
+#[tokio::test]
+async fn exec_stdin_over_spdy_half_closes_and_carries_a_mebibyte() {
+    let h = cat_round_trip(SPDY_EXEC).await;
+    assert!(
+        protocols(&h, "exec")
+            .iter()
+            .all(|p| p == "spdy v4.channel.k8s.io")
+    );
+}
+
+#[tokio::test]
+async fn kubectl_falls_back_to_spdy_when_the_websocket_upgrade_is_refused() {
+    let h = Harness::start(
+        BTreeMap::new(),
+        Options {
+            refuse_websocket: true,
+        },
+    )
+    .await;
+    let run = h
+        .run(&["exec", POD, "--", "echo", "fallback"], &[], None)
+        .await;
+    assert_eq!(
+        (run.code, run.stdout().as_str()),
+        (Some(0), "fallback\n"),
+        "{run:?}"
+    );
+    assert_eq!(protocols(&h, "exec"), ["spdy v4.channel.k8s.io"]);
+}
