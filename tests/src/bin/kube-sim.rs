@@ -1,0 +1,92 @@
+//! `kube-sim`: runs the Kubernetes API-server simulator by itself (for the
+//! demo and for trying clients against it).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context;
+use chaperone_tests::sim::{SimConfig, Simulator};
+use clap::Parser;
+
+/// A Kubernetes API-server simulator: HTTPS with its own cluster CA,
+/// service-account tokens, discovery, a generic object store, watch, logs.
+#[derive(Parser, Debug)]
+#[command(name = "kube-sim", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "KUBE_SIM_LISTEN", default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Extra IP address for the serving certificate (repeatable).
+    #[arg(long = "extra-ip")]
+    extra_ips: Vec<IpAddr>,
+    /// Extra DNS name for the serving certificate (repeatable).
+    #[arg(long = "extra-name")]
+    extra_names: Vec<String>,
+    /// Use this admin token instead of a random one.
+    #[arg(long, env = "KUBE_SIM_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Let every authenticated user do everything (the demo's preset);
+    /// without it only system:masters (the admin token) may.
+    #[arg(long)]
+    permissive: bool,
+    /// Service-account issuer (the `iss` of minted tokens).
+    #[arg(long, default_value = "https://kubernetes.default.svc.cluster.local")]
+    issuer: String,
+    /// Write the cluster CA (PEM) here.
+    #[arg(long)]
+    ca_out: Option<PathBuf>,
+    /// Write an admin kubeconfig here.
+    #[arg(long)]
+    kubeconfig_out: Option<PathBuf>,
+    /// Seconds between watch bookmarks.
+    #[arg(long, default_value_t = 5)]
+    bookmark_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = SimConfig {
+        listen: args.listen,
+        extra_ips: args.extra_ips,
+        extra_names: args.extra_names,
+        issuer: args.issuer,
+        admin_token: args.admin_token,
+        bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
+        ..SimConfig::default()
+    };
+    if args.permissive {
+        config = config.permissive();
+    }
+    let sim = Simulator::start(config).await?;
+    if let Some(path) = &args.ca_out {
+        std::fs::write(path, sim.ca_pem())
+            .with_context(|| format!("writing the CA to {}", path.display()))?;
+    }
+    if let Some(path) = &args.kubeconfig_out {
+        sim.write_kubeconfig(path, &sim.admin_token())?;
+    }
+    println!("kube-sim listening on {}", sim.url());
+    if let Some(path) = &args.kubeconfig_out {
+        println!(
+            "admin kubeconfig: {} (kubectl --kubeconfig {} get ns)",
+            path.display(),
+            path.display()
+        );
+    } else {
+        println!("admin token: {}", sim.admin_token());
+    }
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    sim.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! How responses look on the wire: JSON encoding (compact, or pretty for
+//! curl as the API server does), headers, bodies, content negotiation.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+use super::{status::ApiError, stream::Body};
+
+/// Fixed flow-control ids, like the API server's `x-kubernetes-pf-*` headers.
+const PF_FLOWSCHEMA: &str = "9d6e2f1a-b987-479a-96ee-ddbfccc93c2d";
+const PF_PRIORITYLEVEL: &str = "68712bd8-30f4-4ee4-afdc-a854f5119f8c";
+
+/// Encodes like the API server: compact with a trailing newline, or — for
+/// curl — indented by two spaces with empty objects as `{\n  \n}` and raw
+/// extensions (`fieldsV1`, a Table row's `object`) left compact.
+pub fn encode(v: &Value, pretty: bool) -> Vec<u8> {
+    if pretty {
+        let mut out = String::new();
+        write_pretty(v, 0, &mut out);
+        out.into_bytes()
+    } else {
+        let mut out = serde_json::to_vec(v).expect("JSON values serialize");
+        out.push(b'\n');
+        out
+    }
+}
+
+fn write_pretty(v: &Value, indent: usize, out: &mut String) {
+    let pad = |n: usize| " ".repeat(n);
+    match v {
+        Value::Object(m) if m.is_empty() => {
+            out.push_str(&format!("{{\n{}\n{}}}", pad(indent + 2), pad(indent)));
+        }
+        Value::Object(m) => {
+            out.push_str("{\n");
+            let mut first = true;
+            for (k, child) in m {
+                if !first {
+                    out.push_str(",\n");
+                }
+                first = false;
+                out.push_str(&pad(indent + 2));
+                out.push_str(&serde_json::to_string(k).expect("string"));
+                out.push_str(": ");
+                if k == "fieldsV1" || k == "object" {
+                    out.push_str(&serde_json::to_string(child).expect("JSON"));
+                } else {
+                    write_pretty(child, indent + 2, out);
+                }
+            }
+            out.push('\n');
+            out.push_str(&pad(indent));
+            out.push('}');
+        }
+        Value::Array(a) if a.is_empty() => out.push_str("[]"),
+        Value::Array(a) => {
+            out.push_str("[\n");
+            for (i, child) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(",\n");
+                }
+                out.push_str(&pad(indent + 2));
+                write_pretty(child, indent + 2, out);
+            }
+            out.push('\n');
+            out.push_str(&pad(indent));
+            out.push(']');
+        }
+        scalar => out.push_str(&serde_json::to_string(scalar).expect("JSON")),
+    }
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A JSON response with the API server's usual headers.
+pub fn json_response(status: u16, v: &Value, pretty: bool) -> http::Response<Body> {
+    let body = encode(v, pretty);
+    let mut b = http::Response::builder()
+        .status(status)
+        .header("cache-control", "no-cache, private")
+        .header("content-type", "application/json");
+    if status == 403 {
+        b = b.header("x-content-type-options", "nosniff");
+    }
+    if status != 401 {
+        b = b
+            .header("x-kubernetes-pf-flowschema-uid", PF_FLOWSCHEMA)
+            .header("x-kubernetes-pf-prioritylevel-uid", PF_PRIORITYLEVEL);
+    }
+    b.header("content-length", body.len())
+        .body(full(body))
+        .expect("valid response")
+}
+
+pub fn error_response(e: &ApiError, pretty: bool) -> http::Response<Body> {
+    json_response(e.code, &e.to_status(), pretty)
+}
+
+/// What the client accepts, as far as the simulator cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accept {
+    /// `as=Table;v=v1;g=meta.k8s.io` is among the acceptable types.
+    pub table: bool,
+    /// Protobuf was asked for.
+    pub protobuf: bool,
+    /// Something this simulator writes (JSON, `*/*`) is acceptable.
+    pub json: bool,
+}
+
+impl Accept {
+    pub fn parse(header: Option<&str>) -> Self {
+        let Some(h) = header.filter(|h| !h.trim().is_empty()) else {
+            return Self {
+                table: false,
+                protobuf: false,
+                json: true,
+            };
+        };
+        let mut a = Self::default();
+        for part in h.split(',') {
+            let mut params = part.split(';').map(str::trim);
+            let media = params.next().unwrap_or("");
+            let params: Vec<&str> = params.collect();
+            match media {
+                "application/vnd.kubernetes.protobuf" => a.protobuf = true,
+                "application/json" | "*/*" | "application/*" | "application/yaml" => {
+                    if params.contains(&"as=Table") {
+                        a.table = true;
+                    } else if !params.iter().any(|p| p.starts_with("as=")) {
+                        a.json = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if a.table {
+            a.json = true;
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let a = Accept::parse(Some(
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
+        ));
+        assert!(a.table && a.json && !a.protobuf);
+        let a = Accept::parse(Some("application/vnd.kubernetes.protobuf"));
+        assert!(a.protobuf && !a.json);
+        let a = Accept::parse(Some("application/vnd.kubernetes.protobuf, */*"));
+        assert!(a.protobuf && a.json);
+    }
+
+    #[test]
+    fn pretty_like_the_api_server() {
+        let v = json!({"kind": "Status", "metadata": {}, "code": 401});
+        assert_eq!(
+            String::from_utf8(encode(&v, true)).unwrap(),
+            "{\n  \"kind\": \"Status\",\n  \"metadata\": {\n    \n  },\n  \"code\": 401\n}"
+        );
+    }
+}
