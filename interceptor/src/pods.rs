@@ -873,6 +873,46 @@ mod tests {
     }
 
     #[test]
+    fn the_real_agent_map_follows_the_pods() {
+        let Some(tree) = Tree::real_cgroup() else {
+            return;
+        };
+        let layout = kubelet_layout(&tree);
+        let id = |i: usize| cgroup_id(&layout[i].1).unwrap();
+        let redirector = match Redirector::attach(crate::redirect::RedirectSpec {
+            cgroup: tree.root.clone(),
+            proxy_v4: Some(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+            proxy_v6: None,
+            proxy_port: 6443,
+            mark: crate::DEFAULT_SOCKET_MARK,
+        }) {
+            Ok(redirector) => Arc::new(redirector),
+            Err(error) => {
+                println!("SKIPPED: cannot attach the eBPF programs here: {error}");
+                return;
+            }
+        };
+        let tracker = PodTracker::new(redirector.clone(), &tree.root);
+        let in_map = || {
+            redirector
+                .agent_cgroups()
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+        };
+
+        tracker.replace_pods(&[
+            pod("dev", "agent", UID_A, AGENT),
+            pod("dev", "cgroupfs-agent", UID_D, AGENT),
+            pod("dev", "web", UID_B, &[]),
+        ]);
+        assert_eq!(in_map(), [id(0), id(3)].into());
+        tracker.apply_pod(&pod("dev", "agent", UID_A, &[]));
+        assert_eq!(in_map(), [id(3)].into());
+        tracker.delete_pod(&pod("dev", "cgroupfs-agent", UID_D, AGENT));
+        assert!(in_map().is_empty());
+    }
+
+    #[test]
     fn kubelet_cgroups_in_a_plain_tree_are_resolved() {
         check_layout_is_resolved(&Tree::plain());
     }
