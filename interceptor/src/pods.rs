@@ -528,7 +528,14 @@ pub fn find_pod_cgroups(root: &Path) -> HashMap<String, PathBuf> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         match pod_uid_of_cgroup(name) {
             Some(uid) => {
-                found.insert(uid.to_ascii_lowercase(), path.to_path_buf());
+                if let Some(other) = found.insert(uid.to_ascii_lowercase(), path.to_path_buf()) {
+                    tracing::warn!(
+                        pod_uid = %uid,
+                        first = %other.display(),
+                        second = %path.display(),
+                        "two cgroups are named for the same pod; using the second"
+                    );
+                }
                 false
             }
             None => true,
