@@ -41,6 +41,9 @@ pub struct Cli {
 pub enum Command {
     /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
     Check,
+    /// Manage chaperone's CA: the certificate authority agent pods must trust.
+    #[command(subcommand)]
+    Ca(crate::tls::cli::CaCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Check => check(),
+        Command::Ca(command) => crate::tls::cli::run(command),
     };
     match result {
         Ok(code) => code,
