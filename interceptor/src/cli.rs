@@ -52,6 +52,9 @@ pub enum Command {
     Replay(crate::record::cli::ReplayArgs),
     /// Check a recorded session's hash chain; exit 1 at the first broken record.
     Verify(crate::record::cli::VerifyArgs),
+    /// Manage chaperone's CA: the certificate authority agent pods must trust.
+    #[command(subcommand)]
+    Ca(crate::tls::cli::CaCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Sessions(args) => crate::record::cli::sessions(&args, &mut std::io::stdout()),
         Command::Replay(args) => crate::record::cli::replay(&args, &mut std::io::stdout()),
         Command::Verify(args) => crate::record::cli::verify(&args, &mut std::io::stdout()),
+        Command::Ca(command) => crate::tls::cli::run(command),
     };
     match result {
         Ok(code) => code,

@@ -528,7 +528,14 @@ pub fn find_pod_cgroups(root: &Path) -> HashMap<String, PathBuf> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         match pod_uid_of_cgroup(name) {
             Some(uid) => {
-                found.insert(uid.to_ascii_lowercase(), path.to_path_buf());
+                if let Some(other) = found.insert(uid.to_ascii_lowercase(), path.to_path_buf()) {
+                    tracing::warn!(
+                        pod_uid = %uid,
+                        first = %other.display(),
+                        second = %path.display(),
+                        "two cgroups are named for the same pod; using the second"
+                    );
+                }
                 false
             }
             None => true,
@@ -873,6 +880,46 @@ mod tests {
     }
 
     #[test]
+    fn the_real_agent_map_follows_the_pods() {
+        let Some(tree) = Tree::real_cgroup() else {
+            return;
+        };
+        let layout = kubelet_layout(&tree);
+        let id = |i: usize| cgroup_id(&layout[i].1).unwrap();
+        let redirector = match Redirector::attach(crate::redirect::RedirectSpec {
+            cgroup: tree.root.clone(),
+            proxy_v4: Some(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+            proxy_v6: None,
+            proxy_port: 6443,
+            mark: crate::DEFAULT_SOCKET_MARK,
+        }) {
+            Ok(redirector) => Arc::new(redirector),
+            Err(error) => {
+                println!("SKIPPED: cannot attach the eBPF programs here: {error}");
+                return;
+            }
+        };
+        let tracker = PodTracker::new(redirector.clone(), &tree.root);
+        let in_map = || {
+            redirector
+                .agent_cgroups()
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+        };
+
+        tracker.replace_pods(&[
+            pod("dev", "agent", UID_A, AGENT),
+            pod("dev", "cgroupfs-agent", UID_D, AGENT),
+            pod("dev", "web", UID_B, &[]),
+        ]);
+        assert_eq!(in_map(), [id(0), id(3)].into());
+        tracker.apply_pod(&pod("dev", "agent", UID_A, &[]));
+        assert_eq!(in_map(), [id(3)].into());
+        tracker.delete_pod(&pod("dev", "cgroupfs-agent", UID_D, AGENT));
+        assert!(in_map().is_empty());
+    }
+
+    #[test]
     fn kubelet_cgroups_in_a_plain_tree_are_resolved() {
         check_layout_is_resolved(&Tree::plain());
     }
@@ -951,6 +998,241 @@ mod tests {
         assert_eq!(sink.ids(), [id(2)].into());
         tracker.apply_namespace(&namespace("web", false));
         assert!(sink.ids().is_empty());
+    }
+
+    /// A minimal API server for the watch: lists return the objects given
+    /// at start, watches stream whatever the test sends. Records every
+    /// request's path and query.
+    mod fake_api {
+        use std::{convert::Infallible, net::Ipv4Addr};
+
+        use bytes::Bytes;
+        use http_body_util::{Full, StreamBody, combinators::BoxBody};
+        use hyper::{Request, Response, body::Frame, service::service_fn};
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use serde_json::{Value, json};
+        use tokio::sync::broadcast;
+
+        use super::*;
+
+        pub struct FakeApi {
+            pub client: Client,
+            pub requests: Arc<Mutex<Vec<String>>>,
+            events: broadcast::Sender<(&'static str, String)>,
+        }
+
+        impl FakeApi {
+            pub async fn start(pods: Vec<Pod>, namespaces: Vec<Namespace>) -> FakeApi {
+                let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                    .await
+                    .unwrap();
+                let port = listener.local_addr().unwrap().port();
+                let requests = Arc::new(Mutex::new(Vec::new()));
+                let (events, _) = broadcast::channel(64);
+                let lists = Arc::new((
+                    list(
+                        "PodList",
+                        pods.iter().map(|p| serde_json::to_value(p).unwrap()),
+                    ),
+                    list(
+                        "NamespaceList",
+                        namespaces.iter().map(|n| serde_json::to_value(n).unwrap()),
+                    ),
+                ));
+                let (seen, tx) = (requests.clone(), events.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let (tcp, _) = listener.accept().await.unwrap();
+                        let (seen, tx, lists) = (seen.clone(), tx.clone(), lists.clone());
+                        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (seen, tx, lists) = (seen.clone(), tx.clone(), lists.clone());
+                            async move {
+                                let uri = req.uri().to_string();
+                                lock(&seen).push(uri.clone());
+                                let kind = if req.uri().path() == "/api/v1/pods" {
+                                    "pods"
+                                } else {
+                                    "namespaces"
+                                };
+                                let body: BoxBody<Bytes, Infallible> = if uri.contains("watch=true")
+                                {
+                                    let rx = tx.subscribe();
+                                    let stream =
+                                        futures::stream::unfold(rx, move |mut rx| async move {
+                                            loop {
+                                                match rx.recv().await {
+                                                    Ok((k, line)) if k == kind => {
+                                                        let frame =
+                                                            Frame::data(Bytes::from(line + "\n"));
+                                                        return Some((Ok(frame), rx));
+                                                    }
+                                                    Ok(_) => continue,
+                                                    Err(_) => return None,
+                                                }
+                                            }
+                                        });
+                                    BoxBody::new(StreamBody::new(stream))
+                                } else {
+                                    let list = if kind == "pods" { &lists.0 } else { &lists.1 };
+                                    BoxBody::new(Full::new(Bytes::from(list.to_string())))
+                                };
+                                Ok::<_, Infallible>(
+                                    Response::builder()
+                                        .header("content-type", "application/json")
+                                        .body(body)
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                        tokio::spawn(async move {
+                            let builder =
+                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                        });
+                    }
+                });
+                let config = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+                FakeApi {
+                    client: Client::try_from(config).unwrap(),
+                    requests,
+                    events,
+                }
+            }
+
+            /// Send a watch event (`ADDED`, `MODIFIED`, `DELETED`).
+            pub fn send(&self, kind: &'static str, event: &str, object: Value) {
+                let line = json!({"type": event, "object": object}).to_string();
+                // Until the watch connects nobody listens; callers wait for it.
+                let _ = self.events.send((kind, line));
+            }
+
+            pub fn watching(&self, kind: &str) -> bool {
+                lock(&self.requests)
+                    .iter()
+                    .any(|r| r.starts_with(&format!("/api/v1/{kind}?")) && r.contains("watch=true"))
+            }
+        }
+
+        fn list(kind: &str, items: impl Iterator<Item = Value>) -> Value {
+            json!({
+                "kind": kind,
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": "1"},
+                "items": items.collect::<Vec<_>>(),
+            })
+        }
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    fn versioned<T: serde::Serialize>(object: &T, version: u32) -> serde_json::Value {
+        let mut value = serde_json::to_value(object).unwrap();
+        value["metadata"]["resourceVersion"] = version.to_string().into();
+        value
+    }
+
+    #[tokio::test]
+    async fn the_watch_drives_the_agent_map() {
+        let tree = Tree::plain();
+        let layout = kubelet_layout(&tree);
+        let id = |i: usize| cgroup_id(&layout[i].1).unwrap();
+        let api = fake_api::FakeApi::start(
+            vec![
+                pod("dev", "agent", UID_A, AGENT),
+                pod("dev", "web", UID_B, &[]),
+            ],
+            vec![],
+        )
+        .await;
+        let sink = Arc::new(FakeSink::default());
+        let tracker = Arc::new(
+            PodTracker::new(sink.clone(), &tree.root)
+                .with_retry_interval(Duration::from_millis(50)),
+        );
+        let run = tokio::spawn(tracker.clone().run(api.client.clone(), "node-1"));
+
+        eventually("the listed agent pod is guarded", || {
+            sink.ids() == [id(0)].into()
+        })
+        .await;
+        eventually("both watches are open", || {
+            api.watching("pods") && api.watching("namespaces")
+        })
+        .await;
+        {
+            let requests = lock(&api.requests);
+            assert!(
+                requests.iter().all(|r| !r.starts_with("/api/v1/pods")
+                    || r.contains("fieldSelector=spec.nodeName%3Dnode-1")),
+                "{requests:?}"
+            );
+            assert!(
+                requests.iter().any(|r| r.starts_with("/api/v1/namespaces")
+                    && r.contains("labelSelector=chaperone.dev%2Fintercept%3Dtrue")),
+                "{requests:?}"
+            );
+        }
+
+        // Labeling a pod.
+        api.send(
+            "pods",
+            "MODIFIED",
+            versioned(&pod("dev", "web", UID_B, AGENT), 2),
+        );
+        eventually("the labeled pod is guarded", || {
+            sink.ids() == [id(0), id(1)].into()
+        })
+        .await;
+
+        // Deleting a pod.
+        api.send(
+            "pods",
+            "DELETED",
+            versioned(&pod("dev", "agent", UID_A, AGENT), 3),
+        );
+        eventually("the deleted pod is released", || {
+            sink.ids() == [id(1)].into()
+        })
+        .await;
+
+        // A new pod in a namespace that then gets labeled.
+        api.send(
+            "pods",
+            "ADDED",
+            versioned(&pod("ci", "runner", UID_C, &[]), 4),
+        );
+        api.send("namespaces", "ADDED", versioned(&namespace("ci", true), 5));
+        eventually("the labeled namespace's pod is guarded", || {
+            sink.ids() == [id(1), id(2)].into()
+        })
+        .await;
+        assert_eq!(tracker.pod_for_cgroup(id(2)).unwrap().name, "runner");
+
+        // An agent pod scheduled before its cgroup exists is retried.
+        let late = "66666666-6666-4666-8666-666666666666";
+        api.send(
+            "pods",
+            "ADDED",
+            versioned(&pod("dev", "late", late, AGENT), 6),
+        );
+        eventually("the pod is reported unresolved", || {
+            tracker.unresolved_count() == 1
+        })
+        .await;
+        let dir = tree.mkdir(&format!("kubepods/besteffort/pod{late}"));
+        eventually("the retry finds it", || {
+            sink.ids().contains(&cgroup_id(&dir).unwrap()) && tracker.unresolved_count() == 0
+        })
+        .await;
+        run.abort();
     }
 
     #[test]

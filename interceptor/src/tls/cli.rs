@@ -126,6 +126,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_ca_commands_parse_from_the_command_line() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from([
+            "chaperone",
+            "ca",
+            "export",
+            "--dir",
+            "/tmp/ca",
+            "--cluster-ca",
+            "/tmp/cluster.pem",
+        ])
+        .unwrap();
+        let crate::cli::Command::Ca(CaCommand::Export { dir, cluster_ca }) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(dir, Path::new("/tmp/ca"));
+        assert_eq!(cluster_ca.as_deref(), Some(Path::new("/tmp/cluster.pem")));
+        let cli = crate::cli::Cli::try_parse_from(["chaperone", "ca", "show"]).unwrap();
+        assert!(
+            matches!(cli.command, crate::cli::Command::Ca(CaCommand::Show { ref dir }) if dir == Path::new(DEFAULT_CA_DIR))
+        );
+    }
+
+    #[test]
     fn init_creates_once_then_keeps_the_ca() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");

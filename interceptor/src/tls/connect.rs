@@ -9,7 +9,10 @@
 use std::{io, os::fd::AsFd, time::Duration};
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
 use rustls::pki_types::ServerName;
 
 use super::{TlsError, upstream::UpstreamConfig};
@@ -76,6 +79,29 @@ pub fn upstream_connector(
         .wrap_connector(marked_http_connector(options)))
 }
 
+/// A pooled client to the API server over `connector`: HTTP/2 when the
+/// server offers it (one multiplexed connection, kept alive with pings),
+/// HTTP/1.1 otherwise. Requests must carry absolute `https://` URIs.
+///
+/// Note for many long-lived watches: HTTP/2 streams share one connection,
+/// bounded by the server's `MAX_CONCURRENT_STREAMS` (kube-apiserver:
+/// `--http2-max-streams-per-connection`, 1000 by default); requests beyond
+/// it wait for a free stream.
+pub fn upstream_client<B>(connector: UpstreamConnector) -> Client<UpstreamConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
+        .build(connector)
+}
+
 /// The `SO_MARK` of a socket.
 pub fn socket_mark(socket: &impl AsFd) -> io::Result<u32> {
     socket2::SockRef::from(socket).mark()
@@ -87,10 +113,7 @@ mod tests {
 
     use http_body_util::{BodyExt as _, Empty, Full};
     use hyper::{Request, Response, body::Bytes, service::service_fn};
-    use hyper_util::{
-        client::legacy::Client,
-        rt::{TokioExecutor, TokioIo},
-    };
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::net::TcpListener;
     use tower_service::Service as _;
 
@@ -196,8 +219,7 @@ mod tests {
         let (port, mut alpns) = fake_api_server(ca.clone()).await;
         let upstream = upstream_for(&ca, port);
         let connector = upstream_connector(&upstream, &ConnectorOptions::default()).unwrap();
-        let client: Client<_, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
+        let client = upstream_client::<Empty<Bytes>>(connector);
         let request = Request::get(format!("https://127.0.0.1:{port}/version"))
             .header(
                 http::header::AUTHORIZATION,
@@ -209,14 +231,21 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"HTTP/2.0 Bearer chaperone-token");
         assert_eq!(alpns.recv().await.unwrap(), Some(Alpn::H2));
+        // A second request reuses the pooled HTTP/2 connection.
+        let response = client
+            .get(format!("https://127.0.0.1:{port}/api").parse().unwrap())
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"HTTP/2.0 ");
+        assert!(alpns.try_recv().is_err(), "a second connection was opened");
 
         // A server whose certificate another CA signed is refused.
         let other_dir = tempfile::tempdir().unwrap();
         let other = LocalCa::load_or_create(other_dir.path()).unwrap();
         let wrong = upstream_for(&other, port);
         let connector = upstream_connector(&wrong, &ConnectorOptions::default()).unwrap();
-        let client: Client<_, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
+        let client = upstream_client::<Empty<Bytes>>(connector);
         let err = client
             .get(format!("https://127.0.0.1:{port}/version").parse().unwrap())
             .await

@@ -27,7 +27,9 @@ pub mod upstream;
 use std::{io, path::PathBuf};
 
 pub use ca::{CaInfo, CaOpened, LocalCa};
-pub use connect::{ConnectorOptions, UpstreamConnector, socket_mark, upstream_connector};
+pub use connect::{
+    ConnectorOptions, UpstreamConnector, socket_mark, upstream_client, upstream_connector,
+};
 pub use leaf::{Clock, Leaf, LeafCache, LeafConfig};
 pub use server::{Alpn, TlsTerminator, negotiated_alpn};
 pub use upstream::{BearerToken, ClientIdentity, UpstreamConfig};
