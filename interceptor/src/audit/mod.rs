@@ -299,7 +299,7 @@ impl Auditor {
                 SinkConfig::File(file) => Deliverer::File(sink::FileSink::new(file.clone())),
                 SinkConfig::Stdout => Deliverer::Stdout,
                 SinkConfig::Webhook(webhook) => {
-                    Deliverer::Webhook(sink::WebhookSink::new(webhook.clone())?)
+                    Deliverer::Webhook(Box::new(sink::WebhookSink::new(webhook.clone())?))
                 }
             };
             sinks.push(state.clone());
@@ -366,7 +366,7 @@ impl Drop for Auditor {
 enum Deliverer {
     File(sink::FileSink),
     Stdout,
-    Webhook(sink::WebhookSink),
+    Webhook(Box<sink::WebhookSink>),
 }
 
 async fn run(

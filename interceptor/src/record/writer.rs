@@ -396,12 +396,11 @@ impl Writer {
             total = total.saturating_sub(group.bytes);
             tracing::info!(session = %group.id, bytes = group.bytes, too_old, "retention deleted a session recording");
             // Remove the pod (and namespace) directory once empty.
-            if let Some(pod_dir) = group.files.first().and_then(|f| f.parent()) {
-                if fs::remove_dir(pod_dir).is_ok() {
-                    if let Some(ns_dir) = pod_dir.parent() {
-                        let _ = fs::remove_dir(ns_dir);
-                    }
-                }
+            if let Some(pod_dir) = group.files.first().and_then(|f| f.parent())
+                && fs::remove_dir(pod_dir).is_ok()
+                && let Some(ns_dir) = pod_dir.parent()
+            {
+                let _ = fs::remove_dir(ns_dir);
             }
         }
     }
@@ -511,15 +510,15 @@ fn exchange_record(e: &Exchange) -> Map<String, Value> {
     );
     r.insert("masked".into(), json!(e.masked_fields));
     let level = e.decision.level;
-    if level >= crate::policy::RecordLevel::Request {
-        if let Some(body) = &e.request_body {
-            r.insert("requestObject".into(), body.clone());
-        }
+    if level >= crate::policy::RecordLevel::Request
+        && let Some(body) = &e.request_body
+    {
+        r.insert("requestObject".into(), body.clone());
     }
-    if level >= crate::policy::RecordLevel::RequestResponse {
-        if let Some(body) = &e.response_body {
-            r.insert("responseObject".into(), body.clone());
-        }
+    if level >= crate::policy::RecordLevel::RequestResponse
+        && let Some(body) = &e.response_body
+    {
+        r.insert("responseObject".into(), body.clone());
     }
     r
 }
