@@ -148,6 +148,8 @@ pub(crate) struct SessionShared {
     pub(crate) meta: SessionMeta,
     pub(crate) dropped: AtomicU64,
     pub(crate) streams: AtomicU64,
+    /// Set by the writer when the session is sealed.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct StreamShared {
@@ -225,6 +227,7 @@ impl Recorder {
                 meta,
                 dropped: AtomicU64::new(0),
                 streams: AtomicU64::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }),
             queues: self.queues.clone(),
         }

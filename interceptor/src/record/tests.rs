@@ -651,3 +651,58 @@ fn a_full_queue_never_blocks_and_leaves_a_gap_record() {
     assert_eq!(code, ExitCode::SUCCESS);
     recorder.shutdown();
 }
+
+#[test]
+fn a_stream_that_outlives_its_session_is_sealed_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, metrics) = recorder(tmp.path());
+    let session = recorder.session(meta(OffsetDateTime::now_utc()));
+    let id = session.id().to_owned();
+    let stream = session.stream(
+        uuid::Uuid::new_v4(),
+        StreamInfo {
+            kind: "attach".into(),
+            namespace: "agents".into(),
+            pod: "web-0".into(),
+            ..StreamInfo::default()
+        },
+        OffsetDateTime::now_utc(),
+    );
+    stream.data(
+        Channel::Stdout,
+        "hello\r\n".into(),
+        OffsetDateTime::now_utc(),
+    );
+    drop(session);
+    recorder.flush();
+    stream.data(
+        Channel::Stdout,
+        "late\r\n".into(),
+        OffsetDateTime::now_utc(),
+    );
+    drop(stream);
+    recorder.flush();
+
+    let (code, out) = verify(tmp.path(), &id);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    let json: Value = serde_json::from_str(&replay(tmp.path(), &id, true)).unwrap();
+    let events = json["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "stream");
+    assert_eq!(events[0]["bytesOut"], 7);
+    let cast = std::fs::read_to_string(
+        tmp.path()
+            .join("agents/coder-7f9c")
+            .join(format!("{id}.s1.cast")),
+    )
+    .unwrap();
+    let (header, frames) = check_asciicast_v2(&cast);
+    assert_eq!(header["width"], 80, "default terminal size");
+    assert_eq!(frames.len(), 1, "nothing after the seal: {cast}");
+    assert_eq!(
+        metrics.record_dropped_count(),
+        1,
+        "the late frame is counted"
+    );
+    recorder.shutdown();
+}

@@ -21,6 +21,7 @@ const TICK: Duration = Duration::from_millis(100);
 const BATCH: usize = 256;
 
 struct OpenSession {
+    shared: Arc<SessionShared>,
     dir: PathBuf,
     file: BufWriter<File>,
     part: u32,
@@ -33,6 +34,7 @@ struct OpenSession {
 }
 
 struct OpenStream {
+    shared: Arc<StreamShared>,
     cast: CastWriter<BufWriter<File>>,
     name: String,
 }
@@ -83,6 +85,7 @@ impl Writer {
                             let _ = self.report_gap(&session);
                         }
                         self.close_session(&session.id, "closed");
+                        session.closed.store(true, Ordering::Relaxed);
                     }
                     Control::CloseStream(stream, at) => self.close_stream(&stream, at),
                     Control::Flush(done) => {
@@ -111,12 +114,6 @@ impl Writer {
     }
 
     fn shutdown(&mut self) {
-        let streams: Vec<_> = self.streams.keys().cloned().collect();
-        for key in streams {
-            if let Some(open) = self.streams.remove(&key) {
-                finish_cast(open, OffsetDateTime::now_utc());
-            }
-        }
         let ids: Vec<String> = self.sessions.keys().cloned().collect();
         for id in ids {
             self.close_session(&id, "shutdown");
@@ -124,6 +121,15 @@ impl Writer {
     }
 
     fn handle(&mut self, data: Data) {
+        let session = match &data {
+            Data::Exchange(session, _) => session,
+            Data::Stream(stream, ..) => &stream.session,
+        };
+        if session.closed.load(Ordering::Relaxed) {
+            // A stream outlived its connection: nothing can follow the seal.
+            self.metrics.record_dropped();
+            return;
+        }
         let result = match data {
             Data::Exchange(session, exchange) => self.write_exchange(&session, &exchange),
             Data::Stream(stream, channel, bytes, at) => {
@@ -158,22 +164,37 @@ impl Writer {
             let name = super::cast_name(&stream.session.id, stream.number);
             let file = create_new(&dir.join(&name))?;
             let cast = CastWriter::new(BufWriter::new(file), &stream.info, stream.started)?;
-            self.streams.insert(key.clone(), OpenStream { cast, name });
+            self.streams.insert(
+                key.clone(),
+                OpenStream {
+                    shared: stream.clone(),
+                    cast,
+                    name,
+                },
+            );
         }
         let open = self.streams.get_mut(&key).expect("inserted above");
         write(&mut open.cast)
     }
 
     fn close_stream(&mut self, stream: &Arc<StreamShared>, at: OffsetDateTime) {
+        if stream.session.closed.load(Ordering::Relaxed) {
+            return; // sealed with the session
+        }
         // A stream that never carried a byte still gets its (empty) cast.
         if let Err(error) = self.write_stream(stream, |_| Ok(())) {
             tracing::error!(%error, "cannot write an exec/attach recording");
             return;
         }
         let key = (stream.session.id.clone(), stream.number);
-        let Some(open) = self.streams.remove(&key) else {
-            return;
-        };
+        if let Some(open) = self.streams.remove(&key) {
+            self.finish_stream(open, at);
+        }
+    }
+
+    /// Ends a cast and writes its `stream` record into the session.
+    fn finish_stream(&mut self, open: OpenStream, at: OffsetDateTime) {
+        let stream = open.shared.clone();
         let record = json!({
             "type": "stream",
             "time": micro_time(stream.started),
@@ -234,6 +255,7 @@ impl Writer {
         });
         let (line, hash) = chain::seal(as_map(header), chain::GENESIS);
         let mut open = OpenSession {
+            shared: session.clone(),
             dir,
             file: BufWriter::new(file),
             part: 0,
@@ -308,12 +330,16 @@ impl Writer {
             .collect();
         for key in keys {
             if let Some(open) = self.streams.remove(&key) {
-                finish_cast(open, OffsetDateTime::now_utc());
+                self.finish_stream(open, OffsetDateTime::now_utc());
             }
         }
         if !self.sessions.contains_key(id) {
             return; // nothing was ever recorded
         }
+        self.sessions[id]
+            .shared
+            .closed
+            .store(true, Ordering::Relaxed);
         let records = self.sessions[id].seq + 1;
         let end = json!({
             "type": "end",
