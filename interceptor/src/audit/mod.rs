@@ -20,6 +20,24 @@
 //! [`Admission::submit`] when the response starts (long-running requests) and
 //! completes. The data path never waits for a disk or a sink.
 //!
+//! ```text
+//! // startup
+//! let auditor = Auditor::start(AuditConfig::new("/var/lib/chaperone/audit-spool", sinks), metrics.clone())?;
+//! let gate = auditor.gate();                      // clone into every connection task
+//! // per request, before forwarding it
+//! let admission = match gate.admit() {
+//!     Ok(admission) => admission,
+//!     Err(full) => return respond(full.status()), // 503 Status, fail closed
+//! };
+//! // watch/exec/attach: when the response headers are sent
+//! admission.submit(Arc::new(exchange_with_stage_response_started));
+//! // when the response completed
+//! admission.submit(Arc::new(exchange));           // never blocks
+//! drop(admission);
+//! // shutdown
+//! auditor.shutdown();                             // what is not delivered stays spooled
+//! ```
+//!
 //! # Nothing is lost; when the spool is full
 //!
 //! A slow or dead sink only makes its spool grow ([`SinkSpec::spool_max_bytes`],

@@ -301,7 +301,7 @@ impl FileSink {
 
 // === impl WebhookSink ===
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// POSTs `EventList` batches over one kept-alive HTTP/1.1 connection.

@@ -400,6 +400,8 @@ struct Receiver {
     /// Answer 500 (after reading the batch) this many times: forces
     /// redelivery of batches the receiver has seen.
     fail_next: AtomicUsize,
+    /// The last `Authorization` header.
+    authorization: Mutex<Option<String>>,
 }
 
 impl Receiver {
@@ -417,18 +419,38 @@ impl Receiver {
 }
 
 async fn serve_webhook(listener: tokio::net::TcpListener, receiver: Arc<Receiver>) {
+    serve_webhook_tls(listener, receiver, None).await
+}
+
+async fn serve_webhook_tls(
+    listener: tokio::net::TcpListener,
+    receiver: Arc<Receiver>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((tcp, _)) = listener.accept().await else {
             return;
         };
         let receiver = receiver.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let stream: Box<dyn super::sink::Io> = match tls {
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => Box::new(stream),
+                    Err(_) => return,
+                },
+                None => Box::new(tcp),
+            };
             let service = hyper::service::service_fn(
                 move |request: hyper::Request<hyper::body::Incoming>| {
                     let receiver = receiver.clone();
                     async move {
                         assert_eq!(request.method(), hyper::Method::POST);
                         assert_eq!(request.uri().path(), "/audit");
+                        *receiver.authorization.lock().unwrap() = request
+                            .headers()
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_owned());
                         let body = request.into_body().collect().await.unwrap().to_bytes();
                         let list: Value = serde_json::from_slice(&body).unwrap();
                         assert_eq!(list["kind"], "EventList");
@@ -856,4 +878,63 @@ fn webhook_endpoints_come_from_a_url_or_a_kubeconfig() {
     let https = WebhookConfig::new(Endpoint::from_url("https://audit.example/").unwrap());
     let error = sink::WebhookSink::new(https).err().unwrap().to_string();
     assert!(error.contains("no CA is configured"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_from_a_kubeconfig_gets_batches_with_the_token() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certified.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into()),
+        )
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Arc::new(Receiver::default());
+    let server = tokio::spawn(serve_webhook_tls(
+        listener,
+        receiver.clone(),
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config))),
+    ));
+    let kubeconfig = tmp.path().join("audit-webhook.kubeconfig");
+    let ca = base64::engine::general_purpose::STANDARD.encode(certified.cert.pem());
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: audit\n  cluster:\n    server: https://{addr}/audit\n    certificate-authority-data: {ca}\nusers:\n- name: chaperone\n  user:\n    token: t0ken\ncontexts:\n- name: default\n  context:\n    cluster: audit\n    user: chaperone\ncurrent-context: default\n"
+        ),
+    )
+    .unwrap();
+    let mut spec = webhook_spec(addr, 1 << 30);
+    let SinkConfig::Webhook(webhook) = &mut spec.config else {
+        unreachable!()
+    };
+    webhook.endpoint = Endpoint::from_kubeconfig(&kubeconfig).unwrap();
+    let auditor = Auditor::start(
+        AuditConfig::new(tmp.path().join("spool"), vec![spec]),
+        Metrics::new(),
+    )
+    .unwrap();
+    let sent = submit(&auditor.gate(), 120);
+    wait_for("the events over TLS", Duration::from_secs(20), || {
+        receiver.unique().len() >= sent.len()
+    })
+    .await;
+    assert_eq!(
+        receiver.authorization.lock().unwrap().as_deref(),
+        Some("Bearer t0ken")
+    );
+    assert!(
+        receiver.posts.load(Ordering::Relaxed) >= 3,
+        "batches of at most 50"
+    );
+    auditor.shutdown();
+    server.abort();
 }

@@ -13,6 +13,30 @@
 //! Connections that did not come through the redirect (no attested pod) are
 //! grouped under `_unattested/<client ip>/`.
 //!
+//! # Wiring it into the proxy
+//!
+//! ```text
+//! // startup
+//! let metrics = admin::Metrics::new();
+//! let recorder = Recorder::start(RecordConfig::new("/var/lib/chaperone/sessions", node), metrics.clone())?;
+//! // per accepted connection
+//! let session = recorder.session(SessionMeta { pod, peer, started: OffsetDateTime::now_utc() });
+//! // per request, when the response completed (and at 101 for exec/attach)
+//! let exchange = Arc::new(exchange);              // bodies masked, cut to the level
+//! session.exchange(exchange.clone());             // try_send, never blocks
+//! // exec/attach, per decoded frame (after masking)
+//! let cast = session.stream(exchange.audit_id, StreamInfo { .. }, now);
+//! cast.data(Channel::Stdout, bytes, now);
+//! drop(cast);                                     // ends the cast
+//! drop(session);                                  // seals the session
+//! // shutdown
+//! recorder.shutdown();                            // seals what is still open
+//! ```
+//!
+//! Submit the exec request's `ResponseStarted` exchange before its frames,
+//! so the session header names the caller even when exec is the first
+//! request of a connection.
+//!
 //! # Runtime
 //!
 //! [`Recorder::start`] spawns one writer thread. The data path only does
@@ -22,6 +46,9 @@
 //! gets through in that session is preceded by a `gap` record saying how many
 //! were lost, so a recording never silently omits anything. Closing a session
 //! or stream travels on a separate unbounded channel and is never dropped.
+//! Stream frames dropped this way are counted in the stream's record
+//! (`dropped`); frames that arrive after their session was sealed are counted
+//! in `chaperone_record_dropped_total` and not written.
 //!
 //! # Durability (fsync policy)
 //!
