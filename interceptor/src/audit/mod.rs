@@ -104,7 +104,10 @@ pub struct SinkSpec {
 pub struct AuditConfig {
     /// Spools live in `<spool_dir>/<sink name>/`.
     pub spool_dir: PathBuf,
-    /// Events admitted but not yet spooled, at most.
+    /// In-memory capacity: live admissions (requests between `admit()` and
+    /// dropping the [`Admission`], long-running watches included) plus
+    /// events submitted but not yet spooled. In mode `block`, `admit()` fails
+    /// at this count; in mode `drop`, events beyond it are dropped.
     pub queue: usize,
     pub full: FullMode,
     /// Size of one spool segment file.

@@ -163,7 +163,7 @@ fn write_timeline(recording: &Recording, out: &mut dyn Write) -> std::io::Result
     )?;
     writeln!(
         out,
-        "{:<16} {:<8} {:<28} {:<36} {:<14} {:>6} {:>10}",
+        "{:<16} {:<8} {:<28} {:<36} {:<20} {:>6} {:>10}",
         "TIME", "VERB", "RESOURCE", "NAMESPACE/NAME", "DECISION", "STATUS", "LATENCY"
     )?;
     let dir = recording.path.parent().unwrap_or(std::path::Path::new("."));
@@ -200,7 +200,7 @@ fn write_timeline(recording: &Recording, out: &mut dyn Write) -> std::io::Result
                 let status = r.get("status").and_then(Value::as_u64).unwrap_or(0);
                 writeln!(
                     out,
-                    "{:<16} {:<8} {:<28} {:<36} {:<14} {:>6} {:>10}",
+                    "{:<16} {:<8} {:<28} {:<36} {:<20} {:>6} {:>10}",
                     clock,
                     s(r.get("verb")),
                     resource,
