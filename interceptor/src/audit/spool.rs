@@ -67,6 +67,26 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
+/// A crash in the middle of an append can leave a partial last line; new
+/// appends would glue onto it. Cut it off (it was never acknowledged to the
+/// data path as written: the append had not returned).
+fn repair_tail(path: &Path) -> io::Result<()> {
+    let data = fs::read(path)?;
+    if data.last().is_none_or(|b| *b == b'\n') {
+        return Ok(());
+    }
+    let keep = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(
+        segment = %path.display(),
+        bytes = data.len() - keep,
+        "cutting a partial audit event left by an interrupted write"
+    );
+    OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(keep as u64)
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir`, resuming after the last
     /// acknowledged event.
@@ -105,6 +125,7 @@ impl Spool {
         if segs.is_empty() {
             File::create(segment_path(dir, write_seg))?;
         }
+        repair_tail(&segment_path(dir, write_seg))?;
         let mut bytes = 0u64;
         let mut events = 0u64;
         for seg in read_seg..=write_seg {
@@ -294,5 +315,25 @@ mod tests {
         );
         spool.append(&refs[..1]).unwrap();
         assert_eq!(spool.read(10).unwrap().events, lines[..1].to_vec());
+    }
+
+    #[test]
+    fn a_partial_line_from_a_crash_is_cut_off() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path(), 1 << 20, 1 << 20).unwrap();
+        spool.append(&[b"{\"n\":1}"]).unwrap();
+        drop(spool);
+        let seg = segment_path(tmp.path(), segments(tmp.path()).unwrap()[0]);
+        let mut file = OpenOptions::new().append(true).open(&seg).unwrap();
+        file.write_all(b"{\"n\":2, \"cut").unwrap();
+        drop(file);
+        let spool = Spool::open(tmp.path(), 1 << 20, 1 << 20).unwrap();
+        spool.append(&[b"{\"n\":3}"]).unwrap();
+        let batch = spool.read(10).unwrap();
+        assert_eq!(
+            batch.events,
+            vec![b"{\"n\":1}".to_vec(), b"{\"n\":3}".to_vec()]
+        );
+        assert_eq!(spool.events(), 2);
     }
 }
