@@ -91,7 +91,14 @@ impl Spool {
     /// Opens (or creates) the spool in `dir`, resuming after the last
     /// acknowledged event.
     pub fn open(dir: &Path, max_bytes: u64, segment_bytes: u64) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // Spooled events hold request and response bodies: owner-only.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
         let (mut read_seg, mut read_off) = match fs::read_to_string(dir.join("cursor")) {
             Ok(text) => {
                 let mut parts = text.split_whitespace().map(str::parse::<u64>);

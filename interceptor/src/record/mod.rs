@@ -223,7 +223,7 @@ pub struct Recorder {
 impl Recorder {
     /// Creates the directory and starts the writer thread.
     pub fn start(config: RecordConfig, metrics: Metrics) -> Result<Self, RecordError> {
-        std::fs::create_dir_all(&config.dir).map_err(|source| RecordError::Dir {
+        writer::create_private_dir(&config.dir).map_err(|source| RecordError::Dir {
             dir: config.dir.clone(),
             source,
         })?;

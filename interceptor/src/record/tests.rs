@@ -156,9 +156,13 @@ fn a_session_replays_in_order_and_verifies() {
     let (recorder, _) = recorder(tmp.path());
     let (id, exchanges) = record_scenario(&recorder);
 
-    // Grouped by pod.
+    // Grouped by pod, readable by the owner only.
     let file = session_file(tmp.path(), &id);
     assert!(file.is_file(), "{}", file.display());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(file.parent().unwrap()), 0o700);
 
     let (code, out) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::SUCCESS, "{out}");

@@ -130,6 +130,7 @@ impl Writer {
             self.metrics.record_dropped();
             return;
         }
+        let session = session.clone();
         let result = match data {
             Data::Exchange(session, exchange) => self.write_exchange(&session, &exchange),
             Data::Stream(stream, channel, bytes, at) => {
@@ -137,6 +138,8 @@ impl Writer {
             }
         };
         if let Err(error) = result {
+            // Counted where the next record that gets through reports gaps.
+            session.dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.record_dropped();
             tracing::error!(%error, dir = %self.config.dir.display(), "cannot write a recording; check that the recording directory is writable and not full");
         }
@@ -234,7 +237,7 @@ impl Writer {
                 .join("_unattested")
                 .join(path_safe(&meta.peer.ip().to_string())),
         };
-        fs::create_dir_all(&dir)?;
+        create_private_dir(&dir)?;
         let file = create_new(&dir.join(format!("{}.jsonl", session.id)))?;
         let pod = meta.pod.as_ref().map(|p| {
             json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "serviceAccount": p.service_account})
@@ -459,8 +462,22 @@ fn write_line(open: &mut OpenSession, line: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Recordings hold (masked) request and response bodies: owner-only.
 fn create_new(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create_new(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn as_map(value: Value) -> Map<String, Value> {
