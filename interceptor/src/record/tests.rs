@@ -95,6 +95,7 @@ fn record_scenario(recorder: &Recorder) -> (String, Vec<Arc<Exchange>>) {
         101,
     );
     exec.request.subresource = "exec".into();
+    exec.stage = Stage::ResponseStarted;
     let unrecorded = exchange("get", "nodes", "n1", Action::Allow, RecordLevel::None, 200);
     let all: Vec<Arc<Exchange>> = [list, secret, delete, held, exec]
         .into_iter()
@@ -177,7 +178,7 @@ fn a_session_replays_in_order_and_verifies() {
             l.contains(" list ")
                 || l.contains(" get ")
                 || l.contains(" delete ")
-                || l.contains(" create ")
+                || l.contains(" create")
                 || l.contains(" stream ")
         })
         .collect();

@@ -50,13 +50,17 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn new(config: RecordConfig, metrics: Metrics) -> Self {
+        let config_retention_interval = config.retention_interval;
         Self {
             config,
             metrics,
             sessions: HashMap::new(),
             streams: HashMap::new(),
             last_sync: Instant::now(),
-            last_retention: Instant::now(),
+            // Retention runs on the first tick, then every interval.
+            last_retention: Instant::now()
+                .checked_sub(config_retention_interval)
+                .unwrap_or_else(Instant::now),
         }
     }
 
