@@ -139,6 +139,18 @@ mod tests {
     }
 
     #[test]
+    fn recording_commands_parse() {
+        let cli =
+            Cli::try_parse_from(["chaperone", "sessions", "--dir", "/r", "--pod", "a/b"]).unwrap();
+        assert!(matches!(cli.command, Command::Sessions(ref a) if a.pod.as_deref() == Some("a/b")));
+        let cli = Cli::try_parse_from(["chaperone", "replay", "S1", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Replay(ref a) if a.json && a.session == "S1"));
+        let cli = Cli::try_parse_from(["chaperone", "verify", "/r/a/b/S1.jsonl"]).unwrap();
+        assert!(matches!(cli.command, Command::Verify(ref a) if a.session == "/r/a/b/S1.jsonl"));
+        assert!(Cli::try_parse_from(["chaperone", "verify"]).is_err());
+    }
+
+    #[test]
     fn help_explains_the_product() {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("redirect"), "{help}");

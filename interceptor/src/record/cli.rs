@@ -24,6 +24,9 @@ pub struct SessionsArgs {
 }
 
 /// `chaperone replay`: print a session as a timeline.
+///
+/// A verb ending in `>` marks where a long-running response (watch, exec,
+/// attach) started; the request appears again when it completed.
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
     /// A session id (from `chaperone sessions`) or the path of its .jsonl file.
@@ -163,7 +166,7 @@ fn write_timeline(recording: &Recording, out: &mut dyn Write) -> std::io::Result
     )?;
     writeln!(
         out,
-        "{:<16} {:<8} {:<28} {:<36} {:<14} {:>6} {:>10}",
+        "{:<16} {:<8} {:<28} {:<36} {:<20} {:>6} {:>10}",
         "TIME", "VERB", "RESOURCE", "NAMESPACE/NAME", "DECISION", "STATUS", "LATENCY"
     )?;
     let dir = recording.path.parent().unwrap_or(std::path::Path::new("."));
@@ -198,16 +201,14 @@ fn write_timeline(recording: &Recording, out: &mut dyn Write) -> std::io::Result
                     .map(|ms| format!("{ms:.1}ms"))
                     .unwrap_or_else(|| "-".into());
                 let status = r.get("status").and_then(Value::as_u64).unwrap_or(0);
+                let verb = match r.get("stage").and_then(Value::as_str) {
+                    Some("ResponseStarted") => format!("{}>", s(r.get("verb"))),
+                    _ => s(r.get("verb")),
+                };
                 writeln!(
                     out,
-                    "{:<16} {:<8} {:<28} {:<36} {:<14} {:>6} {:>10}",
-                    clock,
-                    s(r.get("verb")),
-                    resource,
-                    target,
-                    decision,
-                    status,
-                    latency
+                    "{:<16} {:<8} {:<28} {:<36} {:<20} {:>6} {:>10}",
+                    clock, verb, resource, target, decision, status, latency
                 )?;
                 if let (Some(reason), Some(message)) = (
                     r.get("reason").and_then(Value::as_str),

@@ -13,6 +13,30 @@
 //! Connections that did not come through the redirect (no attested pod) are
 //! grouped under `_unattested/<client ip>/`.
 //!
+//! # Wiring it into the proxy
+//!
+//! ```text
+//! // startup
+//! let metrics = admin::Metrics::new();
+//! let recorder = Recorder::start(RecordConfig::new("/var/lib/chaperone/sessions", node), metrics.clone())?;
+//! // per accepted connection
+//! let session = recorder.session(SessionMeta { pod, peer, started: OffsetDateTime::now_utc() });
+//! // per request, when the response completed (and at 101 for exec/attach)
+//! let exchange = Arc::new(exchange);              // bodies masked, cut to the level
+//! session.exchange(exchange.clone());             // try_send, never blocks
+//! // exec/attach, per decoded frame (after masking)
+//! let cast = session.stream(exchange.audit_id, StreamInfo { .. }, now);
+//! cast.data(Channel::Stdout, bytes, now);
+//! drop(cast);                                     // ends the cast
+//! drop(session);                                  // seals the session
+//! // shutdown
+//! recorder.shutdown();                            // seals what is still open
+//! ```
+//!
+//! Submit the exec request's `ResponseStarted` exchange before its frames,
+//! so the session header names the caller even when exec is the first
+//! request of a connection.
+//!
 //! # Runtime
 //!
 //! [`Recorder::start`] spawns one writer thread. The data path only does
@@ -22,6 +46,9 @@
 //! gets through in that session is preceded by a `gap` record saying how many
 //! were lost, so a recording never silently omits anything. Closing a session
 //! or stream travels on a separate unbounded channel and is never dropped.
+//! Stream frames dropped this way are counted in the stream's record
+//! (`dropped`); frames that arrive after their session was sealed are counted
+//! in `chaperone_record_dropped_total` and not written.
 //!
 //! # Durability (fsync policy)
 //!
@@ -148,6 +175,8 @@ pub(crate) struct SessionShared {
     pub(crate) meta: SessionMeta,
     pub(crate) dropped: AtomicU64,
     pub(crate) streams: AtomicU64,
+    /// Set by the writer when the session is sealed.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct StreamShared {
@@ -194,7 +223,7 @@ pub struct Recorder {
 impl Recorder {
     /// Creates the directory and starts the writer thread.
     pub fn start(config: RecordConfig, metrics: Metrics) -> Result<Self, RecordError> {
-        std::fs::create_dir_all(&config.dir).map_err(|source| RecordError::Dir {
+        writer::create_private_dir(&config.dir).map_err(|source| RecordError::Dir {
             dir: config.dir.clone(),
             source,
         })?;
@@ -225,6 +254,7 @@ impl Recorder {
                 meta,
                 dropped: AtomicU64::new(0),
                 streams: AtomicU64::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }),
             queues: self.queues.clone(),
         }

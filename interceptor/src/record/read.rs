@@ -258,13 +258,13 @@ pub fn read_session(path: &Path) -> Result<Recording, ReadError> {
 
 /// Keeps a record that failed verification for replay if it still parses.
 fn lenient(raw: &[u8], records: &mut Vec<Map<String, Value>>) {
-    if let Ok(Value::Object(record)) = serde_json::from_slice::<Value>(raw) {
-        if matches!(
+    if let Ok(Value::Object(record)) = serde_json::from_slice::<Value>(raw)
+        && matches!(
             record.get("type").and_then(Value::as_str),
             Some("exchange" | "stream")
-        ) {
-            records.push(record);
-        }
+        )
+    {
+        records.push(record);
     }
 }
 

@@ -95,6 +95,7 @@ fn record_scenario(recorder: &Recorder) -> (String, Vec<Arc<Exchange>>) {
         101,
     );
     exec.request.subresource = "exec".into();
+    exec.stage = Stage::ResponseStarted;
     let unrecorded = exchange("get", "nodes", "n1", Action::Allow, RecordLevel::None, 200);
     let all: Vec<Arc<Exchange>> = [list, secret, delete, held, exec]
         .into_iter()
@@ -156,9 +157,13 @@ fn a_session_replays_in_order_and_verifies() {
     let (recorder, _) = recorder(tmp.path());
     let (id, exchanges) = record_scenario(&recorder);
 
-    // Grouped by pod.
+    // Grouped by pod, readable by the owner only.
     let file = session_file(tmp.path(), &id);
     assert!(file.is_file(), "{}", file.display());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(file.parent().unwrap()), 0o700);
 
     let (code, out) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
@@ -173,7 +178,7 @@ fn a_session_replays_in_order_and_verifies() {
             l.contains(" list ")
                 || l.contains(" get ")
                 || l.contains(" delete ")
-                || l.contains(" create ")
+                || l.contains(" create")
                 || l.contains(" stream ")
         })
         .collect();
@@ -649,5 +654,60 @@ fn a_full_queue_never_blocks_and_leaves_a_gap_record() {
     assert!(text.contains("GAP:"), "{text}");
     let (code, _) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::SUCCESS);
+    recorder.shutdown();
+}
+
+#[test]
+fn a_stream_that_outlives_its_session_is_sealed_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, metrics) = recorder(tmp.path());
+    let session = recorder.session(meta(OffsetDateTime::now_utc()));
+    let id = session.id().to_owned();
+    let stream = session.stream(
+        uuid::Uuid::new_v4(),
+        StreamInfo {
+            kind: "attach".into(),
+            namespace: "agents".into(),
+            pod: "web-0".into(),
+            ..StreamInfo::default()
+        },
+        OffsetDateTime::now_utc(),
+    );
+    stream.data(
+        Channel::Stdout,
+        "hello\r\n".into(),
+        OffsetDateTime::now_utc(),
+    );
+    drop(session);
+    recorder.flush();
+    stream.data(
+        Channel::Stdout,
+        "late\r\n".into(),
+        OffsetDateTime::now_utc(),
+    );
+    drop(stream);
+    recorder.flush();
+
+    let (code, out) = verify(tmp.path(), &id);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    let json: Value = serde_json::from_str(&replay(tmp.path(), &id, true)).unwrap();
+    let events = json["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "stream");
+    assert_eq!(events[0]["bytesOut"], 7);
+    let cast = std::fs::read_to_string(
+        tmp.path()
+            .join("agents/coder-7f9c")
+            .join(format!("{id}.s1.cast")),
+    )
+    .unwrap();
+    let (header, frames) = check_asciicast_v2(&cast);
+    assert_eq!(header["width"], 80, "default terminal size");
+    assert_eq!(frames.len(), 1, "nothing after the seal: {cast}");
+    assert_eq!(
+        metrics.record_dropped_count(),
+        1,
+        "the late frame is counted"
+    );
     recorder.shutdown();
 }

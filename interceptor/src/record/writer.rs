@@ -21,6 +21,7 @@ const TICK: Duration = Duration::from_millis(100);
 const BATCH: usize = 256;
 
 struct OpenSession {
+    shared: Arc<SessionShared>,
     dir: PathBuf,
     file: BufWriter<File>,
     part: u32,
@@ -33,6 +34,7 @@ struct OpenSession {
 }
 
 struct OpenStream {
+    shared: Arc<StreamShared>,
     cast: CastWriter<BufWriter<File>>,
     name: String,
 }
@@ -48,13 +50,17 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn new(config: RecordConfig, metrics: Metrics) -> Self {
+        let config_retention_interval = config.retention_interval;
         Self {
             config,
             metrics,
             sessions: HashMap::new(),
             streams: HashMap::new(),
             last_sync: Instant::now(),
-            last_retention: Instant::now(),
+            // Retention runs on the first tick, then every interval.
+            last_retention: Instant::now()
+                .checked_sub(config_retention_interval)
+                .unwrap_or_else(Instant::now),
         }
     }
 
@@ -83,6 +89,7 @@ impl Writer {
                             let _ = self.report_gap(&session);
                         }
                         self.close_session(&session.id, "closed");
+                        session.closed.store(true, Ordering::Relaxed);
                     }
                     Control::CloseStream(stream, at) => self.close_stream(&stream, at),
                     Control::Flush(done) => {
@@ -111,12 +118,6 @@ impl Writer {
     }
 
     fn shutdown(&mut self) {
-        let streams: Vec<_> = self.streams.keys().cloned().collect();
-        for key in streams {
-            if let Some(open) = self.streams.remove(&key) {
-                finish_cast(open, OffsetDateTime::now_utc());
-            }
-        }
         let ids: Vec<String> = self.sessions.keys().cloned().collect();
         for id in ids {
             self.close_session(&id, "shutdown");
@@ -124,6 +125,16 @@ impl Writer {
     }
 
     fn handle(&mut self, data: Data) {
+        let session = match &data {
+            Data::Exchange(session, _) => session,
+            Data::Stream(stream, ..) => &stream.session,
+        };
+        if session.closed.load(Ordering::Relaxed) {
+            // A stream outlived its connection: nothing can follow the seal.
+            self.metrics.record_dropped();
+            return;
+        }
+        let session = session.clone();
         let result = match data {
             Data::Exchange(session, exchange) => self.write_exchange(&session, &exchange),
             Data::Stream(stream, channel, bytes, at) => {
@@ -131,6 +142,8 @@ impl Writer {
             }
         };
         if let Err(error) = result {
+            // Counted where the next record that gets through reports gaps.
+            session.dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.record_dropped();
             tracing::error!(%error, dir = %self.config.dir.display(), "cannot write a recording; check that the recording directory is writable and not full");
         }
@@ -158,22 +171,37 @@ impl Writer {
             let name = super::cast_name(&stream.session.id, stream.number);
             let file = create_new(&dir.join(&name))?;
             let cast = CastWriter::new(BufWriter::new(file), &stream.info, stream.started)?;
-            self.streams.insert(key.clone(), OpenStream { cast, name });
+            self.streams.insert(
+                key.clone(),
+                OpenStream {
+                    shared: stream.clone(),
+                    cast,
+                    name,
+                },
+            );
         }
         let open = self.streams.get_mut(&key).expect("inserted above");
         write(&mut open.cast)
     }
 
     fn close_stream(&mut self, stream: &Arc<StreamShared>, at: OffsetDateTime) {
+        if stream.session.closed.load(Ordering::Relaxed) {
+            return; // sealed with the session
+        }
         // A stream that never carried a byte still gets its (empty) cast.
         if let Err(error) = self.write_stream(stream, |_| Ok(())) {
             tracing::error!(%error, "cannot write an exec/attach recording");
             return;
         }
         let key = (stream.session.id.clone(), stream.number);
-        let Some(open) = self.streams.remove(&key) else {
-            return;
-        };
+        if let Some(open) = self.streams.remove(&key) {
+            self.finish_stream(open, at);
+        }
+    }
+
+    /// Ends a cast and writes its `stream` record into the session.
+    fn finish_stream(&mut self, open: OpenStream, at: OffsetDateTime) {
+        let stream = open.shared.clone();
         let record = json!({
             "type": "stream",
             "time": micro_time(stream.started),
@@ -213,7 +241,7 @@ impl Writer {
                 .join("_unattested")
                 .join(path_safe(&meta.peer.ip().to_string())),
         };
-        fs::create_dir_all(&dir)?;
+        create_private_dir(&dir)?;
         let file = create_new(&dir.join(format!("{}.jsonl", session.id)))?;
         let pod = meta.pod.as_ref().map(|p| {
             json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "serviceAccount": p.service_account})
@@ -234,6 +262,7 @@ impl Writer {
         });
         let (line, hash) = chain::seal(as_map(header), chain::GENESIS);
         let mut open = OpenSession {
+            shared: session.clone(),
             dir,
             file: BufWriter::new(file),
             part: 0,
@@ -308,12 +337,16 @@ impl Writer {
             .collect();
         for key in keys {
             if let Some(open) = self.streams.remove(&key) {
-                finish_cast(open, OffsetDateTime::now_utc());
+                self.finish_stream(open, OffsetDateTime::now_utc());
             }
         }
         if !self.sessions.contains_key(id) {
             return; // nothing was ever recorded
         }
+        self.sessions[id]
+            .shared
+            .closed
+            .store(true, Ordering::Relaxed);
         let records = self.sessions[id].seq + 1;
         let end = json!({
             "type": "end",
@@ -396,12 +429,11 @@ impl Writer {
             total = total.saturating_sub(group.bytes);
             tracing::info!(session = %group.id, bytes = group.bytes, too_old, "retention deleted a session recording");
             // Remove the pod (and namespace) directory once empty.
-            if let Some(pod_dir) = group.files.first().and_then(|f| f.parent()) {
-                if fs::remove_dir(pod_dir).is_ok() {
-                    if let Some(ns_dir) = pod_dir.parent() {
-                        let _ = fs::remove_dir(ns_dir);
-                    }
-                }
+            if let Some(pod_dir) = group.files.first().and_then(|f| f.parent())
+                && fs::remove_dir(pod_dir).is_ok()
+                && let Some(ns_dir) = pod_dir.parent()
+            {
+                let _ = fs::remove_dir(ns_dir);
             }
         }
     }
@@ -434,8 +466,22 @@ fn write_line(open: &mut OpenSession, line: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Recordings hold (masked) request and response bodies: owner-only.
 fn create_new(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create_new(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn as_map(value: Value) -> Map<String, Value> {
@@ -511,15 +557,15 @@ fn exchange_record(e: &Exchange) -> Map<String, Value> {
     );
     r.insert("masked".into(), json!(e.masked_fields));
     let level = e.decision.level;
-    if level >= crate::policy::RecordLevel::Request {
-        if let Some(body) = &e.request_body {
-            r.insert("requestObject".into(), body.clone());
-        }
+    if level >= crate::policy::RecordLevel::Request
+        && let Some(body) = &e.request_body
+    {
+        r.insert("requestObject".into(), body.clone());
     }
-    if level >= crate::policy::RecordLevel::RequestResponse {
-        if let Some(body) = &e.response_body {
-            r.insert("responseObject".into(), body.clone());
-        }
+    if level >= crate::policy::RecordLevel::RequestResponse
+        && let Some(body) = &e.response_body
+    {
+        r.insert("responseObject".into(), body.clone());
     }
     r
 }
