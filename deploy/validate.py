@@ -151,8 +151,9 @@ def k8s_errors(obj):
             errors.append(
                 f"Kubernetes {version} has no schema for {obj.get('apiVersion')} {obj.get('kind')}"
             )
-        except kv.ValidationError as e:
-            cause = e.caught
+        except (kv.ValidationError, jsonschema.ValidationError) as e:
+            # kubernetes-validate wraps the jsonschema error in some versions.
+            cause = getattr(e, "caught", e)
             where = ".".join(str(p) for p in cause.absolute_path) or "(root)"
             errors.append(f"Kubernetes {version}: {where}: {cause.message}")
         except kv.InvalidSchemaError as e:

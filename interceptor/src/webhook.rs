@@ -83,6 +83,10 @@ pub const DEFAULT_CA_BUNDLE_CONFIGMAP: &str = "chaperone-ca-bundle";
 pub const DEFAULT_AUDIENCE: &str = "chaperone";
 /// `admission.k8s.io/v1`, the only AdmissionReview version served.
 pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
+/// The path of the webhook for labeled pods (see [`Scope::PodLabel`]).
+pub const MUTATE_PATH: &str = "/mutate";
+/// The path of the webhook for pods in labeled namespaces ([`Scope::Namespace`]).
+pub const MUTATE_NAMESPACE_PATH: &str = "/mutate/namespace";
 /// A pod is at most ~1.5 MB in etcd; a review carries at most two of them.
 pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
@@ -484,11 +488,12 @@ async fn handle(
     injector: Arc<Injector>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let scope = match (request.method(), request.uri().path()) {
+    let path = request.uri().path();
+    let scope = match (request.method(), path) {
         (&Method::GET, "/healthz" | "/readyz") => return Ok(plain(StatusCode::OK, "ok\n")),
-        (&Method::POST, "/mutate") => Scope::PodLabel,
-        (&Method::POST, "/mutate/namespace") => Scope::Namespace,
-        (_, "/mutate" | "/mutate/namespace" | "/healthz" | "/readyz") => {
+        (&Method::POST, MUTATE_PATH) => Scope::PodLabel,
+        (&Method::POST, MUTATE_NAMESPACE_PATH) => Scope::Namespace,
+        _ if [MUTATE_PATH, MUTATE_NAMESPACE_PATH, "/healthz", "/readyz"].contains(&path) => {
             return Ok(plain(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n",
