@@ -184,7 +184,7 @@ fn the_crd_schemas_accept_the_example_policies() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     assert!(examples.len() >= 3, "{examples:?}");
-    let mut args = vec!["crs"];
+    let mut args = vec!["files"];
     args.extend(examples.iter().map(|p| p.to_str().unwrap()));
     let output = validate(&args);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -278,7 +278,7 @@ fn the_crd_schemas_reject_malformed_objects_and_say_why() {
     for (name, yaml, expected) in cases {
         let path = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, &yaml).unwrap();
-        let output = validate(&["crs", path.to_str().unwrap()]);
+        let output = validate(&["files", path.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             !output.status.success(),
@@ -590,4 +590,177 @@ fn impersonation_is_granted_only_by_the_impersonate_overlay() {
     }
     // The passthrough overlay is the default install.
     assert_eq!(kustomize("overlays/passthrough"), kustomize("."));
+}
+
+// === certificates: deploy/bootstrap-certs.sh ===
+
+fn run_ok(command: &mut Command) -> String {
+    let output = command.output().expect("run a tool the test needs");
+    assert!(
+        output.status.success(),
+        "{command:?}: {}",
+        describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `../..` from `from` up to `/`, then `to`: kustomize takes no absolute paths.
+fn relative_to(from: &Path, to: &Path) -> PathBuf {
+    let mut path = PathBuf::new();
+    for _ in from.components().skip(1) {
+        path.push("..");
+    }
+    path.join(to.strip_prefix("/").unwrap())
+}
+
+#[test]
+fn bootstrap_certs_issues_a_ca_a_webhook_certificate_and_namespace_bundles() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cluster_ca = dir.path().join("cluster-ca.crt");
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-nodes", "-newkey", "ec"])
+            .args([
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=kubernetes",
+                "-keyout",
+                dir.path().join("cluster-ca.key").to_str().unwrap(),
+                "-out",
+                cluster_ca.to_str().unwrap(),
+            ]),
+    );
+    let bootstrap = || {
+        run_ok(
+            Command::new("sh")
+                .arg(deploy_dir().join("bootstrap-certs.sh"))
+                .arg("--out")
+                .arg(&out)
+                .arg("--cluster-ca")
+                .arg(&cluster_ca)
+                .args(["agents", "ci"]),
+        )
+    };
+    bootstrap();
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    let ca = read("ca.crt");
+
+    // The serving certificate chains to the CA, names the Service, and is
+    // one `chaperone webhook` can serve.
+    let verified = run_ok(
+        Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(out.join("ca.crt"))
+            .arg(out.join("tls.crt")),
+    );
+    assert!(verified.trim_end().ends_with("OK"), "{verified}");
+    let sans = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(out.join("tls.crt")),
+    );
+    assert!(
+        sans.contains("DNS:chaperone-webhook.chaperone-system.svc,"),
+        "{sans}"
+    );
+    chaperone::webhook::tls_config(&out.join("tls.crt"), &out.join("tls.key"))
+        .expect("the webhook serves the bootstrap certificate");
+
+    // The objects are valid, in the right namespaces, and each bundle holds
+    // the cluster CA and the chaperone CA.
+    let manifests = out.join("manifests.yaml");
+    let output = validate(&["files", manifests.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", describe(&output));
+    let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&read("manifests.yaml"))
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect();
+    let placed: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{} {}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["namespace"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            "Secret chaperone-system/chaperone-ca",
+            "Secret chaperone-system/chaperone-webhook-tls",
+            "ConfigMap agents/chaperone-ca-bundle",
+            "ConfigMap ci/chaperone-ca-bundle",
+        ]
+    );
+    let cluster_pem = std::fs::read_to_string(&cluster_ca).unwrap();
+    for bundle in &objects[2..] {
+        let text = bundle["data"]["ca.crt"].as_str().unwrap();
+        assert!(text.contains(cluster_pem.trim()) && text.contains(ca.trim()));
+        assert_eq!(text.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    // Run again: the CA is kept, the serving certificate re-issued.
+    let first_leaf = read("tls.crt");
+    bootstrap();
+    assert_eq!(read("ca.crt"), ca, "the CA must never be replaced");
+    assert_ne!(read("tls.crt"), first_leaf);
+
+    // The caBundle patch, used in an overlay over deploy/, fills in both
+    // webhooks with the CA.
+    let overlay = dir.path().join("overlay");
+    std::fs::create_dir(&overlay).unwrap();
+    std::fs::copy(
+        out.join("cabundle-patch.yaml"),
+        overlay.join("cabundle-patch.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "resources: [{}]\npatches:\n  - path: cabundle-patch.yaml\n    \
+             target: {{kind: MutatingWebhookConfiguration, name: chaperone}}\n",
+            relative_to(&overlay, &deploy_dir()).display()
+        ),
+    )
+    .unwrap();
+    let rendered = kustomize(overlay.to_str().unwrap());
+    let config = find(&rendered, "MutatingWebhookConfiguration", "chaperone");
+    let expected = base64::engine::general_purpose::STANDARD.encode(read("ca.crt"));
+    for webhook in config["webhooks"].as_sequence().unwrap() {
+        assert_eq!(webhook["clientConfig"]["caBundle"], expected.as_str());
+    }
+}
+
+#[test]
+fn the_workloads_run_the_images_chaperone_entrypoint() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(stages.len(), 2, "multi-stage: builder and runtime");
+    assert!(stages[1].contains("gcr.io/distroless/cc"), "{}", stages[1]);
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/chaperone\"]"));
+    assert!(dockerfile.contains("cargo build --release --locked -p chaperone"));
+    let objects = kustomize(".");
+    for (kind, name, subcommand) in [
+        ("DaemonSet", "chaperone-node", "node"),
+        ("Deployment", "chaperone-webhook", "webhook"),
+    ] {
+        let container = &find(&objects, kind, name)["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            container["command"].is_null(),
+            "{kind} keeps the entrypoint"
+        );
+        assert_eq!(strings(&container["args"]), [subcommand]);
+    }
 }
