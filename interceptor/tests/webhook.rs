@@ -498,3 +498,58 @@ fn chaperone_webhook_flags_configure_the_injector() {
         "{error}"
     );
 }
+
+/// The API server's webhook client (Go's net/http) negotiates HTTP/2.
+#[tokio::test]
+async fn reviews_are_answered_over_http2() {
+    let served = start_webhook(Injector::default()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(served.ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from("chaperone-webhook.chaperone-system.svc").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let body = std::fs::read(golden_dir().join("impersonate-pod.request.json")).unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("https://chaperone-webhook.chaperone-system.svc/mutate")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    // Served in passthrough mode: the CA bundle, no audience.
+    let patch = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            answer["response"]["patch"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        patch.contains(DEFAULT_CA_BUNDLE_CONFIGMAP) && !patch.contains("audience"),
+        "{patch}"
+    );
+    served.stop.send(()).unwrap();
+}
