@@ -767,7 +767,15 @@ pub struct WebhookArgs {
     /// cluster CA and the chaperone CA.
     #[arg(long, env = "CHAPERONE_CA_BUNDLE_CONFIGMAP", default_value = DEFAULT_CA_BUNDLE_CONFIGMAP)]
     pub ca_bundle_configmap: String,
-    /// How long in-flight reviews may take to finish after SIGTERM.
+    /// How long to keep accepting after SIGTERM, while the API server still
+    /// routes to this replica (endpoint removal is not instant).
+    #[arg(
+        long,
+        env = "CHAPERONE_WEBHOOK_SHUTDOWN_DELAY_SECONDS",
+        default_value_t = 5
+    )]
+    pub shutdown_delay_seconds: u64,
+    /// How long in-flight reviews may take to finish after that.
     #[arg(long, env = "CHAPERONE_WEBHOOK_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
 }
@@ -807,7 +815,15 @@ pub fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
             listener,
             tls,
             Arc::new(args.injector()),
-            shutdown_signal(),
+            async {
+                shutdown_signal().await;
+                let delay = Duration::from_secs(args.shutdown_delay_seconds);
+                tracing::info!(
+                    ?delay,
+                    "terminating: still accepting while endpoints update"
+                );
+                tokio::time::sleep(delay).await;
+            },
             Duration::from_secs(args.drain_seconds),
         )
         .await;

@@ -320,7 +320,7 @@ async fn call_trusting(
     .with_root_certificates(roots)
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(served.addr).await?;
     let name =
         rustls::pki_types::ServerName::try_from("chaperone-webhook.chaperone-system.svc").unwrap();
     let tls = connector.connect(name, tcp).await?;
@@ -552,4 +552,81 @@ async fn reviews_are_answered_over_http2() {
         "{patch}"
     );
     served.stop.send(()).unwrap();
+}
+
+// === the `chaperone webhook` process ===
+
+#[tokio::test]
+async fn chaperone_webhook_serves_until_sigterm_then_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = issue_certificate(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(["webhook", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .args(["--shutdown-delay-seconds", "2", "--drain-seconds", "1"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (stop, _stopped) = tokio::sync::oneshot::channel();
+    let served = Served {
+        addr: ([127, 0, 0, 1], port).into(),
+        ca,
+        stop,
+        dir,
+    };
+    let ready = async {
+        loop {
+            if let Ok((200, _)) =
+                call_trusting(&served, &served.ca, "GET", "/readyz", Vec::new()).await
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), ready)
+        .await
+        .expect("chaperone webhook became ready");
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Still answering while the API server may route to it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let labeled = std::fs::read(golden_dir().join("labeled-pod.request.json")).unwrap();
+    assert_eq!(call(&served, "POST", "/mutate", labeled).await.0, 200);
+
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after the delay and the drain")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn chaperone_webhook_without_its_certificate_says_what_to_mount() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args([
+            "webhook",
+            "--tls-cert",
+            "/nonexistent/tls.crt",
+            "--tls-key",
+            "/nonexistent/tls.key",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/tls.crt") && stderr.contains("Secret"),
+        "{stderr}"
+    );
 }
