@@ -472,6 +472,27 @@ pub fn review_http(injector: &Injector, body: &[u8], scope: Scope) -> (StatusCod
         return bad_request("the AdmissionReview has no `request`".to_owned());
     }
     let answer = injector.mutate(&review, scope);
+    if let (Some(request), Some(response)) = (&review.request, &answer.response) {
+        let pod = request
+            .object
+            .as_ref()
+            .and_then(|o| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .or(o["metadata"]["generateName"].as_str())
+            })
+            .unwrap_or_default();
+        let namespace = request.namespace.as_deref().unwrap_or_default();
+        match (&response.patch, &response.status) {
+            (Some(_), _) => {
+                tracing::info!(uid = %request.uid, namespace, pod, ?scope, "injected the CA bundle")
+            }
+            (None, Some(status)) if !response.allowed => {
+                tracing::warn!(uid = %request.uid, namespace, pod, message = %status.message, "denied")
+            }
+            _ => tracing::debug!(uid = %request.uid, namespace, pod, ?scope, "allowed unchanged"),
+        }
+    }
     let body = serde_json::to_vec(&answer).expect("an AdmissionReview always serializes");
     (StatusCode::OK, body)
 }
