@@ -12,9 +12,8 @@ manifests DEPLOY_DIR
       validation (unknown fields are errors).
     - Each CRD's schema must be structural (what the API server requires).
 
-crs DEPLOY_DIR FILE...
-    chaperone.dev objects in FILEs against the CRD schemas, one line per
-    object: `accepted FILE KIND/NAME` or `rejected FILE KIND/NAME: why`.
+files DEPLOY_DIR FILE...
+    The objects in FILEs, validated as above, one line per object: `accepted FILE KIND/NAME` or `rejected FILE KIND/NAME: why`.
 """
 
 import copy
@@ -151,8 +150,9 @@ def k8s_errors(obj):
             errors.append(
                 f"Kubernetes {version} has no schema for {obj.get('apiVersion')} {obj.get('kind')}"
             )
-        except kv.ValidationError as e:
-            cause = e.caught
+        except (kv.ValidationError, jsonschema.ValidationError) as e:
+            # kubernetes-validate wraps the jsonschema error in some versions.
+            cause = getattr(e, "caught", e)
             where = ".".join(str(p) for p in cause.absolute_path) or "(root)"
             errors.append(f"Kubernetes {version}: {where}: {cause.message}")
         except kv.InvalidSchemaError as e:
@@ -243,7 +243,7 @@ def manifests(deploy_dir):
     return 1 if failures else 0
 
 
-def crs(deploy_dir, files):
+def files_command(deploy_dir, files):
     schemas = crd_schemas(os.path.abspath(deploy_dir))
     rejected = 0
     for path in files:
@@ -261,8 +261,8 @@ def crs(deploy_dir, files):
 def main(argv):
     if len(argv) >= 2 and argv[0] == "manifests":
         return manifests(argv[1])
-    if len(argv) >= 3 and argv[0] == "crs":
-        return crs(argv[1], argv[2:])
+    if len(argv) >= 3 and argv[0] == "files":
+        return files_command(argv[1], argv[2:])
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -6,9 +6,10 @@
 #                                     rendered kustomization, against the
 #                                     Kubernetes schemas (kubernetes-validate,
 #                                     strict) and chaperone's CRD schemas
-#   deploy/validate.sh crs FILE...    chaperone custom resources against the
-#                                     CRD schemas; one line per object,
-#                                     exit 1 if any is rejected
+#   deploy/validate.sh files FILE...  the objects in FILEs (Kubernetes kinds
+#                                     and chaperone's custom resources), one
+#                                     line per object, exit 1 if any is
+#                                     rejected
 #   deploy/validate.sh                setup, then manifests
 #
 # The validators live in a project-local virtualenv, target/py (override
@@ -53,10 +54,10 @@ run() {
 case "${1:-all}" in
     setup) setup ;;
     manifests) setup && run manifests "$here" ;;
-    crs) shift && setup && run crs "$here" "$@" ;;
+    files) shift && setup && run files "$here" "$@" ;;
     all) setup && run manifests "$here" ;;
     *)
-        echo "usage: $0 [setup|manifests|crs FILE...]" >&2
+        echo "usage: $0 [setup|manifests|files FILE...]" >&2
         exit 2
         ;;
 esac

@@ -83,6 +83,10 @@ pub const DEFAULT_CA_BUNDLE_CONFIGMAP: &str = "chaperone-ca-bundle";
 pub const DEFAULT_AUDIENCE: &str = "chaperone";
 /// `admission.k8s.io/v1`, the only AdmissionReview version served.
 pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
+/// The path of the webhook for labeled pods (see [`Scope::PodLabel`]).
+pub const MUTATE_PATH: &str = "/mutate";
+/// The path of the webhook for pods in labeled namespaces ([`Scope::Namespace`]).
+pub const MUTATE_NAMESPACE_PATH: &str = "/mutate/namespace";
 /// A pod is at most ~1.5 MB in etcd; a review carries at most two of them.
 pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
@@ -468,6 +472,27 @@ pub fn review_http(injector: &Injector, body: &[u8], scope: Scope) -> (StatusCod
         return bad_request("the AdmissionReview has no `request`".to_owned());
     }
     let answer = injector.mutate(&review, scope);
+    if let (Some(request), Some(response)) = (&review.request, &answer.response) {
+        let pod = request
+            .object
+            .as_ref()
+            .and_then(|o| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .or(o["metadata"]["generateName"].as_str())
+            })
+            .unwrap_or_default();
+        let namespace = request.namespace.as_deref().unwrap_or_default();
+        match (&response.patch, &response.status) {
+            (Some(_), _) => {
+                tracing::info!(uid = %request.uid, namespace, pod, ?scope, "injected the CA bundle")
+            }
+            (None, Some(status)) if !response.allowed => {
+                tracing::warn!(uid = %request.uid, namespace, pod, message = %status.message, "denied")
+            }
+            _ => tracing::debug!(uid = %request.uid, namespace, pod, ?scope, "allowed unchanged"),
+        }
+    }
     let body = serde_json::to_vec(&answer).expect("an AdmissionReview always serializes");
     (StatusCode::OK, body)
 }
@@ -484,11 +509,12 @@ async fn handle(
     injector: Arc<Injector>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let scope = match (request.method(), request.uri().path()) {
+    let path = request.uri().path();
+    let scope = match (request.method(), path) {
         (&Method::GET, "/healthz" | "/readyz") => return Ok(plain(StatusCode::OK, "ok\n")),
-        (&Method::POST, "/mutate") => Scope::PodLabel,
-        (&Method::POST, "/mutate/namespace") => Scope::Namespace,
-        (_, "/mutate" | "/mutate/namespace" | "/healthz" | "/readyz") => {
+        (&Method::POST, MUTATE_PATH) => Scope::PodLabel,
+        (&Method::POST, MUTATE_NAMESPACE_PATH) => Scope::Namespace,
+        _ if [MUTATE_PATH, MUTATE_NAMESPACE_PATH, "/healthz", "/readyz"].contains(&path) => {
             return Ok(plain(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n",
@@ -762,7 +788,15 @@ pub struct WebhookArgs {
     /// cluster CA and the chaperone CA.
     #[arg(long, env = "CHAPERONE_CA_BUNDLE_CONFIGMAP", default_value = DEFAULT_CA_BUNDLE_CONFIGMAP)]
     pub ca_bundle_configmap: String,
-    /// How long in-flight reviews may take to finish after SIGTERM.
+    /// How long to keep accepting after SIGTERM, while the API server still
+    /// routes to this replica (endpoint removal is not instant).
+    #[arg(
+        long,
+        env = "CHAPERONE_WEBHOOK_SHUTDOWN_DELAY_SECONDS",
+        default_value_t = 5
+    )]
+    pub shutdown_delay_seconds: u64,
+    /// How long in-flight reviews may take to finish after that.
     #[arg(long, env = "CHAPERONE_WEBHOOK_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
 }
@@ -802,7 +836,15 @@ pub fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
             listener,
             tls,
             Arc::new(args.injector()),
-            shutdown_signal(),
+            async {
+                shutdown_signal().await;
+                let delay = Duration::from_secs(args.shutdown_delay_seconds);
+                tracing::info!(
+                    ?delay,
+                    "terminating: still accepting while endpoints update"
+                );
+                tokio::time::sleep(delay).await;
+            },
             Duration::from_secs(args.drain_seconds),
         )
         .await;

@@ -250,10 +250,12 @@ struct Served {
     addr: std::net::SocketAddr,
     ca: rustls::pki_types::CertificateDer<'static>,
     stop: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
-async fn start_webhook(injector: Injector) -> Served {
+/// A fresh CA and a serving certificate for the webhook's Service name,
+/// written to `dir` as `tls.crt`/`tls.key`; returns the CA certificate.
+fn issue_certificate(dir: &Path) -> rustls::pki_types::CertificateDer<'static> {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -265,13 +267,15 @@ async fn start_webhook(injector: Injector) -> Served {
             .unwrap()
             .signed_by(&leaf_key, &issuer)
             .unwrap();
+    std::fs::write(dir.join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), leaf_key.serialize_pem()).unwrap();
+    ca_cert.der().clone()
+}
 
+async fn start_webhook(injector: Injector) -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("tls.crt");
-    let key = dir.path().join("tls.key");
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
-    let tls = tls_config(&cert, &key).unwrap();
+    let ca = issue_certificate(dir.path());
+    let tls = tls_config(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -287,15 +291,27 @@ async fn start_webhook(injector: Injector) -> Served {
     ));
     Served {
         addr,
-        ca: ca_cert.der().clone(),
+        ca,
         stop,
-        _dir: dir,
+        dir,
     }
 }
 
 async fn call(served: &Served, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+    call_trusting(served, &served.ca, method, path, body)
+        .await
+        .expect("TLS handshake with the webhook")
+}
+
+async fn call_trusting(
+    served: &Served,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(served.ca.clone()).unwrap();
+    roots.add(ca.clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -304,10 +320,10 @@ async fn call(served: &Served, method: &str, path: &str, body: Vec<u8>) -> (u16,
     .with_root_certificates(roots)
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(served.addr).await?;
     let name =
         rustls::pki_types::ServerName::try_from("chaperone-webhook.chaperone-system.svc").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
+    let tls = connector.connect(name, tcp).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
@@ -323,7 +339,7 @@ async fn call(served: &Served, method: &str, path: &str, body: Vec<u8>) -> (u16,
     let response = sender.send_request(request).await.unwrap();
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, body.to_vec())
+    Ok((status, body.to_vec()))
 }
 
 #[tokio::test]
@@ -362,4 +378,255 @@ async fn the_https_server_answers_reviews_health_and_malformed_bodies() {
     assert_eq!(call(&served, "POST", "/elsewhere", Vec::new()).await.0, 404);
 
     served.stop.send(()).unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_serving_certificate_is_picked_up_without_a_restart() {
+    let served = start_webhook(Injector::default()).await;
+    assert_eq!(call(&served, "GET", "/readyz", Vec::new()).await.0, 200);
+
+    // The Secret is rotated: new files, signed by a new CA. Kubernetes swaps
+    // a symlink, so the files' modification time changes; make sure it does
+    // even on a coarse-grained filesystem clock.
+    let old_ca = served.ca.clone();
+    let new_ca = issue_certificate(served.dir.path());
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    for file in ["tls.crt", "tls.key"] {
+        std::fs::File::options()
+            .write(true)
+            .open(served.dir.path().join(file))
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+    }
+
+    let (status, _) = call_trusting(&served, &new_ca, "GET", "/readyz", Vec::new())
+        .await
+        .expect("the new certificate is served");
+    assert_eq!(status, 200);
+    assert!(
+        call_trusting(&served, &old_ca, "GET", "/readyz", Vec::new())
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
+
+    // A broken pair (half-written rotation) keeps the last good certificate.
+    std::fs::write(served.dir.path().join("tls.key"), "not a key").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(served.dir.path().join("tls.key"))
+        .unwrap()
+        .set_modified(later + Duration::from_secs(5))
+        .unwrap();
+    let (status, _) = call_trusting(&served, &new_ca, "GET", "/readyz", Vec::new())
+        .await
+        .expect("the last good certificate is still served");
+    assert_eq!(status, 200);
+    served.stop.send(()).unwrap();
+}
+
+#[test]
+fn certificate_problems_are_reported_with_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = tls_config(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("tls.crt") && missing.contains("--tls-cert"),
+        "{missing}"
+    );
+
+    issue_certificate(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    issue_certificate(other.path());
+    let mismatched = tls_config(&dir.path().join("tls.crt"), &other.path().join("tls.key"))
+        .unwrap_err()
+        .to_string();
+    assert!(mismatched.contains("does not fit"), "{mismatched}");
+
+    std::fs::write(dir.path().join("empty.crt"), "").unwrap();
+    let empty = tls_config(&dir.path().join("empty.crt"), &dir.path().join("tls.key"))
+        .unwrap_err()
+        .to_string();
+    assert!(empty.contains("holds no PEM certificate"), "{empty}");
+}
+
+#[test]
+fn chaperone_webhook_flags_configure_the_injector() {
+    use chaperone::cli::{Cli, Command};
+    use clap::Parser;
+    let cli = Cli::try_parse_from([
+        "chaperone",
+        "webhook",
+        "--tls-cert",
+        "/certs/tls.crt",
+        "--tls-key",
+        "/certs/tls.key",
+        "--credential-mode",
+        "impersonate",
+        "--audience",
+        "gate.example.com",
+    ])
+    .unwrap();
+    let Command::Webhook(args) = cli.command else {
+        panic!("parsed as another command");
+    };
+    assert_eq!(args.listen.port(), 8443);
+    assert_eq!(
+        args.injector(),
+        Injector {
+            mode: CredentialMode::Impersonate,
+            audience: "gate.example.com".to_owned(),
+            ca_bundle_configmap: DEFAULT_CA_BUNDLE_CONFIGMAP.to_owned(),
+        }
+    );
+    let error = Cli::try_parse_from([
+        "chaperone",
+        "webhook",
+        "--tls-cert",
+        "c",
+        "--tls-key",
+        "k",
+        "--credential-mode",
+        "sudo",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("passthrough") && error.contains("impersonate"),
+        "{error}"
+    );
+}
+
+/// The API server's webhook client (Go's net/http) negotiates HTTP/2.
+#[tokio::test]
+async fn reviews_are_answered_over_http2() {
+    let served = start_webhook(Injector::default()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(served.ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from("chaperone-webhook.chaperone-system.svc").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let body = std::fs::read(golden_dir().join("impersonate-pod.request.json")).unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("https://chaperone-webhook.chaperone-system.svc/mutate")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    // Served in passthrough mode: the CA bundle, no audience.
+    let patch = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            answer["response"]["patch"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        patch.contains(DEFAULT_CA_BUNDLE_CONFIGMAP) && !patch.contains("audience"),
+        "{patch}"
+    );
+    served.stop.send(()).unwrap();
+}
+
+// === the `chaperone webhook` process ===
+
+#[tokio::test]
+async fn chaperone_webhook_serves_until_sigterm_then_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = issue_certificate(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(["webhook", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .args(["--shutdown-delay-seconds", "2", "--drain-seconds", "1"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (stop, _stopped) = tokio::sync::oneshot::channel();
+    let served = Served {
+        addr: ([127, 0, 0, 1], port).into(),
+        ca,
+        stop,
+        dir,
+    };
+    let ready = async {
+        loop {
+            if let Ok((200, _)) =
+                call_trusting(&served, &served.ca, "GET", "/readyz", Vec::new()).await
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), ready)
+        .await
+        .expect("chaperone webhook became ready");
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Still answering while the API server may route to it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let labeled = std::fs::read(golden_dir().join("labeled-pod.request.json")).unwrap();
+    assert_eq!(call(&served, "POST", "/mutate", labeled).await.0, 200);
+
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after the delay and the drain")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn chaperone_webhook_without_its_certificate_says_what_to_mount() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args([
+            "webhook",
+            "--tls-cert",
+            "/nonexistent/tls.crt",
+            "--tls-key",
+            "/nonexistent/tls.key",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/tls.crt") && stderr.contains("Secret"),
+        "{stderr}"
+    );
 }
