@@ -1,6 +1,7 @@
 //! Chaperone's test fixtures: the test topology (agent network namespaces and
 //! cgroups on this machine) and, in later issues, the API-server simulator.
 
+pub mod e2e;
 pub mod load;
 pub mod sim;
 pub mod topology;

@@ -1,0 +1,275 @@
+//! The end-to-end world of DESIGN.md's test topology: the API-server
+//! simulator on the host, a `chaperone node` process attached at a test
+//! cgroup subtree, and an agent pod (network namespace + kubelet-named
+//! cgroup) whose real clients run exactly as in a cluster: in-cluster env,
+//! service-account files, the `kubernetes` service IP that only the redirect
+//! makes reachable.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    sim::{SimConfig, SimHandle, Simulator},
+    topology::{Cgroup, InClusterCredentials, Netns, Placement},
+};
+
+/// The `kubernetes.default` ClusterIP agents dial.
+pub const SERVICE_IP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), 443);
+
+/// A built binary of this workspace (`cargo test --workspace` builds them all).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A running `chaperone node`, killed (SIGTERM, then SIGKILL) on drop.
+pub struct NodeAgent {
+    child: Child,
+    pub ca_dir: PathBuf,
+    pub port: u16,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl NodeAgent {
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.ca_dir.join("ca.crt")).expect("chaperone's CA")
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM and wait (graceful drain).
+    pub fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Everything an end-to-end test needs.
+pub struct World {
+    pub runtime: tokio::runtime::Runtime,
+    pub sim: SimHandle,
+    pub netns: Netns,
+    pub agent_cgroup: Cgroup,
+    pub node: NodeAgent,
+    pub work: tempfile::TempDir,
+    /// The agent's service-account token.
+    pub token: String,
+    pub credentials: InClusterCredentials,
+    // Dropped last: the subtree the programs are attached at.
+    _subtree: Cgroup,
+}
+
+/// How to build a [`World`].
+pub struct WorldSpec {
+    pub sim: SimConfig,
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: String,
+    /// Extra `chaperone node` flags.
+    pub node_args: Vec<String>,
+}
+
+impl Default for WorldSpec {
+    fn default() -> Self {
+        WorldSpec {
+            sim: SimConfig::default().permissive(),
+            namespace: "default".into(),
+            service_account: "agent".into(),
+            pod: "agent-0".into(),
+            node_args: Vec::new(),
+        }
+    }
+}
+
+pub const POD_UID: &str = "3f1c9a44-2b8e-4c1d-9a3e-5d2f7c8b9e10";
+
+impl World {
+    pub fn start(spec: WorldSpec) -> Result<World> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let sim = runtime.block_on(Simulator::start(spec.sim))?;
+        let work = tempfile::tempdir()?;
+        let subtree = Cgroup::test_subtree()?;
+        let agent_cgroup = subtree.child(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-agent.scope",
+            POD_UID.replace('-', "_")
+        ))?;
+        let netns = Netns::create()?;
+
+        let kubeconfig = work.path().join("chaperone.kubeconfig");
+        sim.write_kubeconfig(&kubeconfig, &sim.admin_token())?;
+        let port = free_port(netns.host_v4)?;
+        let ca_dir = work.path().join("ca");
+        let mut cmd = Command::new(workspace_binary("chaperone"));
+        cmd.arg("node")
+            .args(["--node-name", "e2e-node"])
+            .args(["--proxy-ip", &netns.host_v4.to_string()])
+            .args(["--proxy-port", &port.to_string()])
+            .args(["--target", &SERVICE_IP.to_string()])
+            .arg("--cgroup-root")
+            .arg(&subtree.path)
+            .arg("--agent-cgroup")
+            .arg(&agent_cgroup.path)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--ca-dir")
+            .arg(&ca_dir)
+            .args(["--drain-seconds", "3"])
+            .args(&spec.node_args)
+            .env("CHAPERONE_LOG", "info,chaperone=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("start chaperone node")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let stderr = child.stderr.take().expect("piped stderr");
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("node agent ready") {
+                        let _ = ready_tx.send(());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let node = NodeAgent {
+            child,
+            ca_dir,
+            port,
+            log,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            bail!("chaperone node did not become ready:\n{}", node.log_text());
+        }
+
+        let token = sim.mint_service_account_token(
+            &spec.namespace,
+            &spec.service_account,
+            Some((&spec.pod, POD_UID)),
+            None,
+            Duration::from_secs(3600),
+        )?;
+        let bundle = format!("{}{}", sim.ca_pem(), node.ca_pem());
+        let credentials = InClusterCredentials::write(
+            work.path().join("serviceaccount"),
+            SERVICE_IP,
+            &token,
+            &bundle,
+            &spec.namespace,
+        )?;
+        Ok(World {
+            runtime,
+            sim,
+            netns,
+            agent_cgroup,
+            node,
+            work,
+            token,
+            credentials,
+            _subtree: subtree,
+        })
+    }
+
+    pub fn agent(&self) -> Placement<'_> {
+        Placement {
+            cgroup: &self.agent_cgroup,
+            netns: &self.netns,
+        }
+    }
+
+    /// `kubectl ARGS` inside the agent pod, as an in-cluster client.
+    pub fn agent_kubectl(&self, args: &[&str]) -> Command {
+        let mut cmd = self
+            .agent()
+            .in_cluster_command(&self.credentials, "kubectl");
+        cmd.args(args);
+        cmd
+    }
+
+    /// `kubectl ARGS` straight at the simulator with the same token (the
+    /// reference a proxied run must match).
+    pub fn direct_kubectl(&self, args: &[&str]) -> Command {
+        let home = self.work.path().join("direct-home");
+        let _ = std::fs::create_dir_all(&home);
+        let kubeconfig = home.join("config");
+        if !kubeconfig.exists() {
+            self.sim
+                .write_kubeconfig(&kubeconfig, &self.token)
+                .expect("write the direct kubeconfig");
+        }
+        let mut cmd = Command::new("kubectl");
+        cmd.args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", &home)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    }
+}
+
+/// Runs a command with a deadline; the output, or the timeout as an error.
+pub fn run_for(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output()?;
+            bail!(
+                "{cmd:?} did not finish within {limit:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port(ip: Ipv4Addr) -> Result<u16> {
+    let listener = std::net::TcpListener::bind((ip, 0))?;
+    Ok(listener.local_addr()?.port())
+}
