@@ -18,12 +18,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use chaperone_tests::sim::stream::{self, Body, StreamTarget};
+use chaperone_tests::sim::stream::{self, Body, LiveStreams, StreamTarget};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     process::Command,
 };
@@ -48,11 +48,12 @@ struct Options {
 }
 
 struct Harness {
-    addr: SocketAddr,
     dir: tempfile::TempDir,
     /// `(subresource, protocol)` of every upgrade the simulator accepted,
     /// e.g. `("exec", "websocket v5.channel.k8s.io")`.
     negotiated: Arc<Mutex<Vec<(String, String)>>>,
+    /// Stream connections the simulator is serving right now.
+    live: LiveStreams,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -73,6 +74,7 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let negotiated = Arc::new(Mutex::new(Vec::new()));
+        let live = LiveStreams::default();
         let shared = Arc::new(Shared {
             target: StreamTarget {
                 namespace: NAMESPACE.into(),
@@ -83,6 +85,7 @@ impl Harness {
                     ("MODE".into(), "test".into()),
                 ],
                 ports,
+                live: live.clone(),
             },
             options,
             negotiated: negotiated.clone(),
@@ -116,9 +119,9 @@ impl Harness {
         );
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
         Harness {
-            addr,
             dir,
             negotiated,
+            live,
             server,
         }
     }
@@ -444,4 +447,306 @@ async fn kubectl_falls_back_to_spdy_when_the_websocket_upgrade_is_refused() {
         "{run:?}"
     );
     assert_eq!(protocols(&h, "exec"), ["spdy v4.channel.k8s.io"]);
+}
+
+// === exec with a terminal ===
+
+/// Reads `from` into `seen` until it contains `wanted`.
+async fn expect_output(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    seen: &mut Vec<u8>,
+    wanted: &str,
+) {
+    let found = tokio::time::timeout(KUBECTL_TIMEOUT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            if String::from_utf8_lossy(seen).contains(wanted) {
+                return true;
+            }
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "waited for {wanted:?}, saw {:?}",
+        String::from_utf8_lossy(seen)
+    );
+}
+
+/// `kubectl exec -it POD -- sh` in a pseudo terminal (util-linux `script`):
+/// a prompt, typed commands echoed back, their output, and `exit 4` as
+/// kubectl's exit code.
+async fn interactive_shell(env: &[(&str, &str)]) -> Harness {
+    let h = Harness::start(BTreeMap::new(), Options::default()).await;
+    let kubectl = format!(
+        "{} --cache-dir {} exec -it {POD} -- sh",
+        kubectl_binary(),
+        h.dir.path().join("cache").display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &kubectl, "/dev/null"])
+        .env("KUBECONFIG", h.kubeconfig())
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("script runs");
+    let mut keyboard = child.stdin.take().unwrap();
+    let mut screen = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+
+    expect_output(&mut screen, &mut seen, "$ ").await;
+    keyboard.write_all(b"echo hi\r").await.unwrap();
+    expect_output(&mut screen, &mut seen, "echo hi\r\nhi\r\n$ ").await;
+    keyboard.write_all(b"printenv GREETING\r").await.unwrap();
+    expect_output(&mut screen, &mut seen, "hello from the pod\r\n$ ").await;
+    keyboard.write_all(b"exit 4\r").await.unwrap();
+    let status = tokio::time::timeout(KUBECTL_TIMEOUT, child.wait())
+        .await
+        .expect("kubectl exits after `exit`")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = screen.read_to_end(&mut rest).await;
+    seen.extend_from_slice(&rest);
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    h
+}
+
+#[tokio::test]
+async fn exec_with_a_terminal_over_websocket_runs_an_interactive_shell() {
+    let h = interactive_shell(&[]).await;
+    assert_eq!(protocols(&h, "exec"), ["websocket v5.channel.k8s.io"]);
+}
+
+#[tokio::test]
+async fn exec_with_a_terminal_over_spdy_runs_an_interactive_shell() {
+    let h = interactive_shell(SPDY_EXEC).await;
+    assert_eq!(protocols(&h, "exec"), ["spdy v4.channel.k8s.io"]);
+}
+
+// === attach ===
+
+async fn attach_echoes_stdin(env: &[(&str, &str)]) -> Harness {
+    let h = Harness::start(BTreeMap::new(), Options::default()).await;
+    let run = h
+        .run(
+            &["attach", "-i", POD],
+            env,
+            Some(b"line one\nline two\n".to_vec()),
+        )
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout(), "line one\nline two\n", "{run:?}");
+    h
+}
+
+#[tokio::test]
+async fn attach_over_websocket_echoes_stdin_until_it_closes() {
+    let h = attach_echoes_stdin(&[]).await;
+    assert_eq!(protocols(&h, "attach"), ["websocket v5.channel.k8s.io"]);
+}
+
+#[tokio::test]
+async fn attach_over_spdy_echoes_stdin_until_it_closes() {
+    let h = attach_echoes_stdin(SPDY_EXEC).await;
+    assert_eq!(protocols(&h, "attach"), ["spdy v4.channel.k8s.io"]);
+}
+
+// === port-forward ===
+
+/// A TCP echo server standing in for the pod's port.
+async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            connections.spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `kubectl port-forward pod/web LOCAL:80` to a local echo server: bytes
+/// round-trip on two connections in turn, and closing our sending side
+/// reaches the pod's port and comes back as end-of-file.
+async fn port_forward_round_trip(env: &[(&str, &str)]) -> Harness {
+    let (echo, echo_task) = echo_server().await;
+    let h = Harness::start(BTreeMap::from([(80, echo)]), Options::default()).await;
+    let local = free_port();
+    let mut child = h
+        .kubectl(
+            &[
+                "port-forward",
+                &format!("pod/{POD}"),
+                &format!("{local}:80"),
+            ],
+            env,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    expect_output(
+        &mut stdout,
+        &mut seen,
+        &format!("Forwarding from 127.0.0.1:{local} -> 80"),
+    )
+    .await;
+
+    for round in 0..2u8 {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 256) as u8 ^ round).collect();
+        let mut tcp = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+        let (mut r, mut w) = tcp.split();
+        let send = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let receive = async {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let ((), back) =
+            tokio::time::timeout(KUBECTL_TIMEOUT, async { tokio::join!(send, receive) })
+                .await
+                .expect("the echo comes back and ends");
+        assert_eq!(back.len(), payload.len(), "round {round}");
+        assert!(back == payload, "round {round}: the echoed bytes differ");
+    }
+    child.kill().await.unwrap();
+    echo_task.abort();
+    h
+}
+
+#[tokio::test]
+async fn port_forward_over_websocket_tunnel_round_trips_bytes() {
+    let h = port_forward_round_trip(&[]).await;
+    assert_eq!(
+        protocols(&h, "portforward"),
+        ["websocket SPDY/3.1+portforward.k8s.io"]
+    );
+}
+
+#[tokio::test]
+async fn port_forward_over_spdy_round_trips_bytes() {
+    let h = port_forward_round_trip(SPDY_PORT_FORWARD).await;
+    assert_eq!(protocols(&h, "portforward"), ["spdy portforward.k8s.io"]);
+}
+
+// === clients that go away ===
+
+/// Waits until the simulator runs `n` stream tasks.
+async fn live_becomes(h: &Harness, n: usize) {
+    let reached = tokio::time::timeout(Duration::from_secs(10), async {
+        while h.live.count() != n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{} stream tasks are alive, expected {n}",
+        h.live.count()
+    );
+}
+
+/// kubectl killed in the middle of a stream: the simulator's connection
+/// task ends and takes the process (a `sleep`, a `cat` waiting for input)
+/// with it.
+async fn killed_client(args: &[&str], env: &[(&str, &str)], ports: BTreeMap<u16, SocketAddr>) {
+    let h = Harness::start(ports, Options::default()).await;
+    let mut child = h
+        .kubectl(args, env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    // The connection and the process.
+    live_becomes(&h, 2).await;
+    child.kill().await.unwrap();
+    live_becomes(&h, 0).await;
+}
+
+#[tokio::test]
+async fn a_killed_kubectl_ends_exec_sleep_over_websocket() {
+    killed_client(&["exec", POD, "--", "sleep", "1000"], &[], BTreeMap::new()).await;
+}
+
+#[tokio::test]
+async fn a_killed_kubectl_ends_exec_cat_over_spdy() {
+    killed_client(
+        &["exec", "-i", POD, "--", "cat"],
+        SPDY_EXEC,
+        BTreeMap::new(),
+    )
+    .await;
+}
+
+/// kubectl port-forward killed while a forwarded connection is open: the
+/// session and the forward to the pod's port both end.
+#[tokio::test]
+async fn a_killed_kubectl_ends_port_forward_sessions_and_open_forwards() {
+    let (echo, echo_task) = echo_server().await;
+    for env in [&[][..], SPDY_PORT_FORWARD] {
+        let h = Harness::start(BTreeMap::from([(80, echo)]), Options::default()).await;
+        let local = free_port();
+        let mut child = h
+            .kubectl(
+                &[
+                    "port-forward",
+                    &format!("pod/{POD}"),
+                    &format!("{local}:80"),
+                ],
+                env,
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut stdout = child.stdout.take().unwrap();
+        expect_output(&mut stdout, &mut Vec::new(), "Forwarding from").await;
+        let mut tcp = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+        tcp.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(KUBECTL_TIMEOUT, tcp.read_exact(&mut back))
+            .await
+            .expect("the echo comes back")
+            .unwrap();
+        assert_eq!(&back, b"ping");
+        // The session and the forward.
+        live_becomes(&h, 2).await;
+        child.kill().await.unwrap();
+        live_becomes(&h, 0).await;
+    }
+    echo_task.abort();
 }

@@ -18,7 +18,14 @@
 //! | `remotecommand` | exec/attach over SPDY (`v4.channel.k8s.io`) |
 //! | `portforward` | `portforward.k8s.io` over SPDY (plain or tunneled in WebSocket) |
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
@@ -48,6 +55,34 @@ pub struct StreamTarget {
     pub env: Vec<(String, String)>,
     /// For port-forward: pod port -> where it is really served on this machine.
     pub ports: BTreeMap<u16, SocketAddr>,
+    /// Counts the upgraded connections being served for this target; shared
+    /// by clones, so a test can see streams end when clients go away.
+    pub live: LiveStreams,
+}
+
+/// How many stream tasks (upgraded connections, the processes they run,
+/// forwarded connections) are alive right now.
+#[derive(Clone, Debug, Default)]
+pub struct LiveStreams(Arc<AtomicUsize>);
+
+impl LiveStreams {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn enter(&self) -> LiveGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        LiveGuard(self.0.clone())
+    }
+}
+
+/// One served connection; counted until dropped with its task.
+pub(crate) struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl StreamTarget {
@@ -75,8 +110,9 @@ pub async fn exec(
         program: Program::Exec(options.command),
         pipes: options.pipes,
         container: target.container(),
+        live: target.live.clone(),
     };
-    remote_command(req, command)
+    remote_command(req, command, &target.live)
 }
 
 /// `GET|POST /api/v1/namespaces/NS/pods/NAME/attach?...`
@@ -92,8 +128,9 @@ pub async fn attach(
         program: Program::Attach,
         pipes: options.pipes,
         container: target.container(),
+        live: target.live.clone(),
     };
-    remote_command(req, command)
+    remote_command(req, command, &target.live)
 }
 
 /// `GET|POST /api/v1/namespaces/NS/pods/NAME/portforward?ports=...`
@@ -112,7 +149,9 @@ pub async fn port_forward(
             return bad_request("missing Sec-WebSocket-Key");
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = target.live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 let ws = websocket::server(upgraded).await;
                 let io = websocket::ByteStream::new(ws);
@@ -126,7 +165,9 @@ pub async fn port_forward(
             return spdy::refuse(&req, &[portforward::PROTOCOL]);
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = target.live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 portforward::serve(hyper_util::rt::TokioIo::new(upgraded), target).await;
             }
@@ -140,6 +181,7 @@ pub async fn port_forward(
 fn remote_command(
     mut req: http::Request<hyper::body::Incoming>,
     command: Command,
+    live: &LiveStreams,
 ) -> http::Response<Body> {
     if websocket::is_upgrade(&req) {
         let Some(protocol) = websocket::choose(&req, websocket::REMOTE_COMMAND) else {
@@ -152,7 +194,9 @@ fn remote_command(
             return bad_request("missing Sec-WebSocket-Key");
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 let ws = websocket::server(upgraded).await;
                 websocket::remote_command(ws, protocol, command).await;
@@ -165,7 +209,9 @@ fn remote_command(
             return spdy::refuse(&req, remotecommand::PROTOCOLS);
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 remotecommand::serve(hyper_util::rt::TokioIo::new(upgraded), command).await;
             }

@@ -376,6 +376,8 @@ pub struct Command {
     pub program: Program,
     pub pipes: Pipes,
     pub container: Container,
+    /// The running process counts as a live stream task too.
+    pub live: super::LiveStreams,
 }
 
 impl Command {
@@ -383,7 +385,15 @@ impl Command {
     /// the returned ends, then awaits the exit code from the handle.
     pub fn start(&self) -> (AbortOnDrop<i32>, TransportEnds) {
         let (io, ends) = pipes(self.pipes);
-        let process = tokio::spawn(run(self.program.clone(), io, self.container.clone()));
+        let live = self.live.enter();
+        let process = tokio::spawn({
+            let program = self.program.clone();
+            let container = self.container.clone();
+            async move {
+                let _live = live;
+                run(program, io, container).await
+            }
+        });
         (AbortOnDrop(process), ends)
     }
 
