@@ -48,6 +48,7 @@ struct Options {
 }
 
 struct Harness {
+    addr: SocketAddr,
     dir: tempfile::TempDir,
     /// `(subresource, protocol)` of every upgrade the simulator accepted,
     /// e.g. `("exec", "websocket v5.channel.k8s.io")`.
@@ -119,11 +120,16 @@ impl Harness {
         );
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
         Harness {
+            addr,
             dir,
             negotiated,
             live,
             server,
         }
+    }
+
+    fn server_port(&self) -> u16 {
+        self.addr.port()
     }
 
     fn kubeconfig(&self) -> PathBuf {
@@ -749,4 +755,111 @@ async fn a_killed_kubectl_ends_port_forward_sessions_and_open_forwards() {
         live_becomes(&h, 0).await;
     }
     echo_task.abort();
+}
+
+// === older and base64 channel protocols (no kubectl speaks them by default) ===
+
+/// Runs `echo hi` over WebSocket with `protocol` from a raw client; returns
+/// the messages the simulator sent, in order, as `(channel, payload)`.
+async fn raw_websocket_exec(protocol: &str) -> (String, Vec<(u8, Vec<u8>)>) {
+    use base64::Engine;
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let h = Harness::start(BTreeMap::new(), Options::default()).await;
+    let port = h.server_port();
+    let url = format!(
+        "ws://127.0.0.1:{port}/api/v1/namespaces/{NAMESPACE}/pods/{POD}/exec?command=echo&command=hi&stdout=true&stderr=true"
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    let chosen = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut messages = Vec::new();
+    let base64 = protocol.contains("base64");
+    while let Some(Ok(message)) = tokio::time::timeout(KUBECTL_TIMEOUT, ws.next())
+        .await
+        .unwrap()
+    {
+        match message {
+            Message::Binary(data) if !base64 => messages.push((data[0], data[1..].to_vec())),
+            Message::Text(text) if base64 => {
+                let bytes = text.as_bytes();
+                let payload = base64::engine::general_purpose::STANDARD
+                    .decode(&bytes[1..])
+                    .unwrap();
+                messages.push((bytes[0] - b'0', payload));
+            }
+            Message::Close(_) => break,
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+    (chosen, messages)
+}
+
+#[tokio::test]
+async fn v4_and_base64_channel_protocols_frame_output_and_status() {
+    let success = br#"{"metadata":{},"status":"Success"}"#.to_vec();
+    for protocol in [
+        "v4.channel.k8s.io",
+        "v4.base64.channel.k8s.io",
+        "v5.base64.channel.k8s.io",
+    ] {
+        let (chosen, messages) = raw_websocket_exec(protocol).await;
+        assert_eq!(chosen, protocol);
+        assert_eq!(
+            messages,
+            [(1, vec![]), (1, b"hi\n".to_vec()), (3, success.clone())],
+            "{protocol}"
+        );
+    }
+}
+
+/// A pod port nothing listens on: kubectl reports the kubelet's error for
+/// that connection, and the local connection is closed.
+#[tokio::test]
+async fn port_forward_to_a_closed_port_reports_the_error() {
+    for env in [&[][..], SPDY_PORT_FORWARD] {
+        let h = Harness::start(BTreeMap::new(), Options::default()).await;
+        let local = free_port();
+        let mut child = h
+            .kubectl(
+                &[
+                    "port-forward",
+                    &format!("pod/{POD}"),
+                    &format!("{local}:81"),
+                ],
+                env,
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        expect_output(&mut stdout, &mut Vec::new(), "Forwarding from").await;
+        let mut tcp = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+        let _ = tcp.write_all(b"hello?").await;
+        let mut back = Vec::new();
+        let closed = tokio::time::timeout(KUBECTL_TIMEOUT, tcp.read_to_end(&mut back)).await;
+        assert!(closed.is_ok(), "the local connection is closed");
+        assert!(back.is_empty());
+        expect_output(
+            &mut stderr,
+            &mut Vec::new(),
+            "error forwarding port 81 to pod web",
+        )
+        .await;
+        let _ = child.kill().await;
+    }
 }
