@@ -243,11 +243,6 @@ impl Stdin {
         }
     }
 
-    /// `true` when the client did not ask for stdin.
-    pub fn is_absent(&self) -> bool {
-        self.rx.is_none() && self.pending.is_empty() && self.lines.is_empty()
-    }
-
     /// The next chunk of input (a whole line on a terminal).
     pub async fn read(&mut self) -> Input {
         if !self.pending.is_empty() {

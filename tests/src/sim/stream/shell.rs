@@ -155,7 +155,7 @@ impl Shell {
     /// after `>&2`).
     async fn command(&mut self, argv: &[String], io: &mut ProcessIo, out: &Output) -> Flow {
         let args = &argv[1..];
-        let code = match argv[0].as_str() {
+        let code = match program_name(&argv[0]) {
             "echo" => {
                 let (newline, words) = match args.first().map(String::as_str) {
                     Some("-n") => (false, &args[1..]),
@@ -302,13 +302,16 @@ fn status_of(written: std::io::Result<()>) -> i32 {
     if written.is_ok() { 0 } else { 1 }
 }
 
+/// `/bin/sh` and `/usr/bin/env` are `sh` and `env`.
+fn program_name(path: &str) -> &str {
+    path.strip_prefix("/bin/")
+        .or_else(|| path.strip_prefix("/usr/bin/"))
+        .unwrap_or(path)
+}
+
 fn is_program(name: &str) -> bool {
-    let name = name
-        .strip_prefix("/bin/")
-        .or_else(|| name.strip_prefix("/usr/bin/"))
-        .unwrap_or(name);
     matches!(
-        name,
+        program_name(name),
         "echo" | "cat" | "env" | "printenv" | "hostname" | "true" | "false" | "sleep" | "sh"
     )
 }
@@ -551,6 +554,10 @@ mod tests {
             (0, "hello\n".into(), "".into())
         );
         assert_eq!(run_with(&["sh", "-c", "exit 3"], None, false).await.0, 3);
+        assert_eq!(
+            run_with(&["/bin/sh", "-c", "/bin/echo full path"], None, false).await,
+            (0, "full path\n".into(), "".into())
+        );
         assert_eq!(run_with(&["false"], None, false).await.0, 1);
         assert_eq!(
             run_with(
