@@ -863,3 +863,45 @@ async fn port_forward_to_a_closed_port_reports_the_error() {
         let _ = child.kill().await;
     }
 }
+
+/// client-go's WebSocket executor pings every few seconds and drops a
+/// connection whose pongs stop: pings are answered while a command runs.
+#[tokio::test]
+async fn websocket_pings_are_answered_while_a_command_runs() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let h = Harness::start(BTreeMap::new(), Options::default()).await;
+    let port = h.server_port();
+    let url = format!(
+        "ws://127.0.0.1:{port}/api/v1/namespaces/{NAMESPACE}/pods/{POD}/exec?command=sleep&command=1&stdout=true"
+    );
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v5.channel.k8s.io".parse().unwrap(),
+    );
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    // The "ready" message on stdout.
+    let ready = tokio::time::timeout(KUBECTL_TIMEOUT, ws.next())
+        .await
+        .unwrap();
+    assert_eq!(ready.unwrap().unwrap(), Message::binary(vec![1]));
+    ws.send(Message::Ping(b"beat".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_millis(900), ws.next())
+        .await
+        .expect("a pong before the command ends");
+    assert_eq!(
+        pong.unwrap().unwrap(),
+        Message::Pong(b"beat".to_vec().into())
+    );
+    let status = tokio::time::timeout(KUBECTL_TIMEOUT, ws.next())
+        .await
+        .unwrap();
+    let mut expected = vec![3];
+    expected.extend_from_slice(br#"{"metadata":{},"status":"Success"}"#);
+    assert_eq!(status.unwrap().unwrap(), Message::binary(expected));
+}
