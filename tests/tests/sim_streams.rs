@@ -905,3 +905,75 @@ async fn websocket_pings_are_answered_while_a_command_runs() {
     expected.extend_from_slice(br#"{"metadata":{},"status":"Success"}"#);
     assert_eq!(status.unwrap().unwrap(), Message::binary(expected));
 }
+
+/// Two pod ports in one kubectl, several connections at once on each: the
+/// error/data stream pairs are matched by requestID, never crossed.
+#[tokio::test]
+async fn port_forward_serves_two_ports_and_concurrent_connections() {
+    let (echo_a, task_a) = echo_server().await;
+    let (echo_b, task_b) = echo_server().await;
+    for env in [&[][..], SPDY_PORT_FORWARD] {
+        let h = Harness::start(
+            BTreeMap::from([(80, echo_a), (81, echo_b)]),
+            Options::default(),
+        )
+        .await;
+        let (local_a, local_b) = (free_port(), free_port());
+        let mut child = h
+            .kubectl(
+                &[
+                    "port-forward",
+                    &format!("pod/{POD}"),
+                    &format!("{local_a}:80"),
+                    &format!("{local_b}:81"),
+                ],
+                env,
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        expect_output(
+            &mut stdout,
+            &mut seen,
+            &format!("127.0.0.1:{local_b} -> 81"),
+        )
+        .await;
+        expect_output(
+            &mut stdout,
+            &mut seen,
+            &format!("127.0.0.1:{local_a} -> 80"),
+        )
+        .await;
+
+        let mut connections = tokio::task::JoinSet::new();
+        for i in 0..6u8 {
+            let local = if i % 2 == 0 { local_a } else { local_b };
+            connections.spawn(async move {
+                let payload: Vec<u8> = (0..20_000u32)
+                    .map(|n| (n as u8).wrapping_mul(i + 1))
+                    .collect();
+                let mut tcp = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+                let (mut r, mut w) = tcp.split();
+                let send = async {
+                    w.write_all(&payload).await.unwrap();
+                    w.shutdown().await.unwrap();
+                };
+                let mut back = Vec::new();
+                let (_, read) = tokio::join!(send, r.read_to_end(&mut back));
+                read.unwrap();
+                back == payload
+            });
+        }
+        let all = tokio::time::timeout(KUBECTL_TIMEOUT, connections.join_all())
+            .await
+            .expect("every connection completes");
+        assert_eq!(all, [true; 6]);
+        child.kill().await.unwrap();
+    }
+    task_a.abort();
+    task_b.abort();
+}
