@@ -485,8 +485,8 @@ async fn expect_output(
 }
 
 /// `kubectl exec -it POD -- sh` in a pseudo terminal (util-linux `script`):
-/// a prompt, typed commands echoed back, their output, and `exit 4` as
-/// kubectl's exit code.
+/// a prompt, typed commands echoed back, their output, Ctrl-C interrupting
+/// a `sleep`, and `exit 4` as kubectl's exit code.
 async fn interactive_shell(env: &[(&str, &str)]) -> Harness {
     let h = Harness::start(BTreeMap::new(), Options::default()).await;
     let kubectl = format!(
@@ -513,6 +513,13 @@ async fn interactive_shell(env: &[(&str, &str)]) -> Harness {
     expect_output(&mut screen, &mut seen, "echo hi\r\nhi\r\n$ ").await;
     keyboard.write_all(b"printenv GREETING\r").await.unwrap();
     expect_output(&mut screen, &mut seen, "hello from the pod\r\n$ ").await;
+    // Ctrl-C reaches the remote terminal (kubectl's is raw) and interrupts.
+    keyboard.write_all(b"sleep 100\r").await.unwrap();
+    expect_output(&mut screen, &mut seen, "sleep 100\r\n").await;
+    keyboard.write_all(b"\x03").await.unwrap();
+    expect_output(&mut screen, &mut seen, "^C\r\n$ ").await;
+    keyboard.write_all(b"echo $?\r").await.unwrap();
+    expect_output(&mut screen, &mut seen, "echo $?\r\n130\r\n$ ").await;
     keyboard.write_all(b"exit 4\r").await.unwrap();
     let status = tokio::time::timeout(KUBECTL_TIMEOUT, child.wait())
         .await

@@ -274,6 +274,38 @@ impl Stdin {
         }
     }
 
+    /// On a terminal: resolves when Ctrl-C is typed, keeping other typed
+    /// input for later reads (a `sleep` interrupted from the keyboard).
+    /// Never resolves without a terminal.
+    pub async fn interrupted(&mut self) {
+        if self.terminal.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            if let Some(at) = self.lines.iter().position(|i| *i == Input::Interrupt) {
+                // Input typed before Ctrl-C is discarded, as a tty flushes it.
+                self.lines.drain(..=at);
+                return;
+            }
+            let Some(rx) = &mut self.rx else {
+                return std::future::pending().await;
+            };
+            match rx.recv().await {
+                Some(chunk) => {
+                    if let Some(term) = &mut self.terminal
+                        && term.cook(&chunk, &mut self.lines).await.is_err()
+                    {
+                        self.rx = None;
+                    }
+                }
+                None => {
+                    self.rx = None;
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
     async fn read_chunk(&mut self) -> Input {
         loop {
             if let Some(input) = self.lines.pop_front() {

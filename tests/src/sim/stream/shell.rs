@@ -217,8 +217,10 @@ impl Shell {
             "false" => 1,
             "sleep" => match args.first().map(|a| a.parse::<f64>()) {
                 Some(Ok(secs)) if secs >= 0.0 && secs.is_finite() => {
-                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                    0
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs_f64(secs)) => 0,
+                        () = io.stdin.interrupted() => INTERRUPTED,
+                    }
                 }
                 Some(_) => {
                     let _ = io
@@ -624,6 +626,16 @@ mod tests {
         assert_eq!(code, 5);
         // Typed-ahead input echoes at once, as on a real terminal.
         assert_eq!(out, "$ echo hi\r\nexot\x08 \x08\x08 \x08it 5\r\nhi\r\n$ ");
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_on_a_terminal_interrupts_sleep_and_the_shell_goes_on() {
+        let (code, out, _) =
+            run_with(&["sh"], Some(b"sleep 100\r\x03echo after $?\rexit\r"), true).await;
+        assert_eq!(code, 0);
+        assert!(out.contains("sleep 100\r\n^C\r\n"), "{out:?}");
+        // Typed ahead, so echoed before the shell prints anything else.
+        assert!(out.ends_with("exit\r\n$ after 130\r\n$ "), "{out:?}");
     }
 
     #[tokio::test]
