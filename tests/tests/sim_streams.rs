@@ -45,6 +45,9 @@ struct Options {
     /// Answer WebSocket upgrades with 400, as an API server without the
     /// WebSocket streaming features does.
     refuse_websocket: bool,
+    /// The pod's container was started with a terminal (`tty: true`), as
+    /// `kubectl run -it` does; `kubectl attach` then uses one too.
+    tty_container: bool,
 }
 
 struct Harness {
@@ -208,7 +211,7 @@ fn json(code: u16, value: serde_json::Value) -> http::Response<Body> {
         .unwrap()
 }
 
-fn pod_json(target: &StreamTarget) -> serde_json::Value {
+fn pod_json(target: &StreamTarget, tty: bool) -> serde_json::Value {
     let env: Vec<_> = target
         .env
         .iter()
@@ -223,7 +226,7 @@ fn pod_json(target: &StreamTarget) -> serde_json::Value {
         "kind": "Pod",
         "apiVersion": "v1",
         "metadata": {"name": target.pod, "namespace": target.namespace, "uid": "8d3c5f4e-1111-4a2b-9c3d-000000000001"},
-        "spec": {"containers": [{"name": target.container, "image": "busybox", "env": env, "ports": ports, "stdin": true}]},
+        "spec": {"containers": [{"name": target.container, "image": "busybox", "env": env, "ports": ports, "stdin": true, "tty": tty}]},
         "status": {"phase": "Running", "containerStatuses": [{"name": target.container, "ready": true, "started": true, "restartCount": 0, "image": "busybox", "imageID": "", "state": {"running": {}}}]},
     })
 }
@@ -266,7 +269,9 @@ async fn route(req: http::Request<Incoming>, shared: &Shared) -> http::Response<
                 ]}),
             );
         }
-        (p, None) if p == pod_path => return json(200, pod_json(&shared.target)),
+        (p, None) if p == pod_path => {
+            return json(200, pod_json(&shared.target, shared.options.tty_container));
+        }
         (_, Some(sub @ ("exec" | "attach" | "portforward")))
             if websocket && shared.options.refuse_websocket =>
         {
@@ -441,6 +446,7 @@ async fn kubectl_falls_back_to_spdy_when_the_websocket_upgrade_is_refused() {
         BTreeMap::new(),
         Options {
             refuse_websocket: true,
+            ..Options::default()
         },
     )
     .await;
@@ -574,6 +580,73 @@ async fn attach_over_websocket_echoes_stdin_until_it_closes() {
 #[tokio::test]
 async fn attach_over_spdy_echoes_stdin_until_it_closes() {
     let h = attach_echoes_stdin(SPDY_EXEC).await;
+    assert_eq!(protocols(&h, "attach"), ["spdy v4.channel.k8s.io"]);
+}
+
+/// `kubectl attach -it` to a container started with a terminal, in a
+/// pseudo terminal: typed lines are echoed by the terminal and again by the
+/// main process, and Ctrl-D (end-of-file on the terminal) ends it.
+async fn attach_with_a_terminal(env: &[(&str, &str)]) -> Harness {
+    let h = Harness::start(
+        BTreeMap::new(),
+        Options {
+            tty_container: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let kubectl = format!(
+        "{} --cache-dir {} attach -it {POD}",
+        kubectl_binary(),
+        h.dir.path().join("cache").display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &kubectl, "/dev/null"])
+        .env("KUBECONFIG", h.kubeconfig())
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("script runs");
+    let mut keyboard = child.stdin.take().unwrap();
+    let mut screen = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    expect_output(&mut screen, &mut seen, "try pressing enter").await;
+    // kubectl has connected once the negotiation is recorded.
+    tokio::time::timeout(KUBECTL_TIMEOUT, async {
+        while protocols(&h, "attach").is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("kubectl attaches");
+    keyboard.write_all(b"hello\r").await.unwrap();
+    expect_output(&mut screen, &mut seen, "hello\r\nhello\r\n").await;
+    keyboard.write_all(b"\x04").await.unwrap();
+    let status = tokio::time::timeout(KUBECTL_TIMEOUT, child.wait())
+        .await
+        .expect("kubectl exits when the main process ends")
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    h
+}
+
+#[tokio::test]
+async fn attach_with_a_terminal_over_websocket() {
+    let h = attach_with_a_terminal(&[]).await;
+    assert_eq!(protocols(&h, "attach"), ["websocket v5.channel.k8s.io"]);
+}
+
+#[tokio::test]
+async fn attach_with_a_terminal_over_spdy() {
+    let h = attach_with_a_terminal(SPDY_EXEC).await;
     assert_eq!(protocols(&h, "attach"), ["spdy v4.channel.k8s.io"]);
 }
 
