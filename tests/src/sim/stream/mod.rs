@@ -17,6 +17,21 @@
 //! | `spdy` | SPDY/3.1 framing, header compression, flow control |
 //! | `remotecommand` | exec/attach over SPDY (`v4.channel.k8s.io`) |
 //! | `portforward` | `portforward.k8s.io` over SPDY (plain or tunneled in WebSocket) |
+//!
+//! What kubectl 1.32 sends (seen on the wire, and pinned by
+//! `tests/tests/sim_streams.rs`):
+//!
+//! - exec and attach: first `GET` with `Upgrade: websocket` offering only
+//!   `v5.channel.k8s.io`; if that upgrade fails (any non-101 answer) it
+//!   retries with `POST`, `Upgrade: SPDY/3.1` and `X-Stream-Protocol-Version`
+//!   v5, v4, v3, v2, `channel.k8s.io`, where a kubelet (and this simulator)
+//!   picks v4. `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false` skips the WebSocket.
+//! - port-forward: first `GET` with `Upgrade: websocket` and the subprotocol
+//!   `SPDY/3.1+portforward.k8s.io` (SPDY frames inside binary messages), then
+//!   `POST` with `Upgrade: SPDY/3.1` and `portforward.k8s.io`.
+//!   `KUBECTL_PORT_FORWARD_WEBSOCKETS=false` skips the WebSocket.
+//! - upgrades always use HTTP/1.1, so a TLS listener must offer `http/1.1`
+//!   in ALPN besides `h2`.
 
 use std::{
     collections::BTreeMap,
