@@ -17,8 +17,30 @@
 //! | `spdy` | SPDY/3.1 framing, header compression, flow control |
 //! | `remotecommand` | exec/attach over SPDY (`v4.channel.k8s.io`) |
 //! | `portforward` | `portforward.k8s.io` over SPDY (plain or tunneled in WebSocket) |
+//!
+//! What kubectl 1.32 sends (seen on the wire, and pinned by
+//! `tests/tests/sim_streams.rs`):
+//!
+//! - exec and attach: first `GET` with `Upgrade: websocket` offering only
+//!   `v5.channel.k8s.io`; if that upgrade fails (any non-101 answer) it
+//!   retries with `POST`, `Upgrade: SPDY/3.1` and `X-Stream-Protocol-Version`
+//!   v5, v4, v3, v2, `channel.k8s.io`, where a kubelet (and this simulator)
+//!   picks v4. `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false` skips the WebSocket.
+//! - port-forward: first `GET` with `Upgrade: websocket` and the subprotocol
+//!   `SPDY/3.1+portforward.k8s.io` (SPDY frames inside binary messages), then
+//!   `POST` with `Upgrade: SPDY/3.1` and `portforward.k8s.io`.
+//!   `KUBECTL_PORT_FORWARD_WEBSOCKETS=false` skips the WebSocket.
+//! - upgrades always use HTTP/1.1, so a TLS listener must offer `http/1.1`
+//!   in ALPN besides `h2`.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
@@ -48,6 +70,34 @@ pub struct StreamTarget {
     pub env: Vec<(String, String)>,
     /// For port-forward: pod port -> where it is really served on this machine.
     pub ports: BTreeMap<u16, SocketAddr>,
+    /// Counts the upgraded connections being served for this target; shared
+    /// by clones, so a test can see streams end when clients go away.
+    pub live: LiveStreams,
+}
+
+/// How many stream tasks (upgraded connections, the processes they run,
+/// forwarded connections) are alive right now.
+#[derive(Clone, Debug, Default)]
+pub struct LiveStreams(Arc<AtomicUsize>);
+
+impl LiveStreams {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn enter(&self) -> LiveGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        LiveGuard(self.0.clone())
+    }
+}
+
+/// One served connection; counted until dropped with its task.
+pub(crate) struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl StreamTarget {
@@ -75,8 +125,9 @@ pub async fn exec(
         program: Program::Exec(options.command),
         pipes: options.pipes,
         container: target.container(),
+        live: target.live.clone(),
     };
-    remote_command(req, command)
+    remote_command(req, command, &target.live)
 }
 
 /// `GET|POST /api/v1/namespaces/NS/pods/NAME/attach?...`
@@ -92,8 +143,9 @@ pub async fn attach(
         program: Program::Attach,
         pipes: options.pipes,
         container: target.container(),
+        live: target.live.clone(),
     };
-    remote_command(req, command)
+    remote_command(req, command, &target.live)
 }
 
 /// `GET|POST /api/v1/namespaces/NS/pods/NAME/portforward?ports=...`
@@ -112,7 +164,9 @@ pub async fn port_forward(
             return bad_request("missing Sec-WebSocket-Key");
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = target.live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 let ws = websocket::server(upgraded).await;
                 let io = websocket::ByteStream::new(ws);
@@ -126,7 +180,9 @@ pub async fn port_forward(
             return spdy::refuse(&req, &[portforward::PROTOCOL]);
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = target.live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 portforward::serve(hyper_util::rt::TokioIo::new(upgraded), target).await;
             }
@@ -140,6 +196,7 @@ pub async fn port_forward(
 fn remote_command(
     mut req: http::Request<hyper::body::Incoming>,
     command: Command,
+    live: &LiveStreams,
 ) -> http::Response<Body> {
     if websocket::is_upgrade(&req) {
         let Some(protocol) = websocket::choose(&req, websocket::REMOTE_COMMAND) else {
@@ -152,7 +209,9 @@ fn remote_command(
             return bad_request("missing Sec-WebSocket-Key");
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 let ws = websocket::server(upgraded).await;
                 websocket::remote_command(ws, protocol, command).await;
@@ -165,7 +224,9 @@ fn remote_command(
             return spdy::refuse(&req, remotecommand::PROTOCOLS);
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let live = live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(upgraded) = upgrade.await {
                 remotecommand::serve(hyper_util::rt::TokioIo::new(upgraded), command).await;
             }

@@ -84,7 +84,8 @@ async fn run(mut session: Session, target: StreamTarget) {
                 {
                     pending.remove(&request);
                     let (tx, rx) = mpsc::channel(16);
-                    let task = tasks.spawn(forward(
+                    let live = target.live.enter();
+                    let forwarding = forward(
                         target.ports.get(&port).copied(),
                         port,
                         target.pod.clone(),
@@ -92,7 +93,11 @@ async fn run(mut session: Session, target: StreamTarget) {
                         error,
                         data,
                         rx,
-                    ));
+                    );
+                    let task = tasks.spawn(async move {
+                        let _live = live;
+                        forwarding.await
+                    });
                     forwards.insert(
                         data,
                         Forward {

@@ -243,11 +243,6 @@ impl Stdin {
         }
     }
 
-    /// `true` when the client did not ask for stdin.
-    pub fn is_absent(&self) -> bool {
-        self.rx.is_none() && self.pending.is_empty() && self.lines.is_empty()
-    }
-
     /// The next chunk of input (a whole line on a terminal).
     pub async fn read(&mut self) -> Input {
         if !self.pending.is_empty() {
@@ -274,6 +269,38 @@ impl Stdin {
                 Input::Eof => {
                     let rest = self.pending.split();
                     return Some(Ok(String::from_utf8_lossy(&rest).into_owned()));
+                }
+            }
+        }
+    }
+
+    /// On a terminal: resolves when Ctrl-C is typed, keeping other typed
+    /// input for later reads (a `sleep` interrupted from the keyboard).
+    /// Never resolves without a terminal.
+    pub async fn interrupted(&mut self) {
+        if self.terminal.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            if let Some(at) = self.lines.iter().position(|i| *i == Input::Interrupt) {
+                // Input typed before Ctrl-C is discarded, as a tty flushes it.
+                self.lines.drain(..=at);
+                return;
+            }
+            let Some(rx) = &mut self.rx else {
+                return std::future::pending().await;
+            };
+            match rx.recv().await {
+                Some(chunk) => {
+                    if let Some(term) = &mut self.terminal
+                        && term.cook(&chunk, &mut self.lines).await.is_err()
+                    {
+                        self.rx = None;
+                    }
+                }
+                None => {
+                    self.rx = None;
+                    return std::future::pending().await;
                 }
             }
         }
@@ -376,6 +403,8 @@ pub struct Command {
     pub program: Program,
     pub pipes: Pipes,
     pub container: Container,
+    /// The running process counts as a live stream task too.
+    pub live: super::LiveStreams,
 }
 
 impl Command {
@@ -383,7 +412,15 @@ impl Command {
     /// the returned ends, then awaits the exit code from the handle.
     pub fn start(&self) -> (AbortOnDrop<i32>, TransportEnds) {
         let (io, ends) = pipes(self.pipes);
-        let process = tokio::spawn(run(self.program.clone(), io, self.container.clone()));
+        let live = self.live.enter();
+        let process = tokio::spawn({
+            let program = self.program.clone();
+            let container = self.container.clone();
+            async move {
+                let _live = live;
+                run(program, io, container).await
+            }
+        });
         (AbortOnDrop(process), ends)
     }
 

@@ -73,8 +73,18 @@ async fn run(mut session: Session, command: Command) {
         };
         match event {
             Event::Open {
-                stream, headers, ..
+                stream,
+                headers,
+                fin,
             } => {
+                if fin {
+                    // Opened and closed at once: an empty stdin.
+                    early.push_back(Event::Data {
+                        stream,
+                        data: Bytes::new(),
+                        fin,
+                    });
+                }
                 let slot = match spdy::header(&headers, "streamType") {
                     Some("error") => &mut streams.error,
                     Some("stdin") => &mut streams.stdin,

@@ -4,8 +4,9 @@
 //!
 //! Lines are `;`, `&&`, `||` and newline separated commands with single and
 //! double quotes, backslash escapes, `$NAME`, `${NAME}` and `$?`, and the
-//! redirections `>&2` / `1>&2` (to stderr) and `2>&1` (accepted). Exit codes
-//! and messages follow dash (Debian's `sh`).
+//! redirections `>&2` / `1>&2` (to stderr) and `2>&1` (accepted). Variables
+//! are set with `NAME=value`, `export NAME=value` and `unset NAME` (all
+//! exported). Exit codes and messages follow dash (Debian's `sh`).
 
 use std::time::Duration;
 
@@ -120,6 +121,16 @@ impl Shell {
         Flow::Continue(2)
     }
 
+    /// Sets `NAME=value` (a plain `NAME` is already exported: nothing to do).
+    fn assign(&mut self, word: &str) {
+        if let Some((name, value)) = assignment(word) {
+            match self.vars.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => *v = value.to_string(),
+                None => self.vars.push((name.to_string(), value.to_string())),
+            }
+        }
+    }
+
     /// One command inside the shell: builtins first, then programs.
     async fn in_shell(&mut self, argv: &[String], io: &mut ProcessIo, out: &Output) -> Flow {
         match argv[0].as_str() {
@@ -140,6 +151,22 @@ impl Shell {
                 Flow::Exit(code)
             }
             "cd" | ":" => Flow::Continue(0),
+            _ if argv.iter().all(|w| assignment(w).is_some()) => {
+                for word in argv {
+                    self.assign(word);
+                }
+                Flow::Continue(0)
+            }
+            "export" => {
+                for word in &argv[1..] {
+                    self.assign(word);
+                }
+                Flow::Continue(0)
+            }
+            "unset" => {
+                self.vars.retain(|(name, _)| !argv[1..].contains(name));
+                Flow::Continue(0)
+            }
             program if is_program(program) => Box::pin(self.command(argv, io, out)).await,
             program => {
                 let _ = io
@@ -155,7 +182,7 @@ impl Shell {
     /// after `>&2`).
     async fn command(&mut self, argv: &[String], io: &mut ProcessIo, out: &Output) -> Flow {
         let args = &argv[1..];
-        let code = match argv[0].as_str() {
+        let code = match program_name(&argv[0]) {
             "echo" => {
                 let (newline, words) = match args.first().map(String::as_str) {
                     Some("-n") => (false, &args[1..]),
@@ -217,8 +244,10 @@ impl Shell {
             "false" => 1,
             "sleep" => match args.first().map(|a| a.parse::<f64>()) {
                 Some(Ok(secs)) if secs >= 0.0 && secs.is_finite() => {
-                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                    0
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs_f64(secs)) => 0,
+                        () = io.stdin.interrupted() => INTERRUPTED,
+                    }
                 }
                 Some(_) => {
                     let _ = io
@@ -298,17 +327,30 @@ async fn copy_stdin(io: &mut ProcessIo, out: &Output) -> i32 {
     }
 }
 
+/// `NAME=value` split, when `NAME` is a valid variable name.
+fn assignment(word: &str) -> Option<(&str, &str)> {
+    let (name, value) = word.split_once('=')?;
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    ((first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    .then_some((name, value))
+}
+
 fn status_of(written: std::io::Result<()>) -> i32 {
     if written.is_ok() { 0 } else { 1 }
 }
 
+/// `/bin/sh` and `/usr/bin/env` are `sh` and `env`.
+fn program_name(path: &str) -> &str {
+    path.strip_prefix("/bin/")
+        .or_else(|| path.strip_prefix("/usr/bin/"))
+        .unwrap_or(path)
+}
+
 fn is_program(name: &str) -> bool {
-    let name = name
-        .strip_prefix("/bin/")
-        .or_else(|| name.strip_prefix("/usr/bin/"))
-        .unwrap_or(name);
     matches!(
-        name,
+        program_name(name),
         "echo" | "cat" | "env" | "printenv" | "hostname" | "true" | "false" | "sleep" | "sh"
     )
 }
@@ -551,6 +593,10 @@ mod tests {
             (0, "hello\n".into(), "".into())
         );
         assert_eq!(run_with(&["sh", "-c", "exit 3"], None, false).await.0, 3);
+        assert_eq!(
+            run_with(&["/bin/sh", "-c", "/bin/echo full path"], None, false).await,
+            (0, "full path\n".into(), "".into())
+        );
         assert_eq!(run_with(&["false"], None, false).await.0, 1);
         assert_eq!(
             run_with(
@@ -617,6 +663,26 @@ mod tests {
         assert_eq!(code, 5);
         // Typed-ahead input echoes at once, as on a real terminal.
         assert_eq!(out, "$ echo hi\r\nexot\x08 \x08\x08 \x08it 5\r\nhi\r\n$ ");
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_on_a_terminal_interrupts_sleep_and_the_shell_goes_on() {
+        let (code, out, _) =
+            run_with(&["sh"], Some(b"sleep 100\r\x03echo after $?\rexit\r"), true).await;
+        assert_eq!(code, 0);
+        assert!(out.contains("sleep 100\r\n^C\r\n"), "{out:?}");
+        // Typed ahead, so echoed before the shell prints anything else.
+        assert!(out.ends_with("exit\r\n$ after 130\r\n$ "), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn variables_are_set_exported_and_unset() {
+        let line = "A=1 B='two words'; echo $A $B; export C=3; printenv C; unset A; echo [$A]; env";
+        let (code, out, _) = run_with(&["sh", "-c", line], None, false).await;
+        assert_eq!(code, 0);
+        assert!(out.starts_with("1 two words\n3\n[]\n"), "{out}");
+        assert!(out.contains("B=two words\nC=3\n"), "{out}");
+        assert!(!out.contains("A=1"), "{out}");
     }
 
     #[tokio::test]

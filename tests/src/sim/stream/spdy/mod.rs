@@ -416,3 +416,223 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use frame::{Decoder, Encoder, FLAG_FIN, SETTINGS_INITIAL_WINDOW_SIZE};
+
+    /// A test client: writes frames, and reads the server's frames on a task
+    /// of its own so a timed-out wait never cuts a frame in half.
+    struct Client {
+        write: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        encoder: Encoder,
+        frames: mpsc::UnboundedReceiver<Frame>,
+    }
+
+    impl Client {
+        fn start<H, F>(handler: H) -> Client
+        where
+            H: FnOnce(Session) -> F + Send + 'static,
+            F: Future<Output = ()> + Send + 'static,
+        {
+            let (client, server) = tokio::io::duplex(1 << 20);
+            tokio::spawn(serve(server, handler));
+            let (read, write) = tokio::io::split(client);
+            let (tx, frames) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut decoder = Decoder::new(read);
+                while let Ok(Some(frame)) = decoder.read().await {
+                    if tx.send(frame).is_err() {
+                        return;
+                    }
+                }
+            });
+            Client {
+                write,
+                encoder: Encoder::new(),
+                frames,
+            }
+        }
+
+        async fn send(&mut self, frame: Frame) {
+            let mut buf = BytesMut::new();
+            self.encoder.encode(&frame, &mut buf);
+            self.write.write_all(&buf).await.unwrap();
+        }
+
+        async fn next(&mut self) -> Option<Frame> {
+            tokio::time::timeout(Duration::from_millis(300), self.frames.recv())
+                .await
+                .ok()
+                .flatten()
+        }
+
+        /// Data bytes on `stream` until nothing more comes (or FIN).
+        async fn drain_data(&mut self, stream: u32) -> (usize, bool) {
+            let mut total = 0;
+            while let Some(frame) = self.next().await {
+                if let Frame::Data {
+                    stream: s,
+                    flags,
+                    data,
+                } = frame
+                {
+                    assert_eq!(s, stream);
+                    total += data.len();
+                    if flags & FLAG_FIN != 0 {
+                        return (total, true);
+                    }
+                }
+            }
+            (total, false)
+        }
+    }
+
+    fn open(stream: u32) -> Frame {
+        Frame::SynStream {
+            stream,
+            associated: 0,
+            priority: 0,
+            flags: 0,
+            headers: vec![("streamtype".into(), "stdout".into())],
+        }
+    }
+
+    /// Answers the first stream and sends it `len` bytes, then FIN.
+    fn sends(
+        len: usize,
+    ) -> impl FnOnce(Session) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        move |mut session: Session| {
+            Box::pin(async move {
+                let Some(Event::Open { stream, .. }) = session.events.recv().await else {
+                    panic!("expected a stream");
+                };
+                session.sender.reply(stream).await.unwrap();
+                session
+                    .sender
+                    .data(stream, Bytes::from(vec![7u8; len]))
+                    .await
+                    .unwrap();
+                session.sender.fin(stream).await.unwrap();
+                // Stay until the client is gone.
+                while session.events.recv().await.is_some() {}
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_flow_control_gets_everything_at_once() {
+        let mut client = Client::start(sends(200_000));
+        client.send(open(1)).await;
+        assert!(matches!(
+            client.next().await,
+            Some(Frame::SynReply { stream: 1, .. })
+        ));
+        assert_eq!(client.drain_data(1).await, (200_000, true));
+    }
+
+    #[tokio::test]
+    async fn a_flow_controlled_peer_gets_no_more_than_its_windows() {
+        let mut client = Client::start(sends(200_000));
+        client
+            .send(Frame::Settings {
+                flags: 0,
+                entries: vec![(0, SETTINGS_INITIAL_WINDOW_SIZE, 65_536)],
+            })
+            .await;
+        client.send(open(1)).await;
+        assert!(matches!(
+            client.next().await,
+            Some(Frame::SynReply { stream: 1, .. })
+        ));
+        // The stream and the session windows are both 64 KiB.
+        assert_eq!(client.drain_data(1).await, (65_536, false));
+        // A bigger stream window alone does not help: the session is empty.
+        client
+            .send(Frame::WindowUpdate {
+                stream: 1,
+                delta: 200_000,
+            })
+            .await;
+        assert_eq!(client.drain_data(1).await, (0, false));
+        client
+            .send(Frame::WindowUpdate {
+                stream: 0,
+                delta: 50_000,
+            })
+            .await;
+        assert_eq!(client.drain_data(1).await, (50_000, false));
+        client
+            .send(Frame::WindowUpdate {
+                stream: 0,
+                delta: 1 << 20,
+            })
+            .await;
+        assert_eq!(client.drain_data(1).await, (200_000 - 115_536, true));
+    }
+
+    #[tokio::test]
+    async fn consumed_data_is_granted_back_and_pings_answered() {
+        let mut client = Client::start(|mut session: Session| async move {
+            while let Some(event) = session.events.recv().await {
+                match event {
+                    Event::Open { stream, .. } => session.sender.reply(stream).await.unwrap(),
+                    Event::Data { stream, data, .. } => {
+                        session.sender.consumed(stream, data.len()).await.unwrap()
+                    }
+                    Event::Reset { .. } => {}
+                }
+            }
+        });
+        client.send(open(1)).await;
+        assert!(matches!(
+            client.next().await,
+            Some(Frame::SynReply { stream: 1, .. })
+        ));
+        client
+            .send(Frame::Data {
+                stream: 1,
+                flags: 0,
+                data: Bytes::from(vec![1u8; 1000]),
+            })
+            .await;
+        assert_eq!(
+            client.next().await,
+            Some(Frame::WindowUpdate {
+                stream: 1,
+                delta: 1000
+            })
+        );
+        assert_eq!(
+            client.next().await,
+            Some(Frame::WindowUpdate {
+                stream: 0,
+                delta: 1000
+            })
+        );
+        client.send(Frame::Ping { id: 1 }).await;
+        assert_eq!(client.next().await, Some(Frame::Ping { id: 1 }));
+    }
+
+    #[tokio::test]
+    async fn a_finished_handler_says_goaway_with_the_last_stream() {
+        let mut client = Client::start(|mut session: Session| async move {
+            if let Some(Event::Open { stream, .. }) = session.events.recv().await {
+                session.sender.reply(stream).await.unwrap();
+            }
+        });
+        client.send(open(3)).await;
+        assert!(matches!(
+            client.next().await,
+            Some(Frame::SynReply { stream: 3, .. })
+        ));
+        assert_eq!(
+            client.next().await,
+            Some(Frame::GoAway {
+                last_good: 3,
+                status: 0
+            })
+        );
+    }
+}
