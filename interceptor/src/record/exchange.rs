@@ -291,7 +291,7 @@ pub(crate) mod testing {
                 resource: resource.into(),
                 subresource: String::new(),
                 name: name.into(),
-                parts: Vec::new(),
+                ..RequestInfo::default()
             },
             caller: caller(),
             impersonated_user: None,

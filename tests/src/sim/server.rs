@@ -1092,6 +1092,7 @@ async fn streaming(
             .into(),
         env,
         ports,
+        ..StreamTarget::default()
     };
     match subresource {
         "exec" => stream::exec(req, target).await,
