@@ -107,8 +107,8 @@ pub enum AuthError {
         token: Box<PodIdentity>,
         attested: Box<PodIdentity>,
     },
-    #[error("chaperone: cannot verify tokens of issuer {issuer} right now: {reason}")]
-    KeysUnavailable { issuer: String, reason: String },
+    #[error("chaperone: cannot verify the token right now: no signing keys from {from}: {reason}")]
+    KeysUnavailable { from: String, reason: String },
     #[error("chaperone: cannot verify the token right now: TokenReview failed: {reason}")]
     ReviewUnavailable { reason: String },
 }
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn unavailable_verification_is_503_not_401() {
         let error = AuthError::KeysUnavailable {
-            issuer: "https://kubernetes.default.svc".into(),
+            from: "the API server".into(),
             reason: "connection refused".into(),
         };
         let status = error.to_status();

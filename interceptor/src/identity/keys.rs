@@ -70,8 +70,9 @@ impl ApiServerKeySource {
             .map_err(|e| format!("building GET {path}: {e}"))?;
         self.client.request_text(request).await.map_err(|e| {
             format!(
-                "GET {path} from the API server failed: {e} (chaperone's service account \
-                 needs the system:service-account-issuer-discovery ClusterRole)"
+                "GET {path} from the API server failed: {} (chaperone's service account \
+                 needs the system:service-account-issuer-discovery ClusterRole)",
+                describe_kube_error(&e)
             )
         })
     }
@@ -94,6 +95,15 @@ impl KeySource for ApiServerKeySource {
                 keys,
             })
         })
+    }
+}
+
+/// A kube error in one line: the API server's own `Status` message when
+/// there is one.
+pub(crate) fn describe_kube_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("HTTP {}: {}", status.code, status.message),
+        other => other.to_string(),
     }
 }
 
@@ -373,7 +383,7 @@ impl KeyCache {
         }
         // Rate-limited or failed: serve what there is, even if stale.
         self.current().ok_or_else(|| AuthError::KeysUnavailable {
-            issuer: self.source.describe(),
+            from: self.source.describe(),
             reason: state
                 .last_error
                 .clone()

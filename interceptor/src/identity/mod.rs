@@ -274,13 +274,12 @@ impl Authenticator {
             // Without the API server's discovery the issuer cannot be
             // placed; TokenReview may still know it.
             Err(unavailable) => {
-                return match &self.review {
-                    Some(review) => match review.review(bearer).await? {
-                        ReviewOutcome::Authenticated(caller) => Ok(*caller),
-                        ReviewOutcome::Rejected(_) => Err(unavailable),
-                    },
-                    None => Err(unavailable),
-                };
+                if let Some(review) = &self.review
+                    && let Ok(ReviewOutcome::Authenticated(caller)) = review.review(bearer).await
+                {
+                    return Ok(*caller);
+                }
+                return Err(unavailable);
             }
         };
         if sa_issuers.iter().any(|i| i == issuer) {

@@ -951,3 +951,172 @@ fn configuration_mistakes_are_named() {
     let error = Authenticator::new(&config, backends()).err().unwrap();
     assert!(error.to_string().contains("audiences is empty"));
 }
+
+// === the production backends, against a local HTTP API server ===
+
+/// What the fake API server answers: `(method, path, body) -> (status, body)`.
+type Routes = dyn Fn(&http::Method, &str, &[u8]) -> (u16, String) + Send + Sync;
+
+/// A plain-HTTP server on loopback standing in for the API server, and a
+/// `kube::Client` pointed at it.
+async fn fake_api_server(routes: Arc<Routes>) -> kube::Client {
+    use http_body_util::BodyExt;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let routes = routes.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        let routes = routes.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            let (status, text) = routes(&parts.method, parts.uri.path(), &body);
+                            Ok::<_, hyper::Error>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+fn status_body(code: u16, message: &str) -> String {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": "Forbidden", "code": code})
+    .to_string()
+}
+
+#[tokio::test]
+async fn the_kube_backends_fetch_keys_and_review_tokens_from_the_api_server() {
+    let key = SigningKey::rsa("a", RSA_A);
+    let jwks = json!({"keys": [key.jwk]}).to_string();
+    let reviews = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let seen = reviews.clone();
+    let client = fake_api_server(Arc::new(move |method, path, body| {
+        match (method.as_str(), path) {
+            ("GET", "/.well-known/openid-configuration") => (
+                200,
+                json!({"issuer": ISSUER, "jwks_uri": format!("{ISSUER}/openid/v1/jwks")})
+                    .to_string(),
+            ),
+            ("GET", "/openid/v1/jwks") => (200, jwks.clone()),
+            ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
+                let review: Value = serde_json::from_slice(body).unwrap();
+                seen.lock().unwrap().push(review.clone());
+                let status = if review["spec"]["token"] == "opaque-agent" {
+                    json!({"authenticated": true, "user": {
+                        "username": "system:serviceaccount:prod-a:agent",
+                        "uid": "sa-uid-1",
+                        "groups": ["system:serviceaccounts", "system:authenticated"],
+                        "extra": {
+                            "authentication.kubernetes.io/pod-name": ["agent-1"],
+                            "authentication.kubernetes.io/pod-uid": [POD_UID]
+                        }
+                    }})
+                } else {
+                    json!({"authenticated": false, "error": "invalid bearer token"})
+                };
+                let mut answer = review;
+                answer["status"] = status;
+                (201, answer.to_string())
+            }
+            _ => (404, status_body(404, "not found")),
+        }
+    }))
+    .await;
+    let mut config = config();
+    config.token_review.audiences = vec![AUDIENCE.into()];
+    let auth = Authenticator::from_client(&config, client).unwrap();
+
+    let caller = auth
+        .authenticate(&key.sign(&sa_claims()), Some(&agent_pod()), None)
+        .await
+        .unwrap();
+    assert_eq!(caller.username, "system:serviceaccount:prod-a:agent");
+
+    let caller = auth
+        .authenticate("opaque-agent", Some(&agent_pod()), None)
+        .await
+        .unwrap();
+    assert_eq!(caller.extra[EXTRA_POD_UID], [POD_UID]);
+    let error = auth
+        .authenticate(
+            "opaque-agent",
+            Some(&pod("dev-a", "agent-2", OTHER_POD_UID)),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AuthError::PodMismatch { .. }), "{error}");
+    let error = auth
+        .authenticate("sha256~stolen", None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "chaperone: token rejected: the API server's TokenReview did not authenticate it: invalid bearer token"
+    );
+
+    let reviews = reviews.lock().unwrap();
+    assert_eq!(
+        reviews.len(),
+        2,
+        "the second opaque-agent answer was cached"
+    );
+    assert_eq!(reviews[0]["kind"], "TokenReview");
+    assert_eq!(reviews[0]["spec"]["audiences"], json!([AUDIENCE]));
+}
+
+#[tokio::test]
+async fn missing_discovery_rights_are_named() {
+    let client = fake_api_server(Arc::new(|_, path, _| {
+        (
+            403,
+            status_body(
+                403,
+                &format!("forbidden: User \"system:serviceaccount:chaperone:chaperone\" cannot get path \"{path}\""),
+            ),
+        )
+    }))
+    .await;
+    let auth = Authenticator::from_client(&config(), client).unwrap();
+    let key = SigningKey::rsa("a", RSA_A);
+    let error = auth
+        .authenticate(&key.sign(&sa_claims()), None, None)
+        .await
+        .unwrap_err();
+    let status = error.to_status();
+    assert_eq!(status.code, 503, "{}", status.message);
+    assert_eq!(
+        status.message,
+        "chaperone: cannot verify the token right now: no signing keys from the API server's \
+         /.well-known/openid-configuration and /openid/v1/jwks: GET /.well-known/openid-configuration from the API server \
+         failed: HTTP 403: forbidden: User \"system:serviceaccount:chaperone:chaperone\" cannot get \
+         path \"/.well-known/openid-configuration\" (chaperone's service account needs the \
+         system:service-account-issuer-discovery ClusterRole)"
+    );
+    // TokenReview is refused too, and says which right is missing.
+    let error = auth.authenticate("opaque", None, None).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("HTTP 403: forbidden: User \"system:serviceaccount:chaperone:chaperone\" cannot get path \"/apis/authentication.k8s.io/v1/tokenreviews\" (chaperone's service account needs create on tokenreviews.authentication.k8s.io)"),
+        "{error}"
+    );
+}

@@ -60,7 +60,13 @@ impl TokenReviewer for KubeTokenReviewer {
                 .api
                 .create(&PostParams::default(), &review)
                 .await
-                .map_err(|e| format!("creating a TokenReview failed: {e}"))?;
+                .map_err(|e| {
+                    format!(
+                        "creating a TokenReview failed: {} (chaperone's service account needs \
+                         create on tokenreviews.authentication.k8s.io)",
+                        super::keys::describe_kube_error(&e)
+                    )
+                })?;
             let status = answer.status.unwrap_or_default();
             if status.authenticated != Some(true) {
                 return Ok(ReviewOutcome::Rejected(
