@@ -138,7 +138,11 @@ pub(crate) fn refuse_forbidden_algorithm(alg: &str) -> Result<(), AuthError> {
     if alg.eq_ignore_ascii_case("none") {
         return Err(AuthError::AlgorithmNone);
     }
-    if alg.len() >= 2 && alg[..2].eq_ignore_ascii_case("HS") {
+    if alg
+        .as_bytes()
+        .get(..2)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"HS"))
+    {
         return Err(AuthError::SymmetricAlgorithm {
             alg: alg.to_string(),
         });
@@ -392,6 +396,14 @@ mod tests {
         );
         let error = Jwt::parse(&token).unwrap().unwrap_err();
         assert!(error.to_string().contains("critical extensions"));
+    }
+
+    #[test]
+    fn hostile_alg_names_do_not_panic() {
+        assert!(refuse_forbidden_algorithm("H\u{e9}256").is_ok());
+        assert!(refuse_forbidden_algorithm("").is_ok());
+        assert!(refuse_forbidden_algorithm("hs512").is_err());
+        assert!(allowed_algorithm("\u{e9}", DEFAULT_ALGORITHMS).is_err());
     }
 
     #[test]

@@ -403,3 +403,35 @@ fn usable_keys(jwks: &[Jwk]) -> Vec<VerificationKey> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_https_fetcher_refuses_plain_http() {
+        let fetcher = HttpsFetcher::new(None, Duration::from_secs(2)).unwrap();
+        let error = fetcher
+            .get("http://127.0.0.1:1/.well-known/openid-configuration")
+            .await
+            .unwrap_err();
+        assert!(
+            error.starts_with("GET http://127.0.0.1:1/.well-known/openid-configuration: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_ca_bundle_without_certificates_is_named() {
+        let error = HttpsFetcher::new(Some(b"not a certificate"), Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert_eq!(error, "CA bundle holds no certificates");
+    }
+
+    #[test]
+    fn a_ca_bundle_with_a_certificate_is_trusted() {
+        let cert = rcgen::generate_simple_self_signed(vec!["idp.example".into()]).unwrap();
+        HttpsFetcher::new(Some(cert.cert.pem().as_bytes()), Duration::from_secs(1)).unwrap();
+    }
+}

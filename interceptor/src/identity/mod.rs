@@ -164,6 +164,9 @@ pub struct Authenticator {
     allow_legacy: bool,
 }
 
+/// Longest bearer token considered; real ones are a few kilobytes.
+pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+
 /// How long an external OIDC issuer has to answer a discovery fetch.
 const OIDC_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -237,6 +240,12 @@ impl Authenticator {
         let bearer = bearer.trim();
         if bearer.is_empty() {
             return Err(AuthError::MissingToken);
+        }
+        if bearer.len() > MAX_TOKEN_LEN {
+            return Err(AuthError::Malformed(format!(
+                "{} bytes long; tokens over {MAX_TOKEN_LEN} bytes are refused",
+                bearer.len()
+            )));
         }
         let mut caller = match Jwt::parse(bearer) {
             None => self.review_opaque(bearer).await?,

@@ -15,7 +15,8 @@ impl ProcessInfo {
     /// Reads `/proc/PID`. Fails only when the process is gone before its
     /// command could be read; an unreadable executable (the process exited
     /// and is a zombie, or belongs to another user) leaves `executable`
-    /// empty, and the parent chain stops where it can no longer be read.
+    /// empty, an unreadable uid is `u32::MAX`, and the parent chain stops
+    /// where it can no longer be read.
     pub fn from_proc(pid: u32) -> io::Result<Self> {
         Self::from_proc_root(Path::new("/proc"), pid)
     }
