@@ -262,6 +262,9 @@ struct FetchState {
     last_error: Option<String>,
 }
 
+/// Requests wait for a key fetch (an unknown kid) at most this long.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One issuer's keys, cached.
 pub struct KeyCache {
     source: Arc<dyn KeySource>,
@@ -354,7 +357,10 @@ impl KeyCache {
             .is_some_and(|at| at.elapsed() < self.policy.min_interval);
         if !rate_limited {
             state.last_attempt = Some(Instant::now());
-            match self.source.fetch().await {
+            let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.source.fetch())
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
+            match fetched {
                 Ok(set) => {
                     let keys = usable_keys(&set.keys);
                     tracing::info!(

@@ -514,6 +514,23 @@ async fn forgeries_and_replays_are_attack_signals_stale_tokens_are_not() {
 }
 
 #[tokio::test]
+async fn no_prefix_of_a_valid_token_is_accepted() {
+    let key = SigningKey::ec("ec-1");
+    let auth = authenticator(&config(), TestKeySource::new(&[&key]), None);
+    let valid = key.sign(&sa_claims());
+    for end in (0..valid.len()).step_by(3) {
+        let error = auth
+            .authenticate(&valid[..end], Some(&agent_pod()), None)
+            .await
+            .unwrap_err();
+        assert_eq!(error.to_status().code, 401, "prefix {end}: {error}");
+    }
+    auth.authenticate(&valid, Some(&agent_pod()), None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn opaque_tokens_without_token_review_are_refused_by_name() {
     let key = SigningKey::rsa("a", RSA_A);
     let mut config = config();

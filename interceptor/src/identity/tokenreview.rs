@@ -94,6 +94,10 @@ impl TokenReviewer for KubeTokenReviewer {
 
 // === impl CachedReviewer ===
 
+/// A request waits for the API server's TokenReview answer at most this
+/// long.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Answers kept briefly, keyed by the token's SHA-256 (tokens themselves
 /// are never stored), bounded in number.
 pub struct CachedReviewer {
@@ -135,10 +139,9 @@ impl CachedReviewer {
         {
             return Ok(outcome.clone());
         }
-        let outcome = self
-            .inner
-            .review(token)
+        let outcome = tokio::time::timeout(REVIEW_TIMEOUT, self.inner.review(token))
             .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REVIEW_TIMEOUT:?}")))
             .map_err(|reason| AuthError::ReviewUnavailable { reason })?;
         let ttl = match outcome {
             ReviewOutcome::Authenticated(_) => self.positive_ttl,
