@@ -50,6 +50,10 @@ pub struct ServiceAccountConfig {
     /// unless allowed; when allowed they go to TokenReview, so the API
     /// server checks their secret still exists.
     pub allow_legacy_tokens: bool,
+    /// On redirected connections, refuse service-account tokens that name
+    /// no pod (`kubectl create token` without `--bound-object-kind Pod`,
+    /// legacy tokens): only a token minted for the calling pod is accepted.
+    pub require_pod_binding: bool,
     /// Allowed signature algorithms. Empty: RS256/384/512, PS256/384/512,
     /// ES256/384 and EdDSA. `none` and HMAC can never be allowed.
     pub algorithms: Vec<String>,

@@ -107,6 +107,14 @@ pub enum AuthError {
         token: Box<PodIdentity>,
         attested: Box<PodIdentity>,
     },
+    #[error(
+        "{REJECTED}: token of {username} is not bound to a pod, and connections from pod \
+         {attested} must carry a token bound to it (a projected service-account token)"
+    )]
+    UnboundToken {
+        username: String,
+        attested: Box<PodIdentity>,
+    },
     #[error("chaperone: cannot verify the token right now: no signing keys from {from}: {reason}")]
     KeysUnavailable { from: String, reason: String },
     #[error("chaperone: cannot verify the token right now: TokenReview failed: {reason}")]

@@ -162,6 +162,7 @@ pub struct Authenticator {
     oidc: Vec<OidcVerifier>,
     review: Option<CachedReviewer>,
     allow_legacy: bool,
+    require_pod_binding: bool,
 }
 
 /// Longest bearer token considered; real ones are a few kilobytes.
@@ -224,6 +225,7 @@ impl Authenticator {
             oidc,
             review,
             allow_legacy: sa.allow_legacy_tokens,
+            require_pod_binding: sa.require_pod_binding,
         })
     }
 
@@ -251,7 +253,7 @@ impl Authenticator {
             None => self.review_opaque(bearer).await?,
             Some(jwt) => self.verify_jwt(bearer, &jwt?).await?,
         };
-        bind(&caller, attested)?;
+        bind(&caller, attested, self.require_pod_binding)?;
         caller.pod = attested.cloned();
         caller.process = process;
         Ok(caller)
@@ -339,11 +341,26 @@ fn https_fetcher(issuer: &OidcIssuerConfig) -> Result<Arc<dyn HttpFetcher>, Conf
     Ok(Arc::new(fetcher))
 }
 
-/// The token's pod must be the connection's pod. Tokens that name no pod
-/// (external OIDC, TokenReview without pod extra) are not bound; a token
-/// used from outside the redirect has no attested pod to compare with.
-fn bind(caller: &Caller, attested: Option<&PodRef>) -> Result<(), AuthError> {
-    let (Some(pod), Some(token_pod)) = (attested, caller.token_pod()) else {
+/// The token's pod must be the connection's pod. A token used from outside
+/// the redirect has no attested pod to compare with. Tokens that name no
+/// pod (external OIDC, TokenReview without pod extra) are not bound, except
+/// that service-account tokens must name the pod when
+/// `require_pod_binding` says so.
+fn bind(
+    caller: &Caller,
+    attested: Option<&PodRef>,
+    require_pod_binding: bool,
+) -> Result<(), AuthError> {
+    let Some(pod) = attested else {
+        return Ok(());
+    };
+    let Some(token_pod) = caller.token_pod() else {
+        if require_pod_binding && caller.service_account().is_some() {
+            return Err(AuthError::UnboundToken {
+                username: caller.username.clone(),
+                attested: Box::new(pod.into()),
+            });
+        }
         return Ok(());
     };
     if !pod.uid.is_empty() && token_pod.uid == pod.uid {

@@ -531,6 +531,44 @@ async fn no_prefix_of_a_valid_token_is_accepted() {
 }
 
 #[tokio::test]
+async fn pod_binding_can_be_required_of_service_account_tokens() {
+    let key = SigningKey::rsa("a", RSA_A);
+    let mut unbound = sa_claims();
+    unbound["kubernetes.io"]
+        .as_object_mut()
+        .unwrap()
+        .remove("pod");
+    let unbound = key.sign(&unbound);
+
+    let auth = authenticator(&config(), TestKeySource::new(&[&key]), None);
+    auth.authenticate(&unbound, Some(&agent_pod()), None)
+        .await
+        .unwrap();
+
+    let mut config = config();
+    config.service_accounts.require_pod_binding = true;
+    let auth = authenticator(&config, TestKeySource::new(&[&key]), None);
+    let error = auth
+        .authenticate(&unbound, Some(&agent_pod()), None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_status().code, 401);
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "chaperone: token rejected: token of system:serviceaccount:prod-a:agent is not bound \
+             to a pod, and connections from pod prod-a/agent-1 (uid {POD_UID}) must carry a token \
+             bound to it (a projected service-account token)"
+        )
+    );
+    // Outside the redirect there is no pod to bind to; bound tokens pass.
+    auth.authenticate(&unbound, None, None).await.unwrap();
+    auth.authenticate(&key.sign(&sa_claims()), Some(&agent_pod()), None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn opaque_tokens_without_token_review_are_refused_by_name() {
     let key = SigningKey::rsa("a", RSA_A);
     let mut config = config();
