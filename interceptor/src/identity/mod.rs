@@ -43,7 +43,8 @@ pub use serviceaccount::{
 };
 pub use tokenreview::{CachedReviewer, KubeTokenReviewer, ReviewOutcome, TokenReviewer};
 pub use upstream::{
-    CredentialMode, HeaderError, bearer_token, escape_extra_key, is_identity_header,
+    CredentialMode, HeaderError, IMPERSONATE_EXTRA_PREFIX, IMPERSONATE_GROUP, IMPERSONATE_UID,
+    IMPERSONATE_USER, bearer_token, escape_extra_key, is_identity_header,
     upstream_identity_headers,
 };
 
