@@ -895,7 +895,16 @@ impl Store {
                 "the applied configuration must be an object",
             ));
         }
-        let applied_set = fields::field_set(&applied);
+        // An applied configuration owns map entries, not whole maps: no "."
+        // for map fields (list items keep theirs), as the API server records it.
+        let applied_set: BTreeSet<fields::FieldPath> = fields::field_set(&applied)
+            .into_iter()
+            .filter(|p| {
+                !(p.last().is_some_and(|l| l == ".")
+                    && p.len() >= 2
+                    && p[p.len() - 2].starts_with("f:"))
+            })
+            .collect();
         let mut inner = self.lock();
         let k = key(def, namespace, name);
         let Some(old) = inner.objects.get(&k).cloned() else {
