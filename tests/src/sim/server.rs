@@ -250,7 +250,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         &state,
         RecordedRequest {
             method: req.method().to_string(),
-            uri: req.uri().to_string(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| req.uri().path().to_string()),
             http_version: format!("{:?}", req.version()),
             headers: headers
                 .iter()
