@@ -71,10 +71,9 @@ fn adopt_metadata(ours: &mut Value, theirs: &Value) {
         if let (Some(m), Some(v)) = (
             ours.get_mut("metadata").and_then(Value::as_object_mut),
             theirs.pointer(&format!("/metadata/{f}")),
-        ) {
-            if m.contains_key(f) {
-                m.insert(f.into(), v.clone());
-            }
+        ) && m.contains_key(f)
+        {
+            m.insert(f.into(), v.clone());
         }
     }
     if let (Some(Value::Array(ours_mf)), Some(Value::Array(their_mf))) = (

@@ -378,7 +378,7 @@ impl Issuer {
         self.keys()[0].kid.clone()
     }
 
-    fn live<'a>(keys: &'a [SigningKey]) -> impl Iterator<Item = &'a SigningKey> {
+    fn live(keys: &[SigningKey]) -> impl Iterator<Item = &SigningKey> {
         let now = SystemTime::now();
         keys.iter()
             .filter(move |k| k.retired_until.is_none_or(|t| t > now))

@@ -145,10 +145,10 @@ impl Client {
         let uri = format!("https://{}{}", self.authority, req.uri());
         *req.uri_mut() = uri.parse()?;
         let h = req.headers_mut();
-        if let Some(t) = &self.token {
-            if !h.contains_key(http::header::AUTHORIZATION) {
-                h.insert(http::header::AUTHORIZATION, format!("Bearer {t}").parse()?);
-            }
+        if let Some(t) = &self.token
+            && !h.contains_key(http::header::AUTHORIZATION)
+        {
+            h.insert(http::header::AUTHORIZATION, format!("Bearer {t}").parse()?);
         }
         h.entry(http::header::USER_AGENT)
             .or_insert(self.user_agent.parse()?);

@@ -598,11 +598,11 @@ impl Store {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        if name.is_empty() {
-            if let Some(prefix) = meta.get("generateName").and_then(Value::as_str) {
-                name = format!("{prefix}{}", random_suffix());
-                meta.insert("name".into(), name.clone().into());
-            }
+        if name.is_empty()
+            && let Some(prefix) = meta.get("generateName").and_then(Value::as_str)
+        {
+            name = format!("{prefix}{}", random_suffix());
+            meta.insert("name".into(), name.clone().into());
         }
         validate_name(def, &name)?;
         for k in [
@@ -648,7 +648,7 @@ impl Store {
         defaults_on_create(def, &mut obj, &now);
         let meta = meta_mut(&mut obj);
         meta.insert("uid".into(), uuid::Uuid::new_v4().to_string().into());
-        if def.group != "" && obj.get("spec").is_some() {
+        if !def.group.is_empty() && obj.get("spec").is_some() {
             meta_mut(&mut obj).insert("generation".into(), 1.into());
         }
         meta_mut(&mut obj).insert("creationTimestamp".into(), now.clone().into());
@@ -666,25 +666,26 @@ impl Store {
             inner.registry.add_crd(&name, defs);
         }
         self.emit(&mut inner, EventType::Added, def, &obj);
-        if def.group.is_empty() && def.plural == "pods" {
-            if let (Some(lines), Some(container)) = (
+        if def.group.is_empty()
+            && def.plural == "pods"
+            && let (Some(lines), Some(container)) = (
                 obj.pointer("/metadata/annotations")
                     .and_then(|a| a.get(LOG_ANNOTATION))
                     .and_then(Value::as_str),
                 first_container(&obj),
-            ) {
-                let ts = now_rfc3339_nanos();
-                inner.logs.insert(
-                    (namespace.into(), name.clone(), container),
-                    lines
-                        .lines()
-                        .map(|l| LogLine {
-                            timestamp: ts.clone(),
-                            text: l.to_string(),
-                        })
-                        .collect(),
-                );
-            }
+            )
+        {
+            let ts = now_rfc3339_nanos();
+            inner.logs.insert(
+                (namespace.into(), name.clone(), container),
+                lines
+                    .lines()
+                    .map(|l| LogLine {
+                        timestamp: ts.clone(),
+                        text: l.to_string(),
+                    })
+                    .collect(),
+            );
         }
         Ok(obj)
     }
@@ -840,10 +841,10 @@ impl Store {
         if strip_volatile(&new_c) == strip_volatile(old) && operation == "Update" {
             return Ok(old.clone());
         }
-        if old.get("spec") != new_c.get("spec") {
-            if let Some(g) = old_meta.get("generation").and_then(Value::as_i64) {
-                meta_mut(&mut new_c).insert("generation".into(), (g + 1).into());
-            }
+        if old.get("spec") != new_c.get("spec")
+            && let Some(g) = old_meta.get("generation").and_then(Value::as_i64)
+        {
+            meta_mut(&mut new_c).insert("generation".into(), (g + 1).into());
         }
         let now = now_rfc3339();
         if let Some(manager) = &opts.field_manager {
@@ -863,10 +864,10 @@ impl Store {
         meta_mut(&mut new_c).insert("resourceVersion".into(), rv.to_string().into());
         let new_c = canonical(def, new_c);
         inner.objects.insert(k.clone(), new_c.clone());
-        if def.plural == "customresourcedefinitions" {
-            if let Ok(defs) = resources::from_crd(&new_c) {
-                inner.registry.add_crd(&k.name, defs);
-            }
+        if def.plural == "customresourcedefinitions"
+            && let Ok(defs) = resources::from_crd(&new_c)
+        {
+            inner.registry.add_crd(&k.name, defs);
         }
         self.emit(inner, EventType::Modified, def, &new_c);
         Ok(new_c)
@@ -1318,7 +1319,7 @@ fn set_managed(
                 .collect();
             // Keep "." markers of maps this manager now touches.
             for p in fields::field_set(obj) {
-                if p.last().is_some_and(|l| l == ".") && set.contains(&p[..p.len() - 1].to_vec()) {
+                if p.last().is_some_and(|l| l == ".") && set.contains(&p[..p.len() - 1]) {
                     set.insert(p);
                 }
             }
