@@ -685,3 +685,30 @@ async fn pod_streams_reach_the_stream_seam() {
         assert_ne!(r.status, 403, "{sub}");
     }
 }
+
+#[tokio::test]
+async fn serves_ipv6_loopback_with_a_certificate_for_it() {
+    let config = SimConfig {
+        listen: "[::1]:0".parse().unwrap(),
+        ..SimConfig::default()
+    };
+    let sim = match Simulator::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("SKIPPED serves_ipv6_loopback: no IPv6 loopback here ({e})");
+            return;
+        }
+    };
+    assert!(sim.url().starts_with("https://[::1]:"));
+    assert!(
+        sim.kubeconfig("t")
+            .contains(&format!("server: {}", sim.url()))
+    );
+    let c = Client::connect(sim.addr(), &sim.ca_pem(), true)
+        .await
+        .unwrap()
+        .with_token(&sim.admin_token());
+    let r = c.get("/version").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["gitVersion"], "v1.20.2");
+}

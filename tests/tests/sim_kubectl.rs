@@ -431,6 +431,38 @@ async fn service_account_tokens_and_tampering() {
         out.stderr
     );
 
+    // kubectl create token (TokenRequest) mints a token the simulator accepts.
+    let admin = Kubectl::new(&sim, &sim.admin_token());
+    let minted = admin
+        .ok(&[
+            "create",
+            "token",
+            "agent",
+            "-n",
+            "prod-a",
+            "--audience",
+            "https://kubernetes.default.svc.cluster.local",
+        ])
+        .await;
+    let minted_kubectl = Kubectl::new(&sim, minted.trim());
+    assert_eq!(
+        minted_kubectl
+            .run(&["auth", "can-i", "list", "pods", "-n", "prod-a"])
+            .await
+            .stdout,
+        "no\n"
+    );
+    let who = sim
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.token.as_deref() == Some(minted.trim()))
+        .unwrap();
+    assert_eq!(
+        who.authenticated.unwrap().username,
+        "system:serviceaccount:prod-a:agent"
+    );
+
     sim.grant(
         Subject::ServiceAccount {
             namespace: "prod-a".into(),

@@ -65,8 +65,15 @@ const SSAR: &[Field] = &[
     (1, "metadata", Ty::Msg(OBJECT_META)),
     (2, "spec", Ty::Msg(SSAR_SPEC)),
 ];
+const BOUND_OBJECT_REFERENCE: &[Field] = &[
+    (1, "kind", Ty::Str),
+    (2, "apiVersion", Ty::Str),
+    (3, "name", Ty::Str),
+    (4, "uid", Ty::Str),
+];
 const TOKEN_REQUEST_SPEC: &[Field] = &[
     (1, "audiences", Ty::RepeatedStr),
+    (3, "boundObjectRef", Ty::Msg(BOUND_OBJECT_REFERENCE)),
     (4, "expirationSeconds", Ty::Int),
 ];
 const TOKEN_REQUEST: &[Field] = &[
