@@ -505,3 +505,75 @@ async fn service_account_tokens_and_tampering() {
         out.stderr
     );
 }
+
+#[tokio::test]
+async fn the_kube_sim_binary_serves_with_the_files_it_writes() {
+    require_kubectl!();
+    let dir = tempfile::tempdir().unwrap();
+    let (kubeconfig, ca, seed) = (
+        dir.path().join("kc"),
+        dir.path().join("ca.pem"),
+        dir.path().join("seed.yaml"),
+    );
+    std::fs::write(
+        &seed,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod-a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: seeded, namespace: prod-a}\ndata: {a: b}\n",
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-sim"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--permissive"])
+        .arg("--kubeconfig-out")
+        .arg(&kubeconfig)
+        .arg("--ca-out")
+        .arg(&ca)
+        .arg("--seed")
+        .arg(&seed)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .expect("kube-sim starts")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first,
+        format!("kube-sim listening on https://127.0.0.1:{port}")
+    );
+    assert!(
+        std::fs::read_to_string(&ca)
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    let cache = dir.path().join("cache");
+    let got = Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args([
+            "get",
+            "configmap",
+            "seeded",
+            "-n",
+            "prod-a",
+            "-o",
+            "jsonpath={.data.a}",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "b",
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    child.kill().await.unwrap();
+}
