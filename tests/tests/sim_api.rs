@@ -406,6 +406,38 @@ async fn watch_options_selectors_bookmarks_and_timeout() {
         "timeoutSeconds ends the watch ({took:?})"
     );
 
+    // A change that moves an object into or out of the selectors is ADDED / DELETED.
+    let resp = admin
+        .send(watch_request(
+            "/api/v1/namespaces/default/pods?watch=true&labelSelector=agent%3Dyes",
+        ))
+        .await
+        .unwrap();
+    let mut lines = Lines::new(resp);
+    let label = |value: Value| {
+        sim.store()
+            .patch_in(
+                &sim.store().registry().lookup("pods").unwrap().clone(),
+                "default",
+                "match",
+                chaperone_tests::sim::patch::PatchType::Merge,
+                &json!({"metadata": {"labels": {"agent": value}}}),
+                &Default::default(),
+            )
+            .unwrap();
+    };
+    label(json!("yes"));
+    label(json!(null));
+    for want in ["ADDED", "DELETED"] {
+        let ev = tokio::time::timeout(Duration::from_secs(10), lines.next_json())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev["type"], want);
+        assert_eq!(ev["object"]["metadata"]["name"], "match");
+    }
+
     // After a compaction, resuming from an old resourceVersion is 410 Gone.
     sim.store().compact();
     let r = admin

@@ -22,7 +22,7 @@ use super::{
     resources::{self, ResourceDef},
     selectors::{FieldSelector, LabelSelector},
     status::{self, ApiError},
-    store::{self, WriteOptions},
+    store::{self, EventType, WriteOptions},
     stream::{self, Body, StreamTarget},
     table::{self, IncludeObject},
     wire::{self, Accept},
@@ -740,25 +740,38 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 return;
             }
         };
-        let wanted = |ev: &store::WatchEvent| {
-            ev.group == def.group
-                && ev.resource == def.plural
-                && (namespace.is_empty() || ev.namespace == namespace)
-                && labels.matches(&ev.object)
-                && fields.matches(&ev.object)
+        let selected = |o: &Value| labels.matches(o) && fields.matches(o);
+        // The event this watcher sees, if any: a change that moves an object
+        // into or out of the selectors is ADDED or DELETED, like the API server.
+        let seen = |ev: &store::WatchEvent| -> Option<&'static str> {
+            if ev.group != def.group
+                || ev.resource != def.plural
+                || !(namespace.is_empty() || ev.namespace == namespace)
+            {
+                return None;
+            }
+            let now = selected(&ev.object);
+            match (ev.kind, ev.previous.as_ref().map(|p| selected(p))) {
+                (EventType::Modified, Some(false)) if now => Some("ADDED"),
+                (EventType::Modified, Some(true)) if !now => Some("DELETED"),
+                (kind, _) if now => Some(kind.as_str()),
+                _ => None,
+            }
         };
-        let render = |ev: &store::WatchEvent| {
+        let render = |kind: &str, ev: &store::WatchEvent| {
             let obj = if as_table {
                 let rv = ev.resource_version.to_string();
                 table::table(&def, std::slice::from_ref(&ev.object), &rv, include, true)
             } else {
                 ev.object.clone()
             };
-            event_line(ev.kind.as_str(), &obj)
+            event_line(kind, &obj)
         };
-        for ev in first.iter().filter(|e| wanted(e)) {
-            if tx.send(Ok(Frame::data(render(ev)))).await.is_err() {
-                return;
+        for ev in &first {
+            if let Some(kind) = seen(ev) {
+                if tx.send(Ok(Frame::data(render(kind, ev)))).await.is_err() {
+                    return;
+                }
             }
         }
         let deadline = tokio::time::sleep(timeout);
@@ -783,8 +796,10 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 }
                 ev = rx.recv() => match ev {
                     Ok(ev) => {
-                        if wanted(&ev) && tx.send(Ok(Frame::data(render(&ev)))).await.is_err() {
-                            return;
+                        if let Some(kind) = seen(&ev) {
+                            if tx.send(Ok(Frame::data(render(kind, &ev)))).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {

@@ -54,6 +54,9 @@ pub struct WatchEvent {
     pub resource: String,
     pub namespace: String,
     pub object: Value,
+    /// For MODIFIED: the object before the change (watchers with selectors
+    /// turn a change into ADDED or DELETED when it enters or leaves them).
+    pub previous: Option<Value>,
 }
 
 /// Options of a write (query parameters of the request).
@@ -520,6 +523,7 @@ impl Store {
                         resource: k.resource.clone(),
                         namespace: k.namespace.clone(),
                         object: o.clone(),
+                        previous: None,
                     })
                 })
                 .collect(),
@@ -541,8 +545,16 @@ impl Store {
         inner.resource_version
     }
 
-    fn emit(&self, inner: &mut Inner, kind: EventType, def: &ResourceDef, obj: &Value) {
+    fn emit(
+        &self,
+        inner: &mut Inner,
+        kind: EventType,
+        def: &ResourceDef,
+        obj: &Value,
+        previous: Option<&Value>,
+    ) {
         let event = Arc::new(WatchEvent {
+            previous: previous.cloned(),
             resource_version: rv_of(obj),
             kind,
             group: def.group.clone(),
@@ -665,7 +677,7 @@ impl Store {
         if let Some(defs) = crd_defs {
             inner.registry.add_crd(&name, defs);
         }
-        self.emit(&mut inner, EventType::Added, def, &obj);
+        self.emit(&mut inner, EventType::Added, def, &obj, None);
         if def.group.is_empty()
             && def.plural == "pods"
             && let (Some(lines), Some(container)) = (
@@ -869,7 +881,7 @@ impl Store {
         {
             inner.registry.add_crd(&k.name, defs);
         }
-        self.emit(inner, EventType::Modified, def, &new_c);
+        self.emit(inner, EventType::Modified, def, &new_c, Some(old));
         Ok(new_c)
     }
 
@@ -1077,7 +1089,7 @@ impl Store {
             let rv = Self::next_rv(&mut inner);
             meta_mut(&mut obj).insert("resourceVersion".into(), rv.to_string().into());
             if let Some(rdef) = rdef {
-                self.emit(&mut inner, EventType::Deleted, &rdef, &obj);
+                self.emit(&mut inner, EventType::Deleted, &rdef, &obj, None);
             }
             if rk.group.is_empty() && rk.resource == "pods" {
                 inner
