@@ -577,3 +577,66 @@ async fn the_kube_sim_binary_serves_with_the_files_it_writes() {
     );
     child.kill().await.unwrap();
 }
+
+const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: agentpolicies.chaperone.dev
+spec:
+  group: chaperone.dev
+  scope: Namespaced
+  names: {plural: agentpolicies, singular: agentpolicy, kind: AgentPolicy, shortNames: [ap]}
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+    additionalPrinterColumns:
+    - {name: Mode, type: string, jsonPath: .spec.mode}
+"#;
+
+#[tokio::test]
+async fn custom_resources_work_with_kubectl() {
+    require_kubectl!();
+    let sim = start().await;
+    let k = Kubectl::new(&sim, &sim.admin_token());
+    assert_eq!(
+        k.ok_stdin(&["apply", "-f", "-"], CRD).await,
+        "customresourcedefinition.apiextensions.k8s.io/agentpolicies.chaperone.dev created\n"
+    );
+    let policy = "apiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: default-deny\nspec:\n  mode: enforce\n  rules: [{verbs: [get]}]\n";
+    assert_eq!(
+        k.ok_stdin(&["apply", "-f", "-"], policy).await,
+        "agentpolicy.chaperone.dev/default-deny created\n"
+    );
+    assert_eq!(
+        k.ok_stdin(&["apply", "-f", "-"], policy).await,
+        "agentpolicy.chaperone.dev/default-deny unchanged\n"
+    );
+    let changed = policy.replace("enforce", "dry-run");
+    assert_eq!(
+        k.ok_stdin(&["apply", "-f", "-"], &changed).await,
+        "agentpolicy.chaperone.dev/default-deny configured\n"
+    );
+    let out = k.ok(&["get", "ap"]).await;
+    assert!(
+        out.starts_with("NAME           MODE      AGE\ndefault-deny   dry-run   "),
+        "{out}"
+    );
+    let stored = sim
+        .store()
+        .get(
+            "agentpolicies.chaperone.dev",
+            Some("default"),
+            "default-deny",
+        )
+        .unwrap();
+    assert_eq!(stored["spec"]["rules"], json!([{"verbs": ["get"]}]));
+    assert_eq!(stored["metadata"]["generation"], 2);
+    assert!(
+        k.ok(&["api-resources", "--api-group=chaperone.dev"])
+            .await
+            .contains("agentpolicies")
+    );
+}
