@@ -346,6 +346,25 @@ async fn protobuf_is_negotiated_like_the_api_server() {
     assert_eq!(r.json()["kind"], "ConfigMapList");
     let asked: Vec<bool> = sim.requests().iter().map(|r| r.wanted_protobuf).collect();
     assert_eq!(asked, [true, true]);
+
+    // Metadata-only clients get PartialObjectMetadata.
+    let r = admin
+        .call(
+            "GET",
+            "/api/v1/namespaces",
+            &[(
+                "accept",
+                "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json",
+            )],
+            "",
+        )
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(r["kind"], "PartialObjectMetadataList");
+    assert_eq!(r["items"][0]["kind"], "PartialObjectMetadata");
+    assert_eq!(r["items"][0]["metadata"]["name"], "default");
+    assert!(r["items"][0].get("spec").is_none());
 }
 
 #[tokio::test]

@@ -624,6 +624,9 @@ fn list_item(def: &ResourceDef, obj: &Value) -> Value {
 }
 
 fn respond_object(ctx: &Ctx, def: &ResourceDef, status: u16, obj: Value) -> Response<Body> {
+    if ctx.accept.metadata_only && !ctx.accept.table {
+        return ctx.json(status, &table::partial_metadata(&obj));
+    }
     if ctx.accept.table && status == 200 {
         let rv = obj
             .pointer("/metadata/resourceVersion")
@@ -667,6 +670,15 @@ fn list(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
             true,
         );
         return ctx.json(200, &t);
+    }
+    if ctx.accept.metadata_only {
+        let list = json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": items.iter().map(table::partial_metadata).collect::<Vec<_>>(),
+        });
+        return ctx.json(200, &list);
     }
     let list = json!({
         "kind": format!("{}List", def.kind),
@@ -723,6 +735,7 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
         .unwrap_or(Duration::from_secs(1800));
     let bookmarks = ctx.flag("allowWatchBookmarks");
     let as_table = ctx.accept.table;
+    let metadata_only = ctx.accept.metadata_only;
     let include = IncludeObject::parse(ctx.q("includeObject"));
     let (tx, resp) = streaming_response("application/json");
     let started = ctx.state.store.watch_in(def, from);
@@ -731,7 +744,7 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let namespace = namespace.to_string();
     let interval = ctx.state.config.bookmark_interval;
     tokio::spawn(async move {
-        let (first, mut rx, _) = match started {
+        let (first, mut rx, mut last_rv) = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx
@@ -762,6 +775,8 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
             let obj = if as_table {
                 let rv = ev.resource_version.to_string();
                 table::table(&def, std::slice::from_ref(&ev.object), &rv, include, true)
+            } else if metadata_only {
+                table::partial_metadata(&ev.object)
             } else {
                 ev.object.clone()
             };
@@ -796,6 +811,7 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 }
                 ev = rx.recv() => match ev {
                     Ok(ev) => {
+                        last_rv = ev.resource_version;
                         if let Some(kind) = seen(&ev) {
                             if tx.send(Ok(Frame::data(render(kind, &ev)))).await.is_err() {
                                 return;
@@ -803,7 +819,8 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let e = ApiError::expired(0, store.resource_version());
+                        // This watcher fell too far behind: it must re-list.
+                        let e = ApiError::expired(last_rv, store.resource_version());
                         let _ = tx.send(Ok(Frame::data(event_line("ERROR", &e.to_status())))).await;
                         return;
                     }
