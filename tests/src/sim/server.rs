@@ -764,7 +764,7 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 return None;
             }
             let now = selected(&ev.object);
-            match (ev.kind, ev.previous.as_ref().map(|p| selected(p))) {
+            match (ev.kind, ev.previous.as_ref().map(&selected)) {
                 (EventType::Modified, Some(false)) if now => Some("ADDED"),
                 (EventType::Modified, Some(true)) if !now => Some("DELETED"),
                 (kind, _) if now => Some(kind.as_str()),
@@ -783,10 +783,10 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
             event_line(kind, &obj)
         };
         for ev in &first {
-            if let Some(kind) = seen(ev) {
-                if tx.send(Ok(Frame::data(render(kind, ev)))).await.is_err() {
-                    return;
-                }
+            if let Some(kind) = seen(ev)
+                && tx.send(Ok(Frame::data(render(kind, ev)))).await.is_err()
+            {
+                return;
             }
         }
         let deadline = tokio::time::sleep(timeout);
@@ -812,11 +812,10 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 ev = rx.recv() => match ev {
                     Ok(ev) => {
                         last_rv = ev.resource_version;
-                        if let Some(kind) = seen(&ev) {
-                            if tx.send(Ok(Frame::data(render(kind, &ev)))).await.is_err() {
+                        if let Some(kind) = seen(&ev)
+                            && tx.send(Ok(Frame::data(render(kind, &ev)))).await.is_err() {
                                 return;
                             }
-                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // This watcher fell too far behind: it must re-list.
