@@ -205,7 +205,11 @@ async fn impersonation_is_enforced_and_recorded() {
 
 #[tokio::test]
 async fn service_account_tokens_verify_rotate_and_expire() {
-    let (sim, admin) = start(SimConfig::default().permissive()).await;
+    let config = SimConfig {
+        key_retention: Duration::from_secs(2),
+        ..SimConfig::default().permissive()
+    };
+    let (sim, admin) = start(config).await;
     let old = sim
         .mint_service_account_token(
             "default",
@@ -313,6 +317,22 @@ async fn service_account_tokens_verify_rotate_and_expire() {
             .status,
         401
     );
+
+    // After the retention period the rotated-out key is gone: its tokens fail.
+    let c = Client::connect(sim.addr(), &sim.ca_pem(), true)
+        .await
+        .unwrap()
+        .with_token(&old);
+    assert_eq!(
+        c.get("/api/v1/namespaces/default/pods")
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+    let jwks = admin.get("/openid/v1/jwks").await.unwrap().json();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(jwks["keys"][0]["kid"], new_kid.as_str());
 }
 
 #[tokio::test]

@@ -1207,6 +1207,10 @@ fn defaults_on_create(def: &ResourceDef, obj: &mut Value, now: &str) {
             status
                 .entry("podIP")
                 .or_insert_with(|| "10.244.0.10".into());
+            let ip = status.get("podIP").cloned().unwrap_or_default();
+            status
+                .entry("podIPs")
+                .or_insert_with(|| json!([{ "ip": ip }]));
             status.entry("startTime").or_insert_with(|| now.into());
             status.entry("containerStatuses").or_insert_with(|| {
                 Value::Array(
