@@ -783,3 +783,69 @@ async fn serves_ipv6_loopback_with_a_certificate_for_it() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["gitVersion"], "v1.20.2");
 }
+
+#[tokio::test]
+async fn status_subresource_and_log_options() {
+    let (sim, admin) = start(SimConfig::default()).await;
+    sim.store()
+        .create(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default",
+            "annotations": {"sim.chaperone.dev/log": "a\nb\nc"}},
+            "spec": {"containers": [{"name": "main", "image": "i"}, {"name": "side", "image": "j"}]}}))
+        .unwrap();
+    // Writes to the pod leave status alone; writes to /status change only status.
+    let r = admin
+        .send_json(
+            "PATCH",
+            "/api/v1/namespaces/default/pods/p",
+            "application/merge-patch+json",
+            &json!({"metadata": {"labels": {"x": "1"}}, "status": {"phase": "Failed"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"]["phase"], "Running");
+    assert_eq!(r.json()["metadata"]["labels"]["x"], "1");
+    let r = admin
+        .send_json(
+            "PATCH",
+            "/api/v1/namespaces/default/pods/p/status",
+            "application/merge-patch+json",
+            &json!({"metadata": {"labels": {"x": "2"}}, "status": {"phase": "Succeeded"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"]["phase"], "Succeeded");
+    assert_eq!(r.json()["metadata"]["labels"]["x"], "1");
+
+    // Logs: the container must be named when there are several; tailLines; timestamps.
+    let r = admin
+        .get("/api/v1/namespaces/default/pods/p/log")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        "a container name must be specified for pod p, choose one of: [main side]"
+    );
+    let r = admin
+        .get("/api/v1/namespaces/default/pods/p/log?container=main&tailLines=2")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "b\nc\n");
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    sim.store()
+        .append_log("default", "p", Some("side"), "s1")
+        .unwrap();
+    let r = admin
+        .get("/api/v1/namespaces/default/pods/p/log?container=side&timestamps=true")
+        .await
+        .unwrap();
+    let line = r.text();
+    let (ts, text) = line.trim_end().split_once(' ').unwrap();
+    assert_eq!(text, "s1");
+    assert!(
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{ts}"
+    );
+}

@@ -713,7 +713,7 @@ impl Store {
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         self.modify(def, namespace, name, opts, |old| {
-            let mut new = obj;
+            let new = obj;
             if !new.is_object() {
                 return Err(ApiError::bad_request("the request body must be a JSON object"));
             }
@@ -731,13 +731,6 @@ impl Store {
                     name,
                     "the object has been modified; please apply your changes to the latest version and try again",
                 ));
-            }
-            if opts.subresource.as_deref() == Some("status") {
-                let status = new.get("status").cloned();
-                new = old.clone();
-                if let Some(s) = status {
-                    new.as_object_mut().expect("object").insert("status".into(), s);
-                }
             }
             Ok(new)
         })
@@ -800,6 +793,7 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(&def.group, &def.plural, name))?;
         let mut new = change(&old)?;
+        split_status(def, &old, &mut new, opts.subresource.as_deref());
         self.finish_update(&mut inner, def, &k, &old, &mut new, opts, "Update", None)
     }
 
@@ -1104,6 +1098,33 @@ impl Store {
         drop(inner);
         self.log_changed.notify_waiters();
         Ok(last)
+    }
+}
+
+/// With a `status` subresource, writes to the object leave its status alone
+/// and writes to `/status` change nothing else, as the API server does.
+fn split_status(def: &ResourceDef, old: &Value, new: &mut Value, subresource: Option<&str>) {
+    if def.subresource("status").is_none() {
+        return;
+    }
+    if subresource == Some("status") {
+        let status = new.get("status").cloned();
+        *new = old.clone();
+        if let Some(s) = status {
+            new.as_object_mut()
+                .expect("object")
+                .insert("status".into(), s);
+        }
+    } else if subresource.is_none() {
+        let m = new.as_object_mut().expect("object");
+        match old.get("status") {
+            Some(s) => {
+                m.insert("status".into(), s.clone());
+            }
+            None => {
+                m.shift_remove("status");
+            }
+        }
     }
 }
 
