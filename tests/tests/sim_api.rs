@@ -849,3 +849,46 @@ async fn status_subresource_and_log_options() {
         "{ts}"
     );
 }
+
+#[tokio::test]
+async fn lists_paginate_with_limit_and_continue() {
+    let (sim, admin) = start(SimConfig::default()).await;
+    for i in 0..5 {
+        sim.store()
+            .create(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("cm-{i}"), "namespace": "default"}}))
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut path = "/api/v1/namespaces/default/configmaps?limit=2".to_string();
+    let mut rvs = Vec::new();
+    loop {
+        let page = admin.get(&path).await.unwrap().json();
+        assert!(page["items"].as_array().unwrap().len() <= 2);
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["metadata"]["name"].as_str().unwrap().to_string()),
+        );
+        rvs.push(page["metadata"]["resourceVersion"].clone());
+        match page["metadata"]["continue"].as_str() {
+            Some(c) => {
+                assert!(page["metadata"]["remainingItemCount"].as_u64().unwrap() > 0);
+                path = format!("/api/v1/namespaces/default/configmaps?limit=2&continue={c}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(names, ["cm-0", "cm-1", "cm-2", "cm-3", "cm-4"]);
+    assert_eq!(rvs.len(), 3);
+    assert!(
+        rvs.iter().all(|rv| *rv == rvs[0]),
+        "every page carries the first page's resourceVersion"
+    );
+    let r = admin
+        .get("/api/v1/namespaces/default/configmaps?limit=2&continue=garbage")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+}

@@ -652,30 +652,101 @@ fn selectors(ctx: &Ctx) -> Result<(LabelSelector, FieldSelector), ApiError> {
     ))
 }
 
+/// A list `continue` token: the list's resourceVersion and the last key sent.
+fn continue_token(rv: u64, last: &Value) -> String {
+    use base64::Engine;
+    let ns = last
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let name = last
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{ns}/{name}\u{0}")});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+/// `(resourceVersion, start key)` of a `continue` token.
+fn parse_continue(token: &str) -> Result<(u64, String), ApiError> {
+    use base64::Engine;
+    let bad = || {
+        ApiError::bad_request(
+            "continue key is not valid: use the metadata.continue of the previous page, with the same selectors",
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rv = v.get("rv").and_then(Value::as_u64).ok_or_else(bad)?;
+    let start = v
+        .get("start")
+        .and_then(Value::as_str)
+        .ok_or_else(bad)?
+        .to_string();
+    Ok((rv, start))
+}
+
 fn list(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let (labels, fields) = match selectors(ctx) {
         Ok(s) => s,
         Err(e) => return ctx.err(&e),
     };
-    let (items, rv) = ctx
+    let (mut items, mut rv) = ctx
         .state
         .store
         .list_in(def, Some(namespace), &labels, &fields);
+    // Pagination: items come in key order (namespace, name).
+    if let Some(token) = ctx.q("continue").filter(|t| !t.is_empty()) {
+        let (token_rv, start) = match parse_continue(token) {
+            Ok(t) => t,
+            Err(e) => return ctx.err(&e),
+        };
+        rv = token_rv;
+        items.retain(|o| {
+            let ns = o
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let name = o
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            format!("{ns}/{name}\u{0}") > start
+        });
+    }
+    let mut page_meta = serde_json::Map::new();
+    page_meta.insert("resourceVersion".into(), rv.to_string().into());
+    if let Some(limit) = ctx
+        .q("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+    {
+        if items.len() > limit {
+            let remaining = items.len() - limit;
+            items.truncate(limit);
+            let last = items.last().expect("limit > 0");
+            page_meta.insert("continue".into(), continue_token(rv, last).into());
+            page_meta.insert("remainingItemCount".into(), remaining.into());
+        }
+    }
     if ctx.accept.table {
-        let t = table::table(
+        let mut t = table::table(
             def,
             &items,
             &rv.to_string(),
             IncludeObject::parse(ctx.q("includeObject")),
             true,
         );
+        t["metadata"] = Value::Object(page_meta);
         return ctx.json(200, &t);
     }
     if ctx.accept.metadata_only {
         let list = json!({
             "kind": "PartialObjectMetadataList",
             "apiVersion": "meta.k8s.io/v1",
-            "metadata": {"resourceVersion": rv.to_string()},
+            "metadata": page_meta,
             "items": items.iter().map(table::partial_metadata).collect::<Vec<_>>(),
         });
         return ctx.json(200, &list);
@@ -683,7 +754,7 @@ fn list(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let list = json!({
         "kind": format!("{}List", def.kind),
         "apiVersion": def.api_version(),
-        "metadata": {"resourceVersion": rv.to_string()},
+        "metadata": page_meta,
         "items": items.iter().map(|o| list_item(def, o)).collect::<Vec<_>>(),
     });
     ctx.json(200, &list)
