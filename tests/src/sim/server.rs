@@ -722,14 +722,13 @@ fn list(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
         .q("limit")
         .and_then(|l| l.parse::<usize>().ok())
         .filter(|l| *l > 0)
+        && items.len() > limit
     {
-        if items.len() > limit {
-            let remaining = items.len() - limit;
-            items.truncate(limit);
-            let last = items.last().expect("limit > 0");
-            page_meta.insert("continue".into(), continue_token(rv, last).into());
-            page_meta.insert("remainingItemCount".into(), remaining.into());
-        }
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        let last = items.last().expect("limit > 0");
+        page_meta.insert("continue".into(), continue_token(rv, last).into());
+        page_meta.insert("remainingItemCount".into(), remaining.into());
     }
     if ctx.accept.table {
         let mut t = table::table(
