@@ -190,6 +190,20 @@ async fn everyday_commands_work() {
             .await,
         "configmap/ssa-demo serverside-applied\n"
     );
+    let before = sim
+        .store()
+        .get("configmaps", Some("default"), "ssa-demo")
+        .unwrap();
+    k.ok_stdin(&["apply", "--server-side", "-f", "-"], ssa)
+        .await;
+    let after = sim
+        .store()
+        .get("configmaps", Some("default"), "ssa-demo")
+        .unwrap();
+    assert_eq!(
+        before["metadata"]["resourceVersion"], after["metadata"]["resourceVersion"],
+        "a no-op apply writes nothing"
+    );
     let ssa2 = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa-demo\ndata:\n  j: w\n";
     k.ok_stdin(&["apply", "--server-side", "-f", "-"], ssa2)
         .await;

@@ -987,6 +987,13 @@ impl Store {
             }
         }
         patch::apply_merge(&mut new, &applied);
+        let same_owner = managed
+            .iter()
+            .any(|(m, op, set)| m == &manager && op == "Apply" && *set == applied_set);
+        if same_owner && conflicts.is_empty() && strip_volatile(&new) == strip_volatile(&old) {
+            // Nothing changes: no write, no new resourceVersion, no event.
+            return Ok((old, false));
+        }
         if opts.force && !conflicts.is_empty() {
             take_fields_from_others(&mut new, &manager, &applied_set);
         }
