@@ -445,6 +445,26 @@ async fn service_account_tokens_and_tampering() {
         out.stderr
     );
 
+    // kubectl auth whoami (SelfSubjectReview) names the service account.
+    let out = k
+        .ok(&[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .await;
+    assert_eq!(out, "system:serviceaccount:prod-a:agent");
+    let pod_name = k
+        .ok(&[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.extra.authentication\\.kubernetes\\.io/pod-name[0]}",
+        ])
+        .await;
+    assert_eq!(pod_name, "agent-0");
+
     // kubectl create token (TokenRequest) mints a token the simulator accepts.
     let admin = Kubectl::new(&sim, &sim.admin_token());
     let minted = admin

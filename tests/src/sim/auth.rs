@@ -217,11 +217,15 @@ impl Authorizer {
                     return (true, "RBAC: allowed by ClusterRoleBinding \"system:discovery\" of ClusterRole \"system:discovery\" to Group \"system:authenticated\"".into());
                 }
             }
-            if a.verb == "create"
-                && a.group == "authorization.k8s.io"
-                && (a.resource == "selfsubjectaccessreviews"
-                    || a.resource == "selfsubjectrulesreviews")
-            {
+            let self_review = match a.group.as_str() {
+                "authorization.k8s.io" => {
+                    a.resource == "selfsubjectaccessreviews"
+                        || a.resource == "selfsubjectrulesreviews"
+                }
+                "authentication.k8s.io" => a.resource == "selfsubjectreviews",
+                _ => false,
+            };
+            if a.verb == "create" && self_review {
                 return (true, "RBAC: allowed by ClusterRoleBinding \"system:basic-user\" of ClusterRole \"system:basic-user\" to Group \"system:authenticated\"".into());
             }
         }

@@ -87,7 +87,9 @@ fn schema_for(api_version: &str, kind: &str) -> Option<&'static [Field]> {
     match (api_version, kind) {
         ("v1", "ConfigMap") => Some(CONFIG_MAP),
         ("v1", "Secret") => Some(SECRET),
-        ("v1", "Namespace") | ("v1", "ServiceAccount") => Some(METADATA_ONLY),
+        ("v1", "Namespace")
+        | ("v1", "ServiceAccount")
+        | ("authentication.k8s.io/v1", "SelfSubjectReview") => Some(METADATA_ONLY),
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => Some(SSAR),
         ("authentication.k8s.io/v1", "TokenRequest") => Some(TOKEN_REQUEST),
         _ => None,

@@ -351,6 +351,17 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
         },
         Builtin {
             group: "authentication.k8s.io",
+            plural: "selfsubjectreviews",
+            kind: "SelfSubjectReview",
+            namespaced: false,
+            verbs: &["create"],
+            short: &[],
+            categories: &[],
+            hash: None,
+            subs: &[],
+        },
+        Builtin {
+            group: "authentication.k8s.io",
             plural: "tokenreviews",
             kind: "TokenReview",
             namespaced: false,

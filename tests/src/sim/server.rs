@@ -1289,6 +1289,7 @@ async fn review(
     };
     let spec = body.get("spec").cloned().unwrap_or_else(|| json!({}));
     let status = match def.plural.as_str() {
+        "selfsubjectreviews" => json!({"userInfo": ctx.user.to_review_user()}),
         "tokenreviews" => {
             let token = spec.get("token").and_then(Value::as_str).unwrap_or("");
             let audiences: Vec<String> = spec
