@@ -206,7 +206,7 @@ async fn impersonation_is_enforced_and_recorded() {
 #[tokio::test]
 async fn service_account_tokens_verify_rotate_and_expire() {
     let config = SimConfig {
-        key_retention: Duration::from_secs(2),
+        key_retention: Duration::from_secs(4),
         ..SimConfig::default().permissive()
     };
     let (sim, admin) = start(config).await;
@@ -221,6 +221,7 @@ async fn service_account_tokens_verify_rotate_and_expire() {
         .unwrap();
     let old_kid = sim.signing_key_id();
     let new_kid = sim.rotate_signing_key().unwrap();
+    let rotated = Instant::now();
     assert_ne!(old_kid, new_kid);
     let new = sim
         .mint_service_account_token("default", "agent", None, None, Duration::from_secs(600))
@@ -319,6 +320,10 @@ async fn service_account_tokens_verify_rotate_and_expire() {
     );
 
     // After the retention period the rotated-out key is gone: its tokens fail.
+    tokio::time::sleep(
+        (rotated + Duration::from_millis(4100)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     let c = Client::connect(sim.addr(), &sim.ca_pem(), true)
         .await
         .unwrap()
