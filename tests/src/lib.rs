@@ -1,5 +1,6 @@
 //! Chaperone's test fixtures: the test topology (agent network namespaces and
-//! cgroups on this machine) and, in later issues, the API-server simulator.
+//! cgroups on this machine) and the API-server simulator ([`sim`], also run
+//! standalone as the `kube-sim` binary).
 
 pub mod e2e;
 pub mod load;

@@ -41,6 +41,9 @@ struct Args {
     /// Write an admin kubeconfig here.
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
+    /// Create the objects of this YAML file (multi-document) at start.
+    #[arg(long)]
+    seed: Vec<PathBuf>,
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_seconds: u64,
@@ -67,6 +70,20 @@ async fn main() -> anyhow::Result<()> {
         config = config.permissive();
     }
     let sim = Simulator::start(config).await?;
+    for path in &args.seed {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading seed objects from {}", path.display()))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let obj = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+                .with_context(|| format!("parsing {} as YAML objects", path.display()))?;
+            if obj.is_null() {
+                continue;
+            }
+            sim.store().create(obj).map_err(|e| {
+                anyhow::anyhow!("seeding from {}: {e} (are the objects' namespaces and CRDs created earlier in the file?)", path.display())
+            })?;
+        }
+    }
     if let Some(path) = &args.ca_out {
         std::fs::write(path, sim.ca_pem())
             .with_context(|| format!("writing the CA to {}", path.display()))?;

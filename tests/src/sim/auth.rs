@@ -217,11 +217,15 @@ impl Authorizer {
                     return (true, "RBAC: allowed by ClusterRoleBinding \"system:discovery\" of ClusterRole \"system:discovery\" to Group \"system:authenticated\"".into());
                 }
             }
-            if a.verb == "create"
-                && a.group == "authorization.k8s.io"
-                && (a.resource == "selfsubjectaccessreviews"
-                    || a.resource == "selfsubjectrulesreviews")
-            {
+            let self_review = match a.group.as_str() {
+                "authorization.k8s.io" => {
+                    a.resource == "selfsubjectaccessreviews"
+                        || a.resource == "selfsubjectrulesreviews"
+                }
+                "authentication.k8s.io" => a.resource == "selfsubjectreviews",
+                _ => false,
+            };
+            if a.verb == "create" && self_review {
                 return (true, "RBAC: allowed by ClusterRoleBinding \"system:basic-user\" of ClusterRole \"system:basic-user\" to Group \"system:authenticated\"".into());
             }
         }
@@ -378,7 +382,7 @@ impl Issuer {
         self.keys()[0].kid.clone()
     }
 
-    fn live<'a>(keys: &'a [SigningKey]) -> impl Iterator<Item = &'a SigningKey> {
+    fn live(keys: &[SigningKey]) -> impl Iterator<Item = &SigningKey> {
         let now = SystemTime::now();
         keys.iter()
             .filter(move |k| k.retired_until.is_none_or(|t| t > now))

@@ -201,11 +201,11 @@ pub fn display_path(path: &FieldPath) -> String {
         if let Some(f) = el.strip_prefix("f:") {
             s.push('.');
             s.push_str(f);
-        } else if let Some(k) = el.strip_prefix("k:") {
-            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(k) {
-                let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                s.push_str(&format!("[{}]", inner.join(",")));
-            }
+        } else if let Some(k) = el.strip_prefix("k:")
+            && let Ok(Value::Object(m)) = serde_json::from_str::<Value>(k)
+        {
+            let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            s.push_str(&format!("[{}]", inner.join(",")));
         }
     }
     s

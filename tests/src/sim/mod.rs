@@ -11,6 +11,7 @@
 //! ```
 
 pub mod auth;
+pub mod client;
 pub mod discovery;
 pub mod fields;
 pub mod patch;

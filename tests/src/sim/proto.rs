@@ -65,8 +65,15 @@ const SSAR: &[Field] = &[
     (1, "metadata", Ty::Msg(OBJECT_META)),
     (2, "spec", Ty::Msg(SSAR_SPEC)),
 ];
+const BOUND_OBJECT_REFERENCE: &[Field] = &[
+    (1, "kind", Ty::Str),
+    (2, "apiVersion", Ty::Str),
+    (3, "name", Ty::Str),
+    (4, "uid", Ty::Str),
+];
 const TOKEN_REQUEST_SPEC: &[Field] = &[
     (1, "audiences", Ty::RepeatedStr),
+    (3, "boundObjectRef", Ty::Msg(BOUND_OBJECT_REFERENCE)),
     (4, "expirationSeconds", Ty::Int),
 ];
 const TOKEN_REQUEST: &[Field] = &[
@@ -80,7 +87,9 @@ fn schema_for(api_version: &str, kind: &str) -> Option<&'static [Field]> {
     match (api_version, kind) {
         ("v1", "ConfigMap") => Some(CONFIG_MAP),
         ("v1", "Secret") => Some(SECRET),
-        ("v1", "Namespace") | ("v1", "ServiceAccount") => Some(METADATA_ONLY),
+        ("v1", "Namespace")
+        | ("v1", "ServiceAccount")
+        | ("authentication.k8s.io/v1", "SelfSubjectReview") => Some(METADATA_ONLY),
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => Some(SSAR),
         ("authentication.k8s.io/v1", "TokenRequest") => Some(TOKEN_REQUEST),
         _ => None,

@@ -119,6 +119,9 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// A subresource row: name, kind, verbs, `(group, version)` if another API's.
+type SubSpec<'a> = (&'a str, &'a str, &'a [&'a str], Option<(&'a str, &'a str)>);
+
 struct Builtin<'a> {
     group: &'a str,
     plural: &'a str,
@@ -128,7 +131,7 @@ struct Builtin<'a> {
     short: &'a [&'a str],
     categories: &'a [&'a str],
     hash: Option<&'a str>,
-    subs: &'a [(&'a str, &'a str, &'a [&'a str], Option<(&'a str, &'a str)>)],
+    subs: &'a [SubSpec<'a>],
 }
 
 impl Builtin<'_> {
@@ -345,6 +348,17 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                 ("scale", "Scale", STATUS_VERBS, scale),
                 ("status", "StatefulSet", STATUS_VERBS, None),
             ],
+        },
+        Builtin {
+            group: "authentication.k8s.io",
+            plural: "selfsubjectreviews",
+            kind: "SelfSubjectReview",
+            namespaced: false,
+            verbs: &["create"],
+            short: &[],
+            categories: &[],
+            hash: None,
+            subs: &[],
         },
         Builtin {
             group: "authentication.k8s.io",

@@ -22,7 +22,7 @@ use super::{
     resources::{self, ResourceDef},
     selectors::{FieldSelector, LabelSelector},
     status::{self, ApiError},
-    store::{self, WriteOptions},
+    store::{self, EventType, WriteOptions},
     stream::{self, Body, StreamTarget},
     table::{self, IncludeObject},
     wire::{self, Accept},
@@ -63,7 +63,9 @@ pub(crate) async fn serve(state: Arc<State>, listener: TcpListener, cancel: Canc
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // kube-apiserver's --http2-max-streams-per-connection default.
+            builder.http2().max_concurrent_streams(1000);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -248,7 +250,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         &state,
         RecordedRequest {
             method: req.method().to_string(),
-            uri: req.uri().to_string(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| req.uri().path().to_string()),
             http_version: format!("{:?}", req.version()),
             headers: headers
                 .iter()
@@ -618,6 +624,9 @@ fn list_item(def: &ResourceDef, obj: &Value) -> Value {
 }
 
 fn respond_object(ctx: &Ctx, def: &ResourceDef, status: u16, obj: Value) -> Response<Body> {
+    if ctx.accept.metadata_only && !ctx.accept.table {
+        return ctx.json(status, &table::partial_metadata(&obj));
+    }
     if ctx.accept.table && status == 200 {
         let rv = obj
             .pointer("/metadata/resourceVersion")
@@ -643,29 +652,108 @@ fn selectors(ctx: &Ctx) -> Result<(LabelSelector, FieldSelector), ApiError> {
     ))
 }
 
+/// A list `continue` token: the list's resourceVersion and the last key sent.
+fn continue_token(rv: u64, last: &Value) -> String {
+    use base64::Engine;
+    let ns = last
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let name = last
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{ns}/{name}\u{0}")});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+/// `(resourceVersion, start key)` of a `continue` token.
+fn parse_continue(token: &str) -> Result<(u64, String), ApiError> {
+    use base64::Engine;
+    let bad = || {
+        ApiError::bad_request(
+            "continue key is not valid: use the metadata.continue of the previous page, with the same selectors",
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rv = v.get("rv").and_then(Value::as_u64).ok_or_else(bad)?;
+    let start = v
+        .get("start")
+        .and_then(Value::as_str)
+        .ok_or_else(bad)?
+        .to_string();
+    Ok((rv, start))
+}
+
 fn list(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let (labels, fields) = match selectors(ctx) {
         Ok(s) => s,
         Err(e) => return ctx.err(&e),
     };
-    let (items, rv) = ctx
+    let (mut items, mut rv) = ctx
         .state
         .store
         .list_in(def, Some(namespace), &labels, &fields);
+    // Pagination: items come in key order (namespace, name).
+    if let Some(token) = ctx.q("continue").filter(|t| !t.is_empty()) {
+        let (token_rv, start) = match parse_continue(token) {
+            Ok(t) => t,
+            Err(e) => return ctx.err(&e),
+        };
+        rv = token_rv;
+        items.retain(|o| {
+            let ns = o
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let name = o
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            format!("{ns}/{name}\u{0}") > start
+        });
+    }
+    let mut page_meta = serde_json::Map::new();
+    page_meta.insert("resourceVersion".into(), rv.to_string().into());
+    if let Some(limit) = ctx
+        .q("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        && items.len() > limit
+    {
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        let last = items.last().expect("limit > 0");
+        page_meta.insert("continue".into(), continue_token(rv, last).into());
+        page_meta.insert("remainingItemCount".into(), remaining.into());
+    }
     if ctx.accept.table {
-        let t = table::table(
+        let mut t = table::table(
             def,
             &items,
             &rv.to_string(),
             IncludeObject::parse(ctx.q("includeObject")),
             true,
         );
+        t["metadata"] = Value::Object(page_meta);
         return ctx.json(200, &t);
+    }
+    if ctx.accept.metadata_only {
+        let list = json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": page_meta,
+            "items": items.iter().map(table::partial_metadata).collect::<Vec<_>>(),
+        });
+        return ctx.json(200, &list);
     }
     let list = json!({
         "kind": format!("{}List", def.kind),
         "apiVersion": def.api_version(),
-        "metadata": {"resourceVersion": rv.to_string()},
+        "metadata": page_meta,
         "items": items.iter().map(|o| list_item(def, o)).collect::<Vec<_>>(),
     });
     ctx.json(200, &list)
@@ -717,6 +805,7 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
         .unwrap_or(Duration::from_secs(1800));
     let bookmarks = ctx.flag("allowWatchBookmarks");
     let as_table = ctx.accept.table;
+    let metadata_only = ctx.accept.metadata_only;
     let include = IncludeObject::parse(ctx.q("includeObject"));
     let (tx, resp) = streaming_response("application/json");
     let started = ctx.state.store.watch_in(def, from);
@@ -725,7 +814,7 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let namespace = namespace.to_string();
     let interval = ctx.state.config.bookmark_interval;
     tokio::spawn(async move {
-        let (first, mut rx, _) = match started {
+        let (first, mut rx, mut last_rv) = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx
@@ -734,24 +823,39 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 return;
             }
         };
-        let wanted = |ev: &store::WatchEvent| {
-            ev.group == def.group
-                && ev.resource == def.plural
-                && (namespace.is_empty() || ev.namespace == namespace)
-                && labels.matches(&ev.object)
-                && fields.matches(&ev.object)
+        let selected = |o: &Value| labels.matches(o) && fields.matches(o);
+        // The event this watcher sees, if any: a change that moves an object
+        // into or out of the selectors is ADDED or DELETED, like the API server.
+        let seen = |ev: &store::WatchEvent| -> Option<&'static str> {
+            if ev.group != def.group
+                || ev.resource != def.plural
+                || !(namespace.is_empty() || ev.namespace == namespace)
+            {
+                return None;
+            }
+            let now = selected(&ev.object);
+            match (ev.kind, ev.previous.as_ref().map(&selected)) {
+                (EventType::Modified, Some(false)) if now => Some("ADDED"),
+                (EventType::Modified, Some(true)) if !now => Some("DELETED"),
+                (kind, _) if now => Some(kind.as_str()),
+                _ => None,
+            }
         };
-        let render = |ev: &store::WatchEvent| {
+        let render = |kind: &str, ev: &store::WatchEvent| {
             let obj = if as_table {
                 let rv = ev.resource_version.to_string();
                 table::table(&def, std::slice::from_ref(&ev.object), &rv, include, true)
+            } else if metadata_only {
+                table::partial_metadata(&ev.object)
             } else {
                 ev.object.clone()
             };
-            event_line(ev.kind.as_str(), &obj)
+            event_line(kind, &obj)
         };
-        for ev in first.iter().filter(|e| wanted(e)) {
-            if tx.send(Ok(Frame::data(render(ev)))).await.is_err() {
+        for ev in &first {
+            if let Some(kind) = seen(ev)
+                && tx.send(Ok(Frame::data(render(kind, ev)))).await.is_err()
+            {
                 return;
             }
         }
@@ -777,12 +881,15 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
                 }
                 ev = rx.recv() => match ev {
                     Ok(ev) => {
-                        if wanted(&ev) && tx.send(Ok(Frame::data(render(&ev)))).await.is_err() {
-                            return;
-                        }
+                        last_rv = ev.resource_version;
+                        if let Some(kind) = seen(&ev)
+                            && tx.send(Ok(Frame::data(render(kind, &ev)))).await.is_err() {
+                                return;
+                            }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let e = ApiError::expired(0, store.resource_version());
+                        // This watcher fell too far behind: it must re-list.
+                        let e = ApiError::expired(last_rv, store.resource_version());
                         let _ = tx.send(Ok(Frame::data(event_line("ERROR", &e.to_status())))).await;
                         return;
                     }
@@ -1183,6 +1290,7 @@ async fn review(
     };
     let spec = body.get("spec").cloned().unwrap_or_else(|| json!({}));
     let status = match def.plural.as_str() {
+        "selfsubjectreviews" => json!({"userInfo": ctx.user.to_review_user()}),
         "tokenreviews" => {
             let token = spec.get("token").and_then(Value::as_str).unwrap_or("");
             let audiences: Vec<String> = spec

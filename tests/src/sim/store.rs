@@ -54,6 +54,9 @@ pub struct WatchEvent {
     pub resource: String,
     pub namespace: String,
     pub object: Value,
+    /// For MODIFIED: the object before the change (watchers with selectors
+    /// turn a change into ADDED or DELETED when it enters or leaves them).
+    pub previous: Option<Value>,
 }
 
 /// Options of a write (query parameters of the request).
@@ -520,6 +523,7 @@ impl Store {
                         resource: k.resource.clone(),
                         namespace: k.namespace.clone(),
                         object: o.clone(),
+                        previous: None,
                     })
                 })
                 .collect(),
@@ -541,8 +545,16 @@ impl Store {
         inner.resource_version
     }
 
-    fn emit(&self, inner: &mut Inner, kind: EventType, def: &ResourceDef, obj: &Value) {
+    fn emit(
+        &self,
+        inner: &mut Inner,
+        kind: EventType,
+        def: &ResourceDef,
+        obj: &Value,
+        previous: Option<&Value>,
+    ) {
         let event = Arc::new(WatchEvent {
+            previous: previous.cloned(),
             resource_version: rv_of(obj),
             kind,
             group: def.group.clone(),
@@ -598,11 +610,11 @@ impl Store {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        if name.is_empty() {
-            if let Some(prefix) = meta.get("generateName").and_then(Value::as_str) {
-                name = format!("{prefix}{}", random_suffix());
-                meta.insert("name".into(), name.clone().into());
-            }
+        if name.is_empty()
+            && let Some(prefix) = meta.get("generateName").and_then(Value::as_str)
+        {
+            name = format!("{prefix}{}", random_suffix());
+            meta.insert("name".into(), name.clone().into());
         }
         validate_name(def, &name)?;
         for k in [
@@ -648,7 +660,7 @@ impl Store {
         defaults_on_create(def, &mut obj, &now);
         let meta = meta_mut(&mut obj);
         meta.insert("uid".into(), uuid::Uuid::new_v4().to_string().into());
-        if def.group != "" && obj.get("spec").is_some() {
+        if !def.group.is_empty() && obj.get("spec").is_some() {
             meta_mut(&mut obj).insert("generation".into(), 1.into());
         }
         meta_mut(&mut obj).insert("creationTimestamp".into(), now.clone().into());
@@ -665,26 +677,27 @@ impl Store {
         if let Some(defs) = crd_defs {
             inner.registry.add_crd(&name, defs);
         }
-        self.emit(&mut inner, EventType::Added, def, &obj);
-        if def.group.is_empty() && def.plural == "pods" {
-            if let (Some(lines), Some(container)) = (
+        self.emit(&mut inner, EventType::Added, def, &obj, None);
+        if def.group.is_empty()
+            && def.plural == "pods"
+            && let (Some(lines), Some(container)) = (
                 obj.pointer("/metadata/annotations")
                     .and_then(|a| a.get(LOG_ANNOTATION))
                     .and_then(Value::as_str),
                 first_container(&obj),
-            ) {
-                let ts = now_rfc3339_nanos();
-                inner.logs.insert(
-                    (namespace.into(), name.clone(), container),
-                    lines
-                        .lines()
-                        .map(|l| LogLine {
-                            timestamp: ts.clone(),
-                            text: l.to_string(),
-                        })
-                        .collect(),
-                );
-            }
+            )
+        {
+            let ts = now_rfc3339_nanos();
+            inner.logs.insert(
+                (namespace.into(), name.clone(), container),
+                lines
+                    .lines()
+                    .map(|l| LogLine {
+                        timestamp: ts.clone(),
+                        text: l.to_string(),
+                    })
+                    .collect(),
+            );
         }
         Ok(obj)
     }
@@ -700,7 +713,7 @@ impl Store {
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         self.modify(def, namespace, name, opts, |old| {
-            let mut new = obj;
+            let new = obj;
             if !new.is_object() {
                 return Err(ApiError::bad_request("the request body must be a JSON object"));
             }
@@ -718,13 +731,6 @@ impl Store {
                     name,
                     "the object has been modified; please apply your changes to the latest version and try again",
                 ));
-            }
-            if opts.subresource.as_deref() == Some("status") {
-                let status = new.get("status").cloned();
-                new = old.clone();
-                if let Some(s) = status {
-                    new.as_object_mut().expect("object").insert("status".into(), s);
-                }
             }
             Ok(new)
         })
@@ -787,6 +793,7 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(&def.group, &def.plural, name))?;
         let mut new = change(&old)?;
+        split_status(def, &old, &mut new, opts.subresource.as_deref());
         self.finish_update(&mut inner, def, &k, &old, &mut new, opts, "Update", None)
     }
 
@@ -840,10 +847,10 @@ impl Store {
         if strip_volatile(&new_c) == strip_volatile(old) && operation == "Update" {
             return Ok(old.clone());
         }
-        if old.get("spec") != new_c.get("spec") {
-            if let Some(g) = old_meta.get("generation").and_then(Value::as_i64) {
-                meta_mut(&mut new_c).insert("generation".into(), (g + 1).into());
-            }
+        if old.get("spec") != new_c.get("spec")
+            && let Some(g) = old_meta.get("generation").and_then(Value::as_i64)
+        {
+            meta_mut(&mut new_c).insert("generation".into(), (g + 1).into());
         }
         let now = now_rfc3339();
         if let Some(manager) = &opts.field_manager {
@@ -863,12 +870,12 @@ impl Store {
         meta_mut(&mut new_c).insert("resourceVersion".into(), rv.to_string().into());
         let new_c = canonical(def, new_c);
         inner.objects.insert(k.clone(), new_c.clone());
-        if def.plural == "customresourcedefinitions" {
-            if let Ok(defs) = resources::from_crd(&new_c) {
-                inner.registry.add_crd(&k.name, defs);
-            }
+        if def.plural == "customresourcedefinitions"
+            && let Ok(defs) = resources::from_crd(&new_c)
+        {
+            inner.registry.add_crd(&k.name, defs);
         }
-        self.emit(inner, EventType::Modified, def, &new_c);
+        self.emit(inner, EventType::Modified, def, &new_c, Some(old));
         Ok(new_c)
     }
 
@@ -895,7 +902,16 @@ impl Store {
                 "the applied configuration must be an object",
             ));
         }
-        let applied_set = fields::field_set(&applied);
+        // An applied configuration owns map entries, not whole maps: no "."
+        // for map fields (list items keep theirs), as the API server records it.
+        let applied_set: BTreeSet<fields::FieldPath> = fields::field_set(&applied)
+            .into_iter()
+            .filter(|p| {
+                !(p.last().is_some_and(|l| l == ".")
+                    && p.len() >= 2
+                    && p[p.len() - 2].starts_with("f:"))
+            })
+            .collect();
         let mut inner = self.lock();
         let k = key(def, namespace, name);
         let Some(old) = inner.objects.get(&k).cloned() else {
@@ -971,6 +987,13 @@ impl Store {
             }
         }
         patch::apply_merge(&mut new, &applied);
+        let same_owner = managed
+            .iter()
+            .any(|(m, op, set)| m == &manager && op == "Apply" && *set == applied_set);
+        if same_owner && conflicts.is_empty() && strip_volatile(&new) == strip_volatile(&old) {
+            // Nothing changes: no write, no new resourceVersion, no event.
+            return Ok((old, false));
+        }
         if opts.force && !conflicts.is_empty() {
             take_fields_from_others(&mut new, &manager, &applied_set);
         }
@@ -1067,7 +1090,7 @@ impl Store {
             let rv = Self::next_rv(&mut inner);
             meta_mut(&mut obj).insert("resourceVersion".into(), rv.to_string().into());
             if let Some(rdef) = rdef {
-                self.emit(&mut inner, EventType::Deleted, &rdef, &obj);
+                self.emit(&mut inner, EventType::Deleted, &rdef, &obj, None);
             }
             if rk.group.is_empty() && rk.resource == "pods" {
                 inner
@@ -1082,6 +1105,33 @@ impl Store {
         drop(inner);
         self.log_changed.notify_waiters();
         Ok(last)
+    }
+}
+
+/// With a `status` subresource, writes to the object leave its status alone
+/// and writes to `/status` change nothing else, as the API server does.
+fn split_status(def: &ResourceDef, old: &Value, new: &mut Value, subresource: Option<&str>) {
+    if def.subresource("status").is_none() {
+        return;
+    }
+    if subresource == Some("status") {
+        let status = new.get("status").cloned();
+        *new = old.clone();
+        if let Some(s) = status {
+            new.as_object_mut()
+                .expect("object")
+                .insert("status".into(), s);
+        }
+    } else if subresource.is_none() {
+        let m = new.as_object_mut().expect("object");
+        match old.get("status") {
+            Some(s) => {
+                m.insert("status".into(), s.clone());
+            }
+            None => {
+                m.shift_remove("status");
+            }
+        }
     }
 }
 
@@ -1185,6 +1235,10 @@ fn defaults_on_create(def: &ResourceDef, obj: &mut Value, now: &str) {
             status
                 .entry("podIP")
                 .or_insert_with(|| "10.244.0.10".into());
+            let ip = status.get("podIP").cloned().unwrap_or_default();
+            status
+                .entry("podIPs")
+                .or_insert_with(|| json!([{ "ip": ip }]));
             status.entry("startTime").or_insert_with(|| now.into());
             status.entry("containerStatuses").or_insert_with(|| {
                 Value::Array(
@@ -1309,7 +1363,7 @@ fn set_managed(
                 .collect();
             // Keep "." markers of maps this manager now touches.
             for p in fields::field_set(obj) {
-                if p.last().is_some_and(|l| l == ".") && set.contains(&p[..p.len() - 1].to_vec()) {
+                if p.last().is_some_and(|l| l == ".") && set.contains(&p[..p.len() - 1]) {
                     set.insert(p);
                 }
             }

@@ -365,13 +365,7 @@ fn columns(def: &ResourceDef) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>)
             let mut cols = vec![name_col];
             let printer = def.printer_columns.clone();
             for pc in &printer {
-                cols.push(col(
-                    &pc.name,
-                    &pc.type_,
-                    if pc.type_ == "date" { "" } else { "" },
-                    &pc.description,
-                    pc.priority,
-                ));
+                cols.push(col(&pc.name, &pc.type_, "", &pc.description, pc.priority));
             }
             let has_age = printer
                 .iter()

@@ -106,6 +106,8 @@ pub fn error_response(e: &ApiError, pretty: bool) -> http::Response<Body> {
 pub struct Accept {
     /// `as=Table;v=v1;g=meta.k8s.io` is among the acceptable types.
     pub table: bool,
+    /// `as=PartialObjectMetadata[List];v=v1;g=meta.k8s.io` (metadata-only clients).
+    pub metadata_only: bool,
     /// Protobuf was asked for.
     pub protobuf: bool,
     /// Something this simulator writes (JSON, `*/*`) is acceptable.
@@ -116,9 +118,8 @@ impl Accept {
     pub fn parse(header: Option<&str>) -> Self {
         let Some(h) = header.filter(|h| !h.trim().is_empty()) else {
             return Self {
-                table: false,
-                protobuf: false,
                 json: true,
+                ..Self::default()
             };
         };
         let mut a = Self::default();
@@ -131,6 +132,10 @@ impl Accept {
                 "application/json" | "*/*" | "application/*" | "application/yaml" => {
                     if params.contains(&"as=Table") {
                         a.table = true;
+                    } else if params.contains(&"as=PartialObjectMetadataList")
+                        || params.contains(&"as=PartialObjectMetadata")
+                    {
+                        a.metadata_only = true;
                     } else if !params.iter().any(|p| p.starts_with("as=")) {
                         a.json = true;
                     }
@@ -138,7 +143,7 @@ impl Accept {
                 _ => {}
             }
         }
-        if a.table {
+        if a.table || a.metadata_only {
             a.json = true;
         }
         a
