@@ -41,6 +41,9 @@ pub struct Cli {
 pub enum Command {
     /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
     Check,
+    /// Validate and explain AgentPolicy files, print the CRD.
+    #[command(subcommand)]
+    Policy(crate::policy::cli::PolicyCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Check => check(),
+        Command::Policy(cmd) => crate::policy::cli::run(cmd),
     };
     match result {
         Ok(code) => code,
