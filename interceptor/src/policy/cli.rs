@@ -32,7 +32,7 @@ pub enum PolicyCommand {
     ///
     /// Example: chaperone policy explain -f deploy/policies --as
     /// system:serviceaccount:agents:coder delete deployments.apps web -n prod-a
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
     /// Print the AgentPolicy CustomResourceDefinition as YAML.
     Crd,
 }
@@ -302,5 +302,156 @@ fn request(args: &ExplainArgs) -> RequestInfo {
         name,
         parts,
         command: args.command.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn examples() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/policies")
+    }
+
+    fn run_args(args: &[&str]) -> (ExitCode, String, String) {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Policy(cmd) = cli.command else {
+            panic!("not a policy command")
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = run_to(cmd, &mut out, &mut err).unwrap();
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn check_accepts_the_examples() {
+        let dir = examples();
+        let (code, out, err) = run_args(&["chaperone", "policy", "check", dir.to_str().unwrap()]);
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert!(
+            out.contains("deploy-dev-approve-prod.yaml: ok (1 policy: deployer-agent)"),
+            "{out}"
+        );
+        assert_eq!(out.lines().count(), 3, "{out}");
+    }
+
+    #[test]
+    fn check_reports_file_line_and_field_and_exits_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: p\nspec:\n  \
+             subjects:\n    - users: [bot]\n  rules:\n    - name: a\n      action: allow\n    - name: b\n      \
+             action: deny\n    - name: c\n      action: allwo\n---\napiVersion: chaperone.dev/v1alpha1\n\
+             kind: AgentPolicy\nmetadata: {name: q}\nspec:\n  subjects: [{serviceAccounts: [bot]}]\n",
+        )
+        .unwrap();
+        let (code, out, err) = run_args(&["chaperone", "policy", "check", file.to_str().unwrap()]);
+        assert_eq!(code, ExitCode::FAILURE);
+        assert_eq!(out, "");
+        let path = file.display();
+        assert_eq!(
+            err,
+            format!(
+                "{path}:14: spec.rules[2].action: unknown action \"allwo\", expected one of allow, deny, mask, approve\n\
+                 {path}:16: policy \"q\": spec.subjects[0].serviceAccounts[0]: \"bot\" is not NAMESPACE/NAME; write e.g. \"agents/bot\" or \"*/bot\"\n"
+            )
+        );
+    }
+
+    #[test]
+    fn explain_prints_the_deciding_rule_and_what_the_agent_sees() {
+        let dir = examples();
+        let (code, out, _) = run_args(&[
+            "chaperone",
+            "policy",
+            "explain",
+            "-f",
+            dir.to_str().unwrap(),
+            "--as",
+            "system:serviceaccount:agents:reader",
+            "create",
+            "pods",
+            "web-0",
+            "-n",
+            "prod-a",
+            "--subresource",
+            "exec",
+            "--command",
+            "sh",
+            "-c",
+            "rm -rf /",
+        ]);
+        assert_eq!(code, ExitCode::SUCCESS);
+        for line in [
+            "decision: deny by policy \"no-exec-in-production\" rule \"no-exec-in-prod\"",
+            "policy \"read-only-agent\": selects this caller",
+            "  skip  rule \"no-proxy\": resource \"pods/exec\" does not match \"*/proxy\"",
+            "  no rule matches: default action deny",
+            "the agent sees: Error from server (Forbidden): chaperone: policy \"no-exec-in-production\" \
+             rule \"no-exec-in-prod\" denies create on pods/exec \"web-0\" in namespace \"prod-a\": \
+             production pods are not for agents; read their logs instead; this agent may not use \
+             pods/exec here at all; ask a human to run it",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn explain_selects_by_pod_label_and_reads_resource_dot_group() {
+        let dir = examples();
+        let (_, out, _) = run_args(&[
+            "chaperone",
+            "policy",
+            "explain",
+            "-f",
+            dir.to_str().unwrap(),
+            "--as",
+            "system:serviceaccount:ci-7:default",
+            "--pod-label",
+            "chaperone.dev/role=deployer",
+            "patch",
+            "deployments.apps",
+            "web",
+            "-n",
+            "dev-3",
+        ]);
+        assert!(
+            out.starts_with(
+                "decision: allow by policy \"deployer-agent\" rule \"deploy-to-dev\", record Request\n"
+            ),
+            "{out}"
+        );
+        let (_, out, _) = run_args(&[
+            "chaperone",
+            "policy",
+            "explain",
+            "-f",
+            dir.to_str().unwrap(),
+            "--as",
+            "alice",
+            "get",
+            "/version",
+        ]);
+        assert!(
+            out.starts_with("decision: deny (no policy selects this caller)"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn crd_prints_the_custom_resource_definition() {
+        let (code, out, _) = run_args(&["chaperone", "policy", "crd"]);
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert!(out.contains("name: agentpolicies.chaperone.dev"), "{out}");
+        assert!(out.contains("scope: Cluster"), "{out}");
     }
 }

@@ -84,7 +84,8 @@ pub fn describe_target(req: &RequestInfo) -> String {
     if !req.name.is_empty() {
         target.push_str(&format!(" \"{}\"", req.name));
     }
-    if !req.namespace.is_empty() && !(req.resource == "namespaces" && req.name == req.namespace) {
+    let is_the_namespace_itself = req.resource == "namespaces" && req.name == req.namespace;
+    if !req.namespace.is_empty() && !is_the_namespace_itself {
         target.push_str(&format!(" in namespace \"{}\"", req.namespace));
     }
     target

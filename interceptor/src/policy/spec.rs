@@ -29,18 +29,10 @@ use super::{Action, RecordLevel};
     status = "AgentPolicyStatus",
     derive = "PartialEq",
     doc = "What AI agents may do through chaperone: subjects, ordered rules, a default.",
-    printcolumn(name = "Default", type_ = "string", json_path = ".spec.defaultAction"),
-    printcolumn(name = "DryRun", type_ = "boolean", json_path = ".spec.dryRun"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Default","type":"string","jsonPath":".spec.defaultAction"}"#,
+    printcolumn = r#"{"name":"DryRun","type":"boolean","jsonPath":".spec.dryRun"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentPolicySpec {
@@ -441,10 +433,10 @@ fn document_start_lines(text: &str) -> Vec<usize> {
     let mut segments: Vec<(usize, Option<usize>)> = vec![(1, None)];
     for (n, line) in text.lines().enumerate() {
         let line_no = n + 1;
-        if line.starts_with("---") {
+        if let Some(rest) = line.strip_prefix("---") {
             segments.push((line_no, None));
             // `--- key: value` puts content on the marker line itself.
-            let rest = line[3..].trim();
+            let rest = rest.trim();
             if !rest.is_empty() && !rest.starts_with('#') {
                 segments.last_mut().expect("just pushed").1 = Some(line_no);
             }

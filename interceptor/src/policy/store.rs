@@ -118,7 +118,7 @@ impl PolicyStore {
             .collect();
         let count = state.good.len();
         self.rebuild(&state);
-        tracing::info!(policies = count, "policy files loaded");
+        tracing::debug!(policies = count, "policy files loaded");
         Ok(count)
     }
 

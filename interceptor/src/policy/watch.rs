@@ -170,3 +170,160 @@ pub async fn watch_crds(client: kube::Client, store: &PolicyStore) -> anyhow::Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::identity::Caller;
+    use crate::policy::{Action, PolicyInput};
+    use crate::request::RequestInfo;
+
+    fn policy(name: &str, generation: i64, action: &str) -> AgentPolicy {
+        serde_yaml::from_str(&format!(
+            "apiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\n\
+             metadata: {{name: {name}, generation: {generation}}}\n\
+             spec:\n  subjects: [{{users: [\"*\"]}}]\n  rules: [{{name: all, action: {action}}}]\n"
+        ))
+        .unwrap()
+    }
+
+    fn decide(store: &PolicyStore) -> Action {
+        let request = RequestInfo::parse(&http::Method::GET, "/api/v1/namespaces/a/pods", None);
+        let caller = Caller {
+            username: "bot".into(),
+            ..Caller::default()
+        };
+        store.evaluate(&PolicyInput::new(&request, &caller)).action
+    }
+
+    /// Writes the update onto the object, as the API server would.
+    fn written(mut object: AgentPolicy, update: &StatusUpdate) -> AgentPolicy {
+        object.status = Some(update.status.clone());
+        object
+    }
+
+    #[test]
+    fn the_initial_list_is_applied_at_once_and_every_object_gets_a_condition() {
+        let store = PolicyStore::new();
+        let mut reconciler = Reconciler::default();
+        let now = "2026-01-01T00:00:00Z";
+        assert!(reconciler.handle(&store, Event::Init, now).is_empty());
+        for object in [policy("a", 1, "allow"), {
+            let mut bad = policy("b", 4, "deny");
+            bad.spec.rules[0].hold_timeout = Some("1m".into());
+            bad
+        }] {
+            assert!(
+                reconciler
+                    .handle(&store, Event::InitApply(object), now)
+                    .is_empty()
+            );
+        }
+        assert_eq!(
+            decide(&store),
+            Action::Deny,
+            "nothing applied before InitDone"
+        );
+        let updates = reconciler.handle(&store, Event::InitDone, now);
+        assert_eq!(decide(&store), Action::Allow);
+        assert_eq!(updates.len(), 2);
+        let a = &updates[0].status;
+        assert_eq!(updates[0].name, "a");
+        assert_eq!(a.active_generation, Some(1));
+        let condition = &a.conditions[0];
+        assert_eq!(
+            (
+                condition.type_.as_str(),
+                condition.status.as_str(),
+                condition.reason.as_str()
+            ),
+            ("Accepted", "True", "Valid")
+        );
+        assert_eq!(condition.observed_generation, Some(1));
+        assert_eq!(condition.last_transition_time, now);
+        let b = &updates[1].status.conditions[0];
+        assert_eq!((b.status.as_str(), b.reason.as_str()), ("False", "Invalid"));
+        assert!(
+            b.message.starts_with(
+                "invalid: spec.rules[0].holdTimeout: holdTimeout applies to action approve only"
+            ),
+            "{}",
+            b.message
+        );
+        assert!(
+            b.message
+                .contains("no earlier version was valid, so this policy is not in force"),
+            "{}",
+            b.message
+        );
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_previous_generation_and_says_so() {
+        let store = PolicyStore::new();
+        let mut reconciler = Reconciler::default();
+        let v1 = policy("p", 1, "allow");
+        let update = reconciler.handle(&store, Event::Apply(v1.clone()), "t1");
+        let v1 = written(v1, &update[0]);
+        // the status write comes back through the watch: nothing more to do
+        assert!(
+            reconciler
+                .handle(&store, Event::Apply(v1.clone()), "t2")
+                .is_empty()
+        );
+
+        let mut v2 = policy("p", 2, "approve");
+        v2.spec.rules[0].hold_timeout = Some("later".into());
+        v2.status = v1.status.clone();
+        let update = reconciler.handle(&store, Event::Apply(v2.clone()), "t3");
+        assert_eq!(decide(&store), Action::Allow, "generation 1 stays");
+        let status = &update[0].status;
+        assert_eq!(status.active_generation, Some(1));
+        let condition = &status.conditions[0];
+        assert_eq!(condition.status, "False");
+        assert_eq!(condition.observed_generation, Some(2));
+        assert_eq!(condition.last_transition_time, "t3");
+        assert!(
+            condition
+                .message
+                .contains("\"later\" is not a duration; write e.g. \"30s\", \"5m\" or \"1h30m\""),
+            "{}",
+            condition.message
+        );
+        assert!(
+            condition
+                .message
+                .ends_with("generation 1 stays in force; fix the object and apply it again"),
+            "{}",
+            condition.message
+        );
+
+        let mut v3 = policy("p", 3, "mask");
+        v3.status = Some(status.clone());
+        let update = reconciler.handle(&store, Event::Apply(v3.clone()), "t4");
+        assert_eq!(decide(&store), Action::Mask);
+        assert_eq!(update[0].status.conditions[0].status, "True");
+        assert_eq!(update[0].status.active_generation, Some(3));
+
+        reconciler.handle(&store, Event::Delete(v3), "t5");
+        assert_eq!(decide(&store), Action::Deny, "deleted: no policy selects");
+    }
+
+    #[test]
+    fn a_relist_drops_policies_deleted_meanwhile() {
+        let store = PolicyStore::new();
+        let mut reconciler = Reconciler::default();
+        reconciler.handle(&store, Event::Apply(policy("gone", 1, "allow")), "t");
+        assert_eq!(decide(&store), Action::Allow);
+        reconciler.handle(&store, Event::Init, "t");
+        reconciler.handle(&store, Event::InitApply(policy("kept", 1, "mask")), "t");
+        reconciler.handle(&store, Event::InitDone, "t");
+        assert_eq!(
+            store.snapshot().policy_names().collect::<Vec<_>>(),
+            ["kept"]
+        );
+        assert_eq!(decide(&store), Action::Mask);
+    }
+}
