@@ -722,6 +722,8 @@ fn effective_verb(req: &crate::request::RequestInfo) -> &str {
 pub struct PolicySet {
     policies: Vec<CompiledPolicy>,
     unmatched: Outcome,
+    /// The empty policy name of the unmatched decision, allocated once.
+    no_policy: Arc<str>,
     uses_namespace_labels: bool,
 }
 
@@ -787,6 +789,7 @@ impl PolicySet {
                 ),
                 hold_timeout: None,
             },
+            no_policy: "".into(),
             uses_namespace_labels: false,
         }
     }
@@ -915,13 +918,13 @@ impl PolicySet {
         let enforced = enforcing.winner();
         let would = dry.winner();
         match (enforced, would) {
-            (None, None) => decision(&self.unmatched, None, self.unmatched.record),
-            (Some((hit, record)), None) => decision(hit.outcome, Some(hit.policy), record),
+            (None, None) => decision(&self.unmatched, &self.no_policy, self.unmatched.record),
+            (Some((hit, record)), None) => decision(hit.outcome, &hit.policy.name, record),
             (Some((hit, record)), Some((dry_hit, _)))
                 if dry_hit.outcome.action.restrictiveness()
                     <= hit.outcome.action.restrictiveness() =>
             {
-                decision(hit.outcome, Some(hit.policy), record)
+                decision(hit.outcome, &hit.policy.name, record)
             }
             (enforced, Some((dry_hit, dry_record))) => {
                 let (enforce, enforced_record) = enforced
@@ -929,7 +932,7 @@ impl PolicySet {
                     .unwrap_or((Action::Allow, RecordLevel::None));
                 let mut d = decision(
                     dry_hit.outcome,
-                    Some(dry_hit.policy),
+                    &dry_hit.policy.name,
                     dry_record.max(enforced_record),
                 );
                 d.enforce = enforce;
@@ -1011,12 +1014,12 @@ impl PolicySet {
     }
 }
 
-fn decision(outcome: &Outcome, policy: Option<&CompiledPolicy>, record: RecordLevel) -> Decision {
+fn decision(outcome: &Outcome, policy: &Arc<str>, record: RecordLevel) -> Decision {
     Decision {
         action: outcome.action,
         enforce: outcome.action,
         record,
-        policy: policy.map(|p| p.name.clone()).unwrap_or_else(|| "".into()),
+        policy: policy.clone(),
         rule: outcome.rule.clone(),
         message: outcome.message.clone(),
         dry_run: false,
