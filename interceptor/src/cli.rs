@@ -55,6 +55,8 @@ pub enum Command {
     /// Manage chaperone's CA: the certificate authority agent pods must trust.
     #[command(subcommand)]
     Ca(crate::tls::cli::CaCommand),
+    /// Validate and explain AgentPolicy files, print the CRD.
+    Policy(crate::policy::cli::PolicyCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -68,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Replay(args) => crate::record::cli::replay(&args, &mut std::io::stdout()),
         Command::Verify(args) => crate::record::cli::verify(&args, &mut std::io::stdout()),
         Command::Ca(command) => crate::tls::cli::run(command),
+        Command::Policy(cmd) => crate::policy::cli::run(cmd),
     };
     match result {
         Ok(code) => code,

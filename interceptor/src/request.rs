@@ -308,8 +308,21 @@ mod tests {
     /// `TestGetAPIRequestInfo` success cases from requestinfo_test.go:
     /// method, url, verb, prefix, group, version, namespace, resource,
     /// subresource, name, parts.
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [&'static str],
+    );
     #[rustfmt::skip]
-    const API_SERVER_CASES: &[(&str, &str, &str, &str, &str, &str, &str, &str, &str, &str, &[&str])] = &[
+    const API_SERVER_CASES: &[Case] = &[
         // resource paths
         ("GET", "/api/v1/namespaces", "list", "api", "", "v1", "", "namespaces", "", "", &["namespaces"]),
         ("GET", "/api/v1/namespaces/other", "get", "api", "", "v1", "other", "namespaces", "", "other", &["namespaces", "other"]),
