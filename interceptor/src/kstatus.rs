@@ -124,12 +124,21 @@ mod tests {
     use super::*;
 
     /// The API server's own 403 (fixtures/kube-apiserver-v1.20.2/status-403.body).
-    const FIXTURE_403: &str =
-        include_str!("../../../shared/fixtures/kube-apiserver-v1.20.2/status-403.body");
+    /// Read at run time: `shared/` sits beside the checkout, which is not at
+    /// a fixed depth (the main checkout and worktrees differ).
+    fn fixture_403() -> String {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = manifest
+            .ancestors()
+            .map(|dir| dir.join("shared/fixtures/kube-apiserver-v1.20.2/status-403.body"))
+            .find(|path| path.exists())
+            .expect("shared/fixtures beside the checkout");
+        std::fs::read_to_string(path).unwrap()
+    }
 
     #[test]
     fn forbidden_has_the_api_servers_shape() {
-        let fixture: Value = serde_json::from_str(FIXTURE_403).unwrap();
+        let fixture: Value = serde_json::from_str(&fixture_403()).unwrap();
         let ours = Status::forbidden(fixture["message"].as_str().unwrap())
             .with_details("", "secrets", "")
             .to_json();

@@ -1,0 +1,809 @@
+//! The streaming JSON transform: a small tokenizer that copies every byte
+//! through unchanged except the string values the [`Schema`] marks as
+//! sensitive, which it replaces.
+//!
+//! Memory is bounded whatever the body size: the container stack (depth
+//! limit), the current key (only kept where the schema needs it, capped) and
+//! the one value being masked. Secret `data`/`stringData` values are never
+//! buffered at all (only their size is counted); values that must be read
+//! (pattern rules, the last-applied annotation) are buffered up to
+//! [`Limits::max_value_bytes`] and replaced whole beyond it.
+//!
+//! Anything that is not JSON is an error: the caller stops forwarding, it
+//! never passes the rest through raw.
+
+use std::sync::Arc;
+
+use memchr::memchr2;
+
+use super::schema::{IGNORE, Leaf, NodeId};
+use super::{Compiled, MaskError, MaskStats, marker};
+
+/// Deepest nesting accepted; Kubernetes objects stay far below it.
+pub(crate) const MAX_DEPTH: usize = 512;
+/// Longest key or env var name kept; longer keys match no named schema
+/// entry, longer env var names are not checked against the name rule.
+const MAX_CAPTURE: usize = 1024;
+
+/// One document (get, list, Table) or a stream of them (watch events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Single,
+    Stream,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Expecting a value (after `:`, `,` in an array, or at the top level).
+    Value,
+    /// After `[`: a value or `]`.
+    ArrayFirst,
+    /// After `{`: a key or `}`.
+    ObjectFirst,
+    /// After `,` in an object: a key.
+    ObjectKey,
+    /// After a key: `:`.
+    Colon,
+    /// After a value: `,` or the closing bracket.
+    After,
+    /// Inside a key or a string value that passes through.
+    Str,
+    /// Just after a backslash in [`State::Str`].
+    StrEscape,
+    /// Inside a string value being masked.
+    Leaf,
+    /// Inside `true`, `false` or `null`.
+    Literal,
+    /// Inside a number.
+    Number,
+    /// After the single document: whitespace only.
+    End,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Frame {
+    object: bool,
+    node: NodeId,
+}
+
+/// Escape decoding inside a masked string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Escape {
+    None,
+    Backslash,
+    /// `\u`: hex digits still expected, code point so far.
+    Unicode(u8, u32),
+}
+
+/// The string value being masked.
+struct LeafValue {
+    leaf: Leaf,
+    node: NodeId,
+    /// Raw (still escaped) bytes, for leaves that must be read.
+    raw: Vec<u8>,
+    buffered: bool,
+    overflow: bool,
+    /// Decoded size in bytes.
+    len: u64,
+    /// Trailing `=` count, for base64 sizes.
+    pad: u64,
+    escape: Escape,
+}
+
+pub(crate) struct JsonMask {
+    compiled: Arc<Compiled>,
+    root: NodeId,
+    framing: Framing,
+    state: State,
+    stack: Vec<Frame>,
+    /// The node of the next value.
+    value_node: NodeId,
+    /// Whether the string in [`State::Str`] is a key.
+    in_key: bool,
+    /// Copying the current string into `capture`.
+    capturing: bool,
+    capture: Vec<u8>,
+    /// The last key read where the schema needed it (label of `any_key` leaves).
+    key: Vec<u8>,
+    env_name: Vec<u8>,
+    literal: &'static [u8],
+    literal_at: usize,
+    leaf: LeafValue,
+    offset: u64,
+    seen_value: bool,
+    failed: Option<MaskError>,
+    stats: MaskStats,
+}
+
+impl JsonMask {
+    pub(crate) fn new(compiled: Arc<Compiled>, root: NodeId, framing: Framing) -> Self {
+        Self {
+            compiled,
+            root,
+            framing,
+            state: State::Value,
+            stack: Vec::new(),
+            value_node: root,
+            in_key: false,
+            capturing: false,
+            capture: Vec::new(),
+            key: Vec::new(),
+            env_name: Vec::new(),
+            literal: b"",
+            literal_at: 0,
+            leaf: LeafValue {
+                leaf: Leaf::PlainSecret,
+                node: IGNORE,
+                raw: Vec::new(),
+                buffered: false,
+                overflow: false,
+                len: 0,
+                pad: 0,
+                escape: Escape::None,
+            },
+            offset: 0,
+            seen_value: false,
+            failed: None,
+            stats: MaskStats::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> &MaskStats {
+        &self.stats
+    }
+
+    pub(crate) fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let result = self.run(input, out);
+        self.offset += input.len() as u64;
+        if let Err(error) = &result {
+            self.failed = Some(error.clone());
+        }
+        result
+    }
+
+    pub(crate) fn finish(&mut self, _out: &mut Vec<u8>) -> Result<(), MaskError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let complete = match self.state {
+            State::End => true,
+            State::Value => {
+                self.stack.is_empty() && (self.framing == Framing::Stream || !self.seen_value)
+            }
+            State::Number => self.stack.is_empty(),
+            _ => false,
+        };
+        if complete {
+            Ok(())
+        } else {
+            let error = MaskError::Truncated {
+                offset: self.offset,
+            };
+            self.failed = Some(error.clone());
+            Err(error)
+        }
+    }
+
+    fn invalid(&self, at: usize, reason: &'static str) -> MaskError {
+        MaskError::InvalidJson {
+            offset: self.offset + at as u64,
+            reason,
+        }
+    }
+
+    fn run(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let n = input.len();
+        let mut i = 0;
+        // Start of the bytes not yet copied to `out`.
+        let mut emit = 0;
+        while i < n {
+            match self.state {
+                State::Str => match memchr2(b'"', b'\\', &input[i..]) {
+                    None => {
+                        if self.capturing {
+                            self.capture_extend(&input[i..]);
+                        }
+                        i = n;
+                    }
+                    Some(k) => {
+                        let j = i + k;
+                        if self.capturing {
+                            self.capture_extend(&input[i..=j]);
+                        }
+                        i = j + 1;
+                        if input[j] == b'\\' {
+                            self.state = State::StrEscape;
+                        } else {
+                            self.end_string(j)?;
+                        }
+                    }
+                },
+                State::StrEscape => {
+                    if self.capturing {
+                        self.capture_extend(&input[i..=i]);
+                    }
+                    i += 1;
+                    self.state = State::Str;
+                }
+                State::Leaf => {
+                    let (consumed, closed) = self.leaf_scan(&input[i..], i)?;
+                    i += consumed;
+                    if closed {
+                        self.finish_leaf(out)?;
+                        emit = i;
+                        self.after_value();
+                    }
+                }
+                State::Value | State::ArrayFirst => {
+                    let c = input[i];
+                    match c {
+                        b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                        b']' if self.state == State::ArrayFirst => {
+                            i += 1;
+                            self.stack.pop();
+                            self.after_value();
+                        }
+                        b'{' | b'[' => {
+                            if self.stack.len() >= MAX_DEPTH {
+                                return Err(MaskError::TooDeep {
+                                    offset: self.offset + i as u64,
+                                    limit: MAX_DEPTH,
+                                });
+                            }
+                            self.seen_value = true;
+                            let node = self.value_node;
+                            i += 1;
+                            if c == b'{' {
+                                self.stack.push(Frame { object: true, node });
+                                self.state = State::ObjectFirst;
+                            } else {
+                                self.stack.push(Frame {
+                                    object: false,
+                                    node,
+                                });
+                                self.value_node = self.compiled.schema.child_index(node);
+                                self.state = State::ArrayFirst;
+                            }
+                        }
+                        b'"' => {
+                            self.seen_value = true;
+                            let node = self.value_node;
+                            match self.compiled.schema.node(node).leaf {
+                                None => {
+                                    self.in_key = false;
+                                    self.capturing = false;
+                                    self.state = State::Str;
+                                }
+                                Some(Leaf::EnvName) => {
+                                    self.in_key = false;
+                                    self.capturing = true;
+                                    self.capture.clear();
+                                    self.state = State::Str;
+                                }
+                                Some(leaf) => {
+                                    out.extend_from_slice(&input[emit..i]);
+                                    self.start_leaf(leaf, node);
+                                    self.state = State::Leaf;
+                                }
+                            }
+                            i += 1;
+                        }
+                        b't' | b'f' | b'n' => {
+                            self.seen_value = true;
+                            self.literal = match c {
+                                b't' => b"true",
+                                b'f' => b"false",
+                                _ => b"null",
+                            };
+                            self.literal_at = 1;
+                            self.state = State::Literal;
+                            i += 1;
+                        }
+                        b'-' | b'0'..=b'9' => {
+                            self.seen_value = true;
+                            self.state = State::Number;
+                            i += 1;
+                        }
+                        _ => return Err(self.invalid(i, "expected a JSON value")),
+                    }
+                }
+                State::ObjectFirst | State::ObjectKey => match input[i] {
+                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b'"' => {
+                        i += 1;
+                        self.in_key = true;
+                        let node = self.stack.last().map_or(IGNORE, |f| f.node);
+                        self.capturing = self.compiled.schema.needs_key(node);
+                        self.capture.clear();
+                        self.state = State::Str;
+                    }
+                    b'}' if self.state == State::ObjectFirst => {
+                        i += 1;
+                        self.stack.pop();
+                        self.after_value();
+                    }
+                    _ => return Err(self.invalid(i, "expected an object key")),
+                },
+                State::Colon => match input[i] {
+                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b':' => {
+                        i += 1;
+                        self.state = State::Value;
+                    }
+                    _ => return Err(self.invalid(i, "expected ':' after an object key")),
+                },
+                State::After => match input[i] {
+                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b',' => {
+                        i += 1;
+                        let frame = *self.stack.last().expect("After is inside a container");
+                        if frame.object {
+                            self.state = State::ObjectKey;
+                        } else {
+                            self.value_node = self.compiled.schema.child_index(frame.node);
+                            self.state = State::Value;
+                        }
+                    }
+                    c @ (b'}' | b']') => {
+                        let frame = *self.stack.last().expect("After is inside a container");
+                        if frame.object != (c == b'}') {
+                            return Err(self.invalid(i, "mismatched closing bracket"));
+                        }
+                        i += 1;
+                        self.stack.pop();
+                        self.after_value();
+                    }
+                    _ => return Err(self.invalid(i, "expected ',' or a closing bracket")),
+                },
+                State::Literal => {
+                    if input[i] != self.literal[self.literal_at] {
+                        return Err(self.invalid(i, "invalid literal"));
+                    }
+                    i += 1;
+                    self.literal_at += 1;
+                    if self.literal_at == self.literal.len() {
+                        self.after_value();
+                    }
+                }
+                State::Number => match input[i] {
+                    b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-' => i += 1,
+                    _ => self.after_value(),
+                },
+                State::End => match input[i] {
+                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    _ => return Err(self.invalid(i, "data after the end of the JSON document")),
+                },
+            }
+        }
+        if self.state != State::Leaf {
+            out.extend_from_slice(&input[emit..]);
+        }
+        Ok(())
+    }
+
+    /// Copies string bytes (with the closing quote) into `capture`, keeping
+    /// at most one byte beyond [`MAX_CAPTURE`] to tell that it overflowed.
+    #[inline]
+    fn capture_extend(&mut self, bytes: &[u8]) {
+        let room = (MAX_CAPTURE + 2).saturating_sub(self.capture.len());
+        self.capture
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// The captured string, unescaped into `into`; `false` when it was too
+    /// long to keep.
+    fn take_capture(&mut self, at: usize, into: &mut Vec<u8>) -> Result<bool, MaskError> {
+        into.clear();
+        if self.capture.len() > MAX_CAPTURE {
+            return Ok(false);
+        }
+        self.capture.pop(); // the closing quote
+        if self.capture.contains(&b'\\') {
+            if unescape(&self.capture, into).is_err() {
+                return Err(self.invalid(at, "invalid escape in a string"));
+            }
+        } else {
+            into.extend_from_slice(&self.capture);
+        }
+        Ok(true)
+    }
+
+    /// The closing quote of a pass-through string at `at`.
+    fn end_string(&mut self, at: usize) -> Result<(), MaskError> {
+        if !self.in_key {
+            if self.capturing {
+                // An env var name: keep it for its value.
+                self.capturing = false;
+                let mut name = std::mem::take(&mut self.env_name);
+                self.take_capture(at, &mut name)?;
+                self.env_name = name;
+            }
+            self.after_value();
+            return Ok(());
+        }
+        self.state = State::Colon;
+        let node = self.stack.last().map_or(IGNORE, |f| f.node);
+        if !self.capturing {
+            self.value_node = self.compiled.schema.child_key(node, b"");
+            return Ok(());
+        }
+        self.capturing = false;
+        let mut key = std::mem::take(&mut self.key);
+        let kept = self.take_capture(at, &mut key);
+        self.key = key;
+        self.value_node = if kept? {
+            self.compiled.schema.child_key(node, &self.key)
+        } else {
+            self.compiled.schema.node(node).any_key
+        };
+        Ok(())
+    }
+
+    fn after_value(&mut self) {
+        self.state = if self.stack.is_empty() {
+            match self.framing {
+                Framing::Single => State::End,
+                Framing::Stream => {
+                    self.value_node = self.root;
+                    State::Value
+                }
+            }
+        } else {
+            State::After
+        };
+    }
+
+    fn start_leaf(&mut self, leaf: Leaf, node: NodeId) {
+        let value = &mut self.leaf;
+        value.leaf = leaf;
+        value.node = node;
+        value.raw.clear();
+        value.buffered = !matches!(leaf, Leaf::Base64Secret | Leaf::PlainSecret);
+        value.overflow = false;
+        value.len = 0;
+        value.pad = 0;
+        value.escape = Escape::None;
+    }
+
+    /// Scans masked string bytes; returns how many were consumed and whether
+    /// the closing quote was among them.
+    fn leaf_scan(&mut self, input: &[u8], base: usize) -> Result<(usize, bool), MaskError> {
+        let cap = self.compiled.limits.max_value_bytes;
+        let mut i = 0;
+        while i < input.len() {
+            let value = &mut self.leaf;
+            match value.escape {
+                Escape::None => match memchr2(b'"', b'\\', &input[i..]) {
+                    None => {
+                        value.text(&input[i..], cap);
+                        return Ok((input.len(), false));
+                    }
+                    Some(k) => {
+                        value.text(&input[i..i + k], cap);
+                        let j = i + k;
+                        if input[j] == b'"' {
+                            return Ok((j + 1, true));
+                        }
+                        value.raw_push(b'\\', cap);
+                        value.escape = Escape::Backslash;
+                        i = j + 1;
+                    }
+                },
+                Escape::Backslash => {
+                    let c = input[i];
+                    value.raw_push(c, cap);
+                    i += 1;
+                    match c {
+                        b'u' => value.escape = Escape::Unicode(4, 0),
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                            value.escape = Escape::None;
+                            value.len += 1;
+                            value.pad = 0;
+                        }
+                        _ => return Err(self.invalid(base + i - 1, "invalid escape in a string")),
+                    }
+                }
+                Escape::Unicode(left, code) => {
+                    let c = input[i];
+                    let Some(digit) = (c as char).to_digit(16) else {
+                        return Err(self.invalid(base + i, "invalid \\u escape in a string"));
+                    };
+                    value.raw_push(c, cap);
+                    i += 1;
+                    let code = code << 4 | digit;
+                    if left > 1 {
+                        value.escape = Escape::Unicode(left - 1, code);
+                    } else {
+                        value.escape = Escape::None;
+                        value.pad = if code == u32::from(b'=') {
+                            value.pad + 1
+                        } else {
+                            0
+                        };
+                        value.len += match code {
+                            0..=0x7f => 1,
+                            0x80..=0x7ff => 2,
+                            // Each half of a surrogate pair: 4 bytes for the pair.
+                            0xd800..=0xdfff => 2,
+                            _ => 3,
+                        };
+                    }
+                }
+            }
+        }
+        Ok((input.len(), false))
+    }
+
+    fn finish_leaf(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let leaf = self.leaf.leaf;
+        let len = self.leaf.len;
+        if self.leaf.overflow {
+            self.stats.oversized_values += 1;
+            self.record(1, 0);
+            match leaf {
+                Leaf::Base64Secret | Leaf::PatternBase64 => {
+                    marker::base64_json(base64_len(len, self.leaf.pad), out)
+                }
+                _ => marker::plain_json(len, out),
+            }
+            return Ok(());
+        }
+        match leaf {
+            Leaf::Base64Secret => {
+                marker::base64_json(base64_len(len, self.leaf.pad), out);
+                self.record(1, 0);
+            }
+            Leaf::PlainSecret => {
+                marker::plain_json(len, out);
+                self.record(1, 0);
+            }
+            // Env names pass through as strings; never read as a leaf.
+            Leaf::EnvName => self.passthrough_leaf(out),
+            Leaf::PatternText | Leaf::EnvValue => {
+                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                unescape(&self.leaf.raw, &mut text)
+                    .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
+                if leaf == Leaf::EnvValue
+                    && !self.env_name.is_empty()
+                    && self.compiled.env_names.is_match(&self.env_name)
+                {
+                    marker::plain_json(text.len() as u64, out);
+                    self.record(1, 0);
+                } else {
+                    self.mask_text(&text, out);
+                }
+                if leaf == Leaf::EnvValue {
+                    self.env_name.clear();
+                }
+            }
+            Leaf::PatternBase64 => {
+                use base64::Engine as _;
+                let engine = &base64::engine::general_purpose::STANDARD;
+                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                unescape(&self.leaf.raw, &mut text)
+                    .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
+                match engine.decode(&text) {
+                    Err(_) => {
+                        // Unreadable, so it cannot be checked: masked whole.
+                        marker::base64_json(base64_len(len, self.leaf.pad), out);
+                        self.record(1, 0);
+                    }
+                    Ok(decoded) => {
+                        let mut hits = Vec::new();
+                        self.compiled.patterns.hits(&decoded, &mut hits);
+                        if hits.is_empty() {
+                            self.passthrough_leaf(out);
+                        } else {
+                            let mut masked = Vec::with_capacity(decoded.len());
+                            self.compiled
+                                .patterns
+                                .write_masked(&decoded, &hits, &mut masked);
+                            out.push(b'"');
+                            let encoded = engine.encode(&masked);
+                            out.extend_from_slice(encoded.as_bytes());
+                            out.push(b'"');
+                            self.record(1, hits.len() as u64);
+                        }
+                    }
+                }
+            }
+            Leaf::EmbeddedJson { root, secret } => {
+                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                unescape(&self.leaf.raw, &mut text)
+                    .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
+                let mut nested = JsonMask::new(Arc::clone(&self.compiled), root, Framing::Single);
+                let mut masked = Vec::with_capacity(text.len());
+                let parsed = nested
+                    .push(&text, &mut masked)
+                    .and_then(|()| nested.finish(&mut masked));
+                match parsed {
+                    Ok(()) if nested.stats.values_masked == 0 => self.passthrough_leaf(out),
+                    Ok(()) => {
+                        escape_json(&masked, out);
+                        let label = self.label();
+                        self.stats.merge_nested(&nested.stats, &label);
+                    }
+                    Err(_) if secret => {
+                        marker::plain_json(len, out);
+                        self.record(1, 0);
+                    }
+                    Err(_) => self.mask_text(&text, out),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered string unchanged.
+    fn passthrough_leaf(&mut self, out: &mut Vec<u8>) {
+        out.push(b'"');
+        out.extend_from_slice(&self.leaf.raw);
+        out.push(b'"');
+    }
+
+    /// Pattern rules on a decoded string value.
+    fn mask_text(&mut self, text: &[u8], out: &mut Vec<u8>) {
+        let mut hits = Vec::new();
+        self.compiled.patterns.hits(text, &mut hits);
+        if hits.is_empty() {
+            self.passthrough_leaf(out);
+            return;
+        }
+        let mut masked = Vec::with_capacity(text.len());
+        self.compiled
+            .patterns
+            .write_masked(text, &hits, &mut masked);
+        escape_json(&masked, out);
+        self.record(1, hits.len() as u64);
+    }
+
+    fn label(&self) -> String {
+        let node = self.compiled.schema.node(self.leaf.node);
+        match self.leaf.leaf {
+            Leaf::Base64Secret | Leaf::PlainSecret | Leaf::PatternText | Leaf::PatternBase64 => {
+                format!("{}.{}", node.label, String::from_utf8_lossy(&self.key))
+            }
+            Leaf::EnvValue if !self.env_name.is_empty() => {
+                format!("env.{}", String::from_utf8_lossy(&self.env_name))
+            }
+            _ => node.label.to_owned(),
+        }
+    }
+
+    fn record(&mut self, values: u64, patterns: u64) {
+        self.stats.values_masked += values;
+        self.stats.pattern_matches += patterns;
+        if self.stats.wants_field() {
+            let label = self.label();
+            self.stats.add_field(label);
+        }
+    }
+}
+
+impl LeafValue {
+    /// Unescaped string bytes.
+    #[inline]
+    fn text(&mut self, bytes: &[u8], cap: usize) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.len += bytes.len() as u64;
+        let trailing = bytes.iter().rev().take_while(|&&b| b == b'=').count() as u64;
+        self.pad = if trailing == bytes.len() as u64 {
+            self.pad + trailing
+        } else {
+            trailing
+        };
+        if self.buffered && !self.overflow {
+            if self.raw.len() + bytes.len() > cap {
+                self.spill();
+            } else {
+                self.raw.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    #[inline]
+    fn raw_push(&mut self, byte: u8, cap: usize) {
+        if self.buffered && !self.overflow {
+            if self.raw.len() + 1 > cap {
+                self.spill();
+            } else {
+                self.raw.push(byte);
+            }
+        }
+    }
+
+    fn spill(&mut self) {
+        self.overflow = true;
+        self.raw = Vec::new();
+    }
+}
+
+/// Decoded size of a base64 text of `chars` characters ending in `pad` `=`.
+fn base64_len(chars: u64, pad: u64) -> u64 {
+    chars.saturating_sub(pad.min(2)) * 3 / 4
+}
+
+/// Decodes the body of a JSON string (without quotes) into bytes.
+pub(crate) fn unescape(raw: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+    let mut i = 0;
+    while let Some(k) = memchr::memchr(b'\\', &raw[i..]) {
+        out.extend_from_slice(&raw[i..i + k]);
+        i += k + 1;
+        let c = *raw.get(i).ok_or(())?;
+        i += 1;
+        let byte = match c {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let mut code = hex4(raw.get(i..i + 4).ok_or(())?)?;
+                i += 4;
+                if (0xd800..0xdc00).contains(&code)
+                    && raw.get(i..i + 2) == Some(b"\\u")
+                    && let Some(low) = raw.get(i + 2..i + 6).and_then(|h| hex4(h).ok())
+                    && (0xdc00..0xe000).contains(&low)
+                {
+                    code = 0x10000 + ((code - 0xd800) << 10) + (low - 0xdc00);
+                    i += 6;
+                }
+                let ch = char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER);
+                let mut buf = [0; 4];
+                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                continue;
+            }
+            _ => return Err(()),
+        };
+        out.push(byte);
+    }
+    out.extend_from_slice(&raw[i..]);
+    Ok(())
+}
+
+fn hex4(digits: &[u8]) -> Result<u32, ()> {
+    digits.iter().try_fold(0u32, |code, &d| {
+        (d as char)
+            .to_digit(16)
+            .map(|digit| code << 4 | digit)
+            .ok_or(())
+    })
+}
+
+/// Appends `text` as a JSON string.
+pub(crate) fn escape_json(text: &[u8], out: &mut Vec<u8>) {
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    let mut at = 0;
+    for (i, &b) in text.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&text[at..i]);
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escaped);
+        }
+        at = i + 1;
+    }
+    out.extend_from_slice(&text[at..]);
+    out.push(b'"');
+}

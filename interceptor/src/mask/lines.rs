@@ -1,0 +1,224 @@
+//! Pattern rules on a text stream: pod logs and exec/attach output.
+//!
+//! Text is masked a line at a time, whatever the chunking: the partial line
+//! at the end of a chunk is carried over (bounded by
+//! [`Limits::max_line_bytes`]), so a secret split across chunks is still
+//! seen whole. A line longer than the limit is masked and forwarded in
+//! pieces, keeping a tail of [`Limits::carry_bytes`] (moved back to the
+//! start of any secret that reaches it) for the next piece.
+//!
+//! A PEM private key spans lines: from a line with `-----BEGIN ... PRIVATE
+//! KEY-----` and no END, every following line is dropped up to and
+//! including the END marker (the BEGIN line shows the marker). A block with
+//! no END stops being dropped after [`MAX_PEM_LINES`] lines, so a stray
+//! BEGIN cannot swallow a whole log.
+
+use std::sync::Arc;
+
+use memchr::memchr;
+use memchr::memmem;
+
+use super::patterns::Hit;
+use super::{Compiled, MaskStats};
+
+/// Lines dropped inside one PEM block at most.
+pub(crate) const MAX_PEM_LINES: u32 = 1000;
+
+pub(crate) struct LineMask {
+    compiled: Arc<Compiled>,
+    pending: Vec<u8>,
+    /// Inside a PEM private key block: lines dropped so far.
+    pem: Option<u32>,
+    hits: Vec<Hit>,
+    stats: MaskStats,
+}
+
+impl LineMask {
+    pub(crate) fn new(compiled: Arc<Compiled>) -> Self {
+        Self {
+            compiled,
+            pending: Vec::new(),
+            pem: None,
+            hits: Vec::new(),
+            stats: MaskStats::default(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn stats(&self) -> &MaskStats {
+        &self.stats
+    }
+
+    pub(crate) fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while let Some(nl) = memchr(b'\n', input) {
+            let (line, rest) = input.split_at(nl + 1);
+            if self.pending.is_empty() {
+                self.line(line, out);
+            } else {
+                let mut pending = std::mem::take(&mut self.pending);
+                pending.extend_from_slice(line);
+                self.line(&pending, out);
+                pending.clear();
+                self.pending = pending;
+            }
+            input = rest;
+        }
+        self.pending.extend_from_slice(input);
+        if self.pending.len() > self.compiled.limits.max_line_bytes {
+            self.overflow(out);
+        }
+    }
+
+    /// Forwards the partial line held back, masked. For interactive exec
+    /// sessions when the upstream is idle (a prompt without a newline); a
+    /// secret that continues in a later chunk is then only masked from there.
+    pub(crate) fn flush(&mut self, out: &mut Vec<u8>) {
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            self.line(&pending, out);
+        }
+    }
+
+    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
+        self.flush(out);
+    }
+
+    /// One line, with its terminator if it has one.
+    fn line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let body_len = line.strip_suffix(b"\n").map_or(line.len(), |l| {
+            l.strip_suffix(b"\r").map_or(l.len(), <[u8]>::len)
+        });
+        let (body, terminator) = line.split_at(body_len);
+        let body = if let Some(dropped) = self.pem {
+            match find_pem_end(body) {
+                Some(end) => {
+                    self.pem = None;
+                    self.stats.lines_dropped += 1;
+                    let rest = &body[end..];
+                    if rest.iter().all(u8::is_ascii_whitespace) {
+                        return;
+                    }
+                    rest
+                }
+                None => {
+                    self.pem = (dropped + 1 < MAX_PEM_LINES).then_some(dropped + 1);
+                    self.stats.lines_dropped += 1;
+                    return;
+                }
+            }
+        } else {
+            body
+        };
+        self.mask(body, out);
+        out.extend_from_slice(terminator);
+        if self.compiled.pem_blocks && opens_pem(body) {
+            self.pem = Some(0);
+        }
+    }
+
+    fn mask(&mut self, text: &[u8], out: &mut Vec<u8>) {
+        let mut hits = std::mem::take(&mut self.hits);
+        self.compiled.patterns.hits(text, &mut hits);
+        if hits.is_empty() {
+            out.extend_from_slice(text);
+        } else {
+            self.compiled.patterns.write_masked(text, &hits, out);
+            self.stats.values_masked += 1;
+            self.stats.pattern_matches += hits.len() as u64;
+            for hit in &hits {
+                if self.stats.wants_field() {
+                    let name = self.compiled.patterns.rule_name(hit.rule).to_owned();
+                    self.stats.add_field(name);
+                }
+            }
+        }
+        self.hits = hits;
+    }
+
+    /// The partial line outgrew the limit: forward all but a tail.
+    fn overflow(&mut self, out: &mut Vec<u8>) {
+        let limits = &self.compiled.limits;
+        let pending = std::mem::take(&mut self.pending);
+        if self.pem.is_some() {
+            // Key material: dropped, keeping a tail where END may begin.
+            let keep = limits.carry_bytes.min(pending.len());
+            if let Some(end) = find_pem_end(&pending) {
+                self.pem = None;
+                self.pending = pending[end..].to_vec();
+            } else {
+                self.pending = pending[pending.len() - keep..].to_vec();
+            }
+            return;
+        }
+        let mut cut = pending.len().saturating_sub(limits.carry_bytes);
+        let mut hits = std::mem::take(&mut self.hits);
+        self.compiled.patterns.hits(&pending, &mut hits);
+        // Never cut through a secret, nor right after one that may go on.
+        for hit in &hits {
+            if hit.start < cut && (hit.end > cut || hit.end == pending.len()) {
+                cut = hit.start;
+                break;
+            }
+        }
+        self.hits = hits;
+        if cut == 0 && pending.len() < 2 * limits.max_line_bytes {
+            self.pending = pending;
+            return;
+        }
+        if cut == 0 {
+            cut = pending.len();
+        }
+        let (head, tail) = pending.split_at(cut);
+        self.mask(head, out);
+        if self.compiled.pem_blocks && opens_pem(head) {
+            self.pem = Some(0);
+        }
+        self.pending = tail.to_vec();
+    }
+}
+
+const BEGIN: &[u8] = b"-----BEGIN";
+const END: &[u8] = b"-----END";
+const PRIVATE_KEY: &[u8] = b"PRIVATE KEY-----";
+
+/// Whether `text` has a private-key BEGIN line with no END after it.
+fn opens_pem(text: &[u8]) -> bool {
+    let Some(begin) = memmem::rfind(text, BEGIN) else {
+        return false;
+    };
+    let rest = &text[begin..];
+    let Some(header_end) = memmem::find(rest, PRIVATE_KEY) else {
+        return false;
+    };
+    let header = &rest[BEGIN.len()..header_end];
+    if !header
+        .iter()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b' ')
+    {
+        return false;
+    }
+    find_pem_end(&rest[header_end..]).is_none()
+}
+
+/// The offset just past a private-key END marker in `text`.
+fn find_pem_end(text: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = memmem::find(&text[from..], END) {
+        let start = from + at + END.len();
+        let rest = &text[start..];
+        let header_len = rest
+            .iter()
+            .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || **b == b' ')
+            .count();
+        let header = &rest[..header_len];
+        if header.ends_with(b"PRIVATE KEY") && rest[header_len..].starts_with(b"-----") {
+            return Some(start + header_len + 5);
+        }
+        from = start;
+    }
+    None
+}
