@@ -56,6 +56,7 @@ pub enum Command {
     #[command(subcommand)]
     Ca(crate::tls::cli::CaCommand),
     /// Validate and explain AgentPolicy files, print the CRD.
+    #[command(subcommand)]
     Policy(crate::policy::cli::PolicyCommand),
 }
 
