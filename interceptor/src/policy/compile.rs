@@ -85,8 +85,11 @@ struct Selector {
 
 #[derive(Debug)]
 struct CompiledRule {
-    /// `None`: any verb.
-    verbs: Option<Vec<Box<str>>>,
+    /// `None`: any verb. Bits of [`RESOURCE_VERBS`], or for a non-resource
+    /// rule of [`NON_RESOURCE_VERBS`].
+    verbs: Option<u16>,
+    /// The verbs as written, for `policy explain`.
+    verb_names: Vec<Box<str>>,
     api_groups: Option<Vec<Glob>>,
     resources: Option<Vec<ResourcePattern>>,
     namespaces: Option<Vec<Glob>>,
@@ -348,8 +351,12 @@ impl Compiler<'_> {
             }
         };
         CompiledRule {
-            verbs: (!rule.verbs.is_empty() && !rule.verbs.iter().any(|v| v == "*"))
-                .then(|| rule.verbs.iter().map(|v| v.as_str().into()).collect()),
+            verbs: (!rule.verbs.is_empty() && !rule.verbs.iter().any(|v| v == "*")).then(|| {
+                rule.verbs
+                    .iter()
+                    .fold(0, |mask, verb| mask | verb_bit(allowed_verbs, verb))
+            }),
+            verb_names: rule.verbs.iter().map(|v| v.as_str().into()).collect(),
             api_groups: Self::globs(&rule.api_groups),
             resources: (!resources.is_empty()).then_some(resources),
             namespaces: Self::globs(&rule.namespaces),
@@ -532,8 +539,8 @@ impl CompiledPolicy {
     }
 
     /// The first matching rule, or `None` for the default.
-    fn first_match(&self, input: &PolicyInput<'_>) -> Option<&CompiledRule> {
-        self.rules.iter().find(|r| r.check(input).is_ok())
+    fn first_match(&self, request: &Prepared<'_, '_>) -> Option<&CompiledRule> {
+        self.rules.iter().find(|r| r.check(request).is_ok())
     }
 }
 
@@ -554,16 +561,17 @@ impl ResourcePattern {
 }
 
 impl CompiledRule {
-    fn check(&self, input: &PolicyInput<'_>) -> Result<(), Mismatch> {
+    fn check(&self, prepared: &Prepared<'_, '_>) -> Result<(), Mismatch> {
+        let input = prepared.input;
         let req = input.request;
-        let verb = effective_verb(req);
+        let verb = prepared.verb;
         match (&self.urls, req.is_resource_request) {
             (Some(_), true) => return Err(Mismatch::NonResourceRuleOnResource),
             (None, false) => return Err(Mismatch::ResourceRuleOnNonResource),
             _ => {}
         }
-        if let Some(verbs) = &self.verbs
-            && !verbs.iter().any(|v| **v == *verb)
+        if let Some(verbs) = self.verbs
+            && verbs & prepared.verb_bit == 0
         {
             return Err(Mismatch::Verb);
         }
@@ -640,9 +648,8 @@ impl CompiledRule {
             Mismatch::Verb => format!(
                 "verb \"{}\" is not one of {}",
                 effective_verb(req),
-                self.verbs
+                self.verb_names
                     .iter()
-                    .flatten()
                     .map(|v| format!("\"{v}\""))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -698,6 +705,35 @@ impl CompiledRule {
             ),
         }
     }
+}
+
+/// What every rule looks at, computed once per evaluation.
+struct Prepared<'i, 'a> {
+    input: &'i PolicyInput<'a>,
+    /// The verb policy matches on ([`effective_verb`]).
+    verb: &'a str,
+    /// Its bit in the verb table of the request's kind (0: no such verb).
+    verb_bit: u16,
+}
+
+impl<'i, 'a> Prepared<'i, 'a> {
+    fn new(input: &'i PolicyInput<'a>) -> Self {
+        let verb = effective_verb(input.request);
+        let table: &[&str] = if input.request.is_resource_request {
+            &RESOURCE_VERBS
+        } else {
+            &NON_RESOURCE_VERBS
+        };
+        Prepared {
+            input,
+            verb,
+            verb_bit: verb_bit(table, verb),
+        }
+    }
+}
+
+fn verb_bit(table: &[&str], verb: &str) -> u16 {
+    table.iter().position(|v| *v == verb).map_or(0, |i| 1 << i)
 }
 
 /// The verb policy matches on. Exec, attach and port-forward over
@@ -885,6 +921,7 @@ impl PolicySet {
     }
 
     fn tally<'p>(&'p self, input: &PolicyInput<'_>) -> (Tally<'p>, Tally<'p>) {
+        let prepared = Prepared::new(input);
         let mut enforcing = Tally::default();
         let mut dry = Tally::default();
         for policy in &self.policies {
@@ -896,7 +933,7 @@ impl PolicySet {
             } else {
                 &mut enforcing
             };
-            let (outcome, explicit) = match policy.first_match(input) {
+            let (outcome, explicit) = match policy.first_match(&prepared) {
                 Some(rule) => (&rule.outcome, true),
                 None => match &policy.default {
                     Some(default) => (default, false),
@@ -968,6 +1005,7 @@ impl PolicySet {
     /// Evaluates like [`Self::evaluate`] and says why, policy by policy
     /// and rule by rule, for `chaperone policy explain`.
     pub fn explain(&self, input: &PolicyInput<'_>) -> Explanation {
+        let prepared = Prepared::new(input);
         let mut policies = Vec::new();
         for policy in &self.policies {
             let mut trace = PolicyTrace {
@@ -980,7 +1018,7 @@ impl PolicySet {
             };
             if trace.selected {
                 for rule in &policy.rules {
-                    match rule.check(input) {
+                    match rule.check(&prepared) {
                         Ok(()) => {
                             trace.rules.push(RuleTrace {
                                 name: rule.outcome.rule.to_string(),
