@@ -113,6 +113,12 @@ pub(crate) struct JsonMask {
     seen_value: bool,
     failed: Option<MaskError>,
     stats: MaskStats,
+    /// Reused buffers: decoded value, masked value, field label.
+    text: Vec<u8>,
+    masked: Vec<u8>,
+    label: String,
+    /// Reused transform for embedded documents (last-applied).
+    nested: Option<Box<JsonMask>>,
 }
 
 impl JsonMask {
@@ -145,7 +151,29 @@ impl JsonMask {
             seen_value: false,
             failed: None,
             stats: MaskStats::default(),
+            text: Vec::new(),
+            masked: Vec::new(),
+            label: String::new(),
+            nested: None,
         }
+    }
+
+    /// Ready for a new document at `root`, keeping allocations.
+    fn reset(&mut self, root: NodeId, framing: Framing) {
+        self.root = root;
+        self.framing = framing;
+        self.state = State::Value;
+        self.stack.clear();
+        self.value_node = root;
+        self.in_key = false;
+        self.capturing = false;
+        self.capture.clear();
+        self.key.clear();
+        self.env_name.clear();
+        self.offset = 0;
+        self.seen_value = false;
+        self.failed = None;
+        self.stats = MaskStats::default();
     }
 
     pub(crate) fn stats(&self) -> &MaskStats {
@@ -240,7 +268,7 @@ impl JsonMask {
                 State::Value | State::ArrayFirst => {
                     let c = input[i];
                     match c {
-                        b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                        b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                         b']' if self.state == State::ArrayFirst => {
                             i += 1;
                             self.stack.pop();
@@ -311,7 +339,7 @@ impl JsonMask {
                     }
                 }
                 State::ObjectFirst | State::ObjectKey => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b'"' => {
                         i += 1;
                         self.in_key = true;
@@ -328,7 +356,7 @@ impl JsonMask {
                     _ => return Err(self.invalid(i, "expected an object key")),
                 },
                 State::Colon => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b':' => {
                         i += 1;
                         self.state = State::Value;
@@ -336,7 +364,7 @@ impl JsonMask {
                     _ => return Err(self.invalid(i, "expected ':' after an object key")),
                 },
                 State::After => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b',' => {
                         i += 1;
                         let frame = *self.stack.last().expect("After is inside a container");
@@ -373,7 +401,7 @@ impl JsonMask {
                     _ => self.after_value(),
                 },
                 State::End => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     _ => return Err(self.invalid(i, "data after the end of the JSON document")),
                 },
             }
@@ -563,7 +591,8 @@ impl JsonMask {
             // Env names pass through as strings; never read as a leaf.
             Leaf::EnvName => self.passthrough_leaf(out),
             Leaf::PatternText | Leaf::EnvValue => {
-                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                let mut text = std::mem::take(&mut self.text);
+                text.clear();
                 unescape(&self.leaf.raw, &mut text)
                     .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
                 if leaf == Leaf::EnvValue
@@ -578,6 +607,7 @@ impl JsonMask {
                 if leaf == Leaf::EnvValue {
                     self.env_name.clear();
                 }
+                self.text = text;
             }
             Leaf::PatternBase64 => {
                 use base64::Engine as _;
@@ -611,11 +641,23 @@ impl JsonMask {
                 }
             }
             Leaf::EmbeddedJson { root, secret } => {
-                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                let mut text = std::mem::take(&mut self.text);
+                text.clear();
                 unescape(&self.leaf.raw, &mut text)
                     .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
-                let mut nested = JsonMask::new(Arc::clone(&self.compiled), root, Framing::Single);
-                let mut masked = Vec::with_capacity(text.len());
+                let mut nested = match self.nested.take() {
+                    Some(mut nested) => {
+                        nested.reset(root, Framing::Single);
+                        nested
+                    }
+                    None => Box::new(JsonMask::new(
+                        Arc::clone(&self.compiled),
+                        root,
+                        Framing::Single,
+                    )),
+                };
+                let mut masked = std::mem::take(&mut self.masked);
+                masked.clear();
                 let parsed = nested
                     .push(&text, &mut masked)
                     .and_then(|()| nested.finish(&mut masked));
@@ -623,8 +665,10 @@ impl JsonMask {
                     Ok(()) if nested.stats.values_masked == 0 => self.passthrough_leaf(out),
                     Ok(()) => {
                         escape_json(&masked, out);
-                        let label = self.label();
+                        let mut label = std::mem::take(&mut self.label);
+                        self.write_label(&mut label);
                         self.stats.merge_nested(&nested.stats, &label);
+                        self.label = label;
                     }
                     Err(_) if secret => {
                         marker::plain_json(len, out);
@@ -632,6 +676,9 @@ impl JsonMask {
                     }
                     Err(_) => self.mask_text(&text, out),
                 }
+                self.nested = Some(nested);
+                self.masked = masked;
+                self.text = text;
             }
         }
         Ok(())
@@ -660,16 +707,21 @@ impl JsonMask {
         self.record(1, hits.len() as u64);
     }
 
-    fn label(&self) -> String {
+    /// The masked field's name for stats: `data.password`, `env.TOKEN`, ...
+    fn write_label(&self, label: &mut String) {
+        label.clear();
         let node = self.compiled.schema.node(self.leaf.node);
         match self.leaf.leaf {
             Leaf::Base64Secret | Leaf::PlainSecret | Leaf::PatternText | Leaf::PatternBase64 => {
-                format!("{}.{}", node.label, String::from_utf8_lossy(&self.key))
+                label.push_str(node.label);
+                label.push('.');
+                label.push_str(&String::from_utf8_lossy(&self.key));
             }
             Leaf::EnvValue if !self.env_name.is_empty() => {
-                format!("env.{}", String::from_utf8_lossy(&self.env_name))
+                label.push_str("env.");
+                label.push_str(&String::from_utf8_lossy(&self.env_name));
             }
-            _ => node.label.to_owned(),
+            _ => label.push_str(node.label),
         }
     }
 
@@ -677,8 +729,10 @@ impl JsonMask {
         self.stats.values_masked += values;
         self.stats.pattern_matches += patterns;
         if self.stats.wants_field() {
-            let label = self.label();
-            self.stats.add_field(label);
+            let mut label = std::mem::take(&mut self.label);
+            self.write_label(&mut label);
+            self.stats.add_field(&label);
+            self.label = label;
         }
     }
 }
@@ -721,6 +775,15 @@ impl LeafValue {
         self.overflow = true;
         self.raw = Vec::new();
     }
+}
+
+/// The index of the first non-whitespace byte at or after `i`.
+#[inline]
+fn skip_whitespace(input: &[u8], mut i: usize) -> usize {
+    while i < input.len() && matches!(input[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
 }
 
 /// Decoded size of a base64 text of `chars` characters ending in `pad` `=`.

@@ -131,8 +131,8 @@ impl LineMask {
             self.stats.pattern_matches += hits.len() as u64;
             for hit in &hits {
                 if self.stats.wants_field() {
-                    let name = self.compiled.patterns.rule_name(hit.rule).to_owned();
-                    self.stats.add_field(name);
+                    self.stats
+                        .add_field(self.compiled.patterns.rule_name(hit.rule));
                 }
             }
         }

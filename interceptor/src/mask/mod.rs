@@ -504,10 +504,13 @@ impl MaskStats {
         !self.fields_truncated
     }
 
-    pub(crate) fn add_field(&mut self, field: String) {
+    pub(crate) fn add_field(&mut self, field: &str) {
+        if self.fields.contains(field) {
+            return;
+        }
         if self.fields.len() < MAX_FIELDS {
-            self.fields.insert(field);
-        } else if !self.fields.contains(&field) {
+            self.fields.insert(field.to_owned());
+        } else {
             self.fields_truncated = true;
         }
     }
@@ -518,8 +521,14 @@ impl MaskStats {
         self.pattern_matches += nested.pattern_matches;
         self.oversized_values += nested.oversized_values;
         self.lines_dropped += nested.lines_dropped;
-        for field in &nested.fields {
-            self.add_field(format!("{prefix}[{field}]"));
+        let mut field = String::new();
+        for nested_field in &nested.fields {
+            field.clear();
+            field.push_str(prefix);
+            field.push('[');
+            field.push_str(nested_field);
+            field.push(']');
+            self.add_field(&field);
         }
         self.fields_truncated |= nested.fields_truncated;
     }
