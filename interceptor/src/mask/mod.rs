@@ -366,7 +366,11 @@ impl Masker {
         };
         ResponseMask {
             target,
-            inner: Inner::Json(JsonMask::new(Arc::clone(&self.compiled), root, framing)),
+            inner: Inner::Json(Box::new(JsonMask::new(
+                Arc::clone(&self.compiled),
+                root,
+                framing,
+            ))),
         }
     }
 }
@@ -385,7 +389,7 @@ pub struct ResponseMask {
 }
 
 enum Inner {
-    Json(JsonMask),
+    Json(Box<JsonMask>),
     Lines(LineMask),
 }
 
