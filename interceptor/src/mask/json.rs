@@ -229,7 +229,7 @@ impl JsonMask {
         let mut emit = 0;
         while i < n {
             match self.state {
-                State::Str => match memchr2(b'"', b'\\', &input[i..]) {
+                State::Str => match find_quote_or_backslash(&input[i..]) {
                     None => {
                         if self.capturing {
                             self.capture_extend(&input[i..]);
@@ -246,6 +246,7 @@ impl JsonMask {
                             self.state = State::StrEscape;
                         } else {
                             self.end_string(j)?;
+                            i = self.shortcut(input, i);
                         }
                     }
                 },
@@ -342,11 +343,7 @@ impl JsonMask {
                     b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b'"' => {
                         i += 1;
-                        self.in_key = true;
-                        let node = self.stack.last().map_or(IGNORE, |f| f.node);
-                        self.capturing = self.compiled.schema.needs_key(node);
-                        self.capture.clear();
-                        self.state = State::Str;
+                        self.start_key();
                     }
                     b'}' if self.state == State::ObjectFirst => {
                         i += 1;
@@ -410,6 +407,52 @@ impl JsonMask {
             out.extend_from_slice(&input[emit..]);
         }
         Ok(())
+    }
+
+    /// After a string: takes the usual next steps (`:` and a plain string
+    /// value after a key; `,` and the next key after a value) without a
+    /// trip through the state dispatch. Returns the new position. Only ever
+    /// does what the dispatch would do with the same bytes.
+    #[inline]
+    fn shortcut(&mut self, input: &[u8], mut i: usize) -> usize {
+        match self.state {
+            State::Colon if input.get(i) == Some(&b':') => {
+                self.state = State::Value;
+                i = skip_whitespace(input, i + 1);
+                if input.get(i) == Some(&b'"')
+                    && self.compiled.schema.node(self.value_node).leaf.is_none()
+                {
+                    i += 1;
+                    self.seen_value = true;
+                    self.in_key = false;
+                    self.capturing = false;
+                    self.state = State::Str;
+                }
+            }
+            State::After
+                if input.get(i) == Some(&b',')
+                    && self.stack.last().is_some_and(|frame| frame.object) =>
+            {
+                self.state = State::ObjectKey;
+                i = skip_whitespace(input, i + 1);
+                if input.get(i) == Some(&b'"') {
+                    i += 1;
+                    self.start_key();
+                }
+            }
+            _ => {}
+        }
+        i
+    }
+
+    /// After the opening quote of an object key.
+    #[inline]
+    fn start_key(&mut self) {
+        self.in_key = true;
+        let node = self.stack.last().map_or(IGNORE, |f| f.node);
+        self.capturing = self.compiled.schema.needs_key(node);
+        self.capture.clear();
+        self.state = State::Str;
     }
 
     /// Copies string bytes (with the closing quote) into `capture`, keeping
@@ -504,7 +547,7 @@ impl JsonMask {
         while i < input.len() {
             let value = &mut self.leaf;
             match value.escape {
-                Escape::None => match memchr2(b'"', b'\\', &input[i..]) {
+                Escape::None => match find_quote_or_backslash(&input[i..]) {
                     None => {
                         value.text(&input[i..], cap);
                         return Ok((input.len(), false));
@@ -777,6 +820,21 @@ impl LeafValue {
     }
 }
 
+/// The first `"` or `\\` in `bytes`. Most JSON strings are short: a plain
+/// loop finds their end before `memchr2` would have set up.
+#[inline]
+fn find_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    let head = &bytes[..bytes.len().min(SHORT)];
+    if let Some(at) = head.iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(at);
+    }
+    if bytes.len() <= SHORT {
+        return None;
+    }
+    memchr2(b'"', b'\\', &bytes[SHORT..]).map(|at| at + SHORT)
+}
+
 /// The index of the first non-whitespace byte at or after `i`.
 #[inline]
 fn skip_whitespace(input: &[u8], mut i: usize) -> usize {
@@ -841,29 +899,40 @@ fn hex4(digits: &[u8]) -> Result<u32, ()> {
     })
 }
 
+/// Bytes that must be escaped in a JSON string.
+const ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Appends `text` as a JSON string.
 pub(crate) fn escape_json(text: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(text.len() + 2);
     out.push(b'"');
     let mut at = 0;
-    for (i, &b) in text.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
+    while let Some(k) = text[at..].iter().position(|&b| ESCAPE[usize::from(b)]) {
+        let i = at + k;
         out.extend_from_slice(&text[at..i]);
-        if escaped.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(escaped);
+        let b = text[i];
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
         }
         at = i + 1;
     }
