@@ -782,3 +782,27 @@ fn escaping_round_trips_through_a_json_parser() {
     json::unescape(br"\ud83d\ude00 \u00e9\/", &mut back).unwrap();
     assert_eq!(text(&back), "\u{1f600} \u{e9}/");
 }
+
+#[test]
+fn a_long_secret_fed_byte_by_byte_is_masked_in_bounded_time() {
+    let rules = MaskRules {
+        max_line_bytes: 16 << 10,
+        ..MaskRules::default()
+    };
+    let masker = Masker::new(&rules).unwrap();
+    let line = format!("password={}\n", "A".repeat(100_000));
+    let started = std::time::Instant::now();
+    let mut mask = masker.exec_output();
+    let mut out = Vec::new();
+    for byte in line.as_bytes() {
+        mask.push(std::slice::from_ref(byte), &mut out).unwrap();
+    }
+    mask.finish(&mut out).unwrap();
+    assert!(
+        !contains(&out, "AAAAAAAA"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(text(&out).starts_with("password=<masked by chaperone: password-assignment>"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
