@@ -3,9 +3,11 @@
 //! [`MaskRules`] (configuration, from the policy/config YAML) compile once
 //! into a [`Masker`], cheap to clone and share. Per request the proxy asks:
 //!
-//! 1. Before sending upstream: [`Masker::target`]. When it is a JSON target
-//!    ([`Target::is_json`]), rewrite the Accept header with
-//!    [`negotiate_accept`]; a [`NotAcceptable`] becomes its 406
+//! 1. Before sending upstream: [`Masker::target`]. When it is `Some`, drop
+//!    `Accept-Encoding` (the API server gzips large responses; masking
+//!    reads identity bodies, and a gzipped one is refused as not JSON).
+//!    When it is a JSON target ([`Target::is_json`]), rewrite the Accept
+//!    header with [`negotiate_accept`]; a [`NotAcceptable`] becomes its 406
 //!    [`NotAcceptable::status`] and the request is not sent.
 //! 2. On the response head: [`Masker::plan`] with the response content type.
 //!    `Ok(None)`: forward unchanged. `Ok(Some(mask))`: drop `Content-Length`
@@ -25,8 +27,21 @@
 //! 5. [`ResponseMask::stats`] afterwards: counts for metrics and the audit
 //!    annotation [`AUDIT_ANNOTATION`] ([`MaskStats::annotation`]).
 //!
-//! What is masked, and the markers, are described in [`marker`] and in the
-//! submodules: [`schema`](self) paths for JSON, pattern rules for text.
+//! What is masked:
+//! - Secrets: every `data` and `stringData` value, and inside the
+//!   `kubectl.kubernetes.io/last-applied-configuration` annotation the same
+//!   values (the annotation stays valid JSON; one that does not parse is
+//!   replaced whole). In get, list (`items[*]`), watch events (`object`) and
+//!   Table rows (`rows[*].object`, metadata-only or full).
+//! - ConfigMaps: pattern rules on `data` values and on decoded `binaryData`.
+//! - Pods, pod templates, ReplicationControllers, Deployments, ReplicaSets,
+//!   StatefulSets, DaemonSets, Jobs, CronJobs: container `env[*].value`
+//!   (whole when the name looks sensitive, pattern rules otherwise).
+//! - Logs and exec/attach output: pattern rules per line, PEM blocks across
+//!   lines.
+//!
+//! The markers are described in [`marker`]. Bytes that are not masked are
+//! forwarded unchanged, byte for byte.
 
 mod accept;
 mod json;
