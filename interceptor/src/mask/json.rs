@@ -113,6 +113,12 @@ pub(crate) struct JsonMask {
     seen_value: bool,
     failed: Option<MaskError>,
     stats: MaskStats,
+    /// Reused buffers: decoded value, masked value, field label.
+    text: Vec<u8>,
+    masked: Vec<u8>,
+    label: String,
+    /// Reused transform for embedded documents (last-applied).
+    nested: Option<Box<JsonMask>>,
 }
 
 impl JsonMask {
@@ -145,7 +151,29 @@ impl JsonMask {
             seen_value: false,
             failed: None,
             stats: MaskStats::default(),
+            text: Vec::new(),
+            masked: Vec::new(),
+            label: String::new(),
+            nested: None,
         }
+    }
+
+    /// Ready for a new document at `root`, keeping allocations.
+    fn reset(&mut self, root: NodeId, framing: Framing) {
+        self.root = root;
+        self.framing = framing;
+        self.state = State::Value;
+        self.stack.clear();
+        self.value_node = root;
+        self.in_key = false;
+        self.capturing = false;
+        self.capture.clear();
+        self.key.clear();
+        self.env_name.clear();
+        self.offset = 0;
+        self.seen_value = false;
+        self.failed = None;
+        self.stats = MaskStats::default();
     }
 
     pub(crate) fn stats(&self) -> &MaskStats {
@@ -201,7 +229,7 @@ impl JsonMask {
         let mut emit = 0;
         while i < n {
             match self.state {
-                State::Str => match memchr2(b'"', b'\\', &input[i..]) {
+                State::Str => match find_quote_or_backslash(&input[i..]) {
                     None => {
                         if self.capturing {
                             self.capture_extend(&input[i..]);
@@ -218,6 +246,7 @@ impl JsonMask {
                             self.state = State::StrEscape;
                         } else {
                             self.end_string(j)?;
+                            i = self.shortcut(input, i);
                         }
                     }
                 },
@@ -240,7 +269,7 @@ impl JsonMask {
                 State::Value | State::ArrayFirst => {
                     let c = input[i];
                     match c {
-                        b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                        b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                         b']' if self.state == State::ArrayFirst => {
                             i += 1;
                             self.stack.pop();
@@ -311,14 +340,10 @@ impl JsonMask {
                     }
                 }
                 State::ObjectFirst | State::ObjectKey => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b'"' => {
                         i += 1;
-                        self.in_key = true;
-                        let node = self.stack.last().map_or(IGNORE, |f| f.node);
-                        self.capturing = self.compiled.schema.needs_key(node);
-                        self.capture.clear();
-                        self.state = State::Str;
+                        self.start_key();
                     }
                     b'}' if self.state == State::ObjectFirst => {
                         i += 1;
@@ -328,7 +353,7 @@ impl JsonMask {
                     _ => return Err(self.invalid(i, "expected an object key")),
                 },
                 State::Colon => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b':' => {
                         i += 1;
                         self.state = State::Value;
@@ -336,7 +361,7 @@ impl JsonMask {
                     _ => return Err(self.invalid(i, "expected ':' after an object key")),
                 },
                 State::After => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     b',' => {
                         i += 1;
                         let frame = *self.stack.last().expect("After is inside a container");
@@ -373,7 +398,7 @@ impl JsonMask {
                     _ => self.after_value(),
                 },
                 State::End => match input[i] {
-                    b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                    b' ' | b'\t' | b'\n' | b'\r' => i = skip_whitespace(input, i + 1),
                     _ => return Err(self.invalid(i, "data after the end of the JSON document")),
                 },
             }
@@ -382,6 +407,52 @@ impl JsonMask {
             out.extend_from_slice(&input[emit..]);
         }
         Ok(())
+    }
+
+    /// After a string: takes the usual next steps (`:` and a plain string
+    /// value after a key; `,` and the next key after a value) without a
+    /// trip through the state dispatch. Returns the new position. Only ever
+    /// does what the dispatch would do with the same bytes.
+    #[inline]
+    fn shortcut(&mut self, input: &[u8], mut i: usize) -> usize {
+        match self.state {
+            State::Colon if input.get(i) == Some(&b':') => {
+                self.state = State::Value;
+                i = skip_whitespace(input, i + 1);
+                if input.get(i) == Some(&b'"')
+                    && self.compiled.schema.node(self.value_node).leaf.is_none()
+                {
+                    i += 1;
+                    self.seen_value = true;
+                    self.in_key = false;
+                    self.capturing = false;
+                    self.state = State::Str;
+                }
+            }
+            State::After
+                if input.get(i) == Some(&b',')
+                    && self.stack.last().is_some_and(|frame| frame.object) =>
+            {
+                self.state = State::ObjectKey;
+                i = skip_whitespace(input, i + 1);
+                if input.get(i) == Some(&b'"') {
+                    i += 1;
+                    self.start_key();
+                }
+            }
+            _ => {}
+        }
+        i
+    }
+
+    /// After the opening quote of an object key.
+    #[inline]
+    fn start_key(&mut self) {
+        self.in_key = true;
+        let node = self.stack.last().map_or(IGNORE, |f| f.node);
+        self.capturing = self.compiled.schema.needs_key(node);
+        self.capture.clear();
+        self.state = State::Str;
     }
 
     /// Copies string bytes (with the closing quote) into `capture`, keeping
@@ -476,7 +547,7 @@ impl JsonMask {
         while i < input.len() {
             let value = &mut self.leaf;
             match value.escape {
-                Escape::None => match memchr2(b'"', b'\\', &input[i..]) {
+                Escape::None => match find_quote_or_backslash(&input[i..]) {
                     None => {
                         value.text(&input[i..], cap);
                         return Ok((input.len(), false));
@@ -563,7 +634,8 @@ impl JsonMask {
             // Env names pass through as strings; never read as a leaf.
             Leaf::EnvName => self.passthrough_leaf(out),
             Leaf::PatternText | Leaf::EnvValue => {
-                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                let mut text = std::mem::take(&mut self.text);
+                text.clear();
                 unescape(&self.leaf.raw, &mut text)
                     .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
                 if leaf == Leaf::EnvValue
@@ -578,6 +650,7 @@ impl JsonMask {
                 if leaf == Leaf::EnvValue {
                     self.env_name.clear();
                 }
+                self.text = text;
             }
             Leaf::PatternBase64 => {
                 use base64::Engine as _;
@@ -611,11 +684,23 @@ impl JsonMask {
                 }
             }
             Leaf::EmbeddedJson { root, secret } => {
-                let mut text = Vec::with_capacity(self.leaf.raw.len());
+                let mut text = std::mem::take(&mut self.text);
+                text.clear();
                 unescape(&self.leaf.raw, &mut text)
                     .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
-                let mut nested = JsonMask::new(Arc::clone(&self.compiled), root, Framing::Single);
-                let mut masked = Vec::with_capacity(text.len());
+                let mut nested = match self.nested.take() {
+                    Some(mut nested) => {
+                        nested.reset(root, Framing::Single);
+                        nested
+                    }
+                    None => Box::new(JsonMask::new(
+                        Arc::clone(&self.compiled),
+                        root,
+                        Framing::Single,
+                    )),
+                };
+                let mut masked = std::mem::take(&mut self.masked);
+                masked.clear();
                 let parsed = nested
                     .push(&text, &mut masked)
                     .and_then(|()| nested.finish(&mut masked));
@@ -623,8 +708,10 @@ impl JsonMask {
                     Ok(()) if nested.stats.values_masked == 0 => self.passthrough_leaf(out),
                     Ok(()) => {
                         escape_json(&masked, out);
-                        let label = self.label();
+                        let mut label = std::mem::take(&mut self.label);
+                        self.write_label(&mut label);
                         self.stats.merge_nested(&nested.stats, &label);
+                        self.label = label;
                     }
                     Err(_) if secret => {
                         marker::plain_json(len, out);
@@ -632,6 +719,9 @@ impl JsonMask {
                     }
                     Err(_) => self.mask_text(&text, out),
                 }
+                self.nested = Some(nested);
+                self.masked = masked;
+                self.text = text;
             }
         }
         Ok(())
@@ -660,16 +750,21 @@ impl JsonMask {
         self.record(1, hits.len() as u64);
     }
 
-    fn label(&self) -> String {
+    /// The masked field's name for stats: `data.password`, `env.TOKEN`, ...
+    fn write_label(&self, label: &mut String) {
+        label.clear();
         let node = self.compiled.schema.node(self.leaf.node);
         match self.leaf.leaf {
             Leaf::Base64Secret | Leaf::PlainSecret | Leaf::PatternText | Leaf::PatternBase64 => {
-                format!("{}.{}", node.label, String::from_utf8_lossy(&self.key))
+                label.push_str(node.label);
+                label.push('.');
+                label.push_str(&String::from_utf8_lossy(&self.key));
             }
             Leaf::EnvValue if !self.env_name.is_empty() => {
-                format!("env.{}", String::from_utf8_lossy(&self.env_name))
+                label.push_str("env.");
+                label.push_str(&String::from_utf8_lossy(&self.env_name));
             }
-            _ => node.label.to_owned(),
+            _ => label.push_str(node.label),
         }
     }
 
@@ -677,8 +772,10 @@ impl JsonMask {
         self.stats.values_masked += values;
         self.stats.pattern_matches += patterns;
         if self.stats.wants_field() {
-            let label = self.label();
-            self.stats.add_field(label);
+            let mut label = std::mem::take(&mut self.label);
+            self.write_label(&mut label);
+            self.stats.add_field(&label);
+            self.label = label;
         }
     }
 }
@@ -721,6 +818,30 @@ impl LeafValue {
         self.overflow = true;
         self.raw = Vec::new();
     }
+}
+
+/// The first `"` or `\\` in `bytes`. Most JSON strings are short: a plain
+/// loop finds their end before `memchr2` would have set up.
+#[inline]
+fn find_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    let head = &bytes[..bytes.len().min(SHORT)];
+    if let Some(at) = head.iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(at);
+    }
+    if bytes.len() <= SHORT {
+        return None;
+    }
+    memchr2(b'"', b'\\', &bytes[SHORT..]).map(|at| at + SHORT)
+}
+
+/// The index of the first non-whitespace byte at or after `i`.
+#[inline]
+fn skip_whitespace(input: &[u8], mut i: usize) -> usize {
+    while i < input.len() && matches!(input[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
 }
 
 /// Decoded size of a base64 text of `chars` characters ending in `pad` `=`.
@@ -778,29 +899,40 @@ fn hex4(digits: &[u8]) -> Result<u32, ()> {
     })
 }
 
+/// Bytes that must be escaped in a JSON string.
+const ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Appends `text` as a JSON string.
 pub(crate) fn escape_json(text: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(text.len() + 2);
     out.push(b'"');
     let mut at = 0;
-    for (i, &b) in text.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
+    while let Some(k) = text[at..].iter().position(|&b| ESCAPE[usize::from(b)]) {
+        let i = at + k;
         out.extend_from_slice(&text[at..i]);
-        if escaped.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(escaped);
+        let b = text[i];
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
         }
         at = i + 1;
     }

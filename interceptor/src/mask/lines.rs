@@ -27,6 +27,13 @@ pub(crate) const MAX_PEM_LINES: u32 = 1000;
 pub(crate) struct LineMask {
     compiled: Arc<Compiled>,
     pending: Vec<u8>,
+    /// Pending size that triggers the next over-long-line check: raised
+    /// while a secret keeps a long line from being cut, so tiny chunks do
+    /// not rescan the whole line each time.
+    next_overflow: usize,
+    /// A secret ran past a forced cut of an over-long line: its rest (up to
+    /// the next delimiter) is dropped.
+    swallow: bool,
     /// Inside a PEM private key block: lines dropped so far.
     pem: Option<u32>,
     hits: Vec<Hit>,
@@ -36,8 +43,10 @@ pub(crate) struct LineMask {
 impl LineMask {
     pub(crate) fn new(compiled: Arc<Compiled>) -> Self {
         Self {
+            next_overflow: compiled.limits.max_line_bytes,
             compiled,
             pending: Vec::new(),
+            swallow: false,
             pem: None,
             hits: Vec::new(),
             stats: MaskStats::default(),
@@ -54,6 +63,15 @@ impl LineMask {
     }
 
     pub(crate) fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        if self.swallow {
+            match input.iter().position(|&b| is_delimiter(b)) {
+                Some(at) => {
+                    self.swallow = false;
+                    input = &input[at..];
+                }
+                None => return,
+            }
+        }
         while let Some(nl) = memchr(b'\n', input) {
             let (line, rest) = input.split_at(nl + 1);
             if self.pending.is_empty() {
@@ -68,7 +86,7 @@ impl LineMask {
             input = rest;
         }
         self.pending.extend_from_slice(input);
-        if self.pending.len() > self.compiled.limits.max_line_bytes {
+        if self.pending.len() > self.next_overflow {
             self.overflow(out);
         }
     }
@@ -89,6 +107,7 @@ impl LineMask {
 
     /// One line, with its terminator if it has one.
     fn line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        self.next_overflow = self.compiled.limits.max_line_bytes;
         let body_len = line.strip_suffix(b"\n").map_or(line.len(), |l| {
             l.strip_suffix(b"\r").map_or(l.len(), <[u8]>::len)
         });
@@ -131,8 +150,8 @@ impl LineMask {
             self.stats.pattern_matches += hits.len() as u64;
             for hit in &hits {
                 if self.stats.wants_field() {
-                    let name = self.compiled.patterns.rule_name(hit.rule).to_owned();
-                    self.stats.add_field(name);
+                    self.stats
+                        .add_field(self.compiled.patterns.rule_name(hit.rule));
                 }
             }
         }
@@ -157,20 +176,26 @@ impl LineMask {
         let mut cut = pending.len().saturating_sub(limits.carry_bytes);
         let mut hits = std::mem::take(&mut self.hits);
         self.compiled.patterns.hits(&pending, &mut hits);
-        // Never cut through a secret, nor right after one that may go on.
+        // Never cut through a secret or its context, nor right after a
+        // secret that may go on.
         for hit in &hits {
-            if hit.start < cut && (hit.end > cut || hit.end == pending.len()) {
-                cut = hit.start;
+            if hit.context < cut && (hit.end > cut || hit.end == pending.len()) {
+                cut = hit.context;
                 break;
             }
         }
+        let runs_on = hits.last().is_some_and(|hit| hit.end == pending.len());
         self.hits = hits;
         if cut == 0 && pending.len() < 2 * limits.max_line_bytes {
+            self.next_overflow = pending.len() + limits.carry_bytes;
             self.pending = pending;
             return;
         }
+        self.next_overflow = limits.max_line_bytes;
         if cut == 0 {
+            // One secret fills the buffer: mask what there is, drop its rest.
             cut = pending.len();
+            self.swallow = runs_on;
         }
         let (head, tail) = pending.split_at(cut);
         self.mask(head, out);
@@ -179,6 +204,11 @@ impl LineMask {
         }
         self.pending = tail.to_vec();
     }
+}
+
+/// Where a token (and so a secret the rules match) ends.
+fn is_delimiter(b: u8) -> bool {
+    b.is_ascii_whitespace() || matches!(b, b'"' | b'\'' | b',' | b';' | b'&' | b'<' | b'>')
 }
 
 const BEGIN: &[u8] = b"-----BEGIN";

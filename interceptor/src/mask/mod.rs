@@ -3,9 +3,11 @@
 //! [`MaskRules`] (configuration, from the policy/config YAML) compile once
 //! into a [`Masker`], cheap to clone and share. Per request the proxy asks:
 //!
-//! 1. Before sending upstream: [`Masker::target`]. When it is a JSON target
-//!    ([`Target::is_json`]), rewrite the Accept header with
-//!    [`negotiate_accept`]; a [`NotAcceptable`] becomes its 406
+//! 1. Before sending upstream: [`Masker::target`]. When it is `Some`, drop
+//!    `Accept-Encoding` (the API server gzips large responses; masking
+//!    reads identity bodies, and a gzipped one is refused as not JSON).
+//!    When it is a JSON target ([`Target::is_json`]), rewrite the Accept
+//!    header with [`negotiate_accept`]; a [`NotAcceptable`] becomes its 406
 //!    [`NotAcceptable::status`] and the request is not sent.
 //! 2. On the response head: [`Masker::plan`] with the response content type.
 //!    `Ok(None)`: forward unchanged. `Ok(Some(mask))`: drop `Content-Length`
@@ -25,8 +27,21 @@
 //! 5. [`ResponseMask::stats`] afterwards: counts for metrics and the audit
 //!    annotation [`AUDIT_ANNOTATION`] ([`MaskStats::annotation`]).
 //!
-//! What is masked, and the markers, are described in [`marker`] and in the
-//! submodules: [`schema`](self) paths for JSON, pattern rules for text.
+//! What is masked:
+//! - Secrets: every `data` and `stringData` value, and inside the
+//!   `kubectl.kubernetes.io/last-applied-configuration` annotation the same
+//!   values (the annotation stays valid JSON; one that does not parse is
+//!   replaced whole). In get, list (`items[*]`), watch events (`object`) and
+//!   Table rows (`rows[*].object`, metadata-only or full).
+//! - ConfigMaps: pattern rules on `data` values and on decoded `binaryData`.
+//! - Pods, pod templates, ReplicationControllers, Deployments, ReplicaSets,
+//!   StatefulSets, DaemonSets, Jobs, CronJobs: container `env[*].value`
+//!   (whole when the name looks sensitive, pattern rules otherwise).
+//! - Logs and exec/attach output: pattern rules per line, PEM blocks across
+//!   lines.
+//!
+//! The markers are described in [`marker`]. Bytes that are not masked are
+//! forwarded unchanged, byte for byte.
 
 mod accept;
 mod json;
@@ -366,7 +381,11 @@ impl Masker {
         };
         ResponseMask {
             target,
-            inner: Inner::Json(JsonMask::new(Arc::clone(&self.compiled), root, framing)),
+            inner: Inner::Json(Box::new(JsonMask::new(
+                Arc::clone(&self.compiled),
+                root,
+                framing,
+            ))),
         }
     }
 }
@@ -385,7 +404,7 @@ pub struct ResponseMask {
 }
 
 enum Inner {
-    Json(JsonMask),
+    Json(Box<JsonMask>),
     Lines(LineMask),
 }
 
@@ -504,10 +523,13 @@ impl MaskStats {
         !self.fields_truncated
     }
 
-    pub(crate) fn add_field(&mut self, field: String) {
+    pub(crate) fn add_field(&mut self, field: &str) {
+        if self.fields.contains(field) {
+            return;
+        }
         if self.fields.len() < MAX_FIELDS {
-            self.fields.insert(field);
-        } else if !self.fields.contains(&field) {
+            self.fields.insert(field.to_owned());
+        } else {
             self.fields_truncated = true;
         }
     }
@@ -518,8 +540,14 @@ impl MaskStats {
         self.pattern_matches += nested.pattern_matches;
         self.oversized_values += nested.oversized_values;
         self.lines_dropped += nested.lines_dropped;
-        for field in &nested.fields {
-            self.add_field(format!("{prefix}[{field}]"));
+        let mut field = String::new();
+        for nested_field in &nested.fields {
+            field.clear();
+            field.push_str(prefix);
+            field.push('[');
+            field.push_str(nested_field);
+            field.push(']');
+            self.add_field(&field);
         }
         self.fields_truncated |= nested.fields_truncated;
     }

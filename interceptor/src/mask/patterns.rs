@@ -79,6 +79,9 @@ pub(crate) struct Hit {
     pub start: usize,
     pub end: usize,
     pub rule: usize,
+    /// Start of the whole match (the context before a `secret` group):
+    /// a stream must not be cut between it and the secret.
+    pub context: usize,
 }
 
 const REGEX_SIZE_LIMIT: usize = 4 << 20;
@@ -161,12 +164,14 @@ impl Patterns {
             match rule.secret_group {
                 Some(group) => {
                     for caps in rule.regex.captures_iter(text) {
+                        let context = caps.get(0).map_or(0, |m| m.start());
                         let span = caps.get(group).or_else(|| caps.get(0));
                         if let Some(m) = span.filter(|m| !m.is_empty()) {
                             hits.push(Hit {
                                 start: m.start(),
                                 end: m.end(),
                                 rule: index,
+                                context,
                             });
                         }
                     }
@@ -177,6 +182,7 @@ impl Patterns {
                             start: m.start(),
                             end: m.end(),
                             rule: index,
+                            context: m.start(),
                         });
                     }
                 }
@@ -187,6 +193,7 @@ impl Patterns {
         for i in 0..hits.len() {
             if merged > 0 && hits[i].start < hits[merged - 1].end {
                 hits[merged - 1].end = hits[merged - 1].end.max(hits[i].end);
+                hits[merged - 1].context = hits[merged - 1].context.min(hits[i].context);
             } else {
                 hits[merged] = hits[i];
                 merged += 1;

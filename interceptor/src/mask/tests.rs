@@ -761,3 +761,48 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn escaping_round_trips_through_a_json_parser() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for _ in 0..2000 {
+        let len = rng.random_range(0..40);
+        let text: String = (0..len)
+            .map(|_| char::from_u32(rng.random_range(0..0x300)).unwrap_or('x'))
+            .collect();
+        let mut escaped = Vec::new();
+        json::escape_json(text.as_bytes(), &mut escaped);
+        let parsed: String = serde_json::from_slice(&escaped).unwrap();
+        assert_eq!(parsed, text);
+        let mut back = Vec::new();
+        json::unescape(&escaped[1..escaped.len() - 1], &mut back).unwrap();
+        assert_eq!(back, text.as_bytes());
+    }
+    let mut back = Vec::new();
+    json::unescape(br"\ud83d\ude00 \u00e9\/", &mut back).unwrap();
+    assert_eq!(text(&back), "\u{1f600} \u{e9}/");
+}
+
+#[test]
+fn a_long_secret_fed_byte_by_byte_is_masked_in_bounded_time() {
+    let rules = MaskRules {
+        max_line_bytes: 16 << 10,
+        ..MaskRules::default()
+    };
+    let masker = Masker::new(&rules).unwrap();
+    let line = format!("password={}\n", "A".repeat(100_000));
+    let started = std::time::Instant::now();
+    let mut mask = masker.exec_output();
+    let mut out = Vec::new();
+    for byte in line.as_bytes() {
+        mask.push(std::slice::from_ref(byte), &mut out).unwrap();
+    }
+    mask.finish(&mut out).unwrap();
+    assert!(
+        !contains(&out, "AAAAAAAA"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(text(&out).starts_with("password=<masked by chaperone: password-assignment>"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
