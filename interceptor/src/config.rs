@@ -95,6 +95,15 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_CLUSTER_DOMAIN")]
     pub cluster_domain: Option<String>,
 
+    /// `passthrough` forwards the agent's token; `impersonate` re-originates
+    /// with chaperone's credentials and Impersonate-* headers.
+    #[arg(long, env = "CHAPERONE_CREDENTIAL_MODE")]
+    pub credential_mode: Option<String>,
+
+    /// Do not watch this node's pods (local mode: guard only --agent-cgroup).
+    #[arg(long, env = "CHAPERONE_NO_POD_TRACKER")]
+    pub no_pod_tracker: bool,
+
     /// Accept connections the kernel did not redirect (local mode, tests).
     #[arg(long, env = "CHAPERONE_ALLOW_UNATTESTED")]
     pub allow_unattested: bool,
@@ -125,6 +134,8 @@ struct NodeFile {
     drain_seconds: Option<u64>,
     agent_cgroups: Option<Vec<PathBuf>>,
     cluster_domain: Option<String>,
+    credential_mode: Option<String>,
+    no_pod_tracker: Option<bool>,
 }
 
 /// The node agent's typed configuration, defaults applied and validated.
@@ -147,6 +158,8 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     pub agent_cgroups: Vec<PathBuf>,
     pub cluster_domain: String,
+    pub credential_mode: crate::identity::CredentialMode,
+    pub pod_tracker: bool,
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 16443;
@@ -259,6 +272,14 @@ impl NodeConfig {
                 .cluster_domain
                 .or(file.cluster_domain)
                 .unwrap_or_else(|| "cluster.local".into()),
+            credential_mode: match args.credential_mode.or(file.credential_mode).as_deref() {
+                None | Some("passthrough") => crate::identity::CredentialMode::Passthrough,
+                Some("impersonate") => crate::identity::CredentialMode::Impersonate,
+                Some(other) => {
+                    bail!("--credential-mode {other:?}: expected `passthrough` or `impersonate`")
+                }
+            },
+            pod_tracker: !(args.no_pod_tracker || file.no_pod_tracker.unwrap_or(false)),
         })
     }
 }

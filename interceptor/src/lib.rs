@@ -11,6 +11,7 @@ pub mod identity;
 pub mod kstatus;
 pub mod mask;
 pub mod node;
+pub mod pipeline;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -12,8 +12,19 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
+    admin::{AdminServer, Health, Metrics},
+    audit::{
+        AuditConfig, Auditor, SinkSpec,
+        sink::{FileSinkConfig, SinkConfig},
+    },
     config::NodeConfig,
-    proxy::{Passthrough, Proxy, ProxyConfig, Terminate, Upstream, UpstreamSpec},
+    identity::{Authenticator, IdentityConfig},
+    mask::{MaskRules, Masker},
+    pipeline::Pipeline,
+    pods::PodTracker,
+    policy::PolicyStore,
+    proxy::{Proxy, ProxyConfig, Terminate, Upstream, UpstreamSpec},
+    record::{RecordConfig, Recorder},
     redirect::{self, CgroupId, RedirectSpec, Redirector},
     tls::{ConnectorOptions, LeafCache, LeafConfig, LocalCa, TlsTerminator, UpstreamConfig},
 };
@@ -106,6 +117,127 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         redirector.add_agent_cgroup(CgroupId(id.0))?;
         tracing::info!(cgroup = %cgroup.display(), id = %id, "guarding cgroup");
     }
+
+    // chaperone's own API access (pods, policies, JWKS, TokenReview).
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .context("kubeconfig")?
+        }
+        None => kube::Config::incluster().context("in-cluster config")?,
+    };
+    let client = kube::Client::try_from(kube_config).context("kube client")?;
+
+    let metrics = Metrics::new();
+    let health = Health::new();
+    let admin = AdminServer::start(config.admin_addr, metrics.clone(), health.clone())
+        .with_context(|| format!("admin listener on {}", config.admin_addr))?;
+    health.readiness("ebpf-attached").set_ok();
+    health.readiness("ca-loaded").set_ok();
+
+    let authenticator = Arc::new(
+        Authenticator::from_client(&IdentityConfig::default(), client.clone())
+            .map_err(|e| anyhow::anyhow!("identity configuration: {e}"))?,
+    );
+    let policy = Arc::new(PolicyStore::new());
+    if config.policy_files.is_empty() {
+        let (client, policy) = (client.clone(), policy.clone());
+        tokio::spawn(async move {
+            if let Err(error) = crate::policy::watch::watch_crds(client, &policy).await {
+                tracing::error!(%error, "watching AgentPolicy objects stopped");
+            }
+        });
+    } else {
+        let count = policy
+            .load_files(&config.policy_files)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::info!(policies = count, "loaded policy files");
+    }
+    let masker =
+        Masker::new(&MaskRules::default()).map_err(|e| anyhow::anyhow!("mask rules: {e}"))?;
+    let recorder = Recorder::start(
+        RecordConfig::new(&config.record_dir, &config.node_name),
+        metrics.clone(),
+    )
+    .with_context(|| format!("recordings in {}", config.record_dir.display()))?;
+    let auditor = match &config.audit_log {
+        Some(target) => {
+            let sink = if target == "-" {
+                SinkConfig::Stdout
+            } else {
+                SinkConfig::File(FileSinkConfig {
+                    path: target.into(),
+                    max_size_mb: 100,
+                    max_backups: 10,
+                    max_age_days: 30,
+                })
+            };
+            let spool = config.record_dir.with_file_name("audit-spool");
+            Some(
+                Auditor::start(
+                    AuditConfig::new(
+                        spool,
+                        vec![SinkSpec {
+                            name: "log".into(),
+                            config: sink,
+                            spool_max_bytes: 1 << 30,
+                        }],
+                    ),
+                    metrics.clone(),
+                )
+                .context("audit pipeline")?,
+            )
+        }
+        None => None,
+    };
+
+    let pods = if config.pod_tracker {
+        let tracker = Arc::new(PodTracker::new(
+            redirector.clone() as Arc<dyn crate::pods::AgentCgroupSink>,
+            redirector.spec().cgroup.clone(),
+        ));
+        let (run, client, node) = (tracker.clone(), client.clone(), config.node_name.clone());
+        tokio::spawn(async move {
+            if let Err(error) = run.run(client, &node).await {
+                tracing::error!(%error, "the pod tracker stopped: new agent pods are not guarded");
+            }
+        });
+        Some(tracker)
+    } else {
+        None
+    };
+
+    let mut pipeline = Pipeline::new(
+        config.node_name.clone(),
+        authenticator,
+        pods,
+        policy,
+        masker,
+        config.credential_mode,
+        Some(recorder.clone()),
+        auditor.as_ref().map(|a| a.gate()),
+        metrics,
+    );
+    if let Some(token) = upstream_config.token.clone() {
+        pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
+    }
+    let proxy = Proxy::new(
+        ProxyConfig {
+            require_attestation: config.require_attestation,
+            drain_timeout: config.drain_timeout,
+            ..ProxyConfig::default()
+        },
+        pipeline,
+        upstream,
+        terminator,
+        redirector.clone(),
+    );
     tracing::info!(
         node = %config.node_name,
         listen = ?config.proxy_ips,
@@ -114,21 +246,14 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         upstream = %upstream_config.server,
         "chaperone node agent ready"
     );
-
-    let proxy = Proxy::new(
-        ProxyConfig {
-            require_attestation: config.require_attestation,
-            drain_timeout: config.drain_timeout,
-            ..ProxyConfig::default()
-        },
-        Passthrough,
-        upstream,
-        terminator,
-        redirector.clone(),
-    );
     proxy.serve(listeners, shutdown_signal()).await;
     tracing::info!("drained; detaching the eBPF programs");
     drop(redirector);
+    recorder.shutdown();
+    if let Some(auditor) = auditor {
+        auditor.shutdown();
+    }
+    admin.shutdown();
     Ok(())
 }
 

@@ -41,6 +41,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 /// A running `chaperone node`, killed (SIGTERM, then SIGKILL) on drop.
 pub struct NodeAgent {
     child: Child,
+    pub admin_port: u16,
     pub ca_dir: PathBuf,
     pub port: u16,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -88,6 +89,8 @@ pub struct World {
     /// The agent's service-account token.
     pub token: String,
     pub credentials: InClusterCredentials,
+    /// The agent pod's uid (its cgroup and its token carry it).
+    pub pod_uid: String,
     // Dropped last: the subtree the programs are attached at.
     _subtree: Cgroup,
 }
@@ -100,7 +103,24 @@ pub struct WorldSpec {
     pub pod: String,
     /// Extra `chaperone node` flags.
     pub node_args: Vec<String>,
+    /// The AgentPolicy YAML the node enforces.
+    pub policy: String,
+    /// Create the agent pod in the simulator (labeled for interception, on
+    /// the node, with the uid of the agent cgroup) so the pod tracker finds it.
+    pub agent_pod_in_sim: bool,
 }
+
+/// Lets every service account do everything, recording metadata: faithful
+/// forwarding, as the proxy-only tests need.
+pub const ALLOW_ALL: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: allow-all
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  defaultAction: allow
+"#;
 
 impl Default for WorldSpec {
     fn default() -> Self {
@@ -110,6 +130,8 @@ impl Default for WorldSpec {
             service_account: "agent".into(),
             pod: "agent-0".into(),
             node_args: Vec::new(),
+            policy: ALLOW_ALL.into(),
+            agent_pod_in_sim: true,
         }
     }
 }
@@ -124,16 +146,44 @@ impl World {
             .build()?;
         let sim = runtime.block_on(Simulator::start(spec.sim))?;
         let work = tempfile::tempdir()?;
+        let mut pod_uid = POD_UID.to_owned();
+        if spec.agent_pod_in_sim {
+            let created = sim
+                .store()
+                .create(serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": spec.pod,
+                        "namespace": spec.namespace,
+                        "uid": POD_UID,
+                        "labels": {"chaperone.dev/intercept": "true", "app": "agent"},
+                    },
+                    "spec": {
+                        "nodeName": "e2e-node",
+                        "serviceAccountName": spec.service_account,
+                        "containers": [{"name": "agent", "image": "agent:latest"}],
+                    },
+                }))
+                .map_err(|e| anyhow::anyhow!("seed the agent pod: {e:?}"))?;
+            pod_uid = created["metadata"]["uid"]
+                .as_str()
+                .unwrap_or(POD_UID)
+                .to_owned();
+        }
         let subtree = Cgroup::test_subtree()?;
         let agent_cgroup = subtree.child(format!(
             "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-agent.scope",
-            POD_UID.replace('-', "_")
+            pod_uid.replace('-', "_")
         ))?;
         let netns = Netns::create()?;
 
         let kubeconfig = work.path().join("chaperone.kubeconfig");
         sim.write_kubeconfig(&kubeconfig, &sim.admin_token())?;
+        let policy = work.path().join("policy.yaml");
+        std::fs::write(&policy, &spec.policy)?;
         let port = free_port(netns.host_v4)?;
+        let admin_port = free_port(Ipv4Addr::LOCALHOST)?;
         let ca_dir = work.path().join("ca");
         let mut cmd = Command::new(workspace_binary("chaperone"));
         cmd.arg("node")
@@ -150,6 +200,13 @@ impl World {
             .arg("--ca-dir")
             .arg(&ca_dir)
             .args(["--drain-seconds", "3"])
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .arg("--record-dir")
+            .arg(work.path().join("sessions"))
+            .arg("--audit-log")
+            .arg(work.path().join("audit.log"))
             .args(&spec.node_args)
             .env("CHAPERONE_LOG", "info,chaperone=debug")
             .stdout(Stdio::null())
@@ -171,6 +228,7 @@ impl World {
         }
         let node = NodeAgent {
             child,
+            admin_port,
             ca_dir,
             port,
             log,
@@ -182,7 +240,7 @@ impl World {
         let token = sim.mint_service_account_token(
             &spec.namespace,
             &spec.service_account,
-            Some((&spec.pod, POD_UID)),
+            Some((&spec.pod, &pod_uid)),
             None,
             Duration::from_secs(3600),
         )?;
@@ -203,6 +261,7 @@ impl World {
             work,
             token,
             credentials,
+            pod_uid,
             _subtree: subtree,
         })
     }

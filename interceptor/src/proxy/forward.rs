@@ -103,10 +103,20 @@ pub(super) async fn handle<G: Guard>(
 fn stream_response(response: Response<Incoming>, forward: Forward) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let transform = if parts.status.is_success() {
-        forward.response_transform
-    } else {
-        None
+    let transform = match forward.response_transform {
+        Some(factory) if parts.status.is_success() => match factory(&parts.headers) {
+            Ok(transform) => transform,
+            Err(status) => {
+                if let Some(observer) = forward.observer {
+                    let _ = observer.on_response(
+                        StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY),
+                        &HeaderMap::new(),
+                    );
+                }
+                return status_response(&status);
+            }
+        },
+        _ => None,
     };
     if transform.is_some() {
         // The transform changes the length; the body is sent chunked.

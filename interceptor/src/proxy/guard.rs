@@ -33,11 +33,21 @@ pub enum Verdict {
     Forward(Forward),
 }
 
+/// Chooses the response body transform from the response headers (its
+/// `Content-Type`): `Ok(None)` forwards the body as is, `Err` refuses the
+/// response with that `Status` (the upstream body is dropped unread).
+pub type TransformFactory = Box<
+    dyn FnOnce(
+            &http::HeaderMap,
+        ) -> Result<Option<Box<dyn BodyTransform>>, Box<crate::kstatus::Status>>
+        + Send,
+>;
+
 /// How to forward one request and handle its response.
 #[derive(Default)]
 pub struct Forward {
     /// Rewrites the response body (masking). Applied to 2xx responses.
-    pub response_transform: Option<Box<dyn BodyTransform>>,
+    pub response_transform: Option<TransformFactory>,
     /// Sees what the agent receives and when it ends (recording, audit).
     pub observer: Option<Box<dyn ResponseObserver>>,
 }
@@ -74,6 +84,9 @@ pub trait Guard: Send + Sync + 'static {
         conn: &Arc<ConnectionInfo>,
         parts: &mut Parts,
     ) -> impl Future<Output = Verdict> + Send;
+
+    /// The agent's connection is gone (per-connection state can go).
+    fn connection_closed(&self, _conn: &Arc<ConnectionInfo>) {}
 }
 
 /// Forwards everything untouched: faithful proxying, no decisions. The

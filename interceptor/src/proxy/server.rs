@@ -236,5 +236,6 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
         if let Err(error) = watcher.watch(serving).await {
             tracing::debug!(conn = %conn.id, error = %error, "connection ended with an error");
         }
+        self.shared.guard.connection_closed(&conn);
     }
 }

@@ -1,0 +1,466 @@
+//! One request through chaperone's decisions: the [`Guard`] the node agent
+//! runs. In order: parse the Kubernetes RequestInfo, authenticate the token
+//! and bind it to the kernel-attested pod, evaluate policy, refuse (403
+//! Status) or forward with the agent's credentials, mask what the response
+//! must not reveal, and record + audit the exchange when it ends.
+//!
+//! Nothing here blocks on disk or network except the token check (cached;
+//! bounded by the identity module's own timeouts): recording, audit and
+//! metrics are handed to bounded queues.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    admin::Metrics,
+    audit::{Admission, AuditGate},
+    identity::{
+        Authenticator, Caller, CredentialMode, PodRef, ProcessInfo, bearer_token,
+        upstream_identity_headers,
+    },
+    kstatus::Status,
+    mask::{Masker, ResponseMask, negotiate_accept},
+    pods::PodTracker,
+    policy::{Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
+    proxy::{
+        ConnectionInfo, Forward, Guard, ResponseObserver, Verdict,
+        body::{BodyError, BodyObserver, BodyTransform, status_response},
+    },
+    record::{DecisionRecord, Exchange, Recorder, ResponseStatus, Session, SessionMeta, Stage},
+    request::RequestInfo,
+};
+
+/// Everything the pipeline consults.
+pub struct Pipeline {
+    pub node: Arc<str>,
+    pub authenticator: Arc<Authenticator>,
+    /// cgroup id -> pod; `None` when no pod tracker runs (local mode).
+    pub pods: Option<Arc<PodTracker>>,
+    pub policy: Arc<PolicyStore>,
+    pub masker: Masker,
+    pub credential_mode: CredentialMode,
+    /// chaperone's own `Authorization` for impersonate mode.
+    pub own_credentials: Option<Arc<dyn Fn() -> Option<HeaderValue> + Send + Sync>>,
+    pub recorder: Option<Recorder>,
+    pub audit: Option<AuditGate>,
+    pub metrics: Metrics,
+    connections: Mutex<HashMap<Uuid, Arc<ConnectionState>>>,
+}
+
+/// What the pipeline keeps per agent connection.
+struct ConnectionState {
+    pod: Option<PodRef>,
+    process: Option<ProcessInfo>,
+    session: Option<Session>,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: impl Into<Arc<str>>,
+        authenticator: Arc<Authenticator>,
+        pods: Option<Arc<PodTracker>>,
+        policy: Arc<PolicyStore>,
+        masker: Masker,
+        credential_mode: CredentialMode,
+        recorder: Option<Recorder>,
+        audit: Option<AuditGate>,
+        metrics: Metrics,
+    ) -> Self {
+        Pipeline {
+            node: node.into(),
+            authenticator,
+            pods,
+            policy,
+            masker,
+            credential_mode,
+            own_credentials: None,
+            recorder,
+            audit,
+            metrics,
+            connections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn connection(&self, conn: &Arc<ConnectionInfo>) -> Arc<ConnectionState> {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections
+            .entry(conn.id)
+            .or_insert_with(|| {
+                let pod = conn.attested.as_ref().and_then(|attested| {
+                    let pods = self.pods.as_ref()?;
+                    pods.pod_for_cgroup(attested.agent_cgroup_id)
+                        .or_else(|| pods.pod_for_cgroup(attested.cgroup_id))
+                });
+                // Read at the first request, while the process that dialed
+                // is still there; a process that already exited is `None`.
+                let process = conn
+                    .attested
+                    .as_ref()
+                    .and_then(|attested| ProcessInfo::from_proc(attested.pid).ok());
+                let session = self.recorder.as_ref().map(|recorder| {
+                    recorder.session(SessionMeta {
+                        pod: pod.clone(),
+                        peer: conn.peer,
+                        started: OffsetDateTime::from(conn.accepted_at),
+                    })
+                });
+                Arc::new(ConnectionState {
+                    pod,
+                    process,
+                    session,
+                })
+            })
+            .clone()
+    }
+}
+
+impl Guard for Pipeline {
+    async fn check(&self, conn: &Arc<ConnectionInfo>, parts: &mut Parts) -> Verdict {
+        let received = OffsetDateTime::now_utc();
+        let request = RequestInfo::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        let state = self.connection(conn);
+        let mut exchange = ExchangeDraft {
+            audit_id: Uuid::new_v4(),
+            received,
+            request_uri: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            request,
+            caller: Arc::new(Caller {
+                pod: state.pod.clone(),
+                process: state.process.clone(),
+                cgroup_id: conn.attested.as_ref().map(|a| a.cgroup_id.0),
+                ..Caller::default()
+            }),
+            source_ip: conn.peer.ip(),
+            user_agent: parts
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            decision: None,
+            session: state.session.as_ref().map(|_| state.clone()),
+            masked: Arc::new(AtomicU32::new(0)),
+            admission: None,
+            node: self.node.clone(),
+            metrics: self.metrics.clone(),
+        };
+
+        if let Some(gate) = &self.audit {
+            match gate.admit() {
+                Ok(admission) => exchange.admission = Some(admission),
+                Err(full) => return exchange.refuse(full.status()),
+            }
+        }
+
+        let token = match bearer_token(&parts.headers) {
+            Ok(token) => token.to_owned(),
+            Err(error) => return exchange.refuse(error.to_status()),
+        };
+        let caller = match self
+            .authenticator
+            .authenticate(&token, state.pod.as_ref(), state.process.clone())
+            .await
+        {
+            Ok(caller) => caller,
+            Err(error) => {
+                if let Some(signal) = error.attack_signal() {
+                    tracing::warn!(
+                        signal = signal.as_str(),
+                        peer = %conn.peer,
+                        pod = ?state.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+                        %error,
+                        "refused a token: attack signal"
+                    );
+                }
+                return exchange.refuse(error.to_status());
+            }
+        };
+        let caller = Arc::new(Caller {
+            cgroup_id: exchange.caller.cgroup_id,
+            ..caller
+        });
+        exchange.caller = caller.clone();
+
+        let policy = self.policy.snapshot();
+        let input = PolicyInput::new(&exchange.request, &caller);
+        let decision = policy.evaluate(&input);
+        if decision.refuses() {
+            let status = refusal_status(&policy, &input, &decision);
+            exchange.decision = Some(decision);
+            return exchange.refuse(status);
+        }
+        if decision.dry_run {
+            tracing::info!(
+                audit_id = %exchange.audit_id,
+                policy = &*decision.policy,
+                rule = &*decision.rule,
+                would = %decision.action,
+                "dry-run: would have refused"
+            );
+        }
+        exchange.decision = Some(decision);
+
+        // Credentials upstream: the agent's own (passthrough), or chaperone's
+        // with impersonation headers. Agent-sent Impersonate-* never pass.
+        let agent_headers = parts.headers.clone();
+        if let Err(error) = upstream_identity_headers(
+            self.credential_mode,
+            &caller,
+            &agent_headers,
+            &mut parts.headers,
+        ) {
+            return exchange.refuse(Status::bad_request(format!("chaperone: {error}")));
+        }
+        if self.credential_mode == CredentialMode::Impersonate {
+            match self
+                .own_credentials
+                .as_ref()
+                .and_then(|credentials| credentials())
+            {
+                Some(value) => {
+                    parts.headers.insert(header::AUTHORIZATION, value);
+                }
+                None => {
+                    return exchange.refuse(Status::service_unavailable(
+                        "chaperone: impersonate mode needs chaperone's own API credentials, which are not available",
+                    ));
+                }
+            }
+        }
+        parts.headers.insert(
+            "audit-id",
+            HeaderValue::from_str(&exchange.audit_id.to_string()).expect("uuid"),
+        );
+
+        // Masking: negotiate a body we can mask before asking.
+        let mut response_transform = None;
+        if let Some(target) = self.masker.target(&exchange.request) {
+            // A gzipped body could not be masked.
+            parts.headers.remove(header::ACCEPT_ENCODING);
+            if target.is_json() {
+                match negotiate_accept(parts.headers.get(header::ACCEPT)) {
+                    Ok(accept) => {
+                        parts.headers.insert(header::ACCEPT, accept);
+                    }
+                    Err(not_acceptable) => return exchange.refuse(not_acceptable.status()),
+                }
+            }
+            let masker = self.masker.clone();
+            let request = exchange.request.clone();
+            let masked = exchange.masked.clone();
+            response_transform = Some(Box::new(move |headers: &HeaderMap| {
+                let content_type = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                match masker.plan(&request, content_type) {
+                    Ok(Some(mask)) => Ok(Some(
+                        Box::new(MaskTransform { mask, masked }) as Box<dyn BodyTransform>
+                    )),
+                    Ok(None) => Ok(None),
+                    Err(error) => Err(Box::new(error.status())),
+                }
+            }) as crate::proxy::guard::TransformFactory);
+        }
+        Verdict::Forward(Forward {
+            response_transform,
+            observer: Some(Box::new(exchange)),
+        })
+    }
+
+    fn connection_closed(&self, conn: &Arc<ConnectionInfo>) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn.id);
+    }
+}
+
+/// A masking transform that counts what it masked for audit and metrics.
+struct MaskTransform {
+    mask: ResponseMask,
+    masked: Arc<AtomicU32>,
+}
+
+impl MaskTransform {
+    fn count(&self) {
+        let stats = self.mask.stats();
+        let total = stats.values_masked + stats.pattern_matches;
+        self.masked
+            .store(u32::try_from(total).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+}
+
+impl BodyTransform for MaskTransform {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BodyError> {
+        self.mask
+            .push(chunk, out)
+            .map_err(|e| Box::new(e) as BodyError)?;
+        // Logs and exec: send what is complete now (a prompt, a line).
+        self.mask.flush(out);
+        self.count();
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), BodyError> {
+        self.mask
+            .finish(out)
+            .map_err(|e| Box::new(e) as BodyError)?;
+        self.count();
+        Ok(())
+    }
+}
+
+/// One exchange being followed to its end, then recorded and audited.
+struct ExchangeDraft {
+    audit_id: Uuid,
+    received: OffsetDateTime,
+    request_uri: String,
+    request: RequestInfo,
+    caller: Arc<Caller>,
+    source_ip: IpAddr,
+    user_agent: Option<String>,
+    decision: Option<Decision>,
+    session: Option<Arc<ConnectionState>>,
+    masked: Arc<AtomicU32>,
+    admission: Option<Admission>,
+    node: Arc<str>,
+    metrics: Metrics,
+}
+
+impl ExchangeDraft {
+    /// Answers the agent with `status` and records the refusal.
+    fn refuse(self, status: Status) -> Verdict {
+        let response = status_response(&status);
+        let code = status.code;
+        let response_status = ResponseStatus::failure(code, status.reason, status.message.clone());
+        self.finish(response_status, Stage::ResponseComplete, None);
+        Verdict::Respond(response)
+    }
+
+    fn decision_record(&self) -> DecisionRecord {
+        match &self.decision {
+            Some(decision) => DecisionRecord::from_decision(decision, None),
+            // Refused before policy (token, audit gate): recorded as a deny
+            // by chaperone itself.
+            None => DecisionRecord {
+                action: crate::policy::Action::Deny,
+                level: RecordLevel::Metadata,
+                policy: Arc::from(""),
+                rule: Arc::from("authentication"),
+                ..DecisionRecord::from_decision(&refused_before_policy(), None)
+            },
+        }
+    }
+
+    fn finish(&self, status: ResponseStatus, stage: Stage, started: Option<OffsetDateTime>) {
+        let decision = self.decision_record();
+        if decision.level == RecordLevel::None {
+            return;
+        }
+        let exchange = Arc::new(Exchange {
+            audit_id: self.audit_id,
+            stage,
+            received: self.received,
+            response_started: started,
+            completed: OffsetDateTime::now_utc(),
+            request_uri: self.request_uri.clone(),
+            request: self.request.clone(),
+            caller: self.caller.clone(),
+            impersonated_user: None,
+            source_ips: vec![self.source_ip],
+            user_agent: self.user_agent.clone(),
+            decision,
+            status,
+            request_body: None,
+            response_body: None,
+            masked_fields: self.masked.load(Ordering::Relaxed),
+            node: self.node.clone(),
+        });
+        if stage == Stage::ResponseComplete {
+            self.metrics.exchange(&exchange);
+            if let Some(state) = &self.session
+                && let Some(session) = &state.session
+            {
+                session.exchange(exchange.clone());
+            }
+        }
+        if let Some(admission) = &self.admission {
+            admission.submit(exchange);
+        }
+    }
+}
+
+fn refused_before_policy() -> Decision {
+    Decision {
+        action: crate::policy::Action::Deny,
+        enforce: crate::policy::Action::Deny,
+        record: RecordLevel::Metadata,
+        policy: Arc::from(""),
+        rule: Arc::from("authentication"),
+        message: None,
+        dry_run: false,
+        hold_timeout: None,
+    }
+}
+
+impl ResponseObserver for ExchangeDraft {
+    fn on_response(
+        self: Box<Self>,
+        status: StatusCode,
+        _headers: &HeaderMap,
+    ) -> Option<Box<dyn BodyObserver>> {
+        let long_running = self.request.verb == "watch"
+            || matches!(
+                self.request.subresource.as_str(),
+                "exec" | "attach" | "portforward"
+            )
+            || status == StatusCode::SWITCHING_PROTOCOLS;
+        let started = OffsetDateTime::now_utc();
+        if long_running {
+            self.finish(
+                ResponseStatus::ok(status.as_u16()),
+                Stage::ResponseStarted,
+                Some(started),
+            );
+        }
+        Some(Box::new(BodyEnd {
+            draft: *self,
+            code: status.as_u16(),
+            started,
+        }))
+    }
+}
+
+struct BodyEnd {
+    draft: ExchangeDraft,
+    code: u16,
+    started: OffsetDateTime,
+}
+
+impl BodyObserver for BodyEnd {
+    fn on_data(&mut self, _chunk: &[u8]) {}
+
+    fn on_end(&mut self, result: Result<(), String>) {
+        let status = match (result, self.code) {
+            (Ok(()), code) if code < 400 => ResponseStatus::ok(code),
+            (Ok(()), code) => ResponseStatus::failure(code, "", ""),
+            (Err(reason), code) => ResponseStatus::failure(code, "StreamEnded", reason),
+        };
+        self.draft
+            .finish(status, Stage::ResponseComplete, Some(self.started));
+    }
+}
