@@ -1,0 +1,314 @@
+//! Chaperone's decisions seen by a real kubectl agent through the kernel
+//! redirect: policy denials print kubectl's Forbidden line with chaperone's
+//! message, secrets never reach the agent, a token replayed from another pod
+//! is refused, and the session is recorded and audited. Needs root.
+
+use std::time::Duration;
+
+use base64::Engine;
+use chaperone_tests::{
+    e2e::{World, WorldSpec, run_for, workspace_binary},
+    require_root,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: agent-guard
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: no-deployment-deletes
+      verbs: [delete]
+      apiGroups: [apps]
+      resources: [deployments]
+      action: deny
+      message: deleting deployments needs a human
+    - name: no-exec-in-prod
+      resources: [pods/exec]
+      namespaces: ["prod-*"]
+      action: deny
+      message: production pods are not for agents; read their logs instead
+    - name: secrets-masked
+      resources: [secrets]
+      action: mask
+      record: RequestResponse
+  defaultAction: allow
+"#;
+
+const PASSWORD: &str = "s3cr3t-Pa55w0rd-do-not-leak";
+const TOKEN_VALUE: &str = "tok_9f8e7d6c5b4a3210fedcba";
+const PRIVATE_KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAsecretkeymaterialdonotleak0123456789\n-----END RSA PRIVATE KEY-----";
+
+fn world() -> World {
+    let world = World::start(WorldSpec {
+        policy: POLICY.into(),
+        ..WorldSpec::default()
+    })
+    .unwrap();
+    let store = world.sim.store();
+    for ns in ["prod-a", "dev-a"] {
+        store
+            .create(
+                serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":ns}}),
+            )
+            .unwrap();
+    }
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    store
+        .create(serde_json::json!({
+            "apiVersion":"v1","kind":"Secret",
+            "metadata":{"name":"db","namespace":"default",
+                "annotations":{"kubectl.kubernetes.io/last-applied-configuration":
+                    format!("{{\"apiVersion\":\"v1\",\"data\":{{\"password\":\"{}\"}},\"kind\":\"Secret\"}}", b64(PASSWORD))}},
+            "type":"Opaque",
+            "data":{"password": b64(PASSWORD), "token": b64(TOKEN_VALUE)},
+        }))
+        .unwrap();
+    store
+        .create(serde_json::json!({
+            "apiVersion":"apps/v1","kind":"Deployment",
+            "metadata":{"name":"web","namespace":"prod-a"},
+            "spec":{"replicas":1,"selector":{"matchLabels":{"app":"web"}},
+                "template":{"metadata":{"labels":{"app":"web"}},"spec":{"containers":[{"name":"web","image":"web:1"}]}}},
+        }))
+        .unwrap();
+    for (ns, name) in [("prod-a", "web-0"), ("default", "worker")] {
+        store
+            .create(serde_json::json!({
+                "apiVersion":"v1","kind":"Pod","metadata":{"name":name,"namespace":ns},
+                "spec":{"containers":[{"name":"app","image":"app:1",
+                    "env":[{"name":"API_TOKEN","value":TOKEN_VALUE}]}]},
+            }))
+            .unwrap();
+    }
+    store
+        .append_log("default", "worker", None, "booting")
+        .unwrap();
+    for line in PRIVATE_KEY.lines() {
+        store.append_log("default", "worker", None, line).unwrap();
+    }
+    store
+        .append_log("default", "worker", None, "ready")
+        .unwrap();
+    world
+}
+
+fn kubectl(world: &World, args: &[&str]) -> std::process::Output {
+    run_for(&mut world.agent_kubectl(args), LIMIT).unwrap()
+}
+
+fn all_bytes(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_no_secret(what: &str, bytes: &str) {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for secret in [PASSWORD, TOKEN_VALUE, "secretkeymaterialdonotleak"] {
+        assert!(!bytes.contains(secret), "{what} leaked {secret}:\n{bytes}");
+        assert!(
+            !bytes.contains(&b64(secret)),
+            "{what} leaked base64 of {secret}:\n{bytes}"
+        );
+    }
+}
+
+#[test]
+fn denials_print_kubectls_forbidden_line_with_chaperones_message() {
+    require_root!();
+    let world = world();
+    let out = kubectl(&world, &["delete", "deployment", "web", "-n", "prod-a"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("Error from server (Forbidden): "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("deleting deployments needs a human"),
+        "{stderr}"
+    );
+    assert!(
+        world
+            .sim
+            .store()
+            .get("deployments.apps", Some("prod-a"), "web")
+            .is_some(),
+        "the deployment must survive"
+    );
+
+    let out = kubectl(
+        &world,
+        &["exec", "web-0", "-n", "prod-a", "--", "echo", "hi"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Forbidden"), "{stderr}");
+    assert!(
+        stderr.contains("production pods are not for agents"),
+        "{stderr}"
+    );
+    // Other verbs still work.
+    let ok = kubectl(
+        &world,
+        &["get", "deployment", "web", "-n", "prod-a", "-o", "name"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        "deployment.apps/web"
+    );
+}
+
+#[test]
+fn secret_values_never_reach_the_agent() {
+    require_root!();
+    let world = world();
+    for args in [
+        &["get", "secret", "db", "-o", "yaml"][..],
+        &["get", "secrets", "-o", "json"],
+        &["get", "secrets"],
+        &["describe", "secret", "db"],
+        &["get", "pod", "worker", "-o", "yaml"],
+        &["logs", "worker"],
+    ] {
+        let out = kubectl(&world, args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            all_bytes(&out)
+        );
+        assert_no_secret(&format!("kubectl {args:?}"), &all_bytes(&out));
+    }
+    // Masked values stay valid base64 with a marker.
+    let json: serde_json::Value =
+        serde_json::from_slice(&kubectl(&world, &["get", "secret", "db", "-o", "json"]).stdout)
+            .unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(json["data"]["password"].as_str().unwrap())
+        .unwrap();
+    assert!(String::from_utf8_lossy(&decoded).contains("masked by chaperone"));
+    // Logs keep their non-secret lines.
+    let logs = String::from_utf8_lossy(&kubectl(&world, &["logs", "worker"]).stdout).into_owned();
+    assert!(
+        logs.starts_with("booting\n") && logs.ends_with("ready\n"),
+        "{logs}"
+    );
+
+    // A watch delivers a change made meanwhile, masked.
+    let mut watch = world.agent_kubectl(&["get", "secrets", "-w", "-o", "json"]);
+    watch
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let child = watch.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
+    world
+        .sim
+        .store()
+        .create(serde_json::json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"late","namespace":"default"},"data":{"password":b64}}))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let watched = String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned();
+    assert!(watched.contains("\"late\""), "the watch saw: {watched}");
+    assert_no_secret("kubectl get secrets -w", &watched);
+}
+
+#[test]
+fn a_token_replayed_from_another_pod_is_refused() {
+    require_root!();
+    let world = world();
+    // A valid token, but minted for a different pod than the one the kernel
+    // attests for this connection.
+    let stolen = world
+        .sim
+        .mint_service_account_token(
+            "default",
+            "agent",
+            Some(("other-pod", "9b2f1c7e-0000-4000-8000-000000000001")),
+            None,
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    std::fs::write(world.credentials.dir.join("token"), &stolen).unwrap();
+    let out = kubectl(&world, &["get", "pods"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // kubectl's wording for a 401.
+    assert!(stderr.contains("provide credentials"), "{stderr}");
+    assert!(
+        world
+            .sim
+            .requests()
+            .iter()
+            .all(|r| r.token.as_deref() != Some(stolen.as_str())),
+        "a refused token never reaches the API server"
+    );
+    assert!(
+        world.node.log_text().contains("other-pod"),
+        "the refusal names the pod the token was issued to:\n{}",
+        world.node.log_text()
+    );
+}
+
+#[test]
+fn the_session_is_recorded_and_audited() {
+    require_root!();
+    let world = world();
+    assert!(
+        kubectl(&world, &["get", "secret", "db", "-o", "yaml"])
+            .status
+            .success()
+    );
+    assert!(
+        !kubectl(&world, &["delete", "deployment", "web", "-n", "prod-a"])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let sessions_dir = world.work.path().join("sessions");
+    let sessions = run_for(
+        std::process::Command::new(workspace_binary("chaperone"))
+            .args(["sessions", "--dir"])
+            .arg(&sessions_dir),
+        LIMIT,
+    )
+    .unwrap();
+    let listing = String::from_utf8_lossy(&sessions.stdout).into_owned();
+    assert!(
+        listing.contains("default/agent-0"),
+        "sessions list the attested pod:\n{listing}"
+    );
+
+    let audit = std::fs::read_to_string(world.work.path().join("audit.log")).unwrap_or_default();
+    let events: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let denied = events
+        .iter()
+        .find(|e| e["verb"] == "delete" && e["objectRef"]["resource"] == "deployments")
+        .unwrap_or_else(|| panic!("no audit event for the denied delete:\n{audit}"));
+    assert_eq!(denied["kind"], "Event");
+    assert_eq!(denied["apiVersion"], "audit.k8s.io/v1");
+    assert_eq!(denied["responseStatus"]["code"], 403);
+    assert_eq!(denied["annotations"]["chaperone.dev/decision"], "deny");
+    assert_eq!(
+        denied["annotations"]["chaperone.dev/rule"],
+        "no-deployment-deletes"
+    );
+    assert_eq!(
+        denied["user"]["username"],
+        "system:serviceaccount:default:agent"
+    );
+    assert_no_secret("the audit log", &audit);
+}
