@@ -24,12 +24,12 @@ pub struct NodeArgs {
     pub config: Option<PathBuf>,
 
     /// This node's name (DaemonSet: downward API `spec.nodeName`).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "CHAPERONE_NODE_NAME")]
     pub node_name: Option<String>,
 
     /// The address agent pods reach the proxy at: the node's IP (downward API
     /// `status.hostIP`). Never 127.0.0.1: from a pod that is the pod itself.
-    #[arg(long, env = "CHAPERONE_PROXY_IP")]
+    #[arg(long, env = "CHAPERONE_HOST_IP")]
     pub proxy_ip: Vec<IpAddr>,
 
     /// The proxy's port on the node.
@@ -78,6 +78,19 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
 
+    /// Admin port on all addresses (the DaemonSet's probes use it).
+    #[arg(long, env = "CHAPERONE_ADMIN_PORT", conflicts_with = "admin_addr")]
+    pub admin_port: Option<u16>,
+
+    /// chaperone's CA certificate (PEM) from a mounted Secret, instead of
+    /// --ca-dir (cluster mode: every node signs with the same CA).
+    #[arg(long, env = "CHAPERONE_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// The CA's private key (PKCS#8 PEM), with --ca-cert.
+    #[arg(long, env = "CHAPERONE_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
     /// `SO_MARK` of chaperone's own sockets (never redirected).
     #[arg(long, env = "CHAPERONE_SOCKET_MARK")]
     pub socket_mark: Option<u32>,
@@ -99,6 +112,24 @@ pub struct NodeArgs {
     /// with chaperone's credentials and Impersonate-* headers.
     #[arg(long, env = "CHAPERONE_CREDENTIAL_MODE")]
     pub credential_mode: Option<String>,
+
+    /// Audiences a service-account token may be minted for (impersonate
+    /// mode: chaperone's own, which the webhook projects into agent pods).
+    /// Empty: the API server's issuer, its default audience.
+    #[arg(long = "audience", env = "CHAPERONE_AUDIENCE", value_delimiter = ',')]
+    pub audiences: Vec<String>,
+
+    /// What agent pods' API connections do while no node agent runs: with
+    /// false (the default) the programs stay pinned under --bpffs and the
+    /// connections are refused until an agent is back; with true the agent
+    /// detaches its programs on exit and agents reach the API server
+    /// directly, unguarded.
+    #[arg(long, env = "CHAPERONE_FAIL_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    pub fail_open: Option<bool>,
+
+    /// Where the programs' links and maps are pinned (a bpffs directory).
+    #[arg(long, env = "CHAPERONE_BPFFS")]
+    pub bpffs: Option<PathBuf>,
 
     /// Do not watch this node's pods (local mode: guard only --agent-cgroup).
     #[arg(long, env = "CHAPERONE_NO_POD_TRACKER")]
@@ -136,6 +167,11 @@ struct NodeFile {
     cluster_domain: Option<String>,
     credential_mode: Option<String>,
     no_pod_tracker: Option<bool>,
+    audiences: Option<Vec<String>>,
+    fail_open: Option<bool>,
+    bpffs: Option<PathBuf>,
+    /// Token verification: issuers, OIDC providers, algorithms.
+    identity: Option<crate::identity::IdentityConfig>,
 }
 
 /// The node agent's typed configuration, defaults applied and validated.
@@ -153,6 +189,8 @@ pub struct NodeConfig {
     pub record_dir: PathBuf,
     pub audit_log: Option<String>,
     pub admin_addr: SocketAddr,
+    /// `(cert, key)` files of a CA mounted from a Secret.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
     pub socket_mark: u32,
     pub require_attestation: bool,
     pub drain_timeout: Duration,
@@ -160,10 +198,14 @@ pub struct NodeConfig {
     pub cluster_domain: String,
     pub credential_mode: crate::identity::CredentialMode,
     pub pod_tracker: bool,
+    pub identity: crate::identity::IdentityConfig,
+    pub fail_open: bool,
+    pub bpffs: PathBuf,
 }
 
-pub const DEFAULT_PROXY_PORT: u16 = 16443;
-pub const DEFAULT_ADMIN_PORT: u16 = 16444;
+pub const DEFAULT_PROXY_PORT: u16 = 17443;
+pub const DEFAULT_ADMIN_PORT: u16 = 17080;
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/chaperone";
 
 impl NodeConfig {
     /// Flags and environment (already merged by clap) over the config file
@@ -189,11 +231,11 @@ impl NodeConfig {
                     .ok()
                     .map(|h| h.trim().to_owned())
             })
-            .context("no node name: set --node-name or NODE_NAME")?;
+            .context("no node name: set --node-name or CHAPERONE_NODE_NAME")?;
         let proxy_ips = first_non_empty(args.proxy_ip, file.proxy_ip.unwrap_or_default());
         if proxy_ips.is_empty() {
             bail!(
-                "no proxy address: set --proxy-ip (or CHAPERONE_PROXY_IP) to this node's IP; the \
+                "no proxy address: set --proxy-ip (or CHAPERONE_HOST_IP) to this node's IP; the \
                  DaemonSet sets it from the downward API status.hostIP"
             );
         }
@@ -252,10 +294,14 @@ impl NodeConfig {
                 .or(file.record_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/sessions")),
             audit_log: args.audit_log.or(file.audit_log),
-            admin_addr: args
-                .admin_addr
-                .or(file.admin_addr)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            admin_addr: match args.admin_port {
+                Some(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+                None => args
+                    .admin_addr
+                    .or(file.admin_addr)
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            },
+            ca_files: args.ca_cert.zip(args.ca_key),
             socket_mark: args
                 .socket_mark
                 .or(file.socket_mark)
@@ -280,6 +326,19 @@ impl NodeConfig {
                 }
             },
             pod_tracker: !(args.no_pod_tracker || file.no_pod_tracker.unwrap_or(false)),
+            identity: {
+                let mut identity = file.identity.unwrap_or_default();
+                let audiences = first_non_empty(args.audiences, file.audiences.unwrap_or_default());
+                if !audiences.is_empty() {
+                    identity.service_accounts.audiences = audiences;
+                }
+                identity
+            },
+            fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
+            bpffs: args
+                .bpffs
+                .or(file.bpffs)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS)),
         })
     }
 }
@@ -315,6 +374,62 @@ mod tests {
         assert_eq!(config.refused, RefusedDestination::defaults());
         assert!(config.require_attestation);
         assert_eq!(config.socket_mark, crate::DEFAULT_SOCKET_MARK);
+    }
+
+    #[test]
+    fn the_admin_port_listens_on_all_addresses_and_audiences_reach_identity() {
+        let mut a = args();
+        a.admin_port = Some(9090);
+        a.audiences = vec!["chaperone".into()];
+        let config =
+            NodeConfig::resolve(a, (Some("10.96.0.1".into()), Some("443".into()))).unwrap();
+        assert_eq!(config.admin_addr, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(config.identity.service_accounts.audiences, ["chaperone"]);
+        assert!(!config.fail_open, "fail closed unless asked");
+        assert_eq!(config.bpffs, PathBuf::from(DEFAULT_BPFFS));
+    }
+
+    /// The DaemonSet sets the node agent's environment; a name `chaperone
+    /// node` does not know would be silently ignored in production.
+    #[test]
+    fn every_variable_the_daemonset_sets_is_one_the_node_reads() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let known: Vec<String> = Wrapper::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .chain(["CHAPERONE_LOG".to_owned()])
+            .collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut checked = 0;
+        for file in [
+            "base/node/daemonset.yaml",
+            "overlays/impersonate/credential-mode.yaml",
+        ] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            let daemonset = text
+                .split("\n---")
+                .find(|d| d.contains("kind: DaemonSet"))
+                .unwrap();
+            for line in daemonset.lines() {
+                if let Some(name) = line.trim().strip_prefix("- name: CHAPERONE_") {
+                    let name = format!("CHAPERONE_{}", name.trim());
+                    assert!(
+                        known.contains(&name),
+                        "{file} sets {name}, which `chaperone node` ignores"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(
+            checked >= 10,
+            "only {checked} variables found: did the manifests move?"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::{
         sink::{FileSinkConfig, SinkConfig},
     },
     config::NodeConfig,
-    identity::{Authenticator, IdentityConfig},
+    identity::Authenticator,
     mask::{MaskRules, Masker},
     pipeline::Pipeline,
     pods::PodTracker,
@@ -46,10 +46,24 @@ impl Terminate for TlsTerminator {
 }
 
 pub async fn run(config: NodeConfig) -> Result<()> {
-    let ca = Arc::new(
-        LocalCa::load_or_create(&config.ca_dir)
+    let ca = Arc::new(match &config.ca_files {
+        Some((cert, key)) => {
+            let read = |path: &std::path::PathBuf| {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+            };
+            LocalCa::from_secret_data("chaperone-ca", &read(cert)?, &read(key)?).with_context(
+                || {
+                    format!(
+                        "chaperone's CA from {} and {}",
+                        cert.display(),
+                        key.display()
+                    )
+                },
+            )?
+        }
+        None => LocalCa::load_or_create(&config.ca_dir)
             .with_context(|| format!("chaperone's CA in {}", config.ca_dir.display()))?,
-    );
+    });
     let mut leaf_ips: Vec<_> = config.targets.iter().map(|t| t.ip()).collect();
     leaf_ips.extend(config.proxy_ips.iter().copied());
     let leaves = Arc::new(LeafCache::new(
@@ -142,7 +156,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     health.readiness("ca-loaded").set_ok();
 
     let authenticator = Arc::new(
-        Authenticator::from_client(&IdentityConfig::default(), client.clone())
+        Authenticator::from_client(&config.identity, client.clone())
             .map_err(|e| anyhow::anyhow!("identity configuration: {e}"))?,
     );
     let policy = Arc::new(PolicyStore::new());

@@ -8,7 +8,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -27,8 +27,12 @@ pub const SERVICE_IP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 
 /// A built binary of this workspace (`cargo test --workspace` builds them all).
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/<test> -> target/debug/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // A test runs as target/<profile>/deps/<test>, a binary (the demo) as
+    // target/<profile>/<bin>; the workspace binaries sit in target/<profile>.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -148,6 +152,13 @@ impl World {
         let work = tempfile::tempdir()?;
         let mut pod_uid = POD_UID.to_owned();
         if spec.agent_pod_in_sim {
+            // The agent's namespace exists in any real cluster (the sim starts
+            // with default and kube-system only).
+            let _already_there = sim.store().create(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": spec.namespace},
+            }));
             let created = sim
                 .store()
                 .create(serde_json::json!({

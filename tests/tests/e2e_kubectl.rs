@@ -180,6 +180,34 @@ fn reads_writes_and_discovery_match_the_api_server() {
         agent_ok(&world, &["apply", "--server-side", "-f", &ssa]).trim(),
         "configmap/ssa serverside-applied"
     );
+    // Typed `kubectl create` commands send protobuf bodies.
+    assert_eq!(
+        agent_ok(
+            &world,
+            &[
+                "create",
+                "deployment",
+                "preview",
+                "--image=web:2",
+                "--port=8080"
+            ]
+        )
+        .trim(),
+        "deployment.apps/preview created"
+    );
+    let deployment = world
+        .sim
+        .store()
+        .get("deployments.apps", Some("default"), "preview")
+        .unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        "web:2"
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        8080
+    );
     assert_eq!(
         agent_ok(&world, &["delete", "configmap", "agent-cm"]).trim(),
         "configmap \"agent-cm\" deleted"

@@ -22,6 +22,7 @@ pub fn all() -> Result<()> {
     apt_packages(TEST_PACKAGES)?;
     nightly_rust_src()?;
     bpf_linker()?;
+    manifest_validators()?;
     println!("==> setup done");
     Ok(())
 }
@@ -109,6 +110,19 @@ fn bpf_linker() -> Result<()> {
         // bpf-linker's build script reads LLVM_PREFIX; llvm-sys reads the other.
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+}
+
+/// The Kubernetes schema validators the deploy tests use (PyPI packages in
+/// a project-local virtualenv, `target/py`); the script is idempotent.
+fn manifest_validators() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace");
+    println!("    checking the manifest validators (kubernetes-validate, jsonschema in target/py)");
+    run(Command::new("bash")
+        .arg(root.join("deploy/validate.sh"))
+        .arg("setup")
+        .current_dir(root))
 }
 
 fn cargo_bin() -> PathBuf {

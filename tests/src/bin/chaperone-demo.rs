@@ -1,24 +1,45 @@
-//! `cargo xtask demo`: what chaperone does today, on this machine, with real
-//! tools. Sets up an agent "pod" (network namespace + kubelet-named cgroup),
-//! attaches chaperone's eBPF redirect, and lets a real `curl` inside the pod
-//! dial the API server's service IP. Needs root.
+//! `cargo xtask demo`: chaperone guarding a scripted AI agent, on this
+//! machine, with real tools. An API-server simulator plays a small
+//! production cluster; an agent "pod" (network namespace + kubelet-named
+//! cgroup) runs real kubectl exactly as in a cluster; `chaperone node`
+//! redirects its API connections in the kernel and applies a policy.
+//! Needs root.
 
-use std::{
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
-    thread,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result};
-use chaperone::redirect::{CgroupId, RedirectSpec, Redirector, RefusedDestination};
-use chaperone_tests::topology::{Cgroup, Netns, Placement};
+use base64::Engine;
+use chaperone_tests::e2e::{World, WorldSpec, run_for, workspace_binary};
 
-const SERVICE_IP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), 443);
+const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: coding-agent
+spec:
+  subjects:
+    - serviceAccounts: ["agents/coder"]
+  rules:
+    - name: no-exec-in-prod
+      resources: [pods/exec, pods/attach]
+      namespaces: ["prod-*"]
+      action: deny
+      message: production pods are not for agents; read their logs instead
+    - name: prod-deletes-need-approval
+      verbs: [delete, deletecollection]
+      namespaces: ["prod-*"]
+      action: approve
+    - name: secrets-masked
+      resources: [secrets]
+      action: mask
+      record: RequestResponse
+  defaultAction: allow
+"#;
 
 fn main() -> Result<()> {
     if !chaperone_tests::is_root() {
-        anyhow::bail!("the demo needs root (eBPF, network namespaces, cgroups)");
+        anyhow::bail!(
+            "the demo needs root: it loads eBPF programs, creates a network namespace and a cgroup"
+        );
     }
     let mut step = 0;
     let mut say = |text: &str| {
@@ -26,131 +47,264 @@ fn main() -> Result<()> {
         println!("\n[{step}] {text}");
     };
 
-    say("Create an agent pod: a network namespace and a cgroup named like the kubelet's");
-    let subtree = Cgroup::test_subtree()?;
-    let agent = subtree.child(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0d3c0f5e_demo.slice/cri-containerd-agent.scope",
+    say("Start a simulated cluster and chaperone's node agent with the policy below");
+    println!("{}", indent(POLICY));
+    let world = World::start(WorldSpec {
+        policy: POLICY.into(),
+        namespace: "agents".into(),
+        service_account: "coder".into(),
+        pod: "coder-0".into(),
+        ..WorldSpec::default()
+    })
+    .context("starting the simulator and chaperone node")?;
+    seed(&world)?;
+    println!(
+        "    API server (simulated): {}\n    agent pod agents/coder-0 in netns {} and cgroup {}\n    chaperone node: proxy {}:{}, redirecting 10.96.0.1:443",
+        world.sim.url(),
+        world.netns.name,
+        world.agent_cgroup.path.display(),
+        world.netns.host_v4,
+        world.node.port
+    );
+
+    say("The agent lists pods in prod-a (allowed; recorded)");
+    let out = agent(&world, &["get", "pods", "-n", "prod-a"])?;
+    outcome(out.contains("payments-0"), "the agent sees the pods")?;
+
+    say("The agent reads a Secret: the values arrive masked, still valid base64");
+    let out = agent(
+        &world,
+        &[
+            "get",
+            "secret",
+            "db-credentials",
+            "-n",
+            "prod-a",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
     )?;
-    let other = subtree.child("system.slice/ci-runner-unlabeled.scope")?;
-    let netns = Netns::create()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(out.trim())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    println!("    decoded by the agent: {decoded:?}");
+    outcome(
+        decoded.starts_with("<masked by chaperone") && !decoded.contains("hunter2"),
+        "the password never reached the agent",
+    )?;
+
+    say("The agent reads a pod's logs: the token it printed is masked");
+    let out = agent(&world, &["logs", "payments-0", "-n", "prod-a"])?;
+    outcome(
+        out.contains("ready") && !out.contains("hunter2") && !out.contains("eyJzdWIi"),
+        "the log arrived with its password and token masked",
+    )?;
+
+    say("The agent tries to exec into production: Forbidden, with what to do instead");
+    let out = agent(&world, &["exec", "payments-0", "-n", "prod-a", "--", "env"])?;
+    outcome(
+        out.contains("Forbidden") && out.contains("no-exec-in-prod"),
+        "exec refused before it reached the API server, naming the rule",
+    )?;
+
+    say("The agent tries to delete a production deployment: held for a human's approval");
+    let out = agent(
+        &world,
+        &["delete", "deployment", "payments", "-n", "prod-a"],
+    )?;
+    let survived = world
+        .sim
+        .store()
+        .get("deployments.apps", Some("prod-a"), "payments")
+        .is_some();
+    outcome(
+        survived && out.contains("approval required"),
+        "the production deployment is untouched",
+    )?;
     println!(
-        "    namespace {} (agent {}, node {})",
-        netns.name, netns.agent_v4, netns.host_v4
-    );
-    println!(
-        "    agent cgroup {} (id {})",
-        agent.path.display(),
-        agent.id()
+        "    (the approval flow with `kubectl chaperone approve` is not built yet: until then chaperone refuses)"
     );
 
-    say(
-        "Start a node-local listener where chaperone's proxy will run (the proxy itself comes with issue #3)",
-    );
-    let listener = TcpListener::bind((netns.host_v4, 0))?;
-    let port = listener.local_addr()?.port();
-    println!("    listening on {}:{port}", netns.host_v4);
+    say("The agent deploys to dev (allowed)");
+    let out = agent(
+        &world,
+        &[
+            "create",
+            "deployment",
+            "preview",
+            "--image=web:2",
+            "-n",
+            "dev-a",
+        ],
+    )?;
+    let created = world
+        .sim
+        .store()
+        .get("deployments.apps", Some("dev-a"), "preview")
+        .is_some();
+    outcome(
+        created && out.contains("created"),
+        "the dev deployment exists",
+    )?;
 
-    say("Attach chaperone's eBPF programs and guard the agent cgroup");
-    let redirector = Redirector::attach(RedirectSpec {
-        cgroup: subtree.path.clone(),
-        proxy_v4: Some(netns.host_v4),
-        proxy_v6: None,
-        proxy_port: port,
-        mark: chaperone::DEFAULT_SOCKET_MARK,
-    })?;
-    redirector.add_target(SERVICE_IP)?;
-    redirector.add_agent_cgroup(CgroupId(agent.id()))?;
-    for destination in RefusedDestination::defaults() {
-        redirector.refuse(destination)?;
-    }
-    println!("    target {SERVICE_IP}; refused: kubelet :10250, etcd :2379-2380, 169.254.169.254");
+    say("A human replays the agent's session (`chaperone sessions`, `chaperone replay`)");
+    let sessions_dir = world.work.path().join("sessions");
+    let chaperone = workspace_binary("chaperone");
+    let listing = run_for(
+        Command::new(&chaperone)
+            .args(["sessions", "--dir"])
+            .arg(&sessions_dir),
+        Duration::from_secs(30),
+    )?;
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    print!("{}", indent(&listing));
+    outcome(
+        listing.contains("agents/coder-0")
+            && listing.contains("system:serviceaccount:agents:coder"),
+        "every session is attributed to the pod and its service account",
+    )?;
+    let masked_session = masked_session(&sessions_dir)
+        .context("no recorded session shows the masked Secret read")?;
+    let replay = run_for(
+        Command::new(&chaperone)
+            .args(["replay", "--dir"])
+            .arg(&sessions_dir)
+            .arg(&masked_session),
+        Duration::from_secs(30),
+    )?;
+    let replayed = String::from_utf8_lossy(&replay.stdout).into_owned();
+    print!("{}", indent(&replayed));
+    print!("{}", indent(&String::from_utf8_lossy(&replay.stderr)));
+    outcome(
+        replay.status.success()
+            && replayed.contains("db-credentials")
+            && replayed.contains("masked"),
+        "the replay shows the Secret read and what was masked",
+    )?;
 
-    let server = thread::spawn(move || -> Result<String> {
-        let (mut stream, peer) = listener.accept()?;
-        let local = stream.local_addr()?;
-        let attested = redirector
-            .take_connection(peer, local)
-            .context("the kernel did not record the connection")?;
-        let mut request = [0u8; 1024];
-        let n = stream.read(&mut request)?;
-        let first_line = String::from_utf8_lossy(&request[..n])
+    say("The node-level audit log, in the API server's own format (last 3 events)");
+    let audit = std::fs::read_to_string(world.work.path().join("audit.log")).unwrap_or_default();
+    outcome(
+        audit
             .lines()
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        let body = format!(
-            "node-local listener here. You dialed {}; the kernel says you are pid {} (uid {}) in cgroup {}.\n",
-            attested.orig_dst, attested.pid, attested.uid, attested.cgroup_id
+            .any(|l| l.contains("\"chaperone.dev/decision\":\"deny\"")),
+        "the audit log holds the refusals too",
+    )?;
+    for line in audit
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        let event: serde_json::Value = serde_json::from_str(line)?;
+        println!(
+            "    {} {} {} -> {} (chaperone: {} by rule {})",
+            event["stage"].as_str().unwrap_or(""),
+            event["verb"].as_str().unwrap_or(""),
+            event["requestURI"].as_str().unwrap_or(""),
+            event["responseStatus"]["code"],
+            event["annotations"]["chaperone.dev/decision"]
+                .as_str()
+                .unwrap_or(""),
+            event["annotations"]["chaperone.dev/rule"]
+                .as_str()
+                .unwrap_or(""),
         );
-        write!(
-            stream,
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        Ok(first_line)
-    });
-
-    say(
-        "The agent runs a real curl against the API server's service IP (nothing answers it without chaperone)",
-    );
-    let agent_pod = Placement {
-        cgroup: &agent,
-        netns: &netns,
-    };
-    let out = agent_pod
-        .command("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{SERVICE_IP}/version"),
-        ])
-        .output()?;
-    println!("    $ curl http://{SERVICE_IP}/version");
-    print_indented(&out.stdout, &out.stderr);
-    let request_line = server.join().expect("listener thread")?;
-    println!("    the listener received: {request_line}");
-
-    say("The agent tries to bypass the API server: the kubelet port and the metadata service");
-    for url in [
-        format!("https://{}:10250/pods", netns.host_v4),
-        "http://169.254.169.254/latest/meta-data/".to_string(),
-    ] {
-        let out = agent_pod
-            .command("curl")
-            .args(["-sS", "--max-time", "3", &url])
-            .output()?;
-        println!("    $ curl {url}");
-        print_indented(&out.stdout, &out.stderr);
     }
-
-    say("A process outside the agent cgroup is left alone");
-    let unguarded = Placement {
-        cgroup: &other,
-        netns: &netns,
-    };
-    let out = unguarded
-        .command("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "2",
-            &format!("http://{SERVICE_IP}/version"),
-        ])
-        .output()?;
-    println!("    $ curl http://{SERVICE_IP}/version   (not redirected: nothing answers)");
-    print_indented(&out.stdout, &out.stderr);
 
     println!("\nDone. Everything the demo created is removed.");
-    thread::sleep(Duration::from_millis(100));
     Ok(())
 }
 
-fn print_indented(stdout: &[u8], stderr: &[u8]) {
-    for line in String::from_utf8_lossy(stdout)
-        .lines()
-        .chain(String::from_utf8_lossy(stderr).lines())
-    {
-        println!("      {line}");
+/// Prints a step's expected outcome, or fails the demo when it did not happen.
+fn outcome(happened: bool, what: &str) -> Result<()> {
+    if happened {
+        println!("    => {what}");
+        Ok(())
+    } else {
+        anyhow::bail!("the demo went wrong: expected that {what}, and it did not happen")
     }
+}
+
+/// Runs kubectl as the agent and prints what it ran and saw.
+fn agent(world: &World, args: &[&str]) -> Result<String> {
+    println!("    agent$ kubectl {}", args.join(" "));
+    let out = run_for(&mut world.agent_kubectl(args), Duration::from_secs(60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{}", indent(&stdout));
+    print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
+    if !stdout.is_empty() && !stdout.ends_with('\n') {
+        println!();
+    }
+    Ok(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn seed(world: &World) -> Result<()> {
+    let store = world.sim.store();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let create = |v: serde_json::Value| {
+        store
+            .create(v)
+            .map_err(|e| anyhow::anyhow!("seeding: {e:?}"))
+    };
+    for ns in ["prod-a", "dev-a"] {
+        create(serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":ns}}))?;
+    }
+    create(serde_json::json!({"apiVersion":"v1","kind":"Secret",
+        "metadata":{"name":"db-credentials","namespace":"prod-a"},
+        "data":{"password": b64("hunter2-prod-db"), "username": b64("payments")}}))?;
+    create(
+        serde_json::json!({"apiVersion":"apps/v1","kind":"Deployment",
+        "metadata":{"name":"payments","namespace":"prod-a"},
+        "spec":{"replicas":2,"selector":{"matchLabels":{"app":"payments"}},
+            "template":{"metadata":{"labels":{"app":"payments"}},"spec":{"containers":[{"name":"app","image":"payments:1"}]}}}}),
+    )?;
+    create(serde_json::json!({"apiVersion":"v1","kind":"Pod",
+        "metadata":{"name":"payments-0","namespace":"prod-a","labels":{"app":"payments"}},
+        "spec":{"containers":[{"name":"app","image":"payments:1"}]}}))?;
+    for line in [
+        "payments starting",
+        "connecting to postgres://payments:hunter2-prod-db@db:5432/payments",
+        "auth header: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJwYXltZW50cyJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ",
+        "ready",
+    ] {
+        store
+            .append_log("prod-a", "payments-0", None, line)
+            .map_err(|e| anyhow::anyhow!("seeding logs: {e:?}"))?;
+    }
+    Ok(())
+}
+
+/// The session file in which the agent read the Secret.
+fn masked_session(dir: &std::path::Path) -> Option<String> {
+    session_files(dir)
+        .into_iter()
+        .find(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("db-credentials")))
+        .and_then(|f| f.file_stem().map(|s| s.to_string_lossy().into_owned()))
+}
+
+fn session_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "jsonl") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("      {l}\n")).collect()
 }

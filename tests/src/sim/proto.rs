@@ -17,6 +17,8 @@ enum Ty {
     Bool,
     Int,
     Msg(&'static [Field]),
+    /// `repeated` of a message type.
+    RepeatedMsg(&'static [Field]),
     MapStr,
     MapBytes,
     RepeatedStr,
@@ -80,6 +82,93 @@ const TOKEN_REQUEST: &[Field] = &[
     (1, "metadata", Ty::Msg(OBJECT_META)),
     (2, "spec", Ty::Msg(TOKEN_REQUEST_SPEC)),
 ];
+// Workloads, as `kubectl create deployment|job|cronjob|service` send them.
+// Field numbers are those of k8s.io/api's generated.proto.
+const LABEL_SELECTOR: &[Field] = &[(1, "matchLabels", Ty::MapStr)];
+const CONTAINER_PORT: &[Field] = &[
+    (1, "name", Ty::Str),
+    (2, "hostPort", Ty::Int),
+    (3, "containerPort", Ty::Int),
+    (4, "protocol", Ty::Str),
+];
+const ENV_VAR: &[Field] = &[(1, "name", Ty::Str), (2, "value", Ty::Str)];
+const CONTAINER: &[Field] = &[
+    (1, "name", Ty::Str),
+    (2, "image", Ty::Str),
+    (3, "command", Ty::RepeatedStr),
+    (4, "args", Ty::RepeatedStr),
+    (5, "workingDir", Ty::Str),
+    (6, "ports", Ty::RepeatedMsg(CONTAINER_PORT)),
+    (7, "env", Ty::RepeatedMsg(ENV_VAR)),
+    (8, "resources", Ty::Msg(&[])),
+    (13, "terminationMessagePath", Ty::Str),
+    (14, "imagePullPolicy", Ty::Str),
+];
+const POD_SPEC: &[Field] = &[
+    (2, "containers", Ty::RepeatedMsg(CONTAINER)),
+    (3, "restartPolicy", Ty::Str),
+    (4, "terminationGracePeriodSeconds", Ty::Int),
+    (6, "dnsPolicy", Ty::Str),
+    (7, "nodeSelector", Ty::MapStr),
+    (8, "serviceAccountName", Ty::Str),
+    (10, "nodeName", Ty::Str),
+    (20, "initContainers", Ty::RepeatedMsg(CONTAINER)),
+];
+const POD_TEMPLATE_SPEC: &[Field] = &[
+    (1, "metadata", Ty::Msg(OBJECT_META)),
+    (2, "spec", Ty::Msg(POD_SPEC)),
+];
+const DEPLOYMENT_SPEC: &[Field] = &[
+    (1, "replicas", Ty::Int),
+    (2, "selector", Ty::Msg(LABEL_SELECTOR)),
+    (3, "template", Ty::Msg(POD_TEMPLATE_SPEC)),
+    (4, "strategy", Ty::Msg(&[(1, "type", Ty::Str)])),
+    (5, "minReadySeconds", Ty::Int),
+    (6, "revisionHistoryLimit", Ty::Int),
+    (7, "paused", Ty::Bool),
+    (9, "progressDeadlineSeconds", Ty::Int),
+];
+const DEPLOYMENT: &[Field] = &[
+    (1, "metadata", Ty::Msg(OBJECT_META)),
+    (2, "spec", Ty::Msg(DEPLOYMENT_SPEC)),
+];
+const JOB_SPEC: &[Field] = &[
+    (1, "parallelism", Ty::Int),
+    (2, "completions", Ty::Int),
+    (3, "activeDeadlineSeconds", Ty::Int),
+    (4, "selector", Ty::Msg(LABEL_SELECTOR)),
+    (6, "template", Ty::Msg(POD_TEMPLATE_SPEC)),
+    (7, "backoffLimit", Ty::Int),
+];
+const JOB: &[Field] = &[
+    (1, "metadata", Ty::Msg(OBJECT_META)),
+    (2, "spec", Ty::Msg(JOB_SPEC)),
+];
+const SERVICE_PORT: &[Field] = &[
+    (1, "name", Ty::Str),
+    (2, "protocol", Ty::Str),
+    (3, "port", Ty::Int),
+    (4, "targetPort", Ty::Msg(INT_OR_STRING)),
+    (5, "nodePort", Ty::Int),
+];
+/// `IntOrString`, decoded as its parts; [`int_or_string`] folds it.
+const INT_OR_STRING: &[Field] = &[
+    (1, "type", Ty::Int),
+    (2, "intVal", Ty::Int),
+    (3, "strVal", Ty::Str),
+];
+const SERVICE_SPEC: &[Field] = &[
+    (1, "ports", Ty::RepeatedMsg(SERVICE_PORT)),
+    (2, "selector", Ty::MapStr),
+    (3, "clusterIP", Ty::Str),
+    (4, "type", Ty::Str),
+    (7, "sessionAffinity", Ty::Str),
+    (11, "externalName", Ty::Str),
+];
+const SERVICE: &[Field] = &[
+    (1, "metadata", Ty::Msg(OBJECT_META)),
+    (2, "spec", Ty::Msg(SERVICE_SPEC)),
+];
 const TYPE_META: &[Field] = &[(1, "apiVersion", Ty::Str), (2, "kind", Ty::Str)];
 const UNKNOWN: &[Field] = &[(1, "typeMeta", Ty::Msg(TYPE_META)), (2, "raw", Ty::Bytes)];
 
@@ -92,6 +181,9 @@ fn schema_for(api_version: &str, kind: &str) -> Option<&'static [Field]> {
         | ("authentication.k8s.io/v1", "SelfSubjectReview") => Some(METADATA_ONLY),
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => Some(SSAR),
         ("authentication.k8s.io/v1", "TokenRequest") => Some(TOKEN_REQUEST),
+        ("apps/v1", "Deployment") => Some(DEPLOYMENT),
+        ("batch/v1", "Job") => Some(JOB),
+        ("v1", "Service") => Some(SERVICE),
         _ => None,
     }
 }
@@ -202,7 +294,20 @@ fn decode_message(buf: &[u8], schema: &[Field]) -> Result<Map<String, Value>, St
                 out.insert(name, (r.varint()? as i64).into());
             }
             (Ty::Msg(inner), 2) => {
-                out.insert(name, Value::Object(decode_message(r.bytes()?, inner)?));
+                let mut message = decode_message(r.bytes()?, inner)?;
+                if std::ptr::eq(inner, INT_OR_STRING) {
+                    out.insert(name, int_or_string(&mut message));
+                } else {
+                    out.insert(name, Value::Object(message));
+                }
+            }
+            (Ty::RepeatedMsg(inner), 2) => {
+                let message = decode_message(r.bytes()?, inner)?;
+                out.entry(name)
+                    .or_insert_with(|| Value::Array(Vec::new()))
+                    .as_array_mut()
+                    .expect("repeated field")
+                    .push(Value::Object(message));
             }
             (Ty::MapStr | Ty::MapBytes, 2) => {
                 let (k, v) = map_entry(r.bytes()?, matches!(ty, Ty::MapBytes))?;
@@ -224,6 +329,14 @@ fn decode_message(buf: &[u8], schema: &[Field]) -> Result<Map<String, Value>, St
         }
     }
     Ok(out)
+}
+
+/// JSON writes an `IntOrString` as the bare number or string (type 0 = int).
+fn int_or_string(parts: &mut Map<String, Value>) -> Value {
+    match parts.get("type").and_then(Value::as_i64) {
+        Some(1) => parts.remove("strVal").unwrap_or_else(|| "".into()),
+        _ => parts.remove("intVal").unwrap_or_else(|| 0.into()),
+    }
 }
 
 /// Decodes a Kubernetes protobuf envelope into the JSON object it carries.
@@ -260,6 +373,88 @@ mod tests {
         let mut out = vec![((num << 3) | 2) as u8, payload.len() as u8];
         out.extend_from_slice(payload);
         out
+    }
+
+    fn varint_field(num: u32, v: u8) -> Vec<u8> {
+        vec![(num << 3) as u8, v]
+    }
+
+    #[test]
+    fn decodes_a_deployment_with_repeated_containers() {
+        let labels = field(11, &[field(1, b"app"), field(2, b"web")].concat());
+        let meta = [field(1, b"web"), labels.clone()].concat();
+        let container = |name: &[u8], image: &[u8]| {
+            let port = varint_field(3, 80);
+            field(
+                2,
+                &[
+                    field(1, name),
+                    field(2, image),
+                    field(6, &port),
+                    field(8, b""),
+                ]
+                .concat(),
+            )
+        };
+        let pod_spec = [container(b"app", b"web:2"), container(b"side", b"proxy:1")].concat();
+        let template = [
+            field(
+                1,
+                &field(11, &[field(1, b"app"), field(2, b"web")].concat()),
+            ),
+            field(2, &pod_spec),
+        ]
+        .concat();
+        let spec = [
+            varint_field(1, 3),
+            field(2, &field(1, &[field(1, b"app"), field(2, b"web")].concat())),
+            field(3, &template),
+            field(4, b""),
+        ]
+        .concat();
+        let deployment = [field(1, &meta), field(2, &spec)].concat();
+        let tm = [field(1, b"apps/v1"), field(2, b"Deployment")].concat();
+        let body = [MAGIC, &[field(1, &tm), field(2, &deployment)].concat()].concat();
+        assert_eq!(
+            decode(&body).unwrap(),
+            serde_json::json!({
+                "kind": "Deployment", "apiVersion": "apps/v1",
+                "metadata": {"name": "web", "labels": {"app": "web"}},
+                "spec": {
+                    "replicas": 3,
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "web"}},
+                        "spec": {"containers": [
+                            {"name": "app", "image": "web:2", "ports": [{"containerPort": 80}], "resources": {}},
+                            {"name": "side", "image": "proxy:1", "ports": [{"containerPort": 80}], "resources": {}},
+                        ]},
+                    },
+                    "strategy": {},
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_service_target_ports_as_int_or_string() {
+        let port = |target: Vec<u8>| {
+            field(
+                1,
+                &[field(1, b"http"), varint_field(3, 80), field(4, &target)].concat(),
+            )
+        };
+        let spec = [
+            port(varint_field(2, 8)),
+            port([varint_field(1, 1), field(3, b"web")].concat()),
+        ]
+        .concat();
+        let svc = [field(1, &field(1, b"web")), field(2, &spec)].concat();
+        let tm = [field(1, b"v1"), field(2, b"Service")].concat();
+        let body = [MAGIC, &[field(1, &tm), field(2, &svc)].concat()].concat();
+        let v = decode(&body).unwrap();
+        assert_eq!(v["spec"]["ports"][0]["targetPort"], 8);
+        assert_eq!(v["spec"]["ports"][1]["targetPort"], "web");
     }
 
     #[test]
