@@ -74,6 +74,27 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_AUDIT_LOG")]
     pub audit_log: Option<String>,
 
+    /// Audit webhook: an `https://` URL, or a kubeconfig-format file as the
+    /// API server's `--audit-webhook-config-file` takes. Events go as
+    /// `EventList` batches, spooled to disk while the webhook is down.
+    #[arg(long, env = "CHAPERONE_AUDIT_WEBHOOK")]
+    pub audit_webhook: Option<String>,
+
+    /// Longest wait for an audit webhook batch to fill, in seconds (the API
+    /// server's `--audit-webhook-batch-max-wait`; default 30).
+    #[arg(long, env = "CHAPERONE_AUDIT_WEBHOOK_BATCH_SECONDS")]
+    pub audit_webhook_batch_seconds: Option<u64>,
+
+    /// When an audit spool is full: `block` refuses new requests with 503
+    /// (fail closed; the default), `drop` drops events with a counter.
+    #[arg(long, env = "CHAPERONE_AUDIT_FULL", value_enum)]
+    pub audit_full: Option<crate::audit::FullMode>,
+
+    /// Where audit events wait for a sink (default: `audit-spool` beside
+    /// the recordings directory).
+    #[arg(long, env = "CHAPERONE_AUDIT_SPOOL_DIR")]
+    pub audit_spool_dir: Option<PathBuf>,
+
     /// Admin listener (/metrics, /healthz, /readyz).
     #[arg(long, env = "CHAPERONE_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
@@ -159,6 +180,10 @@ struct NodeFile {
     policy: Option<Vec<PathBuf>>,
     record_dir: Option<PathBuf>,
     audit_log: Option<String>,
+    audit_webhook: Option<String>,
+    audit_webhook_batch_seconds: Option<u64>,
+    audit_full: Option<String>,
+    audit_spool_dir: Option<PathBuf>,
     admin_addr: Option<SocketAddr>,
     socket_mark: Option<u32>,
     allow_unattested: Option<bool>,
@@ -172,6 +197,8 @@ struct NodeFile {
     bpffs: Option<PathBuf>,
     /// Token verification: issuers, OIDC providers, algorithms.
     identity: Option<crate::identity::IdentityConfig>,
+    /// What is masked, and extra patterns.
+    masking: Option<crate::mask::MaskRules>,
 }
 
 /// The node agent's typed configuration, defaults applied and validated.
@@ -188,6 +215,10 @@ pub struct NodeConfig {
     pub policy_files: Vec<PathBuf>,
     pub record_dir: PathBuf,
     pub audit_log: Option<String>,
+    pub audit_webhook: Option<String>,
+    pub audit_webhook_batch_wait: Duration,
+    pub audit_full: crate::audit::FullMode,
+    pub audit_spool_dir: PathBuf,
     pub admin_addr: SocketAddr,
     /// `(cert, key)` files of a CA mounted from a Secret.
     pub ca_files: Option<(PathBuf, PathBuf)>,
@@ -199,6 +230,7 @@ pub struct NodeConfig {
     pub credential_mode: crate::identity::CredentialMode,
     pub pod_tracker: bool,
     pub identity: crate::identity::IdentityConfig,
+    pub masking: crate::mask::MaskRules,
     pub fail_open: bool,
     pub bpffs: PathBuf,
 }
@@ -273,6 +305,10 @@ impl NodeConfig {
         } else {
             RefusedDestination::defaults()
         };
+        let record_dir = args
+            .record_dir
+            .or(file.record_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/sessions"));
         Ok(NodeConfig {
             node_name,
             proxy_ips,
@@ -289,11 +325,24 @@ impl NodeConfig {
                 .or(file.ca_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/ca")),
             policy_files: first_non_empty(args.policy_files, file.policy.unwrap_or_default()),
-            record_dir: args
-                .record_dir
-                .or(file.record_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/sessions")),
+            record_dir: record_dir.clone(),
             audit_log: args.audit_log.or(file.audit_log),
+            audit_webhook: args.audit_webhook.or(file.audit_webhook),
+            audit_webhook_batch_wait: Duration::from_secs(
+                args.audit_webhook_batch_seconds
+                    .or(file.audit_webhook_batch_seconds)
+                    .unwrap_or(30),
+            ),
+            audit_full: match (args.audit_full, file.audit_full.as_deref()) {
+                (Some(mode), _) => mode,
+                (None, None | Some("block")) => crate::audit::FullMode::Block,
+                (None, Some("drop")) => crate::audit::FullMode::Drop,
+                (None, Some(other)) => bail!("auditFull {other:?}: expected `block` or `drop`"),
+            },
+            audit_spool_dir: args
+                .audit_spool_dir
+                .or(file.audit_spool_dir)
+                .unwrap_or_else(|| record_dir.with_file_name("audit-spool")),
             admin_addr: match args.admin_port {
                 Some(port) => SocketAddr::from(([0, 0, 0, 0], port)),
                 None => args
@@ -334,6 +383,7 @@ impl NodeConfig {
                 }
                 identity
             },
+            masking: file.masking.unwrap_or_default(),
             fail_open: args.fail_open.or(file.fail_open).unwrap_or(false),
             bpffs: args
                 .bpffs
@@ -465,6 +515,23 @@ mod tests {
         assert_eq!(config.proxy_port, 8000);
         assert_eq!(config.record_dir, PathBuf::from("/tmp/rec"));
         assert_eq!(config.refused, vec![RefusedDestination::Port(10250)]);
+    }
+
+    #[test]
+    fn identity_and_masking_come_from_the_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "targets: [\"10.96.0.1:443\"]\nidentity:\n  serviceAccounts:\n    audiences: [chaperone]\n\
+             masking:\n  patterns:\n  - name: ticket\n    regex: 'TKT-[0-9]+'\n"
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(file.path().into());
+        let config = NodeConfig::resolve(a, (None, None)).unwrap();
+        assert_eq!(config.identity.service_accounts.audiences, ["chaperone"]);
+        assert_eq!(config.masking.patterns[0].name, "ticket");
+        crate::mask::Masker::new(&config.masking).unwrap();
     }
 
     #[test]

@@ -15,11 +15,11 @@ use crate::{
     admin::{AdminServer, Health, Metrics},
     audit::{
         AuditConfig, Auditor, SinkSpec,
-        sink::{FileSinkConfig, SinkConfig},
+        sink::{Endpoint, FileSinkConfig, SinkConfig, WebhookConfig},
     },
     config::NodeConfig,
     identity::Authenticator,
-    mask::{MaskRules, Masker},
+    mask::Masker,
     pipeline::Pipeline,
     pods::PodTracker,
     policy::PolicyStore,
@@ -173,43 +173,13 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         tracing::info!(policies = count, "loaded policy files");
     }
-    let masker =
-        Masker::new(&MaskRules::default()).map_err(|e| anyhow::anyhow!("mask rules: {e}"))?;
+    let masker = Masker::new(&config.masking).map_err(|e| anyhow::anyhow!("mask rules: {e}"))?;
     let recorder = Recorder::start(
         RecordConfig::new(&config.record_dir, &config.node_name),
         metrics.clone(),
     )
     .with_context(|| format!("recordings in {}", config.record_dir.display()))?;
-    let auditor = match &config.audit_log {
-        Some(target) => {
-            let sink = if target == "-" {
-                SinkConfig::Stdout
-            } else {
-                SinkConfig::File(FileSinkConfig {
-                    path: target.into(),
-                    max_size_mb: 100,
-                    max_backups: 10,
-                    max_age_days: 30,
-                })
-            };
-            let spool = config.record_dir.with_file_name("audit-spool");
-            Some(
-                Auditor::start(
-                    AuditConfig::new(
-                        spool,
-                        vec![SinkSpec {
-                            name: "log".into(),
-                            config: sink,
-                            spool_max_bytes: 1 << 30,
-                        }],
-                    ),
-                    metrics.clone(),
-                )
-                .context("audit pipeline")?,
-            )
-        }
-        None => None,
-    };
+    let auditor = start_auditor(&config, &metrics)?;
 
     let pods = if config.pod_tracker {
         let tracker = Arc::new(PodTracker::new(
@@ -291,4 +261,50 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
     }
+}
+
+/// The audit pipeline for the configured sinks (none: no auditing).
+fn start_auditor(config: &NodeConfig, metrics: &Metrics) -> anyhow::Result<Option<Auditor>> {
+    let mut sinks = Vec::new();
+    if let Some(target) = &config.audit_log {
+        let sink = if target == "-" {
+            SinkConfig::Stdout
+        } else {
+            SinkConfig::File(FileSinkConfig {
+                path: target.into(),
+                max_size_mb: 100,
+                max_backups: 10,
+                max_age_days: 30,
+            })
+        };
+        sinks.push(SinkSpec {
+            name: "log".into(),
+            config: sink,
+            spool_max_bytes: 1 << 30,
+        });
+    }
+    if let Some(webhook) = &config.audit_webhook {
+        let endpoint = if webhook.starts_with("https://") || webhook.starts_with("http://") {
+            Endpoint::from_url(webhook)
+        } else {
+            Endpoint::from_kubeconfig(std::path::Path::new(webhook))
+        }
+        .with_context(|| format!("audit webhook {webhook}"))?;
+        sinks.push(SinkSpec {
+            name: "webhook".into(),
+            config: SinkConfig::Webhook(WebhookConfig {
+                batch_max_wait: config.audit_webhook_batch_wait,
+                ..WebhookConfig::new(endpoint)
+            }),
+            spool_max_bytes: 1 << 30,
+        });
+    }
+    if sinks.is_empty() {
+        return Ok(None);
+    }
+    let mut audit = AuditConfig::new(&config.audit_spool_dir, sinks);
+    audit.full = config.audit_full;
+    Ok(Some(
+        Auditor::start(audit, metrics.clone()).context("audit pipeline")?,
+    ))
 }
