@@ -230,26 +230,7 @@ enum PatchOp {
 
 // === impl Injector ===
 
-/// How agents' tokens reach the API server (see DESIGN.md, Identity).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CredentialMode {
-    /// The agent's own token is forwarded; the webhook only injects the CA.
-    #[default]
-    Passthrough,
-    /// Agents get tokens for chaperone's audience, which the API server
-    /// rejects; chaperone re-originates with impersonation headers.
-    Impersonate,
-}
-
-impl CredentialMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CredentialMode::Passthrough => "passthrough",
-            CredentialMode::Impersonate => "impersonate",
-        }
-    }
-}
+pub use crate::identity::CredentialMode;
 
 /// Which of the two webhooks the API server called (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

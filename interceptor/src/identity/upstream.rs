@@ -5,14 +5,26 @@
 //! anyone through chaperone.
 
 use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
-use serde::Deserialize;
 
 use super::Caller;
 use super::error::AuthError;
 
-/// How a request is re-originated to the API server.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// How a request is re-originated to the API server (see DESIGN.md,
+/// Identity). One type for the node, the webhook and `AgentPolicy`; its
+/// `Deserialize` lives with the policy spec's other words.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum CredentialMode {
     /// Forward the agent's own `Authorization`; the API server still
     /// authenticates and authorizes the agent itself.
@@ -22,6 +34,15 @@ pub enum CredentialMode {
     /// server refuses; chaperone sends its own credentials (added by the
     /// upstream client, not here) and impersonates the verified caller.
     Impersonate,
+}
+
+impl CredentialMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialMode::Passthrough => "passthrough",
+            CredentialMode::Impersonate => "impersonate",
+        }
+    }
 }
 
 pub const IMPERSONATE_USER: &str = "impersonate-user";

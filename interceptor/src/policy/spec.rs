@@ -177,16 +177,7 @@ pub struct Rule {
     pub hold_timeout: Option<String>,
 }
 
-/// How chaperone re-originates an agent's requests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum CredentialMode {
-    /// Forward the agent's own token (the API server still applies RBAC).
-    #[default]
-    Passthrough,
-    /// Re-originate with chaperone's credentials and impersonation headers.
-    Impersonate,
-}
+pub use crate::identity::CredentialMode;
 
 impl CredentialMode {
     fn is_default(&self) -> bool {
