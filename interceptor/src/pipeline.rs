@@ -216,16 +216,19 @@ impl Guard for Pipeline {
 
         // Credentials upstream: the agent's own (passthrough), or chaperone's
         // with impersonation headers. Agent-sent Impersonate-* never pass.
+        // The node's mode, or impersonate where a policy selecting this
+        // caller asks for it (credential modes per policy).
+        let credential_mode = match policy.credential_mode(&input) {
+            CredentialMode::Impersonate => CredentialMode::Impersonate,
+            CredentialMode::Passthrough => self.credential_mode,
+        };
         let agent_headers = parts.headers.clone();
-        if let Err(error) = upstream_identity_headers(
-            self.credential_mode,
-            &caller,
-            &agent_headers,
-            &mut parts.headers,
-        ) {
+        if let Err(error) =
+            upstream_identity_headers(credential_mode, &caller, &agent_headers, &mut parts.headers)
+        {
             return exchange.refuse(Status::bad_request(format!("chaperone: {error}")));
         }
-        if self.credential_mode == CredentialMode::Impersonate {
+        if credential_mode == CredentialMode::Impersonate {
             match self
                 .own_credentials
                 .as_ref()

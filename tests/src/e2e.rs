@@ -112,6 +112,11 @@ pub struct WorldSpec {
     /// Create the agent pod in the simulator (labeled for interception, on
     /// the node, with the uid of the agent cgroup) so the pod tracker finds it.
     pub agent_pod_in_sim: bool,
+    /// Guard the agent cgroup with `--agent-cgroup` (true), or leave it to
+    /// the pod tracker to find from the labeled pod in the simulator.
+    pub agent_cgroup_flag: bool,
+    /// The audiences of the agent's token; `None`: the API server's own.
+    pub token_audience: Option<Vec<String>>,
 }
 
 /// Lets every service account do everything, recording metadata: faithful
@@ -136,6 +141,8 @@ impl Default for WorldSpec {
             node_args: Vec::new(),
             policy: ALLOW_ALL.into(),
             agent_pod_in_sim: true,
+            agent_cgroup_flag: true,
+            token_audience: None,
         }
     }
 }
@@ -204,8 +211,12 @@ impl World {
             .args(["--target", &SERVICE_IP.to_string()])
             .arg("--cgroup-root")
             .arg(&subtree.path)
-            .arg("--agent-cgroup")
-            .arg(&agent_cgroup.path)
+            .args(
+                spec.agent_cgroup_flag
+                    .then(|| ["--agent-cgroup".as_ref(), agent_cgroup.path.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--ca-dir")
@@ -252,7 +263,10 @@ impl World {
             &spec.namespace,
             &spec.service_account,
             Some((&spec.pod, &pod_uid)),
-            None,
+            spec.token_audience
+                .as_ref()
+                .map(|a| a.iter().map(String::as_str).collect::<Vec<_>>())
+                .as_deref(),
             Duration::from_secs(3600),
         )?;
         let bundle = format!("{}{}", sim.ca_pem(), node.ca_pem());
