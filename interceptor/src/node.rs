@@ -241,6 +241,10 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     Ok(())
 }
 
+/// Binds a proxy listener with `SO_REUSEPORT`: during a rolling update the
+/// new node agent listens beside the old one, so agents' connections always
+/// find a listener; the old one closes its socket when told to stop, then
+/// drains. (Both must run as the same user, as the DaemonSet's pods do.)
 fn bind(addr: SocketAddr) -> Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -248,9 +252,13 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .with_context(|| format!("cannot listen on {addr}: is another chaperone running, or is --proxy-ip not an address of this node?"))?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr).with_context(|| {
+        format!(
+            "cannot listen on {addr}: is a program other than chaperone using the port, or is \
+             --proxy-ip not an address of this node?"
+        )
+    })?;
     Ok(socket.listen(4096)?)
 }
 
@@ -307,4 +315,24 @@ fn start_auditor(config: &NodeConfig, metrics: &Metrics) -> anyhow::Result<Optio
     Ok(Some(
         Auditor::start(audit, metrics.clone()).context("audit pipeline")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rolling-update hand-over: a second node agent binds the same
+    /// proxy port while the first still listens, and after the first closes
+    /// its socket the second gets every connection.
+    #[tokio::test]
+    async fn a_second_agent_listens_beside_the_first() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr).unwrap();
+        drop(first);
+        let dial = tokio::net::TcpStream::connect(addr);
+        let (dialed, accepted) = tokio::join!(dial, second.accept());
+        dialed.unwrap();
+        accepted.unwrap();
+    }
 }

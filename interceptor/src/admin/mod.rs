@@ -41,11 +41,26 @@ pub struct AdminServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
 impl AdminServer {
     /// Binds `addr` and serves on a new thread `chaperone-admin`.
     pub fn start(addr: SocketAddr, metrics: Metrics, health: Health) -> Result<Self, AdminError> {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|source| AdminError::Bind { addr, source })?;
+        // SO_REUSEPORT, like the proxy: the next node agent's probes answer
+        // while the old one still runs.
+        let listener =
+            reuseport_listener(addr).map_err(|source| AdminError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| AdminError::Bind { addr, source })?;
