@@ -91,6 +91,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             mark: config.socket_mark,
             ..ConnectorOptions::default()
         },
+        streams_per_connection: config.upstream_streams_per_connection,
     })
     .map_err(anyhow::Error::msg)?;
 

@@ -226,6 +226,7 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
             connect_timeout: Duration::from_secs(2),
             keepalive: None,
         },
+        streams_per_connection: 2,
     })
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
