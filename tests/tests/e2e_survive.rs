@@ -388,6 +388,7 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
     std::thread::sleep(Duration::from_millis(500));
     let baseline = world.sim.open_watches();
     let rss_before = world.node.rss_kib().unwrap_or(0);
+    let served_before = world.sim.served_connections();
 
     let started = Instant::now();
     let mut watcher = agent_watch(&world, WATCHES, "fan-out", 50);
@@ -401,6 +402,7 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
     );
     let rss_open = world.node.rss_kib().unwrap_or(0);
     let upstream_connections = world.sim.open_connections();
+    let handshakes = world.sim.served_connections() - served_before;
     assert!(
         upstream_connections >= WATCHES / 100,
         "{upstream_connections} upstream connections cannot carry {WATCHES} streams at 100 each"
@@ -412,7 +414,7 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
     let delivered = made.elapsed();
     eprintln!(
         "{WATCHES} watches through chaperone: all open in {opened:?}, one event reached all in \
-         {delivered:?}; upstream connections {upstream_connections}; chaperone RSS {rss_before} KiB \
+         {delivered:?}; upstream connections {upstream_connections} ({handshakes} TLS handshakes); chaperone RSS {rss_before} KiB \
          before, {rss_open} KiB with the watches open"
     );
 

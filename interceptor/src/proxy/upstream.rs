@@ -9,13 +9,15 @@
 //! `MAX_CONCURRENT_STREAMS` at once and queues the rest, so a thousand
 //! agent watches on one connection would wait behind each other forever.
 //! They are spread over [`StreamShards`]: connections of their own, each
-//! carrying at most `streams_per_connection`, opened as they fill.
+//! carrying at most `streams_per_connection`, opened as they fill. Once the
+//! server is known to speak HTTP/2, a shard dials as HTTP/2 from the start,
+//! so a burst of new watches opens one connection, not one per watch.
 
 use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -99,7 +101,7 @@ impl Upstream {
         any_tls.alpn_protocols.clear();
 
         let any_https = https(any_tls, &server_name, true, tcp.clone());
-        let pooled = pooled_client(any_https.clone());
+        let pooled = pooled_client(any_https.clone(), false);
         let streams = Arc::new(StreamShards::new(
             spec.streams_per_connection.max(1),
             any_https,
@@ -141,15 +143,29 @@ impl Upstream {
         request: http::Request<ProxyBody>,
         upgrade: bool,
     ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
-        let (client, lease) = if upgrade {
-            (self.upgrades.clone(), None)
+        let (client, lease, h2_only) = if upgrade {
+            (self.upgrades.clone(), None, false)
         } else if is_long_lived(request.uri()) {
-            let (client, lease) = self.streams.checkout();
-            (client, Some(lease))
+            let (client, lease, h2_only) = self.streams.checkout();
+            (client, Some(lease), h2_only)
         } else {
-            (self.pooled.clone(), None)
+            (self.pooled.clone(), None, false)
         };
-        let response = client.request(request).await?;
+        let response = match client.request(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                if h2_only && !error.is_connect() {
+                    // Perhaps the server stopped offering HTTP/2: negotiate
+                    // again until a response says which.
+                    self.streams.learn_http2(false);
+                }
+                return Err(error);
+            }
+        };
+        if !upgrade {
+            self.streams
+                .learn_http2(response.version() == http::Version::HTTP_2);
+        }
         Ok(response.map(|inner| UpstreamBody {
             inner,
             _lease: lease,
@@ -163,8 +179,12 @@ impl Upstream {
     }
 }
 
-fn pooled_client(https: HttpsConnector<HttpConnector>) -> HttpsClient {
+/// `h2_only`: speak HTTP/2 without waiting for ALPN, so that concurrent
+/// first requests share one connection attempt (hyper-util dials once per
+/// HTTP/2 pool, but once per request while the version is unknown).
+fn pooled_client(https: HttpsConnector<HttpConnector>, h2_only: bool) -> HttpsClient {
     Client::builder(TokioExecutor::new())
+        .http2_only(h2_only)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
@@ -201,10 +221,15 @@ pub(crate) struct StreamShards {
     per_connection: usize,
     https: HttpsConnector<HttpConnector>,
     shards: Mutex<Vec<Shard>>,
+    /// The last response said HTTP/2: shards dial as HTTP/2 at once.
+    http2: AtomicBool,
 }
 
+/// One connection's worth of streams: its client while the server's
+/// protocol is unknown (ALPN decides), and once it is known to be HTTP/2.
 struct Shard {
-    client: HttpsClient,
+    negotiating: HttpsClient,
+    http2: HttpsClient,
     open: Arc<AtomicUsize>,
 }
 
@@ -223,12 +248,18 @@ impl StreamShards {
             per_connection,
             https,
             shards: Mutex::new(Vec::new()),
+            http2: AtomicBool::new(false),
         }
+    }
+
+    fn learn_http2(&self, http2: bool) {
+        self.http2.store(http2, Ordering::Relaxed);
     }
 
     /// The first shard with a free stream, a new one when all are full, or
     /// (at [`MAX_STREAM_CONNECTIONS`]) the least loaded.
-    fn checkout(&self) -> (HttpsClient, StreamLease) {
+    /// Also tells whether the client dials as HTTP/2 without negotiating.
+    fn checkout(&self) -> (HttpsClient, StreamLease, bool) {
         let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         let free = shards
             .iter()
@@ -242,7 +273,8 @@ impl StreamShards {
                     "opening another upstream connection for long-lived streams"
                 );
                 shards.push(Shard {
-                    client: pooled_client(self.https.clone()),
+                    negotiating: pooled_client(self.https.clone(), false),
+                    http2: pooled_client(self.https.clone(), true),
                     open: Arc::new(AtomicUsize::new(0)),
                 });
                 shards.len() - 1
@@ -264,7 +296,13 @@ impl StreamShards {
         };
         let shard = &shards[index];
         shard.open.fetch_add(1, Ordering::Relaxed);
-        (shard.client.clone(), StreamLease(shard.open.clone()))
+        let http2 = self.http2.load(Ordering::Relaxed);
+        let client = if http2 {
+            shard.http2.clone()
+        } else {
+            shard.negotiating.clone()
+        };
+        (client, StreamLease(shard.open.clone()), http2)
     }
 
     fn load(&self) -> (usize, usize) {

@@ -143,6 +143,8 @@ pub(crate) struct State {
     pub api_audiences: Vec<String>,
     /// Client connections being served now.
     pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Client connections served since start (TLS handshakes completed).
+    pub served_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// The simulator (see [`Simulator::start`]).
@@ -180,6 +182,7 @@ impl Simulator {
             pod_ports: Mutex::new(HashMap::new()),
             api_audiences,
             open_connections: Default::default(),
+            served_connections: Default::default(),
         });
         let handle = SimHandle {
             state,
@@ -415,6 +418,13 @@ impl SimHandle {
     pub fn open_connections(&self) -> usize {
         self.state
             .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Client connections served since start (TLS handshakes completed).
+    pub fn served_connections(&self) -> usize {
+        self.state
+            .served_connections
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

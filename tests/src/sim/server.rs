@@ -91,6 +91,7 @@ struct OpenConnection(Arc<State>);
 impl OpenConnection {
     fn count(state: &Arc<State>) -> Self {
         state.open_connections.fetch_add(1, Ordering::Relaxed);
+        state.served_connections.fetch_add(1, Ordering::Relaxed);
         OpenConnection(state.clone())
     }
 }
