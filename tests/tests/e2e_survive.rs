@@ -329,6 +329,7 @@ fn an_upstream_restart_fails_in_flight_requests_cleanly_and_new_ones_succeed() {
     // In flight: every stream ends (an error or the end of the stream), none hangs.
     let (code, lines) = watcher.finish(Duration::from_secs(15));
     assert_eq!(code, Some(1), "{lines:?}");
+    eprintln!("in-flight watches when the API server went away: {lines:?}");
     assert_eq!(
         lines.iter().filter(|l| l.starts_with("ended ")).count(),
         3,
@@ -353,6 +354,7 @@ fn an_upstream_restart_fails_in_flight_requests_cleanly_and_new_ones_succeed() {
         "{:?}",
         started.elapsed()
     );
+    eprintln!("a new request while it was down: {}", stderr.trim());
 
     // The same address, CA and state again: the same chaperone serves new
     // requests (short ones and watches) without a restart.
