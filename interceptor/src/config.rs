@@ -144,7 +144,7 @@ pub struct NodeArgs {
     pub drain_seconds: Option<u64>,
 
     /// Long-lived upstream streams (watches, followed logs) per HTTP/2
-    /// connection to the API server; more open more connections. Keep it at
+    /// connection to the API server; past that, another connection. Keep it at
     /// or below the server's `--http2-max-streams-per-connection`.
     #[arg(long, env = "CHAPERONE_UPSTREAM_STREAMS_PER_CONNECTION")]
     pub upstream_streams_per_connection: Option<usize>,

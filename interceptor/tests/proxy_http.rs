@@ -215,6 +215,7 @@ struct Harness {
     go: Arc<tokio::sync::Notify>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
+    upstream: Upstream,
 }
 
 async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harness {
@@ -242,7 +243,13 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
     let terminator = Arc::new(StaticTls(tokio_rustls::TlsAcceptor::from(
         pki.server.clone(),
     )));
-    let proxy = Proxy::new(config, Passthrough, upstream, terminator, Arc::new(()));
+    let proxy = Proxy::new(
+        config,
+        Passthrough,
+        upstream.clone(),
+        terminator,
+        Arc::new(()),
+    );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(proxy.serve(vec![listener], async {
         let _ = rx.await;
@@ -254,6 +261,7 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
         go,
         shutdown: Some(tx),
         served,
+        upstream,
     }
 }
 
@@ -388,6 +396,16 @@ async fn more_watches_than_one_upstream_connection_carries_all_get_answered() {
         let (first, _still_open) = answer.as_ref().unwrap();
         assert_eq!(first, "{\"type\":\"ADDED\"}\n");
     }
+    // Two streams per connection (the harness's setting): six connections.
+    assert_eq!(h.upstream.stream_shards(), (watches / 2, watches));
+    drop(answered);
+    for _ in 0..100 {
+        if h.upstream.stream_shards().1 == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("streams still counted open after their bodies were dropped");
 }
 
 #[tokio::test]
