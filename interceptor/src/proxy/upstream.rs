@@ -172,6 +172,18 @@ impl Upstream {
         }))
     }
 
+    /// Asks the API server for `/version` (any answer, even 401, will do):
+    /// opens the pooled connection and learns whether the server speaks
+    /// HTTP/2 before the first burst of agent watches.
+    pub async fn warm_up(&self) -> Result<http::Version, hyper_util::client::legacy::Error> {
+        let request = http::Request::get(
+            self.uri_for(Some(&http::uri::PathAndQuery::from_static("/version"))),
+        )
+        .body(super::body::empty())
+        .expect("a GET of a valid URI");
+        Ok(self.send(request, false).await?.version())
+    }
+
     /// Connections opened for long-lived streams so far, and the streams
     /// they carry now.
     pub fn stream_shards(&self) -> (usize, usize) {
