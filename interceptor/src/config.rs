@@ -163,6 +163,12 @@ pub struct NodeArgs {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "CHAPERONE_DRAIN_SECONDS")]
     pub drain_seconds: Option<u64>,
+
+    /// Long-lived upstream streams (watches, followed logs) per HTTP/2
+    /// connection to the API server; past that, another connection. Keep it at
+    /// or below the server's `--http2-max-streams-per-connection`.
+    #[arg(long, env = "CHAPERONE_UPSTREAM_STREAMS_PER_CONNECTION")]
+    pub upstream_streams_per_connection: Option<usize>,
 }
 
 /// The config file: the same settings as the flags, in camelCase.
@@ -188,6 +194,7 @@ struct NodeFile {
     socket_mark: Option<u32>,
     allow_unattested: Option<bool>,
     drain_seconds: Option<u64>,
+    upstream_streams_per_connection: Option<usize>,
     agent_cgroups: Option<Vec<PathBuf>>,
     cluster_domain: Option<String>,
     credential_mode: Option<String>,
@@ -225,6 +232,8 @@ pub struct NodeConfig {
     pub socket_mark: u32,
     pub require_attestation: bool,
     pub drain_timeout: Duration,
+    /// Long-lived streams per upstream HTTP/2 connection.
+    pub upstream_streams_per_connection: usize,
     pub agent_cgroups: Vec<PathBuf>,
     pub cluster_domain: String,
     pub credential_mode: crate::identity::CredentialMode,
@@ -359,6 +368,11 @@ impl NodeConfig {
             drain_timeout: Duration::from_secs(
                 args.drain_seconds.or(file.drain_seconds).unwrap_or(20),
             ),
+            upstream_streams_per_connection: args
+                .upstream_streams_per_connection
+                .or(file.upstream_streams_per_connection)
+                .unwrap_or(crate::proxy::upstream::DEFAULT_STREAMS_PER_CONNECTION)
+                .max(1),
             agent_cgroups: first_non_empty(
                 args.agent_cgroups,
                 file.agent_cgroups.unwrap_or_default(),

@@ -91,8 +91,24 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             mark: config.socket_mark,
             ..ConnectorOptions::default()
         },
+        streams_per_connection: config.upstream_streams_per_connection,
     })
     .map_err(anyhow::Error::msg)?;
+    // Learn the API server's protocol before agents arrive, so their first
+    // burst of watches dials one HTTP/2 connection per shard.
+    tokio::spawn({
+        let upstream = upstream.clone();
+        async move {
+            match upstream.warm_up().await {
+                Ok(version) => tracing::debug!(?version, "the API server answered"),
+                Err(error) => tracing::warn!(
+                    upstream = %upstream.base(),
+                    %error,
+                    "the API server did not answer /version yet (agents' requests will retry it)"
+                ),
+            }
+        }
+    });
 
     let mut listeners = Vec::new();
     for ip in &config.proxy_ips {

@@ -72,6 +72,9 @@ struct Seen {
 /// A TLS upstream: `/echo` echoes the request line and headers, `/stream`
 /// sends a chunk, waits for the test's go, sends another, `/upgrade`
 /// switches to an echo protocol, `/big` posts are counted.
+/// The test API server's HTTP/2 `MAX_CONCURRENT_STREAMS`.
+const UPSTREAM_STREAMS: u32 = 4;
+
 async fn upstream(pki: &Pki, seen: Arc<Mutex<Seen>>, go: Arc<tokio::sync::Notify>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -91,7 +94,12 @@ async fn upstream(pki: &Pki, seen: Arc<Mutex<Seen>>, go: Arc<tokio::sync::Notify
                     let go = go.clone();
                     async move { Ok::<_, Infallible>(answer(req, seen, go).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // Few streams per connection, so that long-lived streams
+                // need more than one (the harness's upstream carries 2 each).
+                builder.http2().max_concurrent_streams(UPSTREAM_STREAMS);
+                let _ = builder
                     .serve_connection_with_upgrades(TokioIo::new(tls), service)
                     .await;
             });
@@ -207,6 +215,7 @@ struct Harness {
     go: Arc<tokio::sync::Notify>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
+    upstream: Upstream,
 }
 
 async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harness {
@@ -226,6 +235,7 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
             connect_timeout: Duration::from_secs(2),
             keepalive: None,
         },
+        streams_per_connection: 2,
     })
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -233,7 +243,13 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
     let terminator = Arc::new(StaticTls(tokio_rustls::TlsAcceptor::from(
         pki.server.clone(),
     )));
-    let proxy = Proxy::new(config, Passthrough, upstream, terminator, Arc::new(()));
+    let proxy = Proxy::new(
+        config,
+        Passthrough,
+        upstream.clone(),
+        terminator,
+        Arc::new(()),
+    );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(proxy.serve(vec![listener], async {
         let _ = rx.await;
@@ -245,6 +261,7 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
         go,
         shutdown: Some(tx),
         served,
+        upstream,
     }
 }
 
@@ -352,6 +369,43 @@ async fn streams_are_not_buffered_and_a_client_going_away_closes_upstream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the upstream stream was not closed after the client went away");
+}
+
+#[tokio::test]
+async fn more_watches_than_one_upstream_connection_carries_all_get_answered() {
+    let h = harness(local_config(), None).await;
+    let client = client(&h, b"h2").await;
+    let watches = 3 * UPSTREAM_STREAMS as usize;
+    let mut bodies = Vec::new();
+    for _ in 0..watches {
+        let client = client.clone();
+        let request = Request::get(url(&h, "/stream?watch=true"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        bodies.push(tokio::spawn(async move {
+            let mut body = client.request(request).await.unwrap().into_body();
+            let first = body.frame().await.unwrap().unwrap();
+            (first.into_data().unwrap(), body)
+        }));
+    }
+    // Every stream stays open until all have answered: none frees a slot.
+    let answered = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(bodies))
+        .await
+        .expect("every watch is answered, none waits for a free upstream stream");
+    for answer in &answered {
+        let (first, _still_open) = answer.as_ref().unwrap();
+        assert_eq!(first, "{\"type\":\"ADDED\"}\n");
+    }
+    // Two streams per connection (the harness's setting): six connections.
+    assert_eq!(h.upstream.stream_shards(), (watches / 2, watches));
+    drop(answered);
+    for _ in 0..100 {
+        if h.upstream.stream_shards().1 == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("streams still counted open after their bodies were dropped");
 }
 
 #[tokio::test]

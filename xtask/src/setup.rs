@@ -23,6 +23,7 @@ pub fn all() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     manifest_validators()?;
+    python_client()?;
     println!("==> setup done");
     Ok(())
 }
@@ -122,6 +123,20 @@ fn manifest_validators() -> Result<()> {
     run(Command::new("bash")
         .arg(root.join("deploy/validate.sh"))
         .arg("setup")
+        .current_dir(root))
+}
+
+/// The official Python Kubernetes client, the second real client library
+/// the end-to-end tests run through chaperone (PyPI, pinned, in a
+/// project-local virtualenv `target/py-client`); the script is idempotent.
+fn python_client() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace");
+    println!("    checking the Python kubernetes client (target/py-client)");
+    run(Command::new("sh")
+        .arg(root.join("tests/python/setup.sh"))
+        .stdout(Stdio::null())
         .current_dir(root))
 }
 

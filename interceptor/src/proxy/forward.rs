@@ -13,6 +13,7 @@ use super::{
     body::{ProxyBody, Transformed, status_response},
     guard::{ConnectionInfo, Forward, Guard, Verdict},
     tunnel,
+    upstream::UpstreamBody,
 };
 use crate::kstatus::Status;
 
@@ -100,7 +101,7 @@ pub(super) async fn handle<G: Guard>(
     Ok(stream_response(response, forward))
 }
 
-fn stream_response(response: Response<Incoming>, forward: Forward) -> Response<ProxyBody> {
+fn stream_response(response: Response<UpstreamBody>, forward: Forward) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let transform = match forward.response_transform {
@@ -137,7 +138,7 @@ fn stream_response(response: Response<Incoming>, forward: Forward) -> Response<P
 fn switch_protocols<G: Guard>(
     shared: &Arc<Shared<G>>,
     conn: &Arc<ConnectionInfo>,
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     agent_upgrade: Option<OnUpgrade>,
     forward: Forward,
 ) -> Response<ProxyBody> {

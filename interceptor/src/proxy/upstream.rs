@@ -3,10 +3,28 @@
 //! carry chaperone's `SO_MARK` so the eBPF programs never redirect them.
 //! Upgrades (exec, attach, port-forward) need HTTP/1.1, so they use a second
 //! pool that only offers `http/1.1`.
+//!
+//! Long-lived streams (watches, followed logs) do not share the pool of
+//! short requests: an HTTP/2 connection carries at most the server's
+//! `MAX_CONCURRENT_STREAMS` at once and queues the rest, so a thousand
+//! agent watches on one connection would wait behind each other forever.
+//! They are spread over [`StreamShards`]: connections of their own, each
+//! carrying at most `streams_per_connection`, opened as they fill. Once the
+//! server is known to speak HTTP/2, a shard dials as HTTP/2 from the start,
+//! so a burst of new watches opens one connection, not one per watch.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use http::{Uri, uri::Authority};
+use hyper::body::{Body, Frame, Incoming};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -16,6 +34,17 @@ use rustls::pki_types::ServerName;
 
 use super::body::ProxyBody;
 use crate::tls::{ConnectorOptions, connect::marked_http_connector};
+
+/// Long-lived streams per upstream connection unless configured: at or
+/// below what API servers and the balancers in front of them announce
+/// (kube-apiserver 1000, Go's default 250, common proxies 100 to 128).
+pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
+
+/// At most this many connections carry long-lived streams; past that, a new
+/// stream goes to the least loaded one (and may wait for a free stream).
+const MAX_STREAM_CONNECTIONS: usize = 256;
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// Where the API server is and how to talk to it.
 #[derive(Clone)]
@@ -29,6 +58,8 @@ pub struct UpstreamSpec {
     pub tls_server_name: Option<String>,
     /// Socket options, including chaperone's `SO_MARK`.
     pub connector: ConnectorOptions,
+    /// Long-lived streams (watches, followed logs) per HTTP/2 connection.
+    pub streams_per_connection: usize,
 }
 
 /// Pooled clients to the API server.
@@ -36,8 +67,9 @@ pub struct UpstreamSpec {
 pub struct Upstream {
     base: Uri,
     authority: Authority,
-    pooled: Client<HttpsConnector<HttpConnector>, ProxyBody>,
-    upgrades: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    pooled: HttpsClient,
+    upgrades: HttpsClient,
+    streams: Arc<StreamShards>,
 }
 
 impl Upstream {
@@ -68,14 +100,12 @@ impl Upstream {
         let mut any_tls = spec.tls;
         any_tls.alpn_protocols.clear();
 
-        let pooled = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_adaptive_window(true)
-            .build(https(any_tls, &server_name, true, tcp.clone()));
+        let any_https = https(any_tls, &server_name, true, tcp.clone());
+        let pooled = pooled_client(any_https.clone(), false);
+        let streams = Arc::new(StreamShards::new(
+            spec.streams_per_connection.max(1),
+            any_https,
+        ));
         let upgrades = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_max_idle_per_host(0)
@@ -85,6 +115,7 @@ impl Upstream {
             authority,
             pooled,
             upgrades,
+            streams,
         })
     }
 
@@ -105,16 +136,220 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     }
 
+    /// Sends one request: upgrades over HTTP/1.1, long-lived streams over
+    /// their shards, everything else over the shared pool.
     pub async fn send(
         &self,
         request: http::Request<ProxyBody>,
         upgrade: bool,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        if upgrade {
-            self.upgrades.request(request).await
+    ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
+        let (client, lease, h2_only) = if upgrade {
+            (self.upgrades.clone(), None, false)
+        } else if is_long_lived(request.uri()) {
+            let (client, lease, h2_only) = self.streams.checkout();
+            (client, Some(lease), h2_only)
         } else {
-            self.pooled.request(request).await
+            (self.pooled.clone(), None, false)
+        };
+        let response = match client.request(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                if h2_only && !error.is_connect() {
+                    // Perhaps the server stopped offering HTTP/2: negotiate
+                    // again until a response says which.
+                    self.streams.learn_http2(false);
+                }
+                return Err(error);
+            }
+        };
+        if !upgrade {
+            self.streams
+                .learn_http2(response.version() == http::Version::HTTP_2);
         }
+        Ok(response.map(|inner| UpstreamBody {
+            inner,
+            _lease: lease,
+        }))
+    }
+
+    /// Asks the API server for `/version` (any answer, even 401, will do):
+    /// opens the pooled connection and learns whether the server speaks
+    /// HTTP/2 before the first burst of agent watches.
+    pub async fn warm_up(&self) -> Result<http::Version, hyper_util::client::legacy::Error> {
+        let request = http::Request::get(
+            self.uri_for(Some(&http::uri::PathAndQuery::from_static("/version"))),
+        )
+        .body(super::body::empty())
+        .expect("a GET of a valid URI");
+        Ok(self.send(request, false).await?.version())
+    }
+
+    /// Connections opened for long-lived streams so far, and the streams
+    /// they carry now.
+    pub fn stream_shards(&self) -> (usize, usize) {
+        self.streams.load()
+    }
+}
+
+/// `h2_only`: speak HTTP/2 without waiting for ALPN, so that concurrent
+/// first requests share one connection attempt (hyper-util dials once per
+/// HTTP/2 pool, but once per request while the version is unknown).
+fn pooled_client(https: HttpsConnector<HttpConnector>, h2_only: bool) -> HttpsClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2_only)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_adaptive_window(true)
+        .build(https)
+}
+
+/// A watch (`?watch=true`, or the legacy `/watch/` path) or a followed log
+/// (`?follow=true`): a response that stays open as long as the agent wants.
+fn is_long_lived(uri: &http::Uri) -> bool {
+    let flag = |name: &str| {
+        uri.query().is_some_and(|query| {
+            query.split('&').any(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                key == name && matches!(value, "true" | "1")
+            })
+        })
+    };
+    let path = uri.path();
+    flag("watch")
+        || flag("follow")
+        || path.starts_with("/api/v1/watch/")
+        || (path.starts_with("/apis/") && path.split('/').nth(4) == Some("watch"))
+}
+
+// === impl StreamShards ===
+
+/// Connections for long-lived streams: each a client (and so a pooled
+/// connection) of its own, filled up to `per_connection` streams in order,
+/// so streams pack onto as few connections as their number needs.
+pub(crate) struct StreamShards {
+    per_connection: usize,
+    https: HttpsConnector<HttpConnector>,
+    shards: Mutex<Vec<Shard>>,
+    /// The last response said HTTP/2: shards dial as HTTP/2 at once.
+    http2: AtomicBool,
+}
+
+/// One connection's worth of streams: its client while the server's
+/// protocol is unknown (ALPN decides), and once it is known to be HTTP/2.
+struct Shard {
+    negotiating: HttpsClient,
+    http2: HttpsClient,
+    open: Arc<AtomicUsize>,
+}
+
+/// One open long-lived stream on a shard, released when dropped.
+struct StreamLease(Arc<AtomicUsize>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl StreamShards {
+    fn new(per_connection: usize, https: HttpsConnector<HttpConnector>) -> Self {
+        StreamShards {
+            per_connection,
+            https,
+            shards: Mutex::new(Vec::new()),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    fn learn_http2(&self, http2: bool) {
+        self.http2.store(http2, Ordering::Relaxed);
+    }
+
+    /// The first shard with a free stream, a new one when all are full, or
+    /// (at [`MAX_STREAM_CONNECTIONS`]) the least loaded.
+    /// Also tells whether the client dials as HTTP/2 without negotiating.
+    fn checkout(&self) -> (HttpsClient, StreamLease, bool) {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let free = shards
+            .iter()
+            .position(|s| s.open.load(Ordering::Relaxed) < self.per_connection);
+        let index = match free {
+            Some(index) => index,
+            None if shards.len() < MAX_STREAM_CONNECTIONS => {
+                tracing::debug!(
+                    connections = shards.len() + 1,
+                    per_connection = self.per_connection,
+                    "opening another upstream connection for long-lived streams"
+                );
+                shards.push(Shard {
+                    negotiating: pooled_client(self.https.clone(), false),
+                    http2: pooled_client(self.https.clone(), true),
+                    open: Arc::new(AtomicUsize::new(0)),
+                });
+                shards.len() - 1
+            }
+            None => {
+                tracing::warn!(
+                    connections = shards.len(),
+                    per_connection = self.per_connection,
+                    "every upstream connection for long-lived streams is full: \
+                     this stream may wait for another to end"
+                );
+                shards
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.open.load(Ordering::Relaxed))
+                    .map(|(i, _)| i)
+                    .expect("MAX_STREAM_CONNECTIONS is not zero")
+            }
+        };
+        let shard = &shards[index];
+        shard.open.fetch_add(1, Ordering::Relaxed);
+        let http2 = self.http2.load(Ordering::Relaxed);
+        let client = if http2 {
+            shard.http2.clone()
+        } else {
+            shard.negotiating.clone()
+        };
+        (client, StreamLease(shard.open.clone()), http2)
+    }
+
+    fn load(&self) -> (usize, usize) {
+        let shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let open = shards.iter().map(|s| s.open.load(Ordering::Relaxed)).sum();
+        (shards.len(), open)
+    }
+}
+
+// === impl UpstreamBody ===
+
+/// An upstream response body; a long-lived stream keeps its place on its
+/// connection until the body is dropped (the agent went away or it ended).
+pub struct UpstreamBody {
+    inner: Incoming,
+    _lease: Option<StreamLease>,
+}
+
+impl Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -164,4 +399,29 @@ pub fn client_tls_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig, String
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watches_and_followed_logs_are_long_lived() {
+        let long = |uri: &str| is_long_lived(&uri.parse().unwrap());
+        assert!(long("https://h/api/v1/namespaces/default/pods?watch=true"));
+        assert!(long("https://h/api/v1/pods?resourceVersion=5&watch=1"));
+        assert!(long(
+            "https://h/apis/apps/v1/deployments?labelSelector=a%3Db&watch=true"
+        ));
+        assert!(long(
+            "https://h/api/v1/namespaces/default/pods/web/log?follow=true"
+        ));
+        assert!(long("https://h/api/v1/watch/namespaces/default/pods"));
+        assert!(long("https://h/apis/apps/v1/watch/deployments"));
+        assert!(!long("https://h/api/v1/namespaces/default/pods"));
+        assert!(!long("https://h/api/v1/pods?watch=false"));
+        assert!(!long("https://h/api/v1/namespaces/default/pods/web/log"));
+        assert!(!long("https://h/api/v1/namespaces/watch/pods"));
+        assert!(!long("https://h/api/v1/pods?notwatch=true"));
+    }
 }

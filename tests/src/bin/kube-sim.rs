@@ -47,6 +47,10 @@ struct Args {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_seconds: u64,
+    /// HTTP/2 streams a client may open per connection (kube-apiserver's
+    /// `--http2-max-streams-per-connection`).
+    #[arg(long, default_value_t = 1000)]
+    http2_max_streams_per_connection: u32,
 }
 
 #[tokio::main]
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         issuer: args.issuer,
         admin_token: args.admin_token,
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
+        http2_max_streams: args.http2_max_streams_per_connection.max(1),
         ..SimConfig::default()
     };
     if args.permissive {

@@ -66,6 +66,9 @@ pub struct SimConfig {
     pub key_retention: Duration,
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK.
     pub bookmark_interval: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection (kube-apiserver:
+    /// `--http2-max-streams-per-connection`, 1000; Go's own default is 250).
+    pub http2_max_streams: u32,
 }
 
 impl Default for SimConfig {
@@ -80,6 +83,7 @@ impl Default for SimConfig {
             authorizer: Authorizer::strict(),
             key_retention: Duration::from_secs(3600),
             bookmark_interval: Duration::from_secs(5),
+            http2_max_streams: 1000,
         }
     }
 }
@@ -137,6 +141,10 @@ pub(crate) struct State {
     pub requests: Mutex<Vec<RecordedRequest>>,
     pub pod_ports: Mutex<HashMap<(String, String), BTreeMap<u16, SocketAddr>>>,
     pub api_audiences: Vec<String>,
+    /// Client connections being served now.
+    pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Client connections served since start (TLS handshakes completed).
+    pub served_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// The simulator (see [`Simulator::start`]).
@@ -173,6 +181,8 @@ impl Simulator {
             requests: Mutex::new(Vec::new()),
             pod_ports: Mutex::new(HashMap::new()),
             api_audiences,
+            open_connections: Default::default(),
+            served_connections: Default::default(),
         });
         let handle = SimHandle {
             state,
@@ -396,6 +406,26 @@ impl SimHandle {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(last.expect("tried at least once"))
+    }
+
+    /// Watches being served now (each holds a subscription to the store's
+    /// events until its client goes away or the watch ends).
+    pub fn open_watches(&self) -> usize {
+        self.state.store.watchers()
+    }
+
+    /// Client connections (TCP, after TLS) being served now.
+    pub fn open_connections(&self) -> usize {
+        self.state
+            .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Client connections served since start (TLS handshakes completed).
+    pub fn served_connections(&self) -> usize {
+        self.state
+            .served_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether it is serving.

@@ -2,7 +2,13 @@
 //! authorization, then discovery, reviews, and the generic REST handlers
 //! (get, list, watch, create, update, patch, apply, delete, logs, streams).
 
-use std::{collections::HashMap, convert::Infallible, io, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -45,6 +51,7 @@ pub(crate) async fn serve(state: Arc<State>, listener: TcpListener, cancel: Canc
         let Ok((tcp, peer)) = accepted else { continue };
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
+        let state_streams = state.config.http2_max_streams;
         let acceptor = acceptor.clone();
         let cancel = cancel.clone();
         conns.spawn(async move {
@@ -59,13 +66,13 @@ pub(crate) async fn serve(state: Arc<State>, listener: TcpListener, cancel: Canc
                     Err(_) => return,
                 },
             };
+            let _open = OpenConnection::count(&state);
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // kube-apiserver's --http2-max-streams-per-connection default.
-            builder.http2().max_concurrent_streams(1000);
+            builder.http2().max_concurrent_streams(state_streams);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -76,6 +83,23 @@ pub(crate) async fn serve(state: Arc<State>, listener: TcpListener, cancel: Canc
         });
     }
     conns.shutdown().await;
+}
+
+/// Counts a served connection in [`State::open_connections`] while it lives.
+struct OpenConnection(Arc<State>);
+
+impl OpenConnection {
+    fn count(state: &Arc<State>) -> Self {
+        state.open_connections.fetch_add(1, Ordering::Relaxed);
+        state.served_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(state.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The uid of a service account: the stored object's, or a stable made-up one.

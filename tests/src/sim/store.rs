@@ -492,6 +492,11 @@ impl Store {
     }
 
     /// Starts a watch: the events to send first, and the live feed. With
+    /// Open watch subscriptions (live receivers of the event channel).
+    pub fn watchers(&self) -> usize {
+        self.events.receiver_count()
+    }
+
     /// `from` = `None` the first events are ADDED for every current object;
     /// otherwise they are the history after `from` (410 if compacted).
     #[allow(clippy::type_complexity)]
