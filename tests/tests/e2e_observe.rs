@@ -697,3 +697,75 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
     // Other requests are still decided by the last good policy.
     assert!(kubectl(&world, &["get", "secrets"]).status.success());
 }
+
+#[test]
+fn an_interactive_terminal_session_shows_its_prompt_and_is_recorded() {
+    require_root!();
+    let world = observed_world();
+    // kubectl -it needs a terminal: `script` gives it one.
+    let mut cmd = world
+        .agent()
+        .in_cluster_command(&world.credentials, "script");
+    cmd.args(["-qfec", "kubectl exec -it worker -- sh", "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Typed a key at a time, Enter as a terminal sends it.
+    for key in "echo tty-marker API_TOKEN=$API_TOKEN\r".bytes() {
+        stdin.write_all(&[key]).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stdin.write_all(b"exit\r").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "kubectl exec -it hangs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let seen = text(&out);
+    // The prompt has no newline: it shows because held output is released.
+    assert!(seen.contains("$ "), "{seen:?}");
+    assert!(seen.contains("tty-marker"), "{seen:?}");
+    assert_no_secret("kubectl exec -it", &seen);
+    std::thread::sleep(Duration::from_secs(3));
+
+    let dir = world.work.path().join("sessions");
+    let cast = replays(&dir)
+        .iter()
+        .flat_map(|s| {
+            let dir = PathBuf::from(s["dir"].as_str().unwrap());
+            s["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"] == "stream")
+                .map(move |e| dir.join(e["cast"].as_str().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .next()
+        .expect("the terminal session has a cast");
+    let cast_text = std::fs::read_to_string(cast).unwrap();
+    let header: Value = serde_json::from_str(cast_text.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(header["title"].as_str().unwrap().contains("-- sh"));
+    let (mut input, mut output) = (String::new(), String::new());
+    for line in cast_text.lines().skip(1) {
+        let event: Value = serde_json::from_str(line).unwrap();
+        match event[1].as_str() {
+            Some("i") => input.push_str(event[2].as_str().unwrap()),
+            _ => output.push_str(event[2].as_str().unwrap()),
+        }
+    }
+    // Typed input is recorded masked too (the assignment's value here).
+    assert!(input.contains("echo tty-marker API_TOKEN="), "{input:?}");
+    assert!(output.contains("$ "), "{output:?}");
+    assert!(output.contains("tty-marker"), "{output:?}");
+    assert_no_secret("the terminal cast", &cast_text);
+}
