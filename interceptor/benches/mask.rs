@@ -1,6 +1,7 @@
 //! Masking throughput: a 10 MB SecretList and a 10 MB watch stream of
 //! Secrets, fed in 16 KiB chunks (an HTTP/2 DATA frame) as the proxy does;
-//! plus a pod log for the text path.
+//! plus a pod log for the text path, and the same text as exec output
+//! (WebSocket stdout messages decoded, masked and re-framed by the exec tap).
 //!
 //! Times are the benchmark thread's CPU time, not wall time: the figure is
 //! throughput per core, and stays meaningful on a loaded machine.
@@ -12,7 +13,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+
+use chaperone::exec::{ExecTap, websocket};
 use chaperone::mask::{MaskRules, Masker};
+use chaperone::proxy::TunnelTap as _;
 use chaperone::request::RequestInfo;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -175,5 +181,44 @@ fn masking(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, masking);
+/// `text` as the API server sends exec output: one stdout message per
+/// 4 KiB written by the process.
+fn exec_wire(text: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(text.len() + text.len() / 1024);
+    for piece in text.chunks(4 << 10) {
+        websocket::write_channel_message(&mut wire, websocket::STDOUT, piece);
+    }
+    wire
+}
+
+fn exec_stream(c: &mut Criterion) {
+    let masker = Masker::new(&MaskRules::default()).unwrap();
+    let wire = exec_wire(&pod_log());
+    let mut group = c.benchmark_group("mask");
+    group.throughput(Throughput::Bytes(wire.len() as u64));
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    let mut out = Vec::with_capacity(2 * CHUNK);
+    group.bench_function("exec_stdout_10mb", |b| {
+        b.iter_custom(|iters| {
+            let start = thread_cpu_time();
+            for _ in 0..iters {
+                let mut tap = ExecTap::new(&masker, true, None, Arc::new(AtomicU32::new(0)));
+                for chunk in wire.chunks(CHUNK) {
+                    out.clear();
+                    tap.upstream_sent(chunk, &mut out).unwrap();
+                    black_box(&out);
+                }
+                out.clear();
+                tap.upstream_idle(&mut out);
+                black_box(&out);
+            }
+            thread_cpu_time() - start
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, masking, exec_stream);
 criterion_main!(benches);

@@ -7,6 +7,7 @@ pub mod approval;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod exec;
 pub mod identity;
 pub mod kstatus;
 pub mod mask;

@@ -24,19 +24,23 @@ use uuid::Uuid;
 use crate::{
     admin::Metrics,
     audit::{Admission, AuditGate},
+    exec,
     identity::{
         Authenticator, Caller, CredentialMode, PodRef, ProcessInfo, bearer_token,
         upstream_identity_headers,
     },
     kstatus::Status,
-    mask::{Masker, ResponseMask, negotiate_accept},
+    mask::{Masker, ResponseMask, Target, negotiate_accept},
     pods::PodTracker,
     policy::{Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
     proxy::{
-        ConnectionInfo, Forward, Guard, ResponseObserver, Verdict,
+        ConnectionInfo, Forward, Guard, ResponseObserver, TunnelTap, Verdict,
         body::{BodyError, BodyObserver, BodyTransform, status_response},
     },
-    record::{DecisionRecord, Exchange, Recorder, ResponseStatus, Session, SessionMeta, Stage},
+    record::{
+        DecisionRecord, Exchange, Recorder, ResponseStatus, Session, SessionMeta, Stage,
+        capture::{BodyCapture, CaptureSlot},
+    },
     request::RequestInfo,
 };
 
@@ -157,6 +161,10 @@ impl Guard for Pipeline {
             admission: None,
             node: self.node.clone(),
             metrics: self.metrics.clone(),
+            masker: self.masker.clone(),
+            query: parts.uri.query().map(str::to_owned),
+            upgrade_end: None,
+            request_body: CaptureSlot::default(),
         };
 
         if let Some(gate) = &self.audit {
@@ -252,6 +260,12 @@ impl Guard for Pipeline {
         // Masking: negotiate a body we can mask before asking.
         let mut response_transform = None;
         if let Some(target) = self.masker.target(&exchange.request) {
+            // Exec output is read over the WebSocket channel protocols only.
+            if target == Target::ExecOutput
+                && let Err(status) = exec::negotiate(&mut parts.headers)
+            {
+                return exchange.refuse(*status);
+            }
             // A gzipped body could not be masked.
             parts.headers.remove(header::ACCEPT_ENCODING);
             if target.is_json() {
@@ -278,9 +292,21 @@ impl Guard for Pipeline {
                 }
             }) as crate::proxy::guard::TransformFactory);
         }
+        // Bodies for the record, at the levels that keep them.
+        let request_observer = (exchange.level() >= RecordLevel::Request
+            && !exec::is_exec(&exchange.request))
+        .then(|| {
+            let content_type = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            BodyCapture::request(&self.masker, &exchange.request, content_type)
+                .into_observer(exchange.request_body.clone())
+        });
         Verdict::Forward(Forward {
             response_transform,
             observer: Some(Box::new(exchange)),
+            request_observer,
         })
     }
 
@@ -342,6 +368,12 @@ struct ExchangeDraft {
     admission: Option<Admission>,
     node: Arc<str>,
     metrics: Metrics,
+    masker: Masker,
+    query: Option<String>,
+    /// An upgraded exec/attach: its end is the tunnel's end.
+    upgrade_end: Option<Arc<Mutex<Option<BodyEnd>>>>,
+    /// The request body (masked) when the record level keeps it.
+    request_body: CaptureSlot,
 }
 
 impl ExchangeDraft {
@@ -350,8 +382,14 @@ impl ExchangeDraft {
         let response = status_response(&status);
         let code = status.code;
         let response_status = ResponseStatus::failure(code, status.reason, status.message.clone());
-        self.finish(response_status, Stage::ResponseComplete, None);
+        self.finish(response_status, Stage::ResponseComplete, None, None);
         Verdict::Respond(response)
+    }
+
+    fn level(&self) -> RecordLevel {
+        self.decision
+            .as_ref()
+            .map_or(RecordLevel::Metadata, |d| d.record)
     }
 
     fn decision_record(&self) -> DecisionRecord {
@@ -369,11 +407,19 @@ impl ExchangeDraft {
         }
     }
 
-    fn finish(&self, status: ResponseStatus, stage: Stage, started: Option<OffsetDateTime>) {
+    fn finish(
+        &self,
+        status: ResponseStatus,
+        stage: Stage,
+        started: Option<OffsetDateTime>,
+        response_body: Option<serde_json::Value>,
+    ) {
         let decision = self.decision_record();
-        if decision.level == RecordLevel::None {
-            return;
-        }
+        let request_body = self
+            .request_body
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let exchange = Arc::new(Exchange {
             audit_id: self.audit_id,
             stage,
@@ -388,18 +434,23 @@ impl ExchangeDraft {
             user_agent: self.user_agent.clone(),
             decision,
             status,
-            request_body: None,
-            response_body: None,
+            request_body,
+            response_body,
             masked_fields: self.masked.load(Ordering::Relaxed),
             node: self.node.clone(),
         });
         if stage == Stage::ResponseComplete {
+            // Counted whatever the record level.
             self.metrics.exchange(&exchange);
-            if let Some(state) = &self.session
-                && let Some(session) = &state.session
-            {
-                session.exchange(exchange.clone());
-            }
+        }
+        if exchange.decision.level == RecordLevel::None {
+            return;
+        }
+        if stage == Stage::ResponseComplete
+            && let Some(state) = &self.session
+            && let Some(session) = &state.session
+        {
+            session.exchange(exchange.clone());
         }
         if let Some(admission) = &self.admission {
             admission.submit(exchange);
@@ -424,7 +475,7 @@ impl ResponseObserver for ExchangeDraft {
     fn on_response(
         self: Box<Self>,
         status: StatusCode,
-        _headers: &HeaderMap,
+        headers: &HeaderMap,
     ) -> Option<Box<dyn BodyObserver>> {
         let long_running = self.request.verb == "watch"
             || matches!(
@@ -438,24 +489,86 @@ impl ResponseObserver for ExchangeDraft {
                 ResponseStatus::ok(status.as_u16()),
                 Stage::ResponseStarted,
                 Some(started),
+                None,
             );
         }
-        Some(Box::new(BodyEnd {
-            draft: *self,
+        let mut draft = *self;
+        let upgrade_end = draft.upgrade_end.take();
+        let capture = (draft.level() >= RecordLevel::RequestResponse && upgrade_end.is_none())
+            .then(|| {
+                let content_type = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                BodyCapture::response(&draft.masker, content_type)
+            });
+        let end = BodyEnd {
+            draft,
             code: status.as_u16(),
             started,
-        }))
+            capture,
+        };
+        match upgrade_end {
+            // Completed when the tunnel closes.
+            Some(slot) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
+                None
+            }
+            _ => Some(Box::new(end)),
+        }
+    }
+
+    fn on_upgrade(&mut self, headers: &HeaderMap) -> Option<Box<dyn TunnelTap>> {
+        if !exec::is_exec(&self.request) {
+            return None;
+        }
+        let slot: Arc<Mutex<Option<BodyEnd>>> = Arc::new(Mutex::new(None));
+        self.upgrade_end = Some(slot.clone());
+        let recording = self
+            .session
+            .clone()
+            .filter(|_| self.decision_record().level != RecordLevel::None)
+            .map(|state| {
+                let audit_id = self.audit_id;
+                let start: exec::StartRecording = Box::new(move |info| {
+                    let session = state.session.as_ref().expect("only sessions are recorded");
+                    session.stream(audit_id, info, OffsetDateTime::now_utc())
+                });
+                (
+                    exec::stream_info(&self.request, self.query.as_deref()),
+                    start,
+                )
+            });
+        let on_closed: exec::OnClosed = Box::new(move || {
+            let end = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(mut end) = end {
+                end.on_end(Ok(()));
+            }
+        });
+        Some(exec::tap(
+            &self.masker,
+            &self.request,
+            headers,
+            recording,
+            self.masked.clone(),
+            on_closed,
+        ))
     }
 }
 
 struct BodyEnd {
     draft: ExchangeDraft,
+    /// The response body as the agent received it, at `RequestResponse`.
+    capture: Option<BodyCapture>,
     code: u16,
     started: OffsetDateTime,
 }
 
 impl BodyObserver for BodyEnd {
-    fn on_data(&mut self, _chunk: &[u8]) {}
+    fn on_data(&mut self, chunk: &[u8]) {
+        if let Some(capture) = &mut self.capture {
+            capture.push(chunk);
+        }
+    }
 
     fn on_end(&mut self, result: Result<(), String>) {
         let status = match (result, self.code) {
@@ -463,7 +576,12 @@ impl BodyObserver for BodyEnd {
             (Ok(()), code) => ResponseStatus::failure(code, "", ""),
             (Err(reason), code) => ResponseStatus::failure(code, "StreamEnded", reason),
         };
-        self.draft
-            .finish(status, Stage::ResponseComplete, Some(self.started));
+        let response_body = self.capture.take().and_then(BodyCapture::finish);
+        self.draft.finish(
+            status,
+            Stage::ResponseComplete,
+            Some(self.started),
+            response_body,
+        );
     }
 }

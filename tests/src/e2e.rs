@@ -124,8 +124,12 @@ pub struct WorldSpec {
     pub pod: String,
     /// Extra `chaperone node` flags.
     pub node_args: Vec<String>,
-    /// The AgentPolicy YAML the node enforces.
+    /// The AgentPolicy YAML the node enforces, as a file. Empty: cluster
+    /// mode, the node watches `AgentPolicy` objects in the simulator.
     pub policy: String,
+    /// Objects created in the simulator before chaperone starts (a CRD and
+    /// its `AgentPolicy` objects for cluster mode).
+    pub seed: Vec<serde_json::Value>,
     /// Create the agent pod in the simulator (labeled for interception, on
     /// the node, with the uid of the agent cgroup) so the pod tracker finds it.
     pub agent_pod_in_sim: bool,
@@ -157,6 +161,7 @@ impl Default for WorldSpec {
             pod: "agent-0".into(),
             node_args: Vec::new(),
             policy: ALLOW_ALL.into(),
+            seed: Vec::new(),
             agent_pod_in_sim: true,
             agent_cgroup_flag: true,
             token_audience: None,
@@ -206,6 +211,11 @@ impl World {
                 .unwrap_or(POD_UID)
                 .to_owned();
         }
+        for object in spec.seed {
+            sim.store()
+                .create(object)
+                .map_err(|e| anyhow::anyhow!("seed the simulator: {e:?}"))?;
+        }
         let subtree = Cgroup::test_subtree()?;
         let agent_cgroup = subtree.child(format!(
             "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-agent.scope",
@@ -238,10 +248,11 @@ impl World {
             .arg(&kubeconfig)
             .arg("--ca-dir")
             .arg(&ca_dir)
-            .args(["--drain-seconds", "3"])
-            .arg("--policy")
-            .arg(&policy)
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--drain-seconds", "3"]);
+        if !spec.policy.is_empty() {
+            cmd.arg("--policy").arg(&policy);
+        }
+        cmd.args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .arg("--record-dir")
             .arg(work.path().join("sessions"))
             .arg("--audit-log")

@@ -4,6 +4,7 @@
 
 pub mod e2e;
 pub mod load;
+pub mod prom;
 pub mod sim;
 pub mod topology;
 

@@ -58,6 +58,10 @@ impl LineMask {
         self.pending.len()
     }
 
+    pub(crate) fn holds_back(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub(crate) fn stats(&self) -> &MaskStats {
         &self.stats
     }

@@ -443,6 +443,15 @@ impl ResponseMask {
         }
     }
 
+    /// Text streams: whether a partial line is held back, waiting for its
+    /// end or a [`ResponseMask::flush`].
+    pub fn holds_back(&self) -> bool {
+        match &self.inner {
+            Inner::Lines(lines) => lines.holds_back(),
+            Inner::Json(_) => false,
+        }
+    }
+
     /// The end of the body: appends what was held back. An error means the
     /// body ended in the middle of a JSON document.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {

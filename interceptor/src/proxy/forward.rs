@@ -10,7 +10,7 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 
 use super::{
     Shared,
-    body::{ProxyBody, Transformed, status_response},
+    body::{BodyObserver, ProxyBody, Transformed, status_response},
     guard::{ConnectionInfo, Forward, Guard, Verdict},
     tunnel,
     upstream::UpstreamBody,
@@ -42,7 +42,7 @@ pub(super) async fn handle<G: Guard>(
         None
     };
 
-    let forward = match shared.guard.check(&conn, &mut parts).await {
+    let mut forward = match shared.guard.check(&conn, &mut parts).await {
         Verdict::Respond(response) => return Ok(response),
         Verdict::Forward(forward) => forward,
     };
@@ -58,13 +58,16 @@ pub(super) async fn handle<G: Guard>(
         .method(parts.method.clone())
         .uri(shared.upstream.uri_for(parts.uri.path_and_query()))
         .version(http::Version::HTTP_11)
-        .body(if upgrade {
-            body.map_err(Into::into).boxed_unsync()
-        } else {
-            Limited::new(body, shared.config.max_request_body)
-                .map_err(Into::into)
-                .boxed_unsync()
-        })
+        .body(observe_request(
+            if upgrade {
+                body.map_err(Into::into).boxed_unsync()
+            } else {
+                Limited::new(body, shared.config.max_request_body)
+                    .map_err(Into::into)
+                    .boxed_unsync()
+            },
+            forward.request_observer.take(),
+        ))
         .expect("method and URI come from a valid request");
     let headers = upstream_request.headers_mut();
     *headers = parts.headers;
@@ -99,6 +102,13 @@ pub(super) async fn handle<G: Guard>(
         ));
     }
     Ok(stream_response(response, forward))
+}
+
+fn observe_request(body: ProxyBody, observer: Option<Box<dyn BodyObserver>>) -> ProxyBody {
+    match observer {
+        None => body,
+        Some(observer) => Transformed::new(body, None, Some(observer)).boxed_unsync(),
+    }
 }
 
 fn stream_response(response: Response<UpstreamBody>, forward: Forward) -> Response<ProxyBody> {
@@ -155,7 +165,7 @@ fn switch_protocols<G: Guard>(
         parts.headers.remove(name);
     }
     let mut observer = forward.observer;
-    let tap = observer.as_mut().and_then(|o| o.on_upgrade());
+    let tap = observer.as_mut().and_then(|o| o.on_upgrade(&parts.headers));
     if let Some(observer) = observer {
         let _ = observer.on_response(parts.status, &parts.headers);
     }

@@ -50,6 +50,8 @@ pub struct Forward {
     pub response_transform: Option<TransformFactory>,
     /// Sees what the agent receives and when it ends (recording, audit).
     pub observer: Option<Box<dyn ResponseObserver>>,
+    /// Sees the request body as it is forwarded (recording, audit).
+    pub request_observer: Option<Box<dyn BodyObserver>>,
 }
 
 /// Follows one forwarded exchange: the response head, then the body.
@@ -62,16 +64,36 @@ pub trait ResponseObserver: Send + 'static {
         headers: &http::HeaderMap,
     ) -> Option<Box<dyn BodyObserver>>;
     /// The request was upgraded (exec, attach, port-forward): the tunnel
-    /// taps, if any, see the two byte streams.
-    fn on_upgrade(&mut self) -> Option<Box<dyn TunnelTap>> {
+    /// tap, if any, sees (and may rewrite) the two byte streams. `headers`
+    /// are the API server's `101` response headers (the chosen subprotocol).
+    fn on_upgrade(&mut self, _headers: &http::HeaderMap) -> Option<Box<dyn TunnelTap>> {
         None
     }
 }
 
-/// Sees the bytes of an upgraded connection, both ways, as they pass.
+/// Why a tap closed a tunnel: the stream could not be read where it must be
+/// (masking), so nothing more is forwarded.
+pub type TapError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Sees the bytes of an upgraded connection, both ways, as they pass, and
+/// may rewrite what the API server sends (exec output masking).
 pub trait TunnelTap: Send + 'static {
+    /// Bytes from the agent; forwarded unchanged.
     fn agent_sent(&mut self, bytes: &[u8]);
-    fn upstream_sent(&mut self, bytes: &[u8]);
+    /// Bytes from the API server: appends what the agent receives to `out`
+    /// (by default, the bytes unchanged). An error closes the tunnel.
+    fn upstream_sent(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), TapError> {
+        out.extend_from_slice(bytes);
+        Ok(())
+    }
+    /// Something is held back (a partial line being masked): the tunnel
+    /// calls [`TunnelTap::upstream_idle`] when the API server has sent
+    /// nothing for this long, and at its end.
+    fn held_back(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// The API server went idle (or ended): appends what was held back.
+    fn upstream_idle(&mut self, _out: &mut Vec<u8>) {}
     fn closed(&mut self);
 }
 

@@ -20,7 +20,7 @@ pub mod upstream;
 use std::time::Duration;
 
 pub use guard::{
-    ConnectionInfo, Forward, Guard, Passthrough, ResponseObserver, TunnelTap, Verdict,
+    ConnectionInfo, Forward, Guard, Passthrough, ResponseObserver, TapError, TunnelTap, Verdict,
 };
 pub use server::{Attestor, Proxy, StaticTls, Terminate};
 pub use upstream::{Upstream, UpstreamSpec};

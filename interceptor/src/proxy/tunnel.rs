@@ -1,6 +1,9 @@
 //! The byte tunnel of an upgraded connection (exec, attach, port-forward
 //! over WebSocket or SPDY): both directions pumped independently, each
-//! half-closed when its source ends, with an optional tap for recording.
+//! half-closed when its source ends, with an optional tap that sees the
+//! agent's bytes and may rewrite the API server's (exec output masking).
+
+use std::sync::{Arc, Mutex};
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -10,6 +13,12 @@ use super::guard::TunnelTap;
 
 const BUFFER: usize = 16 * 1024;
 
+type SharedTap = Arc<Mutex<Box<dyn TunnelTap>>>;
+
+fn lock(tap: &SharedTap) -> std::sync::MutexGuard<'_, Box<dyn TunnelTap>> {
+    tap.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub(super) async fn pump(
     conn: uuid::Uuid,
     agent: Upgraded,
@@ -18,36 +27,21 @@ pub(super) async fn pump(
 ) {
     let (agent_read, agent_write) = tokio::io::split(TokioIo::new(agent));
     let (upstream_read, upstream_write) = tokio::io::split(TokioIo::new(upstream));
-    let tap = tap.map(|t| std::sync::Arc::new(std::sync::Mutex::new(t)));
-    let up_tap = tap.clone();
-    let down_tap = tap.clone();
-    let up = copy_half(agent_read, upstream_write, move |bytes| {
-        if let Some(tap) = &up_tap {
-            tap.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .agent_sent(bytes);
-        }
-    });
-    let down = copy_half(upstream_read, agent_write, move |bytes| {
-        if let Some(tap) = &down_tap {
-            tap.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .upstream_sent(bytes);
-        }
-    });
+    let tap = tap.map(|t| Arc::new(Mutex::new(t)));
+    let up = copy_up(agent_read, upstream_write, tap.clone());
+    let down = copy_down(upstream_read, agent_write, tap.clone());
     let (up, down) = tokio::join!(up, down);
     tracing::debug!(%conn, agent_to_upstream = ?up, upstream_to_agent = ?down, "tunnel closed");
     if let Some(tap) = tap {
-        tap.lock().unwrap_or_else(|p| p.into_inner()).closed();
+        lock(&tap).closed();
     }
 }
 
-/// Copies until EOF or error, then shuts the destination's write side so
-/// the far end sees the half-close.
-async fn copy_half(
+/// Agent to API server: copied unchanged, the tap watching.
+async fn copy_up(
     mut from: ReadHalf<TokioIo<Upgraded>>,
     mut to: WriteHalf<TokioIo<Upgraded>>,
-    mut observe: impl FnMut(&[u8]),
+    tap: Option<SharedTap>,
 ) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; BUFFER];
     let mut total = 0u64;
@@ -60,9 +54,73 @@ async fn copy_half(
                 return Err(error);
             }
         };
-        observe(&buffer[..n]);
+        if let Some(tap) = &tap {
+            lock(tap).agent_sent(&buffer[..n]);
+        }
         to.write_all(&buffer[..n]).await?;
         total += n as u64;
+    }
+    to.shutdown().await?;
+    Ok(total)
+}
+
+/// API server to agent: through the tap's rewrite, releasing what it holds
+/// back when the API server goes idle, so a prompt without a newline shows.
+async fn copy_down(
+    mut from: ReadHalf<TokioIo<Upgraded>>,
+    mut to: WriteHalf<TokioIo<Upgraded>>,
+    tap: Option<SharedTap>,
+) -> std::io::Result<u64> {
+    let mut buffer = vec![0u8; BUFFER];
+    let mut out = Vec::with_capacity(BUFFER);
+    let mut total = 0u64;
+    loop {
+        let wait = tap.as_ref().and_then(|tap| lock(tap).held_back());
+        let read = match wait {
+            None => from.read(&mut buffer).await,
+            Some(wait) => match tokio::time::timeout(wait, from.read(&mut buffer)).await {
+                Ok(read) => read,
+                Err(_idle) => {
+                    out.clear();
+                    if let Some(tap) = &tap {
+                        lock(tap).upstream_idle(&mut out);
+                    }
+                    to.write_all(&out).await?;
+                    to.flush().await?;
+                    total += out.len() as u64;
+                    continue;
+                }
+            },
+        };
+        let n = match read {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) => {
+                let _ = to.shutdown().await;
+                return Err(error);
+            }
+        };
+        let chunk = match &tap {
+            None => &buffer[..n],
+            Some(tap) => {
+                out.clear();
+                let result = lock(tap).upstream_sent(&buffer[..n], &mut out);
+                if let Err(error) = result {
+                    tracing::warn!(%error, "closing a tunnel whose stream cannot be read");
+                    let _ = to.shutdown().await;
+                    return Err(std::io::Error::other(error));
+                }
+                &out[..]
+            }
+        };
+        to.write_all(chunk).await?;
+        total += chunk.len() as u64;
+    }
+    if let Some(tap) = &tap {
+        out.clear();
+        lock(tap).upstream_idle(&mut out);
+        to.write_all(&out).await?;
+        total += out.len() as u64;
     }
     to.shutdown().await?;
     Ok(total)

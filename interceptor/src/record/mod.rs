@@ -68,6 +68,7 @@
 //! sessions are deleted, least recently written first, until the total fits;
 //! open sessions are never deleted.
 
+pub mod capture;
 pub mod cast;
 pub mod chain;
 pub mod cli;

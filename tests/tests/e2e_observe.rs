@@ -1,0 +1,771 @@
+//! The observation layer seen from a real kubectl agent through the kernel
+//! redirect: exec output masked, a session replayed with its exec cast,
+//! tampering detected, `/metrics` counting what was done, and the
+//! `AgentPolicy` CRD hot-reloaded. Needs root.
+
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use chaperone_tests::{
+    e2e::{World, WorldSpec, run_for, workspace_binary},
+    prom, require_root,
+};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: observed
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: no-deployment-deletes
+      verbs: [delete]
+      apiGroups: [apps]
+      resources: [deployments]
+      action: deny
+      message: deleting deployments needs a human
+    - name: secrets-masked
+      resources: [secrets]
+      action: mask
+      record: RequestResponse
+    - name: configmaps-with-bodies
+      resources: [configmaps]
+      action: allow
+      record: RequestResponse
+  defaultAction: allow
+"#;
+
+const PASSWORD: &str = "s3cr3t-Pa55w0rd-do-not-leak";
+const TOKEN_VALUE: &str = "tok_9f8e7d6c5b4a3210fedcba";
+const JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpib3QifQ.U2lnbmF0dXJlRG9Ob3RMZWFrMDEyMzQ1Njc4OQ";
+const JWT_SIGNATURE: &str = "U2lnbmF0dXJlRG9Ob3RMZWFrMDEyMzQ1Njc4OQ";
+const JWT_PAYLOAD: &str = "eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpib3QifQ";
+const DB_PASSWORD: &str = "pg-Pa55-wrd-do-not-leak";
+
+fn secrets() -> [&'static str; 5] {
+    [
+        PASSWORD,
+        TOKEN_VALUE,
+        JWT_SIGNATURE,
+        JWT_PAYLOAD,
+        DB_PASSWORD,
+    ]
+}
+
+fn assert_no_secret(what: &str, bytes: &str) {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for secret in secrets() {
+        assert!(!bytes.contains(secret), "{what} leaked {secret}:\n{bytes}");
+        assert!(
+            !bytes.contains(&b64(secret)),
+            "{what} leaked base64 of {secret}:\n{bytes}"
+        );
+    }
+}
+
+fn seed(world: &World) {
+    let store = world.sim.store();
+    store
+        .create(json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}))
+        .unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    store
+        .create(json!({
+            "apiVersion":"v1","kind":"Secret",
+            "metadata":{"name":"db","namespace":"default"},
+            "type":"Opaque",
+            "data":{"password": b64(PASSWORD), "token": b64(TOKEN_VALUE)},
+        }))
+        .unwrap();
+    store
+        .create(json!({
+            "apiVersion":"apps/v1","kind":"Deployment",
+            "metadata":{"name":"web","namespace":"prod-a"},
+            "spec":{"replicas":1,"selector":{"matchLabels":{"app":"web"}},
+                "template":{"metadata":{"labels":{"app":"web"}},"spec":{"containers":[{"name":"web","image":"web:1"}]}}},
+        }))
+        .unwrap();
+    store
+        .create(json!({
+            "apiVersion":"v1","kind":"Pod","metadata":{"name":"worker","namespace":"default"},
+            "spec":{"containers":[{"name":"app","image":"app:1","env":[
+                {"name":"API_TOKEN","value":TOKEN_VALUE},
+                {"name":"SESSION_JWT","value":JWT},
+                {"name":"DATABASE_URL","value":format!("postgres://app:{DB_PASSWORD}@db:5432/app")},
+                {"name":"PLAIN","value":"hello-visible"},
+            ]}]},
+        }))
+        .unwrap();
+}
+
+fn world(spec: WorldSpec) -> World {
+    let world = World::start(spec).unwrap();
+    seed(&world);
+    world
+}
+
+fn observed_world() -> World {
+    world(WorldSpec {
+        policy: POLICY.into(),
+        ..WorldSpec::default()
+    })
+}
+
+fn kubectl(world: &World, args: &[&str]) -> Output {
+    run_for(&mut world.agent_kubectl(args), LIMIT).unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `kubectl ARGS` with `input` on its stdin.
+fn kubectl_with_input(world: &World, args: &[&str], input: &str) -> Output {
+    let mut child = world
+        .agent_kubectl(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Typed a line at a time, as a person (or an agent) would.
+    for line in input.split_inclusive('\n') {
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stdin);
+    let deadline = Instant::now() + LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "kubectl {args:?} hangs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn chaperone(args: &[&str], dir: &Path) -> Output {
+    run_for(
+        Command::new(workspace_binary("chaperone"))
+            .args(args)
+            .arg("--dir")
+            .arg(dir),
+        LIMIT,
+    )
+    .unwrap()
+}
+
+#[test]
+fn exec_output_is_masked_and_nothing_secret_reaches_kubectl() {
+    require_root!();
+    let world = observed_world();
+    let out = kubectl(&world, &["exec", "worker", "--", "env"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("PLAIN=hello-visible\n"), "{stdout}");
+    assert!(stdout.contains("masked by chaperone"), "{stdout}");
+    assert!(stdout.contains("DATABASE_URL=postgres://app:"), "{stdout}");
+    assert!(stdout.contains("@db:5432/app"), "{stdout}");
+    assert_no_secret("kubectl exec env", &text(&out));
+
+    // stderr is masked as well, and exit codes survive.
+    let out = kubectl(
+        &world,
+        &[
+            "exec",
+            "worker",
+            "--",
+            "sh",
+            "-c",
+            "echo $SESSION_JWT >&2; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("masked by chaperone: jwt"), "{stderr}");
+    assert_no_secret("kubectl exec sh -c (stderr)", &text(&out));
+
+    // Without a newline, output still arrives (released when idle).
+    let out = kubectl(
+        &world,
+        &["exec", "worker", "--", "sh", "-c", "echo -n ready"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let direct = run_for(
+        &mut world.direct_kubectl(&["exec", "worker", "--", "sh", "-c", "echo -n ready"]),
+        LIMIT,
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ready",
+        "direct: {:?}\n{}",
+        String::from_utf8_lossy(&direct.stdout),
+        world.node.log_text()
+    );
+
+    // The simulator really sent the secrets: the masking is chaperone's.
+    let direct = run_for(
+        &mut world.direct_kubectl(&["exec", "worker", "--", "env"]),
+        LIMIT,
+    )
+    .unwrap();
+    assert!(String::from_utf8_lossy(&direct.stdout).contains(TOKEN_VALUE));
+}
+
+/// The sessions of the agent pod, oldest first, as `replay --json` gives them.
+fn replays(dir: &Path) -> Vec<Value> {
+    let pod_dir = dir.join("default").join("agent-0");
+    let mut ids: Vec<String> = std::fs::read_dir(&pod_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl") && !n.contains(".p"))
+        .map(|n| n.trim_end_matches(".jsonl").to_owned())
+        .collect();
+    ids.sort();
+    let mut sessions: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            let out = chaperone(&["replay", "--json", id], dir);
+            assert!(out.status.success(), "{}", text(&out));
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect();
+    sessions.sort_by_key(|s| s["session"]["started"].as_str().unwrap_or("").to_owned());
+    sessions
+}
+
+fn session_file(dir: &Path, session: &Value) -> PathBuf {
+    dir.join("default").join("agent-0").join(format!(
+        "{}.jsonl",
+        session["session"]["session"].as_str().unwrap()
+    ))
+}
+
+#[test]
+fn a_kubectl_session_replays_with_its_exec_cast_and_tampering_shows() {
+    require_root!();
+    let world = observed_world();
+    assert!(kubectl(&world, &["get", "pods"]).status.success());
+    assert!(
+        kubectl(&world, &["get", "secret", "db", "-o", "yaml"])
+            .status
+            .success()
+    );
+    let denied = kubectl(&world, &["delete", "deployment", "web", "-n", "prod-a"]);
+    assert!(!denied.status.success());
+    let typed = "echo typed-marker-42\nenv\necho postgres://app:pg-Pa55-wrd-do-not-leak@db\n";
+    let exec = kubectl_with_input(&world, &["exec", "-i", "worker", "--", "sh"], typed);
+    assert!(exec.status.success(), "{}", text(&exec));
+    let exec_out = String::from_utf8_lossy(&exec.stdout).into_owned();
+    assert!(exec_out.starts_with("typed-marker-42\n"), "{exec_out}");
+    assert_no_secret("kubectl exec -i sh", &text(&exec));
+    // Streams and sessions are sealed when their connections close.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let dir = world.work.path().join("sessions");
+    let sessions = replays(&dir);
+    // The sequence, as replay tells it.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut stream: Option<(Value, PathBuf)> = None;
+    for session in &sessions {
+        for event in session["events"].as_array().unwrap() {
+            match event["type"].as_str() {
+                Some("exchange") if event["stage"] == "ResponseComplete" => {
+                    let mut resource = event["resource"].as_str().unwrap_or("").to_owned();
+                    if let Some(sub) = event["subresource"].as_str() {
+                        resource = format!("{resource}/{sub}");
+                    }
+                    if !resource.is_empty() {
+                        seen.push((resource, event["decision"].as_str().unwrap().to_owned()));
+                    }
+                }
+                Some("stream") => {
+                    let cast = Path::new(session["dir"].as_str().unwrap())
+                        .join(event["cast"].as_str().unwrap());
+                    stream = Some((event.clone(), cast));
+                }
+                _ => {}
+            }
+        }
+    }
+    let expected = [
+        ("pods", "allow"),
+        ("secrets", "mask"),
+        ("deployments", "deny"),
+        ("pods/exec", "allow"),
+    ];
+    let mut at = 0;
+    for (resource, decision) in &seen {
+        if at < expected.len() && (resource.as_str(), decision.as_str()) == expected[at] {
+            at += 1;
+        }
+    }
+    assert_eq!(at, expected.len(), "replay shows {seen:?}");
+
+    // The human timeline names the same steps and the cast to play.
+    let all_text: String = sessions
+        .iter()
+        .map(|s| {
+            let id = s["session"]["session"].as_str().unwrap();
+            String::from_utf8_lossy(&chaperone(&["replay", id], &dir).stdout).into_owned()
+        })
+        .collect();
+    for needle in [
+        "secrets",
+        "mask",
+        "deployments",
+        "deny",
+        "pods/exec",
+        "asciinema play",
+    ] {
+        assert!(all_text.contains(needle), "{needle} not in:\n{all_text}");
+    }
+    assert!(
+        all_text.contains("deleting deployments needs a human"),
+        "{all_text}"
+    );
+
+    // The cast: asciicast v2, typed input and output, secrets masked.
+    let (record, cast) = stream.expect("a stream record for the exec");
+    let title = record["title"].as_str().unwrap();
+    assert!(
+        title.starts_with("exec default/worker") && title.ends_with("-- sh"),
+        "{title}"
+    );
+    let cast_text = std::fs::read_to_string(&cast).unwrap();
+    let mut lines = cast_text.lines();
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(header["width"].as_u64().unwrap() > 0);
+    assert!(header["height"].as_u64().unwrap() > 0);
+    let (mut input, mut output) = (String::new(), String::new());
+    let mut last = 0.0;
+    for line in lines {
+        let event: Value = serde_json::from_str(line).unwrap();
+        let event = event.as_array().expect("an event is an array");
+        assert_eq!(event.len(), 3, "{line}");
+        let time = event[0].as_f64().expect("time is a number");
+        assert!(time >= last, "events in time order: {line}");
+        last = time;
+        let data = event[2].as_str().expect("data is a string");
+        match event[1].as_str() {
+            Some("i") => input.push_str(data),
+            Some("o") => output.push_str(data),
+            other => panic!("unexpected event code {other:?}"),
+        }
+    }
+    assert!(input.contains("echo typed-marker-42\n"), "{input}");
+    assert!(input.contains("env\n"), "{input}");
+    assert!(output.contains("typed-marker-42\n"), "{output}");
+    assert!(output.contains("masked by chaperone"), "{output}");
+    assert_no_secret("the exec cast", &cast_text);
+
+    // Session recordings never hold secret values either.
+    for session in &sessions {
+        assert_no_secret(
+            "a session recording",
+            &std::fs::read_to_string(session_file(&dir, session)).unwrap(),
+        );
+    }
+
+    // Tampering: one byte of the denied delete's record.
+    let victim = sessions
+        .iter()
+        .find(|s| {
+            s["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["resource"] == "deployments" && e["decision"] == "deny")
+        })
+        .unwrap();
+    let id = victim["session"]["session"].as_str().unwrap();
+    let ok = chaperone(&["verify", id], &dir);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let path = session_file(&dir, victim);
+    let original = std::fs::read_to_string(&path).unwrap();
+    let (line_no, line) = original
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.contains("\"deployments\"") && l.contains("\"deny\""))
+        .unwrap();
+    let offset: usize = original
+        .lines()
+        .take(line_no)
+        .map(|l| l.len() + 1)
+        .sum::<usize>()
+        + line.find("\"status\":403").expect("the denial's status")
+        + "\"status\":40".len();
+    let mut bytes = original.into_bytes();
+    bytes[offset] = b'4'; // 403 -> 404
+    std::fs::write(&path, &bytes).unwrap();
+    let broken = chaperone(&["verify", id], &dir);
+    assert!(!broken.status.success(), "{}", text(&broken));
+    let report = String::from_utf8_lossy(&broken.stdout).into_owned();
+    assert!(
+        report.contains(&format!("{}:{}:", path.display(), line_no + 1)),
+        "verify names the edited record (line {}):\n{report}",
+        line_no + 1
+    );
+}
+
+#[test]
+fn bodies_are_recorded_masked_at_request_and_response_levels() {
+    require_root!();
+    let world = observed_world();
+    let manifest = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-config\n  namespace: default\n\
+         data:\n  url: postgres://app:{DB_PASSWORD}@db/app\n  greeting: hello-body\n"
+    );
+    let path = world.work.path().join("cm.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    let out = kubectl(&world, &["create", "-f", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl(&world, &["get", "configmap", "app-config", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl(&world, &["get", "secret", "db", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_secs(3));
+
+    let dir = world.work.path().join("sessions");
+    let events: Vec<Value> = replays(&dir)
+        .iter()
+        .flat_map(|s| s["events"].as_array().unwrap().clone())
+        .filter(|e| e["type"] == "exchange")
+        .collect();
+    let create = events
+        .iter()
+        .find(|e| e["verb"] == "create" && e["resource"] == "configmaps")
+        .expect("the create is recorded");
+    assert_eq!(create["requestObject"]["data"]["greeting"], "hello-body");
+    assert!(
+        create["requestObject"]["data"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("masked by chaperone"),
+        "{create}"
+    );
+    let get = events
+        .iter()
+        .find(|e| e["verb"] == "get" && e["resource"] == "configmaps")
+        .unwrap();
+    assert_eq!(get["responseObject"]["data"]["greeting"], "hello-body");
+    let secret = events
+        .iter()
+        .find(|e| e["verb"] == "get" && e["resource"] == "secrets")
+        .unwrap();
+    assert_eq!(secret["responseObject"]["kind"], "Secret");
+
+    // The audit log carries the same bodies, masked.
+    let audit = std::fs::read_to_string(world.work.path().join("audit.log")).unwrap();
+    let audited: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let create = audited
+        .iter()
+        .find(|e| {
+            e["verb"] == "create"
+                && e["objectRef"]["resource"] == "configmaps"
+                && e["stage"] == "ResponseComplete"
+        })
+        .unwrap_or_else(|| panic!("no audit event for the create:\n{audit}"));
+    assert_eq!(create["requestObject"]["data"]["greeting"], "hello-body");
+    assert_eq!(create["responseObject"]["kind"], "ConfigMap");
+    assert_no_secret("the audit log", &audit);
+    for session in replays(&dir) {
+        assert_no_secret(
+            "a session recording",
+            &std::fs::read_to_string(session_file(&dir, &session)).unwrap(),
+        );
+    }
+}
+
+fn scrape(world: &World) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", world.node.admin_port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+#[test]
+fn metrics_parse_and_count_the_requests_made() {
+    require_root!();
+    let world = observed_world();
+    for _ in 0..3 {
+        assert!(kubectl(&world, &["get", "pods"]).status.success());
+    }
+    for _ in 0..2 {
+        assert!(
+            kubectl(&world, &["get", "secret", "db", "-o", "name"])
+                .status
+                .success()
+        );
+    }
+    assert!(
+        !kubectl(&world, &["delete", "deployment", "web", "-n", "prod-a"])
+            .status
+            .success()
+    );
+    assert!(
+        kubectl(&world, &["exec", "worker", "--", "env"])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let body = scrape(&world);
+    let metrics = prom::parse(&body).unwrap_or_else(|e| panic!("{e:#}\n{body}"));
+    let requests = "chaperone_requests_total";
+    assert_eq!(
+        metrics.sum(
+            requests,
+            &[
+                ("verb", "list"),
+                ("resource", "pods"),
+                ("decision", "allow")
+            ]
+        ),
+        3.0,
+        "{body}"
+    );
+    assert_eq!(
+        metrics.sum(
+            requests,
+            &[
+                ("verb", "get"),
+                ("resource", "secrets"),
+                ("decision", "mask")
+            ]
+        ),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        metrics.sum(
+            requests,
+            &[("resource", "deployments"), ("decision", "deny")]
+        ),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        metrics.sum(requests, &[("resource", "pods/exec")]),
+        1.0,
+        "{body}"
+    );
+    // Everything that was not denied reached the API server, one for one.
+    let forwarded = world
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.token.as_deref() == Some(world.token.as_str()))
+        .count() as f64;
+    let total = metrics.sum(requests, &[]);
+    let denied = metrics.sum(requests, &[("decision", "deny")]);
+    assert_eq!(total - denied, forwarded, "{body}");
+    assert_eq!(
+        metrics.sum("chaperone_request_duration_seconds_count", &[]),
+        total,
+        "{body}"
+    );
+    assert!(
+        metrics.sum("chaperone_masked_fields_total", &[]) >= 2.0,
+        "{body}"
+    );
+}
+
+fn crd_objects(policy: &str) -> Vec<Value> {
+    let crd_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/base/crds/agentpolicies.chaperone.dev.yaml");
+    let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(crd_path).unwrap()).unwrap();
+    vec![crd, serde_yaml::from_str(policy).unwrap()]
+}
+
+const CRD_POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: hot
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  defaultAction: allow
+"#;
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn accepted(world: &World) -> Option<Value> {
+    let object = world
+        .sim
+        .store()
+        .get("agentpolicies.chaperone.dev", None, "hot")?;
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+}
+
+#[test]
+fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one() {
+    require_root!();
+    let world = world(WorldSpec {
+        policy: String::new(),
+        seed: crd_objects(CRD_POLICY),
+        ..WorldSpec::default()
+    });
+    wait_for("the policy to be accepted", || {
+        accepted(&world).is_some_and(|c| c["status"] == "True")
+    });
+    assert!(kubectl(&world, &["get", "pods"]).status.success());
+
+    // Deny listing pods: takes effect without a restart.
+    let mut object = world
+        .sim
+        .store()
+        .get("agentpolicies.chaperone.dev", None, "hot")
+        .unwrap();
+    object["spec"]["rules"] = json!([{
+        "name": "no-pod-lists", "verbs": ["list"], "resources": ["pods"],
+        "action": "deny", "message": "pods are off limits since the reload"
+    }]);
+    world.sim.store().update(object).unwrap();
+    wait_for("the reloaded policy to deny", || {
+        let out = kubectl(&world, &["get", "pods"]);
+        !out.status.success() && text(&out).contains("pods are off limits since the reload")
+    });
+    let in_force = accepted(&world).unwrap();
+    assert_eq!(in_force["status"], "True", "{in_force}");
+
+    // An invalid update is rejected, says why, and the last good one stays.
+    let mut object = world
+        .sim
+        .store()
+        .get("agentpolicies.chaperone.dev", None, "hot")
+        .unwrap();
+    object["spec"]["rules"] = json!([{
+        "name": "broken", "verbs": ["explode"], "resources": ["pods"], "action": "allow"
+    }]);
+    world.sim.store().update(object).unwrap();
+    wait_for("the invalid update to be reported", || {
+        accepted(&world).is_some_and(|c| c["status"] == "False")
+    });
+    let condition = accepted(&world).unwrap();
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains("unknown verb \"explode\""), "{message}");
+    assert!(message.contains("stays in force"), "{message}");
+    assert!(
+        world.node.log_text().contains("explode"),
+        "the log says why:\n{}",
+        world.node.log_text()
+    );
+    let out = kubectl(&world, &["get", "pods"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("pods are off limits since the reload"),
+        "{}",
+        text(&out)
+    );
+    // Other requests are still decided by the last good policy.
+    assert!(kubectl(&world, &["get", "secrets"]).status.success());
+}
+
+#[test]
+fn an_interactive_terminal_session_shows_its_prompt_and_is_recorded() {
+    require_root!();
+    let world = observed_world();
+    // kubectl -it needs a terminal: `script` gives it one.
+    let mut cmd = world
+        .agent()
+        .in_cluster_command(&world.credentials, "script");
+    cmd.args(["-qfec", "kubectl exec -it worker -- sh", "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Typed a key at a time, Enter as a terminal sends it.
+    for key in "echo tty-marker API_TOKEN=$API_TOKEN\r".bytes() {
+        stdin.write_all(&[key]).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stdin.write_all(b"exit\r").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "kubectl exec -it hangs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let seen = text(&out);
+    // The prompt has no newline: it shows because held output is released.
+    assert!(seen.contains("$ "), "{seen:?}");
+    assert!(seen.contains("tty-marker"), "{seen:?}");
+    assert_no_secret("kubectl exec -it", &seen);
+    std::thread::sleep(Duration::from_secs(3));
+
+    let dir = world.work.path().join("sessions");
+    let cast = replays(&dir)
+        .iter()
+        .flat_map(|s| {
+            let dir = PathBuf::from(s["dir"].as_str().unwrap());
+            s["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"] == "stream")
+                .map(move |e| dir.join(e["cast"].as_str().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .next()
+        .expect("the terminal session has a cast");
+    let cast_text = std::fs::read_to_string(cast).unwrap();
+    let header: Value = serde_json::from_str(cast_text.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(header["title"].as_str().unwrap().contains("-- sh"));
+    let (mut input, mut output) = (String::new(), String::new());
+    for line in cast_text.lines().skip(1) {
+        let event: Value = serde_json::from_str(line).unwrap();
+        match event[1].as_str() {
+            Some("i") => input.push_str(event[2].as_str().unwrap()),
+            _ => output.push_str(event[2].as_str().unwrap()),
+        }
+    }
+    // Typed input is recorded masked too (the assignment's value here).
+    assert!(input.contains("echo tty-marker API_TOKEN="), "{input:?}");
+    assert!(output.contains("$ "), "{output:?}");
+    assert!(output.contains("tty-marker"), "{output:?}");
+    assert_no_secret("the terminal cast", &cast_text);
+}
