@@ -248,13 +248,21 @@ impl Redirector {
                     }
                 }
             };
-            if let Some(fd) = fd {
-                if !keep_pins {
-                    // Ours alone now: it goes when this process does.
-                    if let Some(pins) = &pins {
-                        let _ = std::fs::remove_file(pins.link(name));
-                    }
+            if !keep_pins && let Some(pins) = &pins {
+                let path = pins.link(name);
+                if fd.is_none()
+                    && path.exists()
+                    && let Ok(old) = bpf_sys::obj_get(&path)
+                {
+                    // A pin we could not adopt: our own link is attached
+                    // now, so the old one can go.
+                    let _ = bpf_sys::link_detach(old.as_fd());
                 }
+                // Adopted or not, the link is ours alone now: it goes when
+                // this process does.
+                let _ = std::fs::remove_file(&path);
+            }
+            if let Some(fd) = fd {
                 links.push(HeldLink { program: name, fd });
             }
         }
