@@ -362,3 +362,26 @@ fn incompatible_pinned_map_is_replaced() {
     );
     assert!(kubectl_works(&world), "kubectl through the new maps");
 }
+
+/// `chaperone detach` takes the programs off the cgroup even while a node
+/// agent still holds the links (a lingering pod during removal).
+#[test]
+fn detach_works_while_a_node_agent_still_runs() {
+    require_root!();
+    let world = world(&[]);
+    let out = Command::new(workspace_binary("chaperone"))
+        .arg("detach")
+        .arg("--bpffs")
+        .arg(&world.bpffs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(world.bpffs_pins(), Vec::<String>::new());
+    let report = probe(world.agent(), direct_addr(&world));
+    assert_eq!(report["connected"], true, "{report}");
+    assert_eq!(
+        direct_accepts(world.direct.as_ref().unwrap(), Duration::from_secs(2)),
+        1,
+        "the running agent's links were detached too"
+    );
+}
