@@ -43,6 +43,10 @@ pub enum Command {
     Check,
     /// Run the node agent: eBPF redirect + proxy (the DaemonSet's command).
     Node(Box<crate::config::NodeArgs>),
+    /// Detach every program chaperone pinned on this node and remove the
+    /// pins: agent pods reach the API server directly again. For removing
+    /// chaperone from a node (see deploy/README.md, "Removal").
+    Detach(DetachArgs),
     /// Serve the mutating admission webhook that injects the CA bundle (and,
     /// in impersonate mode, the token audience) into agent pods.
     Webhook(webhook::WebhookArgs),
@@ -66,6 +70,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check => check(),
         Command::Node(args) => node(*args),
+        Command::Detach(args) => detach(&args),
         Command::Webhook(args) => webhook::run(args),
         Command::Sessions(args) => crate::record::cli::sessions(&args, &mut std::io::stdout()),
         Command::Replay(args) => crate::record::cli::replay(&args, &mut std::io::stdout()),
@@ -105,6 +110,37 @@ fn node(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(crate::node::run(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The bpffs directory the node agent pinned its links and maps in.
+    #[arg(long, env = "CHAPERONE_BPFFS", default_value = crate::config::DEFAULT_BPFFS)]
+    pub bpffs: std::path::PathBuf,
+}
+
+fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
+    let report = redirect::detach_all(&args.bpffs);
+    for link in &report.links {
+        println!("detached and unpinned link {link}");
+    }
+    for map in &report.maps {
+        println!("unpinned map {map}");
+    }
+    for problem in &report.problems {
+        eprintln!("problem: {problem}");
+    }
+    if report.links.is_empty() && report.maps.is_empty() && report.problems.is_empty() {
+        println!(
+            "nothing pinned under {}: chaperone is not attached here",
+            args.bpffs.display()
+        );
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn check() -> anyhow::Result<ExitCode> {

@@ -25,7 +25,7 @@ use crate::{
     policy::PolicyStore,
     proxy::{Proxy, ProxyConfig, Terminate, Upstream, UpstreamSpec},
     record::{RecordConfig, Recorder},
-    redirect::{self, CgroupId, RedirectSpec, Redirector},
+    redirect::{self, CgroupId, Lifetime, RedirectSpec, Redirector},
     tls::{ConnectorOptions, LeafCache, LeafConfig, LocalCa, TlsTerminator, UpstreamConfig},
 };
 
@@ -119,25 +119,38 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         Some(root) => root.clone(),
         None => redirect::cgroup2_mount()?,
     };
+    // failOpen decides what outlives this process: pinned programs keep
+    // redirecting to this (then dead) proxy address, so agents' connections
+    // are refused until the next node agent adopts the pins.
+    let lifetime = if config.fail_open {
+        Lifetime::AdoptThenRelease {
+            bpffs: config.bpffs.clone(),
+        }
+    } else {
+        Lifetime::Pinned {
+            bpffs: config.bpffs.clone(),
+        }
+    };
     let redirector = Arc::new(
-        Redirector::attach(RedirectSpec {
-            cgroup: cgroup_root,
-            proxy_v4: config.proxy_ips.iter().find_map(|ip| match ip {
-                std::net::IpAddr::V4(v4) => Some(*v4),
-                _ => None,
-            }),
-            proxy_v6: config.proxy_ips.iter().find_map(|ip| match ip {
-                std::net::IpAddr::V6(v6) => Some(*v6),
-                _ => None,
-            }),
-            proxy_port: config.proxy_port,
-            mark: config.socket_mark,
-        })
+        Redirector::attach_with(
+            RedirectSpec {
+                cgroup: cgroup_root,
+                proxy_v4: config.proxy_ips.iter().find_map(|ip| match ip {
+                    std::net::IpAddr::V4(v4) => Some(*v4),
+                    _ => None,
+                }),
+                proxy_v6: config.proxy_ips.iter().find_map(|ip| match ip {
+                    std::net::IpAddr::V6(v6) => Some(*v6),
+                    _ => None,
+                }),
+                proxy_port: config.proxy_port,
+                mark: config.socket_mark,
+            },
+            lifetime,
+        )
         .context("attaching the eBPF redirect")?,
     );
-    for target in &config.targets {
-        redirector.add_target(*target)?;
-    }
+    redirector.set_targets(&config.targets)?;
     for destination in &config.refused {
         redirector.refuse(*destination)?;
     }
@@ -247,7 +260,15 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         "chaperone node agent ready"
     );
     proxy.serve(listeners, shutdown_signal()).await;
-    tracing::info!("drained; detaching the eBPF programs");
+    if config.fail_open {
+        tracing::info!("drained; detaching the eBPF programs (failOpen: agents go direct)");
+    } else {
+        tracing::info!(
+            bpffs = %config.bpffs.display(),
+            "drained; the eBPF programs stay pinned (failOpen: false): agents' API \
+             connections are refused until a node agent runs again"
+        );
+    }
     drop(redirector);
     recorder.shutdown();
     if let Some(auditor) = auditor {

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     sim::{SimConfig, SimHandle, Simulator},
-    topology::{Cgroup, InClusterCredentials, Netns, Placement},
+    topology::{BpffsMount, Cgroup, InClusterCredentials, Netns, Placement},
 };
 
 /// The `kubernetes.default` ClusterIP agents dial.
@@ -79,17 +79,74 @@ impl NodeAgent {
 
     /// SIGTERM and wait (graceful drain).
     pub fn stop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal_and_wait(libc::SIGTERM);
+    }
+
+    /// Sends `signal` and waits for the exit (SIGKILL after 30 s). `true`
+    /// when the process exited by itself within that time.
+    pub fn signal_and_wait(&mut self, signal: libc::c_int) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true;
+        }
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                return true;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        false
+    }
+
+    /// `true` while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl NodeAgent {
+    /// Runs `chaperone ARGS` and waits for "node agent ready".
+    pub fn spawn(
+        args: &[std::ffi::OsString],
+        admin_port: u16,
+        ca_dir: PathBuf,
+        port: u16,
+    ) -> Result<NodeAgent> {
+        let mut cmd = Command::new(workspace_binary("chaperone"));
+        cmd.args(args)
+            .env("CHAPERONE_LOG", "info,chaperone=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("start chaperone node")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let stderr = child.stderr.take().expect("piped stderr");
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("node agent ready") {
+                        let _ = ready_tx.send(());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let node = NodeAgent {
+            child,
+            admin_port,
+            ca_dir,
+            port,
+            log,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            bail!("chaperone node did not become ready:\n{}", node.log_text());
+        }
+        Ok(node)
     }
 }
 
@@ -112,6 +169,16 @@ pub struct World {
     pub credentials: InClusterCredentials,
     /// The agent pod's uid (its cgroup and its token carry it).
     pub pod_uid: String,
+    /// The node agent's `--bpffs` directory (on this world's own bpffs).
+    pub bpffs: PathBuf,
+    /// With [`WorldSpec::direct_listener`]: a plain listener on the host
+    /// side of the veth that chaperone also treats as an API-server target.
+    /// Whatever it accepts from the agent reached "the API server" without
+    /// chaperone.
+    pub direct: Option<std::net::TcpListener>,
+    node_command: Vec<std::ffi::OsString>,
+    // After the node agent: detaches and unmounts what it left pinned.
+    _bpffs_mount: BpffsMount,
     // Dropped last: the subtree the programs are attached at.
     _subtree: Cgroup,
 }
@@ -138,6 +205,8 @@ pub struct WorldSpec {
     pub agent_cgroup_flag: bool,
     /// The audiences of the agent's token; `None`: the API server's own.
     pub token_audience: Option<Vec<String>>,
+    /// Open [`World::direct`] and make it a redirect target.
+    pub direct_listener: bool,
 }
 
 /// Lets every service account do everything, recording metadata: faithful
@@ -165,6 +234,7 @@ impl Default for WorldSpec {
             agent_pod_in_sim: true,
             agent_cgroup_flag: true,
             token_audience: None,
+            direct_listener: false,
         }
     }
 }
@@ -230,7 +300,18 @@ impl World {
         let port = free_port(netns.host_v4)?;
         let admin_port = free_port(Ipv4Addr::LOCALHOST)?;
         let ca_dir = work.path().join("ca");
-        let mut cmd = Command::new(workspace_binary("chaperone"));
+        // Each world pins into its own bpffs instance: parallel worlds never
+        // see each other's pins, and teardown removes everything.
+        let bpffs_mount = BpffsMount::create()?;
+        let bpffs = bpffs_mount.path.join("chaperone");
+        let direct = if spec.direct_listener {
+            let listener = std::net::TcpListener::bind((netns.host_v4, 0))?;
+            listener.set_nonblocking(true)?;
+            Some(listener)
+        } else {
+            None
+        };
+        let mut cmd = Command::new("chaperone");
         cmd.arg("node")
             .args(["--node-name", "e2e-node"])
             .args(["--proxy-ip", &netns.host_v4.to_string()])
@@ -257,36 +338,14 @@ impl World {
             .arg(work.path().join("sessions"))
             .arg("--audit-log")
             .arg(work.path().join("audit.log"))
-            .args(&spec.node_args)
-            .env("CHAPERONE_LOG", "info,chaperone=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("start chaperone node")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        {
-            let stderr = child.stderr.take().expect("piped stderr");
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("node agent ready") {
-                        let _ = ready_tx.send(());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
+            .arg("--bpffs")
+            .arg(&bpffs);
+        if let Some(direct) = &direct {
+            cmd.args(["--target", &direct.local_addr()?.to_string()]);
         }
-        let node = NodeAgent {
-            child,
-            admin_port,
-            ca_dir,
-            port,
-            log,
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            bail!("chaperone node did not become ready:\n{}", node.log_text());
-        }
-
+        cmd.args(&spec.node_args);
+        let node_command: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let node = NodeAgent::spawn(&node_command, admin_port, ca_dir, port)?;
         let token = sim.mint_service_account_token(
             &spec.namespace,
             &spec.service_account,
@@ -315,8 +374,26 @@ impl World {
             token,
             credentials,
             pod_uid,
+            bpffs,
+            direct,
+            node_command,
+            _bpffs_mount: bpffs_mount,
             _subtree: subtree,
         })
+    }
+
+    /// Starts a new node agent with the same arguments (the previous one
+    /// must have exited: the proxy port is the same) and waits until ready.
+    pub fn restart_node(&mut self) -> Result<()> {
+        let node = NodeAgent::spawn(
+            &self.node_command,
+            self.node.admin_port,
+            self.node.ca_dir.clone(),
+            self.node.port,
+        )?;
+        let mut previous = std::mem::replace(&mut self.node, node);
+        previous.stop();
+        Ok(())
     }
 
     pub fn agent(&self) -> Placement<'_> {
@@ -324,6 +401,23 @@ impl World {
             cgroup: &self.agent_cgroup,
             netns: &self.netns,
         }
+    }
+
+    /// Everything pinned in this world's bpffs instance (relative paths).
+    pub fn bpffs_pins(&self) -> Vec<String> {
+        self._bpffs_mount.pins()
+    }
+
+    /// A cgroup of this node that is not an agent's (a system service).
+    pub fn unlabeled_cgroup(&self, name: &str) -> Result<Cgroup> {
+        self._subtree.child(format!("system.slice/{name}.scope"))
+    }
+
+    /// Starts a new node agent with the same arguments plus `extra` (the
+    /// previous one must have exited) and waits until it is ready.
+    pub fn restart_node_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.node_command.extend(extra.iter().map(Into::into));
+        self.restart_node()
     }
 
     /// `kubectl ARGS` inside the agent pod, as an in-cluster client.

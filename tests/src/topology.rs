@@ -326,3 +326,62 @@ impl Placement<'_> {
         cmd
     }
 }
+
+/// A private bpffs instance mounted on a fresh temporary directory, so a
+/// test's pins are its own. On drop, every chaperone pin directory in it is
+/// detached (links off their cgroups) and the instance is unmounted.
+pub struct BpffsMount {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BpffsMount {
+    pub fn create() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().to_path_buf();
+        run("mount", &["-t", "bpf", "bpf", &path.to_string_lossy()])
+            .context("mount a bpffs instance for the test's pins")?;
+        Ok(BpffsMount { path, _dir: dir })
+    }
+
+    /// The entries at the top of the instance, other than the kernel's own
+    /// `maps.debug` / `progs.debug` iterators.
+    pub fn pins(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        walk(&self.path, &self.path, &mut names);
+        names.retain(|n| n != "maps.debug" && n != "progs.debug");
+        names.sort();
+        names
+    }
+}
+
+fn walk(root: &Path, dir: &Path, names: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if let Ok(relative) = path.strip_prefix(root) {
+            names.push(relative.to_string_lossy().into_owned());
+        }
+        if path.is_dir() {
+            walk(root, &path, names);
+        }
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.path) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.path().is_dir() {
+                    let report = chaperone::redirect::detach_all(&entry.path());
+                    for problem in report.problems {
+                        eprintln!("test teardown: {problem}");
+                    }
+                }
+            }
+        }
+        let _ = run("umount", &[&self.path.to_string_lossy()]);
+    }
+}

@@ -5,19 +5,24 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Mutex,
 };
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapType, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
-use interceptor_ebpf::{ConnKey, OrigRecord, RedirectConfig, SockAddrKey, counter, names};
+use interceptor_ebpf::{
+    ConnKey, OrigRecord, RedirectConfig, SockAddrKey, capacity, counter, names,
+};
 
 use super::{
     addr::{AttestedConnection, CgroupId, RefusedDestination, conn_key, sock_addr_key},
+    bpf_sys::{self, attach_type},
+    pin::{PinDir, PinDirError},
     preflight,
 };
 
@@ -72,6 +77,22 @@ pub enum RedirectError {
     },
     #[error("the proxy spec has no address: set an IPv4 and/or IPv6 proxy address")]
     NoProxyAddress,
+    #[error(transparent)]
+    PinDir(#[from] PinDirError),
+    #[error(
+        "the kernel attached `{program}` without a BPF link (kernel before 5.7?), so it \
+         cannot be pinned: {source}"
+    )]
+    NotALink {
+        program: &'static str,
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("cannot pin the link of `{program}` at {path}: {source}")]
+    Pin {
+        program: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// Counters kept by the programs, summed over CPUs.
@@ -93,15 +114,67 @@ pub struct Redirector {
     refused: Mutex<HashMap<MapData, SockAddrKey, u8>>,
     connections: Mutex<HashMap<MapData, ConnKey, OrigRecord>>,
     counters: PerCpuArray<MapData, u64>,
-    // Owns the programs and their links: dropped last, it detaches them.
+    /// Links this redirector holds by file descriptor (pinned or adopted).
+    links: Vec<HeldLink>,
+    /// The links are pinned: they stay attached when this process exits.
+    pinned: bool,
+    // Owns the programs (and the links not in `links`): dropped last, it
+    // detaches what is not pinned.
     _ebpf: Ebpf,
+}
+
+impl Drop for Redirector {
+    fn drop(&mut self) {
+        if self.pinned {
+            tracing::info!(
+                "the eBPF programs stay attached (pinned): agents' API connections are \
+                 refused until a node agent runs again (failOpen: false)"
+            );
+            return;
+        }
+        for link in &self.links {
+            if let Err(error) = bpf_sys::link_detach(link.fd.as_fd()) {
+                tracing::warn!(program = link.program, %error, "detaching an adopted link");
+            }
+        }
+    }
+}
+
+/// A cgroup link held by file descriptor.
+struct HeldLink {
+    program: &'static str,
+    fd: OwnedFd,
+}
+
+/// What happens to the programs and maps when the node agent exits.
+#[derive(Clone, Debug)]
+pub enum Lifetime {
+    /// Owned by this process: exit (clean or crash) detaches them. Tests.
+    Process,
+    /// Pinned under `bpffs`: they stay attached and keep redirecting to the
+    /// proxy address after any exit, so agents' connections are refused
+    /// while no node agent runs (fail closed). A previous agent's pins are
+    /// adopted: its links get the new programs atomically.
+    Pinned { bpffs: PathBuf },
+    /// Adopts whatever a previous (fail-closed) agent pinned under `bpffs`,
+    /// so the handover has no gap, then removes the pins: the programs go
+    /// with this process (fail open).
+    AdoptThenRelease { bpffs: PathBuf },
 }
 
 impl Redirector {
     /// Loads the programs, configures the proxy address, and attaches
-    /// connect4/6, getpeername4/6 and sock_ops at `spec.cgroup`. Nothing is
+    /// connect4/6, getpeername4/6 and sock_ops at `spec.cgroup`, owned by
+    /// this process (dropping the redirector detaches them). Nothing is
     /// redirected until agent cgroups and targets are added.
     pub fn attach(spec: RedirectSpec) -> Result<Self, RedirectError> {
+        Self::attach_with(spec, Lifetime::Process)
+    }
+
+    /// [`Redirector::attach`], with the programs' lifetime chosen by
+    /// `lifetime`: pinned (they outlive the process, and a previous node
+    /// agent's pins are adopted without a gap) or not.
+    pub fn attach_with(spec: RedirectSpec, lifetime: Lifetime) -> Result<Self, RedirectError> {
         if spec.proxy_v4.is_none() && spec.proxy_v6.is_none() {
             return Err(RedirectError::NoProxyAddress);
         }
@@ -110,10 +183,33 @@ impl Redirector {
             path: spec.cgroup.clone(),
             source,
         })?;
-        let mut ebpf = Ebpf::load(PROGRAMS).map_err(|source| RedirectError::Load {
-            hint: preflight::hint(),
-            source: Box::new(source),
-        })?;
+        let cgroup_id = super::cgroupfs::cgroup_id(&spec.cgroup)
+            .map_err(|source| RedirectError::Cgroup {
+                path: spec.cgroup.clone(),
+                source,
+            })?
+            .0;
+        let pins = match &lifetime {
+            Lifetime::Process => None,
+            Lifetime::Pinned { bpffs } => Some(PinDir::create(bpffs)?),
+            Lifetime::AdoptThenRelease { bpffs } => PinDir::existing(bpffs),
+        };
+        let carried_cgroups = match &pins {
+            Some(pins) => replace_incompatible_maps(pins),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = &pins {
+            for shape in SHARED_MAPS {
+                loader.map_pin_path(shape.name, pins.map(shape.name));
+            }
+        }
+        let mut ebpf = loader
+            .load(PROGRAMS)
+            .map_err(|source| RedirectError::Load {
+                hint: preflight::hint(),
+                source: Box::new(source),
+            })?;
         // aya-log events (debug lines from the programs) go to `tracing` via
         // the `log` bridge. Without the logger the programs still run.
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -128,50 +224,72 @@ impl Redirector {
                 map: names::CONFIG,
                 source: Box::new(source),
             })?;
-
-        for name in [
-            names::CONNECT4,
-            names::CONNECT6,
-            names::GETPEERNAME4,
-            names::GETPEERNAME6,
-        ] {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(RedirectError::Missing {
-                    what: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| program_error(name, source))?;
-            program
-                .load()
-                .map_err(|source| program_error(name, source))?;
-            program
-                .attach(&cgroup, ATTACH_MODE)
-                .map_err(|source| program_error(name, source))?;
+        let agent_cgroups: HashMap<MapData, u64, u32> = take_map(&mut ebpf, names::AGENT_CGROUPS)?;
+        let mut agent_cgroups = agent_cgroups;
+        for id in carried_cgroups {
+            let _ = agent_cgroups.insert(id, 1, 0);
         }
-        let sock_ops: &mut SockOps = ebpf
-            .program_mut(names::SOCK_OPS)
-            .ok_or(RedirectError::Missing {
-                what: "program",
-                name: names::SOCK_OPS,
-            })?
-            .try_into()
-            .map_err(|source| program_error(names::SOCK_OPS, source))?;
-        sock_ops
-            .load()
-            .map_err(|source| program_error(names::SOCK_OPS, source))?;
-        sock_ops
-            .attach(&cgroup, ATTACH_MODE)
-            .map_err(|source| program_error(names::SOCK_OPS, source))?;
+
+        let keep_pins = matches!(lifetime, Lifetime::Pinned { .. });
+        let mut links = Vec::new();
+        for (name, attach_type) in ATTACHED_PROGRAMS {
+            load_program(&mut ebpf, name)?;
+            let adopted = match &pins {
+                Some(pins) => adopt_link(&ebpf, pins, name, attach_type, cgroup_id),
+                None => None,
+            };
+            let fd = match adopted {
+                Some(fd) => Some(fd),
+                None => {
+                    let fresh = attach_program(&mut ebpf, name, &cgroup, keep_pins)?;
+                    match (fresh, &pins) {
+                        (Some(link), Some(pins)) => Some(pin_fresh_link(pins, name, link)?),
+                        _ => None,
+                    }
+                }
+            };
+            if !keep_pins && let Some(pins) = &pins {
+                let path = pins.link(name);
+                if fd.is_none()
+                    && path.exists()
+                    && let Ok(old) = bpf_sys::obj_get(&path)
+                {
+                    // A pin we could not adopt: our own link is attached
+                    // now, so the old one can go.
+                    let _ = bpf_sys::link_detach(old.as_fd());
+                }
+                // Adopted or not, the link is ours alone now: it goes when
+                // this process does.
+                let _ = std::fs::remove_file(&path);
+            }
+            if let Some(fd) = fd {
+                links.push(HeldLink { program: name, fd });
+            }
+        }
+        if let Some(pins) = &pins {
+            remove_stale_links(pins);
+            if !keep_pins {
+                for shape in SHARED_MAPS {
+                    let _ = std::fs::remove_file(pins.map(shape.name));
+                }
+                pins.remove_empty();
+                tracing::info!(
+                    bpffs = %pins.root().display(),
+                    "failOpen: took over the pinned programs and maps and removed the pins; \
+                     they detach when this node agent exits"
+                );
+            }
+        }
 
         let redirector = Redirector {
-            agent_cgroups: Mutex::new(take_map(&mut ebpf, names::AGENT_CGROUPS)?),
+            agent_cgroups: Mutex::new(agent_cgroups),
             targets: Mutex::new(take_map(&mut ebpf, names::TARGETS)?),
             refused: Mutex::new(take_map(&mut ebpf, names::REFUSED)?),
             connections: Mutex::new(take_map(&mut ebpf, names::CONNECTIONS)?),
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             spec,
+            links,
+            pinned: keep_pins,
             _ebpf: ebpf,
         };
         tracing::info!(
@@ -179,9 +297,33 @@ impl Redirector {
             proxy_v4 = ?redirector.spec.proxy_v4,
             proxy_v6 = ?redirector.spec.proxy_v6,
             proxy_port = redirector.spec.proxy_port,
+            pinned = ?pins.as_ref().filter(|_| keep_pins).map(|p| p.root().display().to_string()),
             "eBPF redirect attached"
         );
         Ok(redirector)
+    }
+
+    /// `true` when the programs stay attached after this process exits.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Replaces the targets with exactly `targets` (a pinned TARGETS map may
+    /// hold a previous configuration's).
+    pub fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), RedirectError> {
+        let wanted: Vec<SockAddrKey> = targets.iter().map(|t| sock_addr_key(*t)).collect();
+        let stale: Vec<SockAddrKey> = lock(&self.targets)
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for target in targets {
+            self.add_target(*target)?;
+        }
+        for key in stale {
+            remove_if_present(&self.targets, &key, names::TARGETS)?;
+        }
+        Ok(())
     }
 
     pub fn spec(&self) -> &RedirectSpec {
@@ -366,5 +508,319 @@ fn spawn_log_reader(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         });
     if let Err(error) = spawned {
         tracing::debug!(%error, "eBPF log events will not be read");
+    }
+}
+
+// === pinning ===
+
+/// The programs chaperone attaches, with their `bpf_attach_type`.
+const ATTACHED_PROGRAMS: [(&str, u32); 5] = [
+    (names::CONNECT4, attach_type::CGROUP_INET4_CONNECT),
+    (names::CONNECT6, attach_type::CGROUP_INET6_CONNECT),
+    (names::GETPEERNAME4, attach_type::CGROUP_INET4_GETPEERNAME),
+    (names::GETPEERNAME6, attach_type::CGROUP_INET6_GETPEERNAME),
+    (names::SOCK_OPS, attach_type::CGROUP_SOCK_OPS),
+];
+
+/// The layout a pinned map must have for this version's programs to use it.
+struct MapShape {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
+    MapShape {
+        name,
+        map_type,
+        key_size: std::mem::size_of::<K>() as u32,
+        value_size: std::mem::size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// The maps that are pinned and shared between node agents (and between an
+/// old agent's programs and a new agent's proxy during a handover).
+const SHARED_MAPS: [MapShape; 7] = [
+    shape::<u64, u32>(names::AGENT_CGROUPS, MapType::Hash, capacity::AGENT_CGROUPS),
+    shape::<SockAddrKey, u8>(names::TARGETS, MapType::Hash, capacity::TARGETS),
+    shape::<SockAddrKey, u8>(names::REFUSED, MapType::Hash, capacity::REFUSED),
+    shape::<u32, RedirectConfig>(names::CONFIG, MapType::Array, 1),
+    shape::<u64, OrigRecord>(names::SOCKETS, MapType::LruHash, capacity::SOCKETS),
+    shape::<ConnKey, OrigRecord>(names::CONNECTIONS, MapType::LruHash, capacity::CONNECTIONS),
+    shape::<u32, u64>(names::COUNTERS, MapType::PerCpuArray, counter::LEN),
+];
+
+/// Unpins every pinned map whose layout differs from this version's (a
+/// version with another map layout pinned it), so the loader creates a
+/// fresh one. The old programs keep their old maps until their links get
+/// the new programs. Returns the agent cgroups to carry over when
+/// `AGENT_CGROUPS` itself is replaced.
+fn replace_incompatible_maps(pins: &PinDir) -> Vec<u64> {
+    let mut carried = Vec::new();
+    for shape in &SHARED_MAPS {
+        let path = pins.map(shape.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = match aya::maps::MapInfo::from_pin(&path) {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::warn!(map = shape.name, %error, "unreadable pinned map: replacing it");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        };
+        let same_type = info
+            .map_type()
+            .is_ok_and(|t| std::mem::discriminant(&t) == std::mem::discriminant(&shape.map_type));
+        if same_type
+            && info.key_size() == shape.key_size
+            && info.value_size() == shape.value_size
+            && info.max_entries() == shape.max_entries
+        {
+            continue;
+        }
+        tracing::warn!(
+            map = shape.name,
+            pinned = format!(
+                "{:?} key {} value {} max {}",
+                info.map_type().ok(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            ),
+            expected = format!(
+                "{:?} key {} value {} max {}",
+                shape.map_type, shape.key_size, shape.value_size, shape.max_entries
+            ),
+            "the pinned map was made by a chaperone with another map layout: replacing it \
+             (the attached programs switch to the new map when their links are updated)"
+        );
+        if shape.name == names::AGENT_CGROUPS && info.key_size() == 8 {
+            carried = read_u64_keys(&path);
+        }
+        if let Err(error) = std::fs::remove_file(&path) {
+            tracing::warn!(map = shape.name, %error, "cannot unpin the incompatible map");
+        }
+    }
+    carried
+}
+
+/// The u64 keys of the pinned map at `path`, whatever its value type.
+fn read_u64_keys(path: &std::path::Path) -> Vec<u64> {
+    let Ok(map) = MapData::from_pin(path) else {
+        return Vec::new();
+    };
+    let Ok(info) = map.info() else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    // A typed view with a value type of the pinned size: only keys are read.
+    match info.value_size() {
+        1 => collect_keys::<u8>(map, &mut keys),
+        2 => collect_keys::<u16>(map, &mut keys),
+        4 => collect_keys::<u32>(map, &mut keys),
+        8 => collect_keys::<u64>(map, &mut keys),
+        other => tracing::warn!(
+            value_size = other,
+            "cannot carry the agent cgroups over: the pod tracker re-adds them"
+        ),
+    }
+    keys
+}
+
+fn collect_keys<V: aya::Pod>(map: MapData, keys: &mut Vec<u64>) {
+    if let Ok(map) = HashMap::<MapData, u64, V>::try_from(aya::maps::Map::HashMap(map)) {
+        keys.extend(map.keys().filter_map(Result::ok));
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), RedirectError> {
+    let program = ebpf.program_mut(name).ok_or(RedirectError::Missing {
+        what: "program",
+        name,
+    })?;
+    let result = if name == names::SOCK_OPS {
+        let program: &mut SockOps = program
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program.load()
+    } else {
+        let program: &mut CgroupSockAddr = program
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program.load()
+    };
+    result.map_err(|source| program_error(name, source))
+}
+
+/// Attaches `name` at `cgroup` with a new link. With `take`, the link is
+/// handed back (to be pinned); otherwise the program keeps it and it goes
+/// with the [`Ebpf`].
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    take: bool,
+) -> Result<Option<FdLink>, RedirectError> {
+    let program = ebpf.program_mut(name).ok_or(RedirectError::Missing {
+        what: "program",
+        name,
+    })?;
+    let link: Option<FdLink> = if name == names::SOCK_OPS {
+        let program: &mut SockOps = program
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        let id = program
+            .attach(cgroup, ATTACH_MODE)
+            .map_err(|source| program_error(name, source))?;
+        if take {
+            let link = program
+                .take_link(id)
+                .map_err(|source| program_error(name, source))?;
+            Some(
+                FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
+                    program: name,
+                    source: Box::new(source),
+                })?,
+            )
+        } else {
+            None
+        }
+    } else {
+        let program: &mut CgroupSockAddr = program
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        let id = program
+            .attach(cgroup, ATTACH_MODE)
+            .map_err(|source| program_error(name, source))?;
+        if take {
+            let link = program
+                .take_link(id)
+                .map_err(|source| program_error(name, source))?;
+            Some(
+                FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
+                    program: name,
+                    source: Box::new(source),
+                })?,
+            )
+        } else {
+            None
+        }
+    };
+    Ok(link)
+}
+
+/// Takes over the link a previous node agent pinned for `name`: if it is a
+/// cgroup link of the right hook at the same cgroup, its program is
+/// replaced by the newly loaded one in one step (`BPF_LINK_UPDATE`), so the
+/// hook is never without a chaperone program. `None` when there is nothing
+/// to adopt or the pin is unusable (it is then replaced after the new link
+/// is attached, see [`pin_fresh_link`]).
+fn adopt_link(
+    ebpf: &Ebpf,
+    pins: &PinDir,
+    name: &'static str,
+    attach_type: u32,
+    cgroup_id: u64,
+) -> Option<OwnedFd> {
+    let path = pins.link(name);
+    if !path.exists() {
+        return None;
+    }
+    let fd = match bpf_sys::obj_get(&path) {
+        Ok(fd) => fd,
+        Err(error) => {
+            tracing::warn!(program = name, %error, path = %path.display(), "unusable pin: replacing it");
+            return None;
+        }
+    };
+    let info = match bpf_sys::link_info(fd.as_fd()) {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::warn!(program = name, %error, "pinned object is not a link: replacing it");
+            return None;
+        }
+    };
+    if info.link_type != bpf_sys::LINK_TYPE_CGROUP
+        || info.attach_type != attach_type
+        || info.cgroup_id != cgroup_id
+    {
+        tracing::warn!(
+            program = name,
+            link = info.id,
+            pinned_cgroup = info.cgroup_id,
+            cgroup = cgroup_id,
+            "the pinned link is for another hook or cgroup: replacing it"
+        );
+        return None;
+    }
+    let program_fd = ebpf.program(name)?.fd().ok()?;
+    match bpf_sys::link_update(fd.as_fd(), program_fd.as_fd()) {
+        Ok(()) => {
+            tracing::info!(
+                program = name,
+                link = info.id,
+                old_program = info.prog_id,
+                "adopted the pinned link: its program was replaced in place, no gap"
+            );
+            Some(fd)
+        }
+        Err(error) => {
+            tracing::warn!(program = name, %error, "cannot update the pinned link: replacing it");
+            None
+        }
+    }
+}
+
+/// Pins a freshly attached link at the program's pin path. A pin already
+/// there (a link this version cannot adopt) is detached only now, after the
+/// new link is attached, so the hook is never left without a program.
+fn pin_fresh_link(
+    pins: &PinDir,
+    name: &'static str,
+    link: FdLink,
+) -> Result<OwnedFd, RedirectError> {
+    let path = pins.link(name);
+    // bpffs refuses names with a dot.
+    let staging = pins.links().join(format!("{name}-new"));
+    let _ = std::fs::remove_file(&staging);
+    let pin_error = |source: io::Error, path: &std::path::Path| RedirectError::Pin {
+        program: name,
+        path: path.to_path_buf(),
+        source,
+    };
+    let pinned = link
+        .pin(&staging)
+        .map_err(|e| pin_error(io::Error::other(e.to_string()), &staging))?;
+    let fd = bpf_sys::obj_get(&staging).map_err(|e| pin_error(e, &staging))?;
+    drop(pinned);
+    if path.exists() {
+        if let Ok(old) = bpf_sys::obj_get(&path) {
+            let _ = bpf_sys::link_detach(old.as_fd());
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    std::fs::rename(&staging, &path).map_err(|e| pin_error(e, &path))?;
+    Ok(fd)
+}
+
+/// Detaches and unpins links of programs this version no longer has.
+fn remove_stale_links(pins: &PinDir) {
+    for (name, path) in super::pin::entries(&pins.links()) {
+        if ATTACHED_PROGRAMS
+            .iter()
+            .any(|(program, _)| *program == name)
+        {
+            continue;
+        }
+        tracing::warn!(pin = %path.display(), "detaching a pinned link this version does not use");
+        if let Ok(fd) = bpf_sys::obj_get(&path) {
+            let _ = bpf_sys::link_detach(fd.as_fd());
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }

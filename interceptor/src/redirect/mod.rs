@@ -6,13 +6,18 @@
 //!   cgroup ids.
 //! - [`addr`]: the typed addresses that go in and out of the maps.
 //! - [`loader`]: [`Redirector`], the loaded and attached programs.
+//! - [`pin`]: the pinned links and maps that outlive a fail-closed node
+//!   agent, and `chaperone detach`.
 
 pub mod addr;
+mod bpf_sys;
 pub mod cgroupfs;
 mod loader;
+pub mod pin;
 mod preflight;
 
 pub use addr::{AttestedConnection, CgroupId, OrigDst, RefusedDestination};
 pub use cgroupfs::{CgroupMountError, cgroup2_mount};
-pub use loader::{RedirectCounters, RedirectError, RedirectSpec, Redirector};
+pub use loader::{Lifetime, RedirectCounters, RedirectError, RedirectSpec, Redirector};
+pub use pin::{DetachReport, PinDir, detach_all};
 pub use preflight::{Preflight, preflight};

@@ -2,9 +2,12 @@
 //! socket says about itself as one JSON line on stdout, then holds the
 //! connection until the peer closes it (or 10 s pass).
 //!
-//! usage: agent-probe ADDR:PORT [--mark N] [--v6-socket]
-//!   --mark N       set SO_MARK on the socket before connecting
-//!   --v6-socket    use an AF_INET6 socket (IPv4 targets become ::ffff:a.b.c.d)
+//! usage: agent-probe ADDR:PORT [--mark N] [--v6-socket] [--repeat-ms MS]
+//!   --mark N         set SO_MARK on the socket before connecting
+//!   --v6-socket      use an AF_INET6 socket (IPv4 targets become ::ffff:a.b.c.d)
+//!   --repeat-ms MS   connect again and again for MS milliseconds (one JSON
+//!                    line per attempt, each connection closed at once):
+//!                    what an agent sees across a node agent restart
 
 use std::{
     io::{Read, Write},
@@ -22,9 +25,11 @@ fn main() {
         .expect("usage: agent-probe ADDR:PORT [--mark N] [--v6-socket]");
     let mut mark = None;
     let mut v6_socket = false;
+    let mut repeat_ms = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--mark" => mark = args.next().and_then(|m| m.parse::<u32>().ok()),
+            "--repeat-ms" => repeat_ms = args.next().and_then(|m| m.parse::<u64>().ok()),
             "--v6-socket" => v6_socket = true,
             other => panic!("unknown argument {other}"),
         }
@@ -37,6 +42,29 @@ fn main() {
         (true, v6 @ SocketAddr::V6(_)) | (false, v6 @ SocketAddr::V6(_)) => (Domain::IPV6, v6),
         (false, v4) => (Domain::IPV4, v4),
     };
+    if let Some(ms) = repeat_ms {
+        let start = std::time::Instant::now();
+        let until = start + Duration::from_millis(ms);
+        let mut stdout = std::io::stdout();
+        while std::time::Instant::now() < until {
+            let socket = Socket::new(domain, Type::STREAM, None).expect("socket");
+            let result = socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(1));
+            let line = match result {
+                Ok(()) => {
+                    serde_json::json!({"t_ms": start.elapsed().as_millis() as u64, "connected": true})
+                }
+                Err(error) => serde_json::json!({
+                    "t_ms": start.elapsed().as_millis() as u64,
+                    "connected": false,
+                    "errno": error.raw_os_error(),
+                }),
+            };
+            writeln!(stdout, "{line}").unwrap();
+            drop(socket);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        return;
+    }
     let socket = Socket::new(domain, Type::STREAM, None).expect("socket");
     if let Some(mark) = mark {
         socket

@@ -1,0 +1,205 @@
+//! Chaperone's pinned state in a bpffs directory: what outlives the node
+//! agent when it fails closed, and what `chaperone detach` removes.
+//!
+//! ```text
+//! <bpffs>/links/<program>   one cgroup link per program (chaperone_connect4, …)
+//! <bpffs>/maps/<MAP>        the maps the programs and the proxy share
+//! ```
+//!
+//! A pinned link keeps its program attached after the process that made it
+//! exits; a pinned map keeps its contents (agent cgroups, targets, refused
+//! destinations, the proxy address) for the next node agent.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use super::bpf_sys;
+
+/// A bpffs directory holding chaperone's pins.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinDirError {
+    #[error(
+        "{path} is not on a BPF filesystem, so nothing could be pinned there and the \
+         programs would detach when this process exits (failing open). Mount bpffs \
+         (`mount -t bpf bpf /sys/fs/bpf`; in Kubernetes, mount the host's /sys/fs/bpf \
+         into the node agent) or point --bpffs / CHAPERONE_BPFFS at a directory on one"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("cannot create the pin directory {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+}
+
+impl PinDir {
+    /// Uses `root`, creating it (and `links/`, `maps/`) when missing. The
+    /// directory must be on a bpffs: refuses otherwise, with what to mount.
+    pub fn create(root: &Path) -> Result<PinDir, PinDirError> {
+        if !on_bpffs(root) {
+            return Err(PinDirError::NotBpffs {
+                path: root.to_path_buf(),
+            });
+        }
+        let dir = PinDir {
+            root: root.to_path_buf(),
+        };
+        for path in [dir.links(), dir.maps()] {
+            std::fs::create_dir_all(&path).map_err(|source| PinDirError::Create {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(dir)
+    }
+
+    /// Uses `root` only if it already exists on a bpffs (nothing to adopt
+    /// otherwise).
+    pub fn existing(root: &Path) -> Option<PinDir> {
+        (root.is_dir() && on_bpffs(root)).then(|| PinDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links().join(program)
+    }
+
+    pub fn map(&self, map: &str) -> PathBuf {
+        self.maps().join(map)
+    }
+
+    /// Removes the directories if nothing is left in them.
+    pub fn remove_empty(&self) {
+        let _ = std::fs::remove_dir(self.links());
+        let _ = std::fs::remove_dir(self.maps());
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+/// `true` when `path`, or the nearest ancestor that exists, is on a bpffs.
+pub fn on_bpffs(path: &Path) -> bool {
+    let mut probe = Some(path);
+    while let Some(candidate) = probe {
+        if candidate.exists() {
+            return nix::sys::statfs::statfs(candidate)
+                .map(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+                .unwrap_or(false);
+        }
+        probe = candidate.parent();
+    }
+    false
+}
+
+/// What [`detach_all`] removed.
+#[derive(Debug, Default)]
+pub struct DetachReport {
+    /// Links detached from their cgroup and unpinned (`program (link id)`).
+    pub links: Vec<String>,
+    /// Map pins removed.
+    pub maps: Vec<String>,
+    /// Anything that could not be removed, and why.
+    pub problems: Vec<String>,
+}
+
+/// Detaches every link pinned under `root` (even while a node agent still
+/// holds it) and removes every pin and the directories. Idempotent: a
+/// missing `root` is an empty report.
+pub fn detach_all(root: &Path) -> DetachReport {
+    let mut report = DetachReport::default();
+    if !root.exists() {
+        return report;
+    }
+    let dir = PinDir {
+        root: root.to_path_buf(),
+    };
+    for (name, path) in entries(&dir.links()) {
+        match bpf_sys::obj_get(&path) {
+            Ok(fd) => {
+                use std::os::fd::AsFd;
+                let id = bpf_sys::link_info(fd.as_fd())
+                    .map(|info| info.id.to_string())
+                    .unwrap_or_else(|_| "?".into());
+                if let Err(error) = bpf_sys::link_detach(fd.as_fd()) {
+                    report
+                        .problems
+                        .push(format!("detaching link {name}: {error}"));
+                }
+                report.links.push(format!("{name} (link {id})"));
+            }
+            Err(error) => report
+                .problems
+                .push(format!("opening pinned link {}: {error}", path.display())),
+        }
+        if let Err(error) = std::fs::remove_file(&path) {
+            report
+                .problems
+                .push(format!("removing {}: {error}", path.display()));
+        }
+    }
+    for (name, path) in entries(&dir.maps()) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => report.maps.push(name),
+            Err(error) => report
+                .problems
+                .push(format!("removing {}: {error}", path.display())),
+        }
+    }
+    dir.remove_empty();
+    if root.exists() {
+        report.problems.push(format!(
+            "{} is not empty (something other than chaperone's pins is in it); left in place",
+            root.display()
+        ));
+    }
+    report
+}
+
+/// `(file name, path)` of the entries of `dir`; none when it does not exist.
+pub(crate) fn entries(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<_> = read
+        .filter_map(Result::ok)
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    entries.sort();
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tmp_directory_is_not_bpffs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!on_bpffs(&dir.path().join("chaperone")));
+        let error = PinDir::create(&dir.path().join("chaperone")).unwrap_err();
+        assert!(error.to_string().contains("mount -t bpf"), "{error}");
+    }
+
+    #[test]
+    fn detaching_nothing_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = detach_all(&dir.path().join("missing"));
+        assert!(report.links.is_empty() && report.maps.is_empty() && report.problems.is_empty());
+    }
+}
