@@ -357,12 +357,12 @@ async fn decide(
     match state {
         State::Approved => writeln!(
             out,
-            "approved {id}: {what} by {}",
+            "approved {id} ({what}, requested by {})",
             approval.spec.requester.username
         )?,
         _ => writeln!(
             out,
-            "denied {id}: {what} by {}",
+            "denied {id} ({what}, requested by {})",
             approval.spec.requester.username
         )?,
     }
