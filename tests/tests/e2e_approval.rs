@@ -142,6 +142,23 @@ fn wait_for_pending(world: &World, name: &str) -> String {
     }
 }
 
+/// Waits until the node agent holds a request on the existing approval `id`.
+fn wait_for_join(world: &World, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let joined = |log: String| {
+        log.lines()
+            .any(|l| l.contains(id) && l.contains("waits on an existing approval"))
+    };
+    while !joined(world.node.log_text()) {
+        assert!(
+            Instant::now() < deadline,
+            "the node never held a request on {id}:\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn plugin(person: &Person, args: &[&str]) -> Output {
     let mut full = vec!["chaperone"];
     full.extend_from_slice(args);
@@ -559,7 +576,7 @@ fn an_approval_is_seen_by_another_node_agent() {
     // The same agent's retry lands on node B, which finds A's approval and
     // holds the request until a person approves it.
     let held = start_delete(&b, "web");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_join(&b, &id);
     let alice = a.person("alice", &[]).unwrap();
     let out = plugin(&alice, &["approve", &id]);
     assert!(out.status.success(), "{}", text(&out));
@@ -599,4 +616,57 @@ fn a_pending_approval_survives_a_node_agent_restart() {
     );
     assert!(!exists(&world, "web"));
     assert_eq!(approvals(&world).len(), 1);
+}
+
+#[test]
+fn one_approval_lets_one_of_two_identical_held_requests_through() {
+    require_root!();
+    let a = World::start(spec("20s")).unwrap();
+    seed(&a, &["web"]);
+    let b = World::join(
+        &a,
+        WorldSpec {
+            node_name: "e2e-node-b".into(),
+            pod: "agent-1".into(),
+            pod_uid: "9d2e7c1a-4b3f-4e8d-a1c2-6f5e4d3c2b1a".into(),
+            ..spec("20s")
+        },
+    )
+    .unwrap();
+    // The same agent's identical delete, held on both nodes at once.
+    let on_a = start_delete(&a, "web");
+    let id = wait_for_pending(&a, "web");
+    let on_b = start_delete(&b, "web");
+    wait_for_join(&b, &id);
+    assert_eq!(approvals(&a).len(), 1, "node B found node A's approval");
+    let alice = a.person("alice", &[]).unwrap();
+    let out = plugin(&alice, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (out_a, out_b) = (finish(on_a), finish(on_b));
+    let through = [&out_a, &out_b]
+        .iter()
+        .filter(|o| o.status.success())
+        .count();
+    assert_eq!(
+        through,
+        1,
+        "exactly one request goes through:\nA: {}\nB: {}",
+        text(&out_a),
+        text(&out_b)
+    );
+    let refused = if out_a.status.success() {
+        &out_b
+    } else {
+        &out_a
+    };
+    assert!(
+        text(refused).contains(&format!(
+            "approval {id} already let an identical request through"
+        )),
+        "{}\nA: {}\nB: {}",
+        text(refused),
+        a.node.log_text(),
+        b.node.log_text()
+    );
+    assert!(!exists(&a, "web"));
 }

@@ -100,6 +100,9 @@ pub enum Outcome {
     StillPending { id: String, created: bool },
     /// The approval expired before anyone decided.
     Expired { id: String },
+    /// Approved, but another identical request (on this node or another)
+    /// went through with it first: an approval lets one request through.
+    UsedElsewhere { id: String },
     /// The approval could not be created or read.
     Unavailable(String),
 }
@@ -248,7 +251,15 @@ impl Approvals {
             .filter(|a| !a.is_used() && !a.is_expired(now))
             .max_by(|a, b| a.spec.expires_at.cmp(&b.spec.expires_at));
         let (id, created) = match existing {
-            Some(found) => (found.name().to_owned(), false),
+            Some(found) => {
+                tracing::info!(
+                    approval = found.name(),
+                    requester = %ask.caller.username,
+                    request = %ask.request.describe(),
+                    "held a request: it waits on an existing approval"
+                );
+                (found.name().to_owned(), false)
+            }
             None => {
                 let object = self.new_object(&ask, &key, now, hold, preview.await);
                 let id = object.name().to_owned();
@@ -350,18 +361,21 @@ impl Approvals {
                 State::Approved | State::Denied => match self.check_decision(&approval).await {
                     Ok(decided) if approval.state() == State::Approved => {
                         if approval.is_used() || !self.claim(id) {
-                            // Used by a concurrent identical request.
-                            return Outcome::StillPending {
-                                id: id.to_owned(),
-                                created,
-                            };
+                            return Outcome::UsedElsewhere { id: id.to_owned() };
                         }
-                        self.backend
-                            .mark_used(&approval, &self.node, now)
-                            .await
-                            .unwrap_or_else(|why| {
-                                tracing::warn!(approval = id, %why, "could not mark the approval used")
-                            });
+                        match self.backend.mark_used(&approval, now).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::info!(
+                                    approval = id,
+                                    "the approval changed before it was used (another node?); not using it"
+                                );
+                                return Outcome::UsedElsewhere { id: id.to_owned() };
+                            }
+                            // Fail closed: an approval that cannot be marked
+                            // used could let a second request through.
+                            Err(why) => return Outcome::Unavailable(why),
+                        }
                         return Outcome::Approved(decided);
                     }
                     Ok(decided) => return Outcome::Denied(decided),

@@ -21,7 +21,9 @@ impl Outcome {
             Outcome::Approved(d) | Outcome::Denied(d) | Outcome::Granted { decided: d, .. } => {
                 Some(&d.id)
             }
-            Outcome::StillPending { id, .. } | Outcome::Expired { id } => Some(id),
+            Outcome::StillPending { id, .. }
+            | Outcome::Expired { id }
+            | Outcome::UsedElsewhere { id } => Some(id),
             Outcome::Unavailable(_) => None,
         }
     }
@@ -60,6 +62,10 @@ pub fn refusal(
         )),
         Outcome::Expired { id } => Status::forbidden(format!(
             "{held}; approval {id} expired before anyone decided; retry to ask again"
+        )),
+        Outcome::UsedElsewhere { id } => Status::forbidden(format!(
+            "{held}; approval {id} already let an identical request through (an approval is used once); \
+             retry to ask again"
         )),
         Outcome::Unavailable(why) => Status::service_unavailable(format!(
             "{held}, and the approval could not be recorded: {why}"

@@ -92,15 +92,38 @@ impl Backend {
         }
     }
 
+    /// Marks an approval used, on the version that was seen approved: `Ok(false)`
+    /// when it changed since (another node used it first).
     pub(super) async fn mark_used(
         &self,
         object: &ApprovalRequest,
-        node: &str,
         now: OffsetDateTime,
-    ) -> Result<(), String> {
-        let _ = node;
-        self.patch_status(object, json!({"usedAt": format_time(now)}))
-            .await
+    ) -> Result<bool, String> {
+        let status = json!({"usedAt": format_time(now)});
+        match self {
+            Backend::Cluster { client, namespace } => {
+                let patch = json!({
+                    "metadata": {"resourceVersion": object.metadata.resource_version},
+                    "status": status,
+                });
+                match Self::api(client, namespace)
+                    .patch_status(
+                        object.name(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                    Err(e) => Err(format!(
+                        "cannot update ApprovalRequest {}: {e}",
+                        object.name()
+                    )),
+                }
+            }
+            Backend::Local(local) => local.patch_status(object.name(), &status).map(|()| true),
+        }
     }
 
     pub(super) async fn expire(&self, object: &ApprovalRequest) -> Result<(), String> {
