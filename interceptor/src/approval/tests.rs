@@ -505,3 +505,68 @@ async fn notifications_are_retried_until_the_webhook_answers() {
         "the first attempt failed and was retried"
     );
 }
+
+#[tokio::test]
+async fn the_plugin_decides_and_grants_in_local_mode() {
+    use clap::Parser;
+    let (dir, store, approvals) = local();
+    let caller = agent();
+    let id = approvals
+        .hold(
+            ask(&caller, &delete_web()),
+            Duration::from_millis(50),
+            async { None },
+        )
+        .await
+        .id()
+        .unwrap()
+        .to_owned();
+    let run = |args: &[&str]| {
+        let mut full = vec![
+            "kubectl-chaperone",
+            "--local-dir",
+            dir.path().to_str().unwrap(),
+        ];
+        full.extend_from_slice(args);
+        cli::PluginCli::try_parse_from(full).unwrap()
+    };
+    let mut out = Vec::new();
+    cli::run(run(&["approvals"]), &mut out).await.unwrap();
+    let listing = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        listing.contains(&id) && listing.contains("Pending"),
+        "{listing}"
+    );
+
+    let mut out = Vec::new();
+    cli::run(
+        run(&["approve", &id, "--reason", "ok", "--grant", "15m"]),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        said.contains(&format!("approved {id}")) && said.contains("for 15m"),
+        "{said}"
+    );
+    let object = store.read(&id).unwrap();
+    let status = object.status.clone().unwrap();
+    assert_eq!(status.state, State::Approved);
+    assert!(status.decided_by.unwrap().starts_with("local:"));
+    assert_eq!(status.grant.as_deref(), Some("15m"));
+    assert!(object.grant_until().is_some());
+
+    // Deciding twice is refused; grants list and revoke.
+    let again = cli::run(run(&["deny", &id]), &mut Vec::new()).await;
+    assert!(again.unwrap_err().to_string().contains("already Approved"));
+    let mut out = Vec::new();
+    cli::run(run(&["grants"]), &mut out).await.unwrap();
+    assert!(String::from_utf8_lossy(&out).contains(&id));
+    cli::run(run(&["revoke", &id]), &mut Vec::new())
+        .await
+        .unwrap();
+    let revoked = store.read(&id).unwrap();
+    assert!(revoked.grant_until().is_none(), "{revoked:?}");
+    assert!(revoked.status.unwrap().revoked_by.is_some());
+}
