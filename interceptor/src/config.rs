@@ -169,6 +169,28 @@ pub struct NodeArgs {
     /// or below the server's `--http2-max-streams-per-connection`.
     #[arg(long, env = "CHAPERONE_UPSTREAM_STREAMS_PER_CONNECTION")]
     pub upstream_streams_per_connection: Option<usize>,
+    /// The namespace of `ApprovalRequest` objects (cluster mode). Default:
+    /// chaperone-system.
+    #[arg(long, env = "CHAPERONE_APPROVAL_NAMESPACE")]
+    pub approval_namespace: Option<String>,
+
+    /// Local mode: keep approvals as JSON files in this directory instead
+    /// of `ApprovalRequest` objects (`kubectl chaperone --local-dir DIR`).
+    #[arg(long, env = "CHAPERONE_APPROVAL_DIR")]
+    pub approval_dir: Option<PathBuf>,
+
+    /// How long an approval can be decided and used after it is requested
+    /// (`30m`, `1h`). Default: 1h.
+    #[arg(long, env = "CHAPERONE_APPROVAL_TTL")]
+    pub approval_ttl: Option<String>,
+
+    /// A webhook told about every new approval (http or https URL).
+    #[arg(long, env = "CHAPERONE_NOTIFY_URL")]
+    pub notify_url: Option<String>,
+
+    /// The webhook's payload: `slack` (text + fields; default) or `json`.
+    #[arg(long, env = "CHAPERONE_NOTIFY_FORMAT")]
+    pub notify_format: Option<String>,
 }
 
 /// The config file: the same settings as the flags, in camelCase.
@@ -202,6 +224,11 @@ struct NodeFile {
     audiences: Option<Vec<String>>,
     fail_open: Option<bool>,
     bpffs: Option<PathBuf>,
+    approval_namespace: Option<String>,
+    approval_dir: Option<PathBuf>,
+    approval_ttl: Option<String>,
+    notify_url: Option<String>,
+    notify_format: Option<String>,
     /// Token verification: issuers, OIDC providers, algorithms.
     identity: Option<crate::identity::IdentityConfig>,
     /// What is masked, and extra patterns.
@@ -242,6 +269,12 @@ pub struct NodeConfig {
     pub masking: crate::mask::MaskRules,
     pub fail_open: bool,
     pub bpffs: PathBuf,
+    pub approval_namespace: String,
+    /// Local mode approvals (files) instead of `ApprovalRequest` objects.
+    pub approval_dir: Option<PathBuf>,
+    pub approval_ttl: Duration,
+    /// Where and how new approvals are announced.
+    pub notify: Option<(http::Uri, crate::approval::notify::Format)>,
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 17443;
@@ -403,6 +436,35 @@ impl NodeConfig {
                 .bpffs
                 .or(file.bpffs)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS)),
+            approval_namespace: args
+                .approval_namespace
+                .or(file.approval_namespace)
+                .unwrap_or_else(|| crate::approval::DEFAULT_NAMESPACE.to_owned()),
+            approval_dir: args.approval_dir.or(file.approval_dir),
+            approval_ttl: match args.approval_ttl.or(file.approval_ttl) {
+                None => crate::approval::DEFAULT_TTL,
+                Some(text) => crate::policy::parse_duration(&text)
+                    .map_err(|why| anyhow::anyhow!("--approval-ttl: {why}"))?,
+            },
+            notify: match args.notify_url.or(file.notify_url) {
+                None => None,
+                Some(url) => {
+                    let uri: http::Uri = url
+                        .parse()
+                        .with_context(|| format!("--notify-url {url:?} is not a URL"))?;
+                    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+                        bail!("--notify-url {url:?}: expected an http or https URL");
+                    }
+                    let format = args
+                        .notify_format
+                        .or(file.notify_format)
+                        .as_deref()
+                        .unwrap_or("slack")
+                        .parse()
+                        .map_err(anyhow::Error::msg)?;
+                    Some((uri, format))
+                }
+            },
         })
     }
 }

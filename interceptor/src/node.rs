@@ -226,6 +226,30 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         None
     };
 
+    let notifier = match &config.notify {
+        Some((url, format)) => Some(
+            crate::approval::notify::Notifier::start(url.clone(), *format)
+                .map_err(|e| anyhow::anyhow!("approval notifications: {e}"))?,
+        ),
+        None => None,
+    };
+    let approval_backend = match &config.approval_dir {
+        Some(dir) => crate::approval::Backend::Local(
+            crate::approval::LocalStore::new(dir)
+                .with_context(|| format!("approvals in {}", dir.display()))?,
+        ),
+        None => crate::approval::Backend::Cluster {
+            client: client.clone(),
+            namespace: config.approval_namespace.clone(),
+        },
+    };
+    let approvals = crate::approval::Approvals::start(
+        approval_backend,
+        config.node_name.clone(),
+        config.approval_ttl,
+        notifier,
+    );
+
     let mut pipeline = Pipeline::new(
         config.node_name.clone(),
         authenticator,
@@ -237,6 +261,8 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         auditor.as_ref().map(|a| a.gate()),
         metrics,
     );
+    pipeline.approvals = Some(approvals);
+    pipeline.upstream = Some(upstream.clone());
     if let Some(token) = upstream_config.token.clone() {
         pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
     }

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::{
     admin::Metrics,
+    approval::{Approvals, Ask, HeldRequest, Outcome},
     audit::{Admission, AuditGate},
     exec,
     identity::{
@@ -32,9 +33,9 @@ use crate::{
     kstatus::Status,
     mask::{Masker, ResponseMask, Target, negotiate_accept},
     pods::PodTracker,
-    policy::{Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
+    policy::{Action, Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
     proxy::{
-        ConnectionInfo, Forward, Guard, ResponseObserver, TunnelTap, Verdict,
+        ConnectionInfo, Forward, Guard, ResponseObserver, TunnelTap, Upstream, Verdict,
         body::{BodyError, BodyObserver, BodyTransform, status_response},
     },
     record::{
@@ -58,6 +59,10 @@ pub struct Pipeline {
     pub recorder: Option<Recorder>,
     pub audit: Option<AuditGate>,
     pub metrics: Metrics,
+    /// Holds `approve` requests for a person; without it they are refused.
+    pub approvals: Option<Arc<Approvals>>,
+    /// For the `dryRun=All` preview of a held request.
+    pub upstream: Option<Upstream>,
     connections: Mutex<HashMap<Uuid, Arc<ConnectionState>>>,
 }
 
@@ -92,6 +97,8 @@ impl Pipeline {
             recorder,
             audit,
             metrics,
+            approvals: None,
+            upstream: None,
             connections: Mutex::new(HashMap::new()),
         }
     }
@@ -129,6 +136,80 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// The held request's effect as the API server computes it with
+    /// `dryRun=All`, under the agent's own identity: what a delete would
+    /// remove, or the error it would get. Bodies (create, update, patch)
+    /// stream after the verdict, so only bodiless requests have a preview.
+    async fn preview(&self, parts: &Parts, caller: &Caller) -> Option<serde_json::Value> {
+        let upstream = self.upstream.as_ref()?;
+        if parts.method != http::Method::DELETE {
+            return None;
+        }
+        let mut headers = parts.headers.clone();
+        upstream_identity_headers(self.credential_mode, caller, &parts.headers, &mut headers)
+            .ok()?;
+        if self.credential_mode == CredentialMode::Impersonate {
+            let own = self.own_credentials.as_ref().and_then(|c| c())?;
+            headers.insert(header::AUTHORIZATION, own);
+        }
+        for name in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_TYPE,
+            header::ACCEPT_ENCODING,
+            header::TRANSFER_ENCODING,
+            header::HOST,
+            header::CONNECTION,
+        ] {
+            headers.remove(name);
+        }
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let query = match parts.uri.query() {
+            Some(q) if !q.is_empty() => format!("{q}&dryRun=All"),
+            _ => "dryRun=All".to_owned(),
+        };
+        let ask = |method: http::Method, path_and_query: String| {
+            let headers = headers.clone();
+            async move {
+                let path_and_query: http::uri::PathAndQuery = path_and_query.parse().ok()?;
+                let mut request = http::Request::builder()
+                    .method(method)
+                    .uri(upstream.uri_for(Some(&path_and_query)))
+                    .body(crate::proxy::body::empty())
+                    .ok()?;
+                *request.headers_mut() = headers;
+                let response = upstream.send(request, false).await.ok()?;
+                let body = http_body_util::Limited::new(response.into_body(), 1 << 20);
+                let bytes = http_body_util::BodyExt::collect(body)
+                    .await
+                    .ok()?
+                    .to_bytes();
+                serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+            }
+        };
+        let preview = async {
+            let dry_run = ask(
+                http::Method::DELETE,
+                format!("{}?{query}", parts.uri.path()),
+            )
+            .await?;
+            // The API server answers most deletes with a success Status:
+            // what the delete would remove is the object itself.
+            let removes = dry_run["kind"] == "Status" && dry_run["status"] == "Success";
+            if removes
+                && let Some(object) = ask(http::Method::GET, parts.uri.path().to_owned()).await
+            {
+                return Some(object);
+            }
+            Some(dry_run)
+        };
+        let value = tokio::time::timeout(std::time::Duration::from_secs(5), preview)
+            .await
+            .ok()??;
+        Some(crate::approval::preview_summary(value))
+    }
+}
+
 impl Guard for Pipeline {
     async fn check(&self, conn: &Arc<ConnectionInfo>, parts: &mut Parts) -> Verdict {
         let received = OffsetDateTime::now_utc();
@@ -156,6 +237,7 @@ impl Guard for Pipeline {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             decision: None,
+            approval: None,
             session: state.session.as_ref().map(|_| state.clone()),
             masked: Arc::new(AtomicU32::new(0)),
             admission: None,
@@ -203,10 +285,60 @@ impl Guard for Pipeline {
         });
         exchange.caller = caller.clone();
 
+        // Agents never write approvals, whatever the policy says: a person
+        // decides, with `kubectl chaperone`.
+        if crate::approval::writes_approvals(&exchange.request) {
+            let status = crate::approval::agents_may_not_decide(&exchange.request);
+            return exchange.refuse(status);
+        }
+
         let policy = self.policy.snapshot();
         let input = PolicyInput::new(&exchange.request, &caller);
         let decision = policy.evaluate(&input);
-        if decision.refuses() {
+        if decision.enforce == Action::Approve
+            && let Some(approvals) = &self.approvals
+        {
+            let hold = decision
+                .hold_timeout
+                .unwrap_or(crate::policy::DEFAULT_HOLD_TIMEOUT);
+            let ask = Ask {
+                caller: &caller,
+                request: HeldRequest::from_info(&exchange.request),
+                policy: &decision.policy,
+                rule: &decision.rule,
+            };
+            let preview = self.preview(parts, &caller);
+            let outcome = approvals.hold(ask, hold, preview).await;
+            exchange.decision = Some(decision.clone());
+            match outcome {
+                Outcome::Approved(decided) | Outcome::Granted { decided, .. } => {
+                    tracing::info!(
+                        audit_id = %exchange.audit_id,
+                        approval = %decided.id,
+                        by = %decided.by,
+                        "approved: forwarding the held request"
+                    );
+                    exchange.approval = Some((Arc::from(decided.id), Arc::from(decided.by)));
+                }
+                other => {
+                    if let Some(id) = other.id() {
+                        exchange.approval = Some((Arc::from(id), Arc::from("")));
+                    }
+                    let approve = other
+                        .id()
+                        .map(|id| approvals.approve_command(id))
+                        .unwrap_or_default();
+                    let status = crate::approval::refusal(
+                        &other,
+                        &approve,
+                        &decision,
+                        &exchange.request,
+                        hold,
+                    );
+                    return exchange.refuse(status);
+                }
+            }
+        } else if decision.refuses() {
             let status = refusal_status(&policy, &input, &decision);
             exchange.decision = Some(decision);
             return exchange.refuse(status);
@@ -220,7 +352,9 @@ impl Guard for Pipeline {
                 "dry-run: would have refused"
             );
         }
-        exchange.decision = Some(decision);
+        if exchange.decision.is_none() {
+            exchange.decision = Some(decision);
+        }
 
         // Credentials upstream: the agent's own (passthrough), or chaperone's
         // with impersonation headers. Agent-sent Impersonate-* never pass.
@@ -363,6 +497,8 @@ struct ExchangeDraft {
     source_ip: IpAddr,
     user_agent: Option<String>,
     decision: Option<Decision>,
+    /// `(approval id, approver)` for a held request.
+    approval: Option<(Arc<str>, Arc<str>)>,
     session: Option<Arc<ConnectionState>>,
     masked: Arc<AtomicU32>,
     admission: Option<Admission>,
@@ -394,7 +530,18 @@ impl ExchangeDraft {
 
     fn decision_record(&self) -> DecisionRecord {
         match &self.decision {
-            Some(decision) => DecisionRecord::from_decision(decision, None),
+            Some(decision) => {
+                let mut record = DecisionRecord::from_decision(
+                    decision,
+                    self.approval.as_ref().map(|(id, _)| &**id),
+                );
+                record.approved_by = self
+                    .approval
+                    .as_ref()
+                    .map(|(_, by)| by.clone())
+                    .filter(|by| !by.is_empty());
+                record
+            }
             // Refused before policy (token, audit gate): recorded as a deny
             // by chaperone itself.
             None => DecisionRecord {

@@ -52,6 +52,47 @@ pub struct NodeAgent {
 }
 
 impl NodeAgent {
+    /// Starts `chaperone ARGS` and waits until it is ready.
+    fn spawn(
+        command: &[std::ffi::OsString],
+        admin_port: u16,
+        ca_dir: PathBuf,
+        port: u16,
+    ) -> Result<NodeAgent> {
+        let mut child = Command::new(workspace_binary("chaperone"))
+            .args(command)
+            .env("CHAPERONE_LOG", "info,chaperone=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start chaperone node")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let stderr = child.stderr.take().expect("piped stderr");
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("node agent ready") {
+                        let _ = ready_tx.send(());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let node = NodeAgent {
+            child,
+            admin_port,
+            ca_dir,
+            port,
+            log,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            bail!("chaperone node did not become ready:\n{}", node.log_text());
+        }
+        Ok(node)
+    }
+
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.ca_dir.join("ca.crt")).expect("chaperone's CA")
     }
@@ -108,48 +149,6 @@ impl NodeAgent {
     }
 }
 
-impl NodeAgent {
-    /// Runs `chaperone ARGS` and waits for "node agent ready".
-    pub fn spawn(
-        args: &[std::ffi::OsString],
-        admin_port: u16,
-        ca_dir: PathBuf,
-        port: u16,
-    ) -> Result<NodeAgent> {
-        let mut cmd = Command::new(workspace_binary("chaperone"));
-        cmd.args(args)
-            .env("CHAPERONE_LOG", "info,chaperone=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("start chaperone node")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        {
-            let stderr = child.stderr.take().expect("piped stderr");
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("node agent ready") {
-                        let _ = ready_tx.send(());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let node = NodeAgent {
-            child,
-            admin_port,
-            ca_dir,
-            port,
-            log,
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            bail!("chaperone node did not become ready:\n{}", node.log_text());
-        }
-        Ok(node)
-    }
-}
-
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         self.stop();
@@ -159,7 +158,8 @@ impl Drop for NodeAgent {
 /// Everything an end-to-end test needs.
 pub struct World {
     pub runtime: tokio::runtime::Runtime,
-    pub sim: SimHandle,
+    /// Shared by the worlds of several nodes ([`World::join`]).
+    pub sim: Arc<SimHandle>,
     pub netns: Netns,
     pub agent_cgroup: Cgroup,
     pub node: NodeAgent,
@@ -207,6 +207,10 @@ pub struct WorldSpec {
     pub token_audience: Option<Vec<String>>,
     /// Open [`World::direct`] and make it a redirect target.
     pub direct_listener: bool,
+    /// The node's name (the agent pod's `spec.nodeName`).
+    pub node_name: String,
+    /// The agent pod's uid.
+    pub pod_uid: String,
 }
 
 /// Lets every service account do everything, recording metadata: faithful
@@ -235,11 +239,34 @@ impl Default for WorldSpec {
             agent_cgroup_flag: true,
             token_audience: None,
             direct_listener: false,
+            node_name: "e2e-node".into(),
+            pod_uid: POD_UID.into(),
         }
     }
 }
 
 pub const POD_UID: &str = "3f1c9a44-2b8e-4c1d-9a3e-5d2f7c8b9e10";
+
+/// The `ApprovalRequest` CRD as deployed.
+pub const APPROVAL_CRD: &str =
+    include_str!("../../deploy/base/crds/approvalrequests.chaperone.dev.yaml");
+
+/// Installs what a chaperone install puts in a cluster for approvals: the
+/// `ApprovalRequest` CRD and the `chaperone-system` namespace.
+pub fn install_approvals(sim: &SimHandle) -> Result<()> {
+    let crd: serde_json::Value = serde_yaml::from_str(APPROVAL_CRD)?;
+    sim.store()
+        .create(crd)
+        .map_err(|e| anyhow::anyhow!("install the ApprovalRequest CRD: {e:?}"))?;
+    sim.store()
+        .create(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "chaperone-system"},
+        }))
+        .map_err(|e| anyhow::anyhow!("create chaperone-system: {e:?}"))?;
+    Ok(())
+}
 
 impl World {
     pub fn start(spec: WorldSpec) -> Result<World> {
@@ -247,9 +274,29 @@ impl World {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let sim = runtime.block_on(Simulator::start(spec.sim))?;
+        let sim = Arc::new(runtime.block_on(Simulator::start(spec.sim.clone()))?);
+        install_approvals(&sim)?;
+        Self::assemble(runtime, sim, spec)
+    }
+
+    /// Another node's world on the same simulator: its own node agent,
+    /// cgroup subtree and agent pod (give it another `node_name`, `pod` and
+    /// `pod_uid`).
+    pub fn join(other: &World, spec: WorldSpec) -> Result<World> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        Self::assemble(runtime, other.sim.clone(), spec)
+    }
+
+    fn assemble(
+        runtime: tokio::runtime::Runtime,
+        sim: Arc<SimHandle>,
+        spec: WorldSpec,
+    ) -> Result<World> {
         let work = tempfile::tempdir()?;
-        let mut pod_uid = POD_UID.to_owned();
+        let mut pod_uid = spec.pod_uid.clone();
         if spec.agent_pod_in_sim {
             // The agent's namespace exists in any real cluster (the sim starts
             // with default and kube-system only).
@@ -266,11 +313,11 @@ impl World {
                     "metadata": {
                         "name": spec.pod,
                         "namespace": spec.namespace,
-                        "uid": POD_UID,
+                        "uid": spec.pod_uid,
                         "labels": {"chaperone.dev/intercept": "true", "app": "agent"},
                     },
                     "spec": {
-                        "nodeName": "e2e-node",
+                        "nodeName": spec.node_name,
                         "serviceAccountName": spec.service_account,
                         "containers": [{"name": "agent", "image": "agent:latest"}],
                     },
@@ -278,7 +325,7 @@ impl World {
                 .map_err(|e| anyhow::anyhow!("seed the agent pod: {e:?}"))?;
             pod_uid = created["metadata"]["uid"]
                 .as_str()
-                .unwrap_or(POD_UID)
+                .unwrap_or(&spec.pod_uid)
                 .to_owned();
         }
         for object in spec.seed {
@@ -313,7 +360,7 @@ impl World {
         };
         let mut cmd = Command::new("chaperone");
         cmd.arg("node")
-            .args(["--node-name", "e2e-node"])
+            .args(["--node-name", &spec.node_name])
             .args(["--proxy-ip", &netns.host_v4.to_string()])
             .args(["--proxy-port", &port.to_string()])
             .args(["--target", &SERVICE_IP.to_string()])
@@ -382,18 +429,42 @@ impl World {
         })
     }
 
-    /// Starts a new node agent with the same arguments (the previous one
-    /// must have exited: the proxy port is the same) and waits until ready.
+    /// Stops the node agent (SIGTERM, drain; a no-op when it already
+    /// exited) and starts it again with the same flags, CA and state
+    /// directories.
     pub fn restart_node(&mut self) -> Result<()> {
+        self.node.stop();
         let node = NodeAgent::spawn(
             &self.node_command,
             self.node.admin_port,
             self.node.ca_dir.clone(),
             self.node.port,
         )?;
-        let mut previous = std::mem::replace(&mut self.node, node);
-        previous.stop();
+        self.node = node;
         Ok(())
+    }
+
+    /// A person (not an agent) with a static token: `kubectl` on the host
+    /// with their own kubeconfig, and the `kubectl-chaperone` plugin on
+    /// PATH. `groups` come on top of `system:authenticated`.
+    pub fn person(&self, username: &str, groups: &[&str]) -> Result<Person> {
+        let token = format!("person-{username}-{}", uuid::Uuid::new_v4().simple());
+        let mut all: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        all.push("system:authenticated".into());
+        self.sim.add_static_token(
+            &token,
+            crate::sim::UserInfo {
+                username: username.into(),
+                uid: String::new(),
+                groups: all,
+                extra: Default::default(),
+            },
+        );
+        let home = self.work.path().join(format!("person-{username}"));
+        std::fs::create_dir_all(&home)?;
+        let kubeconfig = home.join("config");
+        self.sim.write_kubeconfig(&kubeconfig, &token)?;
+        Ok(Person { home, kubeconfig })
     }
 
     pub fn agent(&self) -> Placement<'_> {
@@ -444,6 +515,32 @@ impl World {
         cmd.args(args)
             .env("KUBECONFIG", &kubeconfig)
             .env("HOME", &home)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    }
+}
+
+/// A person at a terminal on the host, with their own kubeconfig.
+pub struct Person {
+    pub home: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+impl Person {
+    /// `kubectl ARGS` (so `kubectl chaperone ...` runs the plugin).
+    pub fn kubectl(&self, args: &[&str]) -> Command {
+        let plugin_dir = workspace_binary("kubectl-chaperone")
+            .parent()
+            .expect("target dir")
+            .to_path_buf();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![plugin_dir];
+        paths.extend(std::env::split_paths(&path));
+        let mut cmd = Command::new("kubectl");
+        cmd.args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .env("PATH", std::env::join_paths(paths).expect("PATH"))
             .env_remove("KUBERNETES_SERVICE_HOST");
         cmd
     }

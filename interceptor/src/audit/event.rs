@@ -20,6 +20,7 @@ pub mod annotations {
     pub const RULE: &str = "chaperone.dev/rule";
     pub const POLICY: &str = "chaperone.dev/policy";
     pub const APPROVAL: &str = "chaperone.dev/approval";
+    pub const APPROVED_BY: &str = "chaperone.dev/approved-by";
     pub const POD: &str = "chaperone.dev/pod";
     pub const NODE: &str = "chaperone.dev/node";
     pub const MASKED: &str = "chaperone.dev/masked";
@@ -200,6 +201,9 @@ impl Event {
         );
         if let Some(approval) = &e.decision.approval {
             notes.insert(annotations::APPROVAL.to_owned(), approval.to_string());
+        }
+        if let Some(by) = &e.decision.approved_by {
+            notes.insert(annotations::APPROVED_BY.to_owned(), by.to_string());
         }
         if let Some(pod) = &e.caller.pod {
             notes.insert(

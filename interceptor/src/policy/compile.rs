@@ -31,7 +31,7 @@ const NON_RESOURCE_VERBS: [&str; 7] = ["get", "head", "post", "put", "patch", "d
 /// namespace, across namespaces.
 const COLLECTION_VERBS: [&str; 3] = ["list", "watch", "deletecollection"];
 /// How long an `approve` rule holds a request unless it says otherwise.
-pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A policy that failed to compile: which policy, where, and what to do.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

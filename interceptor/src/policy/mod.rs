@@ -27,8 +27,9 @@
 //!   done, and the record level is at least `Metadata` so it is recorded.
 //!   A caller selected only by dry-run policies is allowed.
 //! - `approve` never allows by itself: the evaluator returns
-//!   [`Action::Approve`]; until the approval flow exists the proxy refuses
-//!   with [`deny::approval_required_status`].
+//!   [`Action::Approve`] and the proxy holds the request for a person's
+//!   decision (see [`crate::approval`]); without an approval store it
+//!   refuses with [`deny::approval_required_status`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,6 +49,8 @@ mod store;
 mod tests;
 pub mod watch;
 
+pub use compile::DEFAULT_HOLD_TIMEOUT;
+pub(crate) use compile::parse_duration;
 pub use compile::{Explanation, PolicyError, PolicySet, PolicyTrace, RuleTrace};
 pub use glob::Glob;
 pub use spec::{

@@ -172,7 +172,7 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// For `approve`: how long a request is held waiting for a human
-    /// (`30s`, `5m`, `1h`); 5 minutes unless set.
+    /// (`30s`, `5m`, `1h`); 60 seconds unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_timeout: Option<String>,
 }

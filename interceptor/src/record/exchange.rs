@@ -55,6 +55,8 @@ pub struct DecisionRecord {
     pub dry_run: bool,
     /// The `ApprovalRequest` id, for requests that were held for approval.
     pub approval: Option<Arc<str>>,
+    /// Who approved it (or whose grant let it through).
+    pub approved_by: Option<Arc<str>>,
 }
 
 impl DecisionRecord {
@@ -66,6 +68,7 @@ impl DecisionRecord {
             rule: Arc::from(&*decision.rule),
             dry_run: decision.dry_run,
             approval: approval.map(Arc::from),
+            approved_by: None,
         }
     }
 
@@ -304,6 +307,7 @@ pub(crate) mod testing {
                 rule: Arc::from(format!("{verb}-{resource}")),
                 dry_run: false,
                 approval: (action == Action::Approve).then(|| Arc::from("apr-0001")),
+                approved_by: (action == Action::Approve).then(|| Arc::from("alice")),
             },
             status,
             request_body: None,

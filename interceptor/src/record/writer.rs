@@ -543,6 +543,9 @@ fn exchange_record(e: &Exchange) -> Map<String, Value> {
     if let Some(approval) = &e.decision.approval {
         r.insert("approval".into(), json!(&**approval));
     }
+    if let Some(by) = &e.decision.approved_by {
+        r.insert("approvedBy".into(), json!(&**by));
+    }
     r.insert("level".into(), json!(format!("{:?}", e.decision.level)));
     r.insert("status".into(), json!(e.status.code));
     if let Some(reason) = &e.status.reason {

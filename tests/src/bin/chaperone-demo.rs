@@ -9,7 +9,7 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result};
 use base64::Engine;
-use chaperone_tests::e2e::{World, WorldSpec, run_for, workspace_binary};
+use chaperone_tests::e2e::{Person, World, WorldSpec, run_for, workspace_binary};
 
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: AgentPolicy
@@ -28,6 +28,7 @@ spec:
       verbs: [delete, deletecollection]
       namespaces: ["prod-*"]
       action: approve
+      holdTimeout: 60s
     - name: secrets-masked
       resources: [secrets]
       action: mask
@@ -108,23 +109,69 @@ fn main() -> Result<()> {
         "exec refused before it reached the API server, naming the rule",
     )?;
 
-    say("The agent tries to delete a production deployment: held for a human's approval");
-    let out = agent(
-        &world,
-        &["delete", "deployment", "payments", "-n", "prod-a"],
-    )?;
+    say("The agent deletes a production deployment: held until a person approves it");
+    let args = ["delete", "deployment", "payments", "-n", "prod-a"];
+    println!("    agent$ kubectl {}   (waits...)", args.join(" "));
+    let held = world
+        .agent_kubectl(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the agent's delete")?;
+    let id = pending_approval(&world, "payments")?;
     let survived = world
         .sim
         .store()
         .get("deployments.apps", Some("prod-a"), "payments")
         .is_some();
     outcome(
-        survived && out.contains("approval required"),
-        "the production deployment is untouched",
+        survived,
+        "held: the production deployment is untouched while a person decides",
     )?;
-    println!(
-        "    (the approval flow with `kubectl chaperone approve` is not built yet: until then chaperone refuses)"
+    let alice = world.person("alice", &[])?;
+    person(&alice, &["chaperone", "approvals"])?;
+    person(
+        &alice,
+        &[
+            "get",
+            "approvalrequests",
+            "-n",
+            "chaperone-system",
+            "-o",
+            "wide",
+        ],
+    )?;
+    let approved = person(
+        &alice,
+        &[
+            "chaperone",
+            "approve",
+            &id,
+            "--reason",
+            "decommissioned, ticket OPS-42",
+        ],
+    )?;
+    outcome(
+        approved.contains(&format!("approved {id}")),
+        "a person approved it from another terminal with kubectl chaperone",
+    )?;
+    let out = held.wait_with_output()?;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+    print!("{}", indent(&printed));
+    let gone = world
+        .sim
+        .store()
+        .get("deployments.apps", Some("prod-a"), "payments")
+        .is_none();
+    outcome(
+        out.status.success() && gone && printed.contains("deleted"),
+        "the held delete completed after the approval; the deployment is gone",
+    )?;
 
     say("The agent deploys to dev (allowed)");
     let out = agent(
@@ -217,6 +264,39 @@ fn main() -> Result<()> {
 
     println!("\nDone. Everything the demo created is removed.");
     Ok(())
+}
+
+/// The id of the approval the node created for deleting `name`.
+fn pending_approval(world: &World, name: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = world
+            .sim
+            .store()
+            .list("approvalrequests.chaperone.dev", Some("chaperone-system"))
+            .into_iter()
+            .find(|a| a["spec"]["request"]["name"] == name);
+        if let Some(id) = found.and_then(|a| a["metadata"]["name"].as_str().map(str::to_owned)) {
+            return Ok(id);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the demo went wrong: no approval was requested for the delete");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs kubectl as a person at another terminal and prints it.
+fn person(who: &Person, args: &[&str]) -> Result<String> {
+    println!("    human$ kubectl {}", args.join(" "));
+    let out = run_for(&mut who.kubectl(args), Duration::from_secs(60))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{}", indent(&text));
+    Ok(text)
 }
 
 /// Prints a step's expected outcome, or fails the demo when it did not happen.

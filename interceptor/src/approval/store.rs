@@ -1,0 +1,369 @@
+//! Where approvals are kept: `ApprovalRequest` objects in the cluster
+//! (watched), or JSON files in a local directory (polled). Both feed the
+//! same cache in [`super::Approvals`].
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use super::{ApprovalRequest, Approvals, State, format_time};
+
+/// The approvals' home.
+pub enum Backend {
+    /// `ApprovalRequest` objects in `namespace`.
+    Cluster {
+        client: kube::Client,
+        namespace: String,
+    },
+    /// One JSON file per approval.
+    Local(LocalStore),
+}
+
+impl Backend {
+    pub fn namespace(&self) -> &str {
+        match self {
+            Backend::Cluster { namespace, .. } => namespace,
+            Backend::Local(local) => &local.namespace,
+        }
+    }
+
+    fn api(client: &kube::Client, namespace: &str) -> Api<ApprovalRequest> {
+        Api::namespaced(client.clone(), namespace)
+    }
+
+    pub(super) async fn create(&self, object: &ApprovalRequest) -> Result<(), String> {
+        match self {
+            Backend::Cluster { client, namespace } => {
+                let api = Self::api(client, namespace);
+                api.create(&PostParams::default(), object)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot create ApprovalRequest {} in namespace {namespace}: {e} \
+                             (is the approvalrequests.chaperone.dev CRD installed, and may chaperone-node create them?)",
+                            object.name()
+                        )
+                    })?;
+                // The status subresource ignores status on create.
+                let status = json!({"status": {"state": "Pending"}});
+                if let Err(error) = api
+                    .patch_status(
+                        object.name(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&status),
+                    )
+                    .await
+                {
+                    tracing::debug!(%error, "could not set the new approval's state");
+                }
+                Ok(())
+            }
+            Backend::Local(local) => local.write(object),
+        }
+    }
+
+    async fn patch_status(
+        &self,
+        object: &ApprovalRequest,
+        status: serde_json::Value,
+    ) -> Result<(), String> {
+        match self {
+            Backend::Cluster { client, namespace } => Self::api(client, namespace)
+                .patch_status(
+                    object.name(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({ "status": status })),
+                )
+                .await
+                .map(drop)
+                .map_err(|e| format!("cannot update ApprovalRequest {}: {e}", object.name())),
+            Backend::Local(local) => local.patch_status(object.name(), &status),
+        }
+    }
+
+    /// Marks an approval used, on the version that was seen approved: `Ok(false)`
+    /// when it changed since (another node used it first).
+    pub(super) async fn mark_used(
+        &self,
+        object: &ApprovalRequest,
+        now: OffsetDateTime,
+    ) -> Result<bool, String> {
+        let status = json!({"usedAt": format_time(now)});
+        match self {
+            Backend::Cluster { client, namespace } => {
+                let patch = json!({
+                    "metadata": {"resourceVersion": object.metadata.resource_version},
+                    "status": status,
+                });
+                match Self::api(client, namespace)
+                    .patch_status(
+                        object.name(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                    Err(e) => Err(format!(
+                        "cannot update ApprovalRequest {}: {e}",
+                        object.name()
+                    )),
+                }
+            }
+            Backend::Local(local) => local.patch_status(object.name(), &status).map(|()| true),
+        }
+    }
+
+    pub(super) async fn expire(&self, object: &ApprovalRequest) -> Result<(), String> {
+        self.patch_status(object, json!({"state": State::Expired}))
+            .await
+    }
+
+    /// Puts a refused decision back to `Pending`, saying why.
+    pub(super) async fn refuse_decision(
+        &self,
+        object: &ApprovalRequest,
+        why: &str,
+    ) -> Result<(), String> {
+        self.patch_status(
+            object,
+            json!({
+                "state": State::Pending,
+                "decidedBy": null,
+                "decidedByGroups": null,
+                "decidedAt": null,
+                "grant": null,
+                "grantExpiresAt": null,
+                "refusedDecision": why,
+            }),
+        )
+        .await
+    }
+
+    /// Whether `user` may `verb` (`approve`/`deny`) this approval.
+    pub(super) async fn may_decide(
+        &self,
+        user: &str,
+        groups: &[String],
+        verb: &str,
+        object: &ApprovalRequest,
+    ) -> Result<(), String> {
+        match self {
+            // The directory's permissions decide who can write decisions.
+            Backend::Local(_) => Ok(()),
+            Backend::Cluster { client, namespace } => {
+                let review = SubjectAccessReview {
+                    spec: SubjectAccessReviewSpec {
+                        user: Some(user.to_owned()),
+                        groups: (!groups.is_empty()).then(|| groups.to_vec()),
+                        resource_attributes: Some(ResourceAttributes {
+                            group: Some("chaperone.dev".into()),
+                            resource: Some("approvalrequests".into()),
+                            verb: Some(verb.into()),
+                            namespace: Some(namespace.clone()),
+                            name: Some(object.name().to_owned()),
+                            ..ResourceAttributes::default()
+                        }),
+                        ..SubjectAccessReviewSpec::default()
+                    },
+                    ..SubjectAccessReview::default()
+                };
+                let api: Api<SubjectAccessReview> = Api::all(client.clone());
+                let answer = api
+                    .create(&PostParams::default(), &review)
+                    .await
+                    .map_err(|e| format!("the SubjectAccessReview for {user} failed: {e}"))?;
+                if answer.status.as_ref().is_some_and(|s| s.allowed) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{user} may not {verb} approvalrequests.chaperone.dev in namespace {namespace} \
+                         (bind the ClusterRole chaperone-approver)"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Starts feeding the cache from the backend.
+pub(super) fn spawn_feed(approvals: Arc<Approvals>) {
+    let weak = Arc::downgrade(&approvals);
+    match &approvals.backend {
+        Backend::Cluster { client, namespace } => {
+            let api = Backend::api(client, namespace);
+            tokio::spawn(async move {
+                let mut relist: Option<Vec<ApprovalRequest>> = None;
+                let mut events = watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .boxed();
+                while let Some(event) = events.next().await {
+                    let Some(approvals) = weak.upgrade() else {
+                        return;
+                    };
+                    match event {
+                        Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+                        Ok(watcher::Event::InitApply(object)) => {
+                            relist.get_or_insert_with(Vec::new).push(object)
+                        }
+                        Ok(watcher::Event::InitDone) => {
+                            approvals.replace_all(relist.take().unwrap_or_default())
+                        }
+                        Ok(watcher::Event::Apply(object)) => approvals.upsert(object),
+                        Ok(watcher::Event::Delete(object)) => approvals.remove(object.name()),
+                        Err(error) => {
+                            tracing::warn!(%error, "watching ApprovalRequest objects (retrying)")
+                        }
+                    }
+                }
+            });
+        }
+        Backend::Local(local) => {
+            let dir = local.dir.clone();
+            tokio::spawn(async move {
+                let mut last = None;
+                loop {
+                    let Some(approvals) = weak.upgrade() else {
+                        return;
+                    };
+                    match LocalStore::read_dir(&dir) {
+                        Ok(objects) => {
+                            if last.as_ref() != Some(&objects) {
+                                approvals.replace_all(objects.clone());
+                                last = Some(objects);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(dir = %dir.display(), %error, "reading local approvals")
+                        }
+                    }
+                    drop(approvals);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+    }
+}
+
+/// Local mode: `DIR/<id>.json`, written atomically (temp file + rename).
+#[derive(Clone, Debug)]
+pub struct LocalStore {
+    pub dir: PathBuf,
+    /// The namespace the objects say they are in (for a uniform shape).
+    pub namespace: String,
+}
+
+impl LocalStore {
+    pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        Ok(LocalStore {
+            dir,
+            namespace: "local".into(),
+        })
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf, String> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!("{name:?} is not an approval id"));
+        }
+        Ok(self.dir.join(format!("{name}.json")))
+    }
+
+    pub fn write(&self, object: &ApprovalRequest) -> Result<(), String> {
+        let path = self.path(object.name())?;
+        let tmp = path.with_extension("json.tmp");
+        let mut object = object.clone();
+        object.metadata.namespace = Some(self.namespace.clone());
+        if object.metadata.creation_timestamp.is_none() {
+            object.metadata.creation_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()),
+            );
+        }
+        let text = serde_json::to_vec_pretty(&object).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    pub fn read(&self, name: &str) -> Result<ApprovalRequest, String> {
+        let path = self.path(name)?;
+        let text = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("no approval {name} in {}", self.dir.display()),
+            _ => format!("cannot read {}: {e}", path.display()),
+        })?;
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Merges `status` into the object's status (JSON merge patch).
+    pub fn patch_status(&self, name: &str, status: &serde_json::Value) -> Result<(), String> {
+        let object = self.read(name)?;
+        let mut value = serde_json::to_value(&object).map_err(|e| e.to_string())?;
+        merge(
+            value
+                .as_object_mut()
+                .expect("an object")
+                .entry("status")
+                .or_insert_with(|| json!({})),
+            status,
+        );
+        let object: ApprovalRequest =
+            serde_json::from_value(value).map_err(|e| format!("{name}: {e}"))?;
+        self.write(&object)
+    }
+
+    pub fn read_dir(dir: &Path) -> std::io::Result<Vec<ApprovalRequest>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json")
+                && let Ok(text) = std::fs::read(&path)
+                && let Ok(object) = serde_json::from_slice::<ApprovalRequest>(&text)
+            {
+                out.push(object);
+            }
+        }
+        out.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(out)
+    }
+
+    pub fn list(&self) -> Result<Vec<ApprovalRequest>, String> {
+        Self::read_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))
+    }
+}
+
+fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}
+
+/// RFC 7386 JSON merge patch.
+pub(super) fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match patch {
+        serde_json::Value::Object(patch) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let target = target.as_object_mut().expect("made an object");
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(json!(null)), value);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}

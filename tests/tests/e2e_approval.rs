@@ -1,0 +1,672 @@
+//! Just-in-time approval seen end to end: a real kubectl agent's delete in
+//! production is held by chaperone (through the kernel redirect), a person
+//! at another terminal decides with `kubectl chaperone` (the plugin, run by
+//! kubectl from PATH), and the held request completes or is refused. Hold
+//! timeouts are a few seconds. Needs root.
+
+use std::{
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use chaperone_tests::{
+    e2e::{Person, World, WorldSpec, run_for},
+    require_root,
+    sim::{Authorizer, Rule, Subject},
+};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const APPROVALS: &str = "approvalrequests.chaperone.dev";
+const NS: &str = "chaperone-system";
+
+fn policy(hold: &str) -> String {
+    format!(
+        r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: agent-guard
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: prod-deletes-need-approval
+      verbs: [delete]
+      namespaces: ["prod-*"]
+      action: approve
+      holdTimeout: {hold}
+      message: deleting in production needs a person's approval
+  defaultAction: allow
+"#
+    )
+}
+
+fn spec(hold: &str) -> WorldSpec {
+    WorldSpec {
+        policy: policy(hold),
+        ..WorldSpec::default()
+    }
+}
+
+fn seed(world: &World, deployments: &[&str]) {
+    let store = world.sim.store();
+    let _ = store.create(
+        serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}),
+    );
+    for name in deployments {
+        store
+            .create(serde_json::json!({
+                "apiVersion":"apps/v1","kind":"Deployment",
+                "metadata":{"name":name,"namespace":"prod-a"},
+                "spec":{"replicas":2,"selector":{"matchLabels":{"app":name}},
+                    "template":{"metadata":{"labels":{"app":name}},
+                        "spec":{"containers":[{"name":"app","image":"app:1"}]}}},
+            }))
+            .unwrap();
+    }
+}
+
+fn exists(world: &World, name: &str) -> bool {
+    world
+        .sim
+        .store()
+        .get("deployments.apps", Some("prod-a"), name)
+        .is_some()
+}
+
+fn approvals(world: &World) -> Vec<Value> {
+    world.sim.store().list(APPROVALS, Some(NS))
+}
+
+fn approval(world: &World, id: &str) -> Value {
+    world
+        .sim
+        .store()
+        .get(APPROVALS, Some(NS), id)
+        .unwrap_or_else(|| panic!("approval {id} is gone"))
+}
+
+/// Starts `kubectl delete deployment NAME -n prod-a` as the agent.
+fn start_delete(world: &World, name: &str) -> Child {
+    world
+        .agent_kubectl(&["delete", "deployment", name, "-n", "prod-a"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn delete(world: &World, name: &str) -> Output {
+    run_for(
+        &mut world.agent_kubectl(&["delete", "deployment", name, "-n", "prod-a"]),
+        LIMIT,
+    )
+    .unwrap()
+}
+
+fn finish(child: Child) -> Output {
+    let deadline = Instant::now() + LIMIT;
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the held kubectl never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The id of the pending approval for `name`, once the node created it.
+fn wait_for_pending(world: &World, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(found) = approvals(world).into_iter().find(|a| {
+            a["spec"]["request"]["name"] == name
+                && a["status"]["state"].as_str().unwrap_or("Pending") == "Pending"
+        }) {
+            return found["metadata"]["name"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval was requested for {name}:\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the node agent holds a request on the existing approval `id`.
+fn wait_for_join(world: &World, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let joined = |log: String| {
+        log.lines()
+            .any(|l| l.contains(id) && l.contains("waits on an existing approval"))
+    };
+    while !joined(world.node.log_text()) {
+        assert!(
+            Instant::now() < deadline,
+            "the node never held a request on {id}:\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn plugin(person: &Person, args: &[&str]) -> Output {
+    let mut full = vec!["chaperone"];
+    full.extend_from_slice(args);
+    run_for(&mut person.kubectl(&full), LIMIT).unwrap()
+}
+
+#[test]
+fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal() {
+    require_root!();
+    let world = World::start(spec("30s")).unwrap();
+    seed(&world, &["web"]);
+    let alice = world.person("alice", &[]).unwrap();
+
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let object = approval(&world, &id);
+    assert_eq!(
+        object["spec"]["requester"]["username"],
+        "system:serviceaccount:default:agent"
+    );
+    assert_eq!(object["spec"]["requester"]["pod"]["name"], "agent-0");
+    assert_eq!(object["spec"]["request"]["verb"], "delete");
+    assert_eq!(object["spec"]["request"]["resource"], "deployments");
+    assert_eq!(object["spec"]["request"]["apiGroup"], "apps");
+    assert_eq!(object["spec"]["request"]["namespace"], "prod-a");
+    assert_eq!(object["spec"]["rule"], "prod-deletes-need-approval");
+    assert_eq!(object["spec"]["policy"], "agent-guard");
+    assert_eq!(object["spec"]["holdSeconds"], 30);
+    // The dry-run preview: what the delete would remove.
+    assert_eq!(
+        object["spec"]["preview"]["kind"], "Deployment",
+        "{object:#}"
+    );
+    assert_eq!(object["spec"]["preview"]["spec"]["replicas"], 2);
+    assert!(exists(&world, "web"), "held, not yet deleted");
+
+    // The person sees it, with the plugin and with kubectl get.
+    let listed = plugin(&alice, &["approvals"]);
+    assert!(text(&listed).contains(&id), "{}", text(&listed));
+    let table = run_for(
+        &mut alice.kubectl(&["get", "approvalrequests", "-n", NS]),
+        LIMIT,
+    )
+    .unwrap();
+    let table = text(&table);
+    assert!(
+        table.contains("STATE") && table.contains("Pending") && table.contains("deployments"),
+        "{table}"
+    );
+
+    let approved = plugin(&alice, &["approve", &id, "--reason", "planned cleanup"]);
+    assert!(approved.status.success(), "{}", text(&approved));
+
+    let out = finish(held);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("deleted"), "{}", text(&out));
+    assert!(!exists(&world, "web"), "the deployment is gone");
+
+    let object = approval(&world, &id);
+    assert_eq!(object["status"]["state"], "Approved");
+    assert_eq!(object["status"]["decidedBy"], "alice");
+    assert_eq!(object["status"]["reason"], "planned cleanup");
+    assert!(object["status"]["usedAt"].is_string(), "{object:#}");
+
+    // Audited with the approval and the approver.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit =
+            std::fs::read_to_string(world.work.path().join("audit.log")).unwrap_or_default();
+        let found = audit.lines().any(|l| {
+            l.contains("\"verb\":\"delete\"")
+                && l.contains(&format!("\"chaperone.dev/approval\":\"{id}\""))
+                && l.contains("\"chaperone.dev/approved-by\":\"alice\"")
+                && l.contains("\"code\":200")
+        });
+        if found {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit event with the approval:\n{audit}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_denied_delete_prints_forbidden_with_the_reason() {
+    require_root!();
+    let world = World::start(spec("30s")).unwrap();
+    seed(&world, &["web"]);
+    let alice = world.person("alice", &[]).unwrap();
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let denied = plugin(&alice, &["deny", &id, "--reason", "not during the sale"]);
+    assert!(denied.status.success(), "{}", text(&denied));
+    let out = finish(held);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("Error from server (Forbidden): "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not during the sale"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("approval {id} was denied by alice")),
+        "{stderr}"
+    );
+    assert!(exists(&world, "web"));
+    assert_eq!(approval(&world, &id)["status"]["state"], "Denied");
+}
+
+#[test]
+fn an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds() {
+    require_root!();
+    let world = World::start(spec("2s")).unwrap();
+    seed(&world, &["web"]);
+    let started = Instant::now();
+    let out = delete(&world, "web");
+    let waited = started.elapsed();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let ids: Vec<String> = approvals(&world)
+        .iter()
+        .map(|a| a["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let id = &ids[0];
+    assert!(
+        stderr.starts_with("Error from server (Forbidden): "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("Approval {id} is pending")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("kubectl chaperone approve {id}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("retry the same request after it is approved"),
+        "{stderr}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "held for {waited:?}"
+    );
+
+    // The retry finds the same approval: no duplicate.
+    let out = delete(&world, "web");
+    assert!(!out.status.success());
+    assert!(text(&out).contains(id.as_str()), "{}", text(&out));
+    assert_eq!(approvals(&world).len(), 1);
+
+    let alice = world.person("alice", &[]).unwrap();
+    let approved = plugin(&alice, &["approve", id]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    let out = delete(&world, "web");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!exists(&world, "web"));
+}
+
+#[test]
+fn an_approval_expires_and_the_agent_is_told_its_id() {
+    require_root!();
+    let world = World::start(WorldSpec {
+        node_args: vec!["--approval-ttl".into(), "3s".into()],
+        ..spec("30s")
+    })
+    .unwrap();
+    seed(&world, &["web"]);
+    let out = delete(&world, "web");
+    assert!(!out.status.success());
+    let id = approvals(&world)[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("approval {id} expired")),
+        "{stderr}"
+    );
+    assert!(exists(&world, "web"));
+    // The node marks it Expired; approving it is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while approval(&world, &id)["status"]["state"] != "Expired" {
+        assert!(Instant::now() < deadline, "{:#}", approval(&world, &id));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let alice = world.person("alice", &[]).unwrap();
+    let late = plugin(&alice, &["approve", &id]);
+    assert!(!late.status.success());
+    assert!(text(&late).contains("already Expired"), "{}", text(&late));
+}
+
+#[test]
+fn a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked() {
+    require_root!();
+    let world = World::start(spec("20s")).unwrap();
+    seed(&world, &["web", "api", "db", "cache", "queue"]);
+    let alice = world.person("alice", &[]).unwrap();
+
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let approved = plugin(&alice, &["approve", &id, "--grant", "4s"]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    assert!(finish(held).status.success());
+    let granted_at = Instant::now();
+
+    // Within the window: through at once, no new approval.
+    let out = delete(&world, "api");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!exists(&world, "api"));
+    assert_eq!(approvals(&world).len(), 1);
+    let grants = plugin(&alice, &["grants"]);
+    assert!(text(&grants).contains(&id), "{}", text(&grants));
+
+    // After the window: held again.
+    let rest = Duration::from_secs(5).saturating_sub(granted_at.elapsed());
+    std::thread::sleep(rest);
+    let held = start_delete(&world, "db");
+    let second = wait_for_pending(&world, "db");
+    assert_ne!(second, id);
+    assert!(exists(&world, "db"));
+
+    // A new grant, revoked: held again after the revocation.
+    let approved = plugin(&alice, &["approve", &second, "--grant", "1h"]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    assert!(finish(held).status.success());
+    let out = delete(&world, "cache");
+    assert!(out.status.success(), "{}", text(&out));
+    let revoked = plugin(&alice, &["revoke", &second]);
+    assert!(revoked.status.success(), "{}", text(&revoked));
+    let held = start_delete(&world, "queue");
+    let third = wait_for_pending(&world, "queue");
+    assert!(third != id && third != second);
+    let denied = plugin(&alice, &["deny", &third]);
+    assert!(denied.status.success(), "{}", text(&denied));
+    assert!(!finish(held).status.success());
+    assert!(exists(&world, "queue"));
+}
+
+#[test]
+fn approvers_need_the_right_and_a_requester_never_approves_itself() {
+    require_root!();
+    let world = World::start(spec("30s")).unwrap();
+    seed(&world, &["web"]);
+    // RBAC as in a cluster: the agent may do anything (chaperone's policy
+    // is what guards it), alice is bound to chaperone-approver, bob may
+    // read and write approvals' status but not approve.
+    let mut rbac = Authorizer::strict();
+    rbac.grant(
+        Subject::ServiceAccount {
+            namespace: "default".into(),
+            name: "agent".into(),
+        },
+        vec![Rule::new(&["*"], &["*"], &["*"])],
+    );
+    rbac.grant(
+        Subject::User("alice".into()),
+        vec![
+            Rule::new(
+                &["get", "list", "watch", "approve", "deny"],
+                &["chaperone.dev"],
+                &["approvalrequests"],
+            ),
+            Rule::new(
+                &["get", "update", "patch"],
+                &["chaperone.dev"],
+                &["approvalrequests/status"],
+            ),
+        ],
+    );
+    rbac.grant(
+        Subject::User("bob".into()),
+        vec![
+            Rule::new(
+                &["get", "list", "watch"],
+                &["chaperone.dev"],
+                &["approvalrequests"],
+            ),
+            Rule::new(
+                &["get", "update", "patch"],
+                &["chaperone.dev"],
+                &["approvalrequests/status"],
+            ),
+        ],
+    );
+    world.sim.set_authorizer(rbac);
+    let alice = world.person("alice", &[]).unwrap();
+    let bob = world.person("bob", &[]).unwrap();
+
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+
+    // bob has no approve right: the plugin says so.
+    let out = plugin(&bob, &["approve", &id]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("may not approve"), "{}", text(&out));
+
+    // bob writes the decision himself: every node checks it and refuses.
+    let forged = run_for(
+        &mut bob.kubectl(&[
+            "patch",
+            "approvalrequest",
+            &id,
+            "-n",
+            NS,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"state":"Approved","decidedBy":"bob"}}"#,
+        ]),
+        LIMIT,
+    )
+    .unwrap();
+    assert!(forged.status.success(), "{}", text(&forged));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let object = approval(&world, &id);
+        if object["status"]["state"] == "Pending" && object["status"]["refusedDecision"].is_string()
+        {
+            assert!(
+                object["status"]["refusedDecision"]
+                    .as_str()
+                    .unwrap()
+                    .contains("bob may not approve"),
+                "{object:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forged decision stands: {object:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exists(&world, "web"));
+
+    // The requester, with its own token outside chaperone: refused by the plugin.
+    let agent_home = world.work.path().join("agent-as-person");
+    std::fs::create_dir_all(&agent_home).unwrap();
+    let agent_person = Person {
+        kubeconfig: agent_home.join("config"),
+        home: agent_home,
+    };
+    world
+        .sim
+        .write_kubeconfig(&agent_person.kubeconfig, &world.token)
+        .unwrap();
+    let out = plugin(&agent_person, &["approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("cannot approve it yourself"),
+        "{}",
+        text(&out)
+    );
+
+    // ...and through chaperone, the agent cannot touch approvals at all.
+    let out = run_for(
+        &mut world.agent_kubectl(&[
+            "patch",
+            "approvalrequest",
+            &id,
+            "-n",
+            NS,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"state":"Approved","decidedBy":"alice"}}"#,
+        ]),
+        LIMIT,
+    )
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("agents may not patch approval requests"),
+        "{}",
+        text(&out)
+    );
+    assert!(exists(&world, "web"));
+
+    // alice may: the delete completes.
+    let out = plugin(&alice, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = finish(held);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!exists(&world, "web"));
+}
+
+#[test]
+fn an_approval_is_seen_by_another_node_agent() {
+    require_root!();
+    let a = World::start(spec("2s")).unwrap();
+    seed(&a, &["web"]);
+    let b = World::join(
+        &a,
+        WorldSpec {
+            node_name: "e2e-node-b".into(),
+            pod: "agent-1".into(),
+            pod_uid: "9d2e7c1a-4b3f-4e8d-a1c2-6f5e4d3c2b1a".into(),
+            ..spec("30s")
+        },
+    )
+    .unwrap();
+    // Node A holds the agent's delete and creates the approval.
+    let out = delete(&a, "web");
+    assert!(!out.status.success());
+    let id = approvals(&a)[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(approval(&a, &id)["spec"]["node"], "e2e-node");
+    // The same agent's retry lands on node B, which finds A's approval and
+    // holds the request until a person approves it.
+    let held = start_delete(&b, "web");
+    wait_for_join(&b, &id);
+    let alice = a.person("alice", &[]).unwrap();
+    let out = plugin(&alice, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = finish(held);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        b.node.log_text()
+    );
+    assert!(!exists(&a, "web"));
+    assert_eq!(approvals(&a).len(), 1, "no duplicate approval");
+}
+
+#[test]
+fn a_pending_approval_survives_a_node_agent_restart() {
+    require_root!();
+    let mut world = World::start(spec("2s")).unwrap();
+    seed(&world, &["web"]);
+    let out = delete(&world, "web");
+    assert!(!out.status.success());
+    let id = approvals(&world)[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    world.restart_node().unwrap();
+    assert_eq!(approval(&world, &id)["status"]["state"], "Pending");
+    let alice = world.person("alice", &[]).unwrap();
+    let out = plugin(&alice, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = delete(&world, "web");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        world.node.log_text()
+    );
+    assert!(!exists(&world, "web"));
+    assert_eq!(approvals(&world).len(), 1);
+}
+
+#[test]
+fn one_approval_lets_one_of_two_identical_held_requests_through() {
+    require_root!();
+    let a = World::start(spec("20s")).unwrap();
+    seed(&a, &["web"]);
+    let b = World::join(
+        &a,
+        WorldSpec {
+            node_name: "e2e-node-b".into(),
+            pod: "agent-1".into(),
+            pod_uid: "9d2e7c1a-4b3f-4e8d-a1c2-6f5e4d3c2b1a".into(),
+            ..spec("20s")
+        },
+    )
+    .unwrap();
+    // The same agent's identical delete, held on both nodes at once.
+    let on_a = start_delete(&a, "web");
+    let id = wait_for_pending(&a, "web");
+    let on_b = start_delete(&b, "web");
+    wait_for_join(&b, &id);
+    assert_eq!(approvals(&a).len(), 1, "node B found node A's approval");
+    let alice = a.person("alice", &[]).unwrap();
+    let out = plugin(&alice, &["approve", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (out_a, out_b) = (finish(on_a), finish(on_b));
+    let through = [&out_a, &out_b]
+        .iter()
+        .filter(|o| o.status.success())
+        .count();
+    assert_eq!(
+        through,
+        1,
+        "exactly one request goes through:\nA: {}\nB: {}",
+        text(&out_a),
+        text(&out_b)
+    );
+    let refused = if out_a.status.success() {
+        &out_b
+    } else {
+        &out_a
+    };
+    assert!(
+        text(refused).contains(&format!(
+            "approval {id} already let an identical request through"
+        )),
+        "{}\nA: {}\nB: {}",
+        text(refused),
+        a.node.log_text(),
+        b.node.log_text()
+    );
+    assert!(!exists(&a, "web"));
+}
