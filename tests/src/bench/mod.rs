@@ -125,9 +125,14 @@ pub struct IdleWatches {
 
 #[derive(Debug, Serialize)]
 pub struct AuditCheck {
+    /// The mix runs: requests sent to chaperone, ResponseComplete events.
     pub requests_sent: u64,
     pub events_complete: u64,
     pub lost: i64,
+    /// The idle-watch runs, counted apart: watches still waiting for an
+    /// upstream stream when the client left are a different question.
+    pub idle_watch_requests: u64,
+    pub idle_watch_events: u64,
     /// Events/s written during chaperone's closed-loop runs.
     pub events_per_second: f64,
 }
@@ -326,6 +331,10 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
     let sim_peak_rss_kib = status_kib(sim_pid, "VmHWM");
     peak_rss_kib.insert(0, (Target::Direct, sim_peak_rss_kib));
 
+    // The mix's audit count, before the idle watches add theirs.
+    let mix_events = settle_count(&chaperone.audit_dir, Duration::from_secs(10));
+    let mut idle_sent = 0u64;
+
     // Idle watch streams through chaperone.
     let mut idle = Vec::new();
     for &count in &spec.idle_watches {
@@ -334,12 +343,10 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
             std::thread::sleep(Duration::from_secs(1));
             status_kib(chaperone_pid, "VmRSS")
         })?;
-        chaperone_sent += sent;
-        let per_stream = if open > 0 {
-            rss.saturating_sub(baseline) as f64 / open as f64
-        } else {
-            0.0
-        };
+        idle_sent += sent;
+        // Over every stream asked for: those waiting for an upstream stream
+        // hold memory too.
+        let per_stream = rss.saturating_sub(baseline) as f64 / count.max(1) as f64;
         let note = if open < count {
             format!(
                 "only {open} of {count} opened: chaperone multiplexes every upstream request on \
@@ -371,8 +378,10 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
     let events = count_lines(&chaperone.audit_dir, "audit", "\"ResponseComplete\"");
     let audit = AuditCheck {
         requests_sent: chaperone_sent,
-        events_complete: events,
-        lost: chaperone_sent as i64 - events as i64,
+        events_complete: mix_events,
+        lost: chaperone_sent as i64 - mix_events as i64,
+        idle_watch_requests: idle_sent,
+        idle_watch_events: events.saturating_sub(mix_events),
         events_per_second: if audit_closed_seconds > 0.0 {
             audit_closed_events as f64 / audit_closed_seconds
         } else {
@@ -387,6 +396,14 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
         notes.push(format!(
             "audit count check FAILED: {} requests sent, {} events",
             audit.requests_sent, audit.events_complete
+        ));
+    }
+    if audit.idle_watch_events < audit.idle_watch_requests {
+        notes.push(format!(
+            "audit: {} idle watch requests reached chaperone, {} have a ResponseComplete event: \
+             a request still waiting for an upstream stream when its client goes away leaves no \
+             event",
+            audit.idle_watch_requests, audit.idle_watch_events
         ));
     }
 

@@ -274,7 +274,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
     for idle in &report.idle_watches {
         let _ = writeln!(
             md,
-            "- {} idle watch streams asked, {} open: RSS {:.1} MiB, {:.1} KiB per stream{}",
+            "- {} idle watch streams asked, {} open: RSS {:.1} MiB, {:.1} KiB per stream asked{}",
             idle.asked,
             idle.open,
             idle.rss_kib as f64 / 1024.0,
@@ -289,9 +289,15 @@ pub fn render_markdown(report: &BenchReport) -> String {
     if let Some(audit) = &report.audit {
         let _ = writeln!(
             md,
-            "- Audit to file: {:.0} events/s sustained during the closed-loop runs; count check: \
-             {} requests sent, {} ResponseComplete events, {} lost",
-            audit.events_per_second, audit.requests_sent, audit.events_complete, audit.lost
+            "- Audit to file: {:.0} events/s sustained during the closed-loop runs; count check \
+             over the mix runs: {} requests sent, {} ResponseComplete events, {} lost; idle \
+             watches: {} requests, {} events",
+            audit.events_per_second,
+            audit.requests_sent,
+            audit.events_complete,
+            audit.lost,
+            audit.idle_watch_requests,
+            audit.idle_watch_events
         );
     }
     render_criterion(&mut md, &report.criterion);
