@@ -2,6 +2,7 @@
 //! cgroups on this machine) and the API-server simulator ([`sim`], also run
 //! standalone as the `kube-sim` binary).
 
+pub mod bench;
 pub mod e2e;
 pub mod load;
 pub mod prom;

@@ -7,6 +7,9 @@
 //!   the eBPF object embedded.
 //! - `test`: setup, then formatting, clippy and the whole test suite.
 //! - `demo`: setup, build, then the demo (needs root).
+//! - `bench [--quick]`: setup, release builds, then the simulator directly,
+//!   chaperone and nginx side by side (needs root); the full mode also runs
+//!   the criterion benches. Writes `target/bench/latest.md`.
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +48,17 @@ enum Task {
     },
     /// Run the demo on this machine (needs root).
     Demo,
+    /// Benchmark direct vs chaperone vs nginx (needs root); writes
+    /// target/bench/latest.md and latest.json.
+    Bench {
+        /// CI-short: one round of a few seconds, no criterion benches.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for chaperone-bench (--rounds, --seconds, --rate,
+        /// --concurrency).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -133,7 +147,73 @@ fn run(task: Task) -> Result<()> {
             }
             Ok(())
         }
+        Task::Bench { quick, bench_args } => bench(&root, quick, &bench_args),
     }
+}
+
+fn bench(root: &Path, quick: bool, bench_args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the bench needs root: chaperone attaches its eBPF programs (at a test cgroup) and \
+             listens on a veth address. Run it as root (sudo -E cargo xtask bench)"
+        );
+    }
+    setup::all()?;
+    step("building release binaries (chaperone, kube-sim, agent-load, chaperone-bench)");
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "chaperone",
+            "--package",
+            "chaperone-tests",
+            "--bin",
+            "chaperone",
+            "--bin",
+            "kube-sim",
+            "--bin",
+            "agent-load",
+            "--bin",
+            "chaperone-bench",
+        ],
+    )?;
+    let mut args: Vec<String> = Vec::new();
+    if quick {
+        args.push("--quick".into());
+    } else {
+        step("criterion: masking MB/s and policy ns/decision (cargo bench -p chaperone)");
+        cargo(
+            root,
+            &[
+                "bench",
+                "--package",
+                "chaperone",
+                "--bench",
+                "mask",
+                "--bench",
+                "policy",
+            ],
+        )?;
+        args.push("--criterion-dir".into());
+        args.push(root.join("target/criterion").display().to_string());
+    }
+    args.extend(bench_args.iter().cloned());
+    step(if quick {
+        "bench --quick: direct, chaperone, nginx"
+    } else {
+        "bench: direct, chaperone, nginx"
+    });
+    let runner = root.join("target/release/chaperone-bench");
+    let status = Command::new(&runner)
+        .args(&args)
+        .status()
+        .with_context(|| format!("cannot run {}", runner.display()))?;
+    if !status.success() {
+        bail!("the bench failed ({status})");
+    }
+    Ok(())
 }
 
 fn step(what: &str) {

@@ -13,8 +13,10 @@ use anyhow::{Context, Result, bail};
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGE: &str = "llvm-22-dev";
 /// Debian packages the tests use as real tools: `ip` (iproute2) for network
-/// namespaces and veth pairs.
-const TEST_PACKAGES: &[&str] = &["iproute2"];
+/// namespaces and veth pairs; nginx, the reverse proxy `cargo xtask bench`
+/// compares chaperone with (the bench starts its own; the package's service
+/// is not used).
+const TEST_PACKAGES: &[&str] = &["iproute2", "nginx"];
 
 pub fn all() -> Result<()> {
     println!("==> setup (idempotent): eBPF toolchain and test tools");

@@ -111,8 +111,19 @@ impl<'a> Jwt<'a> {
     }
 
     /// Whether `key` signed this token with `alg`.
+    ///
+    /// A signature check is a pure function of the key, `alg`, the signed
+    /// input and the signature, so `key` remembers the ones it verified: an
+    /// agent sends the same token with every request, and checking an RS256
+    /// signature in software was the largest cost of a proxied GET. Claims
+    /// (`exp`, `aud`, ...) are still checked on every request by the caller,
+    /// and a key withdrawn from the JWKS takes what it remembered with it.
     pub fn signed_by(&self, key: &VerificationKey, alg: Algorithm) -> bool {
-        matches!(
+        let digest = key.verified.digest(alg, self.signing_input, self.signature);
+        if key.verified.contains(&digest) {
+            return true;
+        }
+        let valid = matches!(
             jsonwebtoken::crypto::verify(
                 self.signature,
                 self.signing_input.as_bytes(),
@@ -120,7 +131,11 @@ impl<'a> Jwt<'a> {
                 alg
             ),
             Ok(true)
-        )
+        );
+        if valid {
+            key.verified.insert(digest);
+        }
+        valid
     }
 }
 
@@ -190,6 +205,48 @@ pub struct VerificationKey {
     /// The `alg` the JWK itself declares, if any.
     declared: Option<Algorithm>,
     key: DecodingKey,
+    /// Signatures this key verified (see [`Jwt::signed_by`]).
+    verified: VerifiedSignatures,
+}
+
+/// Digests of `(alg, signed input, signature)` a key verified, bounded:
+/// when full it starts over (an agent re-sends one token for its lifetime,
+/// so the working set is one entry per live token).
+#[derive(Clone, Debug, Default)]
+struct VerifiedSignatures(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>);
+
+/// Distinct verified tokens remembered per key.
+const VERIFIED_SIGNATURES_MAX: usize = 4096;
+
+impl VerifiedSignatures {
+    fn digest(&self, alg: Algorithm, signing_input: &str, signature: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(format!("{alg:?}").as_bytes());
+        hasher.update([0]);
+        hasher.update(signing_input.as_bytes());
+        hasher.update([0]);
+        hasher.update(signature.as_bytes());
+        hasher.finalize().into()
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<[u8; 32]>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.set().contains(digest)
+    }
+
+    fn insert(&self, digest: [u8; 32]) {
+        let mut set = self.set();
+        if set.len() >= VERIFIED_SIGNATURES_MAX {
+            set.clear();
+        }
+        set.insert(digest);
+    }
 }
 
 impl VerificationKey {
@@ -225,6 +282,7 @@ impl VerificationKey {
             curve,
             declared,
             key,
+            verified: VerifiedSignatures::default(),
         })
     }
 

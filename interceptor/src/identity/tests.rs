@@ -631,6 +631,33 @@ async fn a_token_signed_with_a_rotated_in_key_is_accepted_after_the_refresh() {
 }
 
 #[tokio::test]
+async fn a_remembered_signature_vouches_for_its_own_token_only() {
+    let key = SigningKey::rsa("a", RSA_A);
+    let source = TestKeySource::new(&[&key]);
+    let auth = authenticator(&config(), source.clone(), None);
+    let token = key.sign(&sa_claims());
+    // Verified once, then remembered: still the same caller.
+    for _ in 0..3 {
+        let caller = auth.authenticate(&token, None, None).await.unwrap();
+        assert_eq!(caller.username, "system:serviceaccount:prod-a:agent");
+    }
+    // The remembered signature with other claims is a forgery.
+    let other = key.sign(&with(
+        sa_claims(),
+        "sub",
+        json!("system:serviceaccount:prod-a:admin"),
+    ));
+    let parts: Vec<&str> = token.split('.').collect();
+    let other_parts: Vec<&str> = other.split('.').collect();
+    let forged = format!("{}.{}.{}", parts[0], other_parts[1], parts[2]);
+    auth.authenticate(&forged, None, None).await.unwrap_err();
+    // Claims are still checked on every request: the same token, expired.
+    let expired = key.sign(&with(sa_claims(), "exp", json!(now() - 3600)));
+    auth.authenticate(&expired, None, None).await.unwrap_err();
+    auth.authenticate(&expired, None, None).await.unwrap_err();
+}
+
+#[tokio::test]
 async fn a_flood_of_unknown_kids_fetches_at_most_once_per_interval() {
     let key = SigningKey::rsa("a", RSA_A);
     let source = TestKeySource::new(&[&key]);

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use chaperone_tests::load::{LoadSpec, run};
+use chaperone_tests::load::{LoadSpec, Op, idle_watches, run};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -35,12 +35,23 @@ struct Args {
     seconds: f64,
     #[arg(long, default_value_t = 4)]
     watches: usize,
+    /// Instead of the mix: open this many idle watch streams, print
+    /// `{"idle_watches_open": N}` once they are open, and hold them until
+    /// stdin closes (the caller measures the target meanwhile).
+    #[arg(long)]
+    idle_watches: Option<usize>,
+    /// Only this operation instead of the mix (profiling one path).
+    #[arg(long, value_enum)]
+    only: Option<Op>,
+    /// HTTP/2 connections the idle watches are spread over.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let report = run(LoadSpec {
+    let spec = LoadSpec {
         base: args.url.trim_end_matches('/').to_owned(),
         ca_pem: std::fs::read(&args.ca)
             .with_context(|| format!("cannot read {}", args.ca.display()))?,
@@ -55,8 +66,25 @@ async fn main() -> anyhow::Result<()> {
         warmup: Duration::from_secs_f64(args.warmup_seconds),
         duration: Duration::from_secs_f64(args.seconds),
         watches: args.watches,
-    })
-    .await?;
+        only: args.only,
+    };
+    if let Some(count) = args.idle_watches {
+        let hold = async {
+            // Held until the caller closes our stdin.
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+        };
+        return idle_watches(
+            &spec,
+            count,
+            args.connections,
+            Duration::from_secs(10),
+            |open| println!("{{\"idle_watches_open\": {open}}}"),
+            hold,
+        )
+        .await;
+    }
+    let report = run(spec).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

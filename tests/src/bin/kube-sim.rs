@@ -44,6 +44,13 @@ struct Args {
     /// Create the objects of this YAML file (multi-document) at start.
     #[arg(long)]
     seed: Vec<PathBuf>,
+    /// Mint a projected service-account token for `NAMESPACE/NAME` (one
+    /// hour) and write it to --token-out (load generators, benches).
+    #[arg(long, requires = "token_out")]
+    mint_token: Option<String>,
+    /// Where --mint-token writes the token.
+    #[arg(long, requires = "mint_token")]
+    token_out: Option<PathBuf>,
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_seconds: u64,
@@ -95,6 +102,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(path) = &args.kubeconfig_out {
         sim.write_kubeconfig(path, &sim.admin_token())?;
+    }
+    if let (Some(account), Some(path)) = (&args.mint_token, &args.token_out) {
+        let (namespace, name) = account
+            .split_once('/')
+            .with_context(|| format!("--mint-token {account:?}: expected NAMESPACE/NAME"))?;
+        let token =
+            sim.mint_service_account_token(namespace, name, None, None, Duration::from_secs(3600))?;
+        std::fs::write(path, token)
+            .with_context(|| format!("writing the token to {}", path.display()))?;
     }
     println!("kube-sim listening on {}", sim.url());
     if let Some(path) = &args.kubeconfig_out {

@@ -18,10 +18,10 @@ use hdrhistogram::Histogram;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One kind of request in the mix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Op {
     GetPod,
@@ -66,9 +66,11 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Long-lived watch streams held open during the run.
     pub watches: usize,
+    /// Only this op instead of the mix (profiling one path).
+    pub only: Option<Op>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct OpReport {
     pub op: Op,
     pub count: u64,
@@ -79,7 +81,7 @@ pub struct OpReport {
     pub max_us: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct LoadReport {
     pub base: String,
     pub mode: String,
@@ -92,8 +94,14 @@ pub struct LoadReport {
     pub p99_us: u64,
     pub p999_us: u64,
     pub watch_events: u64,
+    /// Every HTTP request this run sent (the first probe, warm-up, watches
+    /// and both halves of create+delete): what an audit log must account for.
+    pub http_requests_sent: u64,
     pub ops: Vec<OpReport>,
 }
+
+/// HTTP requests sent by this process (see [`LoadReport::http_requests_sent`]).
+static HTTP_REQUESTS_SENT: AtomicU64 = AtomicU64::new(0);
 
 type HttpsClient = Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -198,6 +206,7 @@ async fn request(
     let request = builder
         .body(Full::new(body.map(Bytes::from).unwrap_or_default()))
         .expect("valid request");
+    HTTP_REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
     match client.request(request).await {
         Ok(response) => {
             let ok = response.status().is_success();
@@ -280,6 +289,7 @@ fn pick(n: u64) -> Op {
 
 /// Runs the load and reports.
 pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
+    let sent_before = HTTP_REQUESTS_SENT.load(Ordering::Relaxed);
     let client = client(&spec)?;
     // Fail early and clearly if the target is not usable.
     if !run_op(&client, &spec, Op::GetPod, 0).await {
@@ -310,6 +320,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
             .header("authorization", format!("Bearer {}", spec.token))
             .body(Full::new(Bytes::new()))
             .expect("valid request");
+            HTTP_REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
             if let Ok(response) = client.request(request).await {
                 let mut body = response.into_body();
                 while !stop.load(Ordering::Relaxed) {
@@ -350,7 +361,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
                 workers.push(tokio::spawn(async move {
                     while Instant::now() < deadline {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
-                        let op = pick(n);
+                        let op = spec.only.unwrap_or_else(|| pick(n));
                         let begun = Instant::now();
                         let ok = run_op(&client, &spec, op, n).await;
                         recorder.record(op, begun.elapsed(), ok);
@@ -372,7 +383,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
                     .await
                     .expect("semaphore open");
                 let (client, spec2, recorder) = (client.clone(), spec.clone(), recorder.clone());
-                let op = pick(n);
+                let op = spec.only.unwrap_or_else(|| pick(n));
                 workers.push(tokio::spawn(async move {
                     let ok = run_op(&client, &spec2, op, n).await;
                     // Measured from the intended start: queueing counts.
@@ -426,8 +437,69 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
         p99_us: all.value_at_quantile(0.99),
         p999_us: all.value_at_quantile(0.999),
         watch_events: watch_events.load(Ordering::Relaxed),
+        http_requests_sent: HTTP_REQUESTS_SENT.load(Ordering::Relaxed) - sent_before,
         ops,
     })
+}
+
+/// Opens `count` idle watch streams (a namespace nothing changes in, no
+/// bookmarks) spread over `connections` HTTP/2 connections, calls `opened`
+/// with how many got their response headers within `settle`, then holds them
+/// until `hold` resolves.
+pub async fn idle_watches(
+    spec: &LoadSpec,
+    count: usize,
+    connections: usize,
+    settle: Duration,
+    opened: impl FnOnce(usize),
+    hold: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let clients = (0..connections.max(1))
+        .map(|_| client(spec))
+        .collect::<Result<Vec<_>>>()?;
+    let open = Arc::new(AtomicU64::new(0));
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        let client = clients[i % clients.len()].clone();
+        let (spec, open) = (spec.clone(), open.clone());
+        streams.push(tokio::spawn(async move {
+            let request = Request::get(format!(
+                "{}/api/v1/namespaces/{}/configmaps?watch=true",
+                spec.base, spec.namespace
+            ))
+            .header("authorization", format!("Bearer {}", spec.token))
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+            HTTP_REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
+            if let Ok(response) = client.request(request).await
+                && response.status().is_success()
+            {
+                open.fetch_add(1, Ordering::Relaxed);
+                let mut body = response.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
+        }));
+    }
+    // Wait until every stream is open, or until nothing moves for `settle`.
+    let mut last = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = open.load(Ordering::Relaxed) as usize;
+        if now >= count {
+            break;
+        }
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > settle {
+            break;
+        }
+    }
+    opened(open.load(Ordering::Relaxed) as usize);
+    hold.await;
+    for stream in streams {
+        stream.abort();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,542 @@
+//! `cargo xtask bench`: the same client ([`crate::load`], run as the
+//! `agent-load` process) against (a) the simulator directly, (b) chaperone
+//! with the full pipeline and (c) nginx as a TLS-terminating reverse proxy,
+//! in alternating rounds, with CPU and memory of each server process read
+//! from `/proc`. Writes `latest.md` and `latest.json`.
+
+pub mod procs;
+pub mod report;
+pub mod setup;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::load::LoadReport;
+use procs::{Proc, count_lines, cpu_seconds, status_kib};
+pub use report::render_markdown;
+
+/// How long and how hard to measure.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchSpec {
+    /// Where `chaperone`, `kube-sim` and `agent-load` are.
+    #[serde(skip)]
+    pub bin_dir: PathBuf,
+    /// Where `latest.md` and `latest.json` go.
+    #[serde(skip)]
+    pub out_dir: PathBuf,
+    /// Criterion's output (`target/criterion`), read if present.
+    #[serde(skip)]
+    pub criterion_dir: Option<PathBuf>,
+    pub quick: bool,
+    pub rounds: usize,
+    pub warmup_seconds: f64,
+    pub seconds: f64,
+    /// Open-loop rate (requests/s of the mix).
+    pub rate: u32,
+    /// Closed-loop concurrency (and the open loop's in-flight cap).
+    pub concurrency: usize,
+    /// Watch streams with events flowing during each run.
+    pub watches: usize,
+    /// Idle watch streams held through chaperone to measure memory.
+    pub idle_watches: Vec<usize>,
+}
+
+impl BenchSpec {
+    pub fn quick(bin_dir: PathBuf, out_dir: PathBuf) -> Self {
+        BenchSpec {
+            bin_dir,
+            out_dir,
+            criterion_dir: None,
+            quick: true,
+            rounds: 1,
+            warmup_seconds: 1.0,
+            seconds: 3.0,
+            // Well under the simulator's capacity on a loaded 2-core machine
+            // (list 500 pods costs it milliseconds): latency, not queueing.
+            rate: 20,
+            concurrency: 16,
+            watches: 4,
+            idle_watches: vec![1000],
+        }
+    }
+
+    pub fn full(bin_dir: PathBuf, out_dir: PathBuf) -> Self {
+        BenchSpec {
+            quick: false,
+            rounds: 3,
+            warmup_seconds: 3.0,
+            seconds: 15.0,
+            rate: 40,
+            concurrency: 32,
+            idle_watches: vec![1000, 10_000],
+            ..BenchSpec::quick(bin_dir, out_dir)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    Direct,
+    Chaperone,
+    Nginx,
+}
+
+impl Target {
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct (kube-sim)",
+            Target::Chaperone => "chaperone (full pipeline)",
+            Target::Nginx => "nginx (TLS reverse proxy)",
+        }
+    }
+}
+
+/// One agent-load run against one target, with what the servers spent.
+#[derive(Debug, Serialize)]
+pub struct Run {
+    pub target: Target,
+    pub round: usize,
+    pub open_loop: bool,
+    pub load: LoadReport,
+    pub wall_seconds: f64,
+    /// CPU seconds of the target's own processes (the proxy; for direct,
+    /// the simulator).
+    pub proxy_cpu: f64,
+    /// CPU seconds of the simulator during the run.
+    pub sim_cpu: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IdleWatches {
+    pub asked: usize,
+    pub open: usize,
+    pub rss_kib: u64,
+    pub per_stream_kib: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditCheck {
+    /// The mix runs: requests sent to chaperone, ResponseComplete events.
+    pub requests_sent: u64,
+    pub events_complete: u64,
+    pub lost: i64,
+    /// The idle-watch runs, counted apart: watches still waiting for an
+    /// upstream stream when the client left are a different question.
+    pub idle_watch_requests: u64,
+    pub idle_watch_events: u64,
+    /// Events/s written during chaperone's closed-loop runs.
+    pub events_per_second: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Criterion {
+    /// (benchmark, MB/s) for the masking benches.
+    pub mask_mb_per_s: Vec<(String, f64)>,
+    /// (benchmark, ns) for the policy benches.
+    pub policy_ns: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub spec: BenchSpec,
+    pub machine: Machine,
+    pub runs: Vec<Run>,
+    /// Peak RSS (VmHWM, KiB) per target's processes at the end.
+    pub peak_rss_kib: Vec<(Target, u64)>,
+    pub sim_peak_rss_kib: u64,
+    pub chaperone_idle_rss_kib: u64,
+    pub idle_watches: Vec<IdleWatches>,
+    pub audit: Option<AuditCheck>,
+    pub criterion: Criterion,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub load_before: String,
+    pub load_after: String,
+    pub kernel: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        Machine {
+            cpu_model,
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            load_before: loadavg(),
+            load_after: String::new(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }
+    }
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Endpoint {
+    target: Target,
+    url: String,
+    ca: PathBuf,
+}
+
+/// Runs the whole bench (needs root: chaperone attaches its eBPF programs
+/// at a test cgroup and listens on a veth address) and writes the report.
+pub fn run(spec: BenchSpec) -> Result<BenchReport> {
+    let mut machine = Machine::probe();
+    let nginx_bin = setup::nginx_binary().context(
+        "nginx is not installed: `cargo xtask setup` installs the Debian package (apt-get install nginx)",
+    )?;
+    let work = tempfile::Builder::new()
+        .prefix("chaperone-bench")
+        .tempdir()?;
+    let mut notes = Vec::new();
+    say(&format!("load before: {}", machine.load_before));
+
+    say("starting kube-sim (500 pods, 20 secrets, 20 configmaps)");
+    let mut sim = setup::start_sim(&spec.bin_dir, work.path())?;
+    // chaperone refuses a loopback proxy address; a veth pair's host side
+    // gives it a real one (the client dials it from the host namespace).
+    let netns = crate::topology::Netns::create()?;
+    say(&format!(
+        "starting chaperone node on {} (local mode, --allow-unattested)",
+        netns.host_v4
+    ));
+    let mut chaperone = setup::start_chaperone(&spec.bin_dir, work.path(), &sim, netns.host_v4)?;
+    say("starting nginx");
+    let nginx = setup::start_nginx(&nginx_bin, work.path(), &sim)?;
+
+    let endpoints = [
+        Endpoint {
+            target: Target::Direct,
+            url: sim.url.clone(),
+            ca: sim.ca.clone(),
+        },
+        Endpoint {
+            target: Target::Chaperone,
+            url: chaperone.url.clone(),
+            ca: chaperone.ca.clone(),
+        },
+        Endpoint {
+            target: Target::Nginx,
+            url: nginx.url.clone(),
+            ca: nginx.ca.clone(),
+        },
+    ];
+    let sim_pid = sim.proc.pid();
+    let chaperone_pid = chaperone.proc.pid();
+    let pids_of = |target: Target| -> Vec<u32> {
+        match target {
+            Target::Direct => vec![sim_pid],
+            Target::Chaperone => vec![chaperone_pid],
+            Target::Nginx => nginx.pids(),
+        }
+    };
+    let chaperone_idle_rss_kib = status_kib(chaperone_pid, "VmRSS");
+
+    let mut runs = Vec::new();
+    let mut chaperone_sent = 0u64;
+    let (mut audit_closed_events, mut audit_closed_seconds) = (0u64, 0f64);
+    for round in 0..spec.rounds {
+        // Rotate the order each round so no target always goes first.
+        for i in 0..endpoints.len() {
+            let endpoint = &endpoints[(i + round) % endpoints.len()];
+            for open_loop in [true, false] {
+                let pids = pids_of(endpoint.target);
+                let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+                let audit_before = (endpoint.target == Target::Chaperone)
+                    .then(|| count_lines(&chaperone.audit_dir, "audit", "\"ResponseComplete\""));
+                let (proxy0, sim0) = (cpu(&pids), cpu_seconds(sim_pid));
+                let started = Instant::now();
+                let load = agent_load(&spec, endpoint, &sim.token, open_loop)?;
+                let wall = started.elapsed().as_secs_f64();
+                let (proxy1, sim1) = (cpu(&pids), cpu_seconds(sim_pid));
+                if endpoint.target == Target::Chaperone {
+                    chaperone_sent += load.http_requests_sent;
+                    if !open_loop && let Some(before) = audit_before {
+                        let after = settle_count(&chaperone.audit_dir, Duration::from_secs(5));
+                        audit_closed_events += after.saturating_sub(before);
+                        audit_closed_seconds += wall;
+                    }
+                }
+                let run = Run {
+                    target: endpoint.target,
+                    round,
+                    open_loop,
+                    load,
+                    wall_seconds: wall,
+                    proxy_cpu: if endpoint.target == Target::Direct {
+                        sim1 - sim0
+                    } else {
+                        proxy1 - proxy0
+                    },
+                    sim_cpu: sim1 - sim0,
+                };
+                say(&format!(
+                    "round {} {:<26} {:<18} {:>8.0} req/s  p50 {:>6} us  p99 {:>7} us  errors {}  proxy cpu {:.2}s  sim cpu {:.2}s",
+                    round + 1,
+                    endpoint.target.label(),
+                    run.load.mode,
+                    run.load.requests_per_second,
+                    run.load.p50_us,
+                    run.load.p99_us,
+                    run.load.errors,
+                    run.proxy_cpu,
+                    run.sim_cpu
+                ));
+                runs.push(run);
+            }
+        }
+    }
+
+    let mut peak_rss_kib = Vec::new();
+    for endpoint in &endpoints {
+        if endpoint.target == Target::Direct {
+            continue;
+        }
+        let hwm = pids_of(endpoint.target)
+            .iter()
+            .map(|p| status_kib(*p, "VmHWM"))
+            .sum();
+        peak_rss_kib.push((endpoint.target, hwm));
+    }
+    let sim_peak_rss_kib = status_kib(sim_pid, "VmHWM");
+    peak_rss_kib.insert(0, (Target::Direct, sim_peak_rss_kib));
+
+    // The mix's audit count, before the idle watches add theirs.
+    let mix_events = settle_count(&chaperone.audit_dir, Duration::from_secs(10));
+    let mut idle_sent = 0u64;
+
+    // Idle watch streams through chaperone.
+    let mut idle = Vec::new();
+    for &count in &spec.idle_watches {
+        let baseline = status_kib(chaperone_pid, "VmRSS");
+        let (open, sent, rss) = hold_idle_watches(&spec, &endpoints[1], &sim.token, count, || {
+            std::thread::sleep(Duration::from_secs(1));
+            status_kib(chaperone_pid, "VmRSS")
+        })?;
+        idle_sent += sent;
+        // Over every stream asked for: those waiting for an upstream stream
+        // hold memory too.
+        let per_stream = rss.saturating_sub(baseline) as f64 / count.max(1) as f64;
+        let note = if open < count {
+            format!(
+                "only {open} of {count} opened: chaperone multiplexes every upstream request on \
+                 one pooled HTTP/2 connection to the API server, whose stream limit (kube-sim: \
+                 1000, kube-apiserver's --http2-max-streams-per-connection default) caps \
+                 concurrent watches through one node agent"
+            )
+        } else {
+            String::new()
+        };
+        say(&format!(
+            "idle watches: {open}/{count} open, chaperone RSS {} KiB (baseline {baseline} KiB, {per_stream:.1} KiB/stream) {note}",
+            rss
+        ));
+        idle.push(IdleWatches {
+            asked: count,
+            open,
+            rss_kib: rss,
+            per_stream_kib: per_stream,
+            note,
+        });
+        // Let chaperone finish the aborted streams before the next size.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // Audit: every request chaperone saw has a ResponseComplete event once
+    // chaperone drains (SIGTERM flushes the audit pipeline).
+    chaperone.proc.stop(libc::SIGTERM, Duration::from_secs(30));
+    let events = count_lines(&chaperone.audit_dir, "audit", "\"ResponseComplete\"");
+    let audit = AuditCheck {
+        requests_sent: chaperone_sent,
+        events_complete: mix_events,
+        lost: chaperone_sent as i64 - mix_events as i64,
+        idle_watch_requests: idle_sent,
+        idle_watch_events: events.saturating_sub(mix_events),
+        events_per_second: if audit_closed_seconds > 0.0 {
+            audit_closed_events as f64 / audit_closed_seconds
+        } else {
+            0.0
+        },
+    };
+    say(&format!(
+        "audit: {} requests sent to chaperone, {} ResponseComplete events in the log ({} lost)",
+        audit.requests_sent, audit.events_complete, audit.lost
+    ));
+    if audit.lost != 0 {
+        notes.push(format!(
+            "audit count check FAILED: {} requests sent, {} events",
+            audit.requests_sent, audit.events_complete
+        ));
+    }
+    if audit.idle_watch_events < audit.idle_watch_requests {
+        notes.push(format!(
+            "audit: {} idle watch requests reached chaperone, {} have a ResponseComplete event: \
+             a request still waiting for an upstream stream when its client goes away leaves no \
+             event",
+            audit.idle_watch_requests, audit.idle_watch_events
+        ));
+    }
+
+    let criterion = spec
+        .criterion_dir
+        .as_deref()
+        .map(report::read_criterion)
+        .unwrap_or_default();
+    drop(nginx);
+    sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+    drop(netns);
+    machine.load_after = loadavg();
+    let report = BenchReport {
+        spec,
+        machine,
+        runs,
+        peak_rss_kib,
+        sim_peak_rss_kib,
+        chaperone_idle_rss_kib,
+        idle_watches: idle,
+        audit: Some(audit),
+        criterion,
+        notes,
+    };
+    std::fs::create_dir_all(&report.spec.out_dir)?;
+    let markdown = render_markdown(&report);
+    std::fs::write(report.spec.out_dir.join("latest.md"), &markdown)?;
+    std::fs::write(
+        report.spec.out_dir.join("latest.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("\n{markdown}");
+    println!(
+        "written: {} and latest.json",
+        report.spec.out_dir.join("latest.md").display()
+    );
+    Ok(report)
+}
+
+fn say(line: &str) {
+    println!("bench: {line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn load_command(spec: &BenchSpec, endpoint: &Endpoint, token: &Path) -> Command {
+    let mut cmd = Command::new(spec.bin_dir.join("agent-load"));
+    cmd.args(["--url", &endpoint.url])
+        .arg("--ca")
+        .arg(&endpoint.ca)
+        .arg("--token-file")
+        .arg(token);
+    cmd
+}
+
+fn agent_load(
+    spec: &BenchSpec,
+    endpoint: &Endpoint,
+    token: &Path,
+    open_loop: bool,
+) -> Result<LoadReport> {
+    let mut cmd = load_command(spec, endpoint, token);
+    cmd.args(["--namespace", setup::NAMESPACE])
+        .args(["--concurrency", &spec.concurrency.to_string()])
+        .args(["--warmup-seconds", &spec.warmup_seconds.to_string()])
+        .args(["--seconds", &spec.seconds.to_string()])
+        .args(["--watches", &spec.watches.to_string()]);
+    if open_loop {
+        cmd.args(["--rate", &spec.rate.to_string()]);
+    }
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("running agent-load")?;
+    if !output.status.success() {
+        bail!(
+            "agent-load against {} failed ({}): {}",
+            endpoint.url,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("agent-load's report")
+}
+
+/// Opens `count` idle watches through `endpoint`, calls `measure` once they
+/// are open; `(open, requests sent, measure's value)`.
+fn hold_idle_watches(
+    spec: &BenchSpec,
+    endpoint: &Endpoint,
+    token: &Path,
+    count: usize,
+    measure: impl FnOnce() -> u64,
+) -> Result<(usize, u64, u64)> {
+    let mut cmd = load_command(spec, endpoint, token);
+    cmd.args(["--namespace", setup::IDLE_NAMESPACE])
+        .args(["--idle-watches", &count.to_string()])
+        .args(["--connections", &count.div_ceil(100).to_string()]);
+    let mut proc = Proc::spawn("agent-load (idle watches)", cmd.stdin(Stdio::piped()))?;
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let stdout = proc.take_stdout();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(n) = line
+                .strip_prefix("{\"idle_watches_open\": ")
+                .and_then(|r| r.trim_end_matches('}').parse::<usize>().ok())
+            {
+                let _ = open_tx.send(n);
+            }
+        }
+    });
+    let Ok(open) = open_rx.recv_timeout(Duration::from_secs(300)) else {
+        bail!("agent-load --idle-watches failed:\n{}", proc.stderr_text());
+    };
+    let value = measure();
+    // Closing stdin releases the streams.
+    drop(proc.child_mut().stdin.take());
+    proc.stop(0, Duration::from_secs(10));
+    // Every watch asked for reached chaperone (those past the stream limit
+    // wait in its upstream queue), so each is audited.
+    Ok((open, count as u64, value))
+}
+
+/// The ResponseComplete count once it stops moving (or after `limit`).
+fn settle_count(dir: &Path, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let mut last = count_lines(dir, "audit", "\"ResponseComplete\"");
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = count_lines(dir, "audit", "\"ResponseComplete\"");
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}

@@ -1,0 +1,372 @@
+//! The bench's tables (markdown, printed and written to `latest.md`) and
+//! the criterion numbers read from `target/criterion`.
+
+use std::{fmt::Write as _, path::Path};
+
+use super::{BenchReport, Criterion, Run, Target};
+use crate::load::Op;
+
+const TARGETS: [Target; 3] = [Target::Direct, Target::Chaperone, Target::Nginx];
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+fn runs(report: &BenchReport, target: Target, open_loop: bool) -> Vec<&Run> {
+    report
+        .runs
+        .iter()
+        .filter(|r| r.target == target && r.open_loop == open_loop)
+        .collect()
+}
+
+/// A latency (µs) of `run`: the whole mix, or one op.
+fn latency(run: &Run, op: Option<Op>, quantile: usize) -> Option<f64> {
+    let pick = |p50: u64, p99: u64, p999: u64| match quantile {
+        0 => p50,
+        1 => p99,
+        _ => p999,
+    } as f64;
+    match op {
+        None => Some(pick(run.load.p50_us, run.load.p99_us, run.load.p999_us)),
+        Some(op) => run
+            .load
+            .ops
+            .iter()
+            .find(|o| o.op == op && o.count > 0)
+            .map(|o| pick(o.p50_us, o.p99_us, o.p999_us)),
+    }
+}
+
+/// Median over rounds of (target − direct) in the same round.
+fn added(report: &BenchReport, target: Target, op: Option<Op>, quantile: usize) -> Option<f64> {
+    let direct = runs(report, Target::Direct, true);
+    let mut deltas = Vec::new();
+    for run in runs(report, target, true) {
+        if let Some(base) = direct.iter().find(|d| d.round == run.round)
+            && let (Some(t), Some(d)) = (latency(run, op, quantile), latency(base, op, quantile))
+        {
+            deltas.push(t - d);
+        }
+    }
+    median(deltas)
+}
+
+fn absolute(report: &BenchReport, target: Target, op: Option<Op>, quantile: usize) -> Option<f64> {
+    median(
+        runs(report, target, true)
+            .iter()
+            .filter_map(|r| latency(r, op, quantile))
+            .collect(),
+    )
+}
+
+fn us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.abs() >= 1000.0 => format!("{:.2} ms", v / 1000.0),
+        Some(v) => format!("{v:.0} µs"),
+        None => "–".into(),
+    }
+}
+
+fn signed_us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 0.0 => format!("+{}", us(Some(v))),
+        Some(v) => format!("−{}", us(Some(-v))),
+        None => "–".into(),
+    }
+}
+
+/// (closed-loop mix ops/s, HTTP req/s, proxy CPU s per 1k HTTP requests,
+/// stack CPU s per 1k, HTTP requests per CPU-second of the stack).
+fn throughput(report: &BenchReport, target: Target) -> (f64, f64, f64, f64, f64) {
+    let closed = runs(report, target, false);
+    let ops = median(closed.iter().map(|r| r.load.requests_per_second).collect()).unwrap_or(0.0);
+    let http = median(
+        closed
+            .iter()
+            .map(|r| r.load.http_requests_sent as f64 / r.wall_seconds.max(1e-9))
+            .collect(),
+    )
+    .unwrap_or(0.0);
+    let sent: u64 = closed.iter().map(|r| r.load.http_requests_sent).sum();
+    let proxy: f64 = closed.iter().map(|r| r.proxy_cpu).sum();
+    let sim: f64 = closed.iter().map(|r| r.sim_cpu).sum();
+    let stack = if target == Target::Direct {
+        sim
+    } else {
+        proxy + sim
+    };
+    let per_1k = |cpu: f64| {
+        if sent > 0 {
+            cpu * 1000.0 / sent as f64
+        } else {
+            0.0
+        }
+    };
+    let per_core = if stack > 0.0 {
+        sent as f64 / stack
+    } else {
+        0.0
+    };
+    (ops, http, per_1k(proxy), per_1k(stack), per_core)
+}
+
+pub fn render_markdown(report: &BenchReport) -> String {
+    let mut md = String::new();
+    let spec = &report.spec;
+    let m = &report.machine;
+    let _ = writeln!(
+        md,
+        "## Benchmarks ({} mode)\n",
+        if spec.quick { "quick" } else { "full" }
+    );
+    let _ = writeln!(
+        md,
+        "Machine: {} cores, {}, Linux {}; load average before {}, after {}.",
+        m.cores, m.cpu_model, m.kernel, m.load_before, m.load_after
+    );
+    let _ = writeln!(
+        md,
+        "Client: `agent-load` (hyper, HTTP/2, one process per run) on the same machine. Mix per 9 \
+         operations: 5 get pod, 1 list 500 pods, 2 get secret (masked through chaperone), 1 \
+         create+delete configmap; {} watch streams on configmaps with events flowing. {} \
+         round(s), targets alternated (order rotated each round), {}s warm-up + {}s measured per \
+         run. Open loop at {} ops/s (latency from the intended start: no coordinated omission); \
+         closed loop with {} workers.",
+        spec.watches, spec.rounds, spec.warmup_seconds, spec.seconds, spec.rate, spec.concurrency
+    );
+    let _ = writeln!(
+        md,
+        "Chaperone: `chaperone node` with identity (service-account JWT verified against the \
+         simulator's JWKS), policy (3 rules, Secrets masked), session recording and audit to a \
+         file; the client dials its port directly (`--allow-unattested`, local mode: no eBPF \
+         redirect on the measured path, so no kernel attestation or pod binding). nginx: Debian \
+         package, TLS + HTTP/2 on its listener, keep-alive HTTP/1.1 + TLS to the simulator, no \
+         buffering, `worker_processes auto`.\n"
+    );
+
+    let _ = writeln!(
+        md,
+        "### Latency, open loop at {} ops/s (median of rounds)\n",
+        spec.rate
+    );
+    let _ = writeln!(
+        md,
+        "| target | mix p50 | mix p99 | mix p99.9 | added p50 | added p99 | added p99.9 | GET secret added p50 / p99 | GET pod added p50 / p99 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for target in TARGETS {
+        let added_cells = if target == Target::Direct {
+            "(baseline) | | | | ".to_owned()
+        } else {
+            format!(
+                "{} | {} | {} | {} / {} | {} / {}",
+                signed_us(added(report, target, None, 0)),
+                signed_us(added(report, target, None, 1)),
+                signed_us(added(report, target, None, 2)),
+                signed_us(added(report, target, Some(Op::GetSecret), 0)),
+                signed_us(added(report, target, Some(Op::GetSecret), 1)),
+                signed_us(added(report, target, Some(Op::GetPod), 0)),
+                signed_us(added(report, target, Some(Op::GetPod), 1)),
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            target.label(),
+            us(absolute(report, target, None, 0)),
+            us(absolute(report, target, None, 1)),
+            us(absolute(report, target, None, 2)),
+            added_cells
+        );
+    }
+
+    let _ = writeln!(md, "\n### Per operation, open loop (median of rounds)\n");
+    let _ = writeln!(
+        md,
+        "| op | direct p50 / p99 | chaperone p50 / p99 | nginx p50 / p99 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
+    for op in Op::ALL {
+        let cell = |t| {
+            format!(
+                "{} / {}",
+                us(absolute(report, t, Some(op), 0)),
+                us(absolute(report, t, Some(op), 1))
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            serde_json::to_value(op)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            cell(Target::Direct),
+            cell(Target::Chaperone),
+            cell(Target::Nginx)
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n### Throughput and cost, closed loop ({} workers)\n",
+        spec.concurrency
+    );
+    let _ = writeln!(
+        md,
+        "| target | mix ops/s | HTTP req/s | % of direct | proxy CPU s / 1k req | stack CPU s / 1k req | req per stack CPU-second (rps/core) | peak RSS |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let (direct_ops, ..) = throughput(report, Target::Direct);
+    for target in TARGETS {
+        let (ops, http, proxy_1k, stack_1k, per_core) = throughput(report, target);
+        let rss = report
+            .peak_rss_kib
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, k)| format!("{:.1} MiB", *k as f64 / 1024.0))
+            .unwrap_or_else(|| "–".into());
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {} | {} | {:.3} | {:.0} | {} |",
+            target.label(),
+            ops,
+            http,
+            if direct_ops > 0.0 {
+                format!("{:.0}%", 100.0 * ops / direct_ops)
+            } else {
+                "–".into()
+            },
+            if target == Target::Direct {
+                "(sim only)".to_owned()
+            } else {
+                format!("{proxy_1k:.3}")
+            },
+            stack_1k,
+            per_core,
+            rss
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nCPU is utime+stime from /proc/PID/stat over whole runs (warm-up included) divided by \
+         every HTTP request sent (create+delete counts 2, watches count); \"stack\" adds the \
+         simulator's CPU. Peak RSS is VmHWM (nginx: master + workers; direct: the simulator)."
+    );
+
+    let _ = writeln!(md, "\n### Chaperone only\n");
+    let _ = writeln!(
+        md,
+        "- RSS after start-up (idle): {:.1} MiB",
+        report.chaperone_idle_rss_kib as f64 / 1024.0
+    );
+    for idle in &report.idle_watches {
+        let _ = writeln!(
+            md,
+            "- {} idle watch streams asked, {} open: RSS {:.1} MiB, {:.1} KiB per stream asked{}",
+            idle.asked,
+            idle.open,
+            idle.rss_kib as f64 / 1024.0,
+            idle.per_stream_kib,
+            if idle.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", idle.note)
+            }
+        );
+    }
+    if let Some(audit) = &report.audit {
+        let _ = writeln!(
+            md,
+            "- Audit to file: {:.0} events/s sustained during the closed-loop runs; count check \
+             over the mix runs: {} requests sent, {} ResponseComplete events, {} lost; idle \
+             watches: {} requests, {} events",
+            audit.events_per_second,
+            audit.requests_sent,
+            audit.events_complete,
+            audit.lost,
+            audit.idle_watch_requests,
+            audit.idle_watch_events
+        );
+    }
+    render_criterion(&mut md, &report.criterion);
+    for note in &report.notes {
+        let _ = writeln!(md, "\n**{note}**");
+    }
+    md
+}
+
+fn render_criterion(md: &mut String, criterion: &Criterion) {
+    if criterion.mask_mb_per_s.is_empty() && criterion.policy_ns.is_empty() {
+        let _ = writeln!(
+            md,
+            "- Criterion (masking MB/s, policy ns/decision): not run in quick mode; `cargo xtask bench` runs them"
+        );
+        return;
+    }
+    for (name, mbs) in &criterion.mask_mb_per_s {
+        let _ = writeln!(
+            md,
+            "- Masking `{name}`: {mbs:.0} MB/s per core (thread CPU time)"
+        );
+    }
+    for (name, ns) in &criterion.policy_ns {
+        let _ = writeln!(md, "- `{name}`: {ns:.0} ns");
+    }
+}
+
+/// Mean times from criterion's `*/new/estimates.json`, with throughput for
+/// the masking group.
+pub fn read_criterion(dir: &Path) -> Criterion {
+    let mut out = Criterion::default();
+    let mut found = Vec::new();
+    collect(dir, &mut found);
+    found.sort();
+    for new_dir in found {
+        let read = |file: &str| -> Option<serde_json::Value> {
+            serde_json::from_slice(&std::fs::read(new_dir.join(file)).ok()?).ok()
+        };
+        let (Some(estimates), Some(benchmark)) = (read("estimates.json"), read("benchmark.json"))
+        else {
+            continue;
+        };
+        let Some(mean_ns) = estimates["mean"]["point_estimate"].as_f64() else {
+            continue;
+        };
+        let name = benchmark["full_id"].as_str().unwrap_or("?").to_owned();
+        if let Some(bytes) = benchmark["throughput"]["Bytes"].as_f64() {
+            out.mask_mb_per_s
+                .push((name, bytes / (mean_ns / 1e9) / 1e6));
+        } else if name.starts_with("policy") || name.starts_with("request") {
+            out.policy_ns.push((name, mean_ns));
+        }
+    }
+    out
+}
+
+fn collect(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n == "new") {
+                found.push(path);
+            } else if path.file_name().is_some_and(|n| n != "report") {
+                collect(&path, found);
+            }
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! What the bench runs against: the seeded simulator, chaperone with the
+//! full pipeline, and nginx as a TLS-terminating reverse proxy. Each is its
+//! own process so its CPU and memory can be read from `/proc`.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+use super::procs::{Proc, with_children};
+
+/// The namespace the mix runs in, and the one idle watches wait on.
+pub const NAMESPACE: &str = "bench";
+pub const IDLE_NAMESPACE: &str = "idle";
+pub const PODS: usize = 500;
+
+/// The objects the simulator starts with: 500 pods of a realistic size,
+/// secrets (the masked one the mix reads) and configmaps.
+pub fn seed_yaml() -> String {
+    let mut out = String::new();
+    for ns in [NAMESPACE, IDLE_NAMESPACE] {
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n"
+        ));
+    }
+    for i in 0..PODS {
+        out.push_str(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: pod-{i}
+  namespace: {NAMESPACE}
+  labels: {{app: web-{app}, tier: backend, pod-template-hash: 7d9f8c6b5{app}}}
+  annotations: {{kubectl.kubernetes.io/restartedAt: "2026-11-01T10:00:00Z"}}
+spec:
+  nodeName: node-{node}
+  serviceAccountName: web
+  containers:
+    - name: web
+      image: registry.example.com/web:1.{app}.3
+      ports: [{{containerPort: 8080, name: http, protocol: TCP}}]
+      env:
+        - {{name: LOG_LEVEL, value: info}}
+        - {{name: DB_HOST, value: db.{NAMESPACE}.svc.cluster.local}}
+      resources: {{requests: {{cpu: 100m, memory: 128Mi}}, limits: {{memory: 256Mi}}}}
+      readinessProbe: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 10}}
+    - name: sidecar
+      image: registry.example.com/proxy:2.4.1
+      args: ["--upstream=127.0.0.1:8080", "--metrics=:9090"]
+---
+"#,
+            app = i % 7,
+            node = i % 3
+        ));
+    }
+    for i in 0..20 {
+        let name = if i == 0 {
+            "db-credentials".to_owned()
+        } else {
+            format!("secret-{i}")
+        };
+        out.push_str(&format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+type: Opaque
+data:
+  username: YWRtaW4=
+  password: czNjcjN0LXBhc3N3b3JkLTEyMzQ1Njc4OTA=
+  url: cG9zdGdyZXM6Ly9hZG1pbjpzM2NyM3RAZGIuYmVuY2guc3ZjOjU0MzIvYXBw
+---
+"#
+        ));
+    }
+    for i in 0..20 {
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: config-{i}\n  namespace: {NAMESPACE}\ndata:\n  app.properties: |\n    mode=production\n    workers=4\n---\n"
+        ));
+    }
+    out
+}
+
+/// The policy chaperone enforces: a few refusals before the rules the mix
+/// hits, Secrets masked, everything recorded at Metadata level.
+pub const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: bench-agent
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: no-deployment-deletes
+      verbs: [delete]
+      apiGroups: [apps]
+      resources: [deployments]
+      action: deny
+      message: deleting deployments needs a human
+    - name: no-exec-in-prod
+      resources: [pods/exec]
+      namespaces: ["prod-*"]
+      action: deny
+    - name: secrets-masked
+      resources: [secrets]
+      action: mask
+      record: Metadata
+  defaultAction: allow
+  defaultRecord: Metadata
+"#;
+
+/// The running simulator and what clients need to reach it.
+pub struct Sim {
+    pub proc: Proc,
+    pub url: String,
+    pub ca: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub token: PathBuf,
+}
+
+pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
+    let seed = work.join("seed.yaml");
+    std::fs::write(&seed, seed_yaml())?;
+    let (ca, kubeconfig, token) = (
+        work.join("sim-ca.crt"),
+        work.join("sim.kubeconfig"),
+        work.join("agent.token"),
+    );
+    let mut proc = Proc::spawn(
+        "kube-sim",
+        Command::new(bin.join("kube-sim"))
+            .args(["--listen", "127.0.0.1:0", "--permissive"])
+            .arg("--seed")
+            .arg(&seed)
+            .arg("--ca-out")
+            .arg(&ca)
+            .arg("--kubeconfig-out")
+            .arg(&kubeconfig)
+            .args(["--mint-token", &format!("{NAMESPACE}/agent")])
+            .arg("--token-out")
+            .arg(&token)
+            .args(["--bookmark-seconds", "3600"])
+            .env("RUST_LOG", "warn"),
+    )?;
+    // Read stdout to its end in the background: kube-sim prints more after
+    // the listening line, and a closed pipe would kill it.
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let stdout = proc.take_stdout();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("kube-sim listening on ") {
+                let _ = url_tx.send(rest.trim().to_owned());
+            }
+        }
+    });
+    let Ok(url) = url_rx.recv_timeout(Duration::from_secs(120)) else {
+        bail!("kube-sim did not start:\n{}", proc.stderr_text());
+    };
+    Ok(Sim {
+        proc,
+        url,
+        ca,
+        kubeconfig,
+        token,
+    })
+}
+
+/// chaperone node in local mode, and where its audit log goes.
+pub struct Chaperone {
+    // Dropped first: chaperone exits before its cgroup subtree is removed.
+    pub proc: Proc,
+    pub url: String,
+    pub ca: PathBuf,
+    pub audit_dir: PathBuf,
+    _cgroup: crate::topology::Cgroup,
+}
+
+/// Starts `chaperone node` with the full pipeline on `ip` (not loopback:
+/// chaperone refuses a loopback proxy address). The bench's client dials the
+/// proxy port directly (`--allow-unattested`): no kernel redirect on the
+/// measured path, so identity is the verified token without pod binding.
+pub fn start_chaperone(bin: &Path, work: &Path, sim: &Sim, ip: Ipv4Addr) -> Result<Chaperone> {
+    let cgroup = crate::topology::Cgroup::test_subtree()?;
+    let port = free_port(IpAddr::V4(ip))?;
+    let admin = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let policy = work.join("policy.yaml");
+    std::fs::write(&policy, POLICY)?;
+    let audit_dir = work.join("audit");
+    std::fs::create_dir_all(&audit_dir)?;
+    let ca_dir = work.join("chaperone-ca");
+    let mut proc = Proc::spawn(
+        "chaperone node",
+        Command::new(bin.join("chaperone"))
+            .arg("node")
+            .args(["--node-name", "bench-node"])
+            .args(["--proxy-ip", &ip.to_string()])
+            .args(["--proxy-port", &port.to_string()])
+            .args(["--target", "10.96.0.1:443"])
+            .arg("--cgroup-root")
+            .arg(&cgroup.path)
+            .arg("--kubeconfig")
+            .arg(&sim.kubeconfig)
+            .arg("--ca-dir")
+            .arg(&ca_dir)
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .arg("--record-dir")
+            .arg(work.join("sessions"))
+            .arg("--audit-log")
+            .arg(audit_dir.join("audit.log"))
+            .args(["--allow-unattested", "--no-pod-tracker", "--fail-open"])
+            .arg("--bpffs")
+            .arg(work.join("bpffs"))
+            .args(["--drain-seconds", "3"])
+            .env("CHAPERONE_LOG", "warn,chaperone=info"),
+    )?;
+    proc.wait_for_stderr("node agent ready", Duration::from_secs(60))?;
+    Ok(Chaperone {
+        proc,
+        url: format!("https://{ip}:{port}"),
+        ca: ca_dir.join("ca.crt"),
+        audit_dir,
+        _cgroup: cgroup,
+    })
+}
+
+/// nginx with a generated config in `work/nginx`.
+pub struct Nginx {
+    pub proc: Proc,
+    pub url: String,
+    pub ca: PathBuf,
+}
+
+impl Nginx {
+    /// The master and its workers.
+    pub fn pids(&self) -> Vec<u32> {
+        with_children(self.proc.pid())
+    }
+}
+
+/// The Debian nginx binary, if installed.
+pub fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Starts nginx as a TLS-terminating reverse proxy to the simulator: HTTP/2
+/// and HTTP/1.1 on its listener, keep-alive HTTP/1.1 upstream (nginx does
+/// not proxy over HTTP/2), TLS verified against the cluster CA, no buffering
+/// (watches stream), one worker per core.
+pub fn start_nginx(nginx: &Path, work: &Path, sim: &Sim) -> Result<Nginx> {
+    let dir = work.join("nginx");
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let (ca_pem, cert_pem, key_pem) = reverse_proxy_tls()?;
+    std::fs::write(dir.join("ca.crt"), ca_pem)?;
+    std::fs::write(dir.join("tls.crt"), cert_pem)?;
+    std::fs::write(dir.join("tls.key"), key_pem)?;
+    let port = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let upstream = sim.url.trim_start_matches("https://");
+    let user = if crate::is_root() { "user root;" } else { "" };
+    let d = dir.display();
+    let config = format!(
+        r#"{user}
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    upstream kube {{
+        server {upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {d}/tls.crt;
+        ssl_certificate_key {d}/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        http2_max_concurrent_streams 1000;
+        keepalive_requests 1000000;
+        client_max_body_size 10m;
+        location / {{
+            proxy_pass https://kube;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_ssl_server_name on;
+            proxy_ssl_name kubernetes.default.svc;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {sim_ca};
+            proxy_ssl_session_reuse on;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"#,
+        sim_ca = sim.ca.display(),
+    );
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, config)?;
+    let mut proc = Proc::spawn(
+        "nginx",
+        Command::new(nginx)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"]),
+    )?;
+    // Ready when the port answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = proc.child_mut().try_wait() {
+            bail!(
+                "nginx exited ({status}):\n{}\n{}",
+                proc.stderr_text(),
+                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("nginx did not listen on 127.0.0.1:{port} within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Nginx {
+        proc,
+        url: format!("https://127.0.0.1:{port}"),
+        ca: dir.join("ca.crt"),
+    })
+}
+
+/// A CA and a serving certificate for 127.0.0.1: `(ca, cert, key)` PEM.
+fn reverse_proxy_tls() -> Result<(String, String, String)> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "bench reverse-proxy CA");
+    ca_params.distinguished_name = dn;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}
+
+fn free_port(ip: IpAddr) -> Result<u16> {
+    let listener = std::net::TcpListener::bind((ip, 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}

@@ -1,0 +1,76 @@
+//! `chaperone-bench`: direct vs chaperone vs nginx, side by side (run by
+//! `cargo xtask bench`, which builds the release binaries first).
+
+use std::path::PathBuf;
+
+use chaperone_tests::bench::{self, BenchSpec};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Benchmark the simulator directly, chaperone and nginx in alternating rounds")]
+struct Args {
+    /// CI-short: one round of a few seconds, 1,000 idle watches.
+    #[arg(long)]
+    quick: bool,
+    /// Where chaperone, kube-sim and agent-load are (default: beside this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Where latest.md and latest.json go (default: target/bench).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Criterion's output directory to include (masking MB/s, policy ns).
+    #[arg(long)]
+    criterion_dir: Option<PathBuf>,
+    /// Override: rounds.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Override: measured seconds per run.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Override: open-loop rate (ops/s).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Override: closed-loop workers.
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let exe = std::env::current_exe()?;
+    let bin_dir = args
+        .bin_dir
+        .unwrap_or_else(|| exe.parent().expect("binary directory").to_path_buf());
+    let out_dir = args.out_dir.unwrap_or_else(|| {
+        bin_dir
+            .parent()
+            .map(|target| target.join("bench"))
+            .unwrap_or_else(|| PathBuf::from("bench"))
+    });
+    let mut spec = if args.quick {
+        BenchSpec::quick(bin_dir, out_dir)
+    } else {
+        BenchSpec::full(bin_dir, out_dir)
+    };
+    spec.criterion_dir = args.criterion_dir;
+    if let Some(rounds) = args.rounds {
+        spec.rounds = rounds.max(1);
+    }
+    if let Some(seconds) = args.seconds {
+        spec.seconds = seconds;
+    }
+    if let Some(rate) = args.rate {
+        spec.rate = rate;
+    }
+    if let Some(concurrency) = args.concurrency {
+        spec.concurrency = concurrency;
+    }
+    if !chaperone_tests::is_root() {
+        anyhow::bail!(
+            "the bench needs root: chaperone attaches its eBPF programs (at a test cgroup) and \
+             listens on a veth address"
+        );
+    }
+    bench::run(spec)?;
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! `cargo xtask bench --quick` proves the harness works: the simulator,
+//! chaperone and nginx start, the same client runs against each, CPU and
+//! memory are read, the report is written, and every request chaperone saw
+//! is in its audit log. No performance thresholds: these are debug builds on
+//! a shared machine. Needs root (chaperone attaches its eBPF programs) and
+//! nginx (`cargo xtask setup` installs it); skips otherwise.
+
+use std::process::Command;
+
+use chaperone_tests::{bench::setup::nginx_binary, e2e::workspace_binary, require_root};
+
+#[test]
+fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
+    require_root!();
+    if nginx_binary().is_none() {
+        eprintln!(
+            "SKIPPED {}: nginx is not installed and could not be (`cargo xtask setup` installs \
+             the Debian package)",
+            module_path!()
+        );
+        return;
+    }
+    let chaperone = workspace_binary("chaperone");
+    let bin_dir = chaperone.parent().expect("target dir").to_path_buf();
+    let out = tempfile::tempdir().expect("temp dir");
+    let run = Command::new(env!("CARGO_BIN_EXE_chaperone-bench"))
+        .arg("--quick")
+        .args(["--seconds", "2", "--rate", "10", "--concurrency", "4"])
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--out-dir")
+        .arg(out.path())
+        .output()
+        .expect("run chaperone-bench");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "chaperone-bench --quick failed ({}):\n{stdout}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("latest.json")).expect("latest.json written"),
+    )
+    .expect("latest.json is JSON");
+    let markdown = std::fs::read_to_string(out.path().join("latest.md")).expect("latest.md");
+    assert!(
+        markdown.contains("| chaperone (full pipeline) |"),
+        "{markdown}"
+    );
+    let runs = report["runs"].as_array().expect("runs");
+    for target in ["direct", "chaperone", "nginx"] {
+        for open_loop in [true, false] {
+            let run = runs
+                .iter()
+                .find(|r| r["target"] == target && r["open_loop"] == open_loop)
+                .unwrap_or_else(|| panic!("no {target} run (open loop {open_loop}):\n{stdout}"));
+            assert!(
+                run["load"]["requests"].as_u64().unwrap_or(0) > 0,
+                "{target} answered nothing:\n{stdout}"
+            );
+        }
+    }
+    assert!(
+        report["idle_watches"][0]["open"].as_u64().unwrap_or(0) > 0,
+        "{stdout}"
+    );
+    assert_eq!(report["audit"]["lost"], 0, "audit events lost:\n{stdout}");
+}
