@@ -123,17 +123,12 @@ impl Status {
 mod tests {
     use super::*;
 
-    /// The API server's own 403 (fixtures/kube-apiserver-v1.20.2/status-403.body).
-    /// Read at run time: `shared/` sits beside the checkout, which is not at
-    /// a fixed depth (the main checkout and worktrees differ).
+    /// The API server's own 403, captured from a real kube-apiserver and
+    /// kept in the repository.
     fn fixture_403() -> String {
-        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let path = manifest
-            .ancestors()
-            .map(|dir| dir.join("shared/fixtures/kube-apiserver-v1.20.2/status-403.body"))
-            .find(|path| path.exists())
-            .expect("shared/fixtures beside the checkout");
-        std::fs::read_to_string(path).unwrap()
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/kube-apiserver-v1.20.2/status-403.body");
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     #[test]

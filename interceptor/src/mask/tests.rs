@@ -11,17 +11,13 @@ use super::*;
 
 // === helpers ===
 
+/// A response captured from a real kube-apiserver, kept in the repository
+/// (`tests/fixtures/kube-apiserver-v1.20.2/`).
 fn fixture(name: &str) -> Vec<u8> {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let path = manifest
-        .ancestors()
-        .map(|dir| {
-            dir.join("shared/fixtures/kube-apiserver-v1.20.2")
-                .join(name)
-        })
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("fixture {name} beside the checkout"));
-    std::fs::read(path).unwrap()
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/kube-apiserver-v1.20.2")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
 fn request(verb: &str, group: &str, resource: &str, subresource: &str) -> RequestInfo {
