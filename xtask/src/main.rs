@@ -135,6 +135,8 @@ fn run(task: Task) -> Result<()> {
                     "--bin",
                     "chaperone",
                     "--bin",
+                    "kubectl-chaperone",
+                    "--bin",
                     "chaperone-demo",
                 ],
             )?;

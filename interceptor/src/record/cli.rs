@@ -90,7 +90,13 @@ pub fn sessions(args: &SessionsArgs, out: &mut dyn Write) -> anyhow::Result<Exit
             s.denied,
             s.masked,
             s.held,
-            if s.intact { "ok" } else { "BROKEN" }
+            if s.intact {
+                "ok"
+            } else if s.open {
+                "open"
+            } else {
+                "BROKEN"
+            }
         )?;
     }
     Ok(ExitCode::SUCCESS)

@@ -80,6 +80,9 @@ pub struct Broken {
     /// 1-based line number in `file`.
     pub line: usize,
     pub reason: String,
+    /// Only the end record is missing: the session may still be open (its
+    /// connection not yet closed), or the tail was cut at a record boundary.
+    pub unsealed: bool,
 }
 
 /// The result of verifying a session.
@@ -134,6 +137,7 @@ pub fn read_session(path: &Path) -> Result<Recording, ReadError> {
         for (index, raw) in lines.iter().enumerate() {
             let line_no = index + 1;
             let fail = |reason: String| Broken {
+                unsealed: false,
                 file: file.clone(),
                 line: line_no,
                 reason,
@@ -219,6 +223,7 @@ pub fn read_session(path: &Path) -> Result<Recording, ReadError> {
                 part += 1;
                 if !file.is_file() {
                     verification.broken = Some(Broken {
+                        unsealed: false,
                         file: file.clone(),
                         line: 0,
                         reason: "the next part of a rotated session is missing: it was deleted"
@@ -229,6 +234,7 @@ pub fn read_session(path: &Path) -> Result<Recording, ReadError> {
             }
             Some(_) => {
                 verification.broken = Some(Broken {
+                    unsealed: false,
                     file: file.clone(),
                     line: lines.len(),
                     reason: "the rotate record names no valid next file".into(),
@@ -237,6 +243,7 @@ pub fn read_session(path: &Path) -> Result<Recording, ReadError> {
             }
             None => {
                 verification.broken = Some(Broken {
+                    unsealed: true,
                     file: file.clone(),
                     line: lines.len(),
                     reason: format!(
@@ -287,6 +294,9 @@ pub struct SessionSummary {
     pub streams: u64,
     /// The chain holds and the session is sealed.
     pub intact: bool,
+    /// The chain holds up to its last record, and only the end record is
+    /// missing (`chaperone verify` still says so).
+    pub open: bool,
 }
 
 /// Every session under `root`, oldest first, optionally only those of one
@@ -353,6 +363,11 @@ fn summarize(id: &str, pod_key: &str, recording: Recording) -> SessionSummary {
         held: 0,
         streams: 0,
         intact: recording.verification.broken.is_none(),
+        open: recording
+            .verification
+            .broken
+            .as_ref()
+            .is_some_and(|b| b.unsealed),
     };
     for record in &recording.records {
         for key in ["ended", "time"] {

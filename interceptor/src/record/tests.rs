@@ -411,6 +411,10 @@ fn editing_one_byte_fails_verify_at_exactly_that_record() {
     let (code, out) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::FAILURE);
     assert!(out.contains("without an end record"), "{out}");
+    // `chaperone sessions` shows such a session as open (a live connection
+    // looks the same), not as broken.
+    let listed = &crate::record::read::list_sessions(tmp.path(), None).unwrap()[0];
+    assert!(!listed.intact && listed.open, "{listed:?}");
 
     // Truncation in the middle of a line.
     let mut text = original.join("\n");
@@ -419,6 +423,8 @@ fn editing_one_byte_fails_verify_at_exactly_that_record() {
     let (code, out) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::FAILURE);
     assert!(out.contains(&format!("{}:8:", file.display())), "{out}");
+    let listed = &crate::record::read::list_sessions(tmp.path(), None).unwrap()[0];
+    assert!(!listed.intact && !listed.open, "{listed:?}");
 
     // A record removed from the middle.
     let mut lines = original.clone();
