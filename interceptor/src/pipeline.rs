@@ -147,7 +147,8 @@ impl Pipeline {
             return None;
         }
         let mut headers = parts.headers.clone();
-        upstream_identity_headers(self.credential_mode, caller, &parts.headers, &mut headers)
+        let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
+        upstream_identity_headers(self.credential_mode, caller, authorization, &mut headers)
             .ok()?;
         if self.credential_mode == CredentialMode::Impersonate {
             let own = self.own_credentials.as_ref().and_then(|c| c())?;
@@ -364,9 +365,11 @@ impl Guard for Pipeline {
             CredentialMode::Impersonate => CredentialMode::Impersonate,
             CredentialMode::Passthrough => self.credential_mode,
         };
-        let agent_headers = parts.headers.clone();
+        // The agent's Authorization (a shared-bytes clone, not a copy of
+        // every header) before the identity headers are rewritten.
+        let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
         if let Err(error) =
-            upstream_identity_headers(credential_mode, &caller, &agent_headers, &mut parts.headers)
+            upstream_identity_headers(credential_mode, &caller, authorization, &mut parts.headers)
         {
             return exchange.refuse(Status::bad_request(format!("chaperone: {error}")));
         }

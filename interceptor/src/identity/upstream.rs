@@ -68,7 +68,8 @@ pub enum HeaderError {
 /// Sets the identity headers of the upstream request in `out`: every
 /// `Authorization` and `Impersonate-*` header already in `out` (for
 /// instance copied from the agent's request) is removed, then
-/// - `Passthrough`: the agent's `Authorization` from `agent_headers`;
+/// - `Passthrough`: the agent's `Authorization` (`agent_authorization`,
+///   taken from its request before the call);
 /// - `Impersonate`: `Impersonate-User`, one `Impersonate-Group` per group
 ///   (except `system:authenticated`, which the API server adds to every
 ///   impersonated user itself), `Impersonate-Uid` and one
@@ -80,7 +81,7 @@ pub enum HeaderError {
 pub fn upstream_identity_headers(
     mode: CredentialMode,
     caller: &Caller,
-    agent_headers: &HeaderMap,
+    agent_authorization: Option<HeaderValue>,
     out: &mut HeaderMap,
 ) -> Result<(), HeaderError> {
     let stale: Vec<HeaderName> = out
@@ -93,8 +94,8 @@ pub fn upstream_identity_headers(
     }
     match mode {
         CredentialMode::Passthrough => {
-            if let Some(authorization) = agent_headers.get(AUTHORIZATION) {
-                out.insert(AUTHORIZATION, authorization.clone());
+            if let Some(authorization) = agent_authorization {
+                out.insert(AUTHORIZATION, authorization);
             }
         }
         CredentialMode::Impersonate => {
@@ -254,8 +255,13 @@ mod tests {
     fn passthrough_forwards_the_token_and_drops_impersonation() {
         let agent = hostile_agent();
         let mut out = agent.clone();
-        upstream_identity_headers(CredentialMode::Passthrough, &caller(), &agent, &mut out)
-            .unwrap();
+        upstream_identity_headers(
+            CredentialMode::Passthrough,
+            &caller(),
+            agent.get(AUTHORIZATION).cloned(),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(values(&out, "authorization"), ["Bearer agent-token"]);
         assert!(out.keys().all(|k| !k.as_str().starts_with("impersonate-")));
         assert_eq!(values(&out, "accept"), ["application/json"]);
@@ -265,8 +271,13 @@ mod tests {
     fn impersonate_names_the_verified_caller_only() {
         let agent = hostile_agent();
         let mut out = agent.clone();
-        upstream_identity_headers(CredentialMode::Impersonate, &caller(), &agent, &mut out)
-            .unwrap();
+        upstream_identity_headers(
+            CredentialMode::Impersonate,
+            &caller(),
+            agent.get(AUTHORIZATION).cloned(),
+            &mut out,
+        )
+        .unwrap();
         assert!(
             out.get(AUTHORIZATION).is_none(),
             "the agent's token must not go upstream"
@@ -299,7 +310,7 @@ mod tests {
         upstream_identity_headers(
             CredentialMode::Impersonate,
             &caller(),
-            &hostile_agent(),
+            hostile_agent().get(AUTHORIZATION).cloned(),
             &mut out,
         )
         .unwrap();
@@ -314,7 +325,7 @@ mod tests {
         let error = upstream_identity_headers(
             CredentialMode::Impersonate,
             &bad,
-            &HeaderMap::new(),
+            None,
             &mut HeaderMap::new(),
         )
         .unwrap_err();
@@ -327,7 +338,7 @@ mod tests {
             upstream_identity_headers(
                 CredentialMode::Impersonate,
                 &nobody,
-                &HeaderMap::new(),
+                None,
                 &mut HeaderMap::new()
             ),
             Err(HeaderError::NoUsername)
