@@ -248,6 +248,7 @@ impl Guard for Pipeline {
             query: parts.uri.query().map(str::to_owned),
             upgrade_end: None,
             request_body: CaptureSlot::default(),
+            completed: false,
         };
 
         if let Some(gate) = &self.audit {
@@ -309,8 +310,10 @@ impl Guard for Pipeline {
                 rule: &decision.rule,
             };
             let preview = self.preview(parts, &caller);
-            let outcome = approvals.hold(ask, hold, preview).await;
+            // Set before the wait: an agent that gives up while held is
+            // audited as a held request it abandoned.
             exchange.decision = Some(decision.clone());
+            let outcome = approvals.hold(ask, hold, preview).await;
             match outcome {
                 Outcome::Approved(decided) | Outcome::Granted { decided, .. } => {
                     tracing::info!(
@@ -513,11 +516,16 @@ struct ExchangeDraft {
     upgrade_end: Option<Arc<Mutex<Option<BodyEnd>>>>,
     /// The request body (masked) when the record level keeps it.
     request_body: CaptureSlot,
+    /// A `ResponseComplete` was recorded. An exchange dropped without one
+    /// was abandoned by the agent (it went away while the request was held
+    /// or waiting for the API server): [`Drop`] records that, so every
+    /// request reaches the audit log and the session.
+    completed: bool,
 }
 
 impl ExchangeDraft {
     /// Answers the agent with `status` and records the refusal.
-    fn refuse(self, status: Status) -> Verdict {
+    fn refuse(mut self, status: Status) -> Verdict {
         let response = status_response(&status);
         let code = status.code;
         let response_status = ResponseStatus::failure(code, status.reason, status.message.clone());
@@ -558,7 +566,7 @@ impl ExchangeDraft {
     }
 
     fn finish(
-        &self,
+        &mut self,
         status: ResponseStatus,
         stage: Stage,
         started: Option<OffsetDateTime>,
@@ -590,6 +598,7 @@ impl ExchangeDraft {
             node: self.node.clone(),
         });
         if stage == Stage::ResponseComplete {
+            self.completed = true;
             // Counted whatever the record level.
             self.metrics.exchange(&exchange);
         }
@@ -608,6 +617,31 @@ impl ExchangeDraft {
     }
 }
 
+/// The status recorded for a request the agent abandoned before any
+/// response: nginx's 499, which log tooling knows as "client closed request".
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Drop for ExchangeDraft {
+    fn drop(&mut self) {
+        if self.completed {
+            return;
+        }
+        let held = self.decision.as_ref().map(|d| d.enforce) == Some(Action::Approve)
+            && self.approval.is_none();
+        let message = if held {
+            "the agent went away while the request was held for approval"
+        } else {
+            "the agent went away before the API server answered"
+        };
+        self.finish(
+            ResponseStatus::failure(CLIENT_CLOSED_REQUEST, "ClientClosedRequest", message),
+            Stage::ResponseComplete,
+            None,
+            None,
+        );
+    }
+}
+
 fn refused_before_policy() -> Decision {
     Decision {
         action: crate::policy::Action::Deny,
@@ -623,7 +657,7 @@ fn refused_before_policy() -> Decision {
 
 impl ResponseObserver for ExchangeDraft {
     fn on_response(
-        self: Box<Self>,
+        mut self: Box<Self>,
         status: StatusCode,
         headers: &HeaderMap,
     ) -> Option<Box<dyn BodyObserver>> {
@@ -711,6 +745,16 @@ struct BodyEnd {
     capture: Option<BodyCapture>,
     code: u16,
     started: OffsetDateTime,
+}
+
+impl Drop for BodyEnd {
+    /// A response whose end was never observed (its body dropped unpolled):
+    /// still completed in the record, as cut short.
+    fn drop(&mut self) {
+        if !self.draft.completed {
+            self.on_end(Err("the response was dropped before its end".into()));
+        }
+    }
 }
 
 impl BodyObserver for BodyEnd {

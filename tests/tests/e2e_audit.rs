@@ -147,3 +147,108 @@ fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions() {
     assert_eq!(denied["annotations"]["chaperone.dev/rule"], "no-deletes");
     assert_eq!(denied["objectRef"]["name"], "anything");
 }
+
+/// An agent that gives up while its request is held for approval (kubectl's
+/// `--request-timeout`) still leaves a completed audit event and a session
+/// record: the abandoned request, with the rule that held it and 499.
+#[test]
+fn a_request_the_agent_abandons_while_held_is_still_audited() {
+    require_root!();
+    let world = World::start(WorldSpec {
+        policy: r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: held
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: deletes-need-approval
+      verbs: [delete]
+      action: approve
+      holdTimeout: 60s
+  defaultAction: allow
+"#
+        .into(),
+        ..WorldSpec::default()
+    })
+    .unwrap();
+    let mut agent = world
+        .agent_kubectl(&["delete", "configmap", "abandoned", "-n", "default"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Held: its ApprovalRequest is pending. Then the agent gives up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while world
+        .sim
+        .store()
+        .list("approvalrequests.chaperone.dev", None)
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the delete was never held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+
+    let audit_log = world.work.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let event = loop {
+        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|e| {
+                e["verb"] == "delete"
+                    && e["objectRef"]["name"] == "abandoned"
+                    && e["stage"] == "ResponseComplete"
+            });
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no completed audit event for the abandoned delete:\n{text}\nnode log:\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(event["responseStatus"]["code"], 499, "{event:#}");
+    assert!(
+        event["responseStatus"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("held for approval"),
+        "{event:#}"
+    );
+    assert_eq!(event["annotations"]["chaperone.dev/decision"], "approve");
+    assert_eq!(
+        event["annotations"]["chaperone.dev/rule"],
+        "deletes-need-approval"
+    );
+
+    // The agent's session recording has it too.
+    let pod_dir = world.work.path().join("sessions/default/agent-0");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let recorded = std::fs::read_dir(&pod_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+            .any(|line| line.contains("\"abandoned\"") && line.contains("499"));
+        if recorded {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session record of the abandoned delete under {}",
+            pod_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

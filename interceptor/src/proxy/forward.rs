@@ -11,7 +11,7 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 use super::{
     Shared,
     body::{BodyObserver, ProxyBody, Transformed, status_response},
-    guard::{ConnectionInfo, Forward, Guard, Verdict},
+    guard::{ConnectionInfo, Forward, Guard, ResponseObserver, Verdict},
     tunnel,
     upstream::UpstreamBody,
 };
@@ -82,13 +82,7 @@ pub(super) async fn handle<G: Guard>(
         Err(error) => {
             let status = upstream_error(&shared, &error);
             tracing::warn!(conn = %conn.id, error = %error_chain(&error), "upstream request failed");
-            if let Some(observer) = forward.observer {
-                let _ = observer.on_response(
-                    StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY),
-                    &HeaderMap::new(),
-                );
-            }
-            return Ok(status_response(&status));
+            return Ok(answer_with_status(forward.observer, &status));
         }
     };
 
@@ -104,6 +98,23 @@ pub(super) async fn handle<G: Guard>(
     Ok(stream_response(response, forward))
 }
 
+/// Chaperone answers with a `Status` instead of the API server's response
+/// (upstream unreachable, a body that cannot be masked): the observer sees
+/// that answer begin and end, so it is recorded and audited like any other.
+fn answer_with_status(
+    observer: Option<Box<dyn ResponseObserver>>,
+    status: &Status,
+) -> Response<ProxyBody> {
+    let response = status_response(status);
+    if let Some(observer) = observer
+        && let Some(mut body) = observer.on_response(response.status(), response.headers())
+    {
+        body.on_data(&status.to_body());
+        body.on_end(Ok(()));
+    }
+    response
+}
+
 fn observe_request(body: ProxyBody, observer: Option<Box<dyn BodyObserver>>) -> ProxyBody {
     match observer {
         None => body,
@@ -117,15 +128,7 @@ fn stream_response(response: Response<UpstreamBody>, forward: Forward) -> Respon
     let transform = match forward.response_transform {
         Some(factory) if parts.status.is_success() => match factory(&parts.headers) {
             Ok(transform) => transform,
-            Err(status) => {
-                if let Some(observer) = forward.observer {
-                    let _ = observer.on_response(
-                        StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY),
-                        &HeaderMap::new(),
-                    );
-                }
-                return status_response(&status);
-            }
+            Err(status) => return answer_with_status(forward.observer, &status),
         },
         _ => None,
     };
@@ -166,14 +169,22 @@ fn switch_protocols<G: Guard>(
     }
     let mut observer = forward.observer;
     let tap = observer.as_mut().and_then(|o| o.on_upgrade(&parts.headers));
-    if let Some(observer) = observer {
-        let _ = observer.on_response(parts.status, &parts.headers);
-    }
+    // Without a tap (port-forward), the tunnel's end is the exchange's end.
+    let mut tunnel_end = observer.and_then(|o| o.on_response(parts.status, &parts.headers));
     let conn = conn.clone();
     shared.tunnels.spawn(async move {
-        match tokio::try_join!(agent_upgrade, upstream_upgrade) {
-            Ok((agent, upstream)) => tunnel::pump(conn.id, agent, upstream, tap).await,
-            Err(error) => tracing::warn!(conn = %conn.id, %error, "upgrade failed"),
+        let result = match tokio::try_join!(agent_upgrade, upstream_upgrade) {
+            Ok((agent, upstream)) => {
+                tunnel::pump(conn.id, agent, upstream, tap).await;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(conn = %conn.id, %error, "upgrade failed");
+                Err(format!("upgrade failed: {error}"))
+            }
+        };
+        if let Some(end) = tunnel_end.as_mut() {
+            end.on_end(result);
         }
     });
     Response::from_parts(parts, super::body::empty())
