@@ -95,7 +95,8 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_AUDIT_SPOOL_DIR")]
     pub audit_spool_dir: Option<PathBuf>,
 
-    /// Admin listener (/metrics, /healthz, /readyz).
+    /// Admin listener (/metrics, /healthz, /readyz; /approvals in local
+    /// mode). Default 127.0.0.1:17080: only the node's own users reach it.
     #[arg(long, env = "CHAPERONE_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
 
@@ -390,7 +391,7 @@ impl NodeConfig {
                 None => args
                     .admin_addr
                     .or(file.admin_addr)
-                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
             },
             ca_files: args.ca_cert.zip(args.ca_key),
             socket_mark: args

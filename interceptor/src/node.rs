@@ -179,8 +179,21 @@ pub async fn run(config: NodeConfig) -> Result<()> {
 
     let metrics = Metrics::new();
     let health = Health::new();
-    let admin = AdminServer::start(config.admin_addr, metrics.clone(), health.clone())
-        .with_context(|| format!("admin listener on {}", config.admin_addr))?;
+    // Local mode: approvals are files, and the admin API decides them too.
+    let local_approvals = match &config.approval_dir {
+        Some(dir) => Some(
+            crate::approval::LocalStore::new(dir)
+                .with_context(|| format!("approvals in {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let admin = AdminServer::start_with(
+        config.admin_addr,
+        metrics.clone(),
+        health.clone(),
+        local_approvals.clone(),
+    )
+    .with_context(|| format!("admin listener on {}", config.admin_addr))?;
     health.readiness("ebpf-attached").set_ok();
     health.readiness("ca-loaded").set_ok();
 
@@ -233,11 +246,8 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         ),
         None => None,
     };
-    let approval_backend = match &config.approval_dir {
-        Some(dir) => crate::approval::Backend::Local(
-            crate::approval::LocalStore::new(dir)
-                .with_context(|| format!("approvals in {}", dir.display()))?,
-        ),
+    let approval_backend = match local_approvals {
+        Some(local) => crate::approval::Backend::Local(local),
         None => crate::approval::Backend::Cluster {
             client: client.clone(),
             namespace: config.approval_namespace.clone(),

@@ -18,6 +18,7 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -36,7 +37,7 @@ use crate::{
     policy::{Action, Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
     proxy::{
         ConnectionInfo, Forward, Guard, ResponseObserver, TunnelTap, Upstream, Verdict,
-        body::{BodyError, BodyObserver, BodyTransform, status_response},
+        body::{BodyError, BodyObserver, BodyTransform, RequestBody, WholeBody, status_response},
     },
     record::{
         DecisionRecord, Exchange, Recorder, ResponseStatus, Session, SessionMeta, Stage,
@@ -139,13 +140,31 @@ impl Pipeline {
 impl Pipeline {
     /// The held request's effect as the API server computes it with
     /// `dryRun=All`, under the agent's own identity: what a delete would
-    /// remove, or the error it would get. Bodies (create, update, patch)
-    /// stream after the verdict, so only bodiless requests have a preview.
-    async fn preview(&self, parts: &Parts, caller: &Caller) -> Option<serde_json::Value> {
+    /// remove, the object a create would make, the changes an update or
+    /// patch would apply (against a GET of the current object), or the
+    /// error it would get. Masked like a response.
+    async fn preview(
+        &self,
+        parts: &Parts,
+        caller: &Caller,
+        request: &RequestInfo,
+        body: Option<&WholeBody>,
+    ) -> Option<serde_json::Value> {
+        use crate::approval::preview;
         let upstream = self.upstream.as_ref()?;
-        if parts.method != http::Method::DELETE {
-            return None;
-        }
+        let sent = match (&parts.method, body) {
+            (&http::Method::DELETE, _) => None,
+            (_, Some(WholeBody::Complete(bytes))) => Some(bytes.clone()),
+            (_, Some(WholeBody::TooLarge { .. })) => {
+                return Some(serde_json::json!({
+                    "note": format!(
+                        "the request body is larger than {} bytes: chaperone did not read it for a dry-run preview",
+                        preview::BODY_READ_LIMIT
+                    ),
+                }));
+            }
+            _ => return None,
+        };
         let mut headers = parts.headers.clone();
         let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
         upstream_identity_headers(self.credential_mode, caller, authorization, &mut headers)
@@ -156,31 +175,36 @@ impl Pipeline {
         }
         for name in [
             header::CONTENT_LENGTH,
-            header::CONTENT_TYPE,
             header::ACCEPT_ENCODING,
             header::TRANSFER_ENCODING,
             header::HOST,
             header::CONNECTION,
+            header::EXPECT,
         ] {
             headers.remove(name);
         }
+        // The body goes as the agent sent it (protobuf included); the
+        // answer comes back as JSON.
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let query = match parts.uri.query() {
             Some(q) if !q.is_empty() => format!("{q}&dryRun=All"),
             _ => "dryRun=All".to_owned(),
         };
-        let ask = |method: http::Method, path_and_query: String| {
-            let headers = headers.clone();
+        let ask = |method: http::Method, path_and_query: String, body: Option<bytes::Bytes>| {
+            let mut headers = headers.clone();
+            if body.is_none() {
+                headers.remove(header::CONTENT_TYPE);
+            }
             async move {
                 let path_and_query: http::uri::PathAndQuery = path_and_query.parse().ok()?;
                 let mut request = http::Request::builder()
                     .method(method)
                     .uri(upstream.uri_for(Some(&path_and_query)))
-                    .body(crate::proxy::body::empty())
+                    .body(body.map_or_else(crate::proxy::body::empty, crate::proxy::body::full))
                     .ok()?;
                 *request.headers_mut() = headers;
                 let response = upstream.send(request, false).await.ok()?;
-                let body = http_body_util::Limited::new(response.into_body(), 1 << 20);
+                let body = http_body_util::Limited::new(response.into_body(), 4 << 20);
                 let bytes = http_body_util::BodyExt::collect(body)
                     .await
                     .ok()?
@@ -188,31 +212,60 @@ impl Pipeline {
                 serde_json::from_slice::<serde_json::Value>(&bytes).ok()
             }
         };
-        let preview = async {
+        let is_status = |v: &serde_json::Value| v["kind"] == "Status";
+        let path = parts.uri.path();
+        let effect = async {
             let dry_run = ask(
-                http::Method::DELETE,
-                format!("{}?{query}", parts.uri.path()),
+                parts.method.clone(),
+                format!("{path}?{query}"),
+                sent.clone(),
             )
             .await?;
-            // The API server answers most deletes with a success Status:
-            // what the delete would remove is the object itself.
-            let removes = dry_run["kind"] == "Status" && dry_run["status"] == "Success";
-            if removes
-                && let Some(object) = ask(http::Method::GET, parts.uri.path().to_owned()).await
-            {
-                return Some(object);
+            if is_status(&dry_run) {
+                // The API server answers most deletes with a success Status:
+                // what the delete would remove is the object itself.
+                if parts.method == http::Method::DELETE
+                    && dry_run["status"] == "Success"
+                    && let Some(object) = ask(http::Method::GET, path.to_owned(), None).await
+                {
+                    return Some(preview::mask_object(&self.masker, request, object));
+                }
+                return Some(dry_run);
             }
-            Some(dry_run)
+            if matches!(parts.method, http::Method::PUT | http::Method::PATCH)
+                && let Some(current) = ask(http::Method::GET, path.to_owned(), None).await
+                && !is_status(&current)
+            {
+                return Some(preview::changes(&self.masker, request, &current, &dry_run));
+            }
+            // A create, or an update or apply that creates the object.
+            Some(preview::mask_object(&self.masker, request, dry_run))
         };
-        let value = tokio::time::timeout(std::time::Duration::from_secs(5), preview)
+        let value = tokio::time::timeout(std::time::Duration::from_secs(5), effect)
             .await
             .ok()??;
         Some(crate::approval::preview_summary(value))
     }
 }
 
+/// Whether a held request's body is read to summarize and preview it:
+/// creates, updates and patches, not exec/attach streams or upgrades.
+fn reads_body(parts: &Parts, request: &RequestInfo) -> bool {
+    matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    ) && request.is_resource_request
+        && !exec::is_exec(request)
+        && !parts.headers.contains_key(header::UPGRADE)
+}
+
 impl Guard for Pipeline {
-    async fn check(&self, conn: &Arc<ConnectionInfo>, parts: &mut Parts) -> Verdict {
+    async fn check(
+        &self,
+        conn: &Arc<ConnectionInfo>,
+        parts: &mut Parts,
+        body: &mut RequestBody,
+    ) -> Verdict {
         let received = OffsetDateTime::now_utc();
         let request = RequestInfo::parse(&parts.method, parts.uri.path(), parts.uri.query());
         let state = self.connection(conn);
@@ -303,13 +356,43 @@ impl Guard for Pipeline {
             let hold = decision
                 .hold_timeout
                 .unwrap_or(crate::policy::DEFAULT_HOLD_TIMEOUT);
+            // Only a held request's body is read before it is forwarded
+            // (bounded): the person sees it, masked, and the approval is
+            // for this very body.
+            let mut held = HeldRequest::from_info(&exchange.request);
+            let whole = if reads_body(parts, &exchange.request) {
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                let whole = body
+                    .read_whole(crate::approval::preview::BODY_READ_LIMIT, declared)
+                    .await;
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                held.body_summary = crate::approval::preview::body_summary(
+                    &self.masker,
+                    &exchange.request,
+                    content_type,
+                    &whole,
+                );
+                if let WholeBody::Complete(bytes) = &whole {
+                    held.body_sha256 = Some(hex::encode(Sha256::digest(bytes)));
+                }
+                Some(whole)
+            } else {
+                None
+            };
             let ask = Ask {
                 caller: &caller,
-                request: HeldRequest::from_info(&exchange.request),
+                request: held,
                 policy: &decision.policy,
                 rule: &decision.rule,
             };
-            let preview = self.preview(parts, &caller);
+            let preview = self.preview(parts, &caller, &exchange.request, whole.as_ref());
             // Set before the wait: an agent that gives up while held is
             // audited as a held request it abandoned.
             exchange.decision = Some(decision.clone());

@@ -670,3 +670,481 @@ fn one_approval_lets_one_of_two_identical_held_requests_through() {
     );
     assert!(!exists(&a, "web"));
 }
+
+/// Production writes (create, update, patch) need a person's approval.
+fn write_spec(hold: &str) -> WorldSpec {
+    WorldSpec {
+        policy: format!(
+            r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: agent-guard
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: prod-writes-need-approval
+      verbs: [create, update, patch]
+      namespaces: ["prod-*"]
+      action: approve
+      holdTimeout: {hold}
+  defaultAction: allow
+"#
+        ),
+        ..WorldSpec::default()
+    }
+}
+
+#[test]
+fn a_held_patch_previews_its_changes_masked_and_is_forwarded_unchanged_when_approved() {
+    require_root!();
+    let world = World::start(write_spec("30s")).unwrap();
+    seed(&world, &[]);
+    world
+        .sim
+        .store()
+        .create(serde_json::json!({
+            "apiVersion":"apps/v1","kind":"Deployment",
+            "metadata":{"name":"web","namespace":"prod-a"},
+            "spec":{"replicas":2,"selector":{"matchLabels":{"app":"web"}},
+                "template":{"metadata":{"labels":{"app":"web"}},
+                    "spec":{"containers":[{"name":"app","image":"app:1",
+                        "env":[{"name":"DB_PASSWORD","value":"hunter2-old"}]}]}}},
+        }))
+        .unwrap();
+    let alice = world.person("alice", &[]).unwrap();
+    let patch = r#"{"spec":{"replicas":5,"template":{"spec":{"containers":[{"name":"app","env":[{"name":"DB_PASSWORD","value":"n3w-s3cret"}]}]}}}}"#;
+    let held = world
+        .agent_kubectl(&["patch", "deployment", "web", "-n", "prod-a", "-p", patch])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = wait_for_pending(&world, "web");
+    let object = approval(&world, &id);
+    let raw = object.to_string();
+    assert!(
+        !raw.contains("hunter2") && !raw.contains("n3w-s3cret"),
+        "a secret value reached the approval: {object:#}"
+    );
+    let request = &object["spec"]["request"];
+    assert_eq!(request["verb"], "patch");
+    let summary = request["bodySummary"].as_str().unwrap();
+    assert!(summary.contains(r#""replicas":5"#), "{summary}");
+    assert!(summary.contains("<masked by chaperone"), "{summary}");
+    assert_eq!(request["bodySha256"].as_str().unwrap().len(), 64);
+    // The dry run's changes: the new replicas, and the env value masked.
+    let preview = &object["spec"]["preview"];
+    assert_eq!(preview["kind"], "Deployment", "{object:#}");
+    let changes = preview["changes"].as_array().unwrap();
+    assert!(
+        changes.contains(&serde_json::json!({"path": "spec.replicas", "old": 2, "new": 5})),
+        "{preview:#}"
+    );
+    let env = changes
+        .iter()
+        .find(|c| c["path"] == "spec.template.spec.containers[0].env[0].value")
+        .unwrap_or_else(|| panic!("{preview:#}"));
+    assert!(
+        env["new"]
+            .as_str()
+            .unwrap()
+            .starts_with("<masked by chaperone")
+    );
+    // Nothing changed yet.
+    let stored = world
+        .sim
+        .store()
+        .get("deployments.apps", Some("prod-a"), "web")
+        .unwrap();
+    assert_eq!(stored["spec"]["replicas"], 2);
+
+    let approved = plugin(&alice, &["approve", &id]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    let out = finish(held);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("patched"), "{}", text(&out));
+    // The body the agent sent went upstream as it was.
+    let stored = world
+        .sim
+        .store()
+        .get("deployments.apps", Some("prod-a"), "web")
+        .unwrap();
+    assert_eq!(stored["spec"]["replicas"], 5);
+    assert_eq!(
+        stored["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"],
+        "n3w-s3cret"
+    );
+}
+
+#[test]
+fn a_held_secret_create_previews_masked_data_and_only_the_same_body_uses_the_approval() {
+    require_root!();
+    let world = World::start(write_spec("2s")).unwrap();
+    seed(&world, &[]);
+    let create = |value: &str| {
+        let literal = format!("--from-literal=password={value}");
+        run_for(
+            &mut world.agent_kubectl(&[
+                "create", "secret", "generic", "db", "-n", "prod-a", &literal,
+            ]),
+            LIMIT,
+        )
+        .unwrap()
+    };
+    let out = create("hunter2-secret");
+    assert!(!out.status.success());
+    let found = approvals(&world);
+    assert_eq!(found.len(), 1);
+    let object = &found[0];
+    let id = object["metadata"]["name"].as_str().unwrap().to_owned();
+    assert!(text(&out).contains(&id), "{}", text(&out));
+    let raw = object.to_string();
+    assert!(
+        !raw.contains("hunter2") && !raw.contains("aHVudGVyMi1zZWNyZXQ"),
+        "a secret value reached the approval: {object:#}"
+    );
+    assert!(
+        object["spec"]["request"]["bodySummary"].is_string(),
+        "{object:#}"
+    );
+    // The object the create would make, its data masked.
+    let preview = &object["spec"]["preview"];
+    assert_eq!(preview["kind"], "Secret", "{object:#}");
+    assert_eq!(preview["metadata"]["name"], "db");
+    let masked = preview["data"]["password"].as_str().unwrap();
+    let decoded = base64_decode(masked);
+    assert!(decoded.starts_with("<masked by chaperone"), "{decoded}");
+    assert!(
+        world
+            .sim
+            .store()
+            .get("secrets", Some("prod-a"), "db")
+            .is_none()
+    );
+
+    let alice = world.person("alice", &[]).unwrap();
+    let approved = plugin(&alice, &["approve", &id]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    // A different body is a different request: it asks anew.
+    let out = create("another-value");
+    assert!(!out.status.success());
+    assert_eq!(approvals(&world).len(), 2);
+    // The approved body goes through.
+    let out = create("hunter2-secret");
+    assert!(out.status.success(), "{}", text(&out));
+    let stored = world
+        .sim
+        .store()
+        .get("secrets", Some("prod-a"), "db")
+        .unwrap();
+    assert_eq!(
+        base64_decode(stored["data"]["password"].as_str().unwrap()),
+        "hunter2-secret"
+    );
+}
+
+fn base64_decode(text: &str) -> String {
+    use base64::Engine as _;
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+type Received = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// A webhook on 127.0.0.1 that answers 503 to its first `fail_first`
+/// posts, then keeps every payload it gets.
+fn webhook(runtime: &tokio::runtime::Runtime, fail_first: usize) -> (u16, Received) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+    let received: Received = Default::default();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let store = received.clone();
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            let attempts = attempts.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let store = store.clone();
+                    let attempts = attempts.clone();
+                    async move {
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let code = if n < fail_first {
+                            503
+                        } else {
+                            store
+                                .lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                            200
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(code)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, received)
+}
+
+/// Waits for `count` payloads.
+fn payloads(received: &Received, count: usize, world: &World) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = received.lock().unwrap().clone();
+        if got.len() >= count {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} notifications arrived: {got:#?}\n{}",
+            got.len(),
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn notify_spec(port: u16, format: &str, hold: &str) -> WorldSpec {
+    WorldSpec {
+        node_args: vec![
+            "--notify-url".into(),
+            format!("http://127.0.0.1:{port}/hook"),
+            "--notify-format".into(),
+            format.into(),
+        ],
+        ..spec(hold)
+    }
+}
+
+#[test]
+fn a_slack_webhook_that_fails_at_first_is_told_of_the_request_and_its_approval() {
+    require_root!();
+    let runtime = runtime();
+    let (port, received) = webhook(&runtime, 2);
+    let world = World::start(notify_spec(port, "slack", "30s")).unwrap();
+    seed(&world, &["web"]);
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let requested = payloads(&received, 1, &world).remove(0);
+    let text_of = |v: &Value| v["text"].as_str().unwrap_or_default().to_owned();
+    let fields = |v: &Value| -> Vec<(String, String)> {
+        v["attachments"][0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["title"].as_str().unwrap().to_owned(),
+                    f["value"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        text_of(&requested).contains(
+            "system:serviceaccount:default:agent asks to delete deployments.apps \"web\""
+        ),
+        "{requested:#}"
+    );
+    assert!(
+        text_of(&requested).contains(&format!("kubectl chaperone approve {id}")),
+        "{requested:#}"
+    );
+    assert!(fields(&requested).contains(&("Approval".into(), id.clone())));
+    assert!(fields(&requested).contains(&("Pod".into(), "default/agent-0".into())));
+
+    let alice = world.person("alice", &[]).unwrap();
+    let approved = plugin(&alice, &["approve", &id, "--reason", "planned cleanup"]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    assert!(finish(held).status.success());
+    let decided = payloads(&received, 2, &world).remove(1);
+    assert!(
+        text_of(&decided).contains(&format!("alice approved {id}")),
+        "{decided:#}"
+    );
+    let got = fields(&decided);
+    assert!(
+        got.contains(&("Decision".into(), "Approved".into())),
+        "{got:?}"
+    );
+    assert!(got.contains(&("By".into(), "alice".into())), "{got:?}");
+    assert!(
+        got.contains(&("Reason".into(), "planned cleanup".into())),
+        "{got:?}"
+    );
+    // Announced once, by the node that held it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(received.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_json_webhook_gets_the_approval_and_who_denied_it() {
+    require_root!();
+    let runtime = runtime();
+    let (port, received) = webhook(&runtime, 0);
+    let world = World::start(notify_spec(port, "json", "30s")).unwrap();
+    seed(&world, &["web"]);
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let requested = payloads(&received, 1, &world).remove(0);
+    assert_eq!(requested["kind"], "ApprovalRequested");
+    assert_eq!(requested["id"], id.as_str());
+    assert_eq!(requested["approval"]["spec"]["request"]["name"], "web");
+    assert_eq!(
+        requested["approval"]["spec"]["preview"]["kind"],
+        "Deployment"
+    );
+    let alice = world.person("alice", &[]).unwrap();
+    let denied = plugin(&alice, &["deny", &id, "--reason", "not during the sale"]);
+    assert!(denied.status.success(), "{}", text(&denied));
+    assert!(!finish(held).status.success());
+    let decided = payloads(&received, 2, &world).remove(1);
+    assert_eq!(decided["kind"], "ApprovalDecided");
+    assert_eq!(decided["id"], id.as_str());
+    assert_eq!(decided["state"], "Denied");
+    assert_eq!(decided["by"], "alice");
+    assert_eq!(decided["reason"], "not during the sale");
+}
+
+#[test]
+fn a_webhook_that_never_answers_does_not_hold_up_the_agent() {
+    require_root!();
+    // Accepts connections and never answers: every notification attempt
+    // waits for its own timeout (10 s).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    let world = World::start(notify_spec(port, "json", "1s")).unwrap();
+    seed(&world, &["web", "api"]);
+    for name in ["web", "api"] {
+        let started = Instant::now();
+        let out = delete(&world, name);
+        let waited = started.elapsed();
+        assert!(!out.status.success());
+        assert!(text(&out).contains("is pending"), "{}", text(&out));
+        assert!(
+            waited < Duration::from_secs(8),
+            "the held delete took {waited:?} with a dead webhook (hold 1s)"
+        );
+    }
+    let out = run_for(
+        &mut world.agent_kubectl(&["get", "deployments", "-n", "prod-a"]),
+        LIMIT,
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    drop(dead);
+}
+
+/// `curl` against the node agent's admin listener: (HTTP code, JSON body).
+fn admin(world: &World, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let out = run_for(
+        std::process::Command::new("curl")
+            .args(["-sS", "-X", method, "-w", "\n%{http_code}"])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .arg(format!("http://127.0.0.1:{}{path}", world.node.admin_port)),
+        LIMIT,
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (
+        code.trim().parse().unwrap(),
+        serde_json::from_str(body).unwrap(),
+    )
+}
+
+#[test]
+fn in_local_mode_the_admin_api_approves_a_held_delete_with_the_plugins_rules() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let world = World::start(WorldSpec {
+        node_args: vec!["--approval-dir".into(), dir.path().to_str().unwrap().into()],
+        ..spec("30s")
+    })
+    .unwrap();
+    seed(&world, &["web"]);
+    let held = start_delete(&world, "web");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let (code, list) = admin(&world, "GET", "/approvals", "");
+        assert_eq!(code, 200, "{list:#}");
+        if let Some(first) = list["items"].as_array().and_then(|items| items.first()) {
+            assert_eq!(first["spec"]["request"]["name"], "web");
+            break first["metadata"]["name"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{}", world.node.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let approve = format!("/approvals/local/{id}/approve");
+    let (code, refused) = admin(
+        &world,
+        "POST",
+        &approve,
+        r#"{"by": "system:serviceaccount:default:agent"}"#,
+    );
+    assert_eq!(code, 403, "{refused:#}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot approve it yourself"),
+        "{refused:#}"
+    );
+    let (code, approved) = admin(
+        &world,
+        "POST",
+        &approve,
+        r#"{"by": "alice", "reason": "planned"}"#,
+    );
+    assert_eq!(code, 200, "{approved:#}");
+    assert_eq!(approved["status"]["decidedBy"], "alice");
+    let out = finish(held);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!exists(&world, "web"));
+    // The plugin in local mode sees the same decision and the same rules.
+    let alice = world.person("alice", &[]).unwrap();
+    let local = dir.path().to_str().unwrap();
+    let again = plugin(&alice, &["--local-dir", local, "deny", &id]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("already Approved (by alice)"),
+        "{}",
+        text(&again)
+    );
+}

@@ -1,10 +1,12 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and in local
+//! mode the approvals API ([`approvals`]).
 //!
 //! It runs on its own thread with its own single-threaded tokio runtime, so a
 //! slow scrape or a flood of probes never takes a worker thread from the data
 //! path, and a busy data path never makes the node look dead to the kubelet.
 //! The data path only touches [`Metrics`] (atomic updates) and [`Check`]s.
 
+pub mod approvals;
 mod health;
 mod metrics;
 
@@ -13,11 +15,13 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::TokioIo;
 
 pub use health::{Check, Health, Probe, Report};
 pub use metrics::{CONTENT_TYPE, Metrics};
+
+use crate::approval::LocalStore;
 
 /// Errors starting the admin listener.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,18 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 impl AdminServer {
     /// Binds `addr` and serves on a new thread `chaperone-admin`.
     pub fn start(addr: SocketAddr, metrics: Metrics, health: Health) -> Result<Self, AdminError> {
+        Self::start_with(addr, metrics, health, None)
+    }
+
+    /// [`AdminServer::start`], serving the approvals API for the local
+    /// approval store `approvals`.
+    pub fn start_with(
+        addr: SocketAddr,
+        metrics: Metrics,
+        health: Health,
+        approvals: Option<LocalStore>,
+    ) -> Result<Self, AdminError> {
+        let serves_approvals = approvals.is_some();
         // SO_REUSEPORT, like the proxy: the next node agent's probes answer
         // while the old one still runs.
         let listener =
@@ -84,13 +100,17 @@ impl AdminServer {
                         }
                     };
                     tokio::select! {
-                        () = serve(listener, metrics, health) => {}
+                        () = serve(listener, metrics, health, approvals) => {}
                         _ = shutdown_rx => {}
                     }
                 });
             })
             .map_err(AdminError::Thread)?;
-        tracing::info!(%local_addr, "admin listener started (/metrics, /healthz, /readyz)");
+        if serves_approvals {
+            tracing::info!(%local_addr, "admin listener started (/metrics, /healthz, /readyz, /approvals)");
+        } else {
+            tracing::info!(%local_addr, "admin listener started (/metrics, /healthz, /readyz)");
+        }
         Ok(Self {
             local_addr,
             shutdown: Some(shutdown_tx),
@@ -123,9 +143,15 @@ impl Drop for AdminServer {
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, health: Health) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    health: Health,
+    approvals: Option<LocalStore>,
+) {
+    let approvals = std::sync::Arc::new(approvals);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "admin accept failed");
@@ -135,10 +161,20 @@ async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, health: Heal
         };
         let metrics = metrics.clone();
         let health = health.clone();
+        let approvals = approvals.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let response = route(&request, &metrics, &health);
-                async move { Ok::<_, Infallible>(response) }
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let metrics = metrics.clone();
+                let health = health.clone();
+                let approvals = approvals.clone();
+                async move {
+                    let response = if approvals::is_approvals_path(request.uri().path()) {
+                        approvals::handle(request, peer, approvals.as_ref().as_ref()).await
+                    } else {
+                        route(&request, &metrics, &health)
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -444,3 +444,157 @@ async fn healthz_and_readyz_reflect_registered_checks() {
     assert!(body.contains("/metrics"));
     server.shutdown();
 }
+
+async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test]
+async fn the_approvals_api_lists_and_decides_local_approvals_with_the_plugins_rules() {
+    use crate::approval::{Approvals, Ask, Backend, HeldRequest, LocalStore, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path()).unwrap();
+    let approvals = Approvals::start(
+        Backend::Local(store.clone()),
+        "node-a",
+        Duration::from_secs(600),
+        None,
+    );
+    let server = AdminServer::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        Metrics::new(),
+        Health::new(),
+        Some(store.clone()),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let caller = crate::identity::Caller {
+        username: "system:serviceaccount:agents:coder".into(),
+        ..Default::default()
+    };
+    let request = crate::request::RequestInfo::parse(
+        &http::Method::DELETE,
+        "/apis/apps/v1/namespaces/prod-a/deployments/web",
+        None,
+    );
+    let hold = |wait: Duration| {
+        let approvals = approvals.clone();
+        let caller = caller.clone();
+        let request = request.clone();
+        async move {
+            let ask = Ask {
+                caller: &caller,
+                request: HeldRequest::from_info(&request),
+                policy: "agent-guard",
+                rule: "prod-deletes",
+            };
+            approvals.hold(ask, wait, async { None }).await
+        }
+    };
+    let first = hold(Duration::from_millis(50)).await;
+    let id = first.id().unwrap().to_owned();
+
+    let (status, list) = send(addr, Method::GET, "/approvals", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["kind"], "ApprovalRequestList");
+    assert_eq!(list["items"][0]["metadata"]["name"], id.as_str());
+    assert_eq!(list["items"][0]["status"]["state"], "Pending");
+
+    let approve = format!("/approvals/local/{id}/approve");
+    // The requester may not approve its own request.
+    let (status, refused) = send(
+        addr,
+        Method::POST,
+        &approve,
+        r#"{"by": "system:serviceaccount:agents:coder"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot approve it yourself"),
+        "{refused}"
+    );
+    // A decision says who makes it.
+    let (status, _) = send(addr, Method::POST, &approve, r#"{"reason": "x"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = send(
+        addr,
+        Method::POST,
+        "/approvals/local/apr-nothere/approve",
+        r#"{"by": "alice"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = send(
+        addr,
+        Method::POST,
+        &format!("/approvals/prod/{id}/approve"),
+        r#"{"by": "alice"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // alice approves with a grant: the held retry goes through.
+    let retry = tokio::spawn(hold(Duration::from_secs(20)));
+    let (status, decided) = send(
+        addr,
+        Method::POST,
+        &approve,
+        r#"{"by": "alice", "reason": "planned", "grant": "15m"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{decided}");
+    assert_eq!(decided["status"]["state"], "Approved");
+    assert_eq!(decided["status"]["decidedBy"], "alice");
+    assert_eq!(decided["status"]["grant"], "15m");
+    assert!(matches!(retry.await.unwrap(), Outcome::Approved(d) if d.by == "alice"));
+
+    // Decided once: the API and the plugin both refuse a second decision.
+    let (status, again) = send(
+        addr,
+        Method::POST,
+        &format!("/approvals/local/{id}/deny"),
+        r#"{"by": "bob"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        again["message"]
+            .as_str()
+            .unwrap()
+            .contains("already Approved (by alice)"),
+        "{again}"
+    );
+
+    // Only the node itself is answered.
+    let request = Request::get("/approvals")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response =
+        approvals::handle(request, "10.0.0.7:40000".parse().unwrap(), Some(&store)).await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    drop(dir);
+}

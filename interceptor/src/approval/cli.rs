@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use super::{ApprovalRequest, DEFAULT_NAMESPACE, LocalStore, State, format_time};
+use super::{ApprovalRequest, DEFAULT_NAMESPACE, Decision, LocalStore, State, format_time};
 
 /// Approve or deny requests chaperone holds for a human, and manage
 /// just-in-time grants.
@@ -299,60 +299,33 @@ async fn decide(
     grant: Option<String>,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let verb = if state == State::Approved {
-        "approve"
-    } else {
-        "deny"
-    };
-    let approval = place.get(id).await?;
-    let now = OffsetDateTime::now_utc();
-    match approval.state() {
-        State::Pending if approval.is_expired(now) => {
-            bail!(
-                "approval {id} expired at {}; the agent can retry its request to ask again",
-                approval.spec.expires_at
-            )
-        }
-        State::Pending => {}
-        other => {
-            let by = approval
-                .status
-                .as_ref()
-                .and_then(|s| s.decided_by.clone())
-                .unwrap_or_default();
-            bail!("approval {id} is already {other} (by {by})")
-        }
-    }
     let me = place.whoami().await?;
-    if me.username == approval.spec.requester.username {
-        bail!(
-            "you ({}) requested approval {id} and cannot {verb} it yourself: a requester never approves its own request",
-            me.username
-        );
-    }
-    if !place.may(verb, &approval).await? {
-        bail!(
-            "you ({}) may not {verb} approvals in namespace {}: that needs the verb {verb} on \
-             approvalrequests.chaperone.dev (the ClusterRole chaperone-approver)",
-            me.username,
-            approval.namespace()
-        );
-    }
-    let mut status = json!({
-        "state": state,
-        "decidedBy": me.username,
-        "decidedByGroups": me.groups,
-        "decidedAt": format_time(now),
-    });
-    if let Some(reason) = &reason {
-        status["reason"] = json!(reason);
-    }
-    if let Some(grant) = &grant {
-        let duration = crate::policy::parse_duration(grant).map_err(anyhow::Error::msg)?;
-        status["grant"] = json!(grant);
-        status["grantExpiresAt"] = json!(format_time(now + duration));
-    }
-    place.patch_status(id, status).await?;
+    let decision = Decision {
+        state,
+        by: me.username,
+        groups: me.groups,
+        reason,
+        grant: grant.clone(),
+    };
+    let verb = decision.verb();
+    // The same rules (and, locally, the same code) as the admin API.
+    let approval = match place {
+        Place::Local(local) => local.decide(id, &decision)?,
+        Place::Cluster { .. } => {
+            let approval = place.get(id).await?;
+            let status = decision.status_for(&approval, OffsetDateTime::now_utc())?;
+            if !place.may(verb, &approval).await? {
+                bail!(
+                    "you ({}) may not {verb} approvals in namespace {}: that needs the verb {verb} on \
+                     approvalrequests.chaperone.dev (the ClusterRole chaperone-approver)",
+                    decision.by,
+                    approval.namespace()
+                );
+            }
+            place.patch_status(id, status).await?;
+            approval
+        }
+    };
     let what = approval.spec.request.describe();
     match state {
         State::Approved => writeln!(

@@ -33,8 +33,10 @@
 //! without a new approval (`kubectl chaperone grants`, `revoke`).
 
 pub mod cli;
+mod decide;
 pub mod notify;
 mod object;
+pub mod preview;
 mod refusal;
 mod store;
 #[cfg(test)]
@@ -49,6 +51,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+pub use decide::{Decision, Refused};
 pub use object::{
     ApprovalRequest, ApprovalRequestSpec, ApprovalStatus, GRANT_KEY_LABEL, HeldRequest,
     REQUEST_KEY_LABEL, Requester, RequesterPod, State, format_time, grant_key, new_id, parse_time,
@@ -144,6 +147,9 @@ impl Approvals {
             checked: Mutex::new(HashMap::new()),
         });
         store::spawn_feed(approvals.clone());
+        if approvals.notifier.is_some() {
+            tokio::spawn(announce_decisions(Arc::downgrade(&approvals)));
+        }
         let sweeper = Arc::downgrade(&approvals);
         tokio::spawn(async move {
             loop {
@@ -496,6 +502,61 @@ impl Approvals {
             if let Err(why) = self.backend.expire(&approval).await {
                 tracing::debug!(approval = approval.name(), %why, "could not mark expired");
             }
+        }
+    }
+}
+
+/// Announces what became of the approvals this node created: approved or
+/// denied (once the decision is checked), or expired. What was decided
+/// before this node agent started is not announced again.
+async fn announce_decisions(approvals: std::sync::Weak<Approvals>) {
+    let Some(mut changed) = approvals.upgrade().map(|a| a.changed.subscribe()) else {
+        return;
+    };
+    let mut seen: Option<HashMap<String, State>> = None;
+    loop {
+        {
+            let Some(approvals) = approvals.upgrade() else {
+                return;
+            };
+            if *approvals.synced.borrow() {
+                let mine: Vec<_> = approvals
+                    .list()
+                    .into_iter()
+                    .filter(|a| a.spec.node.as_deref() == Some(approvals.node.as_str()))
+                    .collect();
+                match &mut seen {
+                    None => {
+                        seen = Some(
+                            mine.iter()
+                                .map(|a| (a.name().to_owned(), a.state()))
+                                .collect(),
+                        );
+                    }
+                    Some(seen) => {
+                        for approval in mine {
+                            let state = approval.state();
+                            let before = seen.insert(approval.name().to_owned(), state);
+                            if before == Some(state) {
+                                continue;
+                            }
+                            let announce = match state {
+                                State::Pending => false,
+                                State::Expired => true,
+                                State::Approved | State::Denied => {
+                                    approvals.check_decision(&approval).await.is_ok()
+                                }
+                            };
+                            if announce && let Some(notifier) = &approvals.notifier {
+                                notifier.decided(&approval);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if changed.changed().await.is_err() {
+            return;
         }
     }
 }

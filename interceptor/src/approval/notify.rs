@@ -1,7 +1,10 @@
-//! Tells people an approval is waiting: a webhook with a Slack-compatible
-//! payload (`text` + `attachments[].fields`) or a generic JSON one. The
-//! data path only drops a message into a bounded queue (dropped, with a
-//! warning, when full); a task posts it, retrying with backoff.
+//! Tells people an approval is waiting, and then what became of it
+//! (approved, denied or expired, and by whom): a webhook with a
+//! Slack-compatible payload (`text` + `attachments[].fields`) or a generic
+//! JSON one. The data path only drops a message into a bounded queue
+//! (dropped, with a warning, when full); a task posts it, retrying with
+//! backoff. The node that created an approval announces its decision, so
+//! each is announced once however many nodes watch it.
 
 use std::time::Duration;
 
@@ -11,7 +14,7 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::ApprovalRequest;
+use super::{ApprovalRequest, State};
 
 /// The payload shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -20,7 +23,8 @@ pub enum Format {
     /// webhooks and the many tools that accept their format.
     #[default]
     Slack,
-    /// `{"kind": "ApprovalRequested", "approval": <the object>, "approve": ...}`.
+    /// `{"kind": "ApprovalRequested", "approval": <the object>, "approve": ...}`,
+    /// then `{"kind": "ApprovalDecided", "state": "Approved", "by": ...}`.
     Json,
 }
 
@@ -77,7 +81,15 @@ impl Notifier {
 
     /// A new approval waits: say so (never blocks).
     pub fn requested(&self, approval: &ApprovalRequest) {
-        let payload = payload(self.format, approval);
+        self.queue(payload(self.format, approval), approval);
+    }
+
+    /// An approval was approved, denied or expired: say so (never blocks).
+    pub fn decided(&self, approval: &ApprovalRequest) {
+        self.queue(decision_payload(self.format, approval), approval);
+    }
+
+    fn queue(&self, payload: Value, approval: &ApprovalRequest) {
         if self.queue.try_send(payload).is_err() {
             tracing::warn!(
                 approval = approval.name(),
@@ -158,6 +170,59 @@ pub fn payload(format: Format, approval: &ApprovalRequest) -> Value {
                         field("Expires", spec.expires_at.clone(), true),
                         field("Deny", format!("`{deny}`"), false),
                     ],
+                }],
+            })
+        }
+    }
+}
+
+/// The notification for a decision (`Approved`, `Denied`) or an expiry.
+pub fn decision_payload(format: Format, approval: &ApprovalRequest) -> Value {
+    let spec = &approval.spec;
+    let id = approval.name();
+    let status = approval.status.clone().unwrap_or_default();
+    let state = approval.state();
+    let by = status.decided_by.clone().unwrap_or_default();
+    let what = format!("{} to {}", spec.requester.username, spec.request.describe());
+    match format {
+        Format::Json => json!({
+            "kind": "ApprovalDecided",
+            "id": id,
+            "namespace": approval.namespace(),
+            "state": state,
+            "by": status.decided_by,
+            "reason": status.reason,
+            "grant": status.grant,
+            "grantExpiresAt": status.grant_expires_at,
+            "approval": approval,
+        }),
+        Format::Slack => {
+            let text = match state {
+                State::Approved => format!("chaperone: {by} approved {id}: {what}"),
+                State::Denied => format!("chaperone: {by} denied {id}: {what}"),
+                _ => format!("chaperone: approval {id} expired before anyone decided: {what}"),
+            };
+            let field = |title: &str, value: String, short: bool| json!({"title": title, "value": value, "short": short});
+            let mut fields = vec![
+                field("Approval", id.to_owned(), true),
+                field("Decision", state.to_string(), true),
+            ];
+            if !by.is_empty() {
+                fields.push(field("By", by.clone(), true));
+            }
+            if let Some(reason) = &status.reason {
+                fields.push(field("Reason", reason.clone(), false));
+            }
+            if let (Some(grant), Some(until)) = (&status.grant, &status.grant_expires_at) {
+                fields.push(field("Grant", format!("{grant} (until {until})"), true));
+            }
+            fields.push(field("Requester", spec.requester.username.clone(), true));
+            fields.push(field("Request", spec.request.describe(), false));
+            json!({
+                "text": text,
+                "attachments": [{
+                    "fallback": format!("approval {id}: {state}"),
+                    "fields": fields,
                 }],
             })
         }

@@ -97,6 +97,10 @@ pub struct HeldRequest {
     /// A masked summary of the body of a create, update or patch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_summary: Option<String>,
+    /// The SHA-256 of the body (hex): the approval lets through only a
+    /// request with this very body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
     /// The path, for a non-resource request.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
@@ -113,6 +117,7 @@ impl HeldRequest {
             name: info.name.clone(),
             command: info.command.clone(),
             body_summary: None,
+            body_sha256: None,
             path: if info.is_resource_request {
                 String::new()
             } else {
@@ -265,6 +270,10 @@ pub fn request_key(caller: &Caller, request: &HeldRequest, policy: &str, rule: &
     for arg in &request.command {
         hash.update(arg.as_bytes());
         hash.update([1]);
+    }
+    if let Some(body) = &request.body_sha256 {
+        hash.update([2]);
+        hash.update(body.as_bytes());
     }
     hex::encode(&hash.finalize()[..16])
 }

@@ -99,9 +99,10 @@ pub fn agents_may_not_decide(request: &RequestInfo) -> Status {
 /// Largest preview kept on an approval (bytes of JSON).
 const PREVIEW_LIMIT: usize = 32 * 1024;
 
-/// What the `dryRun=All` answer leaves on the approval: the object without
-/// managed fields or last-applied configuration, Secret values masked; for
-/// an error, its code, reason and message.
+/// What the `dryRun=All` answer leaves on the approval: the object (masked
+/// by the caller, see [`super::preview::mask_object`]) without managed
+/// fields or last-applied configuration; for an error, its code, reason
+/// and message.
 pub fn preview_summary(mut value: Value) -> Value {
     if value["kind"] == "Status" {
         let mut status = serde_json::Map::new();
@@ -116,17 +117,6 @@ pub fn preview_summary(mut value: Value) -> Value {
         meta.remove("managedFields");
         if let Some(notes) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
             notes.remove("kubectl.kubernetes.io/last-applied-configuration");
-        }
-    }
-    if value["kind"] == "Secret"
-        && let Some(object) = value.as_object_mut()
-    {
-        for field in ["data", "stringData"] {
-            if let Some(data) = object.get_mut(field).and_then(Value::as_object_mut) {
-                for v in data.values_mut() {
-                    *v = json!("<masked by chaperone>");
-                }
-            }
         }
     }
     let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(0);

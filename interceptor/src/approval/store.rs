@@ -298,6 +298,10 @@ impl LocalStore {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
+    pub fn exists(&self, name: &str) -> bool {
+        self.path(name).is_ok_and(|path| path.exists())
+    }
+
     pub fn read(&self, name: &str) -> Result<ApprovalRequest, String> {
         let path = self.path(name)?;
         let text = std::fs::read(&path).map_err(|e| match e.kind() {

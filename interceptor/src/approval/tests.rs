@@ -4,8 +4,20 @@ use serde_json::json;
 
 use super::*;
 use crate::identity::PodRef;
+use crate::mask::{MaskRules, Masker, marker};
 use crate::policy::{Action, Decision, RecordLevel};
+use crate::proxy::body::WholeBody;
 use crate::request::RequestInfo;
+
+fn parse(method: http::Method, path: &str) -> RequestInfo {
+    RequestInfo::parse(&method, path, None)
+}
+
+/// A masked Secret value: the base64 of the sized marker.
+fn masked_base64(len: u64) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(marker::sized(len))
+}
 
 fn agent() -> Caller {
     Caller {
@@ -347,7 +359,6 @@ fn the_refusal_names_the_approval_and_how_to_approve_it() {
 
 #[test]
 fn agents_never_write_approvals() {
-    let parse = |m: http::Method, p: &str| RequestInfo::parse(&m, p, None);
     let base = "/apis/chaperone.dev/v1alpha1/namespaces/chaperone-system/approvalrequests";
     assert!(writes_approvals(&parse(
         http::Method::PATCH,
@@ -367,18 +378,24 @@ fn agents_never_write_approvals() {
 
 #[test]
 fn previews_keep_no_secret_values_and_no_managed_fields() {
-    let preview = preview_summary(json!({
-        "kind": "Secret", "apiVersion": "v1",
-        "metadata": {"name": "db", "managedFields": [{}],
-            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{\"p\":\"aHVudGVy\"}}"}},
-        "data": {"p": "aHVudGVy"},
-    }));
+    let masker = Masker::new(&MaskRules::default()).unwrap();
+    let secret = parse(http::Method::DELETE, "/api/v1/namespaces/prod-a/secrets/db");
+    let preview = preview_summary(preview::mask_object(
+        &masker,
+        &secret,
+        json!({
+            "kind": "Secret", "apiVersion": "v1",
+            "metadata": {"name": "db", "managedFields": [{}],
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{\"p\":\"aHVudGVy\"}}"}},
+            "data": {"p": "aHVudGVy"},
+        }),
+    ));
     let text = preview.to_string();
     assert!(
         !text.contains("aHVudGVy") && !text.contains("managedFields"),
         "{text}"
     );
-    assert_eq!(preview["data"]["p"], "<masked by chaperone>");
+    assert_eq!(preview["data"]["p"], masked_base64(6));
     let error = preview_summary(
         json!({"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound", "message": "gone", "metadata": {}}),
     );
@@ -569,4 +586,352 @@ async fn the_plugin_decides_and_grants_in_local_mode() {
     let revoked = store.read(&id).unwrap();
     assert!(revoked.grant_until().is_none(), "{revoked:?}");
     assert!(revoked.status.unwrap().revoked_by.is_some());
+}
+
+fn body(text: &str) -> WholeBody {
+    WholeBody::Complete(bytes::Bytes::copy_from_slice(text.as_bytes()))
+}
+
+#[test]
+fn a_body_summary_masks_secret_values_and_drops_managed_fields() {
+    let masker = Masker::new(&MaskRules::default()).unwrap();
+    let create = parse(http::Method::POST, "/api/v1/namespaces/prod-a/secrets");
+    let summary = preview::body_summary(
+        &masker,
+        &create,
+        Some("application/json"),
+        &body(
+            r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"db","managedFields":[{"manager":"x"}]},
+                "data":{"password":"aHVudGVyMg=="},"stringData":{"token":"s3cr3t-t0ken"}}"#,
+        ),
+    )
+    .unwrap();
+    assert!(summary.contains(r#""name":"db""#), "{summary}");
+    assert!(summary.contains(&masked_base64(7)), "{summary}");
+    assert!(
+        !summary.contains("aHVudGVyMg")
+            && !summary.contains("s3cr3t")
+            && !summary.contains("managedFields"),
+        "{summary}"
+    );
+
+    // A server-side apply (YAML) of a Secret: masked the same way.
+    let apply = parse(http::Method::PATCH, "/api/v1/namespaces/prod-a/secrets/db");
+    let summary = preview::body_summary(
+        &masker,
+        &apply,
+        Some("application/apply-patch+yaml"),
+        &body("apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\nstringData:\n  token: s3cr3t-t0ken\n"),
+    )
+    .unwrap();
+    assert!(
+        summary.contains(marker::PREFIX) && !summary.contains("s3cr3t"),
+        "{summary}"
+    );
+
+    // A JSON patch on a Secret: its values are masked whole.
+    let summary = preview::body_summary(
+        &masker,
+        &apply,
+        Some("application/json-patch+json"),
+        &body(r#"[{"op":"replace","path":"/data/password","value":"aHVudGVyMg=="}]"#),
+    )
+    .unwrap();
+    assert!(summary.contains(r#""path":"/data/password""#), "{summary}");
+    assert!(!summary.contains("aHVudGVyMg"), "{summary}");
+
+    // ...and on a kind nothing is masked in, shown as sent.
+    let scale = parse(
+        http::Method::PATCH,
+        "/apis/apps/v1/namespaces/prod-a/deployments/web",
+    );
+    let summary = preview::body_summary(
+        &masker,
+        &scale,
+        Some("application/strategic-merge-patch+json"),
+        &body(r#"{"spec":{"replicas":5}}"#),
+    )
+    .unwrap();
+    assert_eq!(summary, r#"{"spec":{"replicas":5}}"#);
+}
+
+#[test]
+fn a_body_summary_says_what_it_could_not_read_and_stays_bounded() {
+    let masker = Masker::new(&MaskRules::default()).unwrap();
+    let create = parse(http::Method::POST, "/api/v1/namespaces/prod-a/secrets");
+    let protobuf = preview::body_summary(
+        &masker,
+        &create,
+        Some("application/vnd.kubernetes.protobuf"),
+        &WholeBody::Complete(bytes::Bytes::from_static(b"k8s\0\x0a\x02v1secret-bytes")),
+    )
+    .unwrap();
+    assert_eq!(protobuf, "protobuf body, 20 bytes");
+    let large = preview::body_summary(
+        &masker,
+        &create,
+        Some("application/json"),
+        &WholeBody::TooLarge { read: 0 },
+    )
+    .unwrap();
+    assert!(large.contains("larger than 1048576 bytes"), "{large}");
+    let configmap = parse(http::Method::POST, "/api/v1/namespaces/prod-a/configmaps");
+    let big = format!(
+        r#"{{"kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"x":"{}"}}}}"#,
+        "y".repeat(100_000)
+    );
+    let summary = preview::body_summary(&masker, &configmap, None, &body(&big)).unwrap();
+    assert!(summary.len() < 5000, "{}", summary.len());
+    assert!(summary.ends_with("bytes)"), "{summary}");
+    assert_eq!(
+        preview::body_summary(&masker, &configmap, None, &body("")),
+        None
+    );
+}
+
+#[test]
+fn a_preview_diff_lists_changed_paths_with_masked_values() {
+    let masker = Masker::new(&MaskRules::default()).unwrap();
+    let patch = parse(
+        http::Method::PATCH,
+        "/apis/apps/v1/namespaces/prod-a/deployments/web",
+    );
+    let before = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "prod-a", "resourceVersion": "7", "generation": 1,
+            "labels": {"app": "web"}},
+        "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "app", "image": "app:1",
+            "env": [{"name": "DB_PASSWORD", "value": "hunter2-old"}]}]}}},
+    });
+    let mut after = before.clone();
+    after["metadata"]["resourceVersion"] = json!("8");
+    after["metadata"]["generation"] = json!(2);
+    after["metadata"]["labels"]["app.kubernetes.io/name"] = json!("web");
+    after["spec"]["replicas"] = json!(5);
+    after["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = json!("hunter2-new");
+    let preview = preview::changes(&masker, &patch, &before, &after);
+    assert_eq!(preview["kind"], "Deployment");
+    assert_eq!(preview["metadata"]["name"], "web");
+    let changes = preview["changes"].as_array().unwrap();
+    let paths: Vec<&str> = changes
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            r#"metadata.labels["app.kubernetes.io/name"]"#,
+            "spec.replicas",
+            "spec.template.spec.containers[0].env[0].value",
+        ]
+    );
+    assert_eq!(changes[0].get("old"), None);
+    assert_eq!(changes[0]["new"], "web");
+    assert_eq!(changes[1]["old"], 2);
+    assert_eq!(changes[1]["new"], 5);
+    // The env value changed; both sides are masked.
+    let text = preview.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(
+        changes[2]["new"]
+            .as_str()
+            .unwrap()
+            .starts_with(marker::PREFIX),
+        "{text}"
+    );
+
+    // A Secret's changed value: the path shows, the values do not.
+    let secret = parse(http::Method::PUT, "/api/v1/namespaces/prod-a/secrets/db");
+    let before = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+        "data": {"password": "b2xkLXB3"}});
+    let after = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+        "data": {"password": "bmV3LXB3"}, "type": "Opaque"});
+    let preview = preview::changes(&masker, &secret, &before, &after);
+    let text = preview.to_string();
+    assert!(
+        !text.contains("b2xkLXB3") && !text.contains("bmV3LXB3"),
+        "{text}"
+    );
+    assert_eq!(preview["changes"][0]["path"], "data.password");
+    assert_eq!(preview["changes"][0]["new"], masked_base64(6));
+    assert_eq!(preview["changes"][1]["path"], "type");
+    assert_eq!(preview["changes"][1].get("old"), None);
+
+    // Many changes: listed up to a bound, the rest counted.
+    let before = json!({"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}});
+    let mut after = before.clone();
+    for i in 0..80 {
+        after["data"][format!("k{i:02}")] = json!("v");
+    }
+    let preview = preview::changes(
+        &masker,
+        &parse(http::Method::PUT, "/api/v1/namespaces/a/configmaps/c"),
+        &before,
+        &after,
+    );
+    assert_eq!(preview["changes"].as_array().unwrap().len(), 50);
+    assert_eq!(preview["changesOmitted"], 30);
+}
+
+async fn next(got: &mut tokio::sync::mpsc::Receiver<serde_json::Value>) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(10), got.recv())
+        .await
+        .expect("a notification")
+        .unwrap()
+}
+
+/// A webhook receiver: every JSON payload it gets, in order.
+async fn webhook() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<serde_json::Value>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::mpsc::channel::<serde_json::Value>(16);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let got = got_tx.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let got = got.clone();
+                        async move {
+                            let body = http_body_util::BodyExt::collect(req.into_body())
+                                .await
+                                .unwrap()
+                                .to_bytes();
+                            let _ = got.send(serde_json::from_slice(&body).unwrap()).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, got_rx)
+}
+
+#[tokio::test]
+async fn decisions_and_expiries_are_announced_once_with_who_decided() {
+    let (addr, mut got) = webhook().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path()).unwrap();
+    let notifier = notify::Notifier::start(
+        format!("http://{addr}/hook").parse().unwrap(),
+        notify::Format::Json,
+    )
+    .unwrap();
+    let approvals = Approvals::start(
+        Backend::Local(store.clone()),
+        "node-a",
+        Duration::from_secs(3),
+        Some(notifier),
+    );
+    let caller = agent();
+    let denied = approvals
+        .hold(
+            ask(&caller, &delete_web()),
+            Duration::from_millis(50),
+            async { None },
+        )
+        .await;
+    let denied = denied.id().unwrap().to_owned();
+    let requested = next(&mut got).await;
+    assert_eq!(requested["kind"], "ApprovalRequested");
+    assert_eq!(requested["id"], denied.as_str());
+    store
+        .decide(
+            &denied,
+            &super::Decision {
+                state: State::Denied,
+                by: "alice".into(),
+                groups: Vec::new(),
+                reason: Some("not during the sale".into()),
+                grant: None,
+            },
+        )
+        .unwrap();
+    let decided = next(&mut got).await;
+    assert_eq!(decided["kind"], "ApprovalDecided", "{decided}");
+    assert_eq!(decided["id"], denied.as_str());
+    assert_eq!(decided["state"], "Denied");
+    assert_eq!(decided["by"], "alice");
+    assert_eq!(decided["reason"], "not during the sale");
+
+    // Nobody decides the next one: its expiry is announced.
+    let other = parse(
+        http::Method::DELETE,
+        "/apis/apps/v1/namespaces/prod-a/deployments/db",
+    );
+    let expiring = approvals
+        .hold(ask(&caller, &other), Duration::from_millis(50), async {
+            None
+        })
+        .await;
+    let expiring = expiring.id().unwrap().to_owned();
+    assert_eq!(next(&mut got).await["kind"], "ApprovalRequested");
+    let expired = next(&mut got).await;
+    assert_eq!(expired["kind"], "ApprovalDecided");
+    assert_eq!(expired["id"], expiring.as_str());
+    assert_eq!(expired["state"], "Expired");
+    // Each is announced once.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(got.try_recv().is_err());
+}
+
+#[test]
+fn slack_decisions_say_who_decided_and_why() {
+    let caller = agent();
+    let mut object = ApprovalRequest::new(
+        "apr-0000abcd",
+        ApprovalRequestSpec {
+            requester: Requester::from_caller(&caller),
+            request: HeldRequest::from_info(&delete_web()),
+            policy: "agent-guard".into(),
+            rule: "prod-deletes".into(),
+            preview: None,
+            expires_at: "2026-11-23T15:00:00Z".into(),
+            hold_seconds: Some(60),
+            node: None,
+        },
+    );
+    object.status = Some(ApprovalStatus {
+        state: State::Approved,
+        decided_by: Some("alice".into()),
+        reason: Some("planned cleanup".into()),
+        grant: Some("15m".into()),
+        grant_expires_at: Some("2026-11-23T15:15:00Z".into()),
+        ..ApprovalStatus::default()
+    });
+    let slack = notify::decision_payload(notify::Format::Slack, &object);
+    let text = slack["text"].as_str().unwrap();
+    assert!(text.contains("alice approved apr-0000abcd"), "{text}");
+    assert!(text.contains("delete deployments.apps \"web\""), "{text}");
+    let fields: Vec<(String, String)> = slack["attachments"][0]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["title"].as_str().unwrap().to_owned(),
+                f["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (title, value) in [
+        ("Decision", "Approved"),
+        ("By", "alice"),
+        ("Reason", "planned cleanup"),
+        ("Grant", "15m (until 2026-11-23T15:15:00Z)"),
+    ] {
+        assert!(
+            fields.contains(&(title.to_owned(), value.to_owned())),
+            "{fields:?}"
+        );
+    }
 }

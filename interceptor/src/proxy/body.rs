@@ -171,3 +171,192 @@ impl http_body::Body for Transformed {
         self.finished
     }
 }
+
+/// The agent's request body before it is forwarded. A [`super::Guard`] may
+/// read it (bounded) to decide with [`RequestBody::read_whole`]; whatever
+/// was read is forwarded unchanged, followed by what was not.
+pub struct RequestBody {
+    read: bytes::BytesMut,
+    rest: Option<ProxyBody>,
+    /// Trailers or an error met while reading, replayed in order.
+    after: Option<Result<Frame<Bytes>, BodyError>>,
+}
+
+/// What [`RequestBody::read_whole`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WholeBody {
+    /// The complete body, within the limit.
+    Complete(Bytes),
+    /// Longer than the limit (declared or read so far): not all of it read.
+    TooLarge { read: usize },
+    /// Reading it failed (the agent went away mid-body).
+    Failed(String),
+}
+
+impl RequestBody {
+    pub fn new(body: ProxyBody) -> Self {
+        RequestBody {
+            read: bytes::BytesMut::new(),
+            rest: Some(body),
+            after: None,
+        }
+    }
+
+    /// Reads the body if it is at most `limit` bytes. `declared` is its
+    /// `Content-Length`: a larger declared body is not read at all.
+    pub async fn read_whole(&mut self, limit: usize, declared: Option<usize>) -> WholeBody {
+        if declared.is_some_and(|d| d > limit) {
+            return WholeBody::TooLarge { read: 0 };
+        }
+        while self.after.is_none() {
+            let Some(rest) = &mut self.rest else {
+                break;
+            };
+            if self.read.len() > limit {
+                return WholeBody::TooLarge {
+                    read: self.read.len(),
+                };
+            }
+            match rest.frame().await {
+                None => self.rest = None,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.read.extend_from_slice(&data),
+                    Err(trailers) => self.after = Some(Ok(trailers)),
+                },
+                Some(Err(error)) => {
+                    let why = error.to_string();
+                    self.after = Some(Err(error));
+                    return WholeBody::Failed(why);
+                }
+            }
+        }
+        if self.read.len() > limit {
+            return WholeBody::TooLarge {
+                read: self.read.len(),
+            };
+        }
+        match &self.after {
+            Some(Err(error)) => WholeBody::Failed(error.to_string()),
+            _ => WholeBody::Complete(Bytes::copy_from_slice(&self.read)),
+        }
+    }
+
+    /// The body to forward: what was read, then the rest.
+    pub fn into_body(self) -> ProxyBody {
+        if self.read.is_empty() && self.after.is_none() {
+            return self.rest.unwrap_or_else(empty);
+        }
+        Replayed {
+            read: Some(self.read.freeze()).filter(|b| !b.is_empty()),
+            after: self.after,
+            rest: self.rest,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// A body whose first bytes were read before it was forwarded.
+struct Replayed {
+    read: Option<Bytes>,
+    after: Option<Result<Frame<Bytes>, BodyError>>,
+    rest: Option<ProxyBody>,
+}
+
+impl http_body::Body for Replayed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(read) = this.read.take() {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
+        }
+        if let Some(after) = this.after.take() {
+            // Nothing follows trailers or an error.
+            this.rest = None;
+            return Poll::Ready(Some(after));
+        }
+        match &mut this.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_none()
+            && self.after.is_none()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let read = self.read.as_ref().map_or(0, |b| b.len() as u64);
+        match &self.rest {
+            None => http_body::SizeHint::with_exact(read),
+            Some(rest) => {
+                let inner = rest.size_hint();
+                let mut hint = http_body::SizeHint::new();
+                hint.set_lower(inner.lower() + read);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod request_body_tests {
+    use super::*;
+    use futures::stream;
+    use http_body_util::StreamBody;
+
+    fn chunked(chunks: &[&'static [u8]]) -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        StreamBody::new(stream::iter(frames)).boxed_unsync()
+    }
+
+    async fn all(body: ProxyBody) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_body_read_whole_is_forwarded_unchanged() {
+        let mut body = RequestBody::new(chunked(&[b"{\"a\":", b"1}"]));
+        assert_eq!(
+            body.read_whole(64, None).await,
+            WholeBody::Complete(Bytes::from_static(b"{\"a\":1}"))
+        );
+        assert_eq!(all(body.into_body()).await, b"{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_forwarded_whole_after_its_read_prefix() {
+        let mut body = RequestBody::new(chunked(&[b"0123", b"4567", b"89"]));
+        assert_eq!(
+            body.read_whole(5, None).await,
+            WholeBody::TooLarge { read: 8 }
+        );
+        assert_eq!(all(body.into_body()).await, b"0123456789");
+
+        // A declared length over the limit: nothing is read.
+        let mut body = RequestBody::new(chunked(&[b"0123", b"4567", b"89"]));
+        assert_eq!(
+            body.read_whole(5, Some(10)).await,
+            WholeBody::TooLarge { read: 0 }
+        );
+        assert_eq!(all(body.into_body()).await, b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_is_forwarded_as_is() {
+        let body = RequestBody::new(chunked(&[b"abc"]));
+        assert_eq!(all(body.into_body()).await, b"abc");
+    }
+}

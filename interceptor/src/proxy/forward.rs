@@ -10,7 +10,7 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 
 use super::{
     Shared,
-    body::{BodyObserver, ProxyBody, Transformed, status_response},
+    body::{BodyObserver, ProxyBody, RequestBody, Transformed, status_response},
     guard::{ConnectionInfo, Forward, Guard, ResponseObserver, Verdict},
     tunnel,
     upstream::UpstreamBody,
@@ -42,7 +42,8 @@ pub(super) async fn handle<G: Guard>(
         None
     };
 
-    let mut forward = match shared.guard.check(&conn, &mut parts).await {
+    let mut body = RequestBody::new(body.map_err(Into::into).boxed_unsync());
+    let mut forward = match shared.guard.check(&conn, &mut parts, &mut body).await {
         Verdict::Respond(response) => return Ok(response),
         Verdict::Forward(forward) => forward,
     };
@@ -60,9 +61,9 @@ pub(super) async fn handle<G: Guard>(
         .version(http::Version::HTTP_11)
         .body(observe_request(
             if upgrade {
-                body.map_err(Into::into).boxed_unsync()
+                body.into_body()
             } else {
-                Limited::new(body, shared.config.max_request_body)
+                Limited::new(body.into_body(), shared.config.max_request_body)
                     .map_err(Into::into)
                     .boxed_unsync()
             },

@@ -6,7 +6,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::SystemTime};
 
 use http::request::Parts;
 
-use super::body::{BodyObserver, BodyTransform, ProxyBody};
+use super::body::{BodyObserver, BodyTransform, ProxyBody, RequestBody};
 use crate::redirect::AttestedConnection;
 
 /// One accepted agent connection, as the proxy knows it.
@@ -100,11 +100,14 @@ pub trait TunnelTap: Send + 'static {
 /// Decides, per request, what the proxy does.
 pub trait Guard: Send + Sync + 'static {
     /// Inspect (and possibly rewrite: credentials, Accept) the request head.
-    /// The body is forwarded as a stream after the verdict.
+    /// The body is forwarded as a stream after the verdict; a guard that
+    /// needs it to decide may read it first (bounded, see
+    /// [`RequestBody::read_whole`]), and what it read is forwarded unchanged.
     fn check(
         &self,
         conn: &Arc<ConnectionInfo>,
         parts: &mut Parts,
+        body: &mut RequestBody,
     ) -> impl Future<Output = Verdict> + Send;
 
     /// The agent's connection is gone (per-connection state can go).
@@ -117,7 +120,12 @@ pub trait Guard: Send + Sync + 'static {
 pub struct Passthrough;
 
 impl Guard for Passthrough {
-    async fn check(&self, _conn: &Arc<ConnectionInfo>, _parts: &mut Parts) -> Verdict {
+    async fn check(
+        &self,
+        _conn: &Arc<ConnectionInfo>,
+        _parts: &mut Parts,
+        _body: &mut RequestBody,
+    ) -> Verdict {
         Verdict::Forward(Forward::default())
     }
 }
