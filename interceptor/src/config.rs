@@ -27,6 +27,17 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// The node agent's own pod (DaemonSet: downward API `metadata.name`).
+    /// With --pod-namespace: on exit, if the DaemonSet that owns this pod
+    /// is gone or being deleted, the programs are detached and the pins
+    /// removed; otherwise (upgrade, drain, restart) they stay.
+    #[arg(long, env = "CHAPERONE_POD_NAME", requires = "pod_namespace")]
+    pub pod_name: Option<String>,
+
+    /// The node agent's pod's namespace (downward API `metadata.namespace`).
+    #[arg(long, env = "CHAPERONE_POD_NAMESPACE", requires = "pod_name")]
+    pub pod_namespace: Option<String>,
+
     /// The address agent pods reach the proxy at: the node's IP (downward API
     /// `status.hostIP`). Never 127.0.0.1: from a pod that is the pod itself.
     #[arg(long, env = "CHAPERONE_HOST_IP")]
@@ -199,6 +210,8 @@ pub struct NodeArgs {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct NodeFile {
     node_name: Option<String>,
+    pod_name: Option<String>,
+    pod_namespace: Option<String>,
     proxy_ip: Option<Vec<IpAddr>>,
     proxy_port: Option<u16>,
     targets: Option<Vec<SocketAddr>>,
@@ -240,6 +253,9 @@ struct NodeFile {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_name: String,
+    /// `(namespace, name)` of the node agent's own pod: its DaemonSet's
+    /// removal detaches the programs on exit.
+    pub own_pod: Option<(String, String)>,
     pub proxy_ips: Vec<IpAddr>,
     pub proxy_port: u16,
     pub targets: Vec<SocketAddr>,
@@ -352,8 +368,20 @@ impl NodeConfig {
             .record_dir
             .or(file.record_dir)
             .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/sessions"));
+        let own_pod = match (
+            args.pod_namespace.or(file.pod_namespace),
+            args.pod_name.or(file.pod_name),
+        ) {
+            (Some(namespace), Some(name)) => Some((namespace, name)),
+            (None, None) => None,
+            _ => bail!(
+                "set both the pod name and namespace (CHAPERONE_POD_NAME and \
+                 CHAPERONE_POD_NAMESPACE; the DaemonSet sets them from the downward API) or neither"
+            ),
+        };
         Ok(NodeConfig {
             node_name,
+            own_pod,
             proxy_ips,
             proxy_port: args
                 .proxy_port
@@ -513,6 +541,7 @@ mod tests {
         assert_eq!(config.admin_addr, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(config.identity.service_accounts.audiences, ["chaperone"]);
         assert!(!config.fail_open, "fail closed unless asked");
+        assert_eq!(config.own_pod, None, "no pod: nothing to tell removal by");
         assert_eq!(config.bpffs, PathBuf::from(DEFAULT_BPFFS));
     }
 

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod redirect;
+pub mod removal;
 pub mod request;
 pub mod tls;
 pub mod webhook;

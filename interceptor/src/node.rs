@@ -176,6 +176,15 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         None => kube::Config::incluster().context("in-cluster config")?,
     };
     let client = kube::Client::try_from(kube_config).context("kube client")?;
+    // Fail closed keeps the pins on exit, unless chaperone is being removed.
+    let removal = match (&config.own_pod, config.fail_open) {
+        (Some((namespace, pod)), false) => Some(crate::removal::RemovalWatch::start(
+            client.clone(),
+            namespace,
+            pod,
+        )),
+        _ => None,
+    };
 
     let metrics = Metrics::new();
     let health = Health::new();
@@ -298,6 +307,9 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     proxy.serve(listeners, shutdown_signal()).await;
     if config.fail_open {
         tracing::info!("drained; detaching the eBPF programs (failOpen: agents go direct)");
+    } else if let Some(removal) = &removal {
+        let verdict = removal.check(REMOVAL_CHECK_LIMIT).await;
+        on_exit(&verdict, &redirector, &config);
     } else {
         tracing::info!(
             bpffs = %config.bpffs.display(),
@@ -305,6 +317,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
              connections are refused until a node agent runs again"
         );
     }
+    drop(removal);
     drop(redirector);
     recorder.shutdown();
     if let Some(auditor) = auditor {
@@ -312,6 +325,60 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     }
     admin.shutdown();
     Ok(())
+}
+
+/// How long the exit waits for the API server to say whether the
+/// DaemonSet still exists.
+const REMOVAL_CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps or removes the pins as `verdict` says, and tells the operator.
+fn on_exit(verdict: &crate::removal::Verdict, redirector: &Redirector, config: &NodeConfig) {
+    use crate::removal::Verdict;
+    let bpffs = config.bpffs.display();
+    match verdict {
+        Verdict::Present(why) => tracing::info!(
+            %bpffs,
+            "drained; {why}: the eBPF programs stay pinned (failOpen: false) and agents' API \
+             connections are refused until the next node agent adopts them"
+        ),
+        Verdict::Unknown(why) => tracing::warn!(
+            %bpffs,
+            "drained; {why}. The eBPF programs stay pinned (fail closed): agent pods' API \
+             connections on this node are refused until a node agent runs again. If chaperone \
+             is being removed, run `chaperone detach --bpffs {bpffs}` on this node as root, or \
+             next time set CHAPERONE_FAIL_OPEN=true and roll it out before deleting the \
+             DaemonSet (deploy/README.md, \"Removal\")"
+        ),
+        Verdict::Removed(why) => match redirector.remove_pins() {
+            Ok(Some(report)) => {
+                tracing::info!(
+                    %bpffs,
+                    links = ?report.links,
+                    maps = ?report.maps,
+                    "drained; {why}: chaperone is being removed from this node, so the eBPF \
+                     programs were detached and their pins removed (as `chaperone detach` does): \
+                     agent pods reach the API server directly"
+                );
+                for problem in &report.problems {
+                    tracing::warn!(
+                        %bpffs,
+                        "{problem}; finish with `chaperone detach --bpffs {bpffs}` on this node"
+                    );
+                }
+            }
+            Ok(None) => tracing::info!(
+                %bpffs,
+                "drained; {why}, but another node agent on this node holds the pinned \
+                 programs (a DaemonSet created again): they stay pinned for it"
+            ),
+            Err(error) => tracing::warn!(
+                %bpffs,
+                %error,
+                "drained; {why}, but the pins could not be removed: agents' API connections \
+                 stay refused; run `chaperone detach --bpffs {bpffs}` on this node as root"
+            ),
+        },
+    }
 }
 
 /// Binds a proxy listener with `SO_REUSEPORT`: during a rolling update the

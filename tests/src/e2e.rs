@@ -211,6 +211,10 @@ pub struct WorldSpec {
     pub node_name: String,
     /// The agent pod's uid.
     pub pod_uid: String,
+    /// Run the node agent as a pod of the DaemonSet
+    /// `chaperone-system/chaperone-node`, both created in the simulator as
+    /// a real cluster has them; `--pod-name/--pod-namespace` name the pod.
+    pub node_pod: bool,
 }
 
 /// Lets every service account do everything, recording metadata: faithful
@@ -241,6 +245,7 @@ impl Default for WorldSpec {
             direct_listener: false,
             node_name: "e2e-node".into(),
             pod_uid: POD_UID.into(),
+            node_pod: false,
         }
     }
 }
@@ -333,6 +338,11 @@ impl World {
                 .create(object)
                 .map_err(|e| anyhow::anyhow!("seed the simulator: {e:?}"))?;
         }
+        let node_pod = if spec.node_pod {
+            Some(create_node_pod(&sim, &spec.node_name)?)
+        } else {
+            None
+        };
         let subtree = Cgroup::test_subtree()?;
         let agent_cgroup = subtree.child(format!(
             "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-agent.scope",
@@ -390,6 +400,9 @@ impl World {
         if let Some(direct) = &direct {
             cmd.args(["--target", &direct.local_addr()?.to_string()]);
         }
+        if let Some(pod) = &node_pod {
+            cmd.args(["--pod-name", pod, "--pod-namespace", NODE_NAMESPACE]);
+        }
         cmd.args(&spec.node_args);
         let node_command: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let node = NodeAgent::spawn(&node_command, admin_port, ca_dir, port)?;
@@ -442,6 +455,33 @@ impl World {
         )?;
         self.node = node;
         Ok(())
+    }
+
+    /// A second node agent beside the running one on this node (the surge
+    /// pod of a rolling update, or a re-created DaemonSet's pod): the same
+    /// flags, bpffs and proxy port, its own admin port, and `--pod-name
+    /// pod` when given.
+    pub fn node_beside(&self, pod: Option<&str>) -> Result<NodeAgent> {
+        let admin_port = free_port(Ipv4Addr::LOCALHOST)?;
+        let mut command = self.node_command.clone();
+        let mut i = 0;
+        while i + 1 < command.len() {
+            if command[i] == "--admin-addr" {
+                command[i + 1] = format!("127.0.0.1:{admin_port}").into();
+            }
+            if command[i] == "--pod-name"
+                && let Some(pod) = pod
+            {
+                command[i + 1] = pod.into();
+            }
+            i += 1;
+        }
+        NodeAgent::spawn(
+            &command,
+            admin_port,
+            self.node.ca_dir.clone(),
+            self.node.port,
+        )
     }
 
     /// A person (not an agent) with a static token: `kubectl` on the host
@@ -570,6 +610,63 @@ pub fn run_for(cmd: &mut Command, limit: Duration) -> Result<Output> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Where the node agent's DaemonSet and pods live.
+pub const NODE_NAMESPACE: &str = "chaperone-system";
+/// The node agent's DaemonSet.
+pub const NODE_DAEMONSET: &str = "chaperone-node";
+
+/// Creates the DaemonSet `chaperone-system/chaperone-node` and, as its
+/// controller would, its pod on `node`: the pod's name.
+pub fn create_node_pod(sim: &SimHandle, node: &str) -> Result<String> {
+    let labels = serde_json::json!({"app.kubernetes.io/name": NODE_DAEMONSET});
+    let template_spec = serde_json::json!({
+        "containers": [{"name": "chaperone", "image": "ghcr.io/chaperone-dev/chaperone:0.1.0", "args": ["node"]}],
+        "hostNetwork": true,
+        "serviceAccountName": "chaperone-node",
+    });
+    let daemonset = sim
+        .store()
+        .create(serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": NODE_DAEMONSET, "namespace": NODE_NAMESPACE, "labels": labels},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": template_spec},
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            },
+        }))
+        .map_err(|e| anyhow::anyhow!("create the node agent's DaemonSet: {e:?}"))?;
+    let uid = daemonset["metadata"]["uid"].as_str().unwrap_or_default();
+    let mut spec = template_spec;
+    spec["nodeName"] = node.into();
+    let pod = sim
+        .store()
+        .create(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": format!("{NODE_DAEMONSET}-"),
+                "namespace": NODE_NAMESPACE,
+                "labels": labels,
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1",
+                    "kind": "DaemonSet",
+                    "name": NODE_DAEMONSET,
+                    "uid": uid,
+                    "controller": true,
+                    "blockOwnerDeletion": true,
+                }],
+            },
+            "spec": spec,
+        }))
+        .map_err(|e| anyhow::anyhow!("create the node agent's pod: {e:?}"))?;
+    Ok(pod["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 fn free_port(ip: Ipv4Addr) -> Result<u16> {

@@ -314,6 +314,8 @@ fn kubectl_kustomize_deploy_renders_the_default_install() {
         "ServiceAccount/chaperone-node",
         "ClusterRole/chaperone-node",
         "ClusterRoleBinding/chaperone-node",
+        "Role/chaperone-node",
+        "RoleBinding/chaperone-node",
         "ClusterRole/chaperone-approver",
         "DaemonSet/chaperone-node",
         "Deployment/chaperone-webhook",
@@ -460,6 +462,48 @@ fn the_daemonset_never_leaves_a_nodes_agents_unguarded() {
         resources["limits"]["cpu"].is_null(),
         "no CPU limit on the data path"
     );
+}
+
+/// Removal: the node agent knows its own pod (downward API) and may read
+/// only its own DaemonSet, only in chaperone-system, and nothing else of
+/// any workload.
+#[test]
+fn the_node_agent_may_read_only_its_own_daemonset() {
+    let objects = kustomize(".");
+    let daemonset = find(&objects, "DaemonSet", "chaperone-node");
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    for (name, field) in [
+        ("CHAPERONE_POD_NAME", "metadata.name"),
+        ("CHAPERONE_POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        assert_eq!(
+            env(container, name).unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+            field,
+            "{name}"
+        );
+    }
+    let role = find(&objects, "Role", "chaperone-node");
+    assert_eq!(role["metadata"]["namespace"], "chaperone-system");
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), ["apps"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["daemonsets"]);
+    assert_eq!(strings(&rules[0]["resourceNames"]), ["chaperone-node"]);
+    assert_eq!(strings(&rules[0]["verbs"]), ["get", "list", "watch"]);
+    let binding = find(&objects, "RoleBinding", "chaperone-node");
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], "chaperone-node");
+    assert_eq!(binding["subjects"][0]["name"], "chaperone-node");
+    assert_eq!(binding["subjects"][0]["namespace"], "chaperone-system");
+    for role in objects.iter().filter(|o| o["kind"] == "ClusterRole") {
+        for rule in role["rules"].as_sequence().unwrap() {
+            assert!(
+                !strings(&rule["resources"]).contains(&"daemonsets".to_owned()),
+                "{} grants daemonsets cluster-wide",
+                role["metadata"]["name"].as_str().unwrap()
+            );
+        }
+    }
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! What agents' API connections do when the node agent goes away and comes
 //! back: fail closed (the default) keeps the programs pinned and refusing,
 //! a new node agent adopts them without a window where agents go direct,
-//! `failOpen` lets agents through after a clean exit, and `chaperone detach`
-//! removes everything. A real `chaperone node`, real eBPF, real kubectl; each
+//! `failOpen` lets agents through after a clean exit, `chaperone detach`
+//! removes everything, and so does a node agent on SIGTERM when its own
+//! DaemonSet is gone or being deleted (but not while it is there, nor when
+//! the API server cannot say). A real `chaperone node`, real eBPF, real kubectl; each
 //! world pins into its own bpffs instance and detaches on teardown. Needs
 //! root; skips with a clear line otherwise.
 
@@ -14,7 +16,10 @@ use std::{
 };
 
 use chaperone_tests::{
-    e2e::{SERVICE_IP, World, WorldSpec, run_for, workspace_binary},
+    e2e::{
+        NODE_DAEMONSET, NODE_NAMESPACE, SERVICE_IP, World, WorldSpec, create_node_pod, run_for,
+        workspace_binary,
+    },
     require_root,
     topology::Placement,
 };
@@ -384,4 +389,227 @@ fn detach_works_while_a_node_agent_still_runs() {
         1,
         "the running agent's links were detached too"
     );
+}
+
+// === removal: the node agent's own DaemonSet decides on SIGTERM ===
+
+/// A world whose node agent is the pod of the DaemonSet
+/// `chaperone-system/chaperone-node` in the simulator.
+fn daemonset_world() -> World {
+    let world = World::start(WorldSpec {
+        direct_listener: true,
+        node_pod: true,
+        ..WorldSpec::default()
+    })
+    .expect("start the e2e world");
+    wait_for_log(&world, "watching the DaemonSet that runs this node agent");
+    world
+}
+
+fn wait_for_log(world: &World, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !world.node.log_text().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the node agent never logged {needle:?}:\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `kubectl ARGS` as a cluster admin on the host.
+fn admin_kubectl(world: &World, args: &[&str]) -> String {
+    let admin = world.person("admin", &["system:masters"]).unwrap();
+    let out = run_for(&mut admin.kubectl(args), Duration::from_secs(30)).unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// After the node agent exited: nothing is pinned and the agent's
+/// connections reach the API server directly.
+fn assert_detached(world: &World) {
+    assert_eq!(
+        world.bpffs_pins(),
+        Vec::<String>::new(),
+        "{}",
+        world.node.log_text()
+    );
+    let report = probe(world.agent(), direct_addr(world));
+    assert_eq!(report["connected"], true, "{report}");
+    assert_eq!(
+        direct_accepts(world.direct.as_ref().unwrap(), Duration::from_secs(2)),
+        1,
+        "after removal the agent goes direct"
+    );
+}
+
+/// `kubectl delete daemonset` (what `kubectl delete -k deploy/` does), then
+/// the pod's SIGTERM: the agent detaches its programs and removes the pins.
+#[test]
+fn deleted_daemonset_detaches_on_sigterm() {
+    require_root!();
+    let mut world = daemonset_world();
+    assert!(kubectl_works(&world), "kubectl through chaperone");
+    admin_kubectl(
+        &world,
+        &["delete", "daemonset", NODE_DAEMONSET, "-n", NODE_NAMESPACE],
+    );
+    assert!(world.node.signal_and_wait(libc::SIGTERM));
+    let log = world.node.log_text();
+    assert!(
+        log.contains("chaperone is being removed from this node"),
+        "{log}"
+    );
+    assert!(log.contains("chaperone-node is gone"), "{log}");
+    assert_detached(&world);
+}
+
+/// A rolling update, a drain, a restart: the DaemonSet is there (even
+/// changed), so SIGTERM keeps the pins, agents stay refused, and the next
+/// node agent adopts them.
+#[test]
+fn present_daemonset_keeps_the_pins_on_sigterm() {
+    require_root!();
+    let mut world = daemonset_world();
+    admin_kubectl(
+        &world,
+        &[
+            "-n",
+            NODE_NAMESPACE,
+            "set",
+            "env",
+            &format!("daemonset/{NODE_DAEMONSET}"),
+            "CHAPERONE_LOG=debug",
+        ],
+    );
+    assert!(world.node.signal_and_wait(libc::SIGTERM));
+    let log = world.node.log_text();
+    assert!(log.contains("chaperone-node is present"), "{log}");
+    assert_fails_closed(&world, "after SIGTERM with the DaemonSet present");
+    assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+    world.restart_node().expect("the next node agent starts");
+    assert!(world.node.log_text().contains("adopted the pinned link"));
+    assert!(kubectl_works(&world), "kubectl after the update");
+}
+
+/// `kubectl delete --cascade=foreground`: the DaemonSet stays, with a
+/// deletionTimestamp, until its pods are gone; that is removal too.
+#[test]
+fn daemonset_being_deleted_detaches_on_sigterm() {
+    require_root!();
+    let mut world = daemonset_world();
+    admin_kubectl(
+        &world,
+        &[
+            "delete",
+            "daemonset",
+            NODE_DAEMONSET,
+            "-n",
+            NODE_NAMESPACE,
+            "--cascade=foreground",
+            "--wait=false",
+        ],
+    );
+    let deleting = admin_kubectl(
+        &world,
+        &[
+            "get",
+            "daemonset",
+            NODE_DAEMONSET,
+            "-n",
+            NODE_NAMESPACE,
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}",
+        ],
+    );
+    assert!(!deleting.is_empty(), "the DaemonSet waits for its pods");
+    assert!(world.node.signal_and_wait(libc::SIGTERM));
+    let log = world.node.log_text();
+    assert!(log.contains("is being deleted"), "{log}");
+    assert_detached(&world);
+}
+
+/// The API server does not answer on SIGTERM: the agent cannot know, keeps
+/// the pins (fail closed) and says what the operator can do.
+#[test]
+fn unreachable_api_server_keeps_the_pins_and_says_what_to_do() {
+    require_root!();
+    let mut world = daemonset_world();
+    world.runtime.block_on(world.sim.shutdown());
+    assert!(world.node.signal_and_wait(libc::SIGTERM));
+    let log = world.node.log_text();
+    assert!(
+        log.contains("did not say whether DaemonSet chaperone-system/chaperone-node still exists"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "chaperone detach --bpffs {}",
+            world.bpffs.display()
+        )),
+        "{log}"
+    );
+    assert!(log.contains("CHAPERONE_FAIL_OPEN=true"), "{log}");
+    assert_fails_closed(&world, "SIGTERM without the API server");
+    assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+}
+
+/// `kubectl delete -k deploy/` removes the node agent's service account
+/// and RBAC with the DaemonSet, so at SIGTERM the API server no longer
+/// answers it; the watch saw the DaemonSet go, and that is enough.
+#[test]
+fn a_deletion_the_watch_saw_detaches_even_when_the_api_server_is_gone() {
+    require_root!();
+    let mut world = daemonset_world();
+    admin_kubectl(
+        &world,
+        &["delete", "daemonset", NODE_DAEMONSET, "-n", NODE_NAMESPACE],
+    );
+    wait_for_log(
+        &world,
+        "the watch saw DaemonSet chaperone-system/chaperone-node deleted",
+    );
+    world.runtime.block_on(world.sim.shutdown());
+    assert!(world.node.signal_and_wait(libc::SIGTERM));
+    let log = world.node.log_text();
+    assert!(log.contains("as the watch saw"), "{log}");
+    assert_detached(&world);
+}
+
+/// `kubectl delete` then `kubectl apply` at once: the new DaemonSet's agent
+/// starts beside the old one (still draining) and adopts the pins. The old
+/// agent sees its DaemonSet replaced, but must not take the programs away
+/// from the new one: it leaves the pins, and agents stay guarded.
+#[test]
+fn a_recreated_daemonsets_agent_keeps_the_pins_the_old_one_leaves() {
+    require_root!();
+    let mut world = daemonset_world();
+    admin_kubectl(
+        &world,
+        &["delete", "daemonset", NODE_DAEMONSET, "-n", NODE_NAMESPACE],
+    );
+    let pod = create_node_pod(&world.sim, "e2e-node").unwrap();
+    let mut new_agent = world.node_beside(Some(&pod)).expect("the new agent starts");
+    assert!(new_agent.log_text().contains("adopted the pinned link"));
+    assert!(world.node.signal_and_wait(libc::SIGTERM));
+    let log = world.node.log_text();
+    assert!(log.contains("now is another one"), "{log}");
+    assert!(
+        log.contains("another node agent on this node holds the pinned programs"),
+        "{log}"
+    );
+    assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+    assert!(kubectl_works(&world), "kubectl through the new agent");
+    assert_eq!(
+        direct_accepts(world.direct.as_ref().unwrap(), Duration::from_millis(300)),
+        0,
+        "nothing went direct"
+    );
+    new_agent.stop();
+    assert_fails_closed(&world, "after the new agent's SIGTERM");
 }

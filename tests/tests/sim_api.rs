@@ -897,3 +897,123 @@ async fn lists_paginate_with_limit_and_continue() {
         .unwrap();
     assert_eq!(r.status, 400);
 }
+
+/// Deletion as the API server's registry does it: finalizers (the
+/// propagation policy's own, `foregroundDeletion` or `orphan`, included)
+/// keep the object, marked with a `deletionTimestamp` that updates cannot
+/// change, until the last one is removed; then it is gone (404, DELETED).
+/// A deletion without finalizers answers the `Status` the fixtures show.
+#[tokio::test]
+async fn finalizers_keep_a_deleted_object_until_they_are_removed() {
+    let (sim, admin) = start(SimConfig::default()).await;
+    let ds = |name: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+               "metadata": {"name": name, "namespace": "default",
+                            "deletionTimestamp": "2020-01-01T00:00:00Z"},
+               "spec": {"selector": {"matchLabels": {"a": "b"}},
+                        "template": {"metadata": {"labels": {"a": "b"}},
+                                     "spec": {"containers": [{"name": "c", "image": "i"}]}}}})
+    };
+    let path = "/apis/apps/v1/namespaces/default/daemonsets";
+    let r = admin
+        .send_json("POST", path, "application/json", &ds("fg"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.json();
+    assert!(
+        created["metadata"]["deletionTimestamp"].is_null(),
+        "a create cannot set a deletionTimestamp"
+    );
+    let watch = admin
+        .send(watch_request(&format!(
+            "{path}?watch=1&fieldSelector=metadata.name%3Dfg&resourceVersion={}",
+            created["metadata"]["resourceVersion"].as_str().unwrap()
+        )))
+        .await
+        .unwrap();
+    let mut events = Lines::new(watch);
+
+    let r = admin
+        .send_json(
+            "DELETE",
+            &format!("{path}/fg"),
+            "application/json",
+            &json!({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let marked = r.json();
+    assert_eq!(marked["kind"], "DaemonSet", "the object, not a Status");
+    assert_eq!(
+        marked["metadata"]["finalizers"],
+        json!(["foregroundDeletion"])
+    );
+    assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 0);
+    let since = marked["metadata"]["deletionTimestamp"].clone();
+    assert!(since.is_string(), "{marked}");
+    let event = events.next_json().await.unwrap().unwrap();
+    assert_eq!(event["type"], "MODIFIED");
+    assert_eq!(event["object"]["metadata"]["deletionTimestamp"], since);
+    let r = admin.get(&format!("{path}/fg")).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["metadata"]["deletionTimestamp"], since);
+
+    // An update keeps the mark; removing the last finalizer deletes.
+    let mut update = r.json();
+    update["metadata"]["deletionTimestamp"] = json!(null);
+    update["metadata"]["labels"] = json!({"touched": "yes"});
+    let r = admin
+        .send_json("PUT", &format!("{path}/fg"), "application/json", &update)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["deletionTimestamp"], since);
+    assert_eq!(
+        events.next_json().await.unwrap().unwrap()["type"],
+        "MODIFIED"
+    );
+    let r = admin
+        .send_json(
+            "PATCH",
+            &format!("{path}/fg"),
+            "application/merge-patch+json",
+            &json!({"metadata": {"finalizers": null}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        events.next_json().await.unwrap().unwrap()["type"],
+        "DELETED"
+    );
+    let r = admin.get(&format!("{path}/fg")).await.unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["reason"], "NotFound");
+    assert_eq!(r.json()["details"]["kind"], "daemonsets");
+    assert_eq!(r.json()["details"]["group"], "apps");
+
+    // Background (kubectl's default) without finalizers: gone at once.
+    admin
+        .send_json("POST", path, "application/json", &ds("bg"))
+        .await
+        .unwrap();
+    let r = admin
+        .send_json(
+            "DELETE",
+            &format!("{path}/bg"),
+            "application/json",
+            &json!({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["kind"], "Status");
+    assert_eq!(r.json()["status"], "Success");
+    assert!(
+        sim.store()
+            .get("daemonsets", Some("default"), "bg")
+            .is_none()
+    );
+}

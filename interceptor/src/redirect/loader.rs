@@ -7,7 +7,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::{
@@ -22,7 +25,7 @@ use interceptor_ebpf::{
 use super::{
     addr::{AttestedConnection, CgroupId, RefusedDestination, conn_key, sock_addr_key},
     bpf_sys::{self, attach_type},
-    pin::{PinDir, PinDirError},
+    pin::{DetachReport, PinDir, PinDirError, PinHold},
     preflight,
 };
 
@@ -87,6 +90,8 @@ pub enum RedirectError {
         program: &'static str,
         source: Box<aya::programs::links::LinkError>,
     },
+    #[error("cannot hold the pin directory {path}: {source}")]
+    Hold { path: PathBuf, source: io::Error },
     #[error("cannot pin the link of `{program}` at {path}: {source}")]
     Pin {
         program: &'static str,
@@ -116,8 +121,11 @@ pub struct Redirector {
     counters: PerCpuArray<MapData, u64>,
     /// Links this redirector holds by file descriptor (pinned or adopted).
     links: Vec<HeldLink>,
-    /// The links are pinned: they stay attached when this process exits.
-    pinned: bool,
+    /// The links are pinned: they stay attached when this process exits
+    /// (until [`Redirector::remove_pins`]).
+    pinned: AtomicBool,
+    /// With pinned links: the pin directory and this agent's hold on it.
+    pin_hold: Option<(PinDir, PinHold)>,
     // Owns the programs (and the links not in `links`): dropped last, it
     // detaches what is not pinned.
     _ebpf: Ebpf,
@@ -125,7 +133,11 @@ pub struct Redirector {
 
 impl Drop for Redirector {
     fn drop(&mut self) {
-        if self.pinned {
+        if !self.pinned.load(Ordering::SeqCst) && self.pin_hold.is_some() {
+            // remove_pins detached the links already.
+            return;
+        }
+        if self.pinned.load(Ordering::SeqCst) {
             tracing::info!(
                 "the eBPF programs stay attached (pinned): agents' API connections are \
                  refused until a node agent runs again (failOpen: false)"
@@ -189,9 +201,14 @@ impl Redirector {
                 source,
             })?
             .0;
+        let mut pin_hold = None;
         let pins = match &lifetime {
             Lifetime::Process => None,
-            Lifetime::Pinned { bpffs } => Some(PinDir::create(bpffs)?),
+            Lifetime::Pinned { bpffs } => {
+                let (pins, hold) = hold_pin_dir(bpffs)?;
+                pin_hold = Some(hold);
+                Some(pins)
+            }
             Lifetime::AdoptThenRelease { bpffs } => PinDir::existing(bpffs),
         };
         let carried_cgroups = match &pins {
@@ -289,7 +306,8 @@ impl Redirector {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             spec,
             links,
-            pinned: keep_pins,
+            pinned: AtomicBool::new(keep_pins),
+            pin_hold: pins.clone().zip(pin_hold),
             _ebpf: ebpf,
         };
         tracing::info!(
@@ -305,7 +323,27 @@ impl Redirector {
 
     /// `true` when the programs stay attached after this process exits.
     pub fn is_pinned(&self) -> bool {
-        self.pinned
+        self.pinned.load(Ordering::SeqCst)
+    }
+
+    /// chaperone is being removed from this node: detaches the pinned links
+    /// and removes every pin, as `chaperone detach` does, so agents reach
+    /// the API server directly. Refuses (`None`, nothing touched) while
+    /// another node agent on this node holds the same pins (a DaemonSet
+    /// created again before this agent finished): they are its now.
+    pub fn remove_pins(&self) -> Result<Option<DetachReport>, RedirectError> {
+        let Some((pins, hold)) = &self.pin_hold else {
+            return Ok(Some(DetachReport::default()));
+        };
+        let alone = hold.only_holder().map_err(|source| RedirectError::Hold {
+            path: pins.root().to_path_buf(),
+            source,
+        })?;
+        if !alone {
+            return Ok(None);
+        }
+        self.pinned.store(false, Ordering::SeqCst);
+        Ok(Some(super::pin::detach_all(pins.root())))
     }
 
     /// Replaces the targets with exactly `targets` (a pinned TARGETS map may
@@ -552,6 +590,31 @@ const SHARED_MAPS: [MapShape; 7] = [
     shape::<ConnKey, OrigRecord>(names::CONNECTIONS, MapType::LruHash, capacity::CONNECTIONS),
     shape::<u32, u64>(names::COUNTERS, MapType::PerCpuArray, counter::LEN),
 ];
+
+/// Creates the pin directory and takes this agent's shared hold on it,
+/// again if an agent removing chaperone took the directory away meanwhile.
+fn hold_pin_dir(bpffs: &std::path::Path) -> Result<(PinDir, PinHold), RedirectError> {
+    let mut attempts = 0;
+    loop {
+        let pins = PinDir::create(bpffs)?;
+        match PinHold::take(pins.root()) {
+            Ok(Some(hold)) => return Ok((pins, hold)),
+            Ok(None) if attempts < 5 => attempts += 1,
+            Ok(None) => {
+                return Err(RedirectError::Hold {
+                    path: bpffs.to_path_buf(),
+                    source: io::Error::other("the directory keeps being removed"),
+                });
+            }
+            Err(source) => {
+                return Err(RedirectError::Hold {
+                    path: bpffs.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}
 
 /// Unpins every pinned map whose layout differs from this version's (a
 /// version with another map layout pinned it), so the loader creates a

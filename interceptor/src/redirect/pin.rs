@@ -93,6 +93,50 @@ impl PinDir {
     }
 }
 
+/// A node agent's shared hold (`flock(LOCK_SH)`) on a pin directory, kept
+/// for its lifetime. Every fail-closed node agent on a node holds one, so an
+/// agent that is told chaperone is being removed can tell whether another
+/// agent (a DaemonSet re-created before the old pod finished) adopted the
+/// same pins and must keep them.
+#[derive(Debug)]
+pub struct PinHold {
+    lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl PinHold {
+    /// Takes a shared hold on `root`, waiting while an agent that is
+    /// removing the pins holds it exclusively. `None` when `root` was removed
+    /// (or replaced) meanwhile: create it again and retry.
+    pub fn take(root: &Path) -> io::Result<Option<PinHold>> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = match std::fs::File::open(root) {
+            Ok(dir) => dir,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockShared)
+            .map_err(|(_, errno)| io::Error::from(errno))?;
+        let held = lock.metadata()?;
+        let same = std::fs::metadata(root)
+            .is_ok_and(|now| now.ino() == held.ino() && now.dev() == held.dev());
+        Ok(same.then_some(PinHold { lock }))
+    }
+
+    /// Makes this hold exclusive if no other agent holds the directory:
+    /// `true` then (and the caller may remove the pins); `false` when
+    /// another agent holds it (this hold may be lost then: exit soon).
+    pub fn only_holder(&self) -> io::Result<bool> {
+        match self
+            .lock
+            .relock(nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EWOULDBLOCK) => Ok(false),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+}
+
 /// `true` when `path`, or the nearest ancestor that exists, is on a bpffs.
 pub fn on_bpffs(path: &Path) -> bool {
     let mut probe = Some(path);
@@ -194,6 +238,42 @@ mod tests {
         assert!(!on_bpffs(&dir.path().join("chaperone")));
         let error = PinDir::create(&dir.path().join("chaperone")).unwrap_err();
         assert!(error.to_string().contains("mount -t bpf"), "{error}");
+    }
+
+    /// Two node agents on one node (a surge pod beside a terminating one):
+    /// neither may remove the pins while the other holds them; alone, it may.
+    #[test]
+    fn a_hold_is_exclusive_only_for_the_last_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = PinHold::take(dir.path()).unwrap().unwrap();
+        let new = PinHold::take(dir.path()).unwrap().unwrap();
+        assert!(!old.only_holder().unwrap(), "another agent holds the pins");
+        drop(old);
+        assert!(new.only_holder().unwrap(), "the last agent may remove them");
+        let gone = dir.path().join("gone");
+        assert!(PinHold::take(&gone).unwrap().is_none());
+    }
+
+    /// An agent starting while the pins are being removed waits, then sees
+    /// the directory is gone and starts afresh instead of adopting nothing.
+    #[test]
+    fn a_hold_taken_during_removal_sees_the_directory_go() {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("chaperone");
+        std::fs::create_dir(&root).unwrap();
+        let remover = PinHold::take(&root).unwrap().unwrap();
+        assert!(remover.only_holder().unwrap());
+        let starter = {
+            let root = root.clone();
+            std::thread::spawn(move || PinHold::take(&root).unwrap().is_none())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::remove_dir(&root).unwrap();
+        drop(remover);
+        assert!(
+            starter.join().unwrap(),
+            "the hold is on a removed directory"
+        );
     }
 
     #[test]

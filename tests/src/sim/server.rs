@@ -245,6 +245,7 @@ impl Ctx {
             field_manager: manager,
             force: self.flag("force"),
             subresource: (!subresource.is_empty()).then(|| subresource.to_string()),
+            propagation: self.q("propagationPolicy").map(String::from),
         }
     }
 }
@@ -1000,12 +1001,17 @@ async fn delete(
     if let Some(dry) = options.get("dryRun").and_then(Value::as_array) {
         opts.dry_run |= dry.iter().any(|d| d == "All");
     }
+    if let Some(policy) = options.get("propagationPolicy").and_then(Value::as_str) {
+        opts.propagation = Some(policy.to_string());
+    }
     match ctx
         .state
         .store
         .delete_in(def, namespace, name, &opts, options.get("preconditions"))
     {
         Ok(obj) if def.group.is_empty() && def.plural == "pods" => ctx.json(200, &obj),
+        // Kept for its finalizers: the object, marked for deletion.
+        Ok(obj) if obj.pointer("/metadata/deletionTimestamp").is_some() => ctx.json(200, &obj),
         Ok(obj) => {
             let uid = obj
                 .pointer("/metadata/uid")

@@ -70,6 +70,9 @@ pub struct WriteOptions {
     pub force: bool,
     /// The subresource written (`status`), if any.
     pub subresource: Option<String>,
+    /// A delete's `propagationPolicy` (`Foreground`, `Background`,
+    /// `Orphan`), from its DeleteOptions or the query.
+    pub propagation: Option<String>,
 }
 
 /// One log line of a container.
@@ -628,6 +631,8 @@ impl Store {
             "creationTimestamp",
             "generation",
             "managedFields",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
         ] {
             meta.shift_remove(k);
         }
@@ -823,6 +828,7 @@ impl Store {
         let old_meta = meta(old).cloned().unwrap_or_default();
         {
             let meta = meta_mut(new);
+            // An update never sets, changes or removes a deletionTimestamp.
             for f in [
                 "name",
                 "namespace",
@@ -830,6 +836,8 @@ impl Store {
                 "creationTimestamp",
                 "generation",
                 "managedFields",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
             ] {
                 match old_meta.get(f) {
                     Some(v) => {
@@ -874,6 +882,15 @@ impl Store {
         let rv = Self::next_rv(inner);
         meta_mut(&mut new_c).insert("resourceVersion".into(), rv.to_string().into());
         let new_c = canonical(def, new_c);
+        if meta(&new_c).is_some_and(|m| m.contains_key("deletionTimestamp"))
+            && finalizers(&new_c).is_empty()
+        {
+            // The last finalizer of an object being deleted is gone: the
+            // object is (the update's answer is the object as it was last).
+            inner.objects.remove(k);
+            self.emit(inner, EventType::Deleted, def, &new_c, None);
+            return Ok(new_c);
+        }
         inner.objects.insert(k.clone(), new_c.clone());
         if def.plural == "customresourcedefinitions"
             && let Ok(defs) = resources::from_crd(&new_c)
@@ -1052,6 +1069,36 @@ impl Store {
         if opts.dry_run {
             return Ok(old);
         }
+        // Finalizers (the propagation policy's own included) keep the
+        // object, marked with a deletionTimestamp, until they are removed.
+        let mut pending = finalizers(&old);
+        let mut marks = |add: Option<&str>| {
+            pending.retain(|f| f != "orphan" && f != "foregroundDeletion");
+            if let Some(f) = add {
+                pending.push(f.to_string());
+            }
+        };
+        match opts.propagation.as_deref() {
+            Some("Foreground") => marks(Some("foregroundDeletion")),
+            Some("Orphan") => marks(Some("orphan")),
+            Some("Background") => marks(None),
+            _ => {}
+        }
+        if !pending.is_empty() {
+            let mut obj = old.clone();
+            let meta = meta_mut(&mut obj);
+            if !meta.contains_key("deletionTimestamp") {
+                meta.insert("deletionTimestamp".into(), now_rfc3339().into());
+            }
+            meta.insert("deletionGracePeriodSeconds".into(), 0.into());
+            meta.insert("finalizers".into(), json!(pending));
+            let rv = Self::next_rv(&mut inner);
+            meta_mut(&mut obj).insert("resourceVersion".into(), rv.to_string().into());
+            let obj = canonical(def, obj);
+            inner.objects.insert(k, obj.clone());
+            self.emit(&mut inner, EventType::Modified, def, &obj, Some(&old));
+            return Ok(obj);
+        }
         let mut removed = Vec::new();
         if def.group.is_empty() && def.plural == "namespaces" {
             let inside: Vec<Key> = inner
@@ -1163,6 +1210,19 @@ pub fn first_container(pod: &Value) -> Option<String> {
     pod.pointer("/spec/containers/0/name")
         .and_then(Value::as_str)
         .map(String::from)
+}
+
+/// `metadata.finalizers`.
+fn finalizers(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn strip_volatile(obj: &Value) -> Value {
