@@ -483,7 +483,7 @@ impl Guard for Pipeline {
         // Masking: negotiate a body we can mask before asking.
         let mut response_transform = None;
         if let Some(target) = self.masker.target(&exchange.request) {
-            // Exec output is read over the WebSocket channel protocols only.
+            // Exec output is read over the protocols chaperone decodes only.
             if target == Target::ExecOutput
                 && let Err(status) = exec::negotiate(&mut parts.headers)
             {

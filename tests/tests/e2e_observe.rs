@@ -134,8 +134,13 @@ fn text(out: &Output) -> String {
 
 /// `kubectl ARGS` with `input` on its stdin.
 fn kubectl_with_input(world: &World, args: &[&str], input: &str) -> Output {
-    let mut child = world
-        .agent_kubectl(args)
+    with_input(world.agent_kubectl(args), input)
+}
+
+/// Runs `cmd` with `input` typed on its stdin.
+fn with_input(mut cmd: Command, input: &str) -> Output {
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -155,6 +160,31 @@ fn kubectl_with_input(world: &World, args: &[&str], input: &str) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
+}
+
+/// Waits for `child` (within [`LIMIT`]) and collects its output.
+fn run_for_child(mut child: std::process::Child) -> Output {
+    let deadline = Instant::now() + LIMIT;
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stdout.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "hangs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = child.wait_with_output().unwrap();
+    out.stdout = reader.join().unwrap().unwrap();
+    out
+}
+
+/// The agent's kubectl forced to SPDY/3.1 for exec and attach, as kubectl
+/// before 1.30, client-go before 1.30 and many client libraries are.
+fn spdy_kubectl(world: &World, args: &[&str]) -> Command {
+    let mut cmd = world.agent_kubectl(args);
+    cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
+    cmd
 }
 
 fn chaperone(args: &[&str], dir: &Path) -> Output {
@@ -247,6 +277,52 @@ fn replays(dir: &Path) -> Vec<Value> {
         .collect();
     sessions.sort_by_key(|s| s["session"]["started"].as_str().unwrap_or("").to_owned());
     sessions
+}
+
+/// The stream records of the recorded sessions, with their cast files.
+fn casts(dir: &Path) -> Vec<(Value, PathBuf)> {
+    replays(dir)
+        .iter()
+        .flat_map(|s| {
+            let dir = PathBuf::from(s["dir"].as_str().unwrap());
+            s["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"] == "stream")
+                .map(move |e| (e.clone(), dir.join(e["cast"].as_str().unwrap())))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A cast's header, and its input and output text, checked to be
+/// asciicast v2 with events in time order.
+fn read_cast(path: &Path) -> (Value, String, String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert_no_secret("a cast", &text);
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(header["width"].as_u64().unwrap() > 0);
+    assert!(header["height"].as_u64().unwrap() > 0);
+    let (mut input, mut output) = (String::new(), String::new());
+    let mut last = 0.0;
+    for line in lines {
+        let event: Value = serde_json::from_str(line).unwrap();
+        let event = event.as_array().expect("an event is an array");
+        assert_eq!(event.len(), 3, "{line}");
+        let time = event[0].as_f64().expect("time is a number");
+        assert!(time >= last, "events in time order: {line}");
+        last = time;
+        let data = event[2].as_str().expect("data is a string");
+        match event[1].as_str() {
+            Some("i") => input.push_str(data),
+            Some("o") => output.push_str(data),
+            other => panic!("unexpected event code {other:?}"),
+        }
+    }
+    (header, input, output)
 }
 
 fn session_file(dir: &Path, session: &Value) -> PathBuf {
@@ -422,6 +498,135 @@ fn a_kubectl_session_replays_with_its_exec_cast_and_tampering_shows() {
         "verify names the edited record (line {}):\n{report}",
         line_no + 1
     );
+}
+
+/// kubectl forced to SPDY/3.1 (`KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`):
+/// exec and attach output is masked as over WebSocket, typed input reaches
+/// the container, and both land in asciicast v2 casts without a secret.
+#[test]
+fn spdy_exec_and_attach_are_masked_and_recorded() {
+    require_root!();
+    let world = observed_world();
+    let run = |args: &[&str]| run_for(&mut spdy_kubectl(&world, args), LIMIT).unwrap();
+
+    let out = run(&["exec", "worker", "--", "env"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("PLAIN=hello-visible\n"), "{stdout}");
+    assert!(stdout.contains("masked by chaperone"), "{stdout}");
+    assert!(stdout.contains("DATABASE_URL=postgres://app:"), "{stdout}");
+    assert!(stdout.contains("@db:5432/app"), "{stdout}");
+    assert_no_secret("SPDY kubectl exec env", &text(&out));
+
+    let out = run(&[
+        "exec",
+        "worker",
+        "--",
+        "sh",
+        "-c",
+        "echo $SESSION_JWT >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("masked by chaperone: jwt"), "{stderr}");
+    assert_no_secret("SPDY kubectl exec sh -c (stderr)", &text(&out));
+
+    // A last line without newline arrives.
+    let out = run(&["exec", "worker", "--", "sh", "-c", "echo -n ready"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready");
+
+    // Output far larger than SPDY's 64 KiB initial window goes through
+    // masking and re-framing whole: `cat` echoes 2000 lines given at once.
+    // (No secret in it: where an idle gap cuts a line is the network's
+    // timing; the cases above mask.)
+    let big: String = (0..2000)
+        .map(|i| format!("{i} plain line padding-padding-padding-padding\n"))
+        .collect();
+    let mut child = spdy_kubectl(&world, &["exec", "-i", "worker", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = big.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = run_for_child(child);
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.stdout == big.as_bytes(), "{}", text(&out));
+
+    let typed = "echo typed-marker-42\nenv\necho postgres://app:pg-Pa55-wrd-do-not-leak@db\n";
+    let exec = with_input(
+        spdy_kubectl(&world, &["exec", "-i", "worker", "--", "sh"]),
+        typed,
+    );
+    assert!(exec.status.success(), "{}", text(&exec));
+    let exec_out = String::from_utf8_lossy(&exec.stdout).into_owned();
+    assert!(exec_out.starts_with("typed-marker-42\n"), "{exec_out}");
+    assert!(exec_out.contains("PLAIN=hello-visible\n"), "{exec_out}");
+    assert_no_secret("SPDY kubectl exec -i sh", &text(&exec));
+
+    // attach: the container's main process echoes what is typed.
+    let attach = with_input(
+        spdy_kubectl(&world, &["attach", "-i", "worker"]),
+        &format!("attach-marker\npassword={PASSWORD}\n"),
+    );
+    assert!(attach.status.success(), "{}", text(&attach));
+    let attach_out = String::from_utf8_lossy(&attach.stdout).into_owned();
+    assert!(
+        attach_out.contains("attach-marker\npassword=<masked by chaperone"),
+        "{attach_out}"
+    );
+    assert_no_secret("SPDY kubectl attach -i", &text(&attach));
+
+    // All of it went over SPDY.
+    let upgrades: Vec<String> = world
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("/exec?") || r.uri.contains("/attach?"))
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(n, _)| n == "upgrade")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(upgrades.len(), 6, "{upgrades:?}");
+    assert!(upgrades.iter().all(|u| u == "SPDY/3.1"), "{upgrades:?}");
+
+    // Streams are sealed when their connections close.
+    std::thread::sleep(Duration::from_secs(3));
+    let casts = casts(&world.work.path().join("sessions"));
+    assert_eq!(casts.len(), 6, "a cast per stream: {casts:?}");
+    let cast = |start: &str, end: &str| {
+        let (_, path) = casts
+            .iter()
+            .find(|(record, _)| {
+                let title = record["title"].as_str().unwrap();
+                title.starts_with(start) && title.ends_with(end)
+            })
+            .unwrap_or_else(|| panic!("no cast {start}...{end} in {casts:?}"));
+        read_cast(path)
+    };
+    let (_, input, output) = cast("exec default/worker", "-- sh");
+    assert!(input.contains("echo typed-marker-42\n"), "{input}");
+    assert!(input.contains("env\n"), "{input}");
+    assert!(input.contains("echo postgres://app:"), "{input}");
+    assert!(output.contains("typed-marker-42\n"), "{output}");
+    assert!(output.contains("PLAIN=hello-visible"), "{output}");
+    assert!(output.contains("masked by chaperone"), "{output}");
+    let (_, input, output) = cast("attach default/worker", "");
+    assert!(input.contains("attach-marker\npassword="), "{input}");
+    assert!(output.contains("attach-marker\n"), "{output}");
+    assert!(output.contains("password=<masked by chaperone"), "{output}");
+    // Every cast (read_cast checks them all for secrets).
+    for (_, path) in &casts {
+        read_cast(path);
+    }
 }
 
 #[test]
@@ -701,11 +906,24 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
 #[test]
 fn an_interactive_terminal_session_shows_its_prompt_and_is_recorded() {
     require_root!();
+    interactive_terminal_session(false);
+}
+
+#[test]
+fn an_interactive_terminal_session_over_spdy_shows_its_prompt_and_is_recorded() {
+    require_root!();
+    interactive_terminal_session(true);
+}
+
+fn interactive_terminal_session(spdy: bool) {
     let world = observed_world();
     // kubectl -it needs a terminal: `script` gives it one.
     let mut cmd = world
         .agent()
         .in_cluster_command(&world.credentials, "script");
+    if spdy {
+        cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
+    }
     cmd.args(["-qfec", "kubectl exec -it worker -- sh", "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -734,6 +952,15 @@ fn an_interactive_terminal_session_shows_its_prompt_and_is_recorded() {
     assert!(seen.contains("$ "), "{seen:?}");
     assert!(seen.contains("tty-marker"), "{seen:?}");
     assert_no_secret("kubectl exec -it", &seen);
+    let upgrade = world
+        .sim
+        .requests()
+        .iter()
+        .find(|r| r.uri.contains("/exec?"))
+        .and_then(|r| r.headers.iter().find(|(n, _)| n == "upgrade").cloned())
+        .map(|(_, v)| v.to_ascii_lowercase());
+    let expected = if spdy { "spdy/3.1" } else { "websocket" };
+    assert_eq!(upgrade.as_deref(), Some(expected));
     std::thread::sleep(Duration::from_secs(3));
 
     let dir = world.work.path().join("sessions");

@@ -2,28 +2,35 @@
 //! recorded, without adding latency to an interactive session.
 //!
 //! An exec/attach request is upgraded and tunneled by [`crate::proxy`]; the
-//! [`ExecTap`] plugged into the tunnel decodes the WebSocket channel
-//! protocol ([`websocket`]) both ways:
+//! tap plugged into the tunnel decodes the stream protocol both ways:
+//! [`ExecTap`] the WebSocket channel protocols ([`websocket`]),
+//! [`SpdyTap`] SPDY/3.1 streams ([`spdy`]). Both share [`tap::Core`]:
 //!
 //! - API server to agent: stdout and stderr payloads go through the
 //!   masker's pattern rules ([`crate::mask::Masker::exec_output`], one
-//!   line-aware stream per channel) and are re-framed, one binary message per
-//!   masked piece. Everything else (the error channel, control frames) is
-//!   forwarded byte for byte. A partial line is held back to see a secret
-//!   that straddles two frames, and released after [`IDLE_FLUSH`] without
-//!   more output (so a prompt without a newline shows) or at the end.
-//! - Agent to API server: forwarded unchanged; stdin (masked for the
-//!   recording only) and the terminal size are read for the recording.
+//!   line-aware stream per channel) and are re-framed, one message (or data
+//!   frame) per masked piece. Everything else (the error channel, control
+//!   frames) is forwarded byte for byte. A partial line is held back to see
+//!   a secret that straddles two frames, and released after [`IDLE_FLUSH`]
+//!   without more output (so a prompt without a newline shows) or at the
+//!   end.
+//! - Agent to API server: forwarded unchanged (but for SPDY window updates
+//!   of masked streams, see [`spdy_tap`]); stdin (masked for the recording
+//!   only) and the terminal size are read for the recording.
 //!
 //! Memory is bounded: a frame is read piece by piece, and what masking
 //! holds back is bounded by `maxLineBytes`.
 //!
-//! Only the binary channel protocols are read. [`negotiate`] removes the
-//! `base64` variants and any extension from the agent's WebSocket offer, and
-//! refuses SPDY where exec output must be masked (kubectl 1.30+ uses
-//! WebSocket, and falls back to SPDY only when the WebSocket upgrade fails).
-//! Port-forward is never touched: its data is binary and not masked.
+//! Only protocols chaperone reads are let through where output must be
+//! masked: [`negotiate`] removes the `base64` variants and any extension
+//! from the agent's WebSocket offer, keeps the remote command protocols of
+//! a SPDY/3.1 offer (kubectl before 1.30, client-go before 1.30, and
+//! kubectl 1.30+ with `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false` or when the
+//! WebSocket upgrade fails), and refuses any other upgrade. Port-forward is
+//! never touched: its data is binary and not masked.
 
+pub mod spdy;
+pub mod spdy_tap;
 mod tap;
 pub mod websocket;
 
@@ -39,6 +46,7 @@ use crate::proxy::{TapError, TunnelTap};
 use crate::record::StreamInfo;
 use crate::request::RequestInfo;
 
+pub use spdy_tap::SpdyTap;
 pub use tap::{ExecTap, OnClosed, StartRecording};
 
 /// How long output may be held back for masking while the API server sends
@@ -67,64 +75,103 @@ pub fn is_websocket(headers: &HeaderMap) -> bool {
     header_has(headers, header::UPGRADE, "websocket")
 }
 
-/// Prepares the upgrade request of an exec/attach whose output chaperone
-/// must mask: keeps only the binary channel subprotocols and no extensions.
-/// `Err`: the request cannot be served masked (SPDY, or only protocols
-/// chaperone does not read), answer the `Status`.
-pub fn negotiate(headers: &mut HeaderMap) -> Result<(), Box<Status>> {
-    if !headers.contains_key(header::UPGRADE) {
-        return Ok(());
-    }
-    if !is_websocket(headers) {
-        let upgrade = headers
-            .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        return Err(Box::new(Status::bad_request(format!(
-            "chaperone masks exec and attach output and reads it over WebSocket \
-             (v5.channel.k8s.io or v4.channel.k8s.io); this request asked for {upgrade:?}. \
-             Use kubectl 1.30 or newer, which uses WebSocket unless \
-             KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false"
-        ))));
-    }
-    let offered: Vec<String> = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+/// Whether an upgrade request or `101` response is SPDY/3.1.
+pub fn is_spdy(headers: &HeaderMap) -> bool {
+    header_has(headers, header::UPGRADE, spdy::UPGRADE)
+}
+
+/// The values of a comma-separated header, all of its lines.
+fn header_list(headers: &HeaderMap, name: impl header::AsHeaderName + Copy) -> Vec<String> {
+    headers
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_owned())
         .filter(|p| !p.is_empty())
-        .collect();
+        .collect()
+}
+
+/// Keeps of the offer in header `name` the protocols in `readable`.
+fn keep_offered(
+    headers: &mut HeaderMap,
+    name: header::HeaderName,
+    readable: &[&str],
+) -> Result<(), Box<Status>> {
+    let offered = header_list(headers, &name);
     let kept: Vec<&str> = offered
         .iter()
         .map(String::as_str)
-        .filter(|p| websocket::CHANNEL_PROTOCOLS.contains(p))
+        .filter(|p| readable.contains(p))
         .collect();
     if kept.is_empty() {
         return Err(Box::new(Status::bad_request(format!(
-            "chaperone masks exec and attach output and reads the binary channel protocols ({}); \
-             the request offered {offered:?}",
-            websocket::CHANNEL_PROTOCOLS.join(", ")
+            "chaperone masks exec and attach output and reads the remote command protocols \
+             ({}); the request offered {offered:?}. Use kubectl or client-go, which offer them",
+            readable.join(", ")
         ))));
     }
-    headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
-    headers.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_str(&kept.join(", ")).expect("protocol names are header-safe"),
-    );
-    headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    let kept = HeaderValue::from_str(&kept.join(", ")).expect("protocol names are header-safe");
+    headers.remove(&name);
+    headers.insert(name, kept);
     Ok(())
 }
 
-/// The subprotocol a `101` response chose, if it is one chaperone reads.
+/// Prepares the upgrade request of an exec/attach whose output chaperone
+/// must mask: keeps only the protocols chaperone reads (WebSocket: the
+/// binary channel subprotocols and no extensions; SPDY/3.1: the remote
+/// command protocols). `Err`: the request cannot be served masked (another
+/// upgrade, or only protocols chaperone does not read), answer the
+/// `Status`.
+pub fn negotiate(headers: &mut HeaderMap) -> Result<(), Box<Status>> {
+    if !headers.contains_key(header::UPGRADE) {
+        return Ok(());
+    }
+    if is_websocket(headers) {
+        keep_offered(
+            headers,
+            header::SEC_WEBSOCKET_PROTOCOL,
+            websocket::CHANNEL_PROTOCOLS,
+        )?;
+        headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        return Ok(());
+    }
+    if is_spdy(headers) {
+        let name = header::HeaderName::from_static("x-stream-protocol-version");
+        // No offer at all: the oldest protocol, `channel.k8s.io`, implied.
+        if headers.contains_key(&name) {
+            keep_offered(headers, name, spdy::REMOTE_COMMAND_PROTOCOLS)?;
+        }
+        return Ok(());
+    }
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Err(Box::new(Status::bad_request(format!(
+        "chaperone masks exec and attach output and reads it over WebSocket \
+         (v5.channel.k8s.io or v4.channel.k8s.io) or SPDY/3.1; this request asked for \
+         {upgrade:?}. Use kubectl or a client-go based client"
+    ))))
+}
+
+/// The protocol a `101` response chose, if it is one chaperone reads.
 pub fn chosen_protocol(headers: &HeaderMap) -> Option<&'static str> {
-    let chosen = headers
-        .get(header::SEC_WEBSOCKET_PROTOCOL)?
-        .to_str()
-        .ok()?
-        .trim();
-    websocket::CHANNEL_PROTOCOLS
+    let (name, readable) = if is_websocket(headers) {
+        (header::SEC_WEBSOCKET_PROTOCOL, websocket::CHANNEL_PROTOCOLS)
+    } else if is_spdy(headers) {
+        let name = header::HeaderName::from_static("x-stream-protocol-version");
+        if !headers.contains_key(&name) {
+            // The kubelet names no protocol for the oldest one.
+            return Some("channel.k8s.io");
+        }
+        (name, spdy::REMOTE_COMMAND_PROTOCOLS)
+    } else {
+        return None;
+    };
+    let chosen = headers.get(name)?.to_str().ok()?.trim();
+    readable
         .iter()
         .find(|p| p.eq_ignore_ascii_case(chosen))
         .copied()
@@ -143,8 +190,7 @@ pub fn tap(
     on_closed: tap::OnClosed,
 ) -> Box<dyn TunnelTap> {
     let mask = masker.target(request) == Some(Target::ExecOutput);
-    let readable = is_websocket(response) && chosen_protocol(response).is_some();
-    if !readable {
+    if chosen_protocol(response).is_none() {
         if mask {
             return Box::new(Unreadable {
                 on_closed: Some(on_closed),
@@ -157,6 +203,9 @@ pub fn tap(
             }
             .passing(),
         );
+    }
+    if is_spdy(response) {
+        return Box::new(SpdyTap::new(masker, mask, record, masked).on_closed(on_closed));
     }
     Box::new(ExecTap::new(masker, mask, record, masked).on_closed(on_closed))
 }
@@ -255,12 +304,49 @@ mod tests {
     }
 
     #[test]
-    fn spdy_is_refused_with_a_way_out() {
+    fn spdy_offers_keep_the_remote_command_protocols_and_other_upgrades_are_refused() {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        // kubectl sends one header line per protocol.
+        for p in [
+            "v5.channel.k8s.io",
+            "v4.channel.k8s.io",
+            "x.example.com",
+            "channel.k8s.io",
+        ] {
+            headers.append("x-stream-protocol-version", HeaderValue::from_static(p));
+        }
+        negotiate(&mut headers).unwrap();
+        assert_eq!(
+            headers.get("x-stream-protocol-version").unwrap(),
+            "v5.channel.k8s.io, v4.channel.k8s.io, channel.k8s.io"
+        );
+        headers.insert(
+            "x-stream-protocol-version",
+            HeaderValue::from_static("portforward.k8s.io"),
+        );
+        assert_eq!(negotiate(&mut headers).unwrap_err().code, 400);
+
+        // What the API server answers: read when it chose one of them.
+        let mut response = HeaderMap::new();
+        response.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        response.insert(
+            "x-stream-protocol-version",
+            HeaderValue::from_static("v4.channel.k8s.io"),
+        );
+        assert_eq!(chosen_protocol(&response), Some("v4.channel.k8s.io"));
+        response.insert(
+            "x-stream-protocol-version",
+            HeaderValue::from_static("v9.example"),
+        );
+        assert_eq!(chosen_protocol(&response), None);
+
+        // Neither WebSocket nor SPDY: refused, naming what works.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         let status = negotiate(&mut headers).unwrap_err();
-        assert!(status.message.contains("WebSocket"), "{}", status.message);
+        assert!(status.message.contains("SPDY/3.1"), "{}", status.message);
         // Not an upgrade: nothing to do.
         assert!(negotiate(&mut HeaderMap::new()).is_ok());
     }

@@ -1,4 +1,6 @@
-//! [`ExecTap`]: the tunnel tap of one exec/attach WebSocket.
+//! The tunnel taps of exec/attach: [`ExecTap`] for the WebSocket channel
+//! protocols, and [`Core`], what every wire protocol shares (masking of
+//! output, typed input and terminal size for the recording, the counters).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,12 +20,40 @@ pub type StartRecording = Box<dyn FnOnce(StreamInfo) -> StreamRecorder + Send>;
 /// Called once when the tunnel closes.
 pub type OnClosed = Box<dyn FnOnce() + Send>;
 
-/// Decodes, masks and records one exec/attach WebSocket. See [`super`].
-pub struct ExecTap {
-    /// API server to agent; stdout and stderr taken when masking.
-    down: Messages,
-    /// Agent to API server; observed only.
-    up: Messages,
+/// One of the two output streams of a remote command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Stdout,
+    Stderr,
+}
+
+impl Output {
+    pub const BOTH: [Output; 2] = [Output::Stdout, Output::Stderr];
+
+    pub(super) fn index(self) -> usize {
+        match self {
+            Output::Stdout => 0,
+            Output::Stderr => 1,
+        }
+    }
+
+    fn channel(self) -> Channel {
+        match self {
+            Output::Stdout => Channel::Stdout,
+            Output::Stderr => Channel::Stderr,
+        }
+    }
+}
+
+/// Where masked output goes: the wire protocol frames it.
+pub type Emit<'a> = &'a mut dyn FnMut(Output, &[u8]);
+
+/// What every exec/attach tap does whatever the wire protocol: masks
+/// stdout and stderr (one line-aware stream each) when told to, records
+/// output, typed input (masked for the recording only) and the terminal
+/// size, counts masked values, and ends the recording when the tunnel
+/// closes.
+pub struct Core {
     /// Masking of stdout (`[0]`) and stderr (`[1]`); `None`: not masked.
     output: Option<[ResponseMask; 2]>,
     /// Masks typed input for the recording (never what is forwarded).
@@ -33,6 +63,159 @@ pub struct ExecTap {
     idle: Duration,
     scratch: Vec<u8>,
     on_closed: Option<OnClosed>,
+}
+
+impl Core {
+    /// `mask`: whether stdout/stderr are masked (the masker's `exec` rule);
+    /// `record`: the stream's description and how to start its cast.
+    pub fn new(
+        masker: &Masker,
+        mask: bool,
+        record: Option<(StreamInfo, StartRecording)>,
+        masked: Arc<AtomicU32>,
+    ) -> Self {
+        Self {
+            output: mask.then(|| [masker.exec_output(), masker.exec_output()]),
+            input: masker.exec_output(),
+            recording: match record {
+                Some((info, start)) => Recording::Pending { info, start },
+                None => Recording::Off,
+            },
+            masked,
+            idle: super::IDLE_FLUSH,
+            scratch: Vec::new(),
+            on_closed: None,
+        }
+    }
+
+    /// Runs `f` when the tunnel closes (after the recording ended).
+    pub fn set_on_closed(&mut self, f: OnClosed) {
+        self.on_closed = Some(f);
+    }
+
+    /// Whether output is masked (so the tap takes it over and re-frames it).
+    pub fn masks(&self) -> bool {
+        self.output.is_some()
+    }
+
+    /// Output from the API server. Masked: what the agent receives goes to
+    /// `emit` (now or, for a partial line, later). Not masked: the caller
+    /// forwards it as it is and this records it.
+    pub fn output(&mut self, which: Output, data: &[u8], emit: Emit<'_>) {
+        let Self {
+            output,
+            recording,
+            scratch,
+            ..
+        } = self;
+        match output {
+            Some(masks) => {
+                scratch.clear();
+                let _ = masks[which.index()].push(data, scratch);
+                if !scratch.is_empty() {
+                    emit(which, scratch);
+                    recording.data(which.channel(), scratch);
+                }
+            }
+            None => recording.data(which.channel(), data),
+        }
+    }
+
+    /// Releases what masking holds back of `which`: before its end, or
+    /// before anything that must follow it, or when the API server is idle.
+    pub fn flush(&mut self, which: Output, emit: Emit<'_>) {
+        let Self {
+            output,
+            recording,
+            scratch,
+            ..
+        } = self;
+        if let Some(masks) = output {
+            scratch.clear();
+            masks[which.index()].flush(scratch);
+            if !scratch.is_empty() {
+                emit(which, scratch);
+                recording.data(which.channel(), scratch);
+            }
+        }
+    }
+
+    pub fn flush_all(&mut self, emit: Emit<'_>) {
+        for which in Output::BOTH {
+            self.flush(which, emit);
+        }
+    }
+
+    /// What the agent typed, recorded masked.
+    pub fn stdin(&mut self, data: &[u8]) {
+        self.scratch.clear();
+        let _ = self.input.push(data, &mut self.scratch);
+        // Keystrokes end lines with \r on a terminal.
+        if data.iter().any(|&b| b == b'\r' || b == b'\n') {
+            self.input.flush(&mut self.scratch);
+        }
+        self.recording.data(Channel::Stdin, &self.scratch);
+    }
+
+    /// A terminal size message (`{"Width":W,"Height":H}`) from the agent;
+    /// the first one sizes the cast.
+    pub fn resize(&mut self, message: &[u8]) {
+        let mut sizes = serde_json::Deserializer::from_slice(message).into_iter::<TerminalSize>();
+        if let Some(Ok(size)) = sizes.next() {
+            self.recording.resize(size.width, size.height);
+        }
+    }
+
+    /// How long to wait for more output before releasing what is held.
+    pub fn held_back(&self) -> Option<Duration> {
+        let output = self.output.as_ref()?;
+        output
+            .iter()
+            .any(ResponseMask::holds_back)
+            .then_some(self.idle)
+    }
+
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    #[cfg(test)]
+    pub fn masked_count(&self) -> u32 {
+        self.masked.load(Ordering::Relaxed)
+    }
+
+    /// Publishes how many values were masked so far.
+    pub fn count(&self) {
+        let mut total = 0;
+        if let Some(output) = &self.output {
+            for mask in output {
+                total += mask.stats().values_masked + mask.stats().lines_dropped;
+            }
+        }
+        self.masked
+            .store(u32::try_from(total).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
+    /// The tunnel closed: what was held back could not be sent; it is
+    /// recorded all the same. Ends the cast, then calls `on_closed`.
+    pub fn closed(&mut self) {
+        if let Some(masks) = &mut self.output {
+            for which in Output::BOTH {
+                self.scratch.clear();
+                let _ = masks[which.index()].finish(&mut self.scratch);
+                self.recording.data(which.channel(), &self.scratch);
+            }
+        }
+        self.scratch.clear();
+        let _ = self.input.finish(&mut self.scratch);
+        self.recording.data(Channel::Stdin, &self.scratch);
+        self.count();
+        // Ends the cast before the exchange completes.
+        self.recording = Recording::Off;
+        if let Some(f) = self.on_closed.take() {
+            f();
+        }
+    }
 }
 
 enum Recording {
@@ -75,6 +258,24 @@ impl Recording {
     }
 }
 
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TerminalSize {
+    width: u16,
+    height: u16,
+}
+
+// === WebSocket ===
+
+/// Decodes, masks and records one exec/attach WebSocket. See [`super`].
+pub struct ExecTap {
+    /// API server to agent; stdout and stderr taken when masking.
+    down: Messages,
+    /// Agent to API server; observed only.
+    up: Messages,
+    core: Core,
+}
+
 impl ExecTap {
     /// `mask`: whether stdout/stderr are masked (the masker's `exec` rule);
     /// `record`: the stream's description and how to start its cast.
@@ -88,90 +289,49 @@ impl ExecTap {
         Self {
             down: Messages::new(take),
             up: Messages::new(&[]),
-            output: mask.then(|| [masker.exec_output(), masker.exec_output()]),
-            input: masker.exec_output(),
-            recording: match record {
-                Some((info, start)) => Recording::Pending { info, start },
-                None => Recording::Off,
-            },
-            masked,
-            idle: super::IDLE_FLUSH,
-            scratch: Vec::new(),
-            on_closed: None,
+            core: Core::new(masker, mask, record, masked),
         }
-    }
-
-    /// How long output may be held back while the API server is idle.
-    pub fn with_idle(mut self, idle: Duration) -> Self {
-        self.idle = idle;
-        self
     }
 
     /// Runs `f` when the tunnel closes (after the recording ended).
     pub fn on_closed(mut self, f: OnClosed) -> Self {
-        self.on_closed = Some(f);
+        self.core.on_closed = Some(f);
         self
-    }
-
-    fn count(&self) {
-        let mut total = 0;
-        if let Some(output) = &self.output {
-            for mask in output {
-                total += mask.stats().values_masked + mask.stats().lines_dropped;
-            }
-        }
-        self.masked
-            .store(u32::try_from(total).unwrap_or(u32::MAX), Ordering::Relaxed);
-    }
-
-    /// Writes masked output of `channel` as one message, and records it.
-    fn emit(recording: &mut Recording, out: &mut Vec<u8>, channel: u8, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        websocket::write_channel_message(out, channel, data);
-        recording.data(output_channel(channel), data);
     }
 }
 
-fn output_channel(channel: u8) -> Channel {
-    if channel == STDERR {
-        Channel::Stderr
-    } else {
-        Channel::Stdout
+fn channel_output(channel: u8) -> Option<Output> {
+    match channel {
+        STDOUT => Some(Output::Stdout),
+        STDERR => Some(Output::Stderr),
+        _ => None,
     }
+}
+
+fn output_channel(which: Output) -> u8 {
+    match which {
+        Output::Stdout => STDOUT,
+        Output::Stderr => STDERR,
+    }
+}
+
+/// Writes masked output as one binary message.
+fn message_to(out: &mut Vec<u8>) -> impl FnMut(Output, &[u8]) + '_ {
+    |which, data| websocket::write_channel_message(out, output_channel(which), data)
 }
 
 impl TunnelTap for ExecTap {
     fn agent_sent(&mut self, bytes: &[u8]) {
-        let Self {
-            up,
-            input,
-            recording,
-            scratch,
-            ..
-        } = self;
+        let Self { up, core, .. } = self;
         let result = up.push(bytes, &mut |event| match event {
             ChannelEvent::Data {
                 channel: STDIN,
                 data,
-            } => {
-                scratch.clear();
-                // Keystrokes end lines with \r on a terminal.
-                let _ = input.push(data, scratch);
-                if data.iter().any(|&b| b == b'\r' || b == b'\n') {
-                    input.flush(scratch);
-                }
-                recording.data(Channel::Stdin, scratch);
-            }
+            } => core.stdin(data),
             ChannelEvent::Data {
                 channel: RESIZE,
                 data,
-            } => {
-                if let Ok(size) = serde_json::from_slice::<TerminalSize>(data) {
-                    recording.resize(size.width, size.height);
-                }
-            }
+            } => core.resize(data),
             _ => {}
         });
         if let Err(error) = result {
@@ -182,101 +342,51 @@ impl TunnelTap for ExecTap {
     }
 
     fn upstream_sent(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), TapError> {
-        let Self {
-            down,
-            output,
-            recording,
-            scratch,
-            ..
-        } = self;
+        let Self { down, core, .. } = self;
+        let masks = core.masks();
         down.push(bytes, &mut |event| match event {
             ChannelEvent::Raw { bytes: raw, starts } => {
                 // Output held back goes before what follows it (the exit
                 // status, a close): a last line without newline shows.
-                if starts && let Some(masks) = output {
-                    for (i, mask) in masks.iter_mut().enumerate() {
-                        scratch.clear();
-                        mask.flush(scratch);
-                        Self::emit(recording, out, i as u8 + 1, scratch);
-                    }
+                if starts && masks {
+                    core.flush_all(&mut message_to(out));
                 }
                 out.extend_from_slice(raw);
             }
-            ChannelEvent::Data { channel, data } => match output {
-                Some(masks) if channel == STDOUT || channel == STDERR => {
-                    scratch.clear();
-                    let mask = &mut masks[usize::from(channel - 1)];
-                    if data.is_empty() {
-                        // A signal: what is held goes first, then it.
-                        mask.flush(scratch);
-                        Self::emit(recording, out, channel, scratch);
-                        websocket::write_channel_message(out, channel, &[]);
-                        return;
-                    }
-                    let _ = mask.push(data, scratch);
-                    Self::emit(recording, out, channel, scratch);
+            ChannelEvent::Data { channel, data } => {
+                let Some(which) = channel_output(channel) else {
+                    return;
+                };
+                if masks && data.is_empty() {
+                    // A signal: what is held goes first, then it.
+                    core.flush(which, &mut message_to(out));
+                    websocket::write_channel_message(out, channel, &[]);
+                    return;
                 }
-                // Forwarded raw already; recorded as the agent sees it.
-                _ if channel == STDOUT || channel == STDERR => {
-                    recording.data(output_channel(channel), data);
-                }
-                _ => {}
-            },
+                // Masked: re-framed here. Not: forwarded raw already, and
+                // recorded as the agent sees it.
+                core.output(which, data, &mut message_to(out));
+            }
         })?;
-        self.count();
+        core.count();
         Ok(())
     }
 
     fn held_back(&self) -> Option<Duration> {
-        let output = self.output.as_ref()?;
-        output
-            .iter()
-            .any(ResponseMask::holds_back)
-            .then_some(self.idle)
+        self.core.held_back()
     }
 
     fn upstream_idle(&mut self, out: &mut Vec<u8>) {
         if !self.down.can_inject() {
             return;
         }
-        let Some(masks) = &mut self.output else {
-            return;
-        };
-        for (i, mask) in masks.iter_mut().enumerate() {
-            self.scratch.clear();
-            mask.flush(&mut self.scratch);
-            Self::emit(&mut self.recording, out, i as u8 + 1, &self.scratch);
-        }
-        self.count();
+        self.core.flush_all(&mut message_to(out));
+        self.core.count();
     }
 
     fn closed(&mut self) {
-        // What was held back could not be sent; it is recorded all the same.
-        if let Some(masks) = &mut self.output {
-            for (i, mask) in masks.iter_mut().enumerate() {
-                self.scratch.clear();
-                let _ = mask.finish(&mut self.scratch);
-                self.recording
-                    .data(output_channel(i as u8 + 1), &self.scratch);
-            }
-        }
-        self.scratch.clear();
-        let _ = self.input.finish(&mut self.scratch);
-        self.recording.data(Channel::Stdin, &self.scratch);
-        self.count();
-        // Ends the cast before the exchange completes.
-        self.recording = Recording::Off;
-        if let Some(f) = self.on_closed.take() {
-            f();
-        }
+        self.core.closed();
     }
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct TerminalSize {
-    width: u16,
-    height: u16,
 }
 
 #[cfg(test)]
@@ -335,7 +445,7 @@ mod tests {
         // The prompt held back is written before the exit status.
         assert!(stdout.ends_with("HOME=/root\n$ "), "{stdout}");
         assert_eq!(seen[1], (3, b"{\"status\":\"Success\"}".to_vec()));
-        assert_eq!(tap.masked.load(Ordering::Relaxed), 1);
+        assert_eq!(tap.core.masked.load(Ordering::Relaxed), 1);
     }
 
     #[test]

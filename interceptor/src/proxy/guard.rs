@@ -80,6 +80,15 @@ pub type TapError = Box<dyn std::error::Error + Send + Sync>;
 pub trait TunnelTap: Send + 'static {
     /// Bytes from the agent; forwarded unchanged.
     fn agent_sent(&mut self, bytes: &[u8]);
+    /// Bytes from the agent: appends what the API server receives to `out`
+    /// (by default, the bytes unchanged, seen by [`TunnelTap::agent_sent`]).
+    /// An error closes the tunnel. A tap that rewrites output may have to
+    /// rewrite flow control the agent sends (SPDY WINDOW_UPDATE).
+    fn agent_rewrite(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), TapError> {
+        self.agent_sent(bytes);
+        out.extend_from_slice(bytes);
+        Ok(())
+    }
     /// Bytes from the API server: appends what the agent receives to `out`
     /// (by default, the bytes unchanged). An error closes the tunnel.
     fn upstream_sent(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), TapError> {

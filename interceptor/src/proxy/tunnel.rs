@@ -37,13 +37,15 @@ pub(super) async fn pump(
     }
 }
 
-/// Agent to API server: copied unchanged, the tap watching.
+/// Agent to API server: through the tap (which watches, and may rewrite
+/// flow control).
 async fn copy_up(
     mut from: ReadHalf<TokioIo<Upgraded>>,
     mut to: WriteHalf<TokioIo<Upgraded>>,
     tap: Option<SharedTap>,
 ) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; BUFFER];
+    let mut out = Vec::with_capacity(BUFFER);
     let mut total = 0u64;
     loop {
         let n = match from.read(&mut buffer).await {
@@ -54,11 +56,21 @@ async fn copy_up(
                 return Err(error);
             }
         };
-        if let Some(tap) = &tap {
-            lock(tap).agent_sent(&buffer[..n]);
-        }
-        to.write_all(&buffer[..n]).await?;
-        total += n as u64;
+        let chunk = match &tap {
+            None => &buffer[..n],
+            Some(tap) => {
+                out.clear();
+                let result = lock(tap).agent_rewrite(&buffer[..n], &mut out);
+                if let Err(error) = result {
+                    tracing::warn!(%error, "closing a tunnel whose stream cannot be read");
+                    let _ = to.shutdown().await;
+                    return Err(std::io::Error::other(error));
+                }
+                &out[..]
+            }
+        };
+        to.write_all(chunk).await?;
+        total += chunk.len() as u64;
     }
     to.shutdown().await?;
     Ok(total)
