@@ -36,6 +36,9 @@ pub(crate) struct LineMask {
     swallow: bool,
     /// Inside a PEM private key block: lines dropped so far.
     pem: Option<u32>,
+    /// The start of the current line, already forwarded by [`Self::flush`]:
+    /// the context the rest of the line is masked in.
+    released: Vec<u8>,
     hits: Vec<Hit>,
     stats: MaskStats,
 }
@@ -48,6 +51,7 @@ impl LineMask {
             pending: Vec::new(),
             swallow: false,
             pem: None,
+            released: Vec::new(),
             hits: Vec::new(),
             stats: MaskStats::default(),
         }
@@ -78,14 +82,16 @@ impl LineMask {
         }
         while let Some(nl) = memchr(b'\n', input) {
             let (line, rest) = input.split_at(nl + 1);
-            if self.pending.is_empty() {
-                self.line(line, out);
+            if self.pending.is_empty() && self.released.is_empty() {
+                self.line(line, out, 0);
             } else {
-                let mut pending = std::mem::take(&mut self.pending);
-                pending.extend_from_slice(line);
-                self.line(&pending, out);
-                pending.clear();
-                self.pending = pending;
+                // The line's start: what a flush released, then what waits.
+                let mut whole = std::mem::take(&mut self.released);
+                let skip = whole.len();
+                whole.extend_from_slice(&self.pending);
+                whole.extend_from_slice(line);
+                self.pending.clear();
+                self.line(&whole, out, skip);
             }
             input = rest;
         }
@@ -98,10 +104,27 @@ impl LineMask {
     /// Forwards the partial line held back, masked. For interactive exec
     /// sessions when the upstream is idle (a prompt without a newline); a
     /// secret that continues in a later chunk is then only masked from there.
+    ///
+    /// What was released is kept as the line's context: the rest of the line
+    /// is masked as part of the whole, so `API_TOKEN=` released before an
+    /// idle pause still masks the value that follows it, and a secret cut
+    /// by the pause has its rest masked too.
     pub(crate) fn flush(&mut self, out: &mut Vec<u8>) {
-        if !self.pending.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            self.line(&pending, out);
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        if self.pem.is_some() {
+            // Inside a key block nothing is released; the END may follow.
+            self.line(&pending, out, 0);
+            return;
+        }
+        let mut whole = std::mem::take(&mut self.released);
+        let skip = whole.len();
+        whole.extend_from_slice(&pending);
+        self.mask(&whole, skip, out);
+        if whole.len() <= self.compiled.limits.max_line_bytes {
+            self.released = whole;
         }
     }
 
@@ -109,8 +132,9 @@ impl LineMask {
         self.flush(out);
     }
 
-    /// One line, with its terminator if it has one.
-    fn line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+    /// One line, with its terminator if it has one; its first `skip` bytes
+    /// were already forwarded (released by a flush).
+    fn line(&mut self, line: &[u8], out: &mut Vec<u8>, skip: usize) {
         self.next_overflow = self.compiled.limits.max_line_bytes;
         let body_len = line.strip_suffix(b"\n").map_or(line.len(), |l| {
             l.strip_suffix(b"\r").map_or(l.len(), <[u8]>::len)
@@ -136,16 +160,28 @@ impl LineMask {
         } else {
             body
         };
-        self.mask(body, out);
-        out.extend_from_slice(terminator);
+        self.mask(body, skip, out);
+        out.extend_from_slice(&terminator[skip.saturating_sub(body.len())..]);
         if self.compiled.pem_blocks && opens_pem(body) {
             self.pem = Some(0);
         }
     }
 
-    fn mask(&mut self, text: &[u8], out: &mut Vec<u8>) {
+    /// Masks `text` and forwards it from `skip` on (what comes before was
+    /// forwarded already): hits inside that start were masked then, a hit
+    /// running past it is masked from there.
+    fn mask(&mut self, text: &[u8], skip: usize, out: &mut Vec<u8>) {
         let mut hits = std::mem::take(&mut self.hits);
         self.compiled.patterns.hits(text, &mut hits);
+        if skip > 0 {
+            hits.retain(|hit| hit.end > skip);
+            for hit in &mut hits {
+                hit.start = hit.start.max(skip) - skip;
+                hit.end -= skip;
+                hit.context = hit.context.saturating_sub(skip);
+            }
+        }
+        let text = &text[skip.min(text.len())..];
         if hits.is_empty() {
             out.extend_from_slice(text);
         } else {
@@ -166,6 +202,8 @@ impl LineMask {
     fn overflow(&mut self, out: &mut Vec<u8>) {
         let limits = &self.compiled.limits;
         let pending = std::mem::take(&mut self.pending);
+        // An over-long line is masked in pieces, each on its own.
+        self.released.clear();
         if self.pem.is_some() {
             // Key material: dropped, keeping a tail where END may begin.
             let keep = limits.carry_bytes.min(pending.len());
@@ -202,7 +240,7 @@ impl LineMask {
             self.swallow = runs_on;
         }
         let (head, tail) = pending.split_at(cut);
-        self.mask(head, out);
+        self.mask(head, 0, out);
         if self.compiled.pem_blocks && opens_pem(head) {
             self.pem = Some(0);
         }

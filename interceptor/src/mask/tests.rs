@@ -528,6 +528,52 @@ fn exec_flush_forwards_a_prompt_and_lines_are_forwarded_as_they_complete() {
     assert_eq!(text(&out), "line one\n$ ");
 }
 
+/// An idle pause can split a line anywhere (a loaded node, a slow pipe):
+/// what a flush released stays the context of the rest of the line, so a
+/// value after a released `NAME=` or a secret cut by the pause is masked,
+/// at every split point and with a flush at each.
+#[test]
+fn a_flush_mid_line_keeps_the_context_so_the_rest_is_still_masked() {
+    let line = "export API_TOKEN=s3cr3t-value-0123456789 AWS=AKIAIOSFODNN7EXAMPLE done\n";
+    let mut whole = Vec::new();
+    let mut reference = masker().exec_output();
+    reference.push(line.as_bytes(), &mut whole).unwrap();
+    let whole = text(&whole);
+    assert!(!whole.contains("s3cr3t"), "{whole}");
+    for split in 1..line.len() {
+        let mut mask = masker().exec_output();
+        let mut out = Vec::new();
+        mask.push(&line.as_bytes()[..split], &mut out).unwrap();
+        mask.flush(&mut out);
+        mask.push(&line.as_bytes()[split..], &mut out).unwrap();
+        let out = text(&out);
+        // A pause inside a value may let its start out (it was released
+        // before the rest existed); the rest never follows it.
+        let api = line.find("s3cr3t").unwrap();
+        if split <= api {
+            assert!(!out.contains("s3cr3t"), "{split}: {out}");
+        }
+        assert!(!out.contains("0123456789"), "{split}: {out}");
+        let aws = line.find("AKIA").unwrap();
+        if split <= aws {
+            assert!(!out.contains("IOSFODNN7"), "{split}: {out}");
+        }
+        assert!(!out.contains("7EXAMPLE"), "{split}: {out}");
+        assert!(out.starts_with("export API_TOKEN="), "{split}: {out}");
+        assert!(out.ends_with(" done\n"), "{split}: {out}");
+        if split <= api {
+            assert_eq!(out, whole, "a pause before the secrets changes nothing");
+        }
+    }
+    // Lines after a flushed one are masked on their own.
+    let mut mask = masker().exec_output();
+    let mut out = Vec::new();
+    mask.push(b"Password: ", &mut out).unwrap();
+    mask.flush(&mut out);
+    mask.push(b"\nplain line\n", &mut out).unwrap();
+    assert_eq!(text(&out), "Password: \nplain line\n");
+}
+
 #[test]
 fn an_overlong_line_is_forwarded_in_bounded_pieces_without_leaking() {
     let rules = MaskRules {
