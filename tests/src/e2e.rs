@@ -673,3 +673,59 @@ fn free_port(ip: Ipv4Addr) -> Result<u16> {
     let listener = std::net::TcpListener::bind((ip, 0))?;
     Ok(listener.local_addr()?.port())
 }
+
+/// What a [`json_receiver`] got: every JSON body it accepted, in order.
+pub type Received = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// An HTTP webhook on 127.0.0.1 (audit sink, notification receiver) that
+/// answers 503 to its first `fail_first` posts, then 200, keeping every
+/// JSON body it accepted. Returns its port.
+pub fn json_receiver(runtime: &tokio::runtime::Runtime, fail_first: usize) -> (u16, Received) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let received: Received = Arc::default();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind a webhook receiver on 127.0.0.1");
+    let port = listener.local_addr().expect("a bound port").port();
+    let store = received.clone();
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            let attempts = attempts.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let store = store.clone();
+                    let attempts = attempts.clone();
+                    async move {
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let code = if attempts.fetch_add(1, Ordering::SeqCst) < fail_first {
+                            503
+                        } else {
+                            let value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+                                panic!("the webhook got no JSON ({e}): {body:?}")
+                            });
+                            store.lock().unwrap_or_else(|p| p.into_inner()).push(value);
+                            200
+                        };
+                        Ok::<_, hyper::Error>(
+                            Response::builder()
+                                .status(code)
+                                .body(Full::new(Bytes::new()))
+                                .expect("a bodiless response"),
+                        )
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, received)
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use chaperone_tests::{
-    e2e::{Person, World, WorldSpec, run_for},
+    e2e::{Person, Received, World, WorldSpec, json_receiver, run_for},
     require_root,
     sim::{Authorizer, Rule, Subject},
 };
@@ -855,60 +855,6 @@ fn base64_decode(text: &str) -> String {
     .unwrap()
 }
 
-type Received = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
-
-/// A webhook on 127.0.0.1 that answers 503 to its first `fail_first`
-/// posts, then keeps every payload it gets.
-fn webhook(runtime: &tokio::runtime::Runtime, fail_first: usize) -> (u16, Received) {
-    use http_body_util::{BodyExt, Full};
-    use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
-    let received: Received = Default::default();
-    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let store = received.clone();
-    runtime.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let store = store.clone();
-            let attempts = attempts.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let store = store.clone();
-                    let attempts = attempts.clone();
-                    async move {
-                        let body = request.into_body().collect().await.unwrap().to_bytes();
-                        let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let code = if n < fail_first {
-                            503
-                        } else {
-                            store
-                                .lock()
-                                .unwrap()
-                                .push(serde_json::from_slice(&body).unwrap());
-                            200
-                        };
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .status(code)
-                                .body(Full::new(Bytes::new()))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (port, received)
-}
-
 /// Waits for `count` payloads.
 fn payloads(received: &Received, count: usize, world: &World) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -951,7 +897,7 @@ fn notify_spec(port: u16, format: &str, hold: &str) -> WorldSpec {
 fn a_slack_webhook_that_fails_at_first_is_told_of_the_request_and_its_approval() {
     require_root!();
     let runtime = runtime();
-    let (port, received) = webhook(&runtime, 2);
+    let (port, received) = json_receiver(&runtime, 2);
     let world = World::start(notify_spec(port, "slack", "30s")).unwrap();
     seed(&world, &["web"]);
     let held = start_delete(&world, "web");
@@ -1012,7 +958,7 @@ fn a_slack_webhook_that_fails_at_first_is_told_of_the_request_and_its_approval()
 fn a_json_webhook_gets_the_approval_and_who_denied_it() {
     require_root!();
     let runtime = runtime();
-    let (port, received) = webhook(&runtime, 0);
+    let (port, received) = json_receiver(&runtime, 0);
     let world = World::start(notify_spec(port, "json", "30s")).unwrap();
     seed(&world, &["web"]);
     let held = start_delete(&world, "web");

@@ -1,22 +1,17 @@
 //! The node agent's audit webhook sink, end to end: a real kubectl agent's
 //! requests reach a webhook receiver as `audit.k8s.io/v1` `EventList`
-//! batches, with chaperone's decision annotations, each `auditID` once.
-//! Needs root.
+//! batches, with chaperone's decision annotations, each `auditID` once;
+//! and a request the agent abandons is still audited. Needs root.
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use chaperone_tests::{
-    e2e::{World, WorldSpec, run_for},
+    e2e::{World, WorldSpec, json_receiver, run_for},
     require_root,
 };
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: AgentPolicy
@@ -32,41 +27,6 @@ spec:
   defaultAction: allow
 "#;
 
-type Received = Arc<Mutex<Vec<serde_json::Value>>>;
-
-/// An HTTP audit webhook on 127.0.0.1 that keeps every `EventList` it gets.
-fn receiver(runtime: &tokio::runtime::Runtime) -> (u16, Received) {
-    let received: Received = Arc::default();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let store = received.clone();
-    runtime.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let store = store.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let store = store.clone();
-                    async move {
-                        let body = request.into_body().collect().await.unwrap().to_bytes();
-                        let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                        store.lock().unwrap().push(list);
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (port, received)
-}
-
 #[test]
 fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions() {
     require_root!();
@@ -75,7 +35,7 @@ fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions() {
         .enable_all()
         .build()
         .unwrap();
-    let (port, received) = receiver(&runtime);
+    let (port, received) = json_receiver(&runtime, 0);
     let world = World::start(WorldSpec {
         policy: POLICY.into(),
         node_args: vec![
