@@ -7,6 +7,8 @@ pub mod approval;
 pub mod audit;
 pub mod cli;
 pub mod config;
+#[cfg(test)]
+mod crd_schema;
 pub mod exec;
 pub mod identity;
 pub mod kstatus;

@@ -935,3 +935,21 @@ fn slack_decisions_say_who_decided_and_why() {
         );
     }
 }
+
+/// The deployed CRD's schema is written by hand: it must have exactly the
+/// fields of `ApprovalRequest`, or a real API server prunes what a node
+/// writes (the body hash, the preview) and approvals stop matching.
+#[test]
+fn the_deployed_crd_has_the_fields_of_the_rust_type() {
+    use kube::CustomResourceExt;
+    let deployed: serde_json::Value = serde_yaml::from_str(include_str!(
+        "../../../deploy/base/crds/approvalrequests.chaperone.dev.yaml"
+    ))
+    .unwrap();
+    let generated = serde_json::to_value(ApprovalRequest::crd()).unwrap();
+    assert_eq!(
+        crate::crd_schema::of_crd(&deployed),
+        crate::crd_schema::of_crd(&generated),
+        "deploy/base/crds/approvalrequests.chaperone.dev.yaml and ApprovalRequest disagree"
+    );
+}

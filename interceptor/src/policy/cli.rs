@@ -8,12 +8,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use kube::CustomResourceExt as _;
 
 use crate::identity::{Caller, PodRef};
 use crate::request::RequestInfo;
 
-use super::spec::AgentPolicy;
 use super::store::{PolicyStore, check_text, policy_files};
 use super::{PolicyInput, deny};
 
@@ -102,9 +100,14 @@ pub fn run_to(
     }
 }
 
-/// The CRD as YAML, ready for `kubectl apply -f -`.
+/// The CRD as deployed (`deploy/base/crds/`), ready for `kubectl apply -f -`:
+/// one manifest for both ways of installing. A unit test keeps its schema's
+/// fields those of the Rust types.
+pub const CRD_YAML: &str =
+    include_str!("../../../deploy/base/crds/agentpolicies.chaperone.dev.yaml");
+
 pub fn crd_yaml() -> anyhow::Result<String> {
-    Ok(serde_yaml::to_string(&AgentPolicy::crd())?)
+    Ok(CRD_YAML.to_owned())
 }
 
 fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
