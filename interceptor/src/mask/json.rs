@@ -56,9 +56,50 @@ enum State {
     Literal,
     /// Inside a number.
     Number,
+    /// Inside an array or object where nothing needs masking ([`IGNORE`]):
+    /// brackets and strings are followed to find its end, nothing else is
+    /// interpreted ([`Skip`]).
+    Skip,
     /// After the single document: whitespace only.
     End,
 }
+
+/// Where [`State::Skip`] is inside the container it skips.
+#[derive(Clone, Copy, Debug, Default)]
+struct Skip {
+    /// The stack depth of the skipped container: it ends when a closing
+    /// bracket takes the stack below this.
+    base: usize,
+    in_string: bool,
+    /// Just after a backslash in a string.
+    escape: bool,
+}
+
+/// How [`State::Skip`] reads a byte outside strings.
+const SKIP_PLAIN: u8 = 0;
+const SKIP_QUOTE: u8 = 1;
+const SKIP_OPEN: u8 = 2;
+const SKIP_CLOSE: u8 = 3;
+const SKIP_INVALID: u8 = 4;
+
+/// Outside strings a JSON value holds only whitespace, punctuation,
+/// numbers and the letters of `true`, `false` and `null`: anything else is
+/// refused as in the rest of the document.
+const SKIP_CLASS: [u8; 256] = {
+    let mut table = [SKIP_INVALID; 256];
+    let plain = b" \t\n\r,:-+.0123456789eEtrufalsn";
+    let mut k = 0;
+    while k < plain.len() {
+        table[plain[k] as usize] = SKIP_PLAIN;
+        k += 1;
+    }
+    table[b'"' as usize] = SKIP_QUOTE;
+    table[b'{' as usize] = SKIP_OPEN;
+    table[b'[' as usize] = SKIP_OPEN;
+    table[b'}' as usize] = SKIP_CLOSE;
+    table[b']' as usize] = SKIP_CLOSE;
+    table
+};
 
 #[derive(Clone, Copy, Debug)]
 struct Frame {
@@ -119,6 +160,7 @@ pub(crate) struct JsonMask {
     label: String,
     /// Reused transform for embedded documents (last-applied).
     nested: Option<Box<JsonMask>>,
+    skip: Skip,
 }
 
 impl JsonMask {
@@ -155,6 +197,7 @@ impl JsonMask {
             masked: Vec::new(),
             label: String::new(),
             nested: None,
+            skip: Skip::default(),
         }
     }
 
@@ -257,6 +300,14 @@ impl JsonMask {
                     i += 1;
                     self.state = State::Str;
                 }
+                State::Skip => {
+                    let (consumed, closed) = self.skip_scan(&input[i..], i)?;
+                    i += consumed;
+                    if closed {
+                        self.after_value();
+                        i = self.shortcut(input, i);
+                    }
+                }
                 State::Leaf => {
                     let (consumed, closed) = self.leaf_scan(&input[i..], i)?;
                     i += consumed;
@@ -285,7 +336,20 @@ impl JsonMask {
                             self.seen_value = true;
                             let node = self.value_node;
                             i += 1;
-                            if c == b'{' {
+                            if node == IGNORE {
+                                // Nothing inside can need masking: find its
+                                // end without reading it token by token.
+                                self.stack.push(Frame {
+                                    object: c == b'{',
+                                    node,
+                                });
+                                self.skip = Skip {
+                                    base: self.stack.len(),
+                                    in_string: false,
+                                    escape: false,
+                                };
+                                self.state = State::Skip;
+                            } else if c == b'{' {
                                 self.stack.push(Frame { object: true, node });
                                 self.state = State::ObjectFirst;
                             } else {
@@ -537,6 +601,73 @@ impl JsonMask {
         value.len = 0;
         value.pad = 0;
         value.escape = Escape::None;
+    }
+
+    /// Scans the bytes of a skipped container ([`State::Skip`]); returns how
+    /// many were consumed and whether its closing bracket was among them.
+    /// Strings and brackets are followed exactly as in the rest of the
+    /// document (so the container ends where any JSON parser ends it), and
+    /// brackets still count toward [`MAX_DEPTH`] and must match.
+    fn skip_scan(&mut self, input: &[u8], base: usize) -> Result<(usize, bool), MaskError> {
+        let n = input.len();
+        let mut i = 0;
+        while i < n {
+            if self.skip.in_string {
+                if self.skip.escape {
+                    self.skip.escape = false;
+                    i += 1;
+                    continue;
+                }
+                match find_quote_or_backslash(&input[i..]) {
+                    None => return Ok((n, false)),
+                    Some(k) => {
+                        let j = i + k;
+                        if input[j] == b'\\' {
+                            self.skip.escape = true;
+                        } else {
+                            self.skip.in_string = false;
+                        }
+                        i = j + 1;
+                    }
+                }
+                continue;
+            }
+            while i < n && SKIP_CLASS[usize::from(input[i])] == SKIP_PLAIN {
+                i += 1;
+            }
+            if i == n {
+                break;
+            }
+            let c = input[i];
+            match SKIP_CLASS[usize::from(c)] {
+                SKIP_QUOTE => self.skip.in_string = true,
+                SKIP_OPEN => {
+                    if self.stack.len() >= MAX_DEPTH {
+                        return Err(MaskError::TooDeep {
+                            offset: self.offset + (base + i) as u64,
+                            limit: MAX_DEPTH,
+                        });
+                    }
+                    self.stack.push(Frame {
+                        object: c == b'{',
+                        node: IGNORE,
+                    });
+                }
+                SKIP_CLOSE => {
+                    let frame = *self.stack.last().expect("Skip is inside a container");
+                    if frame.object != (c == b'}') {
+                        return Err(self.invalid(base + i, "mismatched closing bracket"));
+                    }
+                    self.stack.pop();
+                    if self.stack.len() < self.skip.base {
+                        return Ok((i + 1, true));
+                    }
+                }
+                _ => return Err(self.invalid(base + i, "expected a JSON value")),
+            }
+            i += 1;
+        }
+        Ok((n, false))
     }
 
     /// Scans masked string bytes; returns how many were consumed and whether

@@ -848,3 +848,51 @@ fn a_long_secret_fed_byte_by_byte_is_masked_in_bounded_time() {
     assert!(text(&out).starts_with("password=<masked by chaperone: password-assignment>"));
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// Containers where nothing is masked (`managedFields`, `labels`, a pod's
+/// `status`) are skipped by brackets and strings rather than read token by
+/// token: brackets, quotes and escapes inside their strings, and any split
+/// point, must not end them early or late.
+#[test]
+fn skipped_containers_end_exactly_where_json_ends_them() {
+    let masker = masker();
+    // Strings in the skipped parts hold brackets, escaped quotes, escaped
+    // backslashes before a closing quote, \u escapes and key names that are
+    // masked elsewhere ("data"); a value after each skipped part is masked.
+    let body = br#"{"kind":"Secret","metadata":{"name":"s","labels":{"a]":"}\"{","data":"[\\","u":"\u0022]}"},"managedFields":[{"fieldsV1":{"f:data":{"f:password":{}}},"x":[[],{},"\\\\\"",-1.5e+3,true,false,null]}]},"extra":{"data":{"password":"bm90LWEtc2VjcmV0"}},"data":{"password":"aHVudGVyMg=="},"more":[{"}":"{"}],"stringData":{"token":"hunter2"}}"#;
+    let (whole, stats) = run_split(&masker, "get", "secrets", "", body, &[]).unwrap();
+    assert_eq!(stats.values_masked, 2, "{}", text(&whole));
+    assert!(!contains(&whole, "aHVudGVyMg=="));
+    assert!(!contains(&whole, "hunter2"));
+    // What is not masked is forwarded byte for byte.
+    let parsed: Value = serde_json::from_slice(&whole).unwrap();
+    let original: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(parsed["metadata"], original["metadata"]);
+    assert_eq!(parsed["extra"], original["extra"]);
+    assert_eq!(parsed["more"], original["more"]);
+    for split in 0..=body.len() {
+        let (out, split_stats) = run_split(&masker, "get", "secrets", "", body, &[split]).unwrap();
+        assert_eq!(text(&out), text(&whole), "split at {split}");
+        assert_eq!(split_stats, stats);
+    }
+    let every: Vec<usize> = (1..body.len()).collect();
+    let (out, _) = run_split(&masker, "get", "secrets", "", body, &every).unwrap();
+    assert_eq!(out, whole, "byte by byte");
+
+    // Broken JSON inside a skipped container is still refused.
+    for broken in [
+        &br#"{"metadata":{"labels":{"a":"b"]},"data":{"p":"eA=="}}"#[..],
+        br#"{"metadata":{"labels":{"a":@}},"data":{"p":"eA=="}}"#,
+        br#"{"metadata":{"labels":{"a":"b"}"#,
+        br#"{"metadata":{"labels":{"a":"b\"}},"data":{"p":"eA=="}}"#,
+    ] {
+        let result = run_split(&masker, "get", "secrets", "", broken, &[]);
+        assert!(result.is_err(), "{} was accepted", text(broken));
+    }
+    let deep = format!(
+        "{{\"metadata\":{{\"labels\":{}",
+        "[".repeat(json::MAX_DEPTH + 1)
+    );
+    let err = run_split(&masker, "get", "secrets", "", deep.as_bytes(), &[]).unwrap_err();
+    assert!(matches!(err, MaskError::TooDeep { .. }), "{err:?}");
+}

@@ -63,6 +63,9 @@ pub struct Transformed {
     transform: Option<Box<dyn BodyTransform>>,
     observer: Option<Box<dyn BodyObserver>>,
     finished: bool,
+    /// The body ended with its last data frame; the observer hears of it
+    /// once that frame is out (next poll or drop).
+    end_pending: bool,
     scratch: Vec<u8>,
 }
 
@@ -77,8 +80,15 @@ impl Transformed {
             transform,
             observer,
             finished: false,
+            end_pending: false,
             scratch: Vec::new(),
         }
+    }
+
+    /// Nothing left to read and nothing to add: an empty request body (a
+    /// GET's HEADERS frame ends its stream) is never polled.
+    fn untouched_end(&self) -> bool {
+        self.transform.is_none() && http_body::Body::is_end_stream(&self.inner)
     }
 
     fn end(&mut self, result: Result<(), String>) {
@@ -90,7 +100,9 @@ impl Transformed {
 
 impl Drop for Transformed {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.end_pending || (!self.finished && self.untouched_end()) {
+            self.end(Ok(()));
+        } else if !self.finished {
             self.end(Err(
                 "the body was dropped before it ended (client went away)".into(),
             ));
@@ -109,6 +121,9 @@ impl http_body::Body for Transformed {
         let this = self.get_mut();
         loop {
             if this.finished {
+                if std::mem::take(&mut this.end_pending) {
+                    this.end(Ok(()));
+                }
                 return Poll::Ready(None);
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -124,21 +139,34 @@ impl http_body::Body for Transformed {
                         // Trailers pass through untouched.
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
+                    // The upstream sent its last frame: end here, so that
+                    // this frame carries the end of the stream (HTTP/2
+                    // END_STREAM) instead of an empty frame one more
+                    // scheduling round later.
+                    let last = http_body::Body::is_end_stream(&this.inner);
                     let out = match &mut this.transform {
                         None => frame,
                         Some(transform) => {
                             this.scratch.clear();
-                            if let Err(error) = transform.push(&frame, &mut this.scratch) {
+                            let mut result = transform.push(&frame, &mut this.scratch);
+                            if last && result.is_ok() {
+                                result = transform.finish(&mut this.scratch);
+                            }
+                            if let Err(error) = result {
                                 this.finished = true;
                                 this.end(Err(error.to_string()));
                                 return Poll::Ready(Some(Err(error)));
                             }
-                            if this.scratch.is_empty() {
+                            if this.scratch.is_empty() && !last {
                                 continue;
                             }
                             Bytes::copy_from_slice(&this.scratch)
                         }
                     };
+                    if last {
+                        this.finished = true;
+                        this.end_pending = true;
+                    }
                     if let Some(observer) = &mut this.observer {
                         observer.on_data(&out);
                     }
@@ -168,7 +196,7 @@ impl http_body::Body for Transformed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished
+        self.finished || self.untouched_end()
     }
 }
 

@@ -458,10 +458,12 @@ pub async fn idle_watches(
         .map(|_| client(spec))
         .collect::<Result<Vec<_>>>()?;
     let open = Arc::new(AtomicU64::new(0));
+    // Why a stream did not open: reason -> count, printed on stderr.
+    let failed = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     let mut streams = Vec::with_capacity(count);
     for i in 0..count {
         let client = clients[i % clients.len()].clone();
-        let (spec, open) = (spec.clone(), open.clone());
+        let (spec, open, failed) = (spec.clone(), open.clone(), failed.clone());
         streams.push(tokio::spawn(async move {
             let request = Request::get(format!(
                 "{}/api/v1/namespaces/{}/configmaps?watch=true",
@@ -471,13 +473,17 @@ pub async fn idle_watches(
             .body(Full::new(Bytes::new()))
             .expect("valid request");
             HTTP_REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
-            if let Ok(response) = client.request(request).await
-                && response.status().is_success()
-            {
-                open.fetch_add(1, Ordering::Relaxed);
-                let mut body = response.into_body();
-                while let Some(Ok(_)) = body.frame().await {}
-            }
+            let reason = match client.request(request).await {
+                Ok(response) if response.status().is_success() => {
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let mut body = response.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                    return;
+                }
+                Ok(response) => format!("HTTP {}", response.status()),
+                Err(error) => format!("{error:?}"),
+            };
+            *failed.lock().unwrap().entry(reason).or_insert(0usize) += 1;
         }));
     }
     // Wait until every stream is open, or until nothing moves for `settle`.
@@ -494,7 +500,15 @@ pub async fn idle_watches(
             break;
         }
     }
-    opened(open.load(Ordering::Relaxed) as usize);
+    let now = open.load(Ordering::Relaxed) as usize;
+    if now < count {
+        let failed = failed.lock().unwrap().clone();
+        let waiting = (count - now).saturating_sub(failed.values().sum());
+        eprintln!(
+            "idle watches: {now} of {count} open, {waiting} still waiting, failed: {failed:?}"
+        );
+    }
+    opened(now);
     hold.await;
     for stream in streams {
         stream.abort();
