@@ -758,6 +758,9 @@ impl ResponseObserver for ExchangeDraft {
                 Some(started),
                 None,
             );
+            if let Some(admission) = &mut self.admission {
+                admission.release_slot();
+            }
         }
         let mut draft = *self;
         let upgrade_end = draft.upgrade_end.take();

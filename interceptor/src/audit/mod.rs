@@ -105,8 +105,9 @@ pub struct AuditConfig {
     /// Spools live in `<spool_dir>/<sink name>/`.
     pub spool_dir: PathBuf,
     /// In-memory capacity: live admissions (requests between `admit()` and
-    /// dropping the [`Admission`], long-running watches included) plus
-    /// events submitted but not yet spooled. In mode `block`, `admit()` fails
+    /// their end; a long-running watch or exec only until its start event,
+    /// see [`Admission::release_slot`]) plus events submitted but not yet
+    /// spooled. In mode `block`, `admit()` fails
     /// at this count; in mode `drop`, events beyond it are dropped.
     pub queue: usize,
     pub full: FullMode,
@@ -229,6 +230,7 @@ impl AuditGate {
         shared.inflight.fetch_add(1, Ordering::Relaxed);
         Ok(Admission {
             shared: shared.clone(),
+            holds_slot: true,
         })
     }
 
@@ -241,6 +243,8 @@ impl AuditGate {
 /// One admitted request. Submit its exchange(s), then drop it.
 pub struct Admission {
     shared: Arc<Shared>,
+    /// Counted among the in-flight admissions the gate bounds.
+    holds_slot: bool,
 }
 
 impl Admission {
@@ -269,9 +273,21 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// A long-running request (watch, exec, port-forward) whose start event
+    /// is queued gives its slot back: the gate bounds requests waiting to be
+    /// audited, not open streams, so 10,000 idle watches on a node do not
+    /// refuse its next request. Its end event is still accepted.
+    pub fn release_slot(&mut self) {
+        if std::mem::take(&mut self.holds_slot) {
+            self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.release_slot();
     }
 }
 

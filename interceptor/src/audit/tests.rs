@@ -938,3 +938,46 @@ async fn an_https_webhook_from_a_kubeconfig_gets_batches_with_the_token() {
     auditor.shutdown();
     server.abort();
 }
+
+/// In block mode the gate bounds requests waiting to be audited. Open
+/// watches gave their slot back once their start event was queued, so a
+/// node holding many idle watches still admits its next request; requests
+/// still in flight keep theirs and do fill the gate.
+#[test]
+fn open_watches_do_not_fill_the_gate_but_requests_in_flight_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let mut config = AuditConfig::new(tmp.path(), vec![webhook_spec(addr, 1 << 20)]);
+    config.queue = 3;
+    let auditor = Auditor::start(config, Metrics::new()).unwrap();
+    let gate = auditor.gate();
+
+    let in_flight: Vec<_> = (0..3).map(|_| gate.admit().expect("room for 3")).collect();
+    let Err(full) = gate.admit() else {
+        panic!("a fourth request in flight is refused");
+    };
+    let message = full.status().message;
+    assert!(message.contains("audit queue is full"), "{message}");
+    drop(in_flight);
+
+    let mut watches = Vec::new();
+    for i in 0..10 {
+        let Ok(mut watch) = gate.admit() else {
+            panic!("watch {i} refused");
+        };
+        watch.release_slot();
+        watch.release_slot();
+        watches.push(watch);
+    }
+    assert!(gate.admit().is_ok(), "ten open watches leave the gate open");
+    // A watch's end is still audited after it gave its slot back.
+    watches.pop().unwrap().submit(Arc::new(exchange(
+        "watch",
+        "pods",
+        "",
+        Action::Allow,
+        RecordLevel::Metadata,
+        200,
+    )));
+    assert!(auditor.gate().queue_depth() <= 1);
+}
