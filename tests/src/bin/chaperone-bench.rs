@@ -33,6 +33,9 @@ struct Args {
     /// Override: closed-loop workers.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Override: idle watch counts to measure memory at (e.g. `1000,10000`).
+    #[arg(long, value_delimiter = ',')]
+    idle_watches: Option<Vec<usize>>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +67,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(concurrency) = args.concurrency {
         spec.concurrency = concurrency;
+    }
+    if let Some(idle_watches) = args.idle_watches {
+        spec.idle_watches = idle_watches;
     }
     if !chaperone_tests::is_root() {
         anyhow::bail!(
