@@ -9,7 +9,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use super::guard::TunnelTap;
+use super::guard::{TapError, TunnelTap};
 
 const BUFFER: usize = 16 * 1024;
 
@@ -37,6 +37,26 @@ pub(super) async fn pump(
     }
 }
 
+/// `bytes` as the other side gets them: unchanged without a tap, else
+/// what the tap's `rewrite` writes to `out`. A tap that cannot read the
+/// stream is an error that closes the tunnel.
+fn through<'a>(
+    tap: &Option<SharedTap>,
+    bytes: &'a [u8],
+    out: &'a mut Vec<u8>,
+    rewrite: impl FnOnce(&mut dyn TunnelTap, &[u8], &mut Vec<u8>) -> Result<(), TapError>,
+) -> std::io::Result<&'a [u8]> {
+    let Some(tap) = tap else {
+        return Ok(bytes);
+    };
+    out.clear();
+    if let Err(error) = rewrite(lock(tap).as_mut(), bytes, out) {
+        tracing::warn!(%error, "closing a tunnel whose stream cannot be read");
+        return Err(std::io::Error::other(error));
+    }
+    Ok(&out[..])
+}
+
 /// Agent to API server: through the tap (which watches, and may rewrite
 /// flow control).
 async fn copy_up(
@@ -56,17 +76,13 @@ async fn copy_up(
                 return Err(error);
             }
         };
-        let chunk = match &tap {
-            None => &buffer[..n],
-            Some(tap) => {
-                out.clear();
-                let result = lock(tap).agent_rewrite(&buffer[..n], &mut out);
-                if let Err(error) = result {
-                    tracing::warn!(%error, "closing a tunnel whose stream cannot be read");
-                    let _ = to.shutdown().await;
-                    return Err(std::io::Error::other(error));
-                }
-                &out[..]
+        let chunk = match through(&tap, &buffer[..n], &mut out, |tap, bytes, out| {
+            tap.agent_rewrite(bytes, out)
+        }) {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                let _ = to.shutdown().await;
+                return Err(error);
             }
         };
         to.write_all(chunk).await?;
@@ -112,17 +128,13 @@ async fn copy_down(
                 return Err(error);
             }
         };
-        let chunk = match &tap {
-            None => &buffer[..n],
-            Some(tap) => {
-                out.clear();
-                let result = lock(tap).upstream_sent(&buffer[..n], &mut out);
-                if let Err(error) = result {
-                    tracing::warn!(%error, "closing a tunnel whose stream cannot be read");
-                    let _ = to.shutdown().await;
-                    return Err(std::io::Error::other(error));
-                }
-                &out[..]
+        let chunk = match through(&tap, &buffer[..n], &mut out, |tap, bytes, out| {
+            tap.upstream_sent(bytes, out)
+        }) {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                let _ = to.shutdown().await;
+                return Err(error);
             }
         };
         to.write_all(chunk).await?;
