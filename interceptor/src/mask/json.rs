@@ -14,10 +14,8 @@
 
 use std::sync::Arc;
 
-use memchr::memchr2;
-
 use super::schema::{IGNORE, Leaf, NodeId};
-use super::{Compiled, MaskError, MaskStats, marker};
+use super::{Compiled, MaskError, MaskStats, marker, scan};
 
 /// Deepest nesting accepted; Kubernetes objects stay far below it.
 pub(crate) const MAX_DEPTH: usize = 512;
@@ -633,7 +631,11 @@ impl JsonMask {
                 continue;
             }
             while i < n && SKIP_CLASS[usize::from(input[i])] == SKIP_PLAIN {
-                i += 1;
+                i = if input[i] == b' ' {
+                    scan::skip_spaces(input, i + 1)
+                } else {
+                    i + 1
+                };
             }
             if i == n {
                 break;
@@ -951,26 +953,21 @@ impl LeafValue {
     }
 }
 
-/// The first `"` or `\\` in `bytes`. Most JSON strings are short: a plain
-/// loop finds their end before `memchr2` would have set up.
+/// The first `"` or `\\` in `bytes`.
 #[inline]
 fn find_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
-    const SHORT: usize = 16;
-    let head = &bytes[..bytes.len().min(SHORT)];
-    if let Some(at) = head.iter().position(|&b| b == b'"' || b == b'\\') {
-        return Some(at);
-    }
-    if bytes.len() <= SHORT {
-        return None;
-    }
-    memchr2(b'"', b'\\', &bytes[SHORT..]).map(|at| at + SHORT)
+    scan::quote_or_backslash(bytes)
 }
 
 /// The index of the first non-whitespace byte at or after `i`.
 #[inline]
 fn skip_whitespace(input: &[u8], mut i: usize) -> usize {
-    while i < input.len() && matches!(input[i], b' ' | b'\t' | b'\n' | b'\r') {
-        i += 1;
+    while i < input.len() {
+        match input[i] {
+            b' ' => i = scan::skip_spaces(input, i + 1),
+            b'\t' | b'\n' | b'\r' => i += 1,
+            _ => break,
+        }
     }
     i
 }
@@ -1030,26 +1027,13 @@ fn hex4(digits: &[u8]) -> Result<u32, ()> {
     })
 }
 
-/// Bytes that must be escaped in a JSON string.
-const ESCAPE: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        table[b] = true;
-        b += 1;
-    }
-    table[b'"' as usize] = true;
-    table[b'\\' as usize] = true;
-    table
-};
-
 /// Appends `text` as a JSON string.
 pub(crate) fn escape_json(text: &[u8], out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(text.len() + 2);
     out.push(b'"');
     let mut at = 0;
-    while let Some(k) = text[at..].iter().position(|&b| ESCAPE[usize::from(b)]) {
+    while let Some(k) = scan::needs_escape(&text[at..]) {
         let i = at + k;
         out.extend_from_slice(&text[at..i]);
         let b = text[i];

@@ -48,6 +48,7 @@ mod json;
 mod lines;
 pub mod marker;
 mod patterns;
+mod scan;
 mod schema;
 
 use std::collections::BTreeSet;
