@@ -120,6 +120,15 @@ struct LeafValue {
     node: NodeId,
     /// Raw (still escaped) bytes, for leaves that must be read.
     raw: Vec<u8>,
+    /// The same bytes decoded as they are read, while every escape decodes
+    /// to one byte (`decoded_exact`); after a `\u` escape, [`unescape`]
+    /// decodes `raw` at the end instead.
+    decoded: Vec<u8>,
+    /// Each escape read: (offset in `decoded`, its length in `raw`), so an
+    /// embedded document can be rewritten around its masked values
+    /// ([`splice`]) instead of escaped anew.
+    escapes: Vec<(usize, usize)>,
+    decoded_exact: bool,
     buffered: bool,
     overflow: bool,
     /// Decoded size in bytes.
@@ -152,13 +161,30 @@ pub(crate) struct JsonMask {
     seen_value: bool,
     failed: Option<MaskError>,
     stats: MaskStats,
-    /// Reused buffers: decoded value, masked value, field label.
-    text: Vec<u8>,
+    /// Reused buffers: masked embedded document, field label.
     masked: Vec<u8>,
     label: String,
     /// Reused transform for embedded documents (last-applied).
     nested: Option<Box<JsonMask>>,
     skip: Skip,
+    /// In an embedded document: the string values that went through
+    /// [`Self::finish_leaf`] and what they became, so the outer string can
+    /// be rewritten around them ([`splice`]). `None` at the top level.
+    spans: Option<Vec<Span>>,
+    /// Where the current leaf began: its opening quote in the input, and
+    /// the output length then.
+    leaf_at: (usize, usize),
+}
+
+/// A string value of an embedded document and what replaced it: input
+/// `start..end` (quotes included) became output `out_start..out_end`.
+/// Everything between spans is the input unchanged.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: usize,
+    end: usize,
+    out_start: usize,
+    out_end: usize,
 }
 
 impl JsonMask {
@@ -181,6 +207,9 @@ impl JsonMask {
                 leaf: Leaf::PlainSecret,
                 node: IGNORE,
                 raw: Vec::new(),
+                decoded: Vec::new(),
+                escapes: Vec::new(),
+                decoded_exact: true,
                 buffered: false,
                 overflow: false,
                 len: 0,
@@ -191,11 +220,12 @@ impl JsonMask {
             seen_value: false,
             failed: None,
             stats: MaskStats::default(),
-            text: Vec::new(),
             masked: Vec::new(),
             label: String::new(),
             nested: None,
             skip: Skip::default(),
+            spans: None,
+            leaf_at: (0, 0),
         }
     }
 
@@ -215,6 +245,9 @@ impl JsonMask {
         self.seen_value = false;
         self.failed = None;
         self.stats = MaskStats::default();
+        if let Some(spans) = &mut self.spans {
+            spans.clear();
+        }
     }
 
     pub(crate) fn stats(&self) -> &MaskStats {
@@ -310,7 +343,17 @@ impl JsonMask {
                     let (consumed, closed) = self.leaf_scan(&input[i..], i)?;
                     i += consumed;
                     if closed {
+                        let out_start = out.len();
                         self.finish_leaf(out)?;
+                        if let Some(spans) = &mut self.spans {
+                            debug_assert_eq!(self.leaf_at.1, out_start);
+                            spans.push(Span {
+                                start: self.leaf_at.0,
+                                end: self.offset as usize + i,
+                                out_start,
+                                out_end: out.len(),
+                            });
+                        }
                         emit = i;
                         self.after_value();
                     }
@@ -376,6 +419,7 @@ impl JsonMask {
                                 }
                                 Some(leaf) => {
                                     out.extend_from_slice(&input[emit..i]);
+                                    self.leaf_at = (self.offset as usize + i, out.len());
                                     self.start_leaf(leaf, node);
                                     self.state = State::Leaf;
                                 }
@@ -594,6 +638,9 @@ impl JsonMask {
         value.leaf = leaf;
         value.node = node;
         value.raw.clear();
+        value.decoded.clear();
+        value.escapes.clear();
+        value.decoded_exact = true;
         value.buffered = !matches!(leaf, Leaf::Base64Secret | Leaf::PlainSecret);
         value.overflow = false;
         value.len = 0;
@@ -700,15 +747,27 @@ impl JsonMask {
                     let c = input[i];
                     value.raw_push(c, cap);
                     i += 1;
-                    match c {
-                        b'u' => value.escape = Escape::Unicode(4, 0),
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
-                            value.escape = Escape::None;
-                            value.len += 1;
-                            value.pad = 0;
+                    let byte = match c {
+                        b'u' => {
+                            value.escape = Escape::Unicode(4, 0);
+                            // Decoded at the end: it may be half of a pair.
+                            value.decoded_exact = false;
+                            continue;
                         }
+                        b'"' => b'"',
+                        b'\\' => b'\\',
+                        b'/' => b'/',
+                        b'b' => 0x08,
+                        b'f' => 0x0c,
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
                         _ => return Err(self.invalid(base + i - 1, "invalid escape in a string")),
-                    }
+                    };
+                    value.escape = Escape::None;
+                    value.len += 1;
+                    value.pad = 0;
+                    value.decoded_push(byte);
                 }
                 Escape::Unicode(left, code) => {
                     let c = input[i];
@@ -767,10 +826,7 @@ impl JsonMask {
             // Env names pass through as strings; never read as a leaf.
             Leaf::EnvName => self.passthrough_leaf(out),
             Leaf::PatternText | Leaf::EnvValue => {
-                let mut text = std::mem::take(&mut self.text);
-                text.clear();
-                unescape(&self.leaf.raw, &mut text)
-                    .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
+                let text = self.take_decoded()?;
                 if leaf == Leaf::EnvValue
                     && !self.env_name.is_empty()
                     && self.compiled.env_names.is_match(&self.env_name)
@@ -783,15 +839,15 @@ impl JsonMask {
                 if leaf == Leaf::EnvValue {
                     self.env_name.clear();
                 }
-                self.text = text;
+                self.leaf.decoded = text;
             }
             Leaf::PatternBase64 => {
                 use base64::Engine as _;
                 let engine = &base64::engine::general_purpose::STANDARD;
-                let mut text = Vec::with_capacity(self.leaf.raw.len());
-                unescape(&self.leaf.raw, &mut text)
-                    .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
-                match engine.decode(&text) {
+                let text = self.take_decoded()?;
+                let decoded = engine.decode(&text);
+                self.leaf.decoded = text;
+                match decoded {
                     Err(_) => {
                         // Unreadable, so it cannot be checked: masked whole.
                         marker::base64_json(base64_len(len, self.leaf.pad), out);
@@ -817,20 +873,18 @@ impl JsonMask {
                 }
             }
             Leaf::EmbeddedJson { root, secret } => {
-                let mut text = std::mem::take(&mut self.text);
-                text.clear();
-                unescape(&self.leaf.raw, &mut text)
-                    .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
+                let text = self.take_decoded()?;
                 let mut nested = match self.nested.take() {
                     Some(mut nested) => {
                         nested.reset(root, Framing::Single);
                         nested
                     }
-                    None => Box::new(JsonMask::new(
-                        Arc::clone(&self.compiled),
-                        root,
-                        Framing::Single,
-                    )),
+                    None => {
+                        let mut nested =
+                            JsonMask::new(Arc::clone(&self.compiled), root, Framing::Single);
+                        nested.spans = Some(Vec::new());
+                        Box::new(nested)
+                    }
                 };
                 let mut masked = std::mem::take(&mut self.masked);
                 masked.clear();
@@ -840,7 +894,12 @@ impl JsonMask {
                 match parsed {
                     Ok(()) if nested.stats.values_masked == 0 => self.passthrough_leaf(out),
                     Ok(()) => {
-                        escape_json(&masked, out);
+                        match &nested.spans {
+                            Some(spans) if self.leaf.decoded_exact => {
+                                splice(&self.leaf.raw, &self.leaf.escapes, spans, &masked, out)
+                            }
+                            _ => escape_json(&masked, out),
+                        }
                         let mut label = std::mem::take(&mut self.label);
                         self.write_label(&mut label);
                         self.stats.merge_nested(&nested.stats, &label);
@@ -854,10 +913,19 @@ impl JsonMask {
                 }
                 self.nested = Some(nested);
                 self.masked = masked;
-                self.text = text;
+                self.leaf.decoded = text;
             }
         }
         Ok(())
+    }
+
+    /// The leaf's decoded value, taken out of it (give it back to
+    /// `self.leaf.decoded` to keep the allocation).
+    fn take_decoded(&mut self) -> Result<Vec<u8>, MaskError> {
+        self.leaf
+            .decode()
+            .map_err(|()| self.invalid(0, "invalid escape in a string"))?;
+        Ok(std::mem::take(&mut self.leaf.decoded))
     }
 
     /// Writes the buffered string unchanged.
@@ -932,8 +1000,29 @@ impl LeafValue {
                 self.spill();
             } else {
                 self.raw.extend_from_slice(bytes);
+                if self.decoded_exact {
+                    self.decoded.extend_from_slice(bytes);
+                }
             }
         }
+    }
+
+    /// One escape's decoded byte (its backslash and letter are in `raw`).
+    #[inline]
+    fn decoded_push(&mut self, byte: u8) {
+        if self.buffered && !self.overflow && self.decoded_exact {
+            self.escapes.push((self.decoded.len(), 2));
+            self.decoded.push(byte);
+        }
+    }
+
+    /// Makes `decoded` the whole decoded value.
+    fn decode(&mut self) -> Result<(), ()> {
+        if !self.decoded_exact {
+            self.decoded.clear();
+            unescape(&self.raw, &mut self.decoded)?;
+        }
+        Ok(())
     }
 
     #[inline]
@@ -950,6 +1039,8 @@ impl LeafValue {
     fn spill(&mut self) {
         self.overflow = true;
         self.raw = Vec::new();
+        self.decoded = Vec::new();
+        self.escapes = Vec::new();
     }
 }
 
@@ -1029,9 +1120,54 @@ fn hex4(digits: &[u8]) -> Result<u32, ()> {
 
 /// Appends `text` as a JSON string.
 pub(crate) fn escape_json(text: &[u8], out: &mut Vec<u8>) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(text.len() + 2);
     out.push(b'"');
+    escape_into(text, out);
+    out.push(b'"');
+}
+
+/// Writes an embedded document back as a JSON string: the original string
+/// `raw` (escapes at `escapes`: decoded offset, encoded length; each decodes
+/// to one byte) with the `spans` of its decoded text replaced by their
+/// masked output in `masked`, escaped. Decodes to the same text as
+/// escaping `masked` whole, and leaves every unmasked byte as the API
+/// server wrote it.
+fn splice(
+    raw: &[u8],
+    escapes: &[(usize, usize)],
+    spans: &[Span],
+    masked: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let mut next_escape = 0;
+    let mut extra = 0;
+    // The offset in `raw` of decoded offset `at`, never inside an escape
+    // (spans start and end at quotes of the decoded text).
+    let mut encoded = |at: usize| {
+        while let Some(&(decoded_at, len)) = escapes.get(next_escape)
+            && decoded_at < at
+        {
+            extra += len - 1;
+            next_escape += 1;
+        }
+        at + extra
+    };
+    out.reserve(raw.len() + 2);
+    out.push(b'"');
+    let mut copied = 0;
+    for span in spans {
+        let start = encoded(span.start);
+        out.extend_from_slice(&raw[copied..start]);
+        escape_into(&masked[span.out_start..span.out_end], out);
+        copied = encoded(span.end);
+    }
+    out.extend_from_slice(&raw[copied..]);
+    out.push(b'"');
+}
+
+/// Appends `text` escaped as the body of a JSON string.
+fn escape_into(text: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut at = 0;
     while let Some(k) = scan::needs_escape(&text[at..]) {
         let i = at + k;
@@ -1052,5 +1188,4 @@ pub(crate) fn escape_json(text: &[u8], out: &mut Vec<u8>) {
         at = i + 1;
     }
     out.extend_from_slice(&text[at..]);
-    out.push(b'"');
 }

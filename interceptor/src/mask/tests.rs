@@ -896,3 +896,92 @@ fn skipped_containers_end_exactly_where_json_ends_them() {
     let err = run_split(&masker, "get", "secrets", "", deep.as_bytes(), &[]).unwrap_err();
     assert!(matches!(err, MaskError::TooDeep { .. }), "{err:?}");
 }
+
+#[test]
+fn last_applied_is_rewritten_around_its_masked_values_only() {
+    // The annotation's document as kubectl writes it; its values escape
+    // quotes, backslashes, control and non-ASCII characters.
+    let document = "{\"apiVersion\":\"v1\",\"kind\":\"Secret\",\"metadata\":{\"annotations\":{},\"name\":\"n\\u00e9\\t\\\"x\\\"\"},\"stringData\":{\"p\":\"a\\\"b\\\\c\\u00e9\\n\\u0001\"},\"data\":{\"k\":\"YWJj\"},\"type\":\"Opaque\"}\n";
+    let mut canonical = Vec::new();
+    json::escape_json(document.as_bytes(), &mut canonical);
+    let canonical = String::from_utf8(canonical).unwrap();
+    // Encodings escape_json would not write: still read, masked the same.
+    // (raw, whether its bytes outside the masked values are kept: all
+    // but those with a `\\u` escape in the outer string, which is then
+    // written anew).
+    let variants = [
+        (canonical.clone(), true),
+        (canonical.replace(",\\\"type", ",\\t\\\"type"), true),
+        (canonical.replace("v1", "v\\/1"), true),
+        (canonical.replace("\\n\"", "\\u000a\""), false),
+        (canonical.replace("Secret", "Secr\\u0065t"), false),
+        (canonical.replace(",\\\"type", ",\\u0009\\\"type"), false),
+        (
+            canonical.replace("Opaque", "Opaque\\ud83d\\ude00\\u00e9"),
+            false,
+        ),
+        (canonical.replace("YWJj", "YWJ\\u006a"), false),
+    ];
+    let masker = masker();
+    for (raw, kept) in &variants {
+        let prefix = r#"{"kind":"Secret","metadata":{"annotations":{"kubectl.kubernetes.io/last-applied-configuration":"#;
+        let suffix = r#"}},"type":"Opaque"}"#;
+        let body = format!("{prefix}{raw}{suffix}");
+        let (whole, stats) =
+            run_split(&masker, "get", "secrets", "", body.as_bytes(), &[]).unwrap();
+        assert_eq!(stats.values_masked, 2, "{raw}");
+        let out = text(&whole);
+        let written = out
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .unwrap_or_else(|| panic!("only the annotation changes: {out}"));
+        let decoded: String = serde_json::from_str(written).unwrap();
+        let mut expected: Value =
+            serde_json::from_str(&serde_json::from_str::<String>(raw).unwrap()).unwrap();
+        expected["stringData"]["p"] = "<masked by chaperone: 9 bytes>".into();
+        expected["data"]["k"] = STANDARD.encode("<masked by chaperone: 3 bytes>").into();
+        assert_eq!(
+            serde_json::from_str::<Value>(&decoded).unwrap(),
+            expected,
+            "{raw}"
+        );
+        assert!(decoded.ends_with("}\n"), "{decoded:?}");
+        // Everything but the two values is what the API server sent.
+        let restored = decoded
+            .replace(
+                &format!("\"{}\"", STANDARD.encode("<masked by chaperone: 3 bytes>")),
+                "\"YWJj\"",
+            )
+            .replace(
+                "\"<masked by chaperone: 9 bytes>\"",
+                "\"a\\\"b\\\\c\\u00e9\\n\\u0001\"",
+            );
+        assert_eq!(restored, serde_json::from_str::<String>(raw).unwrap());
+        if *kept {
+            // The API server's bytes with the two values replaced.
+            let escaped = |inner: &str| {
+                let mut quoted = Vec::new();
+                json::escape_json(inner.as_bytes(), &mut quoted);
+                text(&quoted[1..quoted.len() - 1]).to_owned()
+            };
+            let expected = raw
+                .replace(
+                    &escaped(r#""a\"b\\c\u00e9\n\u0001""#),
+                    &escaped("\"<masked by chaperone: 9 bytes>\""),
+                )
+                .replace("YWJj", &STANDARD.encode("<masked by chaperone: 3 bytes>"));
+            assert_eq!(written, expected);
+        } else {
+            // Written anew, as escape_json writes the masked document.
+            let mut re_escaped = Vec::new();
+            json::escape_json(decoded.as_bytes(), &mut re_escaped);
+            assert_eq!(written, text(&re_escaped), "{raw}");
+        }
+        for split in 0..=body.len() {
+            let (out, split_stats) =
+                run_split(&masker, "get", "secrets", "", body.as_bytes(), &[split]).unwrap();
+            assert_eq!(text(&out), text(&whole), "split at {split} of {raw}");
+            assert_eq!(split_stats, stats);
+        }
+    }
+}
