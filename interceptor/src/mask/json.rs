@@ -174,6 +174,12 @@ pub(crate) struct JsonMask {
     /// Where the current leaf began: its opening quote in the input, and
     /// the output length then.
     leaf_at: (usize, usize),
+    /// Fields already in `stats` (leaf node and key or env var name), so a
+    /// list of a thousand Secrets builds each label once.
+    recorded: Vec<(NodeId, Vec<u8>)>,
+    /// The embedded-document fields last merged into `stats`: the leaf
+    /// node, and how many fields the nested stats held (they only grow).
+    merged: Option<(NodeId, usize, bool)>,
 }
 
 /// A string value of an embedded document and what replaced it: input
@@ -226,6 +232,8 @@ impl JsonMask {
             skip: Skip::default(),
             spans: None,
             leaf_at: (0, 0),
+            recorded: Vec::new(),
+            merged: None,
         }
     }
 
@@ -244,7 +252,8 @@ impl JsonMask {
         self.offset = 0;
         self.seen_value = false;
         self.failed = None;
-        self.stats = MaskStats::default();
+        // The fields stay: `recorded` and `merged` know them.
+        self.stats.reset_counts();
         if let Some(spans) = &mut self.spans {
             spans.clear();
         }
@@ -900,10 +909,19 @@ impl JsonMask {
                             }
                             _ => escape_json(&masked, out),
                         }
-                        let mut label = std::mem::take(&mut self.label);
-                        self.write_label(&mut label);
-                        self.stats.merge_nested(&nested.stats, &label);
-                        self.label = label;
+                        self.stats.add_counts(&nested.stats);
+                        let fields = (
+                            self.leaf.node,
+                            nested.stats.fields.len(),
+                            nested.stats.fields_truncated,
+                        );
+                        if self.merged != Some(fields) {
+                            let mut label = std::mem::take(&mut self.label);
+                            self.write_label(&mut label);
+                            self.stats.merge_fields(&nested.stats, &label);
+                            self.label = label;
+                            self.merged = Some(fields);
+                        }
                     }
                     Err(_) if secret => {
                         marker::plain_json(len, out);
@@ -972,12 +990,31 @@ impl JsonMask {
     fn record(&mut self, values: u64, patterns: u64) {
         self.stats.values_masked += values;
         self.stats.pattern_matches += patterns;
-        if self.stats.wants_field() {
-            let mut label = std::mem::take(&mut self.label);
-            self.write_label(&mut label);
-            self.stats.add_field(&label);
-            self.label = label;
+        if !self.stats.wants_field() {
+            return;
         }
+        let node = self.leaf.node;
+        let name: &[u8] = match self.leaf.leaf {
+            Leaf::Base64Secret | Leaf::PlainSecret | Leaf::PatternText | Leaf::PatternBase64 => {
+                &self.key
+            }
+            Leaf::EnvValue => &self.env_name,
+            _ => b"",
+        };
+        if self
+            .recorded
+            .iter()
+            .any(|(n, recorded)| *n == node && recorded.as_slice() == name)
+        {
+            return;
+        }
+        if self.recorded.len() < super::MAX_FIELDS {
+            self.recorded.push((node, name.to_vec()));
+        }
+        let mut label = std::mem::take(&mut self.label);
+        self.write_label(&mut label);
+        self.stats.add_field(&label);
+        self.label = label;
     }
 }
 

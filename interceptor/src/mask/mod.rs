@@ -544,12 +544,17 @@ impl MaskStats {
         }
     }
 
-    /// Adds the stats of an embedded document found at `prefix`.
-    pub(crate) fn merge_nested(&mut self, nested: &MaskStats, prefix: &str) {
+    /// Adds the counts of an embedded document.
+    pub(crate) fn add_counts(&mut self, nested: &MaskStats) {
         self.values_masked += nested.values_masked;
         self.pattern_matches += nested.pattern_matches;
         self.oversized_values += nested.oversized_values;
         self.lines_dropped += nested.lines_dropped;
+    }
+
+    /// Adds the fields of an embedded document found at `prefix`, as
+    /// `prefix[field]`.
+    pub(crate) fn merge_fields(&mut self, nested: &MaskStats, prefix: &str) {
         let mut field = String::new();
         for nested_field in &nested.fields {
             field.clear();
@@ -560,6 +565,16 @@ impl MaskStats {
             self.add_field(&field);
         }
         self.fields_truncated |= nested.fields_truncated;
+    }
+
+    /// Zeroes the counts for the next embedded document, keeping the fields
+    /// seen so far (they are merged into the response's fields, which only
+    /// grow).
+    pub(crate) fn reset_counts(&mut self) {
+        self.values_masked = 0;
+        self.pattern_matches = 0;
+        self.oversized_values = 0;
+        self.lines_dropped = 0;
     }
 }
 
