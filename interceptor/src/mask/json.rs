@@ -151,6 +151,8 @@ pub(crate) struct JsonMask {
     /// Copying the current string into `capture`.
     capturing: bool,
     capture: Vec<u8>,
+    /// `capture` holds a backslash (it must be unescaped).
+    capture_escaped: bool,
     /// The last key read where the schema needed it (label of `any_key` leaves).
     key: Vec<u8>,
     env_name: Vec<u8>,
@@ -205,6 +207,7 @@ impl JsonMask {
             in_key: false,
             capturing: false,
             capture: Vec::new(),
+            capture_escaped: false,
             key: Vec::new(),
             env_name: Vec::new(),
             literal: b"",
@@ -247,6 +250,7 @@ impl JsonMask {
         self.in_key = false;
         self.capturing = false;
         self.capture.clear();
+        self.capture_escaped = false;
         self.key.clear();
         self.env_name.clear();
         self.offset = 0;
@@ -335,6 +339,7 @@ impl JsonMask {
                 },
                 State::StrEscape => {
                     if self.capturing {
+                        self.capture_escaped = true;
                         self.capture_extend(&input[i..=i]);
                     }
                     i += 1;
@@ -424,6 +429,7 @@ impl JsonMask {
                                     self.in_key = false;
                                     self.capturing = true;
                                     self.capture.clear();
+                                    self.capture_escaped = false;
                                     self.state = State::Str;
                                 }
                                 Some(leaf) => {
@@ -567,6 +573,7 @@ impl JsonMask {
         let node = self.stack.last().map_or(IGNORE, |f| f.node);
         self.capturing = self.compiled.schema.needs_key(node);
         self.capture.clear();
+        self.capture_escaped = false;
         self.state = State::Str;
     }
 
@@ -580,19 +587,19 @@ impl JsonMask {
     }
 
     /// The captured string, unescaped into `into`; `false` when it was too
-    /// long to keep.
+    /// long to keep. Without escapes the two buffers trade places.
     fn take_capture(&mut self, at: usize, into: &mut Vec<u8>) -> Result<bool, MaskError> {
         into.clear();
         if self.capture.len() > MAX_CAPTURE {
             return Ok(false);
         }
         self.capture.pop(); // the closing quote
-        if self.capture.contains(&b'\\') {
+        if self.capture_escaped {
             if unescape(&self.capture, into).is_err() {
                 return Err(self.invalid(at, "invalid escape in a string"));
             }
         } else {
-            into.extend_from_slice(&self.capture);
+            std::mem::swap(&mut self.capture, into);
         }
         Ok(true)
     }
