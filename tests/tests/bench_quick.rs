@@ -48,19 +48,42 @@ fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
         markdown.contains("| chaperone (full pipeline) |"),
         "{markdown}"
     );
+    assert!(
+        markdown.contains("### GET secret alone, open loop at 50 req/s"),
+        "{markdown}"
+    );
     let runs = report["runs"].as_array().expect("runs");
     for target in ["direct", "chaperone", "nginx"] {
-        for open_loop in [true, false] {
+        for (open_loop, get_alone) in [(true, false), (false, false), (true, true)] {
             let run = runs
                 .iter()
-                .find(|r| r["target"] == target && r["open_loop"] == open_loop)
-                .unwrap_or_else(|| panic!("no {target} run (open loop {open_loop}):\n{stdout}"));
+                .find(|r| {
+                    r["target"] == target
+                        && r["open_loop"] == open_loop
+                        && r["get_alone"] == get_alone
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no {target} run (open loop {open_loop}, get alone {get_alone}):\n{stdout}"
+                    )
+                });
             assert!(
                 run["load"]["requests"].as_u64().unwrap_or(0) > 0,
                 "{target} answered nothing:\n{stdout}"
             );
+            assert_eq!(run["load"]["errors"], 0, "{target} errors:\n{stdout}");
         }
     }
+    let get_alone = runs
+        .iter()
+        .find(|r| r["get_alone"] == true)
+        .expect("a get-alone run");
+    let ops = get_alone["load"]["ops"].as_array().expect("ops");
+    assert!(
+        ops.iter()
+            .all(|o| o["op"] == "get-secret" || o["count"] == 0),
+        "a get-alone run sent other operations: {ops:?}"
+    );
     assert!(
         report["idle_watches"][0]["open"].as_u64().unwrap_or(0) > 0,
         "{stdout}"

@@ -46,6 +46,10 @@ pub struct BenchSpec {
     pub watches: usize,
     /// Idle watch streams held through chaperone to measure memory.
     pub idle_watches: Vec<usize>,
+    /// Open-loop rate of the GET-alone runs (get secret only, no watches):
+    /// the latency a proxy adds to one request, with nothing else queued
+    /// at the simulator. 0 skips them.
+    pub get_rate: u32,
 }
 
 impl BenchSpec {
@@ -64,6 +68,7 @@ impl BenchSpec {
             concurrency: 16,
             watches: 4,
             idle_watches: vec![1000],
+            get_rate: 50,
         }
     }
 
@@ -105,6 +110,8 @@ pub struct Run {
     pub target: Target,
     pub round: usize,
     pub open_loop: bool,
+    /// Get secret alone at [`BenchSpec::get_rate`] instead of the mix.
+    pub get_alone: bool,
     pub load: LoadReport,
     pub wall_seconds: f64,
     /// CPU seconds of the target's own processes (the proxy; for direct,
@@ -269,14 +276,17 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
         // Rotate the order each round so no target always goes first.
         for i in 0..endpoints.len() {
             let endpoint = &endpoints[(i + round) % endpoints.len()];
-            for open_loop in [true, false] {
+            for (open_loop, get_alone) in [(true, false), (false, false), (true, true)] {
+                if get_alone && spec.get_rate == 0 {
+                    continue;
+                }
                 let pids = pids_of(endpoint.target);
                 let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
                 let audit_before = (endpoint.target == Target::Chaperone)
                     .then(|| count_lines(&chaperone.audit_dir, "audit", "\"ResponseComplete\""));
                 let (proxy0, sim0) = (cpu(&pids), cpu_seconds(sim_pid));
                 let started = Instant::now();
-                let load = agent_load(&spec, endpoint, &sim.token, open_loop)?;
+                let load = agent_load(&spec, endpoint, &sim.token, open_loop, get_alone)?;
                 let wall = started.elapsed().as_secs_f64();
                 let (proxy1, sim1) = (cpu(&pids), cpu_seconds(sim_pid));
                 if endpoint.target == Target::Chaperone {
@@ -291,6 +301,7 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                     target: endpoint.target,
                     round,
                     open_loop,
+                    get_alone,
                     load,
                     wall_seconds: wall,
                     proxy_cpu: if endpoint.target == Target::Direct {
@@ -304,7 +315,11 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                     "round {} {:<26} {:<18} {:>8.0} req/s  p50 {:>6} us  p99 {:>7} us  errors {}  proxy cpu {:.2}s  sim cpu {:.2}s",
                     round + 1,
                     endpoint.target.label(),
-                    run.load.mode,
+                    if get_alone {
+                        "get secret alone"
+                    } else {
+                        &run.load.mode
+                    },
                     run.load.requests_per_second,
                     run.load.p50_us,
                     run.load.p99_us,
@@ -459,15 +474,21 @@ fn agent_load(
     endpoint: &Endpoint,
     token: &Path,
     open_loop: bool,
+    get_alone: bool,
 ) -> Result<LoadReport> {
     let mut cmd = load_command(spec, endpoint, token);
     cmd.args(["--namespace", setup::NAMESPACE])
         .args(["--concurrency", &spec.concurrency.to_string()])
         .args(["--warmup-seconds", &spec.warmup_seconds.to_string()])
-        .args(["--seconds", &spec.seconds.to_string()])
-        .args(["--watches", &spec.watches.to_string()]);
-    if open_loop {
-        cmd.args(["--rate", &spec.rate.to_string()]);
+        .args(["--seconds", &spec.seconds.to_string()]);
+    if get_alone {
+        cmd.args(["--only", "get-secret", "--watches", "0"])
+            .args(["--rate", &spec.get_rate.to_string()]);
+    } else {
+        cmd.args(["--watches", &spec.watches.to_string()]);
+        if open_loop {
+            cmd.args(["--rate", &spec.rate.to_string()]);
+        }
     }
     let output = cmd
         .stdin(Stdio::null())

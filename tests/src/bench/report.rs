@@ -21,11 +21,21 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// The mix runs of `target`, open or closed loop.
 fn runs(report: &BenchReport, target: Target, open_loop: bool) -> Vec<&Run> {
     report
         .runs
         .iter()
-        .filter(|r| r.target == target && r.open_loop == open_loop)
+        .filter(|r| r.target == target && r.open_loop == open_loop && !r.get_alone)
+        .collect()
+}
+
+/// The get-secret-alone runs of `target`.
+fn get_alone_runs(report: &BenchReport, target: Target) -> Vec<&Run> {
+    report
+        .runs
+        .iter()
+        .filter(|r| r.target == target && r.get_alone)
         .collect()
 }
 
@@ -47,11 +57,20 @@ fn latency(run: &Run, op: Option<Op>, quantile: usize) -> Option<f64> {
     }
 }
 
-/// Median over rounds of (target − direct) in the same round.
+/// Median over rounds of (target − direct) in the same round, in the
+/// open-loop mix.
 fn added(report: &BenchReport, target: Target, op: Option<Op>, quantile: usize) -> Option<f64> {
-    let direct = runs(report, Target::Direct, true);
+    added_in(
+        &runs(report, Target::Direct, true),
+        &runs(report, target, true),
+        op,
+        quantile,
+    )
+}
+
+fn added_in(direct: &[&Run], target: &[&Run], op: Option<Op>, quantile: usize) -> Option<f64> {
     let mut deltas = Vec::new();
-    for run in runs(report, target, true) {
+    for run in target {
         if let Some(base) = direct.iter().find(|d| d.round == run.round)
             && let (Some(t), Some(d)) = (latency(run, op, quantile), latency(base, op, quantile))
         {
@@ -141,7 +160,8 @@ pub fn render_markdown(report: &BenchReport) -> String {
          operations: 5 get pod, 1 list 500 pods, 2 get secret (masked through chaperone), 1 \
          create+delete configmap; {} watch streams on configmaps with events flowing. {} \
          round(s), targets alternated (order rotated each round), {}s warm-up + {}s measured per \
-         run. Open loop at {} ops/s (latency from the intended start: no coordinated omission); \
+         run. Open loop at {} ops/s (latency from the intended start, so waiting behind a slow target counts: no coordinated \
+         omission; the client timer's own lateness does not); \
          closed loop with {} workers.",
         spec.watches, spec.rounds, spec.warmup_seconds, spec.seconds, spec.rate, spec.concurrency
     );
@@ -190,6 +210,8 @@ pub fn render_markdown(report: &BenchReport) -> String {
             added_cells
         );
     }
+
+    render_get_alone(&mut md, report);
 
     let _ = writeln!(md, "\n### Per operation, open loop (median of rounds)\n");
     let _ = writeln!(
@@ -305,6 +327,60 @@ pub fn render_markdown(report: &BenchReport) -> String {
         let _ = writeln!(md, "\n**{note}**");
     }
     md
+}
+
+/// The latency target's own measurement: one GET at a time, nothing else
+/// queued at the simulator, so the difference is the proxy's.
+fn render_get_alone(md: &mut String, report: &BenchReport) {
+    if get_alone_runs(report, Target::Direct).is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n### GET secret alone, open loop at {} req/s (median of rounds)\n",
+        report.spec.get_rate
+    );
+    let _ = writeln!(
+        md,
+        "No watches, no other operations: the simulator is idle between requests, so what a \
+         proxy adds is its own cost (for chaperone: token check, policy, masking, recording, \
+         audit).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let direct = get_alone_runs(report, Target::Direct);
+    for target in TARGETS {
+        let mine = get_alone_runs(report, target);
+        let absolute = |q| {
+            median(
+                mine.iter()
+                    .filter_map(|r| latency(r, None, q))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let added_cells = if target == Target::Direct {
+            "(baseline) | | ".to_owned()
+        } else {
+            format!(
+                "{} | {} | {}",
+                signed_us(added_in(&direct, &mine, None, 0)),
+                signed_us(added_in(&direct, &mine, None, 1)),
+                signed_us(added_in(&direct, &mine, None, 2)),
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            target.label(),
+            us(absolute(0)),
+            us(absolute(1)),
+            us(absolute(2)),
+            added_cells
+        );
+    }
 }
 
 fn render_criterion(md: &mut String, criterion: &Criterion) {

@@ -223,7 +223,8 @@ pub fn start_chaperone(bin: &Path, work: &Path, sim: &Sim, ip: Ipv4Addr) -> Resu
             .arg("--bpffs")
             .arg(work.join("bpffs"))
             .args(["--drain-seconds", "3"])
-            .env("CHAPERONE_LOG", "warn,chaperone=info"),
+            .env("CHAPERONE_LOG", "warn,chaperone=info")
+            .envs(std::env::var("BENCH_CHAPERONE_WORKERS").map(|n| ("TOKIO_WORKER_THREADS", n))),
     )?;
     proc.wait_for_stderr("node agent ready", Duration::from_secs(60))?;
     Ok(Chaperone {

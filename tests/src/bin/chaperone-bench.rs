@@ -36,6 +36,9 @@ struct Args {
     /// Override: idle watch counts to measure memory at (e.g. `1000,10000`).
     #[arg(long, value_delimiter = ',')]
     idle_watches: Option<Vec<usize>>,
+    /// Override: rate of the get-secret-alone runs (req/s; 0 skips them).
+    #[arg(long)]
+    get_rate: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +73,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(idle_watches) = args.idle_watches {
         spec.idle_watches = idle_watches;
+    }
+    if let Some(get_rate) = args.get_rate {
+        spec.get_rate = get_rate;
     }
     if !chaperone_tests::is_root() {
         anyhow::bail!(
