@@ -376,7 +376,11 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
             let mut n = 0u64;
             while next < deadline {
                 tokio::time::sleep_until(next.into()).await;
-                let intended = next;
+                // Latency counts from the intended start, so time spent
+                // waiting for a free slot (the target is slow) counts; the
+                // timer's own lateness (tokio's wheel ticks in milliseconds)
+                // is the client's, not the target's, and does not.
+                let intended = next.max(Instant::now());
                 let permit = in_flight
                     .clone()
                     .acquire_owned()
