@@ -181,6 +181,12 @@ pub struct NodeArgs {
     /// or below the server's `--http2-max-streams-per-connection`.
     #[arg(long, env = "CHAPERONE_UPSTREAM_STREAMS_PER_CONNECTION")]
     pub upstream_streams_per_connection: Option<usize>,
+
+    /// Threads that serve agent connections, each a single-threaded
+    /// runtime with its own upstream connections (a request never changes
+    /// threads). Default: the CPUs this process may run on.
+    #[arg(long, env = "CHAPERONE_DATA_THREADS")]
+    pub data_threads: Option<usize>,
     /// The namespace of `ApprovalRequest` objects (cluster mode). Default:
     /// chaperone-system.
     #[arg(long, env = "CHAPERONE_APPROVAL_NAMESPACE")]
@@ -231,6 +237,7 @@ struct NodeFile {
     allow_unattested: Option<bool>,
     drain_seconds: Option<u64>,
     upstream_streams_per_connection: Option<usize>,
+    data_threads: Option<usize>,
     agent_cgroups: Option<Vec<PathBuf>>,
     cluster_domain: Option<String>,
     credential_mode: Option<String>,
@@ -278,6 +285,8 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Long-lived streams per upstream HTTP/2 connection.
     pub upstream_streams_per_connection: usize,
+    /// Threads serving agent connections (at least 1).
+    pub data_threads: usize,
     pub agent_cgroups: Vec<PathBuf>,
     pub cluster_domain: String,
     pub credential_mode: crate::identity::CredentialMode,
@@ -435,6 +444,13 @@ impl NodeConfig {
                 .or(file.upstream_streams_per_connection)
                 .unwrap_or(crate::proxy::upstream::DEFAULT_STREAMS_PER_CONNECTION)
                 .max(1),
+            data_threads: match args.data_threads.or(file.data_threads) {
+                Some(0) => bail!(
+                    "--data-threads 0: at least one thread serves agents (leave it unset for one per CPU)"
+                ),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, usize::from),
+            },
             agent_cgroups: first_non_empty(
                 args.agent_cgroups,
                 file.agent_cgroups.unwrap_or_default(),
@@ -602,6 +618,23 @@ mod tests {
         let error =
             NodeConfig::resolve(a, (Some("10.96.0.1".into()), Some("443".into()))).unwrap_err();
         assert!(error.to_string().contains("the pod itself"), "{error}");
+    }
+
+    #[test]
+    fn data_threads_default_to_the_cpus_and_zero_is_refused() {
+        let service = || (Some("10.96.0.1".into()), Some("443".into()));
+        let config = NodeConfig::resolve(args(), service()).unwrap();
+        assert_eq!(
+            config.data_threads,
+            std::thread::available_parallelism().unwrap().get()
+        );
+        let mut a = args();
+        a.data_threads = Some(3);
+        assert_eq!(NodeConfig::resolve(a, service()).unwrap().data_threads, 3);
+        let mut a = args();
+        a.data_threads = Some(0);
+        let error = NodeConfig::resolve(a, service()).unwrap_err();
+        assert!(error.to_string().contains("--data-threads 0"), "{error}");
     }
 
     #[test]

@@ -289,6 +289,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         ProxyConfig {
             require_attestation: config.require_attestation,
             drain_timeout: config.drain_timeout,
+            data_threads: config.data_threads,
             ..ProxyConfig::default()
         },
         pipeline,

@@ -688,15 +688,19 @@ impl ExchangeDraft {
         if exchange.decision.level == RecordLevel::None {
             return;
         }
-        if stage == Stage::ResponseComplete
-            && let Some(state) = &self.session
-            && let Some(session) = &state.session
-        {
-            session.exchange(exchange.clone());
-        }
-        if let Some(admission) = &self.admission {
-            admission.submit(exchange);
-        }
+        let session = (stage == Stage::ResponseComplete)
+            .then(|| self.session.clone())
+            .flatten();
+        let audit = self.admission.as_ref().map(Admission::gate);
+        // Both wake another thread: after the response is on its way.
+        crate::proxy::defer_until_idle(move || {
+            if let Some(session) = session.as_ref().and_then(|s| s.session.as_ref()) {
+                session.exchange(exchange.clone());
+            }
+            if let Some(audit) = audit {
+                audit.submit(exchange);
+            }
+        });
     }
 }
 

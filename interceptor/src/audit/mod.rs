@@ -252,6 +252,21 @@ impl Admission {
     /// stage `ResponseStarted` and again with `ResponseComplete` for
     /// long-running requests). Never blocks.
     pub fn submit(&self, exchange: Arc<Exchange>) {
+        self.gate().submit(exchange);
+    }
+
+    /// The gate this admission came from, to submit from elsewhere (a
+    /// deferred hand-off) after the admission itself is gone.
+    pub fn gate(&self) -> AuditGate {
+        AuditGate {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl AuditGate {
+    /// Queues the audit event of `exchange` (see [`Admission::submit`]).
+    pub fn submit(&self, exchange: Arc<Exchange>) {
         let shared = &self.shared;
         if shared.mode == FullMode::Drop && shared.queued.load(Ordering::Relaxed) >= shared.capacity
         {

@@ -31,6 +31,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 pub(super) async fn handle<G: Guard>(
     shared: Arc<Shared<G>>,
+    upstream: Arc<super::Upstream>,
     conn: Arc<ConnectionInfo>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -57,7 +58,7 @@ pub(super) async fn handle<G: Guard>(
 
     let mut upstream_request = Request::builder()
         .method(parts.method.clone())
-        .uri(shared.upstream.uri_for(parts.uri.path_and_query()))
+        .uri(upstream.uri_for(parts.uri.path_and_query()))
         .version(http::Version::HTTP_11)
         .body(observe_request(
             if upgrade {
@@ -78,7 +79,7 @@ pub(super) async fn handle<G: Guard>(
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     }
 
-    let response = match shared.upstream.send(upstream_request, upgrade).await {
+    let response = match upstream.send(upstream_request, upgrade).await {
         Ok(response) => response,
         Err(error) => {
             let status = upstream_error(&shared, &error);

@@ -7,6 +7,7 @@
 //! - [`forward`]: one request: guard, rewrite, forward, stream back.
 //! - [`tunnel`]: upgraded connections (exec, attach, port-forward).
 //! - [`upstream`]: pooled clients to the API server on marked sockets.
+//! - [`workers`]: the data-path threads connections are served on.
 //! - [`guard`]: the seam where identity, policy, masking and recording plug in.
 //! - [`body`]: the body type and the streaming transform hook.
 
@@ -16,6 +17,7 @@ pub mod guard;
 pub mod server;
 mod tunnel;
 pub mod upstream;
+mod workers;
 
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ pub use guard::{
 };
 pub use server::{Attestor, Proxy, StaticTls, Terminate};
 pub use upstream::{Upstream, UpstreamSpec};
+pub use workers::defer_until_idle;
 
 /// Limits and timeouts of the proxy's agent-facing side.
 #[derive(Clone, Debug)]
@@ -40,6 +43,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Refuse connections the kernel did not redirect (no attestation).
     pub require_attestation: bool,
+    /// Serve connections on this many single-threaded data-path threads;
+    /// 0 serves them on the runtime that calls [`Proxy::serve`].
+    pub data_threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -51,6 +57,7 @@ impl Default for ProxyConfig {
             max_request_body: 3 << 20,
             drain_timeout: Duration::from_secs(20),
             require_attestation: true,
+            data_threads: 0,
         }
     }
 }

@@ -17,7 +17,9 @@ use hyper_util::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
-use super::{Guard, ProxyConfig, Shared, Upstream, forward, guard::ConnectionInfo};
+use super::{
+    Guard, ProxyConfig, Shared, Upstream, forward, guard::ConnectionInfo, workers::DataWorkers,
+};
 use crate::redirect::{AttestedConnection, Redirector};
 
 /// Terminates TLS for one accepted connection. The original destination is
@@ -91,11 +93,28 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
 
     /// Serves the listeners until `shutdown` resolves, then stops accepting,
     /// lets in-flight requests finish (up to the drain timeout) and returns.
+    /// With [`ProxyConfig::data_threads`] set, connections are served on
+    /// those threads (see [`super::workers`]); otherwise on this runtime.
     pub async fn serve(
         self,
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) {
+        let workers = match self.shared.config.data_threads {
+            0 => None,
+            count => match DataWorkers::start(count, &self.shared.upstream) {
+                Ok(workers) => {
+                    workers.warm_up();
+                    tracing::debug!(threads = workers.len(), "data-path threads started");
+                    Some(Arc::new(workers))
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot start the data-path threads; serving agents on the main runtime");
+                    None
+                }
+            },
+        };
+        let own_upstream = Arc::new(self.shared.upstream.clone());
         let graceful = Arc::new(GracefulShutdown::new());
         let connections = tokio_util::task::TaskTracker::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -105,6 +124,8 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
             let graceful = graceful.clone();
             let connections = connections.clone();
             let mut stop = stop_rx.clone();
+            let workers = workers.clone();
+            let own_upstream = own_upstream.clone();
             acceptors.spawn(async move {
                 loop {
                     tokio::select! {
@@ -113,7 +134,13 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
                             Ok((tcp, peer)) => {
                                 let this = this.clone_handles();
                                 let watcher = graceful.watcher();
-                                connections.spawn(async move { this.connection(tcp, peer, watcher).await });
+                                match &workers {
+                                    Some(workers) => this.hand_over(workers, &connections, tcp, peer, watcher),
+                                    None => {
+                                        let upstream = own_upstream.clone();
+                                        connections.spawn(async move { this.connection(tcp, peer, watcher, upstream).await });
+                                    }
+                                }
                             }
                             Err(error) => {
                                 // EMFILE and friends: back off instead of spinning.
@@ -146,6 +173,37 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
                 "drain timeout: closing the connections still open"
             );
         }
+        if let Some(workers) = workers.and_then(|w| Arc::try_unwrap(w).ok()) {
+            workers.stop().await;
+        }
+    }
+
+    /// Moves an accepted connection to the least loaded data-path thread:
+    /// its socket is registered with that thread's reactor, so its reads and
+    /// writes wake that thread alone.
+    fn hand_over(
+        self,
+        workers: &DataWorkers,
+        connections: &tokio_util::task::TaskTracker,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection closed before it was handed over");
+                return;
+            }
+        };
+        let worker = workers.least_loaded();
+        let upstream = worker.upstream.clone();
+        worker.spawn(connections.track_future(async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => self.connection(tcp, peer, watcher, upstream).await,
+                Err(error) => tracing::warn!(%peer, %error, "cannot register a connection on its data-path thread"),
+            }
+        }));
     }
 
     fn clone_handles(&self) -> Self {
@@ -161,6 +219,7 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
         tcp: TcpStream,
         peer: SocketAddr,
         watcher: hyper_util::server::graceful::Watcher,
+        upstream: Arc<Upstream>,
     ) {
         let local = match tcp.local_addr() {
             Ok(local) => local,
@@ -228,7 +287,12 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
         let shared = self.shared.clone();
         let service_conn = conn.clone();
         let service = service_fn(move |request| {
-            forward::handle(shared.clone(), service_conn.clone(), request)
+            forward::handle(
+                shared.clone(),
+                upstream.clone(),
+                service_conn.clone(),
+                request,
+            )
         });
         let serving = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), service)

@@ -70,10 +70,13 @@ pub struct Upstream {
     pooled: HttpsClient,
     upgrades: HttpsClient,
     streams: Arc<StreamShards>,
+    /// What the pools were built from, for [`Upstream::with_own_pools`].
+    spec: Arc<UpstreamSpec>,
 }
 
 impl Upstream {
     pub fn new(spec: UpstreamSpec) -> Result<Self, String> {
+        let kept = Arc::new(spec.clone());
         let authority = spec
             .base
             .authority()
@@ -116,7 +119,15 @@ impl Upstream {
             pooled,
             upgrades,
             streams,
+            spec: kept,
         })
+    }
+
+    /// The same API server with pools of its own: a data-path thread's
+    /// connections are driven by that thread, so its requests never wait
+    /// for another thread to write or read them.
+    pub fn with_own_pools(&self) -> Self {
+        Self::new((*self.spec).clone()).expect("the spec was valid when this upstream was built")
     }
 
     pub fn base(&self) -> &Uri {
