@@ -421,6 +421,14 @@ enum Deliverer {
     Webhook(Box<sink::WebhookSink>),
 }
 
+/// Most events spooled in one write.
+const INGEST_BATCH: usize = 1024;
+
+/// How long the first event of a batch waits for others. At 1,400 events/s
+/// it cut the audit thread's CPU (two `fdatasync`s, a spool read and a
+/// cursor rename per batch) from as much as the proxy's own to a fraction.
+const INGEST_LINGER: Duration = Duration::from_millis(10);
+
 async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Arc<Exchange>>,
@@ -440,9 +448,21 @@ async fn run(
     loop {
         tokio::select! {
             biased;
-            received = rx.recv_many(&mut batch, 1024) => {
+            received = rx.recv_many(&mut batch, INGEST_BATCH) => {
                 if received == 0 {
                     break;
+                }
+                // Let the rest of a burst arrive: one spool write and sync
+                // (and one delivery) for all of it instead of one per event.
+                let linger = tokio::time::sleep(INGEST_LINGER);
+                tokio::pin!(linger);
+                while batch.len() < INGEST_BATCH {
+                    let room = INGEST_BATCH - batch.len();
+                    tokio::select! {
+                        biased;
+                        more = rx.recv_many(&mut batch, room) => if more == 0 { break },
+                        () = &mut linger => break,
+                    }
                 }
                 ingest(&shared, &mut batch);
             }
