@@ -223,8 +223,9 @@ pub fn start_chaperone(bin: &Path, work: &Path, sim: &Sim, ip: Ipv4Addr) -> Resu
             .arg("--bpffs")
             .arg(work.join("bpffs"))
             .args(["--drain-seconds", "3"])
-            .env("CHAPERONE_LOG", "warn,chaperone=info")
-            .envs(std::env::var("BENCH_CHAPERONE_WORKERS").map(|n| ("TOKIO_WORKER_THREADS", n))),
+            // Inherits the environment: CHAPERONE_DATA_THREADS=N sets its
+            // data-path threads for an A/B run.
+            .env("CHAPERONE_LOG", "warn,chaperone=info"),
     )?;
     proc.wait_for_stderr("node agent ready", Duration::from_secs(60))?;
     Ok(Chaperone {
