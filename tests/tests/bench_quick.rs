@@ -52,19 +52,30 @@ fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
         markdown.contains("### GET secret alone, open loop at 50 req/s"),
         "{markdown}"
     );
+    assert!(
+        markdown.contains("| direct over HTTP/1.1 (context) |"),
+        "{markdown}"
+    );
     let runs = report["runs"].as_array().expect("runs");
     for target in ["direct", "chaperone", "nginx"] {
-        for (open_loop, get_alone) in [(true, false), (false, false), (true, true)] {
+        let h1 = target == "direct";
+        for (open_loop, get_alone, http1) in [
+            (true, false, false),
+            (false, false, false),
+            (true, true, false),
+            (true, true, h1),
+        ] {
             let run = runs
                 .iter()
                 .find(|r| {
                     r["target"] == target
                         && r["open_loop"] == open_loop
                         && r["get_alone"] == get_alone
+                        && r["http1"] == http1
                 })
                 .unwrap_or_else(|| {
                     panic!(
-                        "no {target} run (open loop {open_loop}, get alone {get_alone}):\n{stdout}"
+                        "no {target} run (open loop {open_loop}, get alone {get_alone}, http1 {http1}):\n{stdout}"
                     )
                 });
             assert!(

@@ -81,6 +81,7 @@ impl BenchSpec {
             rate: 40,
             concurrency: 32,
             idle_watches: vec![1000, 10_000],
+            get_rate: 200,
             ..BenchSpec::quick(bin_dir, out_dir)
         }
     }
@@ -112,6 +113,9 @@ pub struct Run {
     pub open_loop: bool,
     /// Get secret alone at [`BenchSpec::get_rate`] instead of the mix.
     pub get_alone: bool,
+    /// The client spoke HTTP/1.1 (a direct get-alone run: the protocol
+    /// nginx speaks upstream), not HTTP/2.
+    pub http1: bool,
     pub load: LoadReport,
     pub wall_seconds: f64,
     /// CPU seconds of the target's own processes (the proxy; for direct,
@@ -276,8 +280,14 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
         // Rotate the order each round so no target always goes first.
         for i in 0..endpoints.len() {
             let endpoint = &endpoints[(i + round) % endpoints.len()];
-            for (open_loop, get_alone) in [(true, false), (false, false), (true, true)] {
-                if get_alone && spec.get_rate == 0 {
+            for (open_loop, get_alone, http1) in [
+                (true, false, false),
+                (false, false, false),
+                (true, true, false),
+                (true, true, true),
+            ] {
+                if (get_alone && spec.get_rate == 0) || (http1 && endpoint.target != Target::Direct)
+                {
                     continue;
                 }
                 let pids = pids_of(endpoint.target);
@@ -286,7 +296,7 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                     .then(|| count_lines(&chaperone.audit_dir, "audit", "\"ResponseComplete\""));
                 let (proxy0, sim0) = (cpu(&pids), cpu_seconds(sim_pid));
                 let started = Instant::now();
-                let load = agent_load(&spec, endpoint, &sim.token, open_loop, get_alone)?;
+                let load = agent_load(&spec, endpoint, &sim.token, open_loop, get_alone, http1)?;
                 let wall = started.elapsed().as_secs_f64();
                 let (proxy1, sim1) = (cpu(&pids), cpu_seconds(sim_pid));
                 if endpoint.target == Target::Chaperone {
@@ -302,6 +312,7 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                     round,
                     open_loop,
                     get_alone,
+                    http1,
                     load,
                     wall_seconds: wall,
                     proxy_cpu: if endpoint.target == Target::Direct {
@@ -315,7 +326,9 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                     "round {} {:<26} {:<18} {:>8.0} req/s  p50 {:>6} us  p99 {:>7} us  errors {}  proxy cpu {:.2}s  sim cpu {:.2}s",
                     round + 1,
                     endpoint.target.label(),
-                    if get_alone {
+                    if http1 {
+                        "get alone, h1"
+                    } else if get_alone {
                         "get secret alone"
                     } else {
                         &run.load.mode
@@ -475,8 +488,12 @@ fn agent_load(
     token: &Path,
     open_loop: bool,
     get_alone: bool,
+    http1: bool,
 ) -> Result<LoadReport> {
     let mut cmd = load_command(spec, endpoint, token);
+    if http1 {
+        cmd.arg("--http1");
+    }
     cmd.args(["--namespace", setup::NAMESPACE])
         .args(["--concurrency", &spec.concurrency.to_string()])
         .args(["--warmup-seconds", &spec.warmup_seconds.to_string()])

@@ -30,12 +30,13 @@ fn runs(report: &BenchReport, target: Target, open_loop: bool) -> Vec<&Run> {
         .collect()
 }
 
-/// The get-secret-alone runs of `target`.
-fn get_alone_runs(report: &BenchReport, target: Target) -> Vec<&Run> {
+/// The get-secret-alone runs of `target` over HTTP/2 (or, `http1`, the
+/// direct runs over HTTP/1.1).
+fn get_alone_runs(report: &BenchReport, target: Target, http1: bool) -> Vec<&Run> {
     report
         .runs
         .iter()
-        .filter(|r| r.target == target && r.get_alone)
+        .filter(|r| r.target == target && r.get_alone && r.http1 == http1)
         .collect()
 }
 
@@ -332,7 +333,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
 /// The latency target's own measurement: one GET at a time, nothing else
 /// queued at the simulator, so the difference is the proxy's.
 fn render_get_alone(md: &mut String, report: &BenchReport) {
-    if get_alone_runs(report, Target::Direct).is_empty() {
+    if get_alone_runs(report, Target::Direct, false).is_empty() {
         return;
     }
     let _ = writeln!(
@@ -351,9 +352,9 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         "| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-    let direct = get_alone_runs(report, Target::Direct);
+    let direct = get_alone_runs(report, Target::Direct, false);
     for target in TARGETS {
-        let mine = get_alone_runs(report, target);
+        let mine = get_alone_runs(report, target, false);
         let absolute = |q| {
             median(
                 mine.iter()
@@ -379,6 +380,26 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
             us(absolute(1)),
             us(absolute(2)),
             added_cells
+        );
+    }
+    let h1 = get_alone_runs(report, Target::Direct, true);
+    if !h1.is_empty() {
+        let absolute = |q| median(h1.iter().filter_map(|r| latency(r, None, q)).collect());
+        let _ = writeln!(
+            md,
+            "| direct over HTTP/1.1 (context) | {} | {} | {} | {} | {} | {} |",
+            us(absolute(0)),
+            us(absolute(1)),
+            us(absolute(2)),
+            signed_us(added_in(&direct, &h1, None, 0)),
+            signed_us(added_in(&direct, &h1, None, 1)),
+            signed_us(added_in(&direct, &h1, None, 2)),
+        );
+        let _ = writeln!(
+            md,
+            "\nnginx speaks HTTP/1.1 to the simulator and chaperone HTTP/2; the last row is \
+             what the simulator alone gains from HTTP/1.1, part of what nginx's added latency \
+             leaves out."
         );
     }
 }
