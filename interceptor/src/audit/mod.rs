@@ -531,6 +531,18 @@ async fn deliver(
             }
         };
         if batch.is_empty() {
+            // The counters said there were events, but a read to the end found
+            // none (it resynced them): wait for new ones, never spin.
+            metrics.audit_spool(
+                &state.name,
+                state.spool.events() as i64,
+                state.spool.bytes() as i64,
+            );
+            tokio::select! {
+                () = state.notify.notified() => {}
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             continue;
         }
         let result = match &mut deliverer {

@@ -12,9 +12,20 @@
 //! is rewritten (write + rename) after every acknowledged batch but not
 //! synced: after a crash the sink may see the last batches again, never
 //! fewer (at-least-once). Segments wholly behind the cursor are deleted.
+//!
+//! # A missing segment
+//!
+//! Segments are only deleted behind the cursor; one missing between the
+//! cursor and the segment being appended was removed by something else (an
+//! operator, or an older agent sharing the directory). [`Spool::read`] logs
+//! it once, skips it (its events are gone) and reads on from the next; when
+//! it is the segment being appended, appends continue in a new one. The
+//! event counters are resynced whenever a read reaches the end, so they never
+//! count events that are no longer on disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -39,6 +50,8 @@ struct State {
     write_len: u64,
     read_seg: u64,
     read_off: u64,
+    /// The highest missing segment already logged.
+    warned_missing: u64,
 }
 
 pub struct Spool {
@@ -48,6 +61,9 @@ pub struct Spool {
     state: Mutex<State>,
     bytes: AtomicU64,
     events: AtomicU64,
+    /// Calls of [`Spool::read`]: a delivery loop that spins shows here.
+    #[cfg(test)]
+    pub(crate) reads: AtomicU64,
 }
 
 fn segment_path(dir: &Path, seg: u64) -> PathBuf {
@@ -85,6 +101,10 @@ fn repair_tail(path: &Path) -> io::Result<()> {
         .write(true)
         .open(path)?
         .set_len(keep as u64)
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 impl Spool {
@@ -163,9 +183,12 @@ impl Spool {
                 write_len,
                 read_seg,
                 read_off,
+                warned_missing: 0,
             }),
             bytes: AtomicU64::new(bytes),
             events: AtomicU64::new(events),
+            #[cfg(test)]
+            reads: AtomicU64::new(0),
         })
     }
 
@@ -187,12 +210,40 @@ impl Spool {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Continues in a new segment after `state.write_seg`.
+    fn roll(&self, state: &mut State) -> io::Result<()> {
+        let next = state.write_seg + 1;
+        state.write_file = open_append(&segment_path(&self.dir, next))?;
+        state.write_seg = next;
+        state.write_len = 0;
+        Ok(())
+    }
+
+    /// Logs (once per segment) that `seg` is missing.
+    fn missing(&self, state: &mut State, seg: u64) {
+        if seg > state.warned_missing {
+            state.warned_missing = seg;
+            tracing::warn!(
+                segment = %segment_path(&self.dir, seg).display(),
+                "an audit spool segment was removed before its events were delivered: \
+                 they are lost; reading on from the next segment"
+            );
+        }
+    }
+
     /// Appends events (each one JSON line without newline) and syncs them.
     pub fn append(&self, lines: &[&[u8]]) -> io::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut state = self.lock();
+        if state.write_file.metadata()?.nlink() == 0 {
+            // Something removed the segment being appended: what is written
+            // to it now would be lost with it.
+            let seg = state.write_seg;
+            self.missing(&mut state, seg);
+            self.roll(&mut state)?;
+        }
         let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
         for line in lines {
             buf.extend_from_slice(line);
@@ -204,34 +255,36 @@ impl Spool {
         self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.events.fetch_add(lines.len() as u64, Ordering::Relaxed);
         if state.write_len >= self.segment_bytes {
-            let next = state.write_seg + 1;
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(segment_path(&self.dir, next))?;
-            state.write_file = file;
-            state.write_seg = next;
-            state.write_len = 0;
+            self.roll(&mut state)?;
         }
         Ok(())
     }
 
-    /// Reads up to `max` unacknowledged events, oldest first.
+    /// Reads up to `max` unacknowledged events, oldest first. A missing
+    /// segment is skipped (logged once): its events are gone.
     pub fn read(&self, max: usize) -> io::Result<Batch> {
-        let state = self.lock();
+        #[cfg(test)]
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.lock();
         let mut batch = Batch {
             end: (state.read_seg, state.read_off),
             ..Batch::default()
         };
         let (mut seg, mut off) = (state.read_seg, state.read_off);
-        while batch.events.len() < max && seg <= state.write_seg {
+        loop {
             let mut data = Vec::new();
             match File::open(segment_path(&self.dir, seg)) {
                 Ok(mut file) => {
                     file.seek(SeekFrom::Start(off))?;
                     file.read_to_end(&mut data)?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.missing(&mut state, seg);
+                    if seg == state.write_seg {
+                        // Appends go on in a file that exists.
+                        self.roll(&mut state)?;
+                    }
+                }
                 Err(e) => return Err(e),
             }
             let mut start = 0usize;
@@ -245,13 +298,27 @@ impl Spool {
             }
             off += start as u64;
             batch.end = (seg, off);
-            if batch.events.len() >= max || seg == state.write_seg {
+            if batch.events.len() >= max {
+                break;
+            }
+            if seg >= state.write_seg {
+                // Every unacknowledged event is in this batch: the counters
+                // say so, even if events were lost with a missing segment.
+                self.events
+                    .store(batch.events.len() as u64, Ordering::Relaxed);
+                self.bytes.store(batch.bytes, Ordering::Relaxed);
                 break;
             }
             // The rest of this segment is consumed: on to the next.
             seg += 1;
             off = 0;
             batch.end = (seg, 0);
+        }
+        if batch.is_empty() && batch.end != (state.read_seg, state.read_off) {
+            // Nothing to deliver before `end` (consumed or missing
+            // segments): move the cursor past them now, so they are neither
+            // read nor logged again.
+            self.advance(&mut state, &batch)?;
         }
         Ok(batch)
     }
@@ -260,6 +327,10 @@ impl Spool {
     /// segments.
     pub fn ack(&self, batch: &Batch) -> io::Result<()> {
         let mut state = self.lock();
+        self.advance(&mut state, batch)
+    }
+
+    fn advance(&self, state: &mut State, batch: &Batch) -> io::Result<()> {
         let old = state.read_seg;
         (state.read_seg, state.read_off) = batch.end;
         self.bytes.fetch_sub(
@@ -342,5 +413,129 @@ mod tests {
             vec![b"{\"n\":1}".to_vec(), b"{\"n\":3}".to_vec()]
         );
         assert_eq!(spool.events(), 2);
+    }
+
+    fn lines(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("{{\"{prefix}\":{i}}}").into_bytes())
+            .collect()
+    }
+
+    fn append_each(spool: &Spool, lines: &[Vec<u8>]) {
+        for line in lines {
+            spool.append(&[line.as_slice()]).unwrap();
+        }
+    }
+
+    /// Reads and acknowledges everything, in batches of `max`; fails if
+    /// that takes more than `limit` reads (a read that does not move on).
+    fn drain(spool: &Spool, max: usize, limit: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for _ in 0..limit {
+            let batch = spool.read(max).unwrap();
+            if batch.is_empty() {
+                return out;
+            }
+            spool.ack(&batch).unwrap();
+            out.extend(batch.events);
+        }
+        panic!("the spool was not drained in {limit} reads");
+    }
+
+    #[derive(Clone, Default)]
+    struct Logs(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn capture<T>(&self, f: impl FnOnce() -> T) -> T {
+            let writer = self.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::with_default(subscriber, f)
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_missing_segment_is_skipped_logged_once_and_not_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path(), 1 << 20, 64).unwrap();
+        let all = lines("n", 40);
+        append_each(&spool, &all);
+        let segs = segments(tmp.path()).unwrap();
+        assert!(segs.len() >= 4, "{segs:?}");
+        // A middle segment, and the one the cursor is in, go.
+        let middle = segment_path(tmp.path(), segs[2]);
+        let gone: Vec<Vec<u8>> = [segment_path(tmp.path(), segs[0]), middle.clone()]
+            .iter()
+            .flat_map(|path| {
+                let text = fs::read_to_string(path).unwrap();
+                fs::remove_file(path).unwrap();
+                text.lines()
+                    .map(|l| l.as_bytes().to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(!gone.is_empty());
+        let expected: Vec<Vec<u8>> = all.iter().filter(|l| !gone.contains(l)).cloned().collect();
+
+        let logs = Logs::default();
+        let read = logs.capture(|| drain(&spool, 3, 100));
+        assert_eq!(read, expected, "every event not in a removed segment");
+        assert_eq!(
+            (spool.events(), spool.bytes()),
+            (0, 0),
+            "events lost with a segment are not counted as waiting"
+        );
+        logs.capture(|| assert!(spool.read(10).unwrap().is_empty()));
+        let text = logs.text();
+        let name = middle.file_name().unwrap().to_str().unwrap();
+        assert_eq!(text.matches(name).count(), 1, "logged once: {text}");
+        assert!(text.contains("they are lost"), "{text}");
+
+        spool.append(&[b"{\"after\":0}"]).unwrap();
+        assert_eq!(drain(&spool, 10, 10), vec![b"{\"after\":0}".to_vec()]);
+    }
+
+    #[test]
+    fn appends_go_on_when_the_segment_being_appended_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path(), 1 << 20, 1 << 20).unwrap();
+        spool.append(&[b"{\"n\":0}"]).unwrap();
+        let segs = segments(tmp.path()).unwrap();
+        fs::remove_file(segment_path(tmp.path(), segs[0])).unwrap();
+        spool.append(&[b"{\"n\":1}", b"{\"n\":2}"]).unwrap();
+        assert_eq!(
+            drain(&spool, 10, 10),
+            vec![b"{\"n\":1}".to_vec(), b"{\"n\":2}".to_vec()]
+        );
+        assert_eq!(spool.events(), 0);
+
+        // Removed after the append: the read notices, and appends move on.
+        let segs = segments(tmp.path()).unwrap();
+        spool.append(&[b"{\"n\":3}"]).unwrap();
+        fs::remove_file(segment_path(tmp.path(), *segs.last().unwrap())).unwrap();
+        assert_eq!(spool.events(), 1);
+        assert!(spool.read(10).unwrap().is_empty());
+        assert_eq!(spool.events(), 0, "resynced");
+        spool.append(&[b"{\"n\":4}"]).unwrap();
+        assert_eq!(drain(&spool, 10, 10), vec![b"{\"n\":4}".to_vec()]);
+        drop(spool);
+        let spool = Spool::open(tmp.path(), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(spool.events(), 0);
     }
 }
