@@ -986,6 +986,58 @@ fn sink_spool(auditor: &Auditor) -> Arc<Spool> {
     auditor.gate.shared.sinks[0].spool.clone()
 }
 
+/// A rolling update: the new node agent starts beside the old one on the
+/// same spool directory, both audit, the old one exits with events its sink
+/// has not taken yet; the new one delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_agent_spools_apart_and_delivers_what_the_old_one_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let config = || {
+        let mut config = AuditConfig::new(tmp.path(), vec![webhook_spec(addr, 1 << 30)]);
+        config.segment_bytes = 4096;
+        config.adopt_every = Duration::from_millis(200);
+        config
+    };
+    let old = Auditor::start(config(), Metrics::new()).unwrap();
+    let metrics = Metrics::new();
+    let new = Auditor::start(config(), metrics.clone()).unwrap();
+    assert_eq!(sink_spool(&old).dir(), tmp.path().join("webhook"));
+    assert_eq!(
+        sink_spool(&new).dir(),
+        tmp.path().join("webhook/surge-1"),
+        "the held directory is not shared"
+    );
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        sent.extend(submit(&old.gate(), 60));
+        sent.extend(submit(&new.gate(), 40));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.shutdown();
+
+    let receiver = Arc::new(Receiver::default());
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = tokio::spawn(serve_webhook(listener, receiver.clone()));
+    wait_for(
+        "every event of both agents",
+        Duration::from_secs(30),
+        || receiver.unique().len() >= sent.len(),
+    )
+    .await;
+    let unique = receiver.unique();
+    assert_eq!(unique.len(), 500);
+    assert!(sent.iter().all(|id| unique.contains_key(id)));
+    wait_for("the spool to drain", Duration::from_secs(10), || {
+        metrics
+            .encode()
+            .contains("chaperone_audit_spool_events{sink=\"webhook\"} 0")
+    })
+    .await;
+    new.shutdown();
+    server.abort();
+}
+
 /// A segment removed under a running agent (by an operator, or an agent of
 /// a version without the spool lock): the events after it are delivered,
 /// and the delivery loop then waits instead of re-reading the gap forever
