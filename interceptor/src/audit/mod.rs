@@ -14,6 +14,7 @@
 //!                                                            │
 //!          per sink: read batch from spool ─► deliver ─► ack (cursor moves,
 //!                    consumed segments deleted); failure ─► backoff, retry
+//!                    at start and every 30 s: adopt orphaned spools
 //! ```
 //!
 //! The proxy calls [`AuditGate::admit`] before forwarding a request and
@@ -59,6 +60,22 @@
 //! `auditID` (the proxy's, also sent upstream as `Audit-ID`) and `stage`, so
 //! consumers deduplicate on `(auditID, stage)`. Webhook failures are retried
 //! forever with exponential backoff (the spool holds the events meanwhile).
+//!
+//! # Two agents on one spool directory
+//!
+//! A rolling update of the node DaemonSet (`maxSurge: 1`) runs the new agent
+//! beside the old one on the same `/var/lib/chaperone`. Each sink's spool
+//! directory `<spool_dir>/<sink>/` belongs to the process holding the
+//! `flock` on its `lock` file; a process that finds it held spools in a
+//! `surge-<n>/` slot inside it instead, so both audit at once, each with
+//! its own segments and cursor (see [`spool`]). Each sink's delivery loop
+//! adopts orphans (spools whose process exited, found by their free lock) at
+//! start and every [`AuditConfig::adopt_every`]: their undelivered events
+//! are moved into its own spool (synced before they leave the orphan, so a
+//! crash can only deliver them twice) and drained slots are removed. A
+//! spool directory from a version without the lock is resumed as before;
+//! the lock only protects against agents that take it, so the one rollout
+//! from such a version to this one still runs two agents on one directory.
 
 pub mod event;
 pub mod sink;
@@ -113,6 +130,9 @@ pub struct AuditConfig {
     pub full: FullMode,
     /// Size of one spool segment file.
     pub segment_bytes: u64,
+    /// How often each sink looks for orphaned spools to adopt (besides at
+    /// start); see [`spool`].
+    pub adopt_every: Duration,
     pub sinks: Vec<SinkSpec>,
 }
 
@@ -123,6 +143,7 @@ impl AuditConfig {
             queue: 10_000,
             full: FullMode::Block,
             segment_bytes: 8 << 20,
+            adopt_every: Duration::from_secs(30),
             sinks,
         }
     }
@@ -177,6 +198,7 @@ struct Shared {
     mode: FullMode,
     sinks: Vec<Arc<SinkState>>,
     metrics: Metrics,
+    adopt_every: Duration,
 }
 
 impl Shared {
@@ -366,6 +388,7 @@ impl Auditor {
             mode: config.full,
             sinks,
             metrics: metrics.clone(),
+            adopt_every: config.adopt_every,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -441,6 +464,7 @@ async fn run(
             state,
             deliverer,
             shared.metrics.clone(),
+            shared.adopt_every,
             shutdown.clone(),
         ));
     }
@@ -477,6 +501,11 @@ async fn run(
         }
     }
     while tasks.join_next().await.is_some() {}
+    // Nothing writes the spools any more: the next start may take them,
+    // even while the proxy still holds a gate.
+    for sink in &shared.sinks {
+        sink.spool.close();
+    }
 }
 
 /// Builds the events of a batch of exchanges and appends them to every
@@ -520,11 +549,40 @@ fn ingest(shared: &Shared, batch: &mut Vec<Arc<Exchange>>) {
     shared.metrics.audit_queue_depth(queued as i64);
 }
 
-/// The delivery loop of one sink: batch from the spool, deliver, ack.
+/// Moves what exited processes left in orphaned spools of this sink into
+/// its spool, off the audit thread (it syncs every batch it moves). `true`
+/// when an orphan still holds events because the spool is full: try again
+/// soon.
+async fn adopt_orphans(
+    state: &SinkState,
+    metrics: &Metrics,
+    shutdown: &watch::Receiver<bool>,
+) -> bool {
+    let spool = state.spool.clone();
+    let stop = shutdown.clone();
+    let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+    let adoption = tokio::task::spawn_blocking(move || {
+        tracing::dispatcher::with_default(&dispatch, || spool.adopt_orphans(|| *stop.borrow()))
+    })
+    .await
+    .unwrap_or_default();
+    if adoption.events > 0 {
+        metrics.audit_spool(
+            &state.name,
+            state.spool.events() as i64,
+            state.spool.bytes() as i64,
+        );
+    }
+    adoption.full
+}
+
+/// The delivery loop of one sink: batch from the spool, deliver, ack; and
+/// at start and every `adopt_every`, adopt orphaned spools.
 async fn deliver(
     state: Arc<SinkState>,
     mut deliverer: Deliverer,
     metrics: Metrics,
+    adopt_every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (max_batch, max_wait) = match &deliverer {
@@ -532,16 +590,26 @@ async fn deliver(
         _ => (1024, Duration::ZERO),
     };
     let mut failures = 0u32;
+    let mut next_adoption = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             return;
         }
+        if tokio::time::Instant::now() >= next_adoption {
+            let again = if adopt_orphans(&state, &metrics, &shutdown).await {
+                Duration::from_secs(1).min(adopt_every)
+            } else {
+                adopt_every
+            };
+            next_adoption = tokio::time::Instant::now() + again;
+        }
         // Wait for events, then (webhook) for a full batch or max_wait.
         if state.spool.events() == 0 {
+            let wake = next_adoption.min(tokio::time::Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 () = state.notify.notified() => {}
                 _ = shutdown.changed() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep_until(wake) => {}
             }
             continue;
         }
@@ -566,6 +634,18 @@ async fn deliver(
             }
         };
         if batch.is_empty() {
+            // The counters said there were events, but a read to the end found
+            // none (it resynced them): wait for new ones, never spin.
+            metrics.audit_spool(
+                &state.name,
+                state.spool.events() as i64,
+                state.spool.bytes() as i64,
+            );
+            tokio::select! {
+                () = state.notify.notified() => {}
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             continue;
         }
         let result = match &mut deliverer {

@@ -981,3 +981,144 @@ fn open_watches_do_not_fill_the_gate_but_requests_in_flight_do() {
     )));
     assert!(auditor.gate().queue_depth() <= 1);
 }
+
+fn sink_spool(auditor: &Auditor) -> Arc<Spool> {
+    auditor.gate.shared.sinks[0].spool.clone()
+}
+
+/// A rolling update: the new node agent starts beside the old one on the
+/// same spool directory, both audit, the old one exits with events its sink
+/// has not taken yet; the new one delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_agent_spools_apart_and_delivers_what_the_old_one_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let config = || {
+        let mut config = AuditConfig::new(tmp.path(), vec![webhook_spec(addr, 1 << 30)]);
+        config.segment_bytes = 4096;
+        config.adopt_every = Duration::from_millis(200);
+        config
+    };
+    let old = Auditor::start(config(), Metrics::new()).unwrap();
+    let metrics = Metrics::new();
+    let new = Auditor::start(config(), metrics.clone()).unwrap();
+    assert_eq!(sink_spool(&old).dir(), tmp.path().join("webhook"));
+    assert_eq!(
+        sink_spool(&new).dir(),
+        tmp.path().join("webhook/surge-1"),
+        "the held directory is not shared"
+    );
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        sent.extend(submit(&old.gate(), 60));
+        sent.extend(submit(&new.gate(), 40));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.shutdown();
+
+    let receiver = Arc::new(Receiver::default());
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = tokio::spawn(serve_webhook(listener, receiver.clone()));
+    wait_for(
+        "every event of both agents",
+        Duration::from_secs(30),
+        || receiver.unique().len() >= sent.len(),
+    )
+    .await;
+    let unique = receiver.unique();
+    assert_eq!(unique.len(), 500);
+    assert!(sent.iter().all(|id| unique.contains_key(id)));
+    wait_for("the spool to drain", Duration::from_secs(10), || {
+        metrics
+            .encode()
+            .contains("chaperone_audit_spool_events{sink=\"webhook\"} 0")
+    })
+    .await;
+    new.shutdown();
+    server.abort();
+}
+
+/// A segment removed under a running agent (by an operator, or an agent of
+/// a version without the spool lock): the events after it are delivered,
+/// and the delivery loop then waits instead of re-reading the gap forever
+/// (the file sink has no batch wait: it used to spin at 100% CPU).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_segment_neither_stalls_nor_spins_delivery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs_dir = tmp.path().join("logs");
+    // The sink fails (its directory cannot be made) until this file goes.
+    std::fs::write(&logs_dir, "").unwrap();
+    let spec = SinkSpec {
+        name: "file".into(),
+        config: SinkConfig::File(FileSinkConfig {
+            path: logs_dir.join("audit.log"),
+            max_size_mb: 0,
+            max_backups: 0,
+            max_age_days: 0,
+        }),
+        spool_max_bytes: 1 << 30,
+    };
+    let metrics = Metrics::new();
+    let mut config = AuditConfig::new(tmp.path().join("spool"), vec![spec]);
+    config.segment_bytes = 4096;
+    let auditor = Auditor::start(config, metrics.clone()).unwrap();
+    let spool = sink_spool(&auditor);
+    // Ten events (about 6 KB) per ingest batch: a segment each.
+    let mut sent = Vec::new();
+    for _ in 0..6 {
+        sent.extend(submit(&auditor.gate(), 10));
+        wait_for("the events to be spooled", Duration::from_secs(10), || {
+            spool.events() == sent.len() as u64
+        })
+        .await;
+    }
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("spool/file"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let id = |line: &str| -> String {
+        serde_json::from_str::<Value>(line).unwrap()["auditID"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let middle = &segments[segments.len() / 2];
+    let lost: HashSet<String> = std::fs::read_to_string(middle)
+        .unwrap()
+        .lines()
+        .map(id)
+        .collect();
+    std::fs::remove_file(middle).unwrap();
+    assert!(!lost.is_empty());
+
+    std::fs::remove_file(&logs_dir).unwrap();
+    let expected: HashSet<String> = sent.into_iter().filter(|i| !lost.contains(i)).collect();
+    let delivered = || -> HashSet<String> {
+        std::fs::read_to_string(logs_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(id)
+            .collect()
+    };
+    wait_for("the events after the gap", Duration::from_secs(30), || {
+        delivered().len() >= expected.len()
+    })
+    .await;
+    assert_eq!(delivered(), expected);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = spool.reads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reads = spool.reads.load(Ordering::Relaxed) - before;
+    assert!(reads <= 5, "{reads} reads of an empty spool in one second");
+    assert!(
+        metrics
+            .encode()
+            .contains("chaperone_audit_spool_events{sink=\"file\"} 0"),
+        "the lost events are not counted as waiting"
+    );
+    auditor.shutdown();
+}
