@@ -274,6 +274,16 @@ async fn run_op(client: &HttpsClient, spec: &LoadSpec, op: Op, n: u64) -> bool {
     }
 }
 
+/// When an open-loop request counts as started. Behind schedule (the pacer
+/// reached `intended` only after it passed, because it waited for a free
+/// slot behind a slow target), the intended start: the backlog counts, no
+/// coordinated omission. On schedule, when the timer woke the pacer: its
+/// lateness (tokio's wheel ticks in milliseconds) is the client's, not the
+/// target's.
+fn start_of(intended: Instant, reached: Instant, woke: Instant) -> Instant {
+    if reached >= intended { intended } else { woke }
+}
+
 /// The op for the n-th request of the mix.
 fn pick(n: u64) -> Op {
     let total: u32 = Op::ALL.iter().map(|o| o.weight()).sum();
@@ -375,12 +385,11 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
             let mut next = Instant::now();
             let mut n = 0u64;
             while next < deadline {
-                tokio::time::sleep_until(next.into()).await;
-                // Latency counts from the intended start, so time spent
-                // waiting for a free slot (the target is slow) counts; the
-                // timer's own lateness (tokio's wheel ticks in milliseconds)
-                // is the client's, not the target's, and does not.
-                let intended = next.max(Instant::now());
+                let reached = Instant::now();
+                if reached < next {
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                let intended = start_of(next, reached, Instant::now());
                 let permit = in_flight
                     .clone()
                     .acquire_owned()
@@ -523,6 +532,16 @@ pub async fn idle_watches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backlog_counts_and_the_timers_lateness_does_not() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // Reached 95 ms late (it waited for a slot): counts from t.
+        assert_eq!(start_of(t, t + ms(95), t + ms(95)), t);
+        // Reached early, the timer woke it 1 ms late: counts from the wake.
+        assert_eq!(start_of(t + ms(10), t, t + ms(11)), t + ms(11));
+    }
 
     #[test]
     fn the_mix_follows_the_weights() {
