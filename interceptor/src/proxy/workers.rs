@@ -37,15 +37,16 @@ use super::Upstream;
 /// The running data-path threads.
 pub(crate) struct DataWorkers {
     workers: Vec<Worker>,
-    stops: Vec<oneshot::Sender<()>>,
-    threads: Vec<JoinHandle<()>>,
 }
 
-/// One data-path thread: where to spawn, its upstream pools, its load.
+/// One data-path thread: where to spawn, its upstream pools, its load,
+/// and how to stop it.
 pub(crate) struct Worker {
     handle: tokio::runtime::Handle,
     pub(crate) upstream: Arc<Upstream>,
     live: Arc<AtomicUsize>,
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 impl DataWorkers {
@@ -54,8 +55,6 @@ impl DataWorkers {
     pub(crate) fn start(count: usize, upstream: &Upstream) -> io::Result<Self> {
         let mut workers = DataWorkers {
             workers: Vec::new(),
-            stops: Vec::new(),
-            threads: Vec::new(),
         };
         for index in 0..count.max(1) {
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
@@ -91,9 +90,9 @@ impl DataWorkers {
                 handle,
                 upstream: Arc::new(upstream.with_own_pools()),
                 live: Arc::new(AtomicUsize::new(0)),
+                stop: stop_tx,
+                thread,
             });
-            workers.stops.push(stop_tx);
-            workers.threads.push(thread);
         }
         Ok(workers)
     }
@@ -124,11 +123,15 @@ impl DataWorkers {
     }
 
     /// Stops the threads and waits for them; call after the drain.
-    pub(crate) async fn stop(mut self) {
-        for stop in self.stops.drain(..) {
-            let _ = stop.send(());
-        }
-        let threads = std::mem::take(&mut self.threads);
+    pub(crate) async fn stop(self) {
+        let threads: Vec<JoinHandle<()>> = self
+            .workers
+            .into_iter()
+            .map(|worker| {
+                let _ = worker.stop.send(());
+                worker.thread
+            })
+            .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 let _ = thread.join();
