@@ -94,8 +94,9 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         streams_per_connection: config.upstream_streams_per_connection,
     })
     .map_err(anyhow::Error::msg)?;
-    // Learn the API server's protocol before agents arrive, so their first
-    // burst of watches dials one HTTP/2 connection per shard.
+    // Say at start-up whether the API server answers. (Agents are served by
+    // the data-path threads, which warm their own pools the same way; this
+    // pool carries the approval previews.)
     tokio::spawn({
         let upstream = upstream.clone();
         async move {
