@@ -50,6 +50,9 @@ pub struct BenchSpec {
     /// the latency a proxy adds to one request, with nothing else queued
     /// at the simulator. 0 skips them.
     pub get_rate: u32,
+    /// Only the GET-alone runs: no mix, no idle watches (a quick A/B of
+    /// the per-request cost while profiling).
+    pub get_only: bool,
 }
 
 impl BenchSpec {
@@ -69,6 +72,7 @@ impl BenchSpec {
             watches: 4,
             idle_watches: vec![1000],
             get_rate: 50,
+            get_only: false,
         }
     }
 
@@ -286,7 +290,9 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                 (true, true, false),
                 (true, true, true),
             ] {
-                if (get_alone && spec.get_rate == 0) || (http1 && endpoint.target != Target::Direct)
+                if (get_alone && spec.get_rate == 0)
+                    || (!get_alone && spec.get_only)
+                    || (http1 && endpoint.target != Target::Direct)
                 {
                     continue;
                 }
@@ -365,7 +371,12 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
 
     // Idle watch streams through chaperone.
     let mut idle = Vec::new();
-    for &count in &spec.idle_watches {
+    let idle_counts: &[usize] = if spec.get_only {
+        &[]
+    } else {
+        &spec.idle_watches
+    };
+    for &count in idle_counts {
         let baseline = status_kib(chaperone_pid, "VmRSS");
         let (open, sent, rss, why) =
             hold_idle_watches(&spec, &endpoints[1], &sim.token, count, || {

@@ -39,6 +39,10 @@ struct Args {
     /// Override: rate of the get-secret-alone runs (req/s; 0 skips them).
     #[arg(long)]
     get_rate: Option<u32>,
+    /// Only the get-secret-alone runs (no mix, no idle watches): a quick
+    /// A/B of what one request costs.
+    #[arg(long)]
+    get_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +80,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(get_rate) = args.get_rate {
         spec.get_rate = get_rate;
+    }
+    if args.get_only {
+        if spec.get_rate == 0 {
+            anyhow::bail!("--get-only needs a --get-rate above 0");
+        }
+        spec.get_only = true;
     }
     if !chaperone_tests::is_root() {
         anyhow::bail!(
