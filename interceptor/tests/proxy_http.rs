@@ -66,6 +66,8 @@ fn pki() -> Pki {
 #[derive(Default)]
 struct Seen {
     requests: Vec<(String, http::HeaderMap)>,
+    /// The HTTP version each request arrived over, in order.
+    versions: Vec<http::Version>,
     stream_closed: bool,
 }
 
@@ -121,10 +123,11 @@ async fn answer(
             .map(|p| p.as_str())
             .unwrap_or("/")
     );
-    seen.lock()
-        .unwrap()
-        .requests
-        .push((line.clone(), req.headers().clone()));
+    {
+        let mut seen = seen.lock().unwrap();
+        seen.requests.push((line.clone(), req.headers().clone()));
+        seen.versions.push(req.version());
+    }
     match req.uri().path() {
         "/stream" => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
@@ -219,6 +222,14 @@ struct Harness {
 }
 
 async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harness {
+    harness_with(config, upstream_addr, false).await
+}
+
+async fn harness_with(
+    config: ProxyConfig,
+    upstream_addr: Option<SocketAddr>,
+    short_requests_http1: bool,
+) -> Harness {
     let pki = pki();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let go = Arc::new(tokio::sync::Notify::new());
@@ -236,6 +247,7 @@ async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harn
             keepalive: None,
         },
         streams_per_connection: 2,
+        short_requests_http1,
     })
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -406,6 +418,68 @@ async fn more_watches_than_one_upstream_connection_carries_all_get_answered() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("streams still counted open after their bodies were dropped");
+}
+
+#[tokio::test]
+async fn short_requests_go_over_http1_when_asked_and_watches_stay_on_http2() {
+    for short_requests_http1 in [false, true] {
+        let h = harness_with(local_config(), None, short_requests_http1).await;
+        assert_eq!(
+            h.upstream.warm_up().await.unwrap(),
+            http::Version::HTTP_2,
+            "warm-up learns that the server speaks HTTP/2 either way"
+        );
+        let client = client(&h, b"h2").await;
+        // Concurrent short requests: over HTTP/1.1 each needs a connection
+        // of its own, and none waits for another to finish.
+        let started = std::time::Instant::now();
+        let slow = (0..3).map(|_| {
+            let client = client.clone();
+            let request = Request::get(url(&h, "/slow"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            async move { client.request(request).await.unwrap().status() }
+        });
+        for status in futures::future::join_all(slow).await {
+            assert_eq!(status, 200);
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(1400),
+            "three 500 ms requests took {:?}: they were serialized",
+            started.elapsed()
+        );
+        let watch = client
+            .request(
+                Request::get(url(&h, "/stream?watch=true"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut body = watch.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "{\"type\":\"ADDED\"}\n");
+
+        let seen = h.seen.lock().unwrap();
+        let version_of = |wanted: &str| -> Vec<http::Version> {
+            seen.requests
+                .iter()
+                .zip(&seen.versions)
+                .filter(|((line, _), _)| line == wanted)
+                .map(|(_, version)| *version)
+                .collect()
+        };
+        let short = if short_requests_http1 {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_2
+        };
+        assert_eq!(version_of("GET /slow"), vec![short; 3]);
+        assert_eq!(
+            version_of("GET /stream?watch=true"),
+            vec![http::Version::HTTP_2]
+        );
+    }
 }
 
 #[tokio::test]

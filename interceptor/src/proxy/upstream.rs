@@ -4,6 +4,13 @@
 //! Upgrades (exec, attach, port-forward) need HTTP/1.1, so they use a second
 //! pool that only offers `http/1.1`.
 //!
+//! With [`UpstreamSpec::short_requests_http1`] the short requests go over
+//! keep-alive HTTP/1.1 connections instead (one per request in flight, kept
+//! for the next), as nginx's `proxy_pass` does: an HTTP/1.1 request costs
+//! the API server and chaperone less CPU than an HTTP/2 stream (measured in
+//! the bench, issue 9), at the price of more connections under
+//! concurrency. Long-lived streams stay on HTTP/2 shards either way.
+//!
 //! Long-lived streams (watches, followed logs) do not share the pool of
 //! short requests: an HTTP/2 connection carries at most the server's
 //! `MAX_CONCURRENT_STREAMS` at once and queues the rest, so a thousand
@@ -60,6 +67,8 @@ pub struct UpstreamSpec {
     pub connector: ConnectorOptions,
     /// Long-lived streams (watches, followed logs) per HTTP/2 connection.
     pub streams_per_connection: usize,
+    /// Short requests over pooled HTTP/1.1 connections, not HTTP/2.
+    pub short_requests_http1: bool,
 }
 
 /// Pooled clients to the API server.
@@ -104,7 +113,14 @@ impl Upstream {
         any_tls.alpn_protocols.clear();
 
         let any_https = https(any_tls, &server_name, true, tcp.clone());
-        let pooled = pooled_client(any_https.clone(), false);
+        let pooled = if spec.short_requests_http1 {
+            pooled_client(
+                https(h1_tls.clone(), &server_name, false, tcp.clone()),
+                false,
+            )
+        } else {
+            pooled_client(any_https.clone(), false)
+        };
         let streams = Arc::new(StreamShards::new(
             spec.streams_per_connection.max(1),
             any_https,
@@ -154,13 +170,28 @@ impl Upstream {
         request: http::Request<ProxyBody>,
         upgrade: bool,
     ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
-        let (client, lease, h2_only) = if upgrade {
-            (self.upgrades.clone(), None, false)
+        let route = if upgrade {
+            Route::Upgrade
         } else if is_long_lived(request.uri()) {
-            let (client, lease, h2_only) = self.streams.checkout();
-            (client, Some(lease), h2_only)
+            Route::Shard
         } else {
-            (self.pooled.clone(), None, false)
+            Route::Pool
+        };
+        self.send_over(request, route).await
+    }
+
+    async fn send_over(
+        &self,
+        request: http::Request<ProxyBody>,
+        route: Route,
+    ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
+        let (client, lease, h2_only) = match route {
+            Route::Upgrade => (self.upgrades.clone(), None, false),
+            Route::Shard => {
+                let (client, lease, h2_only) = self.streams.checkout();
+                (client, Some(lease), h2_only)
+            }
+            Route::Pool => (self.pooled.clone(), None, false),
         };
         let response = match client.request(request).await {
             Ok(response) => response,
@@ -173,7 +204,13 @@ impl Upstream {
                 return Err(error);
             }
         };
-        if !upgrade {
+        // Only a connection that offered h2 tells whether the server speaks it.
+        let negotiated = match route {
+            Route::Upgrade => false,
+            Route::Shard => true,
+            Route::Pool => !self.spec.short_requests_http1,
+        };
+        if negotiated {
             self.streams
                 .learn_http2(response.version() == http::Version::HTTP_2);
         }
@@ -185,14 +222,22 @@ impl Upstream {
 
     /// Asks the API server for `/version` (any answer, even 401, will do):
     /// opens the pooled connection and learns whether the server speaks
-    /// HTTP/2 before the first burst of agent watches.
+    /// HTTP/2 before the first burst of agent watches (with short requests
+    /// over HTTP/1.1, through the first connection for long-lived streams,
+    /// which those watches then use).
     pub async fn warm_up(&self) -> Result<http::Version, hyper_util::client::legacy::Error> {
-        let request = http::Request::get(
-            self.uri_for(Some(&http::uri::PathAndQuery::from_static("/version"))),
-        )
-        .body(super::body::empty())
-        .expect("a GET of a valid URI");
-        Ok(self.send(request, false).await?.version())
+        let version = || {
+            http::Request::get(
+                self.uri_for(Some(&http::uri::PathAndQuery::from_static("/version"))),
+            )
+            .body(super::body::empty())
+            .expect("a GET of a valid URI")
+        };
+        let pooled = self.send_over(version(), Route::Pool).await?.version();
+        if self.spec.short_requests_http1 {
+            return Ok(self.send_over(version(), Route::Shard).await?.version());
+        }
+        Ok(pooled)
     }
 
     /// Connections opened for long-lived streams so far, and the streams
@@ -200,6 +245,17 @@ impl Upstream {
     pub fn stream_shards(&self) -> (usize, usize) {
         self.streams.load()
     }
+}
+
+/// Which of the pools a request goes over.
+#[derive(Clone, Copy)]
+enum Route {
+    /// HTTP/1.1 alone: exec, attach, port-forward.
+    Upgrade,
+    /// A long-lived stream's shard.
+    Shard,
+    /// The pool of short requests.
+    Pool,
 }
 
 /// `h2_only`: speak HTTP/2 without waiting for ALPN, so that concurrent
