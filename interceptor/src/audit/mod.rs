@@ -478,24 +478,31 @@ async fn run(
                 }
                 // Let the rest of a burst arrive: one spool write and sync
                 // (and one delivery) for all of it instead of one per event.
-                let linger = tokio::time::sleep(INGEST_LINGER);
-                tokio::pin!(linger);
-                while batch.len() < INGEST_BATCH {
-                    let room = INGEST_BATCH - batch.len();
+                // The linger does not watch the queue: a submit while it
+                // runs wakes nobody, so the proxy's threads do not pay a
+                // cross-CPU wake-up (and this thread a run) per request.
+                let mut stopping = false;
+                if received < INGEST_BATCH {
                     tokio::select! {
                         biased;
-                        more = rx.recv_many(&mut batch, room) => if more == 0 { break },
-                        () = &mut linger => break,
+                        _ = shutdown.changed() => stopping = true,
+                        () = tokio::time::sleep(INGEST_LINGER) => {}
+                    }
+                    while batch.len() < INGEST_BATCH {
+                        match rx.try_recv() {
+                            Ok(exchange) => batch.push(exchange),
+                            Err(_) => break,
+                        }
                     }
                 }
                 ingest(&shared, &mut batch);
+                if stopping {
+                    spool_the_rest(&shared, &mut rx, &mut batch);
+                    break;
+                }
             }
             _ = shutdown.changed() => {
-                // Spool what was submitted before the shutdown.
-                while let Ok(exchange) = rx.try_recv() {
-                    batch.push(exchange);
-                }
-                ingest(&shared, &mut batch);
+                spool_the_rest(&shared, &mut rx, &mut batch);
                 break;
             }
         }
@@ -506,6 +513,18 @@ async fn run(
     for sink in &shared.sinks {
         sink.spool.close();
     }
+}
+
+/// Spools what was submitted before the shutdown.
+fn spool_the_rest(
+    shared: &Shared,
+    rx: &mut mpsc::UnboundedReceiver<Arc<Exchange>>,
+    batch: &mut Vec<Arc<Exchange>>,
+) {
+    while let Ok(exchange) = rx.try_recv() {
+        batch.push(exchange);
+    }
+    ingest(shared, batch);
 }
 
 /// Builds the events of a batch of exchanges and appends them to every
