@@ -85,6 +85,30 @@ fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
             assert_eq!(run["load"]["errors"], 0, "{target} errors:\n{stdout}");
         }
     }
+    // The second chaperone (`--upstream-http1`) runs the get-alone runs
+    // only, and the report shows its row beside the default one.
+    let upstream_http1: Vec<_> = runs
+        .iter()
+        .filter(|r| r["target"] == "chaperone-upstream-http1")
+        .collect();
+    assert!(
+        !upstream_http1.is_empty() && upstream_http1.iter().all(|r| r["get_alone"] == true),
+        "chaperone --upstream-http1 runs: {upstream_http1:?}\n{stdout}"
+    );
+    for run in &upstream_http1 {
+        assert!(
+            run["load"]["requests"].as_u64().unwrap_or(0) > 0,
+            "{stdout}"
+        );
+        assert_eq!(
+            run["load"]["errors"], 0,
+            "--upstream-http1 errors:\n{stdout}"
+        );
+    }
+    assert!(
+        markdown.contains("| chaperone, --upstream-http1 |"),
+        "{markdown}"
+    );
     let get_alone = runs
         .iter()
         .find(|r| r["get_alone"] == true)

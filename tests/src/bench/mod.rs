@@ -96,6 +96,9 @@ impl BenchSpec {
 pub enum Target {
     Direct,
     Chaperone,
+    /// A second chaperone with `--upstream-http1`, in the get-alone runs
+    /// only: the upstream protocol nginx speaks.
+    ChaperoneUpstreamHttp1,
     Nginx,
 }
 
@@ -104,6 +107,7 @@ impl Target {
         match self {
             Target::Direct => "direct (kube-sim)",
             Target::Chaperone => "chaperone (full pipeline)",
+            Target::ChaperoneUpstreamHttp1 => "chaperone, --upstream-http1",
             Target::Nginx => "nginx (TLS reverse proxy)",
         }
     }
@@ -245,7 +249,25 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
         "starting chaperone node on {} (local mode, --allow-unattested)",
         netns.host_v4
     ));
-    let mut chaperone = setup::start_chaperone(&spec.bin_dir, work.path(), &sim, netns.host_v4)?;
+    let mut chaperone = setup::start_chaperone(
+        &spec.bin_dir,
+        &work.path().join("chaperone"),
+        &sim,
+        netns.host_v4,
+        false,
+    )?;
+    let chaperone_h1 = if spec.get_rate > 0 {
+        say("starting a second chaperone node with --upstream-http1 (get-alone runs only)");
+        Some(setup::start_chaperone(
+            &spec.bin_dir,
+            &work.path().join("chaperone-upstream-http1"),
+            &sim,
+            netns.host_v4,
+            true,
+        )?)
+    } else {
+        None
+    };
     say("starting nginx");
     let nginx = setup::start_nginx(&nginx_bin, work.path(), &sim)?;
 
@@ -261,6 +283,17 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
             ca: chaperone.ca.clone(),
         },
         Endpoint {
+            target: Target::ChaperoneUpstreamHttp1,
+            url: chaperone_h1
+                .as_ref()
+                .map(|c| c.url.clone())
+                .unwrap_or_default(),
+            ca: chaperone_h1
+                .as_ref()
+                .map(|c| c.ca.clone())
+                .unwrap_or_default(),
+        },
+        Endpoint {
             target: Target::Nginx,
             url: nginx.url.clone(),
             ca: nginx.ca.clone(),
@@ -268,10 +301,12 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
     ];
     let sim_pid = sim.proc.pid();
     let chaperone_pid = chaperone.proc.pid();
+    let chaperone_h1_pid = chaperone_h1.as_ref().map(|c| c.proc.pid());
     let pids_of = |target: Target| -> Vec<u32> {
         match target {
             Target::Direct => vec![sim_pid],
             Target::Chaperone => vec![chaperone_pid],
+            Target::ChaperoneUpstreamHttp1 => chaperone_h1_pid.into_iter().collect(),
             Target::Nginx => nginx.pids(),
         }
     };
@@ -293,6 +328,8 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                 if (get_alone && spec.get_rate == 0)
                     || (!get_alone && spec.get_only)
                     || (http1 && endpoint.target != Target::Direct)
+                    || (endpoint.target == Target::ChaperoneUpstreamHttp1
+                        && (!get_alone || chaperone_h1.is_none()))
                 {
                     continue;
                 }
@@ -353,7 +390,10 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
 
     let mut peak_rss_kib = Vec::new();
     for endpoint in &endpoints {
-        if endpoint.target == Target::Direct {
+        if matches!(
+            endpoint.target,
+            Target::Direct | Target::ChaperoneUpstreamHttp1
+        ) {
             continue;
         }
         let hwm = pids_of(endpoint.target)

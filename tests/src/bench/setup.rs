@@ -189,7 +189,17 @@ pub struct Chaperone {
 /// chaperone refuses a loopback proxy address). The bench's client dials the
 /// proxy port directly (`--allow-unattested`): no kernel redirect on the
 /// measured path, so identity is the verified token without pod binding.
-pub fn start_chaperone(bin: &Path, work: &Path, sim: &Sim, ip: Ipv4Addr) -> Result<Chaperone> {
+/// `chaperone node` in `work` (its own directory per instance), sending
+/// short requests upstream over HTTP/1.1 when `upstream_http1` (the
+/// `--upstream-http1` flag) and over HTTP/2 (the default) otherwise.
+pub fn start_chaperone(
+    bin: &Path,
+    work: &Path,
+    sim: &Sim,
+    ip: Ipv4Addr,
+    upstream_http1: bool,
+) -> Result<Chaperone> {
+    std::fs::create_dir_all(work)?;
     let cgroup = crate::topology::Cgroup::test_subtree()?;
     let port = free_port(IpAddr::V4(ip))?;
     let admin = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
@@ -225,6 +235,7 @@ pub fn start_chaperone(bin: &Path, work: &Path, sim: &Sim, ip: Ipv4Addr) -> Resu
             .args(["--drain-seconds", "3"])
             // Inherits the environment: CHAPERONE_DATA_THREADS=N sets its
             // data-path threads for an A/B run.
+            .env("CHAPERONE_UPSTREAM_HTTP1", upstream_http1.to_string())
             .env("CHAPERONE_LOG", "warn,chaperone=info"),
     )?;
     proc.wait_for_stderr("node agent ready", Duration::from_secs(60))?;
