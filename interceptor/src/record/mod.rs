@@ -53,7 +53,8 @@
 //! # Durability (fsync policy)
 //!
 //! Every record is handed to the kernel (`write`) as soon as the writer
-//! thread takes it, so a crash of chaperone loses nothing that was queued and
+//! thread takes it (it takes what is queued in batches, at most 5 ms apart
+//! while messages flow), so a crash of chaperone loses nothing that was
 //! written. Files are `fsync`ed when a session or stream ends, when a file is
 //! rotated, and at least every [`RecordConfig::fsync_interval`] while they
 //! have unsynced writes: a crash of the machine loses at most that interval.
