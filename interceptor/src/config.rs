@@ -182,12 +182,14 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_UPSTREAM_STREAMS_PER_CONNECTION")]
     pub upstream_streams_per_connection: Option<usize>,
 
-    /// Send short requests (everything but watches, followed logs and
-    /// upgrades) to the API server over pooled keep-alive HTTP/1.1
-    /// connections instead of HTTP/2, as nginx's proxy_pass does: less CPU
-    /// per request on both ends, one connection per request in flight.
-    #[arg(long, env = "CHAPERONE_UPSTREAM_HTTP1")]
-    pub upstream_http1: bool,
+    /// Short requests (everything but watches, followed logs and upgrades)
+    /// in flight at once over pooled keep-alive HTTP/1.1 connections to the
+    /// API server, per data-path thread, as nginx's proxy_pass sends them:
+    /// less CPU per request on both ends, one connection per request in
+    /// flight. Past that they share the pooled HTTP/2 connection. 0 sends
+    /// them all over HTTP/2. Default: 4.
+    #[arg(long, env = "CHAPERONE_UPSTREAM_HTTP1_CONNECTIONS")]
+    pub upstream_http1_connections: Option<usize>,
 
     /// Threads that serve agent connections, each a single-threaded
     /// runtime with its own upstream connections (a request never changes
@@ -244,7 +246,7 @@ struct NodeFile {
     allow_unattested: Option<bool>,
     drain_seconds: Option<u64>,
     upstream_streams_per_connection: Option<usize>,
-    upstream_http1: Option<bool>,
+    upstream_http1_connections: Option<usize>,
     data_threads: Option<usize>,
     agent_cgroups: Option<Vec<PathBuf>>,
     cluster_domain: Option<String>,
@@ -293,8 +295,9 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Long-lived streams per upstream HTTP/2 connection.
     pub upstream_streams_per_connection: usize,
-    /// Short requests over pooled HTTP/1.1 instead of HTTP/2.
-    pub upstream_http1: bool,
+    /// Short requests in flight over pooled HTTP/1.1 at once, per data-path
+    /// thread (0: HTTP/2 only).
+    pub upstream_http1_connections: usize,
     /// Threads serving agent connections (at least 1).
     pub data_threads: usize,
     pub agent_cgroups: Vec<PathBuf>,
@@ -454,7 +457,10 @@ impl NodeConfig {
                 .or(file.upstream_streams_per_connection)
                 .unwrap_or(crate::proxy::upstream::DEFAULT_STREAMS_PER_CONNECTION)
                 .max(1),
-            upstream_http1: args.upstream_http1 || file.upstream_http1.unwrap_or(false),
+            upstream_http1_connections: args
+                .upstream_http1_connections
+                .or(file.upstream_http1_connections)
+                .unwrap_or(crate::proxy::upstream::DEFAULT_HTTP1_CONNECTIONS),
             data_threads: match args.data_threads.or(file.data_threads) {
                 Some(0) => bail!(
                     "--data-threads 0: at least one thread serves agents (leave it unset for one per CPU)"
@@ -668,21 +674,28 @@ mod tests {
     }
 
     #[test]
-    fn short_requests_stay_on_http2_unless_the_flag_or_the_file_asks() {
-        assert!(
-            !NodeConfig::resolve(args(), (Some("10.96.0.1".into()), Some("443".into())))
-                .unwrap()
-                .upstream_http1
-        );
+    fn short_requests_use_four_http1_connections_unless_the_flag_or_the_file_says() {
+        let env = || (Some("10.96.0.1".into()), Some("443".into()));
+        let config = NodeConfig::resolve(args(), env()).unwrap();
+        assert_eq!(config.upstream_http1_connections, 4);
         let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "targets: [\"10.96.0.1:443\"]\nupstreamHttp1: true").unwrap();
+        writeln!(
+            file,
+            "targets: [\"10.96.0.1:443\"]\nupstreamHttp1Connections: 0"
+        )
+        .unwrap();
         let mut a = args();
         a.config = Some(file.path().into());
-        assert!(NodeConfig::resolve(a, (None, None)).unwrap().upstream_http1);
+        let config = NodeConfig::resolve(a, (None, None)).unwrap();
+        assert_eq!(config.upstream_http1_connections, 0);
         let mut a = args();
-        a.upstream_http1 = true;
-        let config = NodeConfig::resolve(a, (Some("10.96.0.1".into()), Some("443".into())));
-        assert!(config.unwrap().upstream_http1);
+        a.config = Some(file.path().into());
+        a.upstream_http1_connections = Some(16);
+        let config = NodeConfig::resolve(a, (None, None)).unwrap();
+        assert_eq!(
+            config.upstream_http1_connections, 16,
+            "the flag wins over the file"
+        );
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             ..ConnectorOptions::default()
         },
         streams_per_connection: config.upstream_streams_per_connection,
-        short_requests_http1: config.upstream_http1,
+        http1_connections: config.upstream_http1_connections,
     })
     .map_err(anyhow::Error::msg)?;
     // Say at start-up whether the API server answers. (Agents are served by

@@ -222,13 +222,13 @@ struct Harness {
 }
 
 async fn harness(config: ProxyConfig, upstream_addr: Option<SocketAddr>) -> Harness {
-    harness_with(config, upstream_addr, false).await
+    harness_with(config, upstream_addr, 0).await
 }
 
 async fn harness_with(
     config: ProxyConfig,
     upstream_addr: Option<SocketAddr>,
-    short_requests_http1: bool,
+    http1_connections: usize,
 ) -> Harness {
     let pki = pki();
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -247,7 +247,7 @@ async fn harness_with(
             keepalive: None,
         },
         streams_per_connection: 2,
-        short_requests_http1,
+        http1_connections,
     })
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -421,9 +421,23 @@ async fn more_watches_than_one_upstream_connection_carries_all_get_answered() {
 }
 
 #[tokio::test]
-async fn short_requests_go_over_http1_when_asked_and_watches_stay_on_http2() {
-    for short_requests_http1 in [false, true] {
-        let h = harness_with(local_config(), None, short_requests_http1).await;
+async fn short_requests_go_over_bounded_http1_connections_and_watches_stay_on_http2() {
+    // (HTTP/1.1 connections allowed, versions the three concurrent slow
+    // requests arrive in)
+    let cases = [
+        (0, vec![http::Version::HTTP_2; 3]),
+        (4, vec![http::Version::HTTP_11; 3]),
+        (
+            2,
+            vec![
+                http::Version::HTTP_11,
+                http::Version::HTTP_11,
+                http::Version::HTTP_2,
+            ],
+        ),
+    ];
+    for (http1_connections, expected) in cases {
+        let h = harness_with(local_config(), None, http1_connections).await;
         assert_eq!(
             h.upstream.warm_up().await.unwrap(),
             http::Version::HTTP_2,
@@ -431,7 +445,8 @@ async fn short_requests_go_over_http1_when_asked_and_watches_stay_on_http2() {
         );
         let client = client(&h, b"h2").await;
         // Concurrent short requests: over HTTP/1.1 each needs a connection
-        // of its own, and none waits for another to finish.
+        // of its own, past the bound they share HTTP/2, and none waits for
+        // another to finish.
         let started = std::time::Instant::now();
         let slow = (0..3).map(|_| {
             let client = client.clone();
@@ -448,6 +463,18 @@ async fn short_requests_go_over_http1_when_asked_and_watches_stay_on_http2() {
             "three 500 ms requests took {:?}: they were serialized",
             started.elapsed()
         );
+        // Their bodies are done with: the HTTP/1.1 connections are free
+        // again for the next request.
+        let after = client
+            .request(
+                Request::get(url(&h, "/after"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(after.status(), 200);
+        after.into_body().collect().await.unwrap();
         let watch = client
             .request(
                 Request::get(url(&h, "/stream?watch=true"))
@@ -469,12 +496,15 @@ async fn short_requests_go_over_http1_when_asked_and_watches_stay_on_http2() {
                 .map(|(_, version)| *version)
                 .collect()
         };
-        let short = if short_requests_http1 {
+        let mut slow = version_of("GET /slow");
+        slow.sort();
+        assert_eq!(slow, expected, "{http1_connections} HTTP/1.1 connections");
+        let short = if http1_connections > 0 {
             http::Version::HTTP_11
         } else {
             http::Version::HTTP_2
         };
-        assert_eq!(version_of("GET /slow"), vec![short; 3]);
+        assert_eq!(version_of("GET /after"), vec![short]);
         assert_eq!(
             version_of("GET /stream?watch=true"),
             vec![http::Version::HTTP_2]

@@ -223,7 +223,7 @@ mod tests {
             tls_server_name: None,
             connector: crate::tls::ConnectorOptions::default(),
             streams_per_connection: 100,
-            short_requests_http1: false,
+            http1_connections: 0,
         })
         .unwrap()
     }
