@@ -85,28 +85,25 @@ fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
             assert_eq!(run["load"]["errors"], 0, "{target} errors:\n{stdout}");
         }
     }
-    // The second chaperone (`--upstream-http1`) runs the get-alone runs
-    // only, and the report shows its row beside the default one.
-    let upstream_http1: Vec<_> = runs
+    // The second chaperone (`--upstream-http1-connections 0`) runs the
+    // get-alone runs only, and the report shows its row beside the default.
+    let upstream_http2: Vec<_> = runs
         .iter()
-        .filter(|r| r["target"] == "chaperone-upstream-http1")
+        .filter(|r| r["target"] == "chaperone-upstream-http2")
         .collect();
     assert!(
-        !upstream_http1.is_empty() && upstream_http1.iter().all(|r| r["get_alone"] == true),
-        "chaperone --upstream-http1 runs: {upstream_http1:?}\n{stdout}"
+        !upstream_http2.is_empty() && upstream_http2.iter().all(|r| r["get_alone"] == true),
+        "chaperone HTTP/2-only runs: {upstream_http2:?}\n{stdout}"
     );
-    for run in &upstream_http1 {
+    for run in &upstream_http2 {
         assert!(
             run["load"]["requests"].as_u64().unwrap_or(0) > 0,
             "{stdout}"
         );
-        assert_eq!(
-            run["load"]["errors"], 0,
-            "--upstream-http1 errors:\n{stdout}"
-        );
+        assert_eq!(run["load"]["errors"], 0, "HTTP/2-only errors:\n{stdout}");
     }
     assert!(
-        markdown.contains("| chaperone, --upstream-http1 |"),
+        markdown.contains("| chaperone, HTTP/2 upstream only |"),
         "{markdown}"
     );
     let get_alone = runs

@@ -53,6 +53,10 @@ pub struct BenchSpec {
     /// Only the GET-alone runs: no mix, no idle watches (a quick A/B of
     /// the per-request cost while profiling).
     pub get_only: bool,
+    /// Start the targets and keep them running until standard input
+    /// closes, printing how to reach them; measure nothing.
+    #[serde(skip)]
+    pub hold: bool,
 }
 
 impl BenchSpec {
@@ -73,6 +77,7 @@ impl BenchSpec {
             idle_watches: vec![1000],
             get_rate: 50,
             get_only: false,
+            hold: false,
         }
     }
 
@@ -96,9 +101,10 @@ impl BenchSpec {
 pub enum Target {
     Direct,
     Chaperone,
-    /// A second chaperone with `--upstream-http1`, in the get-alone runs
-    /// only: the upstream protocol nginx speaks.
-    ChaperoneUpstreamHttp1,
+    /// A second chaperone with `--upstream-http1-connections 0` (every
+    /// short request over HTTP/2 upstream), in the get-alone runs only: what
+    /// the default's HTTP/1.1 connections, nginx's upstream protocol, save.
+    ChaperoneUpstreamHttp2,
     Nginx,
 }
 
@@ -107,7 +113,7 @@ impl Target {
         match self {
             Target::Direct => "direct (kube-sim)",
             Target::Chaperone => "chaperone (full pipeline)",
-            Target::ChaperoneUpstreamHttp1 => "chaperone, --upstream-http1",
+            Target::ChaperoneUpstreamHttp2 => "chaperone, HTTP/2 upstream only",
             Target::Nginx => "nginx (TLS reverse proxy)",
         }
     }
@@ -228,8 +234,9 @@ struct Endpoint {
 }
 
 /// Runs the whole bench (needs root: chaperone attaches its eBPF programs
-/// at a test cgroup and listens on a veth address) and writes the report.
-pub fn run(spec: BenchSpec) -> Result<BenchReport> {
+/// at a test cgroup and listens on a veth address) and writes the report;
+/// `None` after [`BenchSpec::hold`].
+pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     let mut machine = Machine::probe();
     let nginx_bin = setup::nginx_binary().context(
         "nginx is not installed: `cargo xtask setup` installs the Debian package (apt-get install nginx)",
@@ -256,11 +263,13 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
         netns.host_v4,
         false,
     )?;
-    let chaperone_h1 = if spec.get_rate > 0 {
-        say("starting a second chaperone node with --upstream-http1 (get-alone runs only)");
+    let chaperone_h2 = if spec.get_rate > 0 {
+        say(
+            "starting a second chaperone node with --upstream-http1-connections 0 (get-alone runs only)",
+        );
         Some(setup::start_chaperone(
             &spec.bin_dir,
-            &work.path().join("chaperone-upstream-http1"),
+            &work.path().join("chaperone-upstream-http2"),
             &sim,
             netns.host_v4,
             true,
@@ -283,12 +292,12 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
             ca: chaperone.ca.clone(),
         },
         Endpoint {
-            target: Target::ChaperoneUpstreamHttp1,
-            url: chaperone_h1
+            target: Target::ChaperoneUpstreamHttp2,
+            url: chaperone_h2
                 .as_ref()
                 .map(|c| c.url.clone())
                 .unwrap_or_default(),
-            ca: chaperone_h1
+            ca: chaperone_h2
                 .as_ref()
                 .map(|c| c.ca.clone())
                 .unwrap_or_default(),
@@ -301,16 +310,40 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
     ];
     let sim_pid = sim.proc.pid();
     let chaperone_pid = chaperone.proc.pid();
-    let chaperone_h1_pid = chaperone_h1.as_ref().map(|c| c.proc.pid());
+    let chaperone_h2_pid = chaperone_h2.as_ref().map(|c| c.proc.pid());
     let pids_of = |target: Target| -> Vec<u32> {
         match target {
             Target::Direct => vec![sim_pid],
             Target::Chaperone => vec![chaperone_pid],
-            Target::ChaperoneUpstreamHttp1 => chaperone_h1_pid.into_iter().collect(),
+            Target::ChaperoneUpstreamHttp2 => chaperone_h2_pid.into_iter().collect(),
             Target::Nginx => nginx.pids(),
         }
     };
     let chaperone_idle_rss_kib = status_kib(chaperone_pid, "VmRSS");
+    if spec.hold {
+        for endpoint in endpoints.iter().filter(|e| !e.url.is_empty()) {
+            say(&format!(
+                "{:<28} {}  pids {:?}  ca {}",
+                endpoint.target.label(),
+                endpoint.url,
+                pids_of(endpoint.target),
+                endpoint.ca.display()
+            ));
+        }
+        say(&format!(
+            "token {}; e.g. {} --url URL --ca CA --token-file {} --namespace {} --only get-secret --watches 0 --rate 200",
+            sim.token.display(),
+            spec.bin_dir.join("agent-load").display(),
+            sim.token.display(),
+            setup::NAMESPACE
+        ));
+        say("holding the targets until standard input closes");
+        std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+        drop(nginx);
+        chaperone.proc.stop(libc::SIGTERM, Duration::from_secs(30));
+        sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+        return Ok(None);
+    }
 
     let mut runs = Vec::new();
     let mut chaperone_sent = 0u64;
@@ -328,8 +361,8 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
                 if (get_alone && spec.get_rate == 0)
                     || (!get_alone && spec.get_only)
                     || (http1 && endpoint.target != Target::Direct)
-                    || (endpoint.target == Target::ChaperoneUpstreamHttp1
-                        && (!get_alone || chaperone_h1.is_none()))
+                    || (endpoint.target == Target::ChaperoneUpstreamHttp2
+                        && (!get_alone || chaperone_h2.is_none()))
                 {
                     continue;
                 }
@@ -392,7 +425,7 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
     for endpoint in &endpoints {
         if matches!(
             endpoint.target,
-            Target::Direct | Target::ChaperoneUpstreamHttp1
+            Target::Direct | Target::ChaperoneUpstreamHttp2
         ) {
             continue;
         }
@@ -515,7 +548,7 @@ pub fn run(spec: BenchSpec) -> Result<BenchReport> {
         "written: {} and latest.json",
         report.spec.out_dir.join("latest.md").display()
     );
-    Ok(report)
+    Ok(Some(report))
 }
 
 fn say(line: &str) {

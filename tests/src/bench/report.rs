@@ -353,15 +353,15 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     let direct = get_alone_runs(report, Target::Direct, false);
-    let upstream_http1 = !get_alone_runs(report, Target::ChaperoneUpstreamHttp1, false).is_empty();
+    let upstream_http2 = !get_alone_runs(report, Target::ChaperoneUpstreamHttp2, false).is_empty();
     let targets = [
         Target::Direct,
         Target::Chaperone,
-        Target::ChaperoneUpstreamHttp1,
+        Target::ChaperoneUpstreamHttp2,
         Target::Nginx,
     ];
     for target in targets {
-        if target == Target::ChaperoneUpstreamHttp1 && !upstream_http1 {
+        if target == Target::ChaperoneUpstreamHttp2 && !upstream_http2 {
             continue;
         }
         let mine = get_alone_runs(report, target, false);
@@ -407,10 +407,11 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         );
         let _ = writeln!(
             md,
-            "\nnginx speaks HTTP/1.1 to the simulator; chaperone HTTP/2 by default and \
-             HTTP/1.1 for short requests with `--upstream-http1` (the same protocol as nginx; \
-             watches and logs stay on HTTP/2). The last row is what the simulator alone gains \
-             from HTTP/1.1, part of what nginx's added latency leaves out."
+            "\nnginx speaks HTTP/1.1 to the simulator, and so does chaperone for short requests \
+             while at most 4 are in flight per data-path thread (the default; HTTP/2 past that, \
+             and for watches and logs). The HTTP/2-only row is chaperone with \
+             `--upstream-http1-connections 0`. The last row is what the simulator alone gains \
+             from HTTP/1.1, part of what an HTTP/1.1 proxy's added latency leaves out."
         );
     }
 }

@@ -190,14 +190,15 @@ pub struct Chaperone {
 /// proxy port directly (`--allow-unattested`): no kernel redirect on the
 /// measured path, so identity is the verified token without pod binding.
 /// `chaperone node` in `work` (its own directory per instance), sending
-/// short requests upstream over HTTP/1.1 when `upstream_http1` (the
-/// `--upstream-http1` flag) and over HTTP/2 (the default) otherwise.
+/// short requests upstream as configured by default (HTTP/1.1 while few
+/// are in flight) or, with `http2_only`, all over HTTP/2
+/// (`--upstream-http1-connections 0`).
 pub fn start_chaperone(
     bin: &Path,
     work: &Path,
     sim: &Sim,
     ip: Ipv4Addr,
-    upstream_http1: bool,
+    http2_only: bool,
 ) -> Result<Chaperone> {
     std::fs::create_dir_all(work)?;
     let cgroup = crate::topology::Cgroup::test_subtree()?;
@@ -235,7 +236,14 @@ pub fn start_chaperone(
             .args(["--drain-seconds", "3"])
             // Inherits the environment: CHAPERONE_DATA_THREADS=N sets its
             // data-path threads for an A/B run.
-            .env("CHAPERONE_UPSTREAM_HTTP1", upstream_http1.to_string())
+            .env(
+                "CHAPERONE_UPSTREAM_HTTP1_CONNECTIONS",
+                if http2_only {
+                    "0".to_owned()
+                } else {
+                    chaperone::proxy::upstream::DEFAULT_HTTP1_CONNECTIONS.to_string()
+                },
+            )
             .env("CHAPERONE_LOG", "warn,chaperone=info"),
     )?;
     proc.wait_for_stderr("node agent ready", Duration::from_secs(60))?;

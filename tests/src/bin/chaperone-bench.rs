@@ -43,6 +43,12 @@ struct Args {
     /// A/B of what one request costs.
     #[arg(long)]
     get_only: bool,
+    /// Start the targets, print how to reach them (URL, CA, token, PIDs)
+    /// and keep them running until standard input closes, instead of
+    /// measuring: for profiling one target with perf or strace while
+    /// `agent-load` drives it.
+    #[arg(long)]
+    hold: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         }
         spec.get_only = true;
     }
+    spec.hold = args.hold;
     if !chaperone_tests::is_root() {
         anyhow::bail!(
             "the bench needs root: chaperone attaches its eBPF programs (at a test cgroup) and \
