@@ -50,6 +50,14 @@ use crate::tls::{ConnectorOptions, connect::marked_http_connector};
 /// (kube-apiserver 1000, Go's default 250, common proxies 100 to 128).
 pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
 
+/// How long an idle HTTP/1.1 connection is kept for the next request:
+/// well below the idle timeouts of API servers (90 s) and of the balancers
+/// commonly in front of them (from 20 s), so chaperone closes first and
+/// never sends a request into a connection the other end is closing (which
+/// would fail it with nothing to retry safely). HTTP/2 connections answer
+/// pings instead and stay open.
+const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Short requests in flight over HTTP/1.1 at once, per pool (that is, per
 /// data-path thread) unless configured: a handful of agents' sequential
 /// kubectl calls, each on a kept-alive connection of its own.
@@ -126,10 +134,11 @@ impl Upstream {
         let any_https = https(any_tls, &server_name, true, tcp.clone());
         let pooled = pooled_client(any_https.clone(), false);
         let http1 = (spec.http1_connections > 0).then(|| Http1Pool {
-            client: pooled_client(
-                https(h1_tls.clone(), &server_name, false, tcp.clone()),
-                false,
-            ),
+            client: Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(HTTP1_IDLE_TIMEOUT)
+                .build(https(h1_tls.clone(), &server_name, false, tcp.clone())),
             limit: spec.http1_connections,
             in_flight: Arc::new(AtomicUsize::new(0)),
         });
