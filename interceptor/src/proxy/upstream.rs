@@ -1,6 +1,7 @@
 //! The way to the real API server: pooled HTTP/1.1 and HTTP/2 (HTTP/1.1
-//! alone when the server does not offer h2) over rustls trusting the cluster CA, on sockets that
-//! carry chaperone's `SO_MARK` so the eBPF programs never redirect them.
+//! alone when the server does not offer h2) over rustls trusting the
+//! cluster CA, on sockets that carry chaperone's `SO_MARK` so the eBPF
+//! programs never redirect them.
 //! Upgrades (exec, attach, port-forward) need HTTP/1.1, so they use a second
 //! pool that only offers `http/1.1`.
 //!
@@ -49,6 +50,10 @@ use crate::tls::{ConnectorOptions, connect::marked_http_connector};
 /// below what API servers and the balancers in front of them announce
 /// (kube-apiserver 1000, Go's default 250, common proxies 100 to 128).
 pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
+
+/// How long an idle pooled HTTP/2 connection is kept (it answers pings
+/// meanwhile).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long an idle HTTP/1.1 connection is kept for the next request:
 /// well below the idle timeouts of API servers (90 s) and of the balancers
@@ -132,13 +137,13 @@ impl Upstream {
         any_tls.alpn_protocols.clear();
 
         let any_https = https(any_tls, &server_name, true, tcp.clone());
-        let pooled = pooled_client(any_https.clone(), false);
+        let pooled = pooled_client(any_https.clone(), false, POOL_IDLE_TIMEOUT);
         let http1 = (spec.http1_connections > 0).then(|| Http1Pool {
-            client: Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(HTTP1_IDLE_TIMEOUT)
-                .build(https(h1_tls.clone(), &server_name, false, tcp.clone())),
+            client: pooled_client(
+                https(h1_tls.clone(), &server_name, false, tcp.clone()),
+                false,
+                HTTP1_IDLE_TIMEOUT,
+            ),
             limit: spec.http1_connections,
             in_flight: Arc::new(AtomicUsize::new(0)),
         });
@@ -319,12 +324,16 @@ impl Http1Pool {
 /// `h2_only`: speak HTTP/2 without waiting for ALPN, so that concurrent
 /// first requests share one connection attempt (hyper-util dials once per
 /// HTTP/2 pool, but once per request while the version is unknown).
-fn pooled_client(https: HttpsConnector<HttpConnector>, h2_only: bool) -> HttpsClient {
+fn pooled_client(
+    https: HttpsConnector<HttpConnector>,
+    h2_only: bool,
+    idle_timeout: Duration,
+) -> HttpsClient {
     Client::builder(TokioExecutor::new())
         .http2_only(h2_only)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(idle_timeout)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_timeout(Duration::from_secs(10))
         .http2_adaptive_window(true)
@@ -411,8 +420,8 @@ impl StreamShards {
                     "opening another upstream connection for long-lived streams"
                 );
                 shards.push(Shard {
-                    negotiating: pooled_client(self.https.clone(), false),
-                    http2: pooled_client(self.https.clone(), true),
+                    negotiating: pooled_client(self.https.clone(), false, POOL_IDLE_TIMEOUT),
+                    http2: pooled_client(self.https.clone(), true, POOL_IDLE_TIMEOUT),
                     open: Arc::new(AtomicUsize::new(0)),
                 });
                 shards.len() - 1
