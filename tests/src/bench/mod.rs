@@ -339,9 +339,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         ));
         say("holding the targets until standard input closes");
         std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
-        drop(nginx);
-        chaperone.proc.stop(libc::SIGTERM, Duration::from_secs(30));
-        sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+        // Every process is stopped as it is dropped.
         return Ok(None);
     }
 
