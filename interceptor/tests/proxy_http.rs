@@ -307,6 +307,13 @@ async fn client(
     builder.build(connector)
 }
 
+/// A GET of `path` through the proxy, with no body.
+fn get(h: &Harness, path: &str) -> Request<Full<Bytes>> {
+    Request::get(url(h, path))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
 fn url(h: &Harness, path: &str) -> String {
     format!("https://localhost:{}{path}", h.proxy_addr.port())
 }
@@ -349,14 +356,7 @@ async fn requests_are_forwarded_with_path_query_and_end_to_end_headers() {
 async fn streams_are_not_buffered_and_a_client_going_away_closes_upstream() {
     let h = harness(local_config(), None).await;
     let client = client(&h, b"h2").await;
-    let resp = client
-        .request(
-            Request::get(url(&h, "/stream"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = client.request(get(&h, "/stream")).await.unwrap();
     let mut body = resp.into_body();
     // The first event arrives while the upstream is still holding the second.
     let first = tokio::time::timeout(Duration::from_secs(3), body.frame())
@@ -391,9 +391,7 @@ async fn more_watches_than_one_upstream_connection_carries_all_get_answered() {
     let mut bodies = Vec::new();
     for _ in 0..watches {
         let client = client.clone();
-        let request = Request::get(url(&h, "/stream?watch=true"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let request = get(&h, "/stream?watch=true");
         bodies.push(tokio::spawn(async move {
             let mut body = client.request(request).await.unwrap().into_body();
             let first = body.frame().await.unwrap().unwrap();
@@ -450,9 +448,7 @@ async fn short_requests_go_over_bounded_http1_connections_and_watches_stay_on_ht
         let started = std::time::Instant::now();
         let slow = (0..3).map(|_| {
             let client = client.clone();
-            let request = Request::get(url(&h, "/slow"))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
+            let request = get(&h, "/slow");
             async move { client.request(request).await.unwrap().status() }
         });
         for status in futures::future::join_all(slow).await {
@@ -465,24 +461,10 @@ async fn short_requests_go_over_bounded_http1_connections_and_watches_stay_on_ht
         );
         // Their bodies are done with: the HTTP/1.1 connections are free
         // again for the next request.
-        let after = client
-            .request(
-                Request::get(url(&h, "/after"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let after = client.request(get(&h, "/after")).await.unwrap();
         assert_eq!(after.status(), 200);
         after.into_body().collect().await.unwrap();
-        let watch = client
-            .request(
-                Request::get(url(&h, "/stream?watch=true"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let watch = client.request(get(&h, "/stream?watch=true")).await.unwrap();
         let mut body = watch.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "{\"type\":\"ADDED\"}\n");
@@ -612,14 +594,7 @@ async fn an_unreachable_api_server_is_a_clear_503_status() {
     };
     let h = harness(local_config(), Some(dead)).await;
     let client = client(&h, b"h2").await;
-    let resp = client
-        .request(
-            Request::get(url(&h, "/api"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = client.request(get(&h, "/api")).await.unwrap();
     assert_eq!(resp.status(), 503);
     let status: serde_json::Value =
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
@@ -633,13 +608,7 @@ async fn an_unreachable_api_server_is_a_clear_503_status() {
 async fn unattested_connections_are_refused_when_attestation_is_required() {
     let h = harness(ProxyConfig::default(), None).await;
     let client = client(&h, b"h2").await;
-    let result = client
-        .request(
-            Request::get(url(&h, "/echo"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+    let result = client.request(get(&h, "/echo")).await;
     assert!(
         result.is_err(),
         "the connection must be closed without an answer"
@@ -652,11 +621,7 @@ async fn shutdown_drains_in_flight_requests() {
     let mut h = harness(local_config(), None).await;
     let client = client(&h, b"h2").await;
     let in_flight = tokio::spawn({
-        let req = client.request(
-            Request::get(url(&h, "/slow"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        );
+        let req = client.request(get(&h, "/slow"));
         async move {
             req.await
                 .unwrap()
