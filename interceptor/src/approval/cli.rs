@@ -1,7 +1,8 @@
 //! `kubectl chaperone`: the approvers' kubectl plugin (the
 //! `kubectl-chaperone` binary). It talks to the API server with the
 //! approver's own kubeconfig; who they are is what the API server says
-//! (SelfSubjectReview), and their right to decide is checked up front
+//! (SelfSubjectReview, Kubernetes 1.28+; on older servers what their
+//! credentials name, see [`super::whoami`]), and their right to decide is checked up front
 //! (SelfSubjectAccessReview) and again by every node agent
 //! (SubjectAccessReview) before a held request moves.
 
@@ -109,6 +110,8 @@ enum Place {
     Cluster {
         client: kube::Client,
         api: Box<Api<ApprovalRequest>>,
+        /// The kubeconfig user, for servers without SelfSubjectReview.
+        auth: Box<kube::config::AuthInfo>,
     },
     Local(LocalStore),
 }
@@ -157,12 +160,26 @@ impl Place {
                     groups: Vec::new(),
                 })
             }
-            Place::Cluster { client, .. } => {
+            Place::Cluster { client, auth, .. } => {
                 let api: Api<SelfSubjectReview> = Api::all(client.clone());
-                let review = api
+                let review = match api
                     .create(&PostParams::default(), &SelfSubjectReview::default())
                     .await
-                    .context("asking the API server who you are (SelfSubjectReview)")?;
+                {
+                    Ok(review) => review,
+                    // Kubernetes < 1.28 has no SelfSubjectReview.
+                    Err(kube::Error::Api(status)) if status.is_not_found() => {
+                        let who = super::whoami::from_credentials(auth)?;
+                        return Ok(Approver {
+                            username: who.username,
+                            groups: who.groups,
+                        });
+                    }
+                    Err(error) => {
+                        return Err(error)
+                            .context("asking the API server who you are (SelfSubjectReview)");
+                    }
+                };
                 let user = review
                     .status
                     .and_then(|s| s.user_info)
@@ -209,11 +226,14 @@ pub async fn run(cli: PluginCli, out: &mut dyn Write) -> Result<()> {
     let place = match &cli.local_dir {
         Some(dir) => Place::Local(LocalStore::new(dir)?),
         None => {
-            let client = kube::Client::try_default()
+            let config = kube::Config::infer()
                 .await
                 .context("no usable kubeconfig (set KUBECONFIG)")?;
+            let auth = Box::new(config.auth_info.clone());
+            let client =
+                kube::Client::try_from(config).context("no usable kubeconfig (set KUBECONFIG)")?;
             let api = Box::new(Api::namespaced(client.clone(), &cli.namespace));
-            Place::Cluster { client, api }
+            Place::Cluster { client, api, auth }
         }
     };
     match cli.command {

@@ -41,6 +41,7 @@ mod refusal;
 mod store;
 #[cfg(test)]
 mod tests;
+mod whoami;
 
 use std::{
     collections::{BTreeMap, HashMap},
