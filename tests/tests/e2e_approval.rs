@@ -49,7 +49,7 @@ fn spec(hold: &str) -> WorldSpec {
 }
 
 fn seed(world: &World, deployments: &[&str]) {
-    let store = world.sim.store();
+    let store = world.sim().store();
     let _ = store.create(
         serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}),
     );
@@ -68,19 +68,19 @@ fn seed(world: &World, deployments: &[&str]) {
 
 fn exists(world: &World, name: &str) -> bool {
     world
-        .sim
+        .sim()
         .store()
         .get("deployments.apps", Some("prod-a"), name)
         .is_some()
 }
 
 fn approvals(world: &World) -> Vec<Value> {
-    world.sim.store().list(APPROVALS, Some(NS))
+    world.sim().store().list(APPROVALS, Some(NS))
 }
 
 fn approval(world: &World, id: &str) -> Value {
     world
-        .sim
+        .sim()
         .store()
         .get(APPROVALS, Some(NS), id)
         .unwrap_or_else(|| panic!("approval {id} is gone"))
@@ -448,7 +448,7 @@ fn approvers_need_the_right_and_a_requester_never_approves_itself() {
             ),
         ],
     );
-    world.sim.set_authorizer(rbac);
+    world.sim().set_authorizer(rbac);
     let alice = world.person("alice", &[]).unwrap();
     let bob = world.person("bob", &[]).unwrap();
 
@@ -507,7 +507,7 @@ fn approvers_need_the_right_and_a_requester_never_approves_itself() {
         home: agent_home,
     };
     world
-        .sim
+        .sim()
         .write_kubeconfig(&agent_person.kubeconfig, &world.token)
         .unwrap();
     let out = plugin(&agent_person, &["approve", &id]);
@@ -701,7 +701,7 @@ fn a_held_patch_previews_its_changes_masked_and_is_forwarded_unchanged_when_appr
     let world = World::start(write_spec("30s")).unwrap();
     seed(&world, &[]);
     world
-        .sim
+        .sim()
         .store()
         .create(serde_json::json!({
             "apiVersion":"apps/v1","kind":"Deployment",
@@ -754,7 +754,7 @@ fn a_held_patch_previews_its_changes_masked_and_is_forwarded_unchanged_when_appr
     );
     // Nothing changed yet.
     let stored = world
-        .sim
+        .sim()
         .store()
         .get("deployments.apps", Some("prod-a"), "web")
         .unwrap();
@@ -767,7 +767,7 @@ fn a_held_patch_previews_its_changes_masked_and_is_forwarded_unchanged_when_appr
     assert!(text(&out).contains("patched"), "{}", text(&out));
     // The body the agent sent went upstream as it was.
     let stored = world
-        .sim
+        .sim()
         .store()
         .get("deployments.apps", Some("prod-a"), "web")
         .unwrap();
@@ -818,7 +818,7 @@ fn a_held_secret_create_previews_masked_data_and_only_the_same_body_uses_the_app
     assert!(decoded.starts_with("<masked by chaperone"), "{decoded}");
     assert!(
         world
-            .sim
+            .sim()
             .store()
             .get("secrets", Some("prod-a"), "db")
             .is_none()
@@ -835,7 +835,7 @@ fn a_held_secret_create_previews_masked_data_and_only_the_same_body_uses_the_app
     let out = create("hunter2-secret");
     assert!(out.status.success(), "{}", text(&out));
     let stored = world
-        .sim
+        .sim()
         .store()
         .get("secrets", Some("prod-a"), "db")
         .unwrap();

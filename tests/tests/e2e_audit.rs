@@ -142,7 +142,7 @@ spec:
     // Held: its ApprovalRequest is pending. Then the agent gives up.
     let deadline = Instant::now() + Duration::from_secs(30);
     while world
-        .sim
+        .sim()
         .store()
         .list("approvalrequests.chaperone.dev", None)
         .is_empty()

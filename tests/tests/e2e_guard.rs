@@ -7,9 +7,16 @@ use std::time::Duration;
 
 use base64::Engine;
 use chaperone_tests::{
-    e2e::{World, WorldSpec, run_for, workspace_binary},
-    require_root,
+    e2e::{Backend, World, WorldSpec, run_for, workspace_binary},
+    on_both_servers, require_root,
 };
+
+on_both_servers!(
+    denials_print_kubectls_forbidden_line_with_chaperones_message,
+    secret_values_never_reach_the_agent,
+    a_token_replayed_from_another_pod_is_refused,
+    the_session_is_recorded_and_audited,
+);
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -43,13 +50,16 @@ const PASSWORD: &str = "s3cr3t-Pa55w0rd-do-not-leak";
 const TOKEN_VALUE: &str = "tok_9f8e7d6c5b4a3210fedcba";
 const PRIVATE_KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAsecretkeymaterialdonotleak0123456789\n-----END RSA PRIVATE KEY-----";
 
-fn world() -> World {
+/// The world of these scenarios; on the simulator the worker pod also has
+/// a log (a real server needs a kubelet for logs).
+fn world(backend: Backend) -> World {
     let world = World::start(WorldSpec {
+        backend,
         policy: POLICY.into(),
         ..WorldSpec::default()
     })
     .unwrap();
-    let store = world.sim.store();
+    let store = &world.api;
     for ns in ["prod-a", "dev-a"] {
         store
             .create(
@@ -85,6 +95,10 @@ fn world() -> World {
             }))
             .unwrap();
     }
+    if backend == Backend::Real {
+        return world;
+    }
+    let store = world.sim().store();
     store
         .append_log("default", "worker", None, "booting")
         .unwrap();
@@ -120,10 +134,9 @@ fn assert_no_secret(what: &str, bytes: &str) {
     }
 }
 
-#[test]
-fn denials_print_kubectls_forbidden_line_with_chaperones_message() {
+fn denials_print_kubectls_forbidden_line_with_chaperones_message(backend: Backend) {
     require_root!();
-    let world = world();
+    let world = world(backend);
     let out = kubectl(&world, &["delete", "deployment", "web", "-n", "prod-a"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -137,8 +150,7 @@ fn denials_print_kubectls_forbidden_line_with_chaperones_message() {
     );
     assert!(
         world
-            .sim
-            .store()
+            .api
             .get("deployments.apps", Some("prod-a"), "web")
             .is_some(),
         "the deployment must survive"
@@ -166,18 +178,20 @@ fn denials_print_kubectls_forbidden_line_with_chaperones_message() {
     );
 }
 
-#[test]
-fn secret_values_never_reach_the_agent() {
+fn secret_values_never_reach_the_agent(backend: Backend) {
     require_root!();
-    let world = world();
-    for args in [
+    let world = world(backend);
+    let mut reads = vec![
         &["get", "secret", "db", "-o", "yaml"][..],
         &["get", "secrets", "-o", "json"],
         &["get", "secrets"],
         &["describe", "secret", "db"],
         &["get", "pod", "worker", "-o", "yaml"],
-        &["logs", "worker"],
-    ] {
+    ];
+    if backend == Backend::Sim {
+        reads.push(&["logs", "worker"]);
+    }
+    for args in reads {
         let out = kubectl(&world, args);
         assert!(
             out.status.success(),
@@ -194,12 +208,15 @@ fn secret_values_never_reach_the_agent() {
         .decode(json["data"]["password"].as_str().unwrap())
         .unwrap();
     assert!(String::from_utf8_lossy(&decoded).contains("masked by chaperone"));
-    // Logs keep their non-secret lines.
-    let logs = String::from_utf8_lossy(&kubectl(&world, &["logs", "worker"]).stdout).into_owned();
-    assert!(
-        logs.starts_with("booting\n") && logs.ends_with("ready\n"),
-        "{logs}"
-    );
+    if backend == Backend::Sim {
+        // Logs keep their non-secret lines.
+        let logs =
+            String::from_utf8_lossy(&kubectl(&world, &["logs", "worker"]).stdout).into_owned();
+        assert!(
+            logs.starts_with("booting\n") && logs.ends_with("ready\n"),
+            "{logs}"
+        );
+    }
 
     // A watch delivers a change made meanwhile, masked.
     let mut watch = world.agent_kubectl(&["get", "secrets", "-w", "-o", "json"]);
@@ -210,8 +227,7 @@ fn secret_values_never_reach_the_agent() {
     std::thread::sleep(Duration::from_secs(3));
     let b64 = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
     world
-        .sim
-        .store()
+        .api
         .create(serde_json::json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"late","namespace":"default"},"data":{"password":b64}}))
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
@@ -222,18 +238,26 @@ fn secret_values_never_reach_the_agent() {
     assert_no_secret("kubectl get secrets -w", &watched);
 }
 
-#[test]
-fn a_token_replayed_from_another_pod_is_refused() {
+fn a_token_replayed_from_another_pod_is_refused(backend: Backend) {
     require_root!();
-    let world = world();
+    let world = world(backend);
     // A valid token, but minted for a different pod than the one the kernel
-    // attests for this connection.
+    // attests for this connection (a real server binds tokens only to pods
+    // that exist).
+    let other = world
+        .api
+        .create(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "other-pod", "namespace": "default"},
+            "spec": {"serviceAccountName": "agent", "containers": [{"name": "app", "image": "app:1"}]},
+        }))
+        .unwrap();
     let stolen = world
-        .sim
-        .mint_service_account_token(
+        .api
+        .mint_token(
             "default",
             "agent",
-            Some(("other-pod", "9b2f1c7e-0000-4000-8000-000000000001")),
+            Some(("other-pod", other["metadata"]["uid"].as_str().unwrap())),
             None,
             Duration::from_secs(600),
         )
@@ -244,14 +268,16 @@ fn a_token_replayed_from_another_pod_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // kubectl's wording for a 401.
     assert!(stderr.contains("provide credentials"), "{stderr}");
-    assert!(
-        world
-            .sim
-            .requests()
-            .iter()
-            .all(|r| r.token.as_deref() != Some(stolen.as_str())),
-        "a refused token never reaches the API server"
-    );
+    if backend == Backend::Sim {
+        assert!(
+            world
+                .sim()
+                .requests()
+                .iter()
+                .all(|r| r.token.as_deref() != Some(stolen.as_str())),
+            "a refused token never reaches the API server"
+        );
+    }
     assert!(
         world.node.log_text().contains("other-pod"),
         "the refusal names the pod the token was issued to:\n{}",
@@ -259,10 +285,9 @@ fn a_token_replayed_from_another_pod_is_refused() {
     );
 }
 
-#[test]
-fn the_session_is_recorded_and_audited() {
+fn the_session_is_recorded_and_audited(backend: Backend) {
     require_root!();
-    let world = world();
+    let world = world(backend);
     assert!(
         kubectl(&world, &["get", "secret", "db", "-o", "yaml"])
             .status

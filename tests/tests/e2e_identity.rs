@@ -44,7 +44,7 @@ fn impersonate_mode_reoriginates_with_chaperones_credentials() {
     let out = kubectl(&world, &["get", "configmaps", "-n", "default"]);
     assert!(out.status.success(), "{}", text(&out));
     let seen = world
-        .sim
+        .sim()
         .requests()
         .into_iter()
         .rev()
@@ -52,7 +52,7 @@ fn impersonate_mode_reoriginates_with_chaperones_credentials() {
         .expect("the list reached the simulator");
     assert_eq!(
         seen.token.as_deref(),
-        Some(world.sim.admin_token().as_str()),
+        Some(world.sim().admin_token().as_str()),
         "upstream must carry chaperone's credentials, not the agent's token"
     );
     let acted_as = seen.impersonated.expect("impersonation headers");
@@ -75,7 +75,7 @@ fn impersonate_mode_reoriginates_with_chaperones_credentials() {
     .unwrap();
     assert!(!direct.status.success());
     let refused = world
-        .sim
+        .sim()
         .requests()
         .into_iter()
         .rev()
@@ -85,11 +85,11 @@ fn impersonate_mode_reoriginates_with_chaperones_credentials() {
 
     // An agent asking to impersonate someone itself is refused by chaperone,
     // and nothing reaches the API server as that user.
-    let before = world.sim.requests().len();
+    let before = world.sim().requests().len();
     let out = kubectl(&world, &["--as", "system:admin", "get", "secrets", "-A"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
-        world.sim.requests()[before..].iter().all(|r| r
+        world.sim().requests()[before..].iter().all(|r| r
             .impersonated
             .as_ref()
             .is_none_or(|u| u.username != "system:admin")),
@@ -117,11 +117,11 @@ fn a_token_signed_with_a_rotated_key_is_accepted_after_the_jwks_refresh() {
     let out = kubectl(&world, &["get", "configmaps"]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let old_kid = world.sim.signing_key_id();
-    let new_kid = world.sim.rotate_signing_key().unwrap();
+    let old_kid = world.sim().signing_key_id();
+    let new_kid = world.sim().rotate_signing_key().unwrap();
     assert_ne!(old_kid, new_kid);
     let token = world
-        .sim
+        .sim()
         .mint_service_account_token(
             "default",
             "agent",
@@ -138,7 +138,7 @@ fn a_token_signed_with_a_rotated_key_is_accepted_after_the_jwks_refresh() {
         "a token with the new kid {new_kid} was refused: {}",
         text(&out)
     );
-    let seen = world.sim.requests().last().cloned().unwrap();
+    let seen = world.sim().requests().last().cloned().unwrap();
     assert_eq!(seen.token.as_deref(), Some(token.as_str()));
 }
 
@@ -180,7 +180,7 @@ fn the_pod_tracker_guards_a_pod_by_its_label_and_lets_go_when_it_is_removed() {
     eventually(&world, true);
 
     // Unlabeled: no longer guarded, so nothing answers the service IP.
-    let store = world.sim.store();
+    let store = world.sim().store();
     let mut pod = store.get("pods", Some("default"), "agent-0").unwrap();
     pod["metadata"]["labels"]["chaperone.dev/intercept"] = "false".into();
     store.update(pod).unwrap();
@@ -211,7 +211,7 @@ fn a_policy_can_ask_for_impersonation_on_a_passthrough_node() {
     let out = kubectl(&world, &["get", "configmaps", "-n", "default"]);
     assert!(out.status.success(), "{}", text(&out));
     let seen = world
-        .sim
+        .sim()
         .requests()
         .into_iter()
         .rev()
@@ -219,7 +219,7 @@ fn a_policy_can_ask_for_impersonation_on_a_passthrough_node() {
         .unwrap();
     assert_eq!(
         seen.token.as_deref(),
-        Some(world.sim.admin_token().as_str())
+        Some(world.sim().admin_token().as_str())
     );
     assert_eq!(
         seen.impersonated.map(|u| u.username).as_deref(),

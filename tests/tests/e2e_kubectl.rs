@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use chaperone_tests::{
-    e2e::{World, WorldSpec, run_for},
-    require_root,
+    e2e::{Backend, World, WorldSpec, run_for},
+    on_both_servers, require_root,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -40,10 +40,18 @@ fn same_both_ways(world: &World, args: &[&str]) -> String {
     text(&proxied)
 }
 
-#[test]
-fn everyday_kubectl_works_through_chaperone_unchanged() {
+on_both_servers!(
+    everyday_kubectl_works_through_chaperone_unchanged,
+    reads_writes_and_discovery_match_the_api_server,
+);
+
+fn everyday_kubectl_works_through_chaperone_unchanged(backend: Backend) {
     require_root!();
-    let world = World::start(WorldSpec::default()).expect("start the e2e world");
+    let world = World::start(WorldSpec {
+        backend,
+        ..WorldSpec::default()
+    })
+    .expect("start the e2e world");
 
     let namespaces = same_both_ways(&world, &["get", "namespaces", "-o", "name"]);
     assert!(namespaces.contains("namespace/default"), "{namespaces}");
@@ -79,10 +87,11 @@ fn write(world: &World, name: &str, yaml: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A pod, and on the simulator its log (a real server needs a kubelet for
+/// logs).
 fn seed_pod(world: &World, name: &str, log: &[&str]) {
     world
-        .sim
-        .store()
+        .api
         .create(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default"},
@@ -90,19 +99,25 @@ fn seed_pod(world: &World, name: &str, log: &[&str]) {
                      "env": [{"name": "MODE", "value": "demo"}]}]},
         }))
         .unwrap();
+    if world.api.backend() == Backend::Real {
+        return;
+    }
     for line in log {
         world
-            .sim
+            .sim()
             .store()
             .append_log("default", name, None, line)
             .unwrap();
     }
 }
 
-#[test]
-fn reads_writes_and_discovery_match_the_api_server() {
+fn reads_writes_and_discovery_match_the_api_server(backend: Backend) {
     require_root!();
-    let world = World::start(WorldSpec::default()).unwrap();
+    let world = World::start(WorldSpec {
+        backend,
+        ..WorldSpec::default()
+    })
+    .unwrap();
     seed_pod(&world, "web-0", &["starting", "ready"]);
 
     same_both_ways(&world, &["get", "pod", "web-0", "-o", "yaml"]);
@@ -121,7 +136,10 @@ fn reads_writes_and_discovery_match_the_api_server() {
         same_both_ways(&world, &["auth", "can-i", "delete", "pods"]).trim(),
         "yes"
     );
-    same_both_ways(&world, &["logs", "web-0"]);
+    if backend == Backend::Sim {
+        // Logs come from a kubelet, which the real server here has not.
+        same_both_ways(&world, &["logs", "web-0"]);
+    }
 
     // Writes, each on its own object through chaperone, checked in the store.
     let cm = write(
@@ -152,8 +170,7 @@ fn reads_writes_and_discovery_match_the_api_server() {
         "configmap/agent-cm patched"
     );
     let stored = world
-        .sim
-        .store()
+        .api
         .get("configmaps", Some("default"), "agent-cm")
         .unwrap();
     assert_eq!(stored["data"]["b"], "2");
@@ -196,8 +213,7 @@ fn reads_writes_and_discovery_match_the_api_server() {
         "deployment.apps/preview created"
     );
     let deployment = world
-        .sim
-        .store()
+        .api
         .get("deployments.apps", Some("default"), "preview")
         .unwrap();
     assert_eq!(
@@ -214,8 +230,7 @@ fn reads_writes_and_discovery_match_the_api_server() {
     );
     assert!(
         world
-            .sim
-            .store()
+            .api
             .get("configmaps", Some("default"), "agent-cm")
             .is_none()
     );
@@ -276,12 +291,12 @@ fn watch_and_follow_outputs_arrive() {
     let follower = follow.spawn().unwrap();
     std::thread::sleep(Duration::from_secs(3));
     world
-        .sim
+        .sim()
         .store()
         .create(serde_json::json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"appeared","namespace":"default"}}))
         .unwrap();
     world
-        .sim
+        .sim()
         .store()
         .append_log("default", "web-0", None, "line two")
         .unwrap();
@@ -317,7 +332,9 @@ fn port_forward_carries_bytes_both_ways() {
             let _ = std::io::copy(&mut reader, &mut writer);
         }
     });
-    world.sim.set_pod_port("default", "web-0", 8080, echo_addr);
+    world
+        .sim()
+        .set_pod_port("default", "web-0", 8080, echo_addr);
     let local_port = 18080 + (std::process::id() % 1000) as u16;
     let mut pf = world.agent_kubectl(&["port-forward", "pod/web-0", &format!("{local_port}:8080")]);
     pf.stdout(std::process::Stdio::piped())
@@ -346,7 +363,7 @@ fn port_forward_carries_bytes_both_ways() {
 fn a_bundle_without_chaperones_ca_fails_with_a_tls_error() {
     require_root!();
     let world = World::start(WorldSpec::default()).unwrap();
-    std::fs::write(world.credentials.dir.join("ca.crt"), world.sim.ca_pem()).unwrap();
+    std::fs::write(world.credentials.dir.join("ca.crt"), world.sim().ca_pem()).unwrap();
     let stderr = agent_fails(&world, &["get", "pods"]);
     assert!(
         stderr.contains("certificate signed by unknown authority") || stderr.contains("x509"),
@@ -354,7 +371,7 @@ fn a_bundle_without_chaperones_ca_fails_with_a_tls_error() {
     );
     assert!(
         world
-            .sim
+            .sim()
             .requests()
             .iter()
             .all(|r| r.token.as_deref() != Some(world.token.as_str())),

@@ -73,7 +73,7 @@ fn assert_no_secret(what: &str, bytes: &str) {
 }
 
 fn seed(world: &World) {
-    let store = world.sim.store();
+    let store = world.sim().store();
     store
         .create(json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}))
         .unwrap();
@@ -561,7 +561,7 @@ fn spdy_exec_and_attach_are_masked_and_recorded() {
 
     // All of it went over SPDY.
     let upgrades: Vec<String> = world
-        .sim
+        .sim()
         .requests()
         .iter()
         .filter(|r| r.uri.contains("/exec?") || r.uri.contains("/attach?"))
@@ -761,7 +761,7 @@ fn metrics_parse_and_count_the_requests_made() {
     );
     // Everything that was not denied reached the API server, one for one.
     let forwarded = world
-        .sim
+        .sim()
         .requests()
         .iter()
         .filter(|r| r.token.as_deref() == Some(world.token.as_str()))
@@ -807,7 +807,7 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 
 fn accepted(world: &World) -> Option<Value> {
     let object = world
-        .sim
+        .sim()
         .store()
         .get("agentpolicies.chaperone.dev", None, "hot")?;
     object["status"]["conditions"]
@@ -832,7 +832,7 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
 
     // Deny listing pods: takes effect without a restart.
     let mut object = world
-        .sim
+        .sim()
         .store()
         .get("agentpolicies.chaperone.dev", None, "hot")
         .unwrap();
@@ -840,7 +840,7 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
         "name": "no-pod-lists", "verbs": ["list"], "resources": ["pods"],
         "action": "deny", "message": "pods are off limits since the reload"
     }]);
-    world.sim.store().update(object).unwrap();
+    world.sim().store().update(object).unwrap();
     wait_for("the reloaded policy to deny", || {
         let out = kubectl(&world, &["get", "pods"]);
         !out.status.success() && text(&out).contains("pods are off limits since the reload")
@@ -850,14 +850,14 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
 
     // An invalid update is rejected, says why, and the last good one stays.
     let mut object = world
-        .sim
+        .sim()
         .store()
         .get("agentpolicies.chaperone.dev", None, "hot")
         .unwrap();
     object["spec"]["rules"] = json!([{
         "name": "broken", "verbs": ["explode"], "resources": ["pods"], "action": "allow"
     }]);
-    world.sim.store().update(object).unwrap();
+    world.sim().store().update(object).unwrap();
     wait_for("the invalid update to be reported", || {
         accepted(&world).is_some_and(|c| c["status"] == "False")
     });
@@ -931,7 +931,7 @@ fn interactive_terminal_session(spdy: bool) {
     assert!(seen.contains("tty-marker"), "{seen:?}");
     assert_no_secret("kubectl exec -it", &seen);
     let upgrade = world
-        .sim
+        .sim()
         .requests()
         .iter()
         .find(|r| r.uri.contains("/exec?"))

@@ -138,7 +138,7 @@ fn agent_watch(world: &World, watches: usize, name: &str, seconds: u32) -> Runni
 
 fn create_configmap(world: &World, name: &str) {
     world
-        .sim
+        .sim()
         .store()
         .create(serde_json::json!({
             "apiVersion": "v1", "kind": "ConfigMap",
@@ -242,7 +242,7 @@ fn the_python_kubernetes_client_lists_and_watches_through_chaperone() {
 
     // The simulator saw the library's own requests, which only the redirect
     // could have brought it.
-    let requests = world.sim.requests();
+    let requests = world.sim().requests();
     let from_python = |r: &&chaperone_tests::sim::RecordedRequest| {
         r.header("user-agent")
             .is_some_and(|ua| ua.starts_with("OpenAPI-Generator") && ua.contains("python"))
@@ -276,39 +276,39 @@ fn watches_a_client_drops_mid_stream_release_their_upstream_streams() {
     let log = || format!("chaperone log:\n{}", world.node.log_text());
     // chaperone's own watches (the pod tracker) are the baseline.
     std::thread::sleep(Duration::from_millis(500));
-    let baseline = world.sim.open_watches();
+    let baseline = world.sim().open_watches();
 
     // A custom HTTP/2 client: five watch streams, then the process dies.
     let mut watcher = agent_watch(&world, 5, "never-made", 60);
     watcher.expect_line("open 5", LIMIT, &log);
     assert!(
-        eventually(Duration::from_secs(5), || world.sim.open_watches()
+        eventually(Duration::from_secs(5), || world.sim().open_watches()
             == baseline + 5),
         "the simulator serves {} watches, expected {}",
-        world.sim.open_watches(),
+        world.sim().open_watches(),
         baseline + 5
     );
     drop(watcher);
     assert!(
-        eventually(Duration::from_secs(10), || world.sim.open_watches()
+        eventually(Duration::from_secs(10), || world.sim().open_watches()
             == baseline),
         "after the agent went away the simulator still serves {} watches (baseline {baseline}): \
          chaperone did not release the upstream streams",
-        world.sim.open_watches()
+        world.sim().open_watches()
     );
 
     // Real kubectl, killed mid-watch.
     let mut kubectl = Running::spawn(world.agent_kubectl(&["get", "configmaps", "-w"]));
     kubectl.expect_line("existing", LIMIT, &log);
     assert!(
-        eventually(Duration::from_secs(5), || world.sim.open_watches()
+        eventually(Duration::from_secs(5), || world.sim().open_watches()
             == baseline + 1),
         "kubectl's watch is not open upstream ({} watches, baseline {baseline})",
-        world.sim.open_watches()
+        world.sim().open_watches()
     );
     drop(kubectl);
     assert!(
-        eventually(Duration::from_secs(10), || world.sim.open_watches()
+        eventually(Duration::from_secs(10), || world.sim().open_watches()
             == baseline),
         "kubectl's watch still open upstream after kubectl died"
     );
@@ -324,7 +324,7 @@ fn an_upstream_restart_fails_in_flight_requests_cleanly_and_new_ones_succeed() {
 
     let mut watcher = agent_watch(&world, 3, "never-made", 60);
     watcher.expect_line("open 3", LIMIT, &log);
-    world.runtime.block_on(world.sim.shutdown());
+    world.runtime.block_on(world.sim().shutdown());
 
     // In flight: every stream ends (an error or the end of the stream), none hangs.
     let (code, lines) = watcher.finish(Duration::from_secs(15));
@@ -358,7 +358,7 @@ fn an_upstream_restart_fails_in_flight_requests_cleanly_and_new_ones_succeed() {
 
     // The same address, CA and state again: the same chaperone serves new
     // requests (short ones and watches) without a restart.
-    world.runtime.block_on(world.sim.restart()).unwrap();
+    world.runtime.block_on(world.sim().restart()).unwrap();
     assert_healthy(&world);
     let mut watcher = agent_watch(&world, 3, "after-restart", 30);
     watcher.expect_line("open 3", LIMIT, &log);
@@ -388,23 +388,23 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
     .unwrap();
     let log = || format!("chaperone log:\n{}", world.node.log_text());
     std::thread::sleep(Duration::from_millis(500));
-    let baseline = world.sim.open_watches();
+    let baseline = world.sim().open_watches();
     let rss_before = world.node.rss_kib().unwrap_or(0);
-    let served_before = world.sim.served_connections();
+    let served_before = world.sim().served_connections();
 
     let started = Instant::now();
     let mut watcher = agent_watch(&world, WATCHES, "fan-out", 50);
     watcher.expect_line(&format!("open {WATCHES}"), Duration::from_secs(40), &log);
     let opened = started.elapsed();
     assert!(
-        eventually(Duration::from_secs(5), || world.sim.open_watches()
+        eventually(Duration::from_secs(5), || world.sim().open_watches()
             >= baseline + WATCHES),
         "the simulator serves {} watches",
-        world.sim.open_watches()
+        world.sim().open_watches()
     );
     let rss_open = world.node.rss_kib().unwrap_or(0);
-    let upstream_connections = world.sim.open_connections();
-    let handshakes = world.sim.served_connections() - served_before;
+    let upstream_connections = world.sim().open_connections();
+    let handshakes = world.sim().served_connections() - served_before;
     assert!(
         upstream_connections >= WATCHES / 100,
         "{upstream_connections} upstream connections cannot carry {WATCHES} streams at 100 each"
@@ -422,10 +422,10 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
 
     drop(watcher);
     assert!(
-        eventually(Duration::from_secs(15), || world.sim.open_watches()
+        eventually(Duration::from_secs(15), || world.sim().open_watches()
             == baseline),
         "{} watches still open upstream after the agent left (baseline {baseline})",
-        world.sim.open_watches()
+        world.sim().open_watches()
     );
     assert_healthy(&world);
 }

@@ -540,7 +540,7 @@ fn daemonset_being_deleted_detaches_on_sigterm() {
 fn unreachable_api_server_keeps_the_pins_and_says_what_to_do() {
     require_root!();
     let mut world = daemonset_world();
-    world.runtime.block_on(world.sim.shutdown());
+    world.runtime.block_on(world.sim().shutdown());
     assert!(world.node.signal_and_wait(libc::SIGTERM));
     let log = world.node.log_text();
     assert!(
@@ -574,7 +574,7 @@ fn a_deletion_the_watch_saw_detaches_even_when_the_api_server_is_gone() {
         &world,
         "the watch saw DaemonSet chaperone-system/chaperone-node deleted",
     );
-    world.runtime.block_on(world.sim.shutdown());
+    world.runtime.block_on(world.sim().shutdown());
     assert!(world.node.signal_and_wait(libc::SIGTERM));
     let log = world.node.log_text();
     assert!(log.contains("as the watch saw"), "{log}");
@@ -593,7 +593,7 @@ fn a_recreated_daemonsets_agent_keeps_the_pins_the_old_one_leaves() {
         &world,
         &["delete", "daemonset", NODE_DAEMONSET, "-n", NODE_NAMESPACE],
     );
-    let pod = create_node_pod(&world.sim, "e2e-node").unwrap();
+    let pod = create_node_pod(&world.api, "e2e-node").unwrap();
     let mut new_agent = world.node_beside(Some(&pod)).expect("the new agent starts");
     assert!(new_agent.log_text().contains("adopted the pinned link"));
     assert!(world.node.signal_and_wait(libc::SIGTERM));

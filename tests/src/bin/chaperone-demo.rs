@@ -61,7 +61,7 @@ fn main() -> Result<()> {
     seed(&world)?;
     println!(
         "    API server (simulated): {}\n    agent pod agents/coder-0 in netns {} and cgroup {}\n    chaperone node: proxy {}:{}, redirecting 10.96.0.1:443",
-        world.sim.url(),
+        world.sim().url(),
         world.netns.name,
         world.agent_cgroup.path.display(),
         world.netns.host_v4,
@@ -121,7 +121,7 @@ fn main() -> Result<()> {
         .context("starting the agent's delete")?;
     let id = pending_approval(&world, "payments")?;
     let survived = world
-        .sim
+        .sim()
         .store()
         .get("deployments.apps", Some("prod-a"), "payments")
         .is_some();
@@ -164,7 +164,7 @@ fn main() -> Result<()> {
     );
     print!("{}", indent(&printed));
     let gone = world
-        .sim
+        .sim()
         .store()
         .get("deployments.apps", Some("prod-a"), "payments")
         .is_none();
@@ -186,7 +186,7 @@ fn main() -> Result<()> {
         ],
     )?;
     let created = world
-        .sim
+        .sim()
         .store()
         .get("deployments.apps", Some("dev-a"), "preview")
         .is_some();
@@ -271,7 +271,7 @@ fn pending_approval(world: &World, name: &str) -> Result<String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let found = world
-            .sim
+            .sim()
             .store()
             .list("approvalrequests.chaperone.dev", Some("chaperone-system"))
             .into_iter()
@@ -323,7 +323,7 @@ fn agent(world: &World, args: &[&str]) -> Result<String> {
 }
 
 fn seed(world: &World) -> Result<()> {
-    let store = world.sim.store();
+    let store = world.sim().store();
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let create = |v: serde_json::Value| {
         store
