@@ -126,6 +126,32 @@ impl ApiServer {
         }
     }
 
+    /// Every stored object of `resource` (in `namespace`), as an
+    /// administrator lists them.
+    pub fn list(&self, resource: &str, namespace: Option<&str>) -> Vec<serde_json::Value> {
+        match self {
+            ApiServer::Sim(sim) => sim.store().list(resource, namespace),
+            ApiServer::Real(real) => {
+                let mut kubectl = real.kubectl();
+                kubectl.args(["get", resource, "-o", "json"]);
+                match namespace {
+                    Some(namespace) => kubectl.args(["-n", namespace]),
+                    None => kubectl.arg("-A"),
+                };
+                let out = run_for(&mut kubectl, Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("kubectl get {resource}: {e:#}"));
+                assert!(
+                    out.status.success(),
+                    "kubectl get {resource}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let list: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).expect("kubectl -o json");
+                list["items"].as_array().cloned().unwrap_or_default()
+            }
+        }
+    }
+
     /// The stored object, as an administrator reads it; `None` when there
     /// is none. `resource` as kubectl takes it (`configmaps`,
     /// `deployments.apps`).

@@ -10,10 +10,19 @@ use std::{
 };
 
 use chaperone_tests::{
-    e2e::{Person, Received, World, WorldSpec, json_receiver, run_for},
-    require_root,
+    e2e::{Backend, Person, Received, World, WorldSpec, json_receiver, run_for},
+    on_both_servers, require_root,
     sim::{Authorizer, Rule, Subject},
 };
+
+on_both_servers!(
+    a_held_delete_completes_when_a_person_approves_it_from_another_terminal,
+    a_denied_delete_prints_forbidden_with_the_reason,
+    an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds,
+    an_approval_expires_and_the_agent_is_told_its_id,
+    a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked,
+    a_pending_approval_survives_a_node_agent_restart,
+);
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -42,14 +51,19 @@ spec:
 }
 
 fn spec(hold: &str) -> WorldSpec {
+    on(Backend::Sim, hold)
+}
+
+fn on(backend: Backend, hold: &str) -> WorldSpec {
     WorldSpec {
+        backend,
         policy: policy(hold),
         ..WorldSpec::default()
     }
 }
 
 fn seed(world: &World, deployments: &[&str]) {
-    let store = world.sim().store();
+    let store = &world.api;
     let _ = store.create(
         serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}),
     );
@@ -68,20 +82,18 @@ fn seed(world: &World, deployments: &[&str]) {
 
 fn exists(world: &World, name: &str) -> bool {
     world
-        .sim()
-        .store()
+        .api
         .get("deployments.apps", Some("prod-a"), name)
         .is_some()
 }
 
 fn approvals(world: &World) -> Vec<Value> {
-    world.sim().store().list(APPROVALS, Some(NS))
+    world.api.list(APPROVALS, Some(NS))
 }
 
 fn approval(world: &World, id: &str) -> Value {
     world
-        .sim()
-        .store()
+        .api
         .get(APPROVALS, Some(NS), id)
         .unwrap_or_else(|| panic!("approval {id} is gone"))
 }
@@ -165,10 +177,9 @@ fn plugin(person: &Person, args: &[&str]) -> Output {
     run_for(&mut person.kubectl(&full), LIMIT).unwrap()
 }
 
-#[test]
-fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal() {
+fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal(backend: Backend) {
     require_root!();
-    let world = World::start(spec("30s")).unwrap();
+    let world = World::start(on(backend, "30s")).unwrap();
     seed(&world, &["web"]);
     let alice = world.person("alice", &[]).unwrap();
 
@@ -245,10 +256,9 @@ fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal() {
     }
 }
 
-#[test]
-fn a_denied_delete_prints_forbidden_with_the_reason() {
+fn a_denied_delete_prints_forbidden_with_the_reason(backend: Backend) {
     require_root!();
-    let world = World::start(spec("30s")).unwrap();
+    let world = World::start(on(backend, "30s")).unwrap();
     seed(&world, &["web"]);
     let alice = world.person("alice", &[]).unwrap();
     let held = start_delete(&world, "web");
@@ -271,10 +281,9 @@ fn a_denied_delete_prints_forbidden_with_the_reason() {
     assert_eq!(approval(&world, &id)["status"]["state"], "Denied");
 }
 
-#[test]
-fn an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds() {
+fn an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds(backend: Backend) {
     require_root!();
-    let world = World::start(spec("2s")).unwrap();
+    let world = World::start(on(backend, "2s")).unwrap();
     seed(&world, &["web"]);
     let started = Instant::now();
     let out = delete(&world, "web");
@@ -322,12 +331,11 @@ fn an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds() {
     assert!(!exists(&world, "web"));
 }
 
-#[test]
-fn an_approval_expires_and_the_agent_is_told_its_id() {
+fn an_approval_expires_and_the_agent_is_told_its_id(backend: Backend) {
     require_root!();
     let world = World::start(WorldSpec {
         node_args: vec!["--approval-ttl".into(), "3s".into()],
-        ..spec("30s")
+        ..on(backend, "30s")
     })
     .unwrap();
     seed(&world, &["web"]);
@@ -355,10 +363,9 @@ fn an_approval_expires_and_the_agent_is_told_its_id() {
     assert!(text(&late).contains("already Expired"), "{}", text(&late));
 }
 
-#[test]
-fn a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked() {
+fn a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked(backend: Backend) {
     require_root!();
-    let world = World::start(spec("20s")).unwrap();
+    let world = World::start(on(backend, "20s")).unwrap();
     seed(&world, &["web", "api", "db", "cache", "queue"]);
     let alice = world.person("alice", &[]).unwrap();
 
@@ -591,10 +598,9 @@ fn an_approval_is_seen_by_another_node_agent() {
     assert_eq!(approvals(&a).len(), 1, "no duplicate approval");
 }
 
-#[test]
-fn a_pending_approval_survives_a_node_agent_restart() {
+fn a_pending_approval_survives_a_node_agent_restart(backend: Backend) {
     require_root!();
-    let mut world = World::start(spec("2s")).unwrap();
+    let mut world = World::start(on(backend, "2s")).unwrap();
     seed(&world, &["web"]);
     let out = delete(&world, "web");
     assert!(!out.status.success());
