@@ -57,6 +57,19 @@ macro_rules! on_both_servers {
     };
 }
 
+/// One request as the API server saw it ([`ApiServer::seen`]).
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Path and query.
+    pub uri: String,
+    /// Who authenticated (before impersonation).
+    pub user: String,
+    /// Whom the request impersonated, with the impersonated extra.
+    pub impersonated: Option<(String, std::collections::BTreeMap<String, Vec<String>>)>,
+    /// The HTTP status answered.
+    pub code: u16,
+}
+
 /// A world's API server: the simulator or a real kube-apiserver.
 #[derive(Clone)]
 pub enum ApiServer {
@@ -123,6 +136,49 @@ impl ApiServer {
                 }
                 real.create(object)
             }
+        }
+    }
+
+    /// The requests the API server answered whose path starts with
+    /// `path_prefix`, oldest first, as it saw them: from the simulator's
+    /// record, or from a real server's own audit log.
+    pub fn seen(&self, path_prefix: &str) -> Vec<Seen> {
+        match self {
+            ApiServer::Sim(sim) => sim
+                .requests()
+                .into_iter()
+                .filter(|r| r.uri.starts_with(path_prefix))
+                .map(|r| Seen {
+                    uri: r.uri,
+                    user: r.authenticated.map(|u| u.username).unwrap_or_default(),
+                    impersonated: r.impersonated.map(|u| (u.username, u.extra)),
+                    code: r.status,
+                })
+                .collect(),
+            ApiServer::Real(real) => real
+                .audit_events()
+                .expect("read the real server's audit log")
+                .into_iter()
+                .filter(|e| {
+                    e["stage"] == "ResponseComplete"
+                        && e["requestURI"]
+                            .as_str()
+                            .is_some_and(|u| u.starts_with(path_prefix))
+                })
+                .map(|e| Seen {
+                    uri: e["requestURI"].as_str().unwrap_or_default().to_owned(),
+                    user: e["user"]["username"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    impersonated: e["impersonatedUser"]["username"].as_str().map(|name| {
+                        let extra = serde_json::from_value(e["impersonatedUser"]["extra"].clone())
+                            .unwrap_or_default();
+                        (name.to_owned(), extra)
+                    }),
+                    code: e["responseStatus"]["code"].as_u64().unwrap_or_default() as u16,
+                })
+                .collect(),
         }
     }
 
