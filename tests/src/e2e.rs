@@ -208,6 +208,41 @@ impl ApiServer {
         }
     }
 
+    /// Replaces a stored object (its `resourceVersion` must be current) as
+    /// an administrator; what was stored.
+    pub fn update(&self, object: serde_json::Value) -> Result<serde_json::Value> {
+        match self {
+            ApiServer::Sim(sim) => sim
+                .store()
+                .update(object)
+                .map_err(|e| anyhow::anyhow!("update in the simulator: {e:?}")),
+            ApiServer::Real(real) => {
+                use std::io::Write as _;
+                let mut child = real
+                    .kubectl()
+                    .args(["replace", "-o", "json", "-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("start kubectl replace")?;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped stdin")
+                    .write_all(object.to_string().as_bytes())?;
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    bail!(
+                        "kubectl replace: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                Ok(serde_json::from_slice(&out.stdout)?)
+            }
+        }
+    }
+
     /// The stored object, as an administrator reads it; `None` when there
     /// is none. `resource` as kubectl takes it (`configmaps`,
     /// `deployments.apps`).

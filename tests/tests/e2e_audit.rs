@@ -9,9 +9,14 @@ use std::{
 };
 
 use chaperone_tests::{
-    e2e::{World, WorldSpec, json_receiver, run_for},
-    require_root,
+    e2e::{Backend, World, WorldSpec, json_receiver, run_for},
+    on_both_servers, require_root,
 };
+
+on_both_servers!(
+    agent_requests_reach_the_audit_webhook_with_chaperones_decisions,
+    a_request_the_agent_abandons_while_held_is_still_audited,
+);
 
 const POLICY: &str = r#"apiVersion: chaperone.dev/v1alpha1
 kind: AgentPolicy
@@ -27,8 +32,7 @@ spec:
   defaultAction: allow
 "#;
 
-#[test]
-fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions() {
+fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions(backend: Backend) {
     require_root!();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -37,6 +41,7 @@ fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions() {
         .unwrap();
     let (port, received) = json_receiver(&runtime, 0);
     let world = World::start(WorldSpec {
+        backend,
         policy: POLICY.into(),
         node_args: vec![
             "--audit-webhook".into(),
@@ -111,10 +116,10 @@ fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions() {
 /// An agent that gives up while its request is held for approval (kubectl's
 /// `--request-timeout`) still leaves a completed audit event and a session
 /// record: the abandoned request, with the rule that held it and 499.
-#[test]
-fn a_request_the_agent_abandons_while_held_is_still_audited() {
+fn a_request_the_agent_abandons_while_held_is_still_audited(backend: Backend) {
     require_root!();
     let world = World::start(WorldSpec {
+        backend,
         policy: r#"apiVersion: chaperone.dev/v1alpha1
 kind: AgentPolicy
 metadata:
@@ -142,8 +147,7 @@ spec:
     // Held: its ApprovalRequest is pending. Then the agent gives up.
     let deadline = Instant::now() + Duration::from_secs(30);
     while world
-        .sim()
-        .store()
+        .api
         .list("approvalrequests.chaperone.dev", None)
         .is_empty()
     {

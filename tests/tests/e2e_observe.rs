@@ -12,8 +12,8 @@ use std::{
 
 use base64::Engine;
 use chaperone_tests::{
-    e2e::{World, WorldSpec, run_for, workspace_binary},
-    prom, require_root,
+    e2e::{Backend, World, WorldSpec, run_for, workspace_binary},
+    on_both_servers, prom, require_root,
 };
 use serde_json::{Value, json};
 
@@ -73,7 +73,7 @@ fn assert_no_secret(what: &str, bytes: &str) {
 }
 
 fn seed(world: &World) {
-    let store = world.sim().store();
+    let store = &world.api;
     store
         .create(json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}))
         .unwrap();
@@ -114,7 +114,12 @@ fn world(spec: WorldSpec) -> World {
 }
 
 fn observed_world() -> World {
+    observed_world_on(Backend::Sim)
+}
+
+fn observed_world_on(backend: Backend) -> World {
     world(WorldSpec {
+        backend,
         policy: POLICY.into(),
         ..WorldSpec::default()
     })
@@ -607,10 +612,11 @@ fn spdy_exec_and_attach_are_masked_and_recorded() {
     }
 }
 
-#[test]
-fn bodies_are_recorded_masked_at_request_and_response_levels() {
+on_both_servers!(bodies_are_recorded_masked_at_request_and_response_levels);
+
+fn bodies_are_recorded_masked_at_request_and_response_levels(backend: Backend) {
     require_root!();
-    let world = observed_world();
+    let world = observed_world_on(backend);
     let manifest = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-config\n  namespace: default\n\
          data:\n  url: postgres://app:{DB_PASSWORD}@db/app\n  greeting: hello-body\n"
@@ -806,10 +812,7 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn accepted(world: &World) -> Option<Value> {
-    let object = world
-        .sim()
-        .store()
-        .get("agentpolicies.chaperone.dev", None, "hot")?;
+    let object = world.api.get("agentpolicies.chaperone.dev", None, "hot")?;
     object["status"]["conditions"]
         .as_array()?
         .iter()
@@ -817,10 +820,12 @@ fn accepted(world: &World) -> Option<Value> {
         .cloned()
 }
 
-#[test]
-fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one() {
+on_both_servers!(the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one);
+
+fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(backend: Backend) {
     require_root!();
     let world = world(WorldSpec {
+        backend,
         policy: String::new(),
         seed: crd_objects(CRD_POLICY),
         ..WorldSpec::default()
@@ -832,15 +837,14 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
 
     // Deny listing pods: takes effect without a restart.
     let mut object = world
-        .sim()
-        .store()
+        .api
         .get("agentpolicies.chaperone.dev", None, "hot")
         .unwrap();
     object["spec"]["rules"] = json!([{
         "name": "no-pod-lists", "verbs": ["list"], "resources": ["pods"],
         "action": "deny", "message": "pods are off limits since the reload"
     }]);
-    world.sim().store().update(object).unwrap();
+    world.api.update(object).unwrap();
     wait_for("the reloaded policy to deny", || {
         let out = kubectl(&world, &["get", "pods"]);
         !out.status.success() && text(&out).contains("pods are off limits since the reload")
@@ -850,14 +854,13 @@ fn the_policy_crd_is_hot_reloaded_and_an_invalid_update_keeps_the_last_good_one(
 
     // An invalid update is rejected, says why, and the last good one stays.
     let mut object = world
-        .sim()
-        .store()
+        .api
         .get("agentpolicies.chaperone.dev", None, "hot")
         .unwrap();
     object["spec"]["rules"] = json!([{
         "name": "broken", "verbs": ["explode"], "resources": ["pods"], "action": "allow"
     }]);
-    world.sim().store().update(object).unwrap();
+    world.api.update(object).unwrap();
     wait_for("the invalid update to be reported", || {
         accepted(&world).is_some_and(|c| c["status"] == "False")
     });
