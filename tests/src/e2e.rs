@@ -516,6 +516,10 @@ pub struct WorldSpec {
     pub direct_listener: bool,
     /// The node's name (the agent pod's `spec.nodeName`).
     pub node_name: String,
+    /// [`Backend::Real`]: bind `cluster-admin` to every authenticated user,
+    /// as the simulator's permissive authorizer does. `false`: RBAC grants
+    /// nothing beyond the defaults; the scenario binds what it needs.
+    pub everyone_is_admin: bool,
     /// The agent pod's uid.
     pub pod_uid: String,
     /// Run the node agent as a pod of the DaemonSet
@@ -552,6 +556,7 @@ impl Default for WorldSpec {
             token_audience: None,
             direct_listener: false,
             node_name: "e2e-node".into(),
+            everyone_is_admin: true,
             pod_uid: POD_UID.into(),
             node_pod: false,
         }
@@ -605,7 +610,9 @@ impl World {
             )),
             Backend::Real => {
                 let real = RealApiServer::start().context("start a real kube-apiserver")?;
-                allow_everyone(&real)?;
+                if spec.everyone_is_admin {
+                    allow_everyone(&real)?;
+                }
                 ApiServer::Real(Arc::new(real))
             }
         };

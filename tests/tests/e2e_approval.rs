@@ -22,7 +22,58 @@ on_both_servers!(
     an_approval_expires_and_the_agent_is_told_its_id,
     a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked,
     a_pending_approval_survives_a_node_agent_restart,
+    approvers_need_the_right_and_a_requester_never_approves_itself,
+    an_approval_is_seen_by_another_node_agent,
+    one_approval_lets_one_of_two_identical_held_requests_through,
 );
+
+/// RBAC on a real server as in a cluster: the agent may do anything
+/// (chaperone's policy is what guards it), alice is bound to approve and
+/// deny, bob may read and write approvals' status but not approve.
+fn bind_approvers_on_a_real_server(world: &World) {
+    let rbac = |kind: &str, name: &str, body: Value| {
+        let mut object = body;
+        object["apiVersion"] = "rbac.authorization.k8s.io/v1".into();
+        object["kind"] = kind.into();
+        object["metadata"] = serde_json::json!({"name": name});
+        world.api.create(object).unwrap();
+    };
+    let rule = |verbs: &[&str], resources: &[&str]| serde_json::json!({"apiGroups": ["chaperone.dev"], "resources": resources, "verbs": verbs});
+    let binding = |name: &str, role: &str, subject: Value| {
+        rbac(
+            "ClusterRoleBinding",
+            name,
+            serde_json::json!({
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [subject],
+            }),
+        )
+    };
+    rbac(
+        "ClusterRole",
+        "e2e-approver",
+        serde_json::json!({"rules": [
+            rule(&["get", "list", "watch", "approve", "deny"], &["approvalrequests"]),
+            rule(&["get", "update", "patch"], &["approvalrequests/status"]),
+        ]}),
+    );
+    rbac(
+        "ClusterRole",
+        "e2e-bystander",
+        serde_json::json!({"rules": [
+            rule(&["get", "list", "watch"], &["approvalrequests"]),
+            rule(&["get", "update", "patch"], &["approvalrequests/status"]),
+        ]}),
+    );
+    let user = |name: &str| serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": name});
+    binding("e2e-alice", "e2e-approver", user("alice"));
+    binding("e2e-bob", "e2e-bystander", user("bob"));
+    binding(
+        "e2e-agent",
+        "cluster-admin",
+        serde_json::json!({"kind": "ServiceAccount", "name": "agent", "namespace": "default"}),
+    );
+}
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -409,53 +460,60 @@ fn a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked(backend: Ba
     assert!(exists(&world, "queue"));
 }
 
-#[test]
-fn approvers_need_the_right_and_a_requester_never_approves_itself() {
+fn approvers_need_the_right_and_a_requester_never_approves_itself(backend: Backend) {
     require_root!();
-    let world = World::start(spec("30s")).unwrap();
+    let world = World::start(WorldSpec {
+        everyone_is_admin: false,
+        ..on(backend, "30s")
+    })
+    .unwrap();
     seed(&world, &["web"]);
     // RBAC as in a cluster: the agent may do anything (chaperone's policy
     // is what guards it), alice is bound to chaperone-approver, bob may
     // read and write approvals' status but not approve.
-    let mut rbac = Authorizer::strict();
-    rbac.grant(
-        Subject::ServiceAccount {
-            namespace: "default".into(),
-            name: "agent".into(),
-        },
-        vec![Rule::new(&["*"], &["*"], &["*"])],
-    );
-    rbac.grant(
-        Subject::User("alice".into()),
-        vec![
-            Rule::new(
-                &["get", "list", "watch", "approve", "deny"],
-                &["chaperone.dev"],
-                &["approvalrequests"],
-            ),
-            Rule::new(
-                &["get", "update", "patch"],
-                &["chaperone.dev"],
-                &["approvalrequests/status"],
-            ),
-        ],
-    );
-    rbac.grant(
-        Subject::User("bob".into()),
-        vec![
-            Rule::new(
-                &["get", "list", "watch"],
-                &["chaperone.dev"],
-                &["approvalrequests"],
-            ),
-            Rule::new(
-                &["get", "update", "patch"],
-                &["chaperone.dev"],
-                &["approvalrequests/status"],
-            ),
-        ],
-    );
-    world.sim().set_authorizer(rbac);
+    if backend == Backend::Real {
+        bind_approvers_on_a_real_server(&world);
+    } else {
+        let mut rbac = Authorizer::strict();
+        rbac.grant(
+            Subject::ServiceAccount {
+                namespace: "default".into(),
+                name: "agent".into(),
+            },
+            vec![Rule::new(&["*"], &["*"], &["*"])],
+        );
+        rbac.grant(
+            Subject::User("alice".into()),
+            vec![
+                Rule::new(
+                    &["get", "list", "watch", "approve", "deny"],
+                    &["chaperone.dev"],
+                    &["approvalrequests"],
+                ),
+                Rule::new(
+                    &["get", "update", "patch"],
+                    &["chaperone.dev"],
+                    &["approvalrequests/status"],
+                ),
+            ],
+        );
+        rbac.grant(
+            Subject::User("bob".into()),
+            vec![
+                Rule::new(
+                    &["get", "list", "watch"],
+                    &["chaperone.dev"],
+                    &["approvalrequests"],
+                ),
+                Rule::new(
+                    &["get", "update", "patch"],
+                    &["chaperone.dev"],
+                    &["approvalrequests/status"],
+                ),
+            ],
+        );
+        world.sim().set_authorizer(rbac);
+    }
     let alice = world.person("alice", &[]).unwrap();
     let bob = world.person("bob", &[]).unwrap();
 
@@ -514,7 +572,7 @@ fn approvers_need_the_right_and_a_requester_never_approves_itself() {
         home: agent_home,
     };
     world
-        .sim()
+        .api
         .write_kubeconfig(&agent_person.kubeconfig, &world.token)
         .unwrap();
     let out = plugin(&agent_person, &["approve", &id]);
@@ -557,10 +615,9 @@ fn approvers_need_the_right_and_a_requester_never_approves_itself() {
     assert!(!exists(&world, "web"));
 }
 
-#[test]
-fn an_approval_is_seen_by_another_node_agent() {
+fn an_approval_is_seen_by_another_node_agent(backend: Backend) {
     require_root!();
-    let a = World::start(spec("2s")).unwrap();
+    let a = World::start(on(backend, "2s")).unwrap();
     seed(&a, &["web"]);
     let b = World::join(
         &a,
@@ -624,10 +681,9 @@ fn a_pending_approval_survives_a_node_agent_restart(backend: Backend) {
     assert_eq!(approvals(&world).len(), 1);
 }
 
-#[test]
-fn one_approval_lets_one_of_two_identical_held_requests_through() {
+fn one_approval_lets_one_of_two_identical_held_requests_through(backend: Backend) {
     require_root!();
-    let a = World::start(spec("20s")).unwrap();
+    let a = World::start(on(backend, "20s")).unwrap();
     seed(&a, &["web"]);
     let b = World::join(
         &a,
