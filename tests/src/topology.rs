@@ -254,6 +254,9 @@ pub struct InClusterCredentials {
     /// Holds `token`, `ca.crt` and `namespace`; bind-mounted at
     /// [`SERVICE_ACCOUNT_DIR`] for the process only.
     pub dir: PathBuf,
+    /// The pod's `/etc/hosts`: the `kubernetes.default.svc` names resolve
+    /// to the service address, as cluster DNS resolves them in a pod.
+    pub hosts: PathBuf,
 }
 
 impl InClusterCredentials {
@@ -269,19 +272,30 @@ impl InClusterCredentials {
         fs::write(dir.join("token"), token)?;
         fs::write(dir.join("ca.crt"), ca_pem)?;
         fs::write(dir.join("namespace"), namespace)?;
+        let hosts = dir.with_extension("hosts");
+        fs::write(
+            &hosts,
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost\n{}\tkubernetes kubernetes.default \
+                 kubernetes.default.svc kubernetes.default.svc.cluster.local\n",
+                service.ip()
+            ),
+        )?;
         Ok(InClusterCredentials {
             service_host: service.ip().to_string(),
             service_port: service.port(),
             dir,
+            hosts,
         })
     }
 }
 
 impl Placement<'_> {
     /// Like [`Placement::command`], but the program also runs exactly as in a
-    /// pod: `KUBERNETES_SERVICE_HOST/PORT` set, no kubeconfig, and the
-    /// service-account files bind-mounted at the real in-cluster path in a
-    /// private mount namespace (the host's path is untouched).
+    /// pod: `KUBERNETES_SERVICE_HOST/PORT` set, no kubeconfig, the
+    /// service-account files bind-mounted at the real in-cluster path and
+    /// the pod's hosts file over `/etc/hosts`, in a private mount namespace
+    /// (the host's files are untouched).
     ///
     /// Do not pass kubectl `--request-timeout` (or any other connection
     /// override): it makes kubectl's merged config non-default, and kubectl
@@ -298,12 +312,13 @@ impl Placement<'_> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(
-                r#"echo $$ > "$1" && ns="$2" && sa="$3" && shift 3 && exec ip netns exec "$ns" unshare --mount sh -c 'mount --bind "$0" /var/run/secrets/kubernetes.io/serviceaccount && exec "$@"' "$sa" "$@""#,
+                r#"echo $$ > "$1" && ns="$2" && sa="$3" && hosts="$4" && shift 4 && exec ip netns exec "$ns" unshare --mount sh -c 'hosts="$1" && shift && mount --bind "$0" /var/run/secrets/kubernetes.io/serviceaccount && mount --bind "$hosts" /etc/hosts && exec "$@"' "$sa" "$hosts" "$@""#,
             )
             .arg("sh")
             .arg(self.cgroup.procs_file())
             .arg(&self.netns.name)
             .arg(&credentials.dir)
+            .arg(&credentials.hosts)
             .arg(program)
             .env("KUBERNETES_SERVICE_HOST", &credentials.service_host)
             .env("KUBERNETES_SERVICE_PORT", credentials.service_port.to_string())

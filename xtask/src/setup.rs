@@ -26,6 +26,7 @@ pub fn all() -> Result<()> {
     bpf_linker()?;
     manifest_validators()?;
     python_client()?;
+    node_clients()?;
     println!("==> setup done");
     Ok(())
 }
@@ -138,6 +139,19 @@ fn python_client() -> Result<()> {
     println!("    checking the Python kubernetes client (target/py-client)");
     run(Command::new("sh")
         .arg(root.join("tests/python/setup.sh"))
+        .stdout(Stdio::null())
+        .current_dir(root))
+}
+
+/// The Node.js agents of the end-to-end tests: `@kubernetes/client-node`
+/// and kubernetes-mcp-server, from the npm registry into target/node-clients.
+fn node_clients() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace");
+    println!("    checking the Node.js clients (target/node-clients)");
+    run(Command::new("sh")
+        .arg(root.join("tests/node/setup.sh"))
         .stdout(Stdio::null())
         .current_dir(root))
 }
