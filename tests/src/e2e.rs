@@ -232,7 +232,12 @@ spec:
 impl Default for WorldSpec {
     fn default() -> Self {
         WorldSpec {
-            sim: SimConfig::default().permissive(),
+            // `kubectl chaperone approve|deny` learns who the approver is
+            // from SelfSubjectReview (Kubernetes 1.28+): until it has a
+            // fallback for older servers, the worlds' simulator claims 1.28.
+            sim: SimConfig::default()
+                .permissive()
+                .with_minor_version(crate::sim::SELF_SUBJECT_REVIEW_MINOR_VERSION),
             namespace: "default".into(),
             service_account: "agent".into(),
             pod: "agent-0".into(),

@@ -568,7 +568,7 @@ async fn route(ctx: Ctx, req: Request<Incoming>, path: &str) -> Response<Body> {
 fn non_resource(ctx: &Ctx, segs: &[&str]) -> Response<Body> {
     let registry = ctx.state.store.registry();
     let found = match segs {
-        ["version"] => Some(discovery::version()),
+        ["version"] => Some(discovery::version(ctx.state.config.minor_version)),
         ["healthz"] | ["livez"] | ["readyz"] => return text_response(200, "ok"),
         ["api"] => Some(discovery::api_versions(&ctx.state.addr.to_string())),
         ["api", v] => discovery::resource_list(&registry, "", v),
