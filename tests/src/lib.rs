@@ -6,6 +6,7 @@ pub mod bench;
 pub mod e2e;
 pub mod load;
 pub mod prom;
+pub mod real_api;
 pub mod sim;
 pub mod topology;
 
