@@ -123,16 +123,26 @@ pub fn ensure() -> Result<()> {
     }
 
     let stamp = version_dir.join("stamp");
-    if fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text().as_str())
-        && binaries_work(&bin)?
-    {
-        println!(
-            "    ok: cached, built by recipe {RECIPE} ({:.1} s)",
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(());
+    match fs::read_to_string(&stamp) {
+        Ok(text) if text == stamp_text() => {
+            if binaries_work(&bin)? {
+                println!(
+                    "    ok: cached, built by recipe {RECIPE} ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            println!("    the cache's stamp matches but a binary is missing or broken: building");
+        }
+        Ok(_) => println!(
+            "    {} was written by another recipe or for other commands: building",
+            stamp.display()
+        ),
+        Err(_) => println!(
+            "    no build in the cache ({} missing): building",
+            stamp.display()
+        ),
     }
-    println!("    not cached (or built by another recipe): building");
     let _ = fs::remove_file(&stamp);
 
     setup::apt_packages(DEBIAN_PACKAGES)?;
@@ -608,6 +618,11 @@ fn generate_openapi(tree: &Path, build: &Path, env: &GoEnv) -> Result<()> {
     setup::run(
         Command::new(&tool)
             .current_dir(&link)
+            // Go's os.Getwd trusts $PWD when it names the same directory:
+            // without it the generator sees the resolved path, outside the
+            // GOPATH, and cannot resolve the tree's own imports ("invalid
+            // type"). A shell's `cd` sets it; a Command does not.
+            .env("PWD", &link)
             .env("GO111MODULE", "off")
             .env("GOPATH", &gopath)
             .env("GOROOT", goroot.trim())
