@@ -544,7 +544,13 @@ impl Default for WorldSpec {
     fn default() -> Self {
         WorldSpec {
             backend: Backend::Sim,
-            sim: SimConfig::default().permissive(),
+            // The real server (Backend::Real) is the oldest supported
+            // version, 1.20; the worlds' simulator plays a newer one, with
+            // SelfSubjectReview (1.28+), so both paths of `kubectl chaperone`
+            // (asking the server, reading the credentials) are exercised.
+            sim: SimConfig::default()
+                .permissive()
+                .with_minor_version(crate::sim::SELF_SUBJECT_REVIEW_MINOR_VERSION),
             namespace: "default".into(),
             service_account: "agent".into(),
             pod: "agent-0".into(),

@@ -417,7 +417,10 @@ async fn logs_and_follow() {
 #[tokio::test]
 async fn service_account_tokens_and_tampering() {
     require_kubectl!();
-    let sim = start().await;
+    // `kubectl auth whoami` asks SelfSubjectReview: Kubernetes 1.28+.
+    let sim = Simulator::start(SimConfig::default().with_minor_version(28))
+        .await
+        .expect("simulator starts");
     sim.store()
         .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod-a"}}))
         .unwrap();

@@ -5,7 +5,9 @@
 //!   against it, `rust-src` for the nightly toolchain) and the test tools.
 //! - `build`: setup, then one release build of the `chaperone` binary with
 //!   the eBPF object embedded.
-//! - `test`: setup, then formatting, clippy and the whole test suite.
+//! - `kube`: build (or find cached) a real kube-apiserver v1.20.2 and etcd
+//!   for the tests, in `/var/cache/chaperone/kube` (`$CHAPERONE_KUBE_CACHE`).
+//! - `test`: setup and kube, then formatting, clippy and the whole test suite.
 //! - `demo`: setup, build, then the demo (needs root).
 //! - `bench [--quick]`: setup, release builds, then the simulator directly,
 //!   chaperone and nginx side by side (needs root); the full mode also runs
@@ -19,6 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod kube;
 mod setup;
 
 #[derive(Parser)]
@@ -37,6 +40,9 @@ enum Task {
     Setup,
     /// Build the release `chaperone` binary (eBPF programs embedded).
     Build,
+    /// Build or find cached the real control plane the tests run against
+    /// (kube-apiserver v1.20.2 and etcd; idempotent, cached outside the clone).
+    Kube,
     /// Run formatting and lint checks and the whole test suite.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -75,6 +81,7 @@ fn run(task: Task) -> Result<()> {
     let root = workspace_root();
     match task {
         Task::Setup => setup::all(),
+        Task::Kube => kube::ensure(),
         Task::Build => {
             setup::all()?;
             cargo(&root, &["build", "--release", "--package", "chaperone"])
@@ -84,6 +91,7 @@ fn run(task: Task) -> Result<()> {
             cargo_test_args,
         } => {
             setup::all()?;
+            kube::ensure()?;
             if !no_lint {
                 step("cargo fmt --check");
                 cargo(&root, &["fmt", "--all", "--", "--check"])?;

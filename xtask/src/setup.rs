@@ -31,7 +31,7 @@ pub fn all() -> Result<()> {
     Ok(())
 }
 
-fn apt_packages(packages: &[&str]) -> Result<()> {
+pub(crate) fn apt_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -173,20 +173,20 @@ pub fn path_with_cargo_bin() -> OsString {
     std::env::join_paths(paths).unwrap_or_default()
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     output(Command::new("id").arg("-u"))
         .map(|o| o.trim() == "0")
         .unwrap_or(false)
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot run {cmd:?}"))?;

@@ -57,15 +57,21 @@ pub struct ApiServerKeySource {
 
 const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 const JWKS_PATH: &str = "/openid/v1/jwks";
+/// The API server's discovery route produces only `application/json`.
+const DISCOVERY_ACCEPT: &str = "application/json";
+/// The JWKS route produces only `application/jwk-set+json` and answers
+/// `Accept: application/json` alone with 406 Not Acceptable (v1.20 and
+/// later); `application/json` stays second for servers that label it so.
+pub const JWKS_ACCEPT: &str = "application/jwk-set+json, application/json";
 
 impl ApiServerKeySource {
     pub fn new(client: kube::Client) -> Self {
         Self { client }
     }
 
-    async fn get(&self, path: &str) -> Result<String, String> {
+    async fn get(&self, path: &str, accept: &str) -> Result<String, String> {
         let request = http::Request::get(path)
-            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::ACCEPT, accept)
             .body(Vec::new())
             .map_err(|e| format!("building GET {path}: {e}"))?;
         self.client.request_text(request).await.map_err(|e| {
@@ -85,10 +91,10 @@ impl KeySource for ApiServerKeySource {
 
     fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
         Box::pin(async move {
-            let discovery = self.get(DISCOVERY_PATH).await?;
+            let discovery = self.get(DISCOVERY_PATH, DISCOVERY_ACCEPT).await?;
             let discovery: Discovery = serde_json::from_str(&discovery)
                 .map_err(|e| format!("{DISCOVERY_PATH} is not an OpenID configuration: {e}"))?;
-            let jwks = self.get(JWKS_PATH).await?;
+            let jwks = self.get(JWKS_PATH, JWKS_ACCEPT).await?;
             let keys = parse_jwks(jwks.as_bytes()).map_err(|e| format!("{JWKS_PATH}: {e}"))?;
             Ok(KeySet {
                 issuer: Some(discovery.issuer),

@@ -34,7 +34,8 @@ pub use config::{
 };
 pub use error::{AttackSignal, AuthError, PodIdentity};
 pub use keys::{
-    ApiServerKeySource, HttpFetcher, HttpsFetcher, KeySet, KeySource, OidcKeySource, RefreshPolicy,
+    ApiServerKeySource, HttpFetcher, HttpsFetcher, JWKS_ACCEPT, KeySet, KeySource, OidcKeySource,
+    RefreshPolicy,
 };
 pub use process::MAX_PARENT_DEPTH;
 pub use serviceaccount::{

@@ -1039,8 +1039,30 @@ fn configuration_mistakes_are_named() {
 /// What the fake API server answers: `(method, path, body) -> (status, body)`.
 type Routes = dyn Fn(&http::Method, &str, &[u8]) -> (u16, String) + Send + Sync;
 
+/// Whether kube-apiserver (v1.20 and later) would answer `accept` for the
+/// JWKS: its route produces only `application/jwk-set+json` and answers
+/// 406 otherwise, `Accept: application/json` alone included.
+fn jwks_acceptable(accept: Option<&str>) -> bool {
+    accept.is_none_or(|a| {
+        a.split(',').any(|part| {
+            let media = part.split(';').next().unwrap_or("").trim();
+            matches!(
+                media,
+                "application/jwk-set+json" | "*/*" | "application/*" | ""
+            )
+        })
+    })
+}
+
+#[test]
+fn jwks_are_asked_for_in_the_type_the_api_server_produces() {
+    assert!(jwks_acceptable(Some(crate::identity::JWKS_ACCEPT)));
+    assert!(!jwks_acceptable(Some("application/json")));
+}
+
 /// A plain-HTTP server on loopback standing in for the API server, and a
-/// `kube::Client` pointed at it.
+/// `kube::Client` pointed at it. Like kube-apiserver, it answers 406 to a
+/// JWKS request that does not accept `application/jwk-set+json`.
 async fn fake_api_server(routes: Arc<Routes>) -> kube::Client {
     use http_body_util::BodyExt;
 
@@ -1056,7 +1078,17 @@ async fn fake_api_server(routes: Arc<Routes>) -> kube::Client {
                         async move {
                             let (parts, body) = request.into_parts();
                             let body = body.collect().await?.to_bytes();
-                            let (status, text) = routes(&parts.method, parts.uri.path(), &body);
+                            let accept = parts
+                                .headers
+                                .get(http::header::ACCEPT)
+                                .and_then(|v| v.to_str().ok());
+                            let (status, text) = if parts.uri.path() == "/openid/v1/jwks"
+                                && !jwks_acceptable(accept)
+                            {
+                                (406, "406: Not Acceptable".to_string())
+                            } else {
+                                routes(&parts.method, parts.uri.path(), &body)
+                            };
                             Ok::<_, hyper::Error>(
                                 http::Response::builder()
                                     .status(status)

@@ -58,6 +58,10 @@ struct Args {
     /// `--http2-max-streams-per-connection`).
     #[arg(long, default_value_t = 1000)]
     http2_max_streams_per_connection: u32,
+    /// The Kubernetes 1.x minor version to claim and answer as (20 is
+    /// v1.20.2; 28 and later serve SelfSubjectReview).
+    #[arg(long, default_value_t = chaperone_tests::sim::DEFAULT_MINOR_VERSION)]
+    minor_version: u32,
 }
 
 #[tokio::main]
@@ -76,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         admin_token: args.admin_token,
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
         http2_max_streams: args.http2_max_streams_per_connection.max(1),
+        minor_version: args.minor_version,
         ..SimConfig::default()
     };
     if args.permissive {

@@ -295,7 +295,7 @@ fn b64url(bytes: &[u8]) -> String {
 }
 
 /// `rand` 0.9's thread RNG behind the rand_core 0.6 traits the `rsa` crate asks for.
-struct Rng06;
+pub(crate) struct Rng06;
 
 impl rsa::rand_core::RngCore for Rng06 {
     fn next_u32(&mut self) -> u32 {

@@ -7,11 +7,17 @@ use sha2::Digest;
 
 use super::resources::{Registry, ResourceDef};
 
-pub fn version() -> Value {
+/// `/version` of Kubernetes 1.`minor` (1.20: exactly the fixture's v1.20.2).
+pub fn version(minor: u32) -> Value {
+    let git_version = if minor == 20 {
+        "v1.20.2".to_string()
+    } else {
+        format!("v1.{minor}.0")
+    };
     json!({
         "major": "1",
-        "minor": "20",
-        "gitVersion": "v1.20.2",
+        "minor": minor.to_string(),
+        "gitVersion": git_version,
         "gitCommit": "faecb196815e248d3ecfb03c680a4507229c2a56",
         "gitTreeState": "clean",
         "buildDate": "2026-11-23T09:03:45Z",

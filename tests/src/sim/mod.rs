@@ -69,7 +69,19 @@ pub struct SimConfig {
     /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection (kube-apiserver:
     /// `--http2-max-streams-per-connection`, 1000; Go's own default is 250).
     pub http2_max_streams: u32,
+    /// The Kubernetes 1.x minor version it claims (`/version`) and answers
+    /// as: APIs newer than it are absent, as on a real server of that
+    /// version. Default [`DEFAULT_MINOR_VERSION`] (v1.20.2, the fixtures'
+    /// and the real server's version); SelfSubjectReview needs 28.
+    pub minor_version: u32,
 }
+
+/// The minor version the simulator claims by default: 20 (v1.20.2, like the
+/// captured fixtures and the real server `cargo xtask kube` builds).
+pub const DEFAULT_MINOR_VERSION: u32 = 20;
+/// The first minor version serving `authentication.k8s.io/v1`
+/// SelfSubjectReview (`kubectl auth whoami`).
+pub const SELF_SUBJECT_REVIEW_MINOR_VERSION: u32 = 28;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -84,6 +96,7 @@ impl Default for SimConfig {
             key_retention: Duration::from_secs(3600),
             bookmark_interval: Duration::from_secs(5),
             http2_max_streams: 1000,
+            minor_version: DEFAULT_MINOR_VERSION,
         }
     }
 }
@@ -92,6 +105,12 @@ impl SimConfig {
     /// Everyone authenticated may do everything (for the demo).
     pub fn permissive(mut self) -> Self {
         self.authorizer = Authorizer::permissive();
+        self
+    }
+
+    /// Claims to be Kubernetes 1.`minor` (see [`SimConfig::minor_version`]).
+    pub fn with_minor_version(mut self, minor: u32) -> Self {
+        self.minor_version = minor;
         self
     }
 }
@@ -169,11 +188,15 @@ impl Simulator {
             .api_audiences
             .clone()
             .unwrap_or_else(|| vec![config.issuer.clone()]);
+        let store = Arc::new(Store::new());
+        if config.minor_version < SELF_SUBJECT_REVIEW_MINOR_VERSION {
+            store.remove_builtin("authentication.k8s.io", "selfsubjectreviews");
+        }
         let state = Arc::new(State {
             authorizer: RwLock::new(config.authorizer.clone()),
             config,
             addr,
-            store: Arc::new(Store::new()),
+            store,
             issuer,
             tls,
             admin_token,

@@ -622,6 +622,11 @@ impl Registry {
         out
     }
 
+    pub fn remove_builtin(&mut self, group: &str, plural: &str) {
+        self.builtin
+            .retain(|d| !(d.group == group && d.plural == plural));
+    }
+
     pub fn add_crd(&mut self, crd_name: &str, defs: Vec<ResourceDef>) {
         self.remove_crd(crd_name);
         self.custom.push((crd_name.to_string(), defs));

@@ -383,6 +383,16 @@ fn text_response(status: u16, text: &str) -> Response<Body> {
         .expect("valid response")
 }
 
+/// go-restful's answer when no route produces an acceptable type.
+fn not_acceptable_text() -> Response<Body> {
+    Response::builder()
+        .status(406)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("cache-control", "no-cache, private")
+        .body(wire::full("406: Not Acceptable".to_string()))
+        .expect("valid response")
+}
+
 fn raw_json(status: u16, content_type: &str, v: &Value) -> Response<Body> {
     let body = serde_json::to_vec(v).expect("JSON");
     Response::builder()
@@ -568,7 +578,7 @@ async fn route(ctx: Ctx, req: Request<Incoming>, path: &str) -> Response<Body> {
 fn non_resource(ctx: &Ctx, segs: &[&str]) -> Response<Body> {
     let registry = ctx.state.store.registry();
     let found = match segs {
-        ["version"] => Some(discovery::version()),
+        ["version"] => Some(discovery::version(ctx.state.config.minor_version)),
         ["healthz"] | ["livez"] | ["readyz"] => return text_response(200, "ok"),
         ["api"] => Some(discovery::api_versions(&ctx.state.addr.to_string())),
         ["api", v] => discovery::resource_list(&registry, "", v),
@@ -583,6 +593,12 @@ fn non_resource(ctx: &Ctx, segs: &[&str]) -> Response<Body> {
             );
         }
         ["openid", "v1", "jwks"] => {
+            // The route produces only application/jwk-set+json: a client
+            // asking for application/json alone gets 406, as from
+            // kube-apiserver (whose go-restful route says so).
+            if !ctx.accept.jwk_set {
+                return not_acceptable_text();
+            }
             return raw_json(200, "application/jwk-set+json", &ctx.state.issuer.jwks());
         }
         ["openapi", "v3"] => Some(discovery::openapi_v3_root(&registry)),

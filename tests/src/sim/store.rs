@@ -306,6 +306,12 @@ impl Store {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stops serving a built-in resource (one a real server of the claimed
+    /// version does not have).
+    pub fn remove_builtin(&self, group: &str, plural: &str) {
+        self.lock().registry.remove_builtin(group, plural);
+    }
+
     /// A snapshot of the resources served right now.
     pub fn registry(&self) -> Registry {
         self.lock().registry.clone()

@@ -112,6 +112,9 @@ pub struct Accept {
     pub protobuf: bool,
     /// Something this simulator writes (JSON, `*/*`) is acceptable.
     pub json: bool,
+    /// The JWKS document's type, `application/jwk-set+json`, is acceptable
+    /// (also `*/*`, `application/*` or no Accept at all).
+    pub jwk_set: bool,
 }
 
 impl Accept {
@@ -119,6 +122,7 @@ impl Accept {
         let Some(h) = header.filter(|h| !h.trim().is_empty()) else {
             return Self {
                 json: true,
+                jwk_set: true,
                 ..Self::default()
             };
         };
@@ -127,6 +131,9 @@ impl Accept {
             let mut params = part.split(';').map(str::trim);
             let media = params.next().unwrap_or("");
             let params: Vec<&str> = params.collect();
+            if matches!(media, "application/jwk-set+json" | "*/*" | "application/*") {
+                a.jwk_set = true;
+            }
             match media {
                 "application/vnd.kubernetes.protobuf" => a.protobuf = true,
                 "application/json" | "*/*" | "application/*" | "application/yaml" => {
