@@ -32,25 +32,3 @@ macro_rules! require_root {
     };
 }
 
-/// Skips the calling test (returns early) when the real kube-apiserver of
-/// `cargo xtask kube` is not built, except under CI (`CI` set), where its
-/// absence is a failure: `cargo xtask test` builds it first.
-#[macro_export]
-macro_rules! require_real_api {
-    () => {
-        if !$crate::real_api::RealApiServer::binaries_present() {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "{}: the real kube-apiserver is not built: run `cargo xtask kube` \
-                     (`cargo xtask test` does)",
-                    module_path!()
-                );
-            }
-            eprintln!(
-                "SKIPPED {}: no real kube-apiserver (run `cargo xtask kube`)",
-                module_path!()
-            );
-            return;
-        }
-    };
-}
