@@ -120,7 +120,7 @@ fn run(task: Task) -> Result<()> {
                 args.push("--");
                 args.extend(cargo_test_args.iter().map(String::as_str));
             }
-            cargo(&root, &args)
+            cargo_test(&root, &args)
         }
         Task::Demo => {
             if !is_root() {
@@ -250,10 +250,99 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo test` with its output passed through, then how many end-to-end
+/// scenarios passed against each API server (`NAME::sim` and `NAME::real`
+/// tests, see `on_both_servers!` in tests/src/e2e.rs).
+fn cargo_test(root: &Path, args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .env("PATH", setup::path_with_cargo_bin())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut tally = BackendTally::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        tally.count(&line);
+    }
+    let status = child.wait()?;
+    println!(
+        "xtask: end-to-end scenarios on both API servers: {} passed against kube-sim, {} \
+         against the real kube-apiserver {} ({} failed)",
+        tally.sim_passed,
+        tally.real_passed,
+        kube::KUBE_VERSION,
+        tally.failed
+    );
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Counts `test NAME::sim ... ok` and `test NAME::real ... ok` lines.
+#[derive(Default)]
+struct BackendTally {
+    sim_passed: usize,
+    real_passed: usize,
+    failed: usize,
+}
+
+impl BackendTally {
+    fn count(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test ") else {
+            return;
+        };
+        let Some((name, outcome)) = rest.split_once(" ... ") else {
+            return;
+        };
+        let backend = if name.ends_with("::sim") {
+            &mut self.sim_passed
+        } else if name.ends_with("::real") {
+            &mut self.real_passed
+        } else {
+            return;
+        };
+        match outcome.trim() {
+            "ok" => *backend += 1,
+            "FAILED" => self.failed += 1,
+            _ => {}
+        }
+    }
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackendTally;
+
+    #[test]
+    fn scenarios_are_counted_per_api_server() {
+        let mut tally = BackendTally::default();
+        for line in [
+            "test secret_values_never_reach_the_agent::sim ... ok",
+            "test secret_values_never_reach_the_agent::real ... ok",
+            "test denials::real ... FAILED",
+            "test a_plain_test ... ok",
+            "test result: ok. 3 passed; 0 failed",
+            "running 4 tests",
+        ] {
+            tally.count(line);
+        }
+        assert_eq!(
+            (tally.sim_passed, tally.real_passed, tally.failed),
+            (1, 1, 1)
+        );
+    }
 }
