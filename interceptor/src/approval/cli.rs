@@ -161,25 +161,29 @@ impl Place {
                 })
             }
             Place::Cluster { client, auth, .. } => {
+                // Kubernetes < 1.28 has no SelfSubjectReview, and its RBAC
+                // answers 403 rather than 404 to those who may not create
+                // the missing resource: ask discovery instead of guessing
+                // from the error.
+                let served = client
+                    .list_api_group_resources("authentication.k8s.io/v1")
+                    .await
+                    .context("asking the API server which authentication APIs it serves")?
+                    .resources
+                    .iter()
+                    .any(|r| r.name == "selfsubjectreviews");
+                if !served {
+                    let who = super::whoami::from_credentials(auth)?;
+                    return Ok(Approver {
+                        username: who.username,
+                        groups: who.groups,
+                    });
+                }
                 let api: Api<SelfSubjectReview> = Api::all(client.clone());
-                let review = match api
+                let review = api
                     .create(&PostParams::default(), &SelfSubjectReview::default())
                     .await
-                {
-                    Ok(review) => review,
-                    // Kubernetes < 1.28 has no SelfSubjectReview.
-                    Err(kube::Error::Api(status)) if status.is_not_found() => {
-                        let who = super::whoami::from_credentials(auth)?;
-                        return Ok(Approver {
-                            username: who.username,
-                            groups: who.groups,
-                        });
-                    }
-                    Err(error) => {
-                        return Err(error)
-                            .context("asking the API server who you are (SelfSubjectReview)");
-                    }
-                };
+                    .context("asking the API server who you are (SelfSubjectReview)")?;
                 let user = review
                     .status
                     .and_then(|s| s.user_info)
