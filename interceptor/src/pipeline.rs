@@ -496,6 +496,17 @@ impl Guard for Pipeline {
             HeaderValue::from_str(&exchange.audit_id.to_string()).expect("uuid"),
         );
 
+        // An upgrade chaperone would not read (a watch or log over
+        // WebSocket) never carries what must be masked or recorded.
+        let masked = self.masker.target(&exchange.request).is_some()
+            || exchange.decision.as_ref().map(|d| d.action) == Some(Action::Mask);
+        let bodies_recorded = exchange.level() >= RecordLevel::Request;
+        if let Err(status) =
+            exec::refuse_unread_upgrade(&exchange.request, &parts.headers, masked, bodies_recorded)
+        {
+            return exchange.refuse(*status);
+        }
+
         // Masking: negotiate a body we can mask before asking.
         let mut response_transform = None;
         if let Some(target) = self.masker.target(&exchange.request) {

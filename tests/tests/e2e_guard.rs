@@ -342,6 +342,65 @@ fn encoded_secret_paths_are_masked_or_refused_over_http1_and_http2() {
     }
 }
 
+/// A watch or a log over WebSocket would be a tunnel chaperone does not
+/// read: refused with a Status before the API server, never a 101 with
+/// unmasked frames.
+#[test]
+fn watches_and_logs_over_websocket_are_refused_before_the_api_server() {
+    require_root!();
+    let world = world();
+    for (path, protocol) in [
+        (
+            "/api/v1/namespaces/default/secrets?watch=true",
+            "base64.channel.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/secrets?watch=true",
+            "channel.k8s.io",
+        ),
+        (
+            "/api/v1/watch/namespaces/default/secrets",
+            "v4.channel.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/secr%65ts?w%61tch=1",
+            "base64.channel.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/pods/worker/log?follow=true",
+            "base64.binary.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/pods/worker/log",
+            "binary.k8s.io",
+        ),
+    ] {
+        world.sim.clear_requests();
+        let (code, body) = agent_curl(
+            &world,
+            "--http1.1",
+            path,
+            &[
+                "-H",
+                "Connection: Upgrade",
+                "-H",
+                "Upgrade: websocket",
+                "-H",
+                "Sec-WebSocket-Version: 13",
+                "-H",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "-H",
+                &format!("Sec-WebSocket-Protocol: {protocol}"),
+            ],
+        );
+        assert_no_secret(&format!("websocket {path}"), &body);
+        assert_eq!(code, 400, "websocket {path} ({protocol}): {body}");
+        assert!(body.contains("plain HTTP"), "websocket {path}: {body}");
+        let sent = agent_requests(&world);
+        assert!(sent.is_empty(), "websocket {path}: forwarded {sent:?}");
+    }
+}
+
 #[test]
 fn a_token_replayed_from_another_pod_is_refused() {
     require_root!();
