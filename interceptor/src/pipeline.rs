@@ -43,7 +43,7 @@ use crate::{
         DecisionRecord, Exchange, Recorder, ResponseStatus, Session, SessionMeta, Stage,
         capture::{BodyCapture, CaptureSlot},
     },
-    request::RequestInfo,
+    request::{CanonicalTarget, RequestInfo},
 };
 
 /// Everything the pipeline consults.
@@ -267,7 +267,20 @@ impl Guard for Pipeline {
         body: &mut RequestBody,
     ) -> Verdict {
         let received = OffsetDateTime::now_utc();
-        let request = RequestInfo::parse(&parts.method, parts.uri.path(), parts.uri.query());
+        // One reading: from here on `parts.uri` is the canonical target, the
+        // one judged and the one forwarded (see `request`).
+        let target = CanonicalTarget::parse(parts.uri.path(), parts.uri.query());
+        let request = match &target {
+            Ok(target) => {
+                parts.uri = target.uri(&parts.uri);
+                RequestInfo::from_target(&parts.method, target)
+            }
+            Err(_) => RequestInfo {
+                path: parts.uri.path().to_owned(),
+                verb: parts.method.as_str().to_ascii_lowercase(),
+                ..RequestInfo::default()
+            },
+        };
         let state = self.connection(conn);
         let mut exchange = ExchangeDraft {
             audit_id: Uuid::new_v4(),
@@ -309,6 +322,9 @@ impl Guard for Pipeline {
                 Ok(admission) => exchange.admission = Some(admission),
                 Err(full) => return exchange.refuse(full.status()),
             }
+        }
+        if let Err(ambiguous) = target {
+            return exchange.refuse(ambiguous.status());
         }
 
         let token = match bearer_token(&parts.headers) {
@@ -479,6 +495,17 @@ impl Guard for Pipeline {
             "audit-id",
             HeaderValue::from_str(&exchange.audit_id.to_string()).expect("uuid"),
         );
+
+        // An upgrade chaperone would not read (a watch or log over
+        // WebSocket) never carries what must be masked or recorded.
+        let masked = self.masker.target(&exchange.request).is_some()
+            || exchange.decision.as_ref().map(|d| d.action) == Some(Action::Mask);
+        let bodies_recorded = exchange.level() >= RecordLevel::Request;
+        if let Err(status) =
+            exec::refuse_unread_upgrade(&exchange.request, &parts.headers, masked, bodies_recorded)
+        {
+            return exchange.refuse(*status);
+        }
 
         // Masking: negotiate a body we can mask before asking.
         let mut response_transform = None;

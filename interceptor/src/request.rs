@@ -8,8 +8,48 @@
 //! so the rules here must match the API server's exactly: a request the API
 //! server sees as `delete` on `pods` in `prod` must never look like something
 //! else to chaperone.
+//!
+//! # One reading: the canonical request target
+//!
+//! The API server does not read the bytes of the request line: Go's
+//! `net/http` parses them into `url.URL`, whose `Path` is percent-decoded
+//! once (`%2F` included, upper or lower case hex; an invalid escape is a 400
+//! before any handler), and `RequestInfo` (then go-restful's router, which
+//! tokenizes the same decoded `URL.Path`) splits that decoded path on `/`.
+//! The query is read with `url.ParseQuery`, which decodes keys as well as
+//! values (`w%61tch=true` is `watch`).
+//!
+//! Chaperone does not try to predict, from the raw bytes, what the server
+//! will make of them and then forward those bytes unchanged: two parsers of
+//! one string always end up disagreeing somewhere (the server's Go version
+//! decides whether `;` separates query parameters, for one). Instead
+//! [`CanonicalTarget::parse`] decodes the target once, as Go does, judges the
+//! decoded form, and the proxy forwards that decoded form re-encoded
+//! unambiguously (every byte that Go's own `EscapedPath` would escape is
+//! escaped, and nothing else; the query re-serialized pair by pair). What the
+//! API server decodes from the forwarded target is, byte for byte, what
+//! chaperone judged, whatever encoding the agent chose. Forwarding the
+//! canonical form rather than refusing every non-canonical target keeps
+//! ordinary clients working (a field selector's `%3D`, a `+` for a space)
+//! while removing the ambiguity.
+//!
+//! A few targets have no single reading, or only one that some layer after
+//! `RequestInfo` may read differently; those are refused with a 400 `Status`
+//! instead (no client chaperone knows of sends them):
+//! - an invalid escape (`%zz`, a lone `%`) in the path or query: Go refuses
+//!   it in the path and silently drops the whole parameter in the query;
+//! - a decoded path or query that is not UTF-8, or a decoded path with a
+//!   control byte (`%00`, `%0A`): no Kubernetes name contains one;
+//! - dot segments (`/./`, `/../`, encoded or not) and empty segments inside
+//!   the path (`//`): the API server itself does not clean them (it is not
+//!   behind Go's `ServeMux`), but an aggregated API server or a proxy behind
+//!   it may, and then it would serve another object than the one judged;
+//! - a raw `;` in the query: Go before 1.17 splits parameters on it, later
+//!   versions drop the parameter.
 
 use std::borrow::Cow;
+
+use crate::kstatus::Status;
 
 /// The API server's view of one request.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -40,6 +80,200 @@ pub struct RequestInfo {
     pub command: Vec<String>,
 }
 
+/// A request target (path and query) as the API server reads it, and the
+/// form chaperone forwards so that the API server reads exactly that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanonicalTarget {
+    /// The decoded path: Go's `url.URL.Path`, what `RequestInfo` splits.
+    pub path: String,
+    /// The query re-encoded from its decoded parameters, in order; `None`
+    /// when there are none.
+    pub query: Option<String>,
+    /// `path` re-encoded, and `?query`: what is forwarded.
+    pub path_and_query: http::uri::PathAndQuery,
+}
+
+/// Why a request target has no single reading: a 400 for the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AmbiguousTarget(String);
+
+impl AmbiguousTarget {
+    pub fn status(&self) -> Status {
+        Status::bad_request(format!(
+            "chaperone: {}; send the path and query the way kubectl and client libraries do",
+            self.0
+        ))
+    }
+}
+
+impl std::fmt::Display for AmbiguousTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl CanonicalTarget {
+    /// Decodes `path` and `query` (raw, as received) the way the API server
+    /// does, or says why the target has no single reading.
+    pub fn parse(path: &str, query: Option<&str>) -> Result<CanonicalTarget, AmbiguousTarget> {
+        let path = decode_path(path)?;
+        let pairs = decode_query(query.unwrap_or(""))?;
+        let query = (!pairs.is_empty()).then(|| {
+            form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&pairs)
+                .finish()
+        });
+        let mut target = encode_path(&path);
+        if let Some(query) = &query {
+            target.push('?');
+            target.push_str(query);
+        }
+        let path_and_query = target
+            .parse()
+            .map_err(|_| AmbiguousTarget("the request target cannot be re-encoded".into()))?;
+        Ok(CanonicalTarget {
+            path,
+            query,
+            path_and_query,
+        })
+    }
+
+    /// The target as forwarded: `uri` with its path and query replaced by
+    /// the canonical ones (scheme and authority, if any, kept).
+    pub fn uri(&self, uri: &http::Uri) -> http::Uri {
+        let mut parts = uri.clone().into_parts();
+        parts.path_and_query = Some(self.path_and_query.clone());
+        http::Uri::from_parts(parts).unwrap_or_else(|_| {
+            http::Uri::from_maybe_shared(self.path_and_query.as_str().to_owned().into_bytes())
+                .expect("a path and query is a URI")
+        })
+    }
+}
+
+/// The value of one hex digit, as Go's `unhex` (either case).
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Go's `unescape`: every `%XX` decoded once; `+` stays `+` in a path and is
+/// a space in a query component. An invalid escape is an error.
+fn percent_decode(s: &str, plus_is_space: bool) -> Result<Vec<u8>, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hi = bytes.get(i + 1).copied().and_then(hex_value);
+                let lo = bytes.get(i + 2).copied().and_then(hex_value);
+                match (hi, lo) {
+                    (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                    _ => {
+                        let bad = &s[i..(i + 3).min(s.len())];
+                        return Err(format!("invalid escape {bad:?}"));
+                    }
+                }
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The decoded path (Go's `URL.Path`), refused where its reading is not
+/// unique (see the module documentation).
+fn decode_path(raw: &str) -> Result<String, AmbiguousTarget> {
+    let bytes = percent_decode(raw, false)
+        .map_err(|e| AmbiguousTarget(format!("the request path has an {e}")))?;
+    let path = String::from_utf8(bytes)
+        .map_err(|_| AmbiguousTarget("the decoded request path is not UTF-8".into()))?;
+    if path.chars().any(char::is_control) {
+        return Err(AmbiguousTarget(
+            "the decoded request path contains a control character".into(),
+        ));
+    }
+    // Interior segments only: `splitPath` trims `/` at both ends, so a
+    // trailing slash (`/api/v1/pods/`) reads as the same request.
+    let trimmed = path.trim_matches('/');
+    if !trimmed.is_empty() {
+        for segment in trimmed.split('/') {
+            match segment {
+                "" => {
+                    return Err(AmbiguousTarget(
+                        "the decoded request path has an empty segment (\"//\")".into(),
+                    ));
+                }
+                "." | ".." => {
+                    return Err(AmbiguousTarget(format!(
+                        "the decoded request path has a {segment:?} segment"
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(path)
+}
+
+/// The query's parameters as `url.ParseQuery` reads them (split on `&`,
+/// keys and values decoded, `+` a space, empty pairs skipped), refused where
+/// Go versions or parameters would disagree (see the module documentation).
+fn decode_query(raw: &str) -> Result<Vec<(String, String)>, AmbiguousTarget> {
+    if raw.contains(';') {
+        return Err(AmbiguousTarget(
+            "the query contains a raw \";\" (escape it as %3B)".into(),
+        ));
+    }
+    let mut pairs = Vec::new();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| -> Result<String, AmbiguousTarget> {
+            let bytes = percent_decode(s, true)
+                .map_err(|e| AmbiguousTarget(format!("the query has an {e}")))?;
+            String::from_utf8(bytes)
+                .map_err(|_| AmbiguousTarget("a decoded query parameter is not UTF-8".into()))
+        };
+        pairs.push((decode(key)?, decode(value)?));
+    }
+    Ok(pairs)
+}
+
+/// Go's `shouldEscape(c, encodePath)` is false: unreserved characters and
+/// the reserved ones a path may carry as they are.
+fn path_byte_is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.~$&+,/:;=@".contains(&b)
+}
+
+/// The decoded path re-encoded as Go's `EscapedPath` would encode it: the
+/// API server decodes it back to exactly `path`.
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        if path_byte_is_plain(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 /// Verbs that may appear as a path segment before the resource
 /// (`/api/v1/watch/pods`, `/api/v1/proxy/namespaces/x/pods/y`). Both are
 /// deprecated URL forms the API server still serves.
@@ -51,12 +285,18 @@ const SPECIAL_VERBS_NO_SUBRESOURCES: [&str; 1] = ["proxy"];
 const NAMESPACE_SUBRESOURCES: [&str; 2] = ["status", "finalize"];
 
 impl RequestInfo {
+    /// Parses a request from its canonical target, as the API server does.
+    pub fn from_target(method: &http::Method, target: &CanonicalTarget) -> RequestInfo {
+        RequestInfo::parse(method, &target.path, target.query.as_deref())
+    }
+
     /// Parses a request as the API server does.
     ///
-    /// `path` is the URL path without the query; `query` the raw query string
-    /// (without `?`), if any. Parsing never fails: anything that is not a
-    /// resource URL is a non-resource request whose verb is the lowercased
-    /// HTTP method, exactly as in the API server.
+    /// `path` is the *decoded* URL path without the query (Go's
+    /// `URL.Path`; see [`CanonicalTarget`]), never the raw one; `query` the
+    /// encoded query string (without `?`), if any. Parsing never fails:
+    /// anything that is not a resource URL is a non-resource request whose
+    /// verb is the lowercased HTTP method, exactly as in the API server.
     pub fn parse(method: &http::Method, path: &str, query: Option<&str>) -> RequestInfo {
         let mut info = RequestInfo {
             is_resource_request: false,
@@ -549,6 +789,393 @@ mod tests {
         // `command` on anything but exec/attach is not a command.
         let list = parse("GET", "/api/v1/namespaces/prod/pods?command=ls");
         assert!(list.command.is_empty());
+    }
+
+    /// What the API server reads (and chaperone forwards) for a raw target.
+    fn canonical(method: &str, url: &str) -> (RequestInfo, String) {
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let (path, query) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (url, None),
+        };
+        let target = CanonicalTarget::parse(path, query).unwrap_or_else(|e| panic!("{url}: {e}"));
+        (
+            RequestInfo::from_target(&method, &target),
+            target.path_and_query.to_string(),
+        )
+    }
+
+    fn refused(url: &str) -> String {
+        let (path, query) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (url, None),
+        };
+        match CanonicalTarget::parse(path, query) {
+            Ok(target) => panic!("{url} was not refused: read as {target:?}"),
+            Err(e) => {
+                let status = e.status();
+                assert_eq!(status.code, 400, "{url}");
+                status.message
+            }
+        }
+    }
+
+    /// Percent-encoded paths are read as the API server decodes them (once,
+    /// `%2F` included, either hex case) and forwarded in the one form that
+    /// decodes to the same thing.
+    #[test]
+    fn encoded_paths_are_read_and_forwarded_as_the_api_server_decodes_them() {
+        for (url, ns, resource, name, sub, forwarded) in [
+            (
+                "/api/v1/namespaces/prod/secr%65ts",
+                "prod",
+                "secrets",
+                "",
+                "",
+                "/api/v1/namespaces/prod/secrets",
+            ),
+            (
+                "/api/v1/namespaces/prod/secr%65ts/db",
+                "prod",
+                "secrets",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/secrets/db",
+            ),
+            (
+                "/api/v1/namespaces/prod/SECR%45TS/db",
+                "prod",
+                "SECRETS",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/SECRETS/db",
+            ),
+            (
+                "/api/v1/namespaces/prod/secrets%2Fdb",
+                "prod",
+                "secrets",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/secrets/db",
+            ),
+            (
+                "/api/v1/namespaces/prod/secrets%2fdb",
+                "prod",
+                "secrets",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/secrets/db",
+            ),
+            (
+                "/api/v1/namespaces%2Fprod%2Fsecrets",
+                "prod",
+                "secrets",
+                "",
+                "",
+                "/api/v1/namespaces/prod/secrets",
+            ),
+            (
+                "/api/v1/namespaces%2fprod%2fsecrets%2fdb",
+                "prod",
+                "secrets",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/secrets/db",
+            ),
+            (
+                "%2Fapi%2Fv1%2Fnamespaces%2Fprod%2Fsecrets",
+                "prod",
+                "secrets",
+                "",
+                "",
+                "/api/v1/namespaces/prod/secrets",
+            ),
+            (
+                "/%61pi/v1/namespaces/prod/secrets/db",
+                "prod",
+                "secrets",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/secrets/db",
+            ),
+            (
+                "/api/v1/n%61mespaces/prod/pods/web/%65xec",
+                "prod",
+                "pods",
+                "web",
+                "exec",
+                "/api/v1/namespaces/prod/pods/web/exec",
+            ),
+            (
+                "/api/v1/namespaces/pr%6Fd/secrets/db",
+                "prod",
+                "secrets",
+                "db",
+                "",
+                "/api/v1/namespaces/prod/secrets/db",
+            ),
+            // Go decodes once: `%252F` is the three characters `%2F`, a name.
+            (
+                "/api/v1/namespaces/prod/secrets/a%252Fb",
+                "prod",
+                "secrets",
+                "a%2Fb",
+                "",
+                "/api/v1/namespaces/prod/secrets/a%252Fb",
+            ),
+            // `+` is not a space in a path.
+            (
+                "/api/v1/namespaces/prod/secrets/a+b",
+                "prod",
+                "secrets",
+                "a+b",
+                "",
+                "/api/v1/namespaces/prod/secrets/a+b",
+            ),
+            // A trailing slash is trimmed by the API server as by chaperone.
+            (
+                "/api/v1/namespaces/prod/secrets/",
+                "prod",
+                "secrets",
+                "",
+                "",
+                "/api/v1/namespaces/prod/secrets/",
+            ),
+            (
+                "/api/v1/namespaces/prod/secrets%2F",
+                "prod",
+                "secrets",
+                "",
+                "",
+                "/api/v1/namespaces/prod/secrets/",
+            ),
+            // Characters Go escapes in a path are forwarded escaped.
+            (
+                "/api/v1/namespaces/prod/secrets/a%20b",
+                "prod",
+                "secrets",
+                "a b",
+                "",
+                "/api/v1/namespaces/prod/secrets/a%20b",
+            ),
+            (
+                "/api/v1/namespaces/prod/secrets/a%3Fb",
+                "prod",
+                "secrets",
+                "a?b",
+                "",
+                "/api/v1/namespaces/prod/secrets/a%3Fb",
+            ),
+            (
+                "/api/v1/namespaces/prod/secrets/caf%C3%A9",
+                "prod",
+                "secrets",
+                "café",
+                "",
+                "/api/v1/namespaces/prod/secrets/caf%C3%A9",
+            ),
+            // What Go leaves as it is stays as it is.
+            (
+                "/apis/rbac.authorization.k8s.io/v1/clusterroles/system:aggregate-to-admin",
+                "",
+                "clusterroles",
+                "system:aggregate-to-admin",
+                "",
+                "/apis/rbac.authorization.k8s.io/v1/clusterroles/system:aggregate-to-admin",
+            ),
+        ] {
+            let (info, sent) = canonical("GET", url);
+            assert_eq!(
+                (
+                    info.namespace.as_str(),
+                    info.resource.as_str(),
+                    info.name.as_str(),
+                    info.subresource.as_str()
+                ),
+                (ns, resource, name, sub),
+                "{url}"
+            );
+            assert_eq!(sent, forwarded, "{url}");
+            // The forwarded form is canonical: read again, it is unchanged.
+            let (again, resent) = canonical("GET", &sent);
+            assert_eq!((again, resent), (info, sent.clone()), "{url}");
+        }
+    }
+
+    #[test]
+    fn legacy_watch_and_proxy_forms_are_read_after_decoding() {
+        let (info, sent) = canonical("GET", "/api/v1/%77atch/namespaces/prod/secrets");
+        assert_eq!(
+            (info.verb.as_str(), info.resource.as_str()),
+            ("watch", "secrets")
+        );
+        assert_eq!(sent, "/api/v1/watch/namespaces/prod/secrets");
+        let (info, _) = canonical("GET", "/api/v1/watch%2Fnamespaces%2Fprod%2Fsecrets%2Fdb");
+        assert_eq!(
+            (
+                info.verb.as_str(),
+                info.namespace.as_str(),
+                info.name.as_str()
+            ),
+            ("watch", "prod", "db")
+        );
+        let (info, sent) = canonical("GET", "/api/v1/pr%6Fxy/namespaces/prod/pods/web/a%2Fb");
+        assert_eq!(
+            (
+                info.verb.as_str(),
+                info.resource.as_str(),
+                info.name.as_str()
+            ),
+            ("proxy", "pods", "web")
+        );
+        assert_eq!(info.parts, ["pods", "web", "a", "b"]);
+        assert_eq!(sent, "/api/v1/proxy/namespaces/prod/pods/web/a/b");
+    }
+
+    /// The query is read as `url.ParseQuery` reads it (keys decoded too) and
+    /// forwarded re-encoded from that reading.
+    #[test]
+    fn query_forms_are_read_as_go_decodes_them() {
+        for (url, verb, name, query) in [
+            (
+                "/api/v1/namespaces/a/secrets?w%61tch=true",
+                "watch",
+                "",
+                "watch=true",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?%77%61%74%63%68=1",
+                "watch",
+                "",
+                "watch=1",
+            ),
+            ("/api/v1/namespaces/a/secrets?watch", "watch", "", "watch="),
+            ("/api/v1/namespaces/a/secrets?watch=", "watch", "", "watch="),
+            (
+                "/api/v1/namespaces/a/secrets?watch=0",
+                "list",
+                "",
+                "watch=0",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?watch=fals%65",
+                "list",
+                "",
+                "watch=false",
+            ),
+            // Repeated: the first value counts, as in the parameter codec.
+            (
+                "/api/v1/namespaces/a/secrets?watch=false&watch=true",
+                "list",
+                "",
+                "watch=false&watch=true",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?watch=1&watch=0",
+                "watch",
+                "",
+                "watch=1&watch=0",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?fieldSelector=metadata.name%3Ddb",
+                "list",
+                "db",
+                "fieldSelector=metadata.name%3Ddb",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?fieldSelector=metadata.name=db",
+                "list",
+                "db",
+                "fieldSelector=metadata.name%3Ddb",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?field%53elector=metadata.name%3ddb&watch=true",
+                "watch",
+                "db",
+                "fieldSelector=metadata.name%3Ddb&watch=true",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?dry%52un=All&&",
+                "list",
+                "",
+                "dryRun=All",
+            ),
+            (
+                "/api/v1/namespaces/a/secrets?labelSelector=app+in+(a,b)",
+                "list",
+                "",
+                "labelSelector=app+in+%28a%2Cb%29",
+            ),
+            ("/api/v1/namespaces/a/secrets?", "list", "", ""),
+        ] {
+            let (info, sent) = canonical("GET", url);
+            assert_eq!(
+                (info.verb.as_str(), info.name.as_str()),
+                (verb, name),
+                "{url}"
+            );
+            let sent_query = sent.split_once('?').map_or("", |(_, q)| q);
+            assert_eq!(sent_query, query, "{url}");
+        }
+    }
+
+    #[test]
+    fn exec_commands_are_read_from_the_decoded_query() {
+        let (info, sent) = canonical(
+            "POST",
+            "/api/v1/namespaces/prod/pods/web-0/%65xec?c%6Fmmand=rm&command=-rf+%2Fdata&container=app",
+        );
+        assert_eq!(info.subresource, "exec");
+        assert_eq!(info.command, ["rm", "-rf /data"]);
+        assert_eq!(
+            sent,
+            "/api/v1/namespaces/prod/pods/web-0/exec?command=rm&command=-rf+%2Fdata&container=app"
+        );
+        let (attach, _) = canonical(
+            "POST",
+            "/api/v1/namespaces/prod/pods/web-0%2Fattach?command=sh",
+        );
+        assert_eq!(
+            (attach.subresource.as_str(), attach.command.as_slice()),
+            ("attach", ["sh".to_owned()].as_slice())
+        );
+    }
+
+    /// Targets without one reading are refused with a 400 that says why.
+    #[test]
+    fn ambiguous_targets_are_refused() {
+        for (url, why) in [
+            ("/api/v1/namespaces/prod/secr%zzts", "invalid escape"),
+            ("/api/v1/namespaces/prod/secrets%", "invalid escape"),
+            ("/api/v1/namespaces/prod/secrets%2", "invalid escape"),
+            (
+                "/api/v1/namespaces/prod/secrets/db?watch=%zz",
+                "invalid escape",
+            ),
+            (
+                "/api/v1/namespaces/prod/secrets/db?w%zatch=1",
+                "invalid escape",
+            ),
+            ("/api/v1/namespaces/prod/secrets/%ff", "not UTF-8"),
+            (
+                "/api/v1/namespaces/prod/secrets?fieldSelector=metadata.name%3D%ff",
+                "not UTF-8",
+            ),
+            ("/api/v1/namespaces/prod/secrets/a%00", "control"),
+            ("/api/v1/namespaces/prod/secrets/a%0Ab", "control"),
+            ("/api/v1/namespaces/prod/pods/../secrets/db", "\"..\""),
+            ("/api/v1/namespaces/prod/pods/%2E%2E/secrets/db", "\"..\""),
+            ("/api/v1/namespaces/prod/pods%2F..%2Fsecrets", "\"..\""),
+            ("/api/v1/namespaces/prod/./secrets/db", "\".\""),
+            ("/api/v1/namespaces/prod/%2e/secrets", "\".\""),
+            ("/api/v1/namespaces//secrets", "empty segment"),
+            ("/api/v1/namespaces/prod%2F%2Fsecrets", "empty segment"),
+            ("/api/v1/namespaces/prod/secrets?a=1;watch=true", "\";\""),
+        ] {
+            let message = refused(url);
+            assert!(message.contains(why), "{url}: {message}");
+            assert!(message.starts_with("chaperone: "), "{url}: {message}");
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@ on_both_servers!(
     secret_values_never_reach_the_agent,
     a_token_replayed_from_another_pod_is_refused,
     the_session_is_recorded_and_audited,
+    encoded_secret_paths_are_masked_or_refused_over_http1_and_http2,
+    watches_and_logs_over_websocket_are_refused_before_the_api_server,
 );
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -236,6 +238,183 @@ fn secret_values_never_reach_the_agent(backend: Backend) {
     let watched = String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned();
     assert!(watched.contains("\"late\""), "the watch saw: {watched}");
     assert_no_secret("kubectl get secrets -w", &watched);
+}
+
+/// `curl` inside the agent pod, at the API server's service address, with
+/// the pod's own token: the path is sent byte for byte (`--path-as-is`).
+/// Returns (HTTP code, body).
+fn agent_curl(world: &World, http: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let url = format!(
+        "https://{}:{}{path}",
+        world.credentials.service_host, world.credentials.service_port
+    );
+    let auth = format!("Authorization: Bearer {}", world.token);
+    let mut cmd = world.agent().in_cluster_command(&world.credentials, "curl");
+    cmd.args([
+        "-sS",
+        "--path-as-is",
+        http,
+        "--max-time",
+        "5",
+        "--cacert",
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "-H",
+        &auth,
+        "-w",
+        "\n%{http_code}",
+    ])
+    .args(extra)
+    .arg(&url);
+    let out = run_for(&mut cmd, LIMIT).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code.trim().parse().unwrap_or(0);
+    (
+        code,
+        format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// What reached the API server as the agent (not chaperone's own
+/// control-plane requests): path and query as received, oldest first. On
+/// a real server, its own audit log says what it received.
+fn agent_requests(world: &World) -> Vec<String> {
+    world
+        .api
+        .seen("/")
+        .into_iter()
+        .filter(|r| r.user == "system:serviceaccount:default:agent")
+        .map(|r| r.uri)
+        .collect()
+}
+
+/// The API server percent-decodes the path (`%2F` included) before it reads
+/// resource, namespace and name: an encoded Secret path is read, masked and
+/// forwarded as the API server reads it, or refused; never plaintext.
+fn encoded_secret_paths_are_masked_or_refused_over_http1_and_http2(backend: Backend) {
+    require_root!();
+    let world = world(backend);
+    for http in ["--http1.1", "--http2"] {
+        for path in [
+            "/api/v1/namespaces/default/secr%65ts/db",
+            "/api/v1/namespaces/default/SECR%45TS/db",
+            "/api/v1/namespaces/default/secrets%2Fdb",
+            "/api/v1/namespaces/default/secrets%2fdb",
+            "/api/v1/namespaces%2Fdefault%2Fsecrets",
+            "/api/v1/n%61mespaces/default/secrets?fieldSelector=metadata.name%3Ddb",
+            "/%61pi/v1/namespaces/default/secr%65ts/db",
+        ] {
+            let before = agent_requests(&world).len();
+            let (code, body) = agent_curl(&world, http, path, &[]);
+            assert_no_secret(&format!("{http} {path}"), &body);
+            let sent = agent_requests(&world)[before..].to_vec();
+            if path.contains("SECR") {
+                // Not a resource the API server serves: its 404, nothing to mask.
+                assert_eq!(code, 404, "{http} {path}: {body}");
+                continue;
+            }
+            assert_eq!(code, 200, "{http} {path}: {body}");
+            assert!(
+                body.contains("masked by chaperone") || body.contains("password"),
+                "{http} {path}: {body}"
+            );
+            // What the API server received reads the same in every layer.
+            assert!(!sent.is_empty(), "{http} {path}: nothing forwarded");
+            assert!(
+                sent.iter()
+                    .all(|uri| uri.starts_with("/api/v1/namespaces/default/secrets")
+                        && !uri.split('?').next().unwrap().contains('%')),
+                "{http} {path}: forwarded {sent:?}"
+            );
+        }
+        // An encoded watch of secrets (`w%61tch` is `watch` to the API
+        // server): masked events only.
+        let (_, body) = agent_curl(
+            &world,
+            http,
+            "/api/v1/namespaces/default/secr%65ts?w%61tch=true",
+            &[],
+        );
+        assert_no_secret(&format!("{http} encoded watch"), &body);
+        assert!(body.contains("ADDED"), "{http} encoded watch: {body}");
+        // Dot segments and invalid escapes have no single reading: refused
+        // before the API server.
+        for path in [
+            "/api/v1/namespaces/default/pods/../secrets/db",
+            "/api/v1/namespaces/default/pods/%2e%2e/secrets/db",
+            "/api/v1/namespaces/default/secr%zzets/db",
+            "/api/v1/namespaces//secrets",
+        ] {
+            let before = agent_requests(&world).len();
+            let (code, body) = agent_curl(&world, http, path, &[]);
+            assert_no_secret(&format!("{http} {path}"), &body);
+            assert_eq!(code, 400, "{http} {path}: {body}");
+            assert!(
+                body.contains("\"kind\":\"Status\""),
+                "{http} {path}: {body}"
+            );
+            let sent = agent_requests(&world)[before..].to_vec();
+            assert!(sent.is_empty(), "{http} {path}: forwarded {sent:?}");
+        }
+    }
+}
+
+/// A watch or a log over WebSocket would be a tunnel chaperone does not
+/// read: refused with a Status before the API server, never a 101 with
+/// unmasked frames.
+fn watches_and_logs_over_websocket_are_refused_before_the_api_server(backend: Backend) {
+    require_root!();
+    let world = world(backend);
+    for (path, protocol) in [
+        (
+            "/api/v1/namespaces/default/secrets?watch=true",
+            "base64.channel.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/secrets?watch=true",
+            "channel.k8s.io",
+        ),
+        (
+            "/api/v1/watch/namespaces/default/secrets",
+            "v4.channel.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/secr%65ts?w%61tch=1",
+            "base64.channel.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/pods/worker/log?follow=true",
+            "base64.binary.k8s.io",
+        ),
+        (
+            "/api/v1/namespaces/default/pods/worker/log",
+            "binary.k8s.io",
+        ),
+    ] {
+        let before = agent_requests(&world).len();
+        let (code, body) = agent_curl(
+            &world,
+            "--http1.1",
+            path,
+            &[
+                "-H",
+                "Connection: Upgrade",
+                "-H",
+                "Upgrade: websocket",
+                "-H",
+                "Sec-WebSocket-Version: 13",
+                "-H",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "-H",
+                &format!("Sec-WebSocket-Protocol: {protocol}"),
+            ],
+        );
+        assert_no_secret(&format!("websocket {path}"), &body);
+        assert_eq!(code, 400, "websocket {path} ({protocol}): {body}");
+        assert!(body.contains("plain HTTP"), "websocket {path}: {body}");
+        let sent = agent_requests(&world)[before..].to_vec();
+        assert!(sent.is_empty(), "websocket {path}: forwarded {sent:?}");
+    }
 }
 
 fn a_token_replayed_from_another_pod_is_refused(backend: Backend) {

@@ -28,6 +28,14 @@
 //! kubectl 1.30+ with `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false` or when the
 //! WebSocket upgrade fails), and refuses any other upgrade. Port-forward is
 //! never touched: its data is binary and not masked.
+//!
+//! Every other upgrade (a watch or a log over WebSocket, with or without the
+//! `base64.channel.k8s.io`/`base64.binary.k8s.io` subprotocols, a proxy
+//! subresource) would be a tunnel chaperone does not read: the API server
+//! sends watch events and log chunks as frames no masker sees. Such an
+//! upgrade is refused by [`refuse_unread_upgrade`] whenever anything of its
+//! response must be masked or recorded; the agent is told to use the plain
+//! HTTP form, which chaperone masks and records.
 
 pub mod spdy;
 pub mod spdy_tap;
@@ -52,6 +60,61 @@ pub use tap::{ExecTap, OnClosed, StartRecording};
 /// How long output may be held back for masking while the API server sends
 /// nothing more: well under what a person notices when typing.
 pub const IDLE_FLUSH: Duration = Duration::from_millis(20);
+
+/// Whether the upgraded stream of `request` is one chaperone reads or that
+/// carries nothing of the API server's: exec and attach (tapped), and
+/// port-forward (the agent's own bytes to its pod, never masked).
+pub fn is_inspected_upgrade(request: &RequestInfo) -> bool {
+    is_exec(request)
+        || (request.is_resource_request
+            && request.api_group.is_empty()
+            && request.resource == "pods"
+            && request.subresource == "portforward")
+}
+
+/// Refuses an upgrade chaperone would tunnel unread (anything but
+/// [`is_inspected_upgrade`]) when its response must be masked (`masked`) or
+/// its body recorded (`bodies_recorded`): a watch or log over WebSocket
+/// would otherwise carry Secrets past the masker. A request without an
+/// `Upgrade` header is never refused here.
+pub fn refuse_unread_upgrade(
+    request: &RequestInfo,
+    headers: &HeaderMap,
+    masked: bool,
+    bodies_recorded: bool,
+) -> Result<(), Box<Status>> {
+    if !headers.contains_key(header::UPGRADE) || is_inspected_upgrade(request) {
+        return Ok(());
+    }
+    if !masked && !bodies_recorded {
+        return Ok(());
+    }
+    let what = if request.verb == "watch" {
+        "a watch"
+    } else if request.subresource == "log" {
+        "a log"
+    } else {
+        "this request"
+    };
+    let plain = if request.verb == "watch" {
+        " (?watch=true without Upgrade, as kubectl does)"
+    } else {
+        ""
+    };
+    let why = if masked {
+        "must be masked"
+    } else {
+        "must be recorded"
+    };
+    Err(Box::new(Status::bad_request(format!(
+        "chaperone: {what} on {} {why}, and chaperone does not read it over an upgraded connection ({}); send it as plain HTTP{plain}",
+        request.resource_path(),
+        headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("upgrade"),
+    ))))
+}
 
 /// Whether `request` is an exec or attach stream.
 pub fn is_exec(request: &RequestInfo) -> bool {
@@ -349,6 +412,60 @@ mod tests {
         assert!(status.message.contains("SPDY/3.1"), "{}", status.message);
         // Not an upgrade: nothing to do.
         assert!(negotiate(&mut HeaderMap::new()).is_ok());
+    }
+
+    /// A watch or log over WebSocket is refused where masking or body
+    /// recording applies; exec, attach and port-forward go on to their
+    /// taps, plain HTTP is never refused here.
+    #[test]
+    fn unread_upgrades_are_refused_where_masking_or_recording_applies() {
+        let parse = |url: &str| {
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            RequestInfo::parse(&http::Method::GET, path, Some(query))
+        };
+        let mut websocket = HeaderMap::new();
+        websocket.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        websocket.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        websocket.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("base64.channel.k8s.io"),
+        );
+        let watch = parse("/api/v1/namespaces/a/secrets?watch=true");
+        let status = refuse_unread_upgrade(&watch, &websocket, true, false).unwrap_err();
+        assert_eq!(status.code, 400);
+        assert!(
+            status.message.contains("a watch on secrets must be masked"),
+            "{}",
+            status.message
+        );
+        assert!(
+            status.message.contains("?watch=true without Upgrade"),
+            "{}",
+            status.message
+        );
+        let log = parse("/api/v1/namespaces/a/pods/p/log?follow=true");
+        let status = refuse_unread_upgrade(&log, &websocket, false, true).unwrap_err();
+        assert!(
+            status
+                .message
+                .contains("a log on pods/log must be recorded"),
+            "{}",
+            status.message
+        );
+        // Nothing to mask or record: tunneled as before.
+        assert!(refuse_unread_upgrade(&watch, &websocket, false, false).is_ok());
+        // Plain HTTP: masked by the body transform, never refused here.
+        assert!(refuse_unread_upgrade(&watch, &HeaderMap::new(), true, true).is_ok());
+        for url in [
+            "/api/v1/namespaces/a/pods/p/exec?command=sh",
+            "/api/v1/namespaces/a/pods/p/attach",
+            "/api/v1/namespaces/a/pods/p/portforward",
+        ] {
+            assert!(
+                refuse_unread_upgrade(&parse(url), &websocket, true, true).is_ok(),
+                "{url}"
+            );
+        }
     }
 
     #[test]

@@ -342,13 +342,15 @@ fn pooled_client(
 
 /// A watch (`?watch=true`, or the legacy `/watch/` path) or a followed log
 /// (`?follow=true`): a response that stays open as long as the agent wants.
+/// `uri` is the canonical target the guard forwards (keys decoded), and a
+/// flag reads as the API server reads a bool parameter: its first value,
+/// true unless `0` or `false` in any case (so `?watch` and `?watch=True`).
 fn is_long_lived(uri: &http::Uri) -> bool {
     let flag = |name: &str| {
         uri.query().is_some_and(|query| {
-            query.split('&').any(|pair| {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                key == name && matches!(value, "true" | "1")
-            })
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(key, _)| key == name)
+                .is_some_and(|(_, value)| !(value == "0" || value.eq_ignore_ascii_case("false")))
         })
     };
     let path = uri.path();
@@ -559,5 +561,11 @@ mod tests {
         assert!(!long("https://h/api/v1/namespaces/default/pods/web/log"));
         assert!(!long("https://h/api/v1/namespaces/watch/pods"));
         assert!(!long("https://h/api/v1/pods?notwatch=true"));
+        // Bool parameters as the API server reads them.
+        assert!(long("https://h/api/v1/pods?watch=True"));
+        assert!(long("https://h/api/v1/pods?watch="));
+        assert!(long("https://h/api/v1/pods?watch"));
+        assert!(!long("https://h/api/v1/pods?watch=FALSE"));
+        assert!(!long("https://h/api/v1/pods?watch=0&watch=1"));
     }
 }

@@ -165,6 +165,30 @@ fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Go's `unescape(s, encodePath)`: every `%XX` decoded once, `+` kept;
+/// `None` for an invalid escape (Go answers 400). Bytes that are not UTF-8
+/// are replaced, where Go would keep them.
+fn go_path_unescape(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let value = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(value);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
 fn url_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -312,7 +336,11 @@ async fn handle_authenticated(
     user_agent: String,
     idx: usize,
 ) -> Response<Body> {
-    let path = req.uri().path().to_string();
+    // The API server reads Go's `url.URL.Path`: the path percent-decoded
+    // once (`%2F` included); an invalid escape never reaches a handler.
+    let Some(path) = go_path_unescape(req.uri().path()) else {
+        return text_response(400, "400 Bad Request");
+    };
     if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") && token.is_none() {
         return text_response(200, "ok");
     }
