@@ -87,10 +87,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         base: upstream_config.server.clone(),
         tls: upstream_config.client_config()?,
         tls_server_name: upstream_config.tls_server_name.clone(),
-        connector: ConnectorOptions {
-            mark: config.socket_mark,
-            ..ConnectorOptions::default()
-        },
+        connector: ConnectorOptions::default(),
         streams_per_connection: config.upstream_streams_per_connection,
         http1_connections: config.upstream_http1_connections,
     })
@@ -146,16 +143,13 @@ pub async fn run(config: NodeConfig) -> Result<()> {
                     _ => None,
                 }),
                 proxy_port: config.proxy_port,
-                mark: config.socket_mark,
             },
             lifetime,
         )
         .context("attaching the eBPF redirect")?,
     );
     redirector.set_targets(&config.targets)?;
-    for destination in &config.refused {
-        redirector.refuse(*destination)?;
-    }
+    redirector.set_refused(&config.refusals())?;
     for cgroup in &config.agent_cgroups {
         let id = redirect::cgroupfs::cgroup_id(cgroup)
             .with_context(|| format!("agent cgroup {}", cgroup.display()))?;

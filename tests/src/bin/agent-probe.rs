@@ -2,8 +2,10 @@
 //! socket says about itself as one JSON line on stdout, then holds the
 //! connection until the peer closes it (or 10 s pass).
 //!
-//! usage: agent-probe ADDR:PORT [--mark N] [--v6-socket] [--repeat-ms MS]
+//! usage: agent-probe ADDR:PORT [--mark N] [--v6-socket] [--mptcp] [--repeat-ms MS]
 //!   --mark N         set SO_MARK on the socket before connecting
+//!   --mptcp          open an MPTCP socket (`IPPROTO_MPTCP`); if `socket()`
+//!                    itself fails the report says `"stage": "socket"`
 //!   --v6-socket      use an AF_INET6 socket (IPv4 targets become ::ffff:a.b.c.d)
 //!   --repeat-ms MS   connect again and again for MS milliseconds (one JSON
 //!                    line per attempt, each connection closed at once):
@@ -15,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const IPPROTO_MPTCP: i32 = 262;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -26,11 +30,13 @@ fn main() {
     let mut mark = None;
     let mut v6_socket = false;
     let mut repeat_ms = None;
+    let mut protocol = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--mark" => mark = args.next().and_then(|m| m.parse::<u32>().ok()),
             "--repeat-ms" => repeat_ms = args.next().and_then(|m| m.parse::<u64>().ok()),
             "--v6-socket" => v6_socket = true,
+            "--mptcp" => protocol = Some(Protocol::from(IPPROTO_MPTCP)),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -65,14 +71,27 @@ fn main() {
         }
         return;
     }
-    let socket = Socket::new(domain, Type::STREAM, None).expect("socket");
+    let pid = std::process::id();
+    let socket = match Socket::new(domain, Type::STREAM, protocol) {
+        Ok(socket) => socket,
+        Err(error) => {
+            let report = serde_json::json!({
+                "pid": pid,
+                "connected": false,
+                "stage": "socket",
+                "errno": error.raw_os_error(),
+                "error": error.to_string(),
+            });
+            println!("{report}");
+            return;
+        }
+    };
     if let Some(mark) = mark {
         socket
             .set_mark(mark)
             .expect("SO_MARK (needs CAP_NET_ADMIN)");
     }
     let result = socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(3));
-    let pid = std::process::id();
     let report = match &result {
         Ok(()) => serde_json::json!({
             "pid": pid,
