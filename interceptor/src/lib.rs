@@ -22,5 +22,6 @@ pub mod record;
 pub mod redirect;
 pub mod removal;
 pub mod request;
+pub mod targets;
 pub mod tls;
 pub mod webhook;

@@ -172,6 +172,24 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         None => kube::Config::incluster().context("in-cluster config")?,
     };
     let client = kube::Client::try_from(kube_config).context("kube client")?;
+    // Every address the API server answers on, not only the configured
+    // ones: the `kubernetes` Service's ClusterIPs, its Endpoints, and the
+    // host chaperone itself dials, kept in step as they change.
+    let targets = Arc::new(
+        crate::targets::TargetTracker::new(
+            redirector.clone() as Arc<dyn crate::targets::TargetSink>,
+            &config.targets,
+        )
+        .map_err(|e| anyhow::anyhow!("redirect targets: {e}"))?,
+    );
+    tokio::spawn({
+        let (targets, client, server) = (
+            targets.clone(),
+            client.clone(),
+            upstream_config.server.clone(),
+        );
+        async move { targets.run(client, server).await }
+    });
     // Fail closed keeps the pins on exit, unless chaperone is being removed.
     let removal = match (&config.own_pod, config.fail_open) {
         (Some((namespace, pod)), false) => Some(crate::removal::RemovalWatch::start(
