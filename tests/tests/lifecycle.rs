@@ -130,7 +130,7 @@ fn killed_node_agent_fails_closed(signal: libc::c_int, how: &str) {
     assert!(kubectl_works(&world), "kubectl through chaperone");
     assert_eq!(
         link_pins(&world).len(),
-        5,
+        6,
         "one pinned link per program: {:?}",
         world.bpffs_pins()
     );
@@ -139,7 +139,7 @@ fn killed_node_agent_fails_closed(signal: libc::c_int, how: &str) {
     assert_fails_closed(&world, how);
     assert_eq!(
         link_pins(&world).len(),
-        5,
+        6,
         "{how}: the pins outlive the agent"
     );
 }
@@ -322,7 +322,7 @@ fn detach_removes_every_pin_and_link() {
     );
     assert_eq!(
         stdout.matches("detached and unpinned link").count(),
-        5,
+        6,
         "{stdout}"
     );
     assert_eq!(stdout.matches("unpinned map").count(), 7, "{stdout}");
