@@ -7,9 +7,11 @@
 //! connection to a loopback API server timed out.
 //!
 //! The chains are installed in a network namespace of the test's own (the
-//! host's rules are never touched), the "API server" listens on that
-//! namespace's loopback, and chaperone's real upstream connector dials it
-//! from a thread that entered the namespace. Needs root and iptables.
+//! host's rules are never touched) that has only a loopback interface, the
+//! "API server" listens on its 127.0.0.1, and chaperone's real upstream
+//! connector dials it from a thread that entered the namespace. There a
+//! masqueraded loopback packet finds no source address and is dropped, as
+//! it was on the measured node. Needs root and iptables.
 
 use std::{
     net::{Ipv4Addr, TcpListener},
@@ -19,7 +21,41 @@ use std::{
 };
 
 use chaperone::tls::{ConnectorOptions, LocalCa, UpstreamConfig, upstream_connector};
-use chaperone_tests::{require_root, topology::Netns};
+use chaperone_tests::require_root;
+
+/// A network namespace with nothing but `lo` (up), deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> anyhow::Result<Netns> {
+        let netns = Netns {
+            name: format!("chp-kp-{}", std::process::id()),
+        };
+        for args in [
+            &["netns", "add", &netns.name][..],
+            &["netns", "exec", &netns.name, "ip", "link", "set", "lo", "up"][..],
+        ] {
+            let output = Command::new("ip").args(args).output()?;
+            anyhow::ensure!(
+                output.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(netns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
 use tower_service::Service as _;
 
 /// kube-proxy's chains as it installs them (iptables mode), in `netns`.
