@@ -47,9 +47,10 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_PROXY_PORT")]
     pub proxy_port: Option<u16>,
 
-    /// API-server addresses agents dial that are redirected (the
-    /// `kubernetes.default` ClusterIP:443, endpoint IP:6443, ...). Default:
-    /// KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT.
+    /// Extra API-server addresses agents dial that are redirected (a
+    /// public endpoint, a load balancer). The node finds the `kubernetes`
+    /// Service's ClusterIPs, the `default/kubernetes` Endpoints and its own
+    /// server's host by itself. Default: KUBERNETES_SERVICE_HOST:PORT.
     #[arg(long = "target", env = "CHAPERONE_TARGETS", value_delimiter = ',')]
     pub targets: Vec<SocketAddr>,
 
@@ -566,9 +567,12 @@ mod tests {
         assert_eq!(config.proxy_port, DEFAULT_PROXY_PORT);
         assert_eq!(config.refused, RefusedDestination::defaults());
         assert!(
-            config.refusals().contains(&RefusedDestination::SocketAddr(
-                SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))
-            )),
+            config
+                .refusals()
+                .contains(&RefusedDestination::SocketAddr(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    DEFAULT_ADMIN_PORT
+                )))),
             "the admin listener is refused even with the default address"
         );
         assert!(config.require_attestation);

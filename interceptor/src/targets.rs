@@ -189,7 +189,9 @@ impl TargetTracker {
                 Ok(watcher::Event::Delete(_)) => self.set_logged(source, BTreeSet::new()),
                 Ok(watcher::Event::Init) => listing[slot] = Some(BTreeSet::new()),
                 Ok(watcher::Event::InitApply(targets)) => {
-                    listing[slot].get_or_insert_with(BTreeSet::new).extend(targets);
+                    listing[slot]
+                        .get_or_insert_with(BTreeSet::new)
+                        .extend(targets);
                 }
                 Ok(watcher::Event::InitDone) => {
                     let targets = listing[slot].take().unwrap_or_default();
@@ -198,7 +200,9 @@ impl TargetTracker {
             }
         }
         resolver.abort();
-        tracing::error!("the watches of default/kubernetes ended: new API-server addresses are not redirected");
+        tracing::error!(
+            "the watches of default/kubernetes ended: new API-server addresses are not redirected"
+        );
     }
 
     async fn resolve_server_forever(&self, server: http::Uri) {
@@ -297,7 +301,10 @@ fn cross<'a>(ips: impl IntoIterator<Item = &'a str>, ports: &[u16]) -> BTreeSet<
 /// The host and port of an `https://` URL (IPv6 brackets removed).
 pub fn host_port(server: &http::Uri) -> Option<(String, u16)> {
     let host = server.host()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = server.port_u16().unwrap_or(match server.scheme_str() {
         Some("http") => 80,
         _ => 443,

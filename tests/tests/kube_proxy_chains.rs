@@ -35,7 +35,16 @@ impl Netns {
         };
         for args in [
             &["netns", "add", &netns.name][..],
-            &["netns", "exec", &netns.name, "ip", "link", "set", "lo", "up"][..],
+            &[
+                "netns",
+                "exec",
+                &netns.name,
+                "ip",
+                "link",
+                "set",
+                "lo",
+                "up",
+            ][..],
         ] {
             let output = Command::new("ip").args(args).output()?;
             anyhow::ensure!(

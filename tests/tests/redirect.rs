@@ -230,7 +230,14 @@ fn no_mark_an_agent_sets_exempts_its_socket_from_the_redirect() {
     let target = node.apiserver_v4_addr();
     node.redirector.add_target(target).unwrap();
 
-    for mark in [OLD_CHAPERONE_MARK, 0x4000, 0x8000, 0xffff_0000, 0xffff_ffff, 7] {
+    for mark in [
+        OLD_CHAPERONE_MARK,
+        0x4000,
+        0x8000,
+        0xffff_0000,
+        0xffff_ffff,
+        7,
+    ] {
         let marked = probe(node.in_agent(), target, &["--mark", &mark.to_string()]);
         assert_eq!(marked.report["connected"], true, "{}", marked.report);
         assert_eq!(
