@@ -237,3 +237,24 @@ fn the_admin_port_is_refused_to_agents() {
     );
     assert_eq!(outside["connected"], true, "{outside}");
 }
+
+/// The host of the node's own API server URL (here the kubeconfig's
+/// `https://127.0.0.1:PORT`) is a target without `--target`. From the
+/// agent's namespace nothing listens there: only the redirect connects.
+#[test]
+fn the_nodes_own_api_server_host_is_guarded() {
+    require_root!();
+    let world = World::start(WorldSpec::default()).expect("start the e2e world");
+    let server = world.sim.addr();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        last = probe(world.agent(), server);
+        if last["connected"] == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last["connected"], true, "{last}\n{}", world.node.log_text());
+    assert_eq!(last["peer"], server.to_string(), "{last}");
+}

@@ -467,3 +467,25 @@ fn probe_expect_unreachable(node: &Node) -> Value {
     // to the host where nothing answers it: the connect times out or fails.
     probe(node.in_agent(), SERVICE_IP, &[]).report.clone()
 }
+
+/// chaperone's own sockets are told apart by their cgroup, nothing else:
+/// so it never makes its own cgroup (or one above it, up to the root) an
+/// agent cgroup, which would send its upstream connections into its proxy.
+#[test]
+fn chaperone_never_guards_its_own_cgroup() {
+    require_root!();
+    let node = Node::new();
+    let own = chaperone::redirect::cgroupfs::own_lineage().expect("this process's cgroups");
+    assert!(!own.is_empty());
+    for id in own {
+        let refused = node.redirector.add_agent_cgroup(id);
+        assert!(
+            matches!(
+                refused,
+                Err(chaperone::redirect::RedirectError::OwnCgroup(refused)) if refused == id
+            ),
+            "cgroup {id}: {refused:?}"
+        );
+        assert!(!node.redirector.agent_cgroups().contains(&id));
+    }
+}
