@@ -269,6 +269,33 @@ fn no_mark_an_agent_sets_exempts_its_socket_from_the_redirect() {
     assert!(nothing_pending(&node.apiserver_v6));
 }
 
+/// TCP Fast Open opens the connection from `sendto(MSG_FASTOPEN)`, not
+/// `connect()`: it is redirected all the same.
+#[test]
+fn a_fast_open_connection_is_redirected_too() {
+    require_root!();
+    let node = Node::new();
+    node.redirector.add_target(SERVICE_IP).unwrap();
+    let target = node.apiserver_v4_addr();
+    node.redirector.add_target(target).unwrap();
+
+    for dialed in [SERVICE_IP, target] {
+        let report = probe(node.in_agent(), dialed, &["--fastopen"]);
+        assert_eq!(report.report["connected"], true, "{}", report.report);
+        assert_eq!(
+            report.report["peer"],
+            dialed.to_string(),
+            "{}",
+            report.report
+        );
+        assert!(
+            accept_within(&node.proxy_v4, Duration::from_secs(3)).is_some(),
+            "{dialed}: the fast-open connection must land on the proxy"
+        );
+        assert!(nothing_pending(&node.apiserver_v4));
+    }
+}
+
 /// An MPTCP socket's `connect()` runs the connect program on its first
 /// subflow, a TCP socket of the kernel's, so a redirect would attest the
 /// connection but `getpeername` on the agent's socket would show the

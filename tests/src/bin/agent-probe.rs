@@ -4,6 +4,8 @@
 //!
 //! usage: agent-probe ADDR:PORT [--mark N] [--v6-socket] [--mptcp] [--repeat-ms MS]
 //!   --mark N         set SO_MARK on the socket before connecting
+//!   --fastopen       connect with TCP Fast Open: `sendto(MSG_FASTOPEN)`
+//!                    carrying one byte instead of `connect()`
 //!   --mptcp          open an MPTCP socket (`IPPROTO_MPTCP`); if `socket()`
 //!                    itself fails the report says `"stage": "socket"`
 //!   --v6-socket      use an AF_INET6 socket (IPv4 targets become ::ffff:a.b.c.d)
@@ -31,11 +33,13 @@ fn main() {
     let mut v6_socket = false;
     let mut repeat_ms = None;
     let mut protocol = None;
+    let mut fastopen = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--mark" => mark = args.next().and_then(|m| m.parse::<u32>().ok()),
             "--repeat-ms" => repeat_ms = args.next().and_then(|m| m.parse::<u64>().ok()),
             "--v6-socket" => v6_socket = true,
+            "--fastopen" => fastopen = true,
             "--mptcp" => protocol = Some(Protocol::from(IPPROTO_MPTCP)),
             other => panic!("unknown argument {other}"),
         }
@@ -91,7 +95,11 @@ fn main() {
             .set_mark(mark)
             .expect("SO_MARK (needs CAP_NET_ADMIN)");
     }
-    let result = socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(3));
+    let result = if fastopen {
+        fastopen_connect(&socket, &SockAddr::from(target))
+    } else {
+        socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(3))
+    };
     let report = match &result {
         Ok(()) => serde_json::json!({
             "pid": pid,
@@ -115,4 +123,27 @@ fn main() {
         let mut buf = [0u8; 64];
         while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
     }
+}
+
+/// Opens the connection the way TCP Fast Open clients do: the destination
+/// and the first byte in one `sendto(MSG_FASTOPEN)`, no `connect()`.
+fn fastopen_connect(socket: &Socket, target: &SockAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    socket.set_write_timeout(Some(Duration::from_secs(3)))?;
+    // SAFETY: a valid socket, a one-byte buffer, and a sockaddr of the
+    // length it says.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            b"x".as_ptr().cast(),
+            1,
+            libc::MSG_FASTOPEN,
+            target.as_ptr().cast(),
+            target.len(),
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
