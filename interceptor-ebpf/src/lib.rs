@@ -22,6 +22,7 @@ pub mod names {
     pub const GETPEERNAME4: &str = "chaperone_getpeername4";
     pub const GETPEERNAME6: &str = "chaperone_getpeername6";
     pub const SOCK_OPS: &str = "chaperone_sock_ops";
+    pub const SOCK_CREATE: &str = "chaperone_sock_create";
 }
 
 /// Capacity of the maps. The connection maps are LRUs: an entry the proxy
@@ -95,10 +96,14 @@ pub struct OrigRecord {
     pub agent_cgroup_id: u64,
 }
 
-/// Where redirected connections go, and the mark chaperone's own sockets
-/// carry. One entry in [`names::CONFIG`]. While `flags` lacks
-/// [`RedirectConfig::HAS_V4`] / [`RedirectConfig::HAS_V6`], agent connections
-/// to targets of that family are refused: the programs fail closed.
+/// Where redirected connections go. One entry in [`names::CONFIG`]. While
+/// `flags` lacks [`RedirectConfig::HAS_V4`] / [`RedirectConfig::HAS_V6`],
+/// agent connections to targets of that family are refused: the programs
+/// fail closed.
+///
+/// Nothing here lets a socket skip the redirect: chaperone's own sockets are
+/// told apart by not being in [`names::AGENT_CGROUPS`], which agents cannot
+/// change, never by anything a process can set on its own socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RedirectConfig {
@@ -106,8 +111,12 @@ pub struct RedirectConfig {
     pub proxy_v6: [u8; 16],
     pub proxy_port: u16,
     pub _pad: u16,
-    /// `SO_MARK` of chaperone's own sockets; 0 disables the check.
-    pub mark: u32,
+    /// Always 0. Versions before this one kept a socket mark here and let
+    /// sockets carrying it skip the redirect (`SO_MARK` is settable with
+    /// `CAP_NET_RAW` alone since Linux 5.17, so agents could too). Kept, and
+    /// kept zero, so the layout of a pinned map stays the same and an older
+    /// version's programs, until a handover replaces them, exempt nothing.
+    pub _retired_mark: u32,
     pub flags: u32,
 }
 
@@ -121,7 +130,9 @@ pub mod counter {
     pub const REDIRECTED: u32 = 0;
     pub const REFUSED: u32 = 1;
     pub const NO_PROXY: u32 = 2;
-    pub const MARKED_SKIPPED: u32 = 3;
+    /// Retired: counted sockets skipped for carrying chaperone's mark,
+    /// which no longer exempts anything.
+    pub const RETIRED_MARKED_SKIPPED: u32 = 3;
     pub const CONNECTIONS_RECORDED: u32 = 4;
     pub const PEERNAME_REWRITTEN: u32 = 5;
     pub const LEN: u32 = 6;

@@ -8,6 +8,17 @@
 //! 2. `sock_ops` (TCP connect / established): file the record under the
 //!    connection's four addresses, where the proxy looks it up on accept.
 //! 3. `getpeername4|6`: show the agent the address it dialed.
+//!
+//! And `sock_create`: agent cgroups may not open MPTCP sockets. The kernel
+//! runs `connect4|6` for an MPTCP socket on its first subflow, a TCP socket
+//! of its own, so the redirect works but the record sits under the
+//! subflow's cookie and `getpeername` on the agent's socket would show the
+//! proxy. Refusing the socket (`EPERM`) is the honest answer; clients that
+//! ask for MPTCP (Go's `SetMultipathTCP`, `mptcpize`) fall back to TCP.
+//!
+//! Nothing a process sets on its own socket (a mark, an option, a protocol)
+//! exempts it: chaperone's own sockets are never redirected because its
+//! cgroup is not an agent cgroup.
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
@@ -17,9 +28,9 @@ use aya_ebpf::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
         },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, info};
 use interceptor_ebpf::{
@@ -28,11 +39,13 @@ use interceptor_ebpf::{
 };
 
 const ALLOW: i32 = 1;
-/// Returning 0 from a `cgroup/connect*` program makes `connect()` fail with `EPERM`.
+/// Returning 0 from a `cgroup/connect*` program makes `connect()` fail with
+/// `EPERM`; from `cgroup/sock_create`, `socket()`.
 const REFUSE: i32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_MPTCP: u32 = 262;
 /// How many ancestors of the calling cgroup are checked: a pod's cgroup
 /// guards every container (and sub-cgroup) below it.
 const MAX_ANCESTOR_LEVEL: i32 = 12;
@@ -122,6 +135,26 @@ pub fn chaperone_connect6(ctx: SockAddrContext) -> i32 {
             }
             ALLOW
         }
+    }
+}
+
+#[cgroup_sock(sock_create)]
+pub fn chaperone_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock for this hook.
+    let protocol = unsafe { (*ctx.sock).protocol };
+    if protocol != IPPROTO_MPTCP {
+        return ALLOW;
+    }
+    match agent_cgroup() {
+        Some(agent_cgroup_id) => {
+            bump(counter::REFUSED);
+            info!(
+                &ctx,
+                "refused an MPTCP socket in agent cgroup {}", agent_cgroup_id
+            );
+            REFUSE
+        }
+        None => ALLOW,
     }
 }
 
@@ -256,12 +289,8 @@ fn decide(ctx: &SockAddrContext, dst: &SockAddrKey, family: u16) -> Verdict {
         return Verdict::Refuse;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: reading the socket type and the socket's mark, both readable in
-    // cgroup sock_addr programs.
-    let (sock_type, mark) = unsafe {
-        let sk = (*sa).__bindgen_anon_1.sk;
-        ((*sa).type_, if sk.is_null() { 0 } else { (*sk).mark })
-    };
+    // SAFETY: the socket type is readable in cgroup sock_addr programs.
+    let sock_type = unsafe { (*sa).type_ };
     if sock_type != SOCK_STREAM {
         return Verdict::Pass;
     }
@@ -269,10 +298,6 @@ fn decide(ctx: &SockAddrContext, dst: &SockAddrKey, family: u16) -> Verdict {
         bump(counter::NO_PROXY);
         return Verdict::Refuse;
     };
-    if config.mark != 0 && mark == config.mark {
-        bump(counter::MARKED_SKIPPED);
-        return Verdict::Pass;
-    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let record = OrigRecord {
         // SAFETY: no arguments; always valid in this program type.

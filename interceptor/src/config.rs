@@ -47,14 +47,16 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_PROXY_PORT")]
     pub proxy_port: Option<u16>,
 
-    /// API-server addresses agents dial that are redirected (the
-    /// `kubernetes.default` ClusterIP:443, endpoint IP:6443, ...). Default:
-    /// KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT.
+    /// Extra API-server addresses agents dial that are redirected (a
+    /// public endpoint, a load balancer). The node finds the `kubernetes`
+    /// Service's ClusterIPs, the `default/kubernetes` Endpoints and its own
+    /// server's host by itself. Default: KUBERNETES_SERVICE_HOST:PORT.
     #[arg(long = "target", env = "CHAPERONE_TARGETS", value_delimiter = ',')]
     pub targets: Vec<SocketAddr>,
 
     /// Destinations agents may never dial (`:PORT`, `IP`, `IP:PORT`).
-    /// Default: kubelet :10250, etcd :2379 and :2380, 169.254.169.254.
+    /// Default: kubelet :10250 and :10255, etcd :2379 and :2380,
+    /// 169.254.169.254. The admin port is always refused as well.
     #[arg(long = "refuse", env = "CHAPERONE_REFUSE", value_delimiter = ',')]
     pub refused: Vec<RefusedDestination>,
 
@@ -123,10 +125,6 @@ pub struct NodeArgs {
     /// The CA's private key (PKCS#8 PEM), with --ca-cert.
     #[arg(long, env = "CHAPERONE_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
-
-    /// `SO_MARK` of chaperone's own sockets (never redirected).
-    #[arg(long, env = "CHAPERONE_SOCKET_MARK")]
-    pub socket_mark: Option<u32>,
 
     /// cgroups (v2 directories) to guard besides the agent pods the pod
     /// tracker finds: a CI runner's systemd scope on a VM, a test cgroup.
@@ -242,7 +240,6 @@ struct NodeFile {
     audit_full: Option<String>,
     audit_spool_dir: Option<PathBuf>,
     admin_addr: Option<SocketAddr>,
-    socket_mark: Option<u32>,
     allow_unattested: Option<bool>,
     drain_seconds: Option<u64>,
     upstream_streams_per_connection: Option<usize>,
@@ -290,7 +287,6 @@ pub struct NodeConfig {
     pub admin_addr: SocketAddr,
     /// `(cert, key)` files of a CA mounted from a Secret.
     pub ca_files: Option<(PathBuf, PathBuf)>,
-    pub socket_mark: u32,
     pub require_attestation: bool,
     pub drain_timeout: Duration,
     /// Long-lived streams per upstream HTTP/2 connection.
@@ -314,6 +310,20 @@ pub struct NodeConfig {
     pub approval_ttl: Duration,
     /// Where and how new approvals are announced.
     pub notify: Option<(http::Uri, crate::approval::notify::Format)>,
+}
+
+impl NodeConfig {
+    /// Every destination agents are refused: the configured ones, and
+    /// always chaperone's admin listener (its metrics name every agent's
+    /// verbs and resources; its approvals API exists in local mode).
+    pub fn refusals(&self) -> Vec<RefusedDestination> {
+        let mut refusals = self.refused.clone();
+        let admin = RefusedDestination::listener(self.admin_addr);
+        if !refusals.contains(&admin) {
+            refusals.push(admin);
+        }
+        refusals
+    }
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 17443;
@@ -444,10 +454,6 @@ impl NodeConfig {
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
             },
             ca_files: args.ca_cert.zip(args.ca_key),
-            socket_mark: args
-                .socket_mark
-                .or(file.socket_mark)
-                .unwrap_or(crate::DEFAULT_SOCKET_MARK),
             require_attestation: !(args.allow_unattested || file.allow_unattested.unwrap_or(false)),
             drain_timeout: Duration::from_secs(
                 args.drain_seconds.or(file.drain_seconds).unwrap_or(20),
@@ -560,8 +566,16 @@ mod tests {
         assert_eq!(config.targets, vec!["10.96.0.1:443".parse().unwrap()]);
         assert_eq!(config.proxy_port, DEFAULT_PROXY_PORT);
         assert_eq!(config.refused, RefusedDestination::defaults());
+        assert!(
+            config
+                .refusals()
+                .contains(&RefusedDestination::SocketAddr(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    DEFAULT_ADMIN_PORT
+                )))),
+            "the admin listener is refused even with the default address"
+        );
         assert!(config.require_attestation);
-        assert_eq!(config.socket_mark, crate::DEFAULT_SOCKET_MARK);
     }
 
     #[test]
@@ -572,6 +586,10 @@ mod tests {
         let config =
             NodeConfig::resolve(a, (Some("10.96.0.1".into()), Some("443".into()))).unwrap();
         assert_eq!(config.admin_addr, "0.0.0.0:9090".parse().unwrap());
+        assert!(
+            config.refusals().contains(&RefusedDestination::Port(9090)),
+            "agents are refused the admin port on every address"
+        );
         assert_eq!(config.identity.service_accounts.audiences, ["chaperone"]);
         assert!(!config.fail_open, "fail closed unless asked");
         assert_eq!(config.own_pod, None, "no pod: nothing to tell removal by");

@@ -22,9 +22,6 @@ pub mod record;
 pub mod redirect;
 pub mod removal;
 pub mod request;
+pub mod targets;
 pub mod tls;
 pub mod webhook;
-
-/// The `SO_MARK` chaperone puts on its own upstream sockets; the eBPF
-/// programs never redirect a socket carrying it.
-pub const DEFAULT_SOCKET_MARK: u32 = 0x4348_5031; // "CHP1"

@@ -87,10 +87,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         base: upstream_config.server.clone(),
         tls: upstream_config.client_config()?,
         tls_server_name: upstream_config.tls_server_name.clone(),
-        connector: ConnectorOptions {
-            mark: config.socket_mark,
-            ..ConnectorOptions::default()
-        },
+        connector: ConnectorOptions::default(),
         streams_per_connection: config.upstream_streams_per_connection,
         http1_connections: config.upstream_http1_connections,
     })
@@ -146,16 +143,13 @@ pub async fn run(config: NodeConfig) -> Result<()> {
                     _ => None,
                 }),
                 proxy_port: config.proxy_port,
-                mark: config.socket_mark,
             },
             lifetime,
         )
         .context("attaching the eBPF redirect")?,
     );
     redirector.set_targets(&config.targets)?;
-    for destination in &config.refused {
-        redirector.refuse(*destination)?;
-    }
+    redirector.set_refused(&config.refusals())?;
     for cgroup in &config.agent_cgroups {
         let id = redirect::cgroupfs::cgroup_id(cgroup)
             .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
@@ -178,6 +172,24 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         None => kube::Config::incluster().context("in-cluster config")?,
     };
     let client = kube::Client::try_from(kube_config).context("kube client")?;
+    // Every address the API server answers on, not only the configured
+    // ones: the `kubernetes` Service's ClusterIPs, its Endpoints, and the
+    // host chaperone itself dials, kept in step as they change.
+    let targets = Arc::new(
+        crate::targets::TargetTracker::new(
+            redirector.clone() as Arc<dyn crate::targets::TargetSink>,
+            &config.targets,
+        )
+        .map_err(|e| anyhow::anyhow!("redirect targets: {e}"))?,
+    );
+    tokio::spawn({
+        let (targets, client, server) = (
+            targets.clone(),
+            client.clone(),
+            upstream_config.server.clone(),
+        );
+        async move { targets.run(client, server).await }
+    });
     // Fail closed keeps the pins on exit, unless chaperone is being removed.
     let removal = match (&config.own_pod, config.fail_open) {
         (Some((namespace, pod)), false) => Some(crate::removal::RemovalWatch::start(

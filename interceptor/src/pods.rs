@@ -891,7 +891,6 @@ mod tests {
             proxy_v4: Some(std::net::Ipv4Addr::new(192, 0, 2, 1)),
             proxy_v6: None,
             proxy_port: 6443,
-            mark: crate::DEFAULT_SOCKET_MARK,
         }) {
             Ok(redirector) => Arc::new(redirector),
             Err(error) => {

@@ -242,7 +242,6 @@ async fn harness_with(
         tls: client_tls_trusting(pki.ca_pem.as_bytes()).unwrap(),
         tls_server_name: None,
         connector: chaperone::tls::ConnectorOptions {
-            mark: 0,
             connect_timeout: Duration::from_secs(2),
             keepalive: None,
         },

@@ -514,6 +514,13 @@ pub struct WorldSpec {
     pub token_audience: Option<Vec<String>>,
     /// Open [`World::direct`] and make it a redirect target.
     pub direct_listener: bool,
+    /// Pass [`World::direct`] to the node as `--target` (true), or leave
+    /// it for the node to find (the test publishes it as an API-server
+    /// endpoint).
+    pub direct_as_target: bool,
+    /// The admin listener on every address (`--admin-port`, as the
+    /// DaemonSet runs it) instead of 127.0.0.1.
+    pub admin_all_addresses: bool,
     /// The node's name (the agent pod's `spec.nodeName`).
     pub node_name: String,
     /// [`Backend::Real`]: bind `cluster-admin` to every authenticated user,
@@ -561,6 +568,8 @@ impl Default for WorldSpec {
             agent_cgroup_flag: true,
             token_audience: None,
             direct_listener: false,
+            direct_as_target: true,
+            admin_all_addresses: false,
             node_name: "e2e-node".into(),
             everyone_is_admin: true,
             pod_uid: POD_UID.into(),
@@ -745,14 +754,20 @@ impl World {
         if !spec.policy.is_empty() {
             cmd.arg("--policy").arg(&policy);
         }
-        cmd.args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .arg("--record-dir")
+        if spec.admin_all_addresses {
+            cmd.args(["--admin-port", &admin_port.to_string()]);
+        } else {
+            cmd.args(["--admin-addr", &format!("127.0.0.1:{admin_port}")]);
+        }
+        cmd.arg("--record-dir")
             .arg(work.path().join("sessions"))
             .arg("--audit-log")
             .arg(work.path().join("audit.log"))
             .arg("--bpffs")
             .arg(&bpffs);
-        if let Some(direct) = &direct {
+        if let Some(direct) = &direct
+            && spec.direct_as_target
+        {
             cmd.args(["--target", &direct.local_addr()?.to_string()]);
         }
         if let Some(pod) = &node_pod {

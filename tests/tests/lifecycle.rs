@@ -130,7 +130,7 @@ fn killed_node_agent_fails_closed(signal: libc::c_int, how: &str) {
     assert!(kubectl_works(&world), "kubectl through chaperone");
     assert_eq!(
         link_pins(&world).len(),
-        5,
+        6,
         "one pinned link per program: {:?}",
         world.bpffs_pins()
     );
@@ -139,7 +139,7 @@ fn killed_node_agent_fails_closed(signal: libc::c_int, how: &str) {
     assert_fails_closed(&world, how);
     assert_eq!(
         link_pins(&world).len(),
-        5,
+        6,
         "{how}: the pins outlive the agent"
     );
 }
@@ -223,7 +223,7 @@ fn restarted_node_agent_takes_over_with_no_direct_window() {
             world.node.log_text()
         );
         assert!(kubectl_works(&world), "kubectl after the restart");
-        assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+        assert_eq!(link_pins(&world).len(), 6, "{:?}", world.bpffs_pins());
     }
 }
 
@@ -322,7 +322,7 @@ fn detach_removes_every_pin_and_link() {
     );
     assert_eq!(
         stdout.matches("detached and unpinned link").count(),
-        5,
+        6,
         "{stdout}"
     );
     assert_eq!(stdout.matches("unpinned map").count(), 7, "{stdout}");
@@ -491,7 +491,7 @@ fn present_daemonset_keeps_the_pins_on_sigterm() {
     let log = world.node.log_text();
     assert!(log.contains("chaperone-node is present"), "{log}");
     assert_fails_closed(&world, "after SIGTERM with the DaemonSet present");
-    assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+    assert_eq!(link_pins(&world).len(), 6, "{:?}", world.bpffs_pins());
     world.restart_node().expect("the next node agent starts");
     assert!(world.node.log_text().contains("adopted the pinned link"));
     assert!(kubectl_works(&world), "kubectl after the update");
@@ -556,7 +556,7 @@ fn unreachable_api_server_keeps_the_pins_and_says_what_to_do() {
     );
     assert!(log.contains("CHAPERONE_FAIL_OPEN=true"), "{log}");
     assert_fails_closed(&world, "SIGTERM without the API server");
-    assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+    assert_eq!(link_pins(&world).len(), 6, "{:?}", world.bpffs_pins());
 }
 
 /// `kubectl delete -k deploy/` removes the node agent's service account
@@ -603,7 +603,7 @@ fn a_recreated_daemonsets_agent_keeps_the_pins_the_old_one_leaves() {
         log.contains("another node agent on this node holds the pinned programs"),
         "{log}"
     );
-    assert_eq!(link_pins(&world).len(), 5, "{:?}", world.bpffs_pins());
+    assert_eq!(link_pins(&world).len(), 6, "{:?}", world.bpffs_pins());
     assert!(kubectl_works(&world), "kubectl through the new agent");
     assert_eq!(
         direct_accepts(world.direct.as_ref().unwrap(), Duration::from_millis(300)),

@@ -17,7 +17,9 @@ use chaperone_tests::{
 };
 use serde_json::Value;
 
-const MARK: u32 = 0x4348_5031;
+/// The `SO_MARK` chaperone once published as "its own sockets": a socket
+/// carrying it skipped the redirect, and any root container can set it.
+const OLD_CHAPERONE_MARK: u32 = 0x4348_5031;
 const SERVICE_IP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), 443);
 const EPERM: i64 = 1;
 const ECONNREFUSED: i64 = 111;
@@ -66,7 +68,6 @@ impl Node {
             proxy_v4: Some(netns.host_v4),
             proxy_v6: Some(netns.host_v6),
             proxy_port: proxy_port.unwrap_or(port),
-            mark: MARK,
         })
         .expect("attach eBPF programs");
         redirector.add_agent_cgroup(CgroupId(agent.id())).unwrap();
@@ -219,21 +220,124 @@ fn a_client_outside_the_agent_cgroup_is_not_redirected() {
     assert!(nothing_pending(&node.apiserver_v4));
 }
 
+/// Issue 24, attack 3: `SO_MARK` needs only `CAP_NET_RAW` since Linux 5.17,
+/// which root containers have. No mark an agent sets on its socket, the
+/// one chaperone once published included, lets it past the redirect.
 #[test]
-fn a_socket_carrying_chaperones_mark_is_not_redirected() {
+fn no_mark_an_agent_sets_exempts_its_socket_from_the_redirect() {
     require_root!();
     let node = Node::new();
     let target = node.apiserver_v4_addr();
     node.redirector.add_target(target).unwrap();
 
-    let marked = probe(node.in_agent(), target, &["--mark", &MARK.to_string()]);
-    assert_eq!(marked.report["connected"], true, "{}", marked.report);
-    assert!(accept_within(&node.apiserver_v4, Duration::from_secs(3)).is_some());
-    assert!(nothing_pending(&node.proxy_v4));
-    assert_eq!(node.redirector.counters().marked_skipped, 1);
+    for mark in [
+        OLD_CHAPERONE_MARK,
+        0x4000,
+        0x8000,
+        0xffff_0000,
+        0xffff_ffff,
+        7,
+    ] {
+        let marked = probe(node.in_agent(), target, &["--mark", &mark.to_string()]);
+        assert_eq!(marked.report["connected"], true, "{}", marked.report);
+        assert_eq!(
+            marked.report["peer"],
+            target.to_string(),
+            "mark {mark:#x}: the agent sees the address it dialed"
+        );
+        assert!(
+            accept_within(&node.proxy_v4, Duration::from_secs(3)).is_some(),
+            "mark {mark:#x}: the marked socket must land on the proxy"
+        );
+        assert!(
+            nothing_pending(&node.apiserver_v4),
+            "mark {mark:#x}: the marked socket reached the API server directly"
+        );
+    }
+    assert_eq!(node.redirector.counters().redirected, 6);
 
-    // Another mark is no pass.
-    let _other_mark = probe(node.in_agent(), target, &["--mark", "7"]);
+    // IPv6 sockets too.
+    let target_v6 = node.apiserver_v6.local_addr().unwrap();
+    node.redirector.add_target(target_v6).unwrap();
+    let marked = probe(
+        node.in_agent(),
+        target_v6,
+        &["--mark", &OLD_CHAPERONE_MARK.to_string()],
+    );
+    assert_eq!(marked.report["connected"], true, "{}", marked.report);
+    assert!(accept_within(&node.proxy_v6, Duration::from_secs(3)).is_some());
+    assert!(nothing_pending(&node.apiserver_v6));
+}
+
+/// TCP Fast Open opens the connection from `sendto(MSG_FASTOPEN)`, not
+/// `connect()`: it is redirected all the same.
+#[test]
+fn a_fast_open_connection_is_redirected_too() {
+    require_root!();
+    let node = Node::new();
+    node.redirector.add_target(SERVICE_IP).unwrap();
+    let target = node.apiserver_v4_addr();
+    node.redirector.add_target(target).unwrap();
+
+    for dialed in [SERVICE_IP, target] {
+        let report = probe(node.in_agent(), dialed, &["--fastopen"]);
+        assert_eq!(report.report["connected"], true, "{}", report.report);
+        assert_eq!(
+            report.report["peer"],
+            dialed.to_string(),
+            "{}",
+            report.report
+        );
+        assert!(
+            accept_within(&node.proxy_v4, Duration::from_secs(3)).is_some(),
+            "{dialed}: the fast-open connection must land on the proxy"
+        );
+        assert!(nothing_pending(&node.apiserver_v4));
+    }
+}
+
+/// An MPTCP socket's `connect()` runs the connect program on its first
+/// subflow, a TCP socket of the kernel's, so a redirect would attest the
+/// connection but `getpeername` on the agent's socket would show the
+/// proxy. Agent cgroups may not open MPTCP sockets at all; elsewhere they
+/// work as before.
+#[test]
+fn an_agent_may_not_open_an_mptcp_socket() {
+    require_root!();
+    let node = Node::new();
+    node.redirector.add_target(SERVICE_IP).unwrap();
+    let target = node.apiserver_v4_addr();
+    node.redirector.add_target(target).unwrap();
+
+    let outside = probe(node.in_other(), target, &["--mptcp"]);
+    if outside.report["stage"] == "socket" {
+        println!(
+            "SKIPPED: this kernel opens no MPTCP socket (is net.mptcp.enabled 0, or \
+             CONFIG_MPTCP off?): {}",
+            outside.report
+        );
+        return;
+    }
+    assert_eq!(outside.report["connected"], true, "{}", outside.report);
+    assert!(accept_within(&node.apiserver_v4, Duration::from_secs(3)).is_some());
+
+    for (dialed, extra) in [
+        (SERVICE_IP, &["--mptcp"][..]),
+        (target, &["--mptcp"][..]),
+        (target, &["--mptcp", "--v6-socket"][..]),
+        (node.apiserver_v6.local_addr().unwrap(), &["--mptcp"][..]),
+    ] {
+        let inside = probe(node.in_agent(), dialed, extra);
+        assert_eq!(inside.report["connected"], false, "{}", inside.report);
+        assert_eq!(inside.report["stage"], "socket", "{}", inside.report);
+        assert_eq!(inside.report["errno"], EPERM, "{}", inside.report);
+    }
+    assert!(nothing_pending(&node.proxy_v4));
+    assert!(nothing_pending(&node.apiserver_v4));
+    assert!(nothing_pending(&node.apiserver_v6));
+    // Plain TCP from the same agent is redirected as always.
+    let tcp = probe(node.in_agent(), SERVICE_IP, &[]);
+    assert_eq!(tcp.report["peer"], "10.96.0.1:443", "{}", tcp.report);
     assert!(accept_within(&node.proxy_v4, Duration::from_secs(3)).is_some());
 }
 
@@ -339,11 +443,21 @@ fn refused_destinations_fail_with_eperm_only_for_agents() {
     let etcd: SocketAddr = SocketAddr::new(IpAddr::V4(node.netns.host_v4), 2379);
     let agent_etcd = probe(node.in_agent(), etcd, &[]);
     assert_eq!(agent_etcd.report["errno"], EPERM, "{}", agent_etcd.report);
+    // The kubelet's read-only port (issue 24): pods, specs and env, no auth.
+    let read_only = TcpListener::bind((node.netns.host_v4, 10255)).expect("bind :10255");
+    read_only.set_nonblocking(true).unwrap();
+    let agent_read_only = probe(node.in_agent(), read_only.local_addr().unwrap(), &[]);
+    assert_eq!(
+        agent_read_only.report["errno"], EPERM,
+        "{}",
+        agent_read_only.report
+    );
+    assert!(nothing_pending(&read_only));
 
     let outside = probe(node.in_other(), kubelet_addr, &[]);
     assert_eq!(outside.report["connected"], true, "{}", outside.report);
     assert!(accept_within(&kubelet, Duration::from_secs(3)).is_some());
-    assert_eq!(node.redirector.counters().refused, 3);
+    assert_eq!(node.redirector.counters().refused, 4);
 }
 
 #[test]
@@ -379,4 +493,26 @@ fn probe_expect_unreachable(node: &Node) -> Value {
     // 10.96.0.1 has no route other than the namespace's default, which leads
     // to the host where nothing answers it: the connect times out or fails.
     probe(node.in_agent(), SERVICE_IP, &[]).report.clone()
+}
+
+/// chaperone's own sockets are told apart by their cgroup, nothing else:
+/// so it never makes its own cgroup (or one above it, up to the root) an
+/// agent cgroup, which would send its upstream connections into its proxy.
+#[test]
+fn chaperone_never_guards_its_own_cgroup() {
+    require_root!();
+    let node = Node::new();
+    let own = chaperone::redirect::cgroupfs::own_lineage().expect("this process's cgroups");
+    assert!(!own.is_empty());
+    for id in own {
+        let refused = node.redirector.add_agent_cgroup(id);
+        assert!(
+            matches!(
+                refused,
+                Err(chaperone::redirect::RedirectError::OwnCgroup(refused)) if refused == id
+            ),
+            "cgroup {id}: {refused:?}"
+        );
+        assert!(!node.redirector.agent_cgroups().contains(&id));
+    }
 }

@@ -16,7 +16,7 @@ const LLVM_PACKAGE: &str = "llvm-22-dev";
 /// namespaces and veth pairs; nginx, the reverse proxy `cargo xtask bench`
 /// compares chaperone with (the bench starts its own; the package's service
 /// is not used).
-const TEST_PACKAGES: &[&str] = &["iproute2", "nginx"];
+const TEST_PACKAGES: &[&str] = &["iproute2", "nginx", "iptables"];
 
 pub fn all() -> Result<()> {
     println!("==> setup (idempotent): eBPF toolchain and test tools");

@@ -1,7 +1,7 @@
 //! The way to the real API server: pooled HTTP/1.1 and HTTP/2 (HTTP/1.1
 //! alone when the server does not offer h2) over rustls trusting the
-//! cluster CA, on sockets that carry chaperone's `SO_MARK` so the eBPF
-//! programs never redirect them.
+//! cluster CA. The eBPF programs never redirect these sockets because
+//! chaperone's cgroup is not an agent cgroup; they carry no mark.
 //! Upgrades (exec, attach, port-forward) need HTTP/1.1, so they use a second
 //! pool that only offers `http/1.1`.
 //!
@@ -44,7 +44,7 @@ use hyper_util::{
 use rustls::pki_types::ServerName;
 
 use super::body::ProxyBody;
-use crate::tls::{ConnectorOptions, connect::marked_http_connector};
+use crate::tls::{ConnectorOptions, connect::http_connector};
 
 /// Long-lived streams per upstream connection unless configured: at or
 /// below what API servers and the balancers in front of them announce
@@ -84,7 +84,7 @@ pub struct UpstreamSpec {
     /// The name to verify the server certificate against when it differs
     /// from the URL's host (kubeconfig `tls-server-name`).
     pub tls_server_name: Option<String>,
-    /// Socket options, including chaperone's `SO_MARK`.
+    /// Socket options (timeouts, keepalive).
     pub connector: ConnectorOptions,
     /// Long-lived streams (watches, followed logs) per HTTP/2 connection.
     pub streams_per_connection: usize,
@@ -128,7 +128,7 @@ impl Upstream {
             ),
             None => None,
         };
-        let tcp = marked_http_connector(&spec.connector);
+        let tcp = http_connector(&spec.connector);
         // hyper-rustls sets ALPN from the versions enabled below: h2 and
         // http/1.1 for the pool, http/1.1 alone for upgrades.
         let mut h1_tls = spec.tls.clone();

@@ -44,7 +44,8 @@ pub struct AttestedConnection {
 /// A destination agents must never dial directly: `connect()` fails with `EPERM`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RefusedDestination {
-    /// This port on any address (the kubelet's 10250, etcd's 2379-2380).
+    /// This port on any address (the kubelet's 10250 and read-only 10255,
+    /// etcd's 2379-2380).
     Port(u16),
     /// This address on any port (the cloud metadata address).
     Addr(IpAddr),
@@ -53,11 +54,13 @@ pub enum RefusedDestination {
 }
 
 impl RefusedDestination {
-    /// The bypasses that skip the API server's own audit: the kubelet API,
-    /// etcd, and the cloud metadata service.
+    /// The bypasses that skip the API server's own audit: the kubelet API
+    /// (and its unauthenticated read-only port, still enabled on some
+    /// distributions), etcd, and the cloud metadata service.
     pub fn defaults() -> Vec<RefusedDestination> {
         vec![
             RefusedDestination::Port(10250),
+            RefusedDestination::Port(10255),
             RefusedDestination::Port(2379),
             RefusedDestination::Port(2380),
             RefusedDestination::Addr(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))),
@@ -65,6 +68,18 @@ impl RefusedDestination {
                 0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254,
             ))),
         ]
+    }
+
+    /// What refuses agents a listener of chaperone's own (the admin port):
+    /// the port on every address when it listens on all of them, otherwise
+    /// exactly its address (127.0.0.1 still matters: a `hostNetwork` agent
+    /// pod shares the node's loopback).
+    pub fn listener(addr: SocketAddr) -> RefusedDestination {
+        if addr.ip().is_unspecified() {
+            RefusedDestination::Port(addr.port())
+        } else {
+            RefusedDestination::SocketAddr(addr)
+        }
     }
 
     pub(crate) fn key(&self) -> SockAddrKey {
@@ -237,7 +252,7 @@ mod tests {
     #[test]
     fn defaults_cover_kubelet_etcd_and_metadata() {
         let defaults = RefusedDestination::defaults();
-        for port in [10250, 2379, 2380] {
+        for port in [10250, 10255, 2379, 2380] {
             assert!(defaults.contains(&RefusedDestination::Port(port)));
         }
         assert!(defaults.contains(&RefusedDestination::Addr(

@@ -24,6 +24,7 @@ pub const LINK_TYPE_CGROUP: u32 = 3;
 
 /// `enum bpf_attach_type` values of chaperone's programs.
 pub mod attach_type {
+    pub const CGROUP_INET_SOCK_CREATE: u32 = 2;
     pub const CGROUP_SOCK_OPS: u32 = 3;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
     pub const CGROUP_INET6_CONNECT: u32 = 11;

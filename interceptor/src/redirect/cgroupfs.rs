@@ -73,6 +73,32 @@ pub fn cgroup_id(dir: &Path) -> io::Result<CgroupId> {
     Ok(CgroupId(fs::metadata(dir)?.ino()))
 }
 
+/// This process's own cgroup v2 and every cgroup above it up to the
+/// mount, from `/proc/self/cgroup`: what chaperone must never guard, or its
+/// own connections would be redirected into itself.
+pub fn own_lineage() -> io::Result<Vec<CgroupId>> {
+    let mount = cgroup2_mount().map_err(io::Error::other)?;
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    let relative = own_cgroup_path(&text)
+        .ok_or_else(|| io::Error::other("no cgroup v2 (`0::`) line in /proc/self/cgroup"))?;
+    let mut dir = mount.join(relative.trim_start_matches('/'));
+    let mut lineage = Vec::new();
+    loop {
+        if let Ok(id) = cgroup_id(&dir) {
+            lineage.push(id);
+        }
+        if dir == mount || !dir.pop() || !dir.starts_with(&mount) {
+            break;
+        }
+    }
+    Ok(lineage)
+}
+
+/// The cgroup v2 path in a `/proc/PID/cgroup` text (the `0::PATH` line).
+fn own_cgroup_path(text: &str) -> Option<&str> {
+    text.lines().find_map(|line| line.strip_prefix("0::"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +158,20 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
                 found.join("cgroup.procs").exists(),
                 "{found:?} is not a cgroup2 root"
             );
+        }
+    }
+
+    #[test]
+    fn the_own_cgroup_is_the_v2_line() {
+        let text = "12:cpu,cpuacct:/kubepods/x\n0::/kubepods.slice/chaperone.scope\n";
+        assert_eq!(
+            own_cgroup_path(text),
+            Some("/kubepods.slice/chaperone.scope")
+        );
+        assert_eq!(own_cgroup_path("3:memory:/x\n"), None);
+        if let Ok(lineage) = own_lineage() {
+            let mount = cgroup2_mount().unwrap();
+            assert_eq!(lineage.last(), Some(&cgroup_id(&mount).unwrap()));
         }
     }
 

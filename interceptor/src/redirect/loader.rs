@@ -16,7 +16,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapType, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
 };
 use interceptor_ebpf::{
     ConnKey, OrigRecord, RedirectConfig, SockAddrKey, capacity, counter, names,
@@ -49,8 +49,6 @@ pub struct RedirectSpec {
     /// The proxy's address for IPv6 targets.
     pub proxy_v6: Option<Ipv6Addr>,
     pub proxy_port: u16,
-    /// `SO_MARK` of chaperone's own sockets; they are never redirected.
-    pub mark: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +76,12 @@ pub enum RedirectError {
         map: &'static str,
         source: Box<aya::maps::MapError>,
     },
+    #[error(
+        "cgroup {0} holds chaperone itself (it is chaperone's own cgroup or one above it): \
+         guarding it would send chaperone's own upstream connections back into its proxy. \
+         Is the node agent's pod labeled for interception?"
+    )]
+    OwnCgroup(CgroupId),
     #[error("the proxy spec has no address: set an IPv4 and/or IPv6 proxy address")]
     NoProxyAddress,
     #[error(transparent)]
@@ -106,7 +110,6 @@ pub struct RedirectCounters {
     pub redirected: u64,
     pub refused: u64,
     pub no_proxy: u64,
-    pub marked_skipped: u64,
     pub connections_recorded: u64,
     pub peername_rewritten: u64,
 }
@@ -114,6 +117,10 @@ pub struct RedirectCounters {
 /// The loaded and attached programs. Dropping it detaches them.
 pub struct Redirector {
     spec: RedirectSpec,
+    /// chaperone's own cgroup and every cgroup above it: never agent
+    /// cgroups, so chaperone's own sockets are never redirected. (Nothing
+    /// else tells them apart: no mark, no option an agent could set too.)
+    own_lineage: Vec<CgroupId>,
     agent_cgroups: Mutex<HashMap<MapData, u64, u32>>,
     targets: Mutex<HashMap<MapData, SockAddrKey, u8>>,
     refused: Mutex<HashMap<MapData, SockAddrKey, u8>>,
@@ -299,6 +306,10 @@ impl Redirector {
         }
 
         let redirector = Redirector {
+            own_lineage: super::cgroupfs::own_lineage().unwrap_or_else(|error| {
+                tracing::warn!(%error, "cannot read chaperone's own cgroup");
+                Vec::new()
+            }),
             agent_cgroups: Mutex::new(agent_cgroups),
             targets: Mutex::new(take_map(&mut ebpf, names::TARGETS)?),
             refused: Mutex::new(take_map(&mut ebpf, names::REFUSED)?),
@@ -369,7 +380,11 @@ impl Redirector {
     }
 
     /// Guard the processes of this cgroup and of every cgroup below it.
+    /// chaperone's own cgroup and those above it are refused.
     pub fn add_agent_cgroup(&self, id: CgroupId) -> Result<(), RedirectError> {
+        if self.own_lineage.contains(&id) {
+            return Err(RedirectError::OwnCgroup(id));
+        }
         lock(&self.agent_cgroups)
             .insert(id.0, 1, 0)
             .map_err(|source| RedirectError::Map {
@@ -415,6 +430,24 @@ impl Redirector {
             })
     }
 
+    /// Replaces the refused destinations with exactly `destinations` (a
+    /// pinned REFUSED map may hold a previous configuration's).
+    pub fn set_refused(&self, destinations: &[RefusedDestination]) -> Result<(), RedirectError> {
+        let wanted: Vec<SockAddrKey> = destinations.iter().map(|d| d.key()).collect();
+        let stale: Vec<SockAddrKey> = lock(&self.refused)
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for destination in destinations {
+            self.refuse(*destination)?;
+        }
+        for key in stale {
+            remove_if_present(&self.refused, &key, names::REFUSED)?;
+        }
+        Ok(())
+    }
+
     pub fn unrefuse(&self, destination: RefusedDestination) -> Result<(), RedirectError> {
         remove_if_present(&self.refused, &destination.key(), names::REFUSED)
     }
@@ -447,7 +480,6 @@ impl Redirector {
             redirected: sum(counter::REDIRECTED),
             refused: sum(counter::REFUSED),
             no_proxy: sum(counter::NO_PROXY),
-            marked_skipped: sum(counter::MARKED_SKIPPED),
             connections_recorded: sum(counter::CONNECTIONS_RECORDED),
             peername_rewritten: sum(counter::PEERNAME_REWRITTEN),
         }
@@ -467,7 +499,7 @@ fn redirect_config(spec: &RedirectSpec) -> RedirectConfig {
         proxy_v6: spec.proxy_v6.map(|ip| ip.octets()).unwrap_or_default(),
         proxy_port: spec.proxy_port,
         _pad: 0,
-        mark: spec.mark,
+        _retired_mark: 0,
         flags,
     }
 }
@@ -552,12 +584,13 @@ fn spawn_log_reader(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 // === pinning ===
 
 /// The programs chaperone attaches, with their `bpf_attach_type`.
-const ATTACHED_PROGRAMS: [(&str, u32); 5] = [
+const ATTACHED_PROGRAMS: [(&str, u32); 6] = [
     (names::CONNECT4, attach_type::CGROUP_INET4_CONNECT),
     (names::CONNECT6, attach_type::CGROUP_INET6_CONNECT),
     (names::GETPEERNAME4, attach_type::CGROUP_INET4_GETPEERNAME),
     (names::GETPEERNAME6, attach_type::CGROUP_INET6_GETPEERNAME),
     (names::SOCK_OPS, attach_type::CGROUP_SOCK_OPS),
+    (names::SOCK_CREATE, attach_type::CGROUP_INET_SOCK_CREATE),
 ];
 
 /// The layout a pinned map must have for this version's programs to use it.
@@ -711,6 +744,11 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), RedirectError
             .try_into()
             .map_err(|source| program_error(name, source))?;
         program.load()
+    } else if name == names::SOCK_CREATE {
+        let program: &mut CgroupSock = program
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program.load()
     } else {
         let program: &mut CgroupSockAddr = program
             .try_into()
@@ -735,6 +773,26 @@ fn attach_program(
     })?;
     let link: Option<FdLink> = if name == names::SOCK_OPS {
         let program: &mut SockOps = program
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        let id = program
+            .attach(cgroup, ATTACH_MODE)
+            .map_err(|source| program_error(name, source))?;
+        if take {
+            let link = program
+                .take_link(id)
+                .map_err(|source| program_error(name, source))?;
+            Some(
+                FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
+                    program: name,
+                    source: Box::new(source),
+                })?,
+            )
+        } else {
+            None
+        }
+    } else if name == names::SOCK_CREATE {
+        let program: &mut CgroupSock = program
             .try_into()
             .map_err(|source| program_error(name, source))?;
         let id = program

@@ -1,10 +1,12 @@
 //! The connector chaperone's upstream client dials the API server with.
 //!
-//! Every socket it opens carries chaperone's `SO_MARK`, so the eBPF programs
-//! never redirect chaperone's own connections back into itself (they would,
-//! if chaperone ran in a listed cgroup or dialed a redirected target). The
-//! socket option is set by hyper-util's `HttpConnector` (socket2 underneath,
-//! no `unsafe` here); [`socket_mark`] reads it back.
+//! Its sockets carry no `SO_MARK`. The eBPF programs never redirect
+//! chaperone's own connections because chaperone's cgroup is not an agent
+//! cgroup (and [`crate::redirect::Redirector`] refuses to make it one), not
+//! because of anything on the socket: a mark can be set by any process with
+//! `CAP_NET_RAW` (Linux 5.17+), and the node's networking owns the mark bits
+//! (kube-proxy's 0x4000 masquerade and 0x8000 drop bits, Calico's
+//! 0xffff0000, Cilium's). [`socket_mark`] reads a socket's mark back.
 
 use std::{io, os::fd::AsFd, time::Duration};
 
@@ -17,14 +19,12 @@ use rustls::pki_types::ServerName;
 
 use super::{TlsError, upstream::UpstreamConfig};
 
-/// HTTPS to the API server over marked TCP sockets.
+/// HTTPS to the API server over plain TCP sockets.
 pub type UpstreamConnector = HttpsConnector<HttpConnector>;
 
 /// How upstream sockets are made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectorOptions {
-    /// The `SO_MARK` on every upstream socket (needs `CAP_NET_ADMIN`).
-    pub mark: u32,
     pub connect_timeout: Duration,
     /// TCP keepalive idle time; `None` leaves the kernel default.
     pub keepalive: Option<Duration>,
@@ -33,27 +33,24 @@ pub struct ConnectorOptions {
 impl Default for ConnectorOptions {
     fn default() -> Self {
         ConnectorOptions {
-            mark: crate::DEFAULT_SOCKET_MARK,
             connect_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_secs(30)),
         }
     }
 }
 
-/// A plain TCP connector whose sockets carry `options.mark`.
-pub fn marked_http_connector(options: &ConnectorOptions) -> HttpConnector {
+/// A plain TCP connector (no mark on its sockets).
+pub fn http_connector(options: &ConnectorOptions) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_mark(Some(options.mark));
     http.set_connect_timeout(Some(options.connect_timeout));
     http.set_keepalive(options.keepalive);
     http
 }
 
 /// The connector for hyper-util's client: TLS trusting only the cluster CA,
-/// ALPN h2 and http/1.1, chaperone's client certificate if it has one, over
-/// marked sockets.
+/// ALPN h2 and http/1.1, chaperone's client certificate if it has one.
 pub fn upstream_connector(
     upstream: &UpstreamConfig,
     options: &ConnectorOptions,
@@ -76,7 +73,7 @@ pub fn upstream_connector(
     Ok(builder
         .enable_http1()
         .enable_http2()
-        .wrap_connector(marked_http_connector(options)))
+        .wrap_connector(http_connector(options)))
 }
 
 /// A pooled client to the API server over `connector`: HTTP/2 when the
@@ -121,10 +118,6 @@ mod tests {
     use crate::tls::{
         BearerToken, LeafCache, LeafConfig, LocalCa, TlsTerminator, negotiated_alpn, server::Alpn,
     };
-
-    fn is_root() -> bool {
-        nix::unistd::geteuid().is_root()
-    }
 
     /// A fake API server on loopback, with a certificate from `ca`, that
     /// answers every request with the Authorization header it received and
@@ -175,21 +168,16 @@ mod tests {
         }
     }
 
+    /// No mark: the node's networking owns the mark bits (kube-proxy
+    /// masquerades packets with 0x4000), and a mark never exempted anything
+    /// an agent could not set itself.
     #[tokio::test]
-    async fn upstream_sockets_carry_chaperones_mark() {
-        if !is_root() {
-            println!("SKIPPED: setting SO_MARK needs CAP_NET_ADMIN; run as root");
-            return;
-        }
+    async fn upstream_sockets_carry_no_mark() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path()).unwrap());
         let (port, _alpns) = fake_api_server(ca.clone()).await;
         let upstream = upstream_for(&ca, port);
-        let options = ConnectorOptions {
-            mark: 0x1234_5678,
-            ..ConnectorOptions::default()
-        };
-        let mut connector = upstream_connector(&upstream, &options).unwrap();
+        let mut connector = upstream_connector(&upstream, &ConnectorOptions::default()).unwrap();
         let stream = connector.call(upstream.server.clone()).await.unwrap();
         let hyper_rustls::MaybeHttpsStream::Https(tls) = stream else {
             panic!("the upstream connection is not TLS");
@@ -197,23 +185,15 @@ mod tests {
         let (tcp, session) = tls.inner().get_ref();
         assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
         let tcp = tcp.inner().inner();
-        assert_eq!(socket_mark(tcp).unwrap(), 0x1234_5678);
+        assert_eq!(socket_mark(tcp).unwrap(), 0);
 
-        // The default is chaperone's own mark, which the eBPF programs skip.
-        let mut plain = marked_http_connector(&ConnectorOptions::default());
+        let mut plain = http_connector(&ConnectorOptions::default());
         let tcp = plain.call(upstream.server.clone()).await.unwrap();
-        assert_eq!(
-            socket_mark(tcp.inner()).unwrap(),
-            crate::DEFAULT_SOCKET_MARK
-        );
+        assert_eq!(socket_mark(tcp.inner()).unwrap(), 0);
     }
 
     #[tokio::test]
     async fn the_upstream_client_speaks_h2_to_a_server_the_cluster_ca_vouches_for() {
-        if !is_root() {
-            println!("SKIPPED: setting SO_MARK needs CAP_NET_ADMIN; run as root");
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path()).unwrap());
         let (port, mut alpns) = fake_api_server(ca.clone()).await;

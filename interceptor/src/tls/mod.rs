@@ -13,8 +13,9 @@
 //!   server is an IP address.
 //! - [`upstream`]: how chaperone reaches the real API server
 //!   ([`UpstreamConfig`]: in-cluster or kubeconfig, cluster CA, credentials).
-//! - [`connect`]: the connector for hyper-util's client; chaperone's upstream
-//!   sockets carry its `SO_MARK` so the eBPF programs never redirect them.
+//! - [`connect`]: the connector for hyper-util's client. Upstream sockets
+//!   carry no mark: the eBPF programs leave them alone because chaperone's
+//!   cgroup is not an agent cgroup.
 //! - [`cli`]: `chaperone ca init|show|export`.
 
 pub mod ca;
