@@ -145,7 +145,11 @@ fn a_direct_dial_to_an_api_server_endpoint_is_redirected_and_follows_the_endpoin
         .get("endpoints", Some("default"), "kubernetes")
         .unwrap();
     moved["subsets"] = endpoints(second_addr)["subsets"].clone();
-    world.sim().store().update(moved).expect("move the endpoint");
+    world
+        .sim()
+        .store()
+        .update(moved)
+        .expect("move the endpoint");
     let mut direct = 0;
     assert!(
         redirected_within(
