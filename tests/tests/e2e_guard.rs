@@ -259,6 +259,46 @@ fn a_token_replayed_from_another_pod_is_refused() {
     );
 }
 
+/// `kubectl create token agent`: a valid token of the agent's own service
+/// account, bound to no pod. It would work from any guarded pod, so it is
+/// refused unless the node's config opts in (`requirePodBinding: false`).
+#[test]
+fn a_token_bound_to_no_pod_is_refused() {
+    require_root!();
+    let world = world();
+    let unbound = world
+        .sim
+        .mint_service_account_token("default", "agent", None, None, Duration::from_secs(600))
+        .unwrap();
+    std::fs::write(world.credentials.dir.join("token"), &unbound).unwrap();
+    let out = kubectl(&world, &["get", "pods"]);
+    assert!(!out.status.success(), "{}", all_bytes(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("provide credentials"), "{stderr}");
+    assert!(
+        world
+            .sim
+            .requests()
+            .iter()
+            .all(|r| r.token.as_deref() != Some(unbound.as_str())),
+        "a refused token never reaches the API server"
+    );
+    // The refusal says why, in the audit log (written shortly after).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit =
+            std::fs::read_to_string(world.work.path().join("audit.log")).unwrap_or_default();
+        if audit.contains("is not bound to a pod") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audited refusal naming the missing binding:\n{audit}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn the_session_is_recorded_and_audited() {
     require_root!();
