@@ -17,6 +17,7 @@ pub mod node;
 pub mod pipeline;
 pub mod pods;
 pub mod policy;
+pub mod protect;
 pub mod proxy;
 pub mod record;
 pub mod redirect;

@@ -284,6 +284,14 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     );
     pipeline.approvals = Some(approvals);
     pipeline.upstream = Some(upstream.clone());
+    // chaperone's own namespace: where its pod runs, and its approvals.
+    pipeline.protect = crate::protect::Protect::new(
+        config
+            .own_pod
+            .iter()
+            .map(|(namespace, _)| namespace.clone())
+            .chain([config.approval_namespace.clone()]),
+    );
     if let Some(token) = upstream_config.token.clone() {
         pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
     }

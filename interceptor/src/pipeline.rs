@@ -34,7 +34,10 @@ use crate::{
     kstatus::Status,
     mask::{Masker, ResponseMask, Target, negotiate_accept},
     pods::PodTracker,
-    policy::{Action, Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
+    policy::{
+        Action, Decision, PolicyInput, PolicySet, PolicyStore, RecordLevel, deny::refusal_status,
+    },
+    protect::{self, Check, Protect},
     proxy::{
         ConnectionInfo, Forward, Guard, ResponseObserver, TunnelTap, Upstream, Verdict,
         body::{BodyError, BodyObserver, BodyTransform, RequestBody, WholeBody, status_response},
@@ -64,6 +67,8 @@ pub struct Pipeline {
     pub approvals: Option<Arc<Approvals>>,
     /// For the `dryRun=All` preview of a held request.
     pub upstream: Option<Upstream>,
+    /// The built-in refusals evaluated before policy.
+    pub protect: Protect,
     connections: Mutex<HashMap<Uuid, Arc<ConnectionState>>>,
 }
 
@@ -100,6 +105,7 @@ impl Pipeline {
             metrics,
             approvals: None,
             upstream: None,
+            protect: Protect::new([crate::approval::DEFAULT_NAMESPACE.to_owned()]),
             connections: Mutex::new(HashMap::new()),
         }
     }
@@ -248,6 +254,60 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// The [`protect`] stage: `Err` is the refusal to answer.
+    async fn protect_stage(
+        &self,
+        parts: &Parts,
+        body: &mut RequestBody,
+        request: &RequestInfo,
+        policy: &PolicySet,
+        input: &PolicyInput<'_>,
+    ) -> Result<(), Box<Status>> {
+        match self.protect.check(request) {
+            Check::Pass => Ok(()),
+            Check::Refuse(status) => Err(status),
+            Check::NeedsExplicitGrant => {
+                if policy.grants_explicitly(input, &request.resource) {
+                    Ok(())
+                } else {
+                    Err(Box::new(Protect::policy_write_refused(request)))
+                }
+            }
+            Check::ReadBody => {
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                let whole = body.read_whole(protect::BODY_READ_LIMIT, declared).await;
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                let current = self.pods.as_ref().and_then(|pods| {
+                    if request.resource == "namespaces" {
+                        pods.intercept_label("", &request.name)
+                    } else {
+                        pods.intercept_label(&request.namespace, &request.name)
+                    }
+                });
+                self.protect
+                    .check_body(request, content_type, &whole, current.as_deref())
+            }
+        }
+    }
+}
+
+/// The decision recorded for a protect refusal: chaperone's own rule.
+fn protect_decision(status: &Status) -> Decision {
+    Decision {
+        rule: Arc::from(protect::RULE),
+        message: Some(Arc::from(status.message.as_str())),
+        ..refused_before_policy()
+    }
+}
+
 /// Whether a held request's body is read to summarize and preview it:
 /// creates, updates and patches, not exec/attach streams or upgrades.
 fn reads_body(parts: &Parts, request: &RequestInfo) -> bool {
@@ -340,15 +400,18 @@ impl Guard for Pipeline {
         });
         exchange.caller = caller.clone();
 
-        // Agents never write approvals, whatever the policy says: a person
-        // decides, with `kubectl chaperone`.
-        if crate::approval::writes_approvals(&exchange.request) {
-            let status = crate::approval::agents_may_not_decide(&exchange.request);
-            return exchange.refuse(status);
-        }
-
         let policy = self.policy.snapshot();
         let input = PolicyInput::new(&exchange.request, &caller);
+        // Built-in refusals before policy: no AgentPolicy lets an agent
+        // lower its own guard (the intercept label, chaperone's namespace
+        // and objects, approvals).
+        if let Err(status) = self
+            .protect_stage(parts, body, &exchange.request, &policy, &input)
+            .await
+        {
+            exchange.decision = Some(protect_decision(&status));
+            return exchange.refuse(*status);
+        }
         let decision = policy.evaluate(&input);
         if decision.enforce == Action::Approve
             && let Some(approvals) = &self.approvals

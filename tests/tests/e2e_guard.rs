@@ -299,6 +299,79 @@ fn a_token_bound_to_no_pod_is_refused() {
     }
 }
 
+/// The agent's RBAC (here: a permissive simulator) lets it patch pods, and
+/// policy allows everything by default: still, it may not take the label
+/// off itself (or its namespace) that makes chaperone guard it.
+#[test]
+fn an_agent_cannot_unlabel_itself() {
+    require_root!();
+    let world = world();
+    let attempts: &[&[&str]] = &[
+        &[
+            "label",
+            "pod",
+            "agent-0",
+            "chaperone.dev/intercept=false",
+            "--overwrite",
+        ],
+        &["label", "pod", "agent-0", "chaperone.dev/intercept-"],
+        &[
+            "patch",
+            "pod",
+            "agent-0",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/labels"}]"#,
+        ],
+        &[
+            "patch",
+            "pod",
+            "agent-0",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":null}}"#,
+        ],
+        &[
+            "annotate",
+            "namespace",
+            "default",
+            "chaperone.dev/intercept=false",
+        ],
+        &[
+            "label",
+            "namespace",
+            "default",
+            "chaperone.dev/intercept=false",
+        ],
+    ];
+    for args in attempts {
+        let out = kubectl(&world, args);
+        let said = all_bytes(&out);
+        assert!(!out.status.success(), "kubectl {args:?} succeeded: {said}");
+        assert!(
+            said.contains("Forbidden") && said.contains("chaperone.dev/intercept"),
+            "kubectl {args:?}: {said}"
+        );
+    }
+    let pod = world
+        .sim
+        .store()
+        .get("pods", Some("default"), "agent-0")
+        .unwrap();
+    assert_eq!(pod["metadata"]["labels"]["chaperone.dev/intercept"], "true");
+    // Other labels are the agent's business.
+    let out = kubectl(&world, &["label", "pod", "agent-0", "stage=review"]);
+    assert!(out.status.success(), "{}", all_bytes(&out));
+    // chaperone's own namespace is off limits.
+    let out = kubectl(&world, &["get", "secrets", "-n", "chaperone-system"]);
+    assert!(!out.status.success(), "{}", all_bytes(&out));
+    assert!(
+        all_bytes(&out).contains("chaperone's own"),
+        "{}",
+        all_bytes(&out)
+    );
+}
+
 #[test]
 fn the_session_is_recorded_and_audited() {
     require_root!();
