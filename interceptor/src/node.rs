@@ -295,6 +295,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     if let Some(token) = upstream_config.token.clone() {
         pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
     }
+    pipeline.own_client_certificate = upstream_config.client_identity.is_some();
     let proxy = Proxy::new(
         ProxyConfig {
             require_attestation: config.require_attestation,

@@ -60,6 +60,10 @@ pub struct Pipeline {
     pub credential_mode: CredentialMode,
     /// chaperone's own `Authorization` for impersonate mode.
     pub own_credentials: Option<Arc<dyn Fn() -> Option<HeaderValue> + Send + Sync>>,
+    /// chaperone authenticates with a client certificate, which the
+    /// upstream's own-credentials pools present (impersonate mode without
+    /// a token). Agents' own requests never carry it.
+    pub own_client_certificate: bool,
     pub recorder: Option<Recorder>,
     pub audit: Option<AuditGate>,
     pub metrics: Metrics,
@@ -100,6 +104,7 @@ impl Pipeline {
             masker,
             credential_mode,
             own_credentials: None,
+            own_client_certificate: false,
             recorder,
             audit,
             metrics,
@@ -176,8 +181,13 @@ impl Pipeline {
         upstream_identity_headers(self.credential_mode, caller, authorization, &mut headers)
             .ok()?;
         if self.credential_mode == CredentialMode::Impersonate {
-            let own = self.own_credentials.as_ref().and_then(|c| c())?;
-            headers.insert(header::AUTHORIZATION, own);
+            match self.own_credentials.as_ref().and_then(|c| c()) {
+                Some(own) => {
+                    headers.insert(header::AUTHORIZATION, own);
+                }
+                None if self.own_client_certificate => {}
+                None => return None,
+            }
         }
         for name in [
             header::CONTENT_LENGTH,
@@ -209,6 +219,11 @@ impl Pipeline {
                     .body(body.map_or_else(crate::proxy::body::empty, crate::proxy::body::full))
                     .ok()?;
                 *request.headers_mut() = headers;
+                let upstream = if self.credential_mode == CredentialMode::Impersonate {
+                    upstream.with_own_credentials()
+                } else {
+                    upstream
+                };
                 let response = upstream.send(request, false).await.ok()?;
                 let body = http_body_util::Limited::new(response.into_body(), 4 << 20);
                 let bytes = http_body_util::BodyExt::collect(body)
@@ -531,6 +546,8 @@ impl Guard for Pipeline {
                 Some(value) => {
                     parts.headers.insert(header::AUTHORIZATION, value);
                 }
+                // The client certificate on the own-credentials pools.
+                None if self.own_client_certificate => {}
                 None => {
                     return exchange.refuse(Status::service_unavailable(
                         "chaperone: impersonate mode needs chaperone's own API credentials, which are not available",
@@ -593,6 +610,7 @@ impl Guard for Pipeline {
             response_transform,
             observer: Some(Box::new(exchange)),
             request_observer,
+            own_credentials: credential_mode == CredentialMode::Impersonate,
         })
     }
 
