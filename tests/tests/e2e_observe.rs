@@ -964,3 +964,55 @@ fn interactive_terminal_session(spdy: bool) {
     assert!(output.contains("$ "), "{output:?}");
     assert!(output.contains("tty-marker"), "{output:?}");
 }
+
+/// Token-less requests naming thousands of made-up resources (one curl,
+/// keeping its connection) leave `/metrics` the size it was: label values
+/// come from a fixed vocabulary, never from what a request names.
+#[test]
+fn metrics_stay_bounded_under_made_up_resources() {
+    require_root!();
+    let world = observed_world();
+    assert!(kubectl(&world, &["get", "pods"]).status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = scrape(&world);
+    let count = 3000;
+    let mut curl = world.agent().in_cluster_command(&world.credentials, "curl");
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        &format!("https://10.96.0.1/api/v1/namespaces/default/made-up-[1-{count}]"),
+        "-w",
+        "%{http_code}\n",
+    ]);
+    let out = run_for(&mut curl, Duration::from_secs(240)).unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "401").count(),
+        count,
+        "every token-less request is refused: {}",
+        text(&out)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let after = scrape(&world);
+    let series = |body: &str| {
+        body.lines()
+            .filter(|l| l.starts_with("chaperone_requests_total"))
+            .count()
+    };
+    assert!(
+        series(&after) <= series(&before) + 2,
+        "{} series before, {} after:\n{after}",
+        series(&before),
+        series(&after)
+    );
+    assert!(
+        after.len() < before.len() + 4096,
+        "/metrics grew from {} to {} bytes",
+        before.len(),
+        after.len()
+    );
+    assert!(!after.contains("made-up"), "{after}");
+}
