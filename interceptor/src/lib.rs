@@ -12,6 +12,7 @@ mod crd_schema;
 pub mod exec;
 pub mod identity;
 pub mod kstatus;
+pub mod limits;
 pub mod mask;
 pub mod node;
 pub mod pipeline;

@@ -296,6 +296,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
     }
     pipeline.own_client_certificate = upstream_config.client_identity.is_some();
+    pipeline.limits = crate::limits::PodLimits::new(config.limits);
     let proxy = Proxy::new(
         ProxyConfig {
             require_attestation: config.require_attestation,

@@ -32,6 +32,7 @@ use crate::{
         upstream_identity_headers,
     },
     kstatus::Status,
+    limits::{LimitConfig, LimitKey, PodLimits, Slot},
     mask::{Masker, ResponseMask, Target, negotiate_accept},
     pods::PodTracker,
     policy::{
@@ -73,6 +74,8 @@ pub struct Pipeline {
     pub upstream: Option<Upstream>,
     /// The built-in refusals evaluated before policy.
     pub protect: Protect,
+    /// Per-pod connection and in-flight request limits.
+    pub limits: Arc<PodLimits>,
     connections: Mutex<HashMap<Uuid, Arc<ConnectionState>>>,
 }
 
@@ -81,6 +84,12 @@ struct ConnectionState {
     pod: Option<PodRef>,
     process: Option<ProcessInfo>,
     session: Option<Session>,
+    /// Whose per-pod limits this connection counts against (kernel
+    /// attested; `None`: not limited).
+    limit_key: Option<LimitKey>,
+    /// The connection's place in its pod's connection limit, or the 429
+    /// every request on it gets when the pod is over it.
+    connection_slot: Result<Option<Slot>, Box<Status>>,
 }
 
 impl Pipeline {
@@ -111,6 +120,7 @@ impl Pipeline {
             approvals: None,
             upstream: None,
             protect: Protect::new([crate::approval::DEFAULT_NAMESPACE.to_owned()]),
+            limits: PodLimits::new(LimitConfig::default()),
             connections: Mutex::new(HashMap::new()),
         }
     }
@@ -138,10 +148,23 @@ impl Pipeline {
                         started: OffsetDateTime::from(conn.accepted_at),
                     })
                 });
+                let limit_key = match (&pod, &conn.attested) {
+                    (Some(pod), _) if !pod.uid.is_empty() => {
+                        Some(LimitKey::Pod(Arc::from(pod.uid.as_str())))
+                    }
+                    (_, Some(attested)) => Some(LimitKey::Cgroup(attested.agent_cgroup_id.0)),
+                    _ => None,
+                };
+                let connection_slot = match &limit_key {
+                    Some(key) => self.limits.connection(key.clone()).map(Some),
+                    None => Ok(None),
+                };
                 Arc::new(ConnectionState {
                     pod,
                     process,
                     session,
+                    limit_key,
+                    connection_slot,
                 })
             })
             .clone()
@@ -377,7 +400,19 @@ impl Guard for Pipeline {
             upgrade_end: None,
             request_body: CaptureSlot::default(),
             completed: false,
+            in_flight: None,
         };
+
+        // Per-pod limits, before anything else is spent on the request.
+        if let Err(status) = &state.connection_slot {
+            return exchange.refuse((**status).clone());
+        }
+        if let Some(key) = &state.limit_key {
+            match self.limits.request(key.clone()) {
+                Ok(slot) => exchange.in_flight = Some(slot),
+                Err(status) => return exchange.refuse(*status),
+            }
+        }
 
         if let Some(gate) = &self.audit {
             match gate.admit() {
@@ -685,6 +720,8 @@ struct ExchangeDraft {
     /// or waiting for the API server): [`Drop`] records that, so every
     /// request reaches the audit log and the session.
     completed: bool,
+    /// Its place in the pod's in-flight limit, held until it ends.
+    in_flight: Option<Slot>,
 }
 
 impl ExchangeDraft {

@@ -1016,3 +1016,58 @@ fn metrics_stay_bounded_under_made_up_resources() {
     );
     assert!(!after.contains("made-up"), "{after}");
 }
+
+/// One pod's requests in flight are limited (`--max-requests-per-pod`):
+/// past the limit it gets a 429 `Status` with `Retry-After`, and once a
+/// request ends the next one passes.
+#[test]
+fn a_pod_over_its_in_flight_limit_gets_429_with_retry_after() {
+    require_root!();
+    let world = world(WorldSpec {
+        policy: POLICY.into(),
+        node_args: vec!["--max-requests-per-pod".into(), "1".into()],
+        ..WorldSpec::default()
+    });
+    let curl = |args: &str| {
+        let mut cmd = world.agent().in_cluster_command(&world.credentials, "sh");
+        cmd.arg("-c").arg(format!(
+            "sa=/var/run/secrets/kubernetes.io/serviceaccount; \
+             exec curl -s --cacert $sa/ca.crt -H \"Authorization: Bearer $(cat $sa/token)\" {args}"
+        ));
+        cmd
+    };
+    let mut watch =
+        curl("-o /dev/null 'https://10.96.0.1/api/v1/namespaces/default/configmaps?watch=true'")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = run_for(
+        &mut curl("-D - 'https://10.96.0.1/api/v1/namespaces/default/configmaps'"),
+        LIMIT,
+    )
+    .unwrap();
+    let said = text(&out).to_ascii_lowercase();
+    assert!(said.starts_with("http/") && said.contains(" 429"), "{said}");
+    assert!(said.contains("retry-after: 1"), "{said}");
+    assert!(said.contains("toomanyrequests"), "{said}");
+    assert!(said.contains("retryafterseconds"), "{said}");
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGKILL) };
+    let _ = watch.wait();
+    let mut passed = false;
+    for _ in 0..50 {
+        let out = run_for(
+            &mut curl("-o /dev/null -w '%{http_code}' 'https://10.96.0.1/api/v1/namespaces/default/configmaps'"),
+            LIMIT,
+        )
+        .unwrap();
+        if String::from_utf8_lossy(&out.stdout) == "200" {
+            passed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(passed, "the slot of the ended watch was not released");
+}
