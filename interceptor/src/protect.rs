@@ -659,7 +659,7 @@ mod tests {
         body_check_with("PUT", POD, "application/json", &pod(json!({})), None).unwrap();
         // Server-side apply, in YAML, with a merge key hiding the label.
         let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent-0\n  labels:\n    <<: &off {\"chaperone.dev/intercept\": \"false\"}\n";
-        body_check(&"PATCH", &format!("{POD}?fieldManager=x"), APPLY, yaml).unwrap_err();
+        body_check("PATCH", &format!("{POD}?fieldManager=x"), APPLY, yaml).unwrap_err();
         body_check_with(
             "PATCH",
             POD,
