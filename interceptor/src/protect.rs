@@ -102,6 +102,11 @@ impl Protect {
             ))
         };
 
+        // Approvals first: wherever they are, a person decides them.
+        if crate::approval::writes_approvals(request) {
+            return Check::Refuse(Box::new(crate::approval::agents_may_not_decide(request)));
+        }
+
         // chaperone's namespace: the namespace object itself, and all in it.
         if group.is_empty() && resource == "namespaces" {
             if is_write(request) && (name.is_empty() || self.is_own(name)) {
@@ -111,10 +116,8 @@ impl Protect {
                 ));
             }
         } else if self.is_own(&request.namespace) {
-            let reads_approvals = group == "chaperone.dev"
-                && resource == "approvalrequests"
-                && request.subresource.is_empty()
-                && READS.contains(&verb);
+            let reads_approvals =
+                group == "chaperone.dev" && resource == "approvalrequests" && READS.contains(&verb);
             if !reads_approvals {
                 return refuse(format!(
                     "agents may not {verb} {} in namespace {}: it is chaperone's own (agents may only read ApprovalRequests there)",
@@ -122,10 +125,6 @@ impl Protect {
                     request.namespace
                 ));
             }
-        }
-
-        if crate::approval::writes_approvals(request) {
-            return Check::Refuse(Box::new(crate::approval::agents_may_not_decide(request)));
         }
 
         if is_write(request) {
@@ -733,10 +732,20 @@ mod tests {
         ] {
             refused(protect().check(&request(method, path)));
         }
+        // Writing an approval gets the approval's own refusal, there too.
+        let message = refused(protect().check(&request(
+            "PATCH",
+            "/apis/chaperone.dev/v1alpha1/namespaces/chaperone-system/approvalrequests/a/status",
+        )));
+        assert!(
+            message.contains("agents may not patch approval requests"),
+            "{message}"
+        );
         // Reading approvals (to follow one's own) and the namespace object is fine.
         for path in [
             "/apis/chaperone.dev/v1alpha1/namespaces/chaperone-system/approvalrequests",
             "/apis/chaperone.dev/v1alpha1/namespaces/chaperone-system/approvalrequests/a",
+            "/apis/chaperone.dev/v1alpha1/namespaces/chaperone-system/approvalrequests/a/status",
             "/api/v1/namespaces/chaperone-system",
         ] {
             assert_eq!(
