@@ -194,6 +194,18 @@ pub struct NodeArgs {
     /// threads). Default: the CPUs this process may run on.
     #[arg(long, env = "CHAPERONE_DATA_THREADS")]
     pub data_threads: Option<usize>,
+
+    /// Connections one agent pod may hold through chaperone at once; past
+    /// that its requests get 429 with Retry-After. 0: unlimited. Default:
+    /// 256.
+    #[arg(long, env = "CHAPERONE_MAX_CONNECTIONS_PER_POD")]
+    pub max_connections_per_pod: Option<usize>,
+
+    /// Requests one agent pod may have in flight through chaperone at once,
+    /// watches and followed logs included; past that 429 with Retry-After.
+    /// 0: unlimited. Default: 2048.
+    #[arg(long, env = "CHAPERONE_MAX_REQUESTS_PER_POD")]
+    pub max_requests_per_pod: Option<usize>,
     /// The namespace of `ApprovalRequest` objects (cluster mode). Default:
     /// chaperone-system.
     #[arg(long, env = "CHAPERONE_APPROVAL_NAMESPACE")]
@@ -245,6 +257,8 @@ struct NodeFile {
     upstream_streams_per_connection: Option<usize>,
     upstream_http1_connections: Option<usize>,
     data_threads: Option<usize>,
+    max_connections_per_pod: Option<usize>,
+    max_requests_per_pod: Option<usize>,
     agent_cgroups: Option<Vec<PathBuf>>,
     cluster_domain: Option<String>,
     credential_mode: Option<String>,
@@ -296,6 +310,8 @@ pub struct NodeConfig {
     pub upstream_http1_connections: usize,
     /// Threads serving agent connections (at least 1).
     pub data_threads: usize,
+    /// Per-pod connection and in-flight request limits.
+    pub limits: crate::limits::LimitConfig,
     pub agent_cgroups: Vec<PathBuf>,
     pub cluster_domain: String,
     pub credential_mode: crate::identity::CredentialMode,
@@ -467,6 +483,16 @@ impl NodeConfig {
                 .upstream_http1_connections
                 .or(file.upstream_http1_connections)
                 .unwrap_or(crate::proxy::upstream::DEFAULT_HTTP1_CONNECTIONS),
+            limits: crate::limits::LimitConfig {
+                connections_per_pod: args
+                    .max_connections_per_pod
+                    .or(file.max_connections_per_pod)
+                    .unwrap_or(crate::limits::DEFAULT_CONNECTIONS_PER_POD),
+                requests_per_pod: args
+                    .max_requests_per_pod
+                    .or(file.max_requests_per_pod)
+                    .unwrap_or(crate::limits::DEFAULT_REQUESTS_PER_POD),
+            },
             data_threads: match args.data_threads.or(file.data_threads) {
                 Some(0) => bail!(
                     "--data-threads 0: at least one thread serves agents (leave it unset for one per CPU)"
@@ -689,6 +715,26 @@ mod tests {
         assert_eq!(config.proxy_port, 8000);
         assert_eq!(config.record_dir, PathBuf::from("/tmp/rec"));
         assert_eq!(config.refused, vec![RefusedDestination::Port(10250)]);
+    }
+
+    #[test]
+    fn per_pod_limits_have_defaults_and_can_be_set() {
+        let env = || (Some("10.96.0.1".into()), Some("443".into()));
+        let config = NodeConfig::resolve(args(), env()).unwrap();
+        assert_eq!(config.limits, crate::limits::LimitConfig::default());
+        assert_eq!(config.limits.connections_per_pod, 256);
+        assert_eq!(config.limits.requests_per_pod, 2048);
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "targets: [\"10.96.0.1:443\"]\nmaxConnectionsPerPod: 8\nmaxRequestsPerPod: 0"
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(file.path().into());
+        let config = NodeConfig::resolve(a, (None, None)).unwrap();
+        assert_eq!(config.limits.connections_per_pod, 8);
+        assert_eq!(config.limits.requests_per_pod, 0);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Status {
     pub kind: Option<String>,
     /// `details.causes[]` as `(reason, message)`.
     pub causes: Vec<(String, String)>,
+    /// `details.retryAfterSeconds`, and the response's `Retry-After`.
+    pub retry_after_seconds: Option<u32>,
 }
 
 impl Status {
@@ -29,6 +31,7 @@ impl Status {
             group: None,
             kind: None,
             causes: Vec::new(),
+            retry_after_seconds: None,
         }
     }
 
@@ -96,6 +99,9 @@ impl Status {
                 .map(|(reason, message)| json!({"reason": reason, "message": message}))
                 .collect();
             details.insert("causes".into(), Value::Array(causes));
+        }
+        if let Some(seconds) = self.retry_after_seconds {
+            details.insert("retryAfterSeconds".into(), json!(seconds));
         }
         let mut status = Map::new();
         status.insert("kind".into(), json!("Status"));

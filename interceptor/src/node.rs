@@ -296,9 +296,19 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     );
     pipeline.approvals = Some(approvals);
     pipeline.upstream = Some(upstream.clone());
+    // chaperone's own namespace: where its pod runs, and its approvals.
+    pipeline.protect = crate::protect::Protect::new(
+        config
+            .own_pod
+            .iter()
+            .map(|(namespace, _)| namespace.clone())
+            .chain([config.approval_namespace.clone()]),
+    );
     if let Some(token) = upstream_config.token.clone() {
         pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
     }
+    pipeline.own_client_certificate = upstream_config.client_identity.is_some();
+    pipeline.limits = crate::limits::PodLimits::new(config.limits);
     let proxy = Proxy::new(
         ProxyConfig {
             require_attestation: config.require_attestation,

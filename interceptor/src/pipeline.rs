@@ -32,9 +32,13 @@ use crate::{
         upstream_identity_headers,
     },
     kstatus::Status,
+    limits::{LimitConfig, LimitKey, PodLimits, Slot},
     mask::{Masker, ResponseMask, Target, negotiate_accept},
     pods::PodTracker,
-    policy::{Action, Decision, PolicyInput, PolicyStore, RecordLevel, deny::refusal_status},
+    policy::{
+        Action, Decision, PolicyInput, PolicySet, PolicyStore, RecordLevel, deny::refusal_status,
+    },
+    protect::{self, Check, Protect},
     proxy::{
         ConnectionInfo, Forward, Guard, ResponseObserver, TunnelTap, Upstream, Verdict,
         body::{BodyError, BodyObserver, BodyTransform, RequestBody, WholeBody, status_response},
@@ -57,6 +61,10 @@ pub struct Pipeline {
     pub credential_mode: CredentialMode,
     /// chaperone's own `Authorization` for impersonate mode.
     pub own_credentials: Option<Arc<dyn Fn() -> Option<HeaderValue> + Send + Sync>>,
+    /// chaperone authenticates with a client certificate, which the
+    /// upstream's own-credentials pools present (impersonate mode without
+    /// a token). Agents' own requests never carry it.
+    pub own_client_certificate: bool,
     pub recorder: Option<Recorder>,
     pub audit: Option<AuditGate>,
     pub metrics: Metrics,
@@ -64,6 +72,10 @@ pub struct Pipeline {
     pub approvals: Option<Arc<Approvals>>,
     /// For the `dryRun=All` preview of a held request.
     pub upstream: Option<Upstream>,
+    /// The built-in refusals evaluated before policy.
+    pub protect: Protect,
+    /// Per-pod connection and in-flight request limits.
+    pub limits: Arc<PodLimits>,
     connections: Mutex<HashMap<Uuid, Arc<ConnectionState>>>,
 }
 
@@ -72,6 +84,12 @@ struct ConnectionState {
     pod: Option<PodRef>,
     process: Option<ProcessInfo>,
     session: Option<Session>,
+    /// Whose per-pod limits this connection counts against (kernel
+    /// attested; `None`: not limited).
+    limit_key: Option<LimitKey>,
+    /// The connection's place in its pod's connection limit, or the 429
+    /// every request on it gets when the pod is over it.
+    connection_slot: Result<Option<Slot>, Box<Status>>,
 }
 
 impl Pipeline {
@@ -95,11 +113,14 @@ impl Pipeline {
             masker,
             credential_mode,
             own_credentials: None,
+            own_client_certificate: false,
             recorder,
             audit,
             metrics,
             approvals: None,
             upstream: None,
+            protect: Protect::new([crate::approval::DEFAULT_NAMESPACE.to_owned()]),
+            limits: PodLimits::new(LimitConfig::default()),
             connections: Mutex::new(HashMap::new()),
         }
     }
@@ -127,10 +148,23 @@ impl Pipeline {
                         started: OffsetDateTime::from(conn.accepted_at),
                     })
                 });
+                let limit_key = match (&pod, &conn.attested) {
+                    (Some(pod), _) if !pod.uid.is_empty() => {
+                        Some(LimitKey::Pod(Arc::from(pod.uid.as_str())))
+                    }
+                    (_, Some(attested)) => Some(LimitKey::Cgroup(attested.agent_cgroup_id.0)),
+                    _ => None,
+                };
+                let connection_slot = match &limit_key {
+                    Some(key) => self.limits.connection(key.clone()).map(Some),
+                    None => Ok(None),
+                };
                 Arc::new(ConnectionState {
                     pod,
                     process,
                     session,
+                    limit_key,
+                    connection_slot,
                 })
             })
             .clone()
@@ -170,8 +204,13 @@ impl Pipeline {
         upstream_identity_headers(self.credential_mode, caller, authorization, &mut headers)
             .ok()?;
         if self.credential_mode == CredentialMode::Impersonate {
-            let own = self.own_credentials.as_ref().and_then(|c| c())?;
-            headers.insert(header::AUTHORIZATION, own);
+            match self.own_credentials.as_ref().and_then(|c| c()) {
+                Some(own) => {
+                    headers.insert(header::AUTHORIZATION, own);
+                }
+                None if self.own_client_certificate => {}
+                None => return None,
+            }
         }
         for name in [
             header::CONTENT_LENGTH,
@@ -203,6 +242,11 @@ impl Pipeline {
                     .body(body.map_or_else(crate::proxy::body::empty, crate::proxy::body::full))
                     .ok()?;
                 *request.headers_mut() = headers;
+                let upstream = if self.credential_mode == CredentialMode::Impersonate {
+                    upstream.with_own_credentials()
+                } else {
+                    upstream
+                };
                 let response = upstream.send(request, false).await.ok()?;
                 let body = http_body_util::Limited::new(response.into_body(), 4 << 20);
                 let bytes = http_body_util::BodyExt::collect(body)
@@ -245,6 +289,60 @@ impl Pipeline {
             .await
             .ok()??;
         Some(crate::approval::preview_summary(value))
+    }
+}
+
+impl Pipeline {
+    /// The [`protect`] stage: `Err` is the refusal to answer.
+    async fn protect_stage(
+        &self,
+        parts: &Parts,
+        body: &mut RequestBody,
+        request: &RequestInfo,
+        policy: &PolicySet,
+        input: &PolicyInput<'_>,
+    ) -> Result<(), Box<Status>> {
+        match self.protect.check(request) {
+            Check::Pass => Ok(()),
+            Check::Refuse(status) => Err(status),
+            Check::NeedsExplicitGrant => {
+                if policy.grants_explicitly(input, &request.resource) {
+                    Ok(())
+                } else {
+                    Err(Box::new(Protect::policy_write_refused(request)))
+                }
+            }
+            Check::ReadBody => {
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                let whole = body.read_whole(protect::BODY_READ_LIMIT, declared).await;
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                let current = self.pods.as_ref().and_then(|pods| {
+                    if request.resource == "namespaces" {
+                        pods.intercept_label("", &request.name)
+                    } else {
+                        pods.intercept_label(&request.namespace, &request.name)
+                    }
+                });
+                self.protect
+                    .check_body(request, content_type, &whole, current.as_deref())
+            }
+        }
+    }
+}
+
+/// The decision recorded for a protect refusal: chaperone's own rule.
+fn protect_decision(status: &Status) -> Decision {
+    Decision {
+        rule: Arc::from(protect::RULE),
+        message: Some(Arc::from(status.message.as_str())),
+        ..refused_before_policy()
     }
 }
 
@@ -315,7 +413,19 @@ impl Guard for Pipeline {
             upgrade_end: None,
             request_body: CaptureSlot::default(),
             completed: false,
+            in_flight: None,
         };
+
+        // Per-pod limits, before anything else is spent on the request.
+        if let Err(status) = &state.connection_slot {
+            return exchange.refuse((**status).clone());
+        }
+        if let Some(key) = &state.limit_key {
+            match self.limits.request(key.clone()) {
+                Ok(slot) => exchange.in_flight = Some(slot),
+                Err(status) => return exchange.refuse(*status),
+            }
+        }
 
         if let Some(gate) = &self.audit {
             match gate.admit() {
@@ -356,15 +466,18 @@ impl Guard for Pipeline {
         });
         exchange.caller = caller.clone();
 
-        // Agents never write approvals, whatever the policy says: a person
-        // decides, with `kubectl chaperone`.
-        if crate::approval::writes_approvals(&exchange.request) {
-            let status = crate::approval::agents_may_not_decide(&exchange.request);
-            return exchange.refuse(status);
-        }
-
         let policy = self.policy.snapshot();
         let input = PolicyInput::new(&exchange.request, &caller);
+        // Built-in refusals before policy: no AgentPolicy lets an agent
+        // lower its own guard (the intercept label, chaperone's namespace
+        // and objects, approvals).
+        if let Err(status) = self
+            .protect_stage(parts, body, &exchange.request, &policy, &input)
+            .await
+        {
+            exchange.decision = Some(protect_decision(&status));
+            return exchange.refuse(*status);
+        }
         let decision = policy.evaluate(&input);
         if decision.enforce == Action::Approve
             && let Some(approvals) = &self.approvals
@@ -484,6 +597,8 @@ impl Guard for Pipeline {
                 Some(value) => {
                     parts.headers.insert(header::AUTHORIZATION, value);
                 }
+                // The client certificate on the own-credentials pools.
+                None if self.own_client_certificate => {}
                 None => {
                     return exchange.refuse(Status::service_unavailable(
                         "chaperone: impersonate mode needs chaperone's own API credentials, which are not available",
@@ -557,6 +672,7 @@ impl Guard for Pipeline {
             response_transform,
             observer: Some(Box::new(exchange)),
             request_observer,
+            own_credentials: credential_mode == CredentialMode::Impersonate,
         })
     }
 
@@ -631,6 +747,8 @@ struct ExchangeDraft {
     /// or waiting for the API server): [`Drop`] records that, so every
     /// request reaches the audit log and the session.
     completed: bool,
+    /// Its place in the pod's in-flight limit, held until it ends.
+    in_flight: Option<Slot>,
 }
 
 impl ExchangeDraft {

@@ -3,8 +3,14 @@
 //! It watches the pods scheduled on this node (and the namespaces labeled
 //! `chaperone.dev/intercept: "true"`), finds each agent pod's cgroup by the
 //! kubelet's naming, and keeps the eBPF `AGENT_CGROUPS` map in step: a pod
-//! labeled (or in a labeled namespace) is added, an unlabeled or deleted one
+//! labeled (or in a labeled namespace) is added, a deleted or finished one
 //! removed.
+//!
+//! A pod once guarded stays guarded for its lifetime (its uid), whatever
+//! later happens to its label or its namespace's: an agent that gets its
+//! label removed (by itself through another path, a controller, a person)
+//! must not walk out of the guard with the processes it already runs. The
+//! pod's cgroup is released only when the pod is deleted or finished.
 //!
 //! It registers the **pod-level** cgroup. The eBPF programs match a listed
 //! cgroup and every cgroup below it, so this guards all of the pod's
@@ -106,6 +112,9 @@ struct State {
     agent_namespaces: HashSet<String>,
     /// Pods whose cgroup is in the sink, by uid.
     registered: HashMap<String, Registration>,
+    /// Every pod that was ever an agent pod, by uid, while it exists: it
+    /// stays guarded even if it (or its namespace) loses the label.
+    guarded_for_life: HashSet<String>,
     unresolved: BTreeMap<String, UnresolvedPod>,
 }
 
@@ -204,6 +213,25 @@ impl PodTracker {
             .collect()
     }
 
+    /// The intercept label of a pod on this node (`namespace`/`name`), or
+    /// `"true"` for a namespace (`namespace` empty) labeled for interception;
+    /// `None` when the object is unknown here or carries no label. The
+    /// protect stage keeps a whole-object write from dropping it.
+    pub fn intercept_label(&self, namespace: &str, name: &str) -> Option<String> {
+        let state = lock(&self.state);
+        if namespace.is_empty() {
+            return state
+                .agent_namespaces
+                .contains(name)
+                .then(|| "true".to_owned());
+        }
+        state
+            .pods
+            .values()
+            .find(|seen| seen.pod.namespace == namespace && seen.pod.name == name)
+            .and_then(|seen| seen.pod.labels.get(INTERCEPT_LABEL).cloned())
+    }
+
     // --- the watch, as events ---
 
     /// A pod on this node was added or changed.
@@ -266,16 +294,27 @@ impl PodTracker {
     pub fn reconcile(&self) {
         let mut state = lock(&self.state);
         let state = &mut *state;
+        // Only a pod that is gone (deleted, or missing from a relist) is
+        // forgotten; an unlabeled one stays guarded.
+        state
+            .guarded_for_life
+            .retain(|uid| state.pods.contains_key(uid));
         let desired: HashMap<&String, &PodRef> = state
             .pods
             .iter()
-            .filter(|(_, seen)| {
+            .filter(|(uid, seen)| {
                 !seen.finished
                     && (labeled(&seen.pod.labels)
-                        || state.agent_namespaces.contains(&seen.pod.namespace))
+                        || state.agent_namespaces.contains(&seen.pod.namespace)
+                        || state.guarded_for_life.contains(*uid))
             })
             .map(|(uid, seen)| (uid, &seen.pod))
             .collect();
+        for uid in desired.keys() {
+            if !state.guarded_for_life.contains(*uid) {
+                state.guarded_for_life.insert((*uid).clone());
+            }
+        }
 
         let gone: Vec<String> = state
             .registered
@@ -912,7 +951,10 @@ mod tests {
             pod("dev", "web", UID_B, &[]),
         ]);
         assert_eq!(in_map(), [id(0), id(3)].into());
+        // Unlabeled: still guarded for the pod's lifetime.
         tracker.apply_pod(&pod("dev", "agent", UID_A, &[]));
+        assert_eq!(in_map(), [id(0), id(3)].into());
+        tracker.delete_pod(&pod("dev", "agent", UID_A, &[]));
         assert_eq!(in_map(), [id(3)].into());
         tracker.delete_pod(&pod("dev", "cgroupfs-agent", UID_D, AGENT));
         assert!(in_map().is_empty());
@@ -944,15 +986,26 @@ mod tests {
         tracker.apply_pod(&pod("dev", "web", UID_B, AGENT));
         assert_eq!(sink.ids(), [id(0), id(1)].into());
 
-        // Unlabeling removes it, and the lookup forgets it.
+        // Unlabeling (or labeling "false") does not release it: a pod once
+        // guarded stays guarded for its lifetime.
         tracker.apply_pod(&pod("dev", "web", UID_B, &[]));
+        assert_eq!(sink.ids(), [id(0), id(1)].into());
+        tracker.apply_pod(&pod("dev", "web", UID_B, &[(INTERCEPT_LABEL, "false")]));
+        assert_eq!(sink.ids(), [id(0), id(1)].into());
+        assert!(tracker.pod_for_cgroup(id(1)).is_some());
+
+        // Deleting removes it, and the lookup forgets it.
+        tracker.delete_pod(&pod("dev", "web", UID_B, &[]));
         assert_eq!(sink.ids(), [id(0)].into());
         assert_eq!(tracker.pod_for_cgroup(id(1)), None);
-
-        // Deleting removes it.
         tracker.delete_pod(&pod("dev", "agent", UID_A, AGENT));
         assert!(sink.ids().is_empty());
         assert_eq!(tracker.guarded_count(), 0);
+        // A new pod with the uid of a deleted one (never in practice) starts
+        // from its own label.
+        tracker.apply_pod(&pod("dev", "web", UID_B, &[]));
+        assert!(sink.ids().is_empty());
+        tracker.delete_pod(&pod("dev", "web", UID_B, &[]));
 
         // A finished pod's cgroup is released.
         tracker.apply_pod(&pod("dev", "agent", UID_A, AGENT));
@@ -988,15 +1041,22 @@ mod tests {
         tracker.apply_pod(&pod("ci", "runner-3", UID_D, &[]));
         assert_eq!(sink.ids(), [id(0), id(1), id(3)].into());
 
-        // Unlabeling the namespace (the labeled watch reports a delete).
+        // Unlabeling the namespace (the labeled watch reports a delete)
+        // leaves its pods guarded for their lifetime; a pod arriving after
+        // it is not an agent.
         tracker.delete_namespace(&namespace("ci", false));
-        assert!(sink.ids().is_empty());
+        assert_eq!(sink.ids(), [id(0), id(1), id(3)].into());
+        tracker.delete_pod(&pod("ci", "runner-3", UID_D, &[]));
+        assert_eq!(sink.ids(), [id(0), id(1)].into());
 
-        // Relisting namespaces: only labeled ones count.
+        // Relisting namespaces: only labeled ones count; pods already
+        // guarded stay until they are gone (here: a relist without them).
         tracker.replace_namespaces(&[namespace("ci", false), namespace("web", true)]);
+        assert_eq!(sink.ids(), [id(0), id(1), id(2)].into());
+        tracker.replace_pods(&[pod("web", "frontend", UID_C, &[])]);
         assert_eq!(sink.ids(), [id(2)].into());
         tracker.apply_namespace(&namespace("web", false));
-        assert!(sink.ids().is_empty());
+        assert_eq!(sink.ids(), [id(2)].into());
     }
 
     /// A minimal API server for the watch: lists return the objects given
@@ -1271,11 +1331,14 @@ mod tests {
         assert_eq!(tracker.guarded_count(), 1);
         assert_eq!(tracker.unresolved_count(), 0);
 
-        // A pod that stops being an agent is no longer reported.
+        // An agent pod stays one when it loses its label (it is guarded for
+        // its lifetime), so it is still reported; once deleted it is not.
         let tracker = PodTracker::new(sink.clone(), tree.root.join("nowhere"));
         tracker.apply_pod(&pod("dev", "agent", UID_B, AGENT));
         assert_eq!(tracker.unresolved_count(), 1);
         tracker.apply_pod(&pod("dev", "agent", UID_B, &[]));
+        assert_eq!(tracker.unresolved_count(), 1);
+        tracker.delete_pod(&pod("dev", "agent", UID_B, &[]));
         assert_eq!(tracker.unresolved_count(), 0);
     }
 }

@@ -18,6 +18,8 @@ on_both_servers!(
     the_session_is_recorded_and_audited,
     encoded_secret_paths_are_masked_or_refused_over_http1_and_http2,
     watches_and_logs_over_websocket_are_refused_before_the_api_server,
+    a_token_bound_to_no_pod_is_refused,
+    an_agent_cannot_unlabel_itself,
 );
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -461,6 +463,115 @@ fn a_token_replayed_from_another_pod_is_refused(backend: Backend) {
         world.node.log_text().contains("other-pod"),
         "the refusal names the pod the token was issued to:\n{}",
         world.node.log_text()
+    );
+}
+
+/// `kubectl create token agent`: a valid token of the agent's own service
+/// account, bound to no pod. It would work from any guarded pod, so it is
+/// refused unless the node's config opts in (`requirePodBinding: false`).
+fn a_token_bound_to_no_pod_is_refused(backend: Backend) {
+    require_root!();
+    let world = world(backend);
+    let unbound = world
+        .api
+        .mint_token("default", "agent", None, None, Duration::from_secs(600))
+        .unwrap();
+    std::fs::write(world.credentials.dir.join("token"), &unbound).unwrap();
+    let out = kubectl(&world, &["get", "pods"]);
+    assert!(!out.status.success(), "{}", all_bytes(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("provide credentials"), "{stderr}");
+    if backend == Backend::Sim {
+        assert!(
+            world
+                .sim()
+                .requests()
+                .iter()
+                .all(|r| r.token.as_deref() != Some(unbound.as_str())),
+            "a refused token never reaches the API server"
+        );
+    }
+    // The refusal says why, in the audit log (written shortly after).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit =
+            std::fs::read_to_string(world.work.path().join("audit.log")).unwrap_or_default();
+        if audit.contains("is not bound to a pod") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audited refusal naming the missing binding:\n{audit}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent's RBAC (here: a permissive simulator) lets it patch pods, and
+/// policy allows everything by default: still, it may not take the label
+/// off itself (or its namespace) that makes chaperone guard it.
+fn an_agent_cannot_unlabel_itself(backend: Backend) {
+    require_root!();
+    let world = world(backend);
+    let attempts: &[&[&str]] = &[
+        &[
+            "label",
+            "pod",
+            "agent-0",
+            "chaperone.dev/intercept=false",
+            "--overwrite",
+        ],
+        &["label", "pod", "agent-0", "chaperone.dev/intercept-"],
+        &[
+            "patch",
+            "pod",
+            "agent-0",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/labels"}]"#,
+        ],
+        &[
+            "patch",
+            "pod",
+            "agent-0",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":null}}"#,
+        ],
+        &[
+            "annotate",
+            "namespace",
+            "default",
+            "chaperone.dev/intercept=false",
+        ],
+        &[
+            "label",
+            "namespace",
+            "default",
+            "chaperone.dev/intercept=false",
+        ],
+    ];
+    for args in attempts {
+        let out = kubectl(&world, args);
+        let said = all_bytes(&out);
+        assert!(!out.status.success(), "kubectl {args:?} succeeded: {said}");
+        assert!(
+            said.contains("Forbidden") && said.contains("chaperone.dev/intercept"),
+            "kubectl {args:?}: {said}"
+        );
+    }
+    let pod = world.api.get("pods", Some("default"), "agent-0").unwrap();
+    assert_eq!(pod["metadata"]["labels"]["chaperone.dev/intercept"], "true");
+    // Other labels are the agent's business.
+    let out = kubectl(&world, &["label", "pod", "agent-0", "stage=review"]);
+    assert!(out.status.success(), "{}", all_bytes(&out));
+    // chaperone's own namespace is off limits.
+    let out = kubectl(&world, &["get", "secrets", "-n", "chaperone-system"]);
+    assert!(!out.status.success(), "{}", all_bytes(&out));
+    assert!(
+        all_bytes(&out).contains("chaperone's own"),
+        "{}",
+        all_bytes(&out)
     );
 }
 

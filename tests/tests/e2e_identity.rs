@@ -2,7 +2,8 @@
 //! redirect: impersonate mode (the API server sees chaperone's credentials
 //! and impersonation headers; the agent's own token is useless without
 //! chaperone; agent-sent Impersonate-* never pass), a token signed with a
-//! rotated key, and the pod tracker guarding a pod by its label alone.
+//! rotated key, and the pod tracker guarding a pod by its label alone, for
+//! the pod's lifetime.
 //! Needs root.
 
 use std::time::{Duration, Instant};
@@ -192,7 +193,7 @@ fn eventually(world: &World, works: bool) -> String {
 }
 
 #[test]
-fn the_pod_tracker_guards_a_pod_by_its_label_and_lets_go_when_it_is_removed() {
+fn the_pod_tracker_guards_a_pod_by_its_label_for_its_lifetime() {
     require_root!();
     let world = World::start(WorldSpec {
         agent_cgroup_flag: false,
@@ -202,18 +203,23 @@ fn the_pod_tracker_guards_a_pod_by_its_label_and_lets_go_when_it_is_removed() {
     // Labeled: found by the tracker, redirected, served through chaperone.
     eventually(&world, true);
 
-    // Unlabeled: no longer guarded, so nothing answers the service IP.
+    // Unlabeled by another path (a person, a controller): still guarded,
+    // since a pod once guarded stays guarded for its lifetime (its uid).
     let store = world.sim().store();
     let mut pod = store.get("pods", Some("default"), "agent-0").unwrap();
     pod["metadata"]["labels"]["chaperone.dev/intercept"] = "false".into();
     store.update(pod).unwrap();
-    eventually(&world, false);
-
-    // Labeled again: guarded again.
-    let mut pod = store.get("pods", Some("default"), "agent-0").unwrap();
-    pod["metadata"]["labels"]["chaperone.dev/intercept"] = "true".into();
-    store.update(pod).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     eventually(&world, true);
+    let before = world.sim().requests().len();
+    let out = kubectl(&world, &["get", "configmaps"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !world.node.log_text().contains("no longer guarding pod"),
+        "the unlabeled pod was released:\n{}",
+        world.node.log_text()
+    );
+    assert!(world.sim().requests().len() > before);
 
     // Deleted: its cgroup is dropped.
     store.delete("pods", Some("default"), "agent-0").unwrap();

@@ -967,3 +967,110 @@ fn interactive_terminal_session(spdy: bool) {
     assert!(output.contains("$ "), "{output:?}");
     assert!(output.contains("tty-marker"), "{output:?}");
 }
+
+/// Token-less requests naming thousands of made-up resources (one curl,
+/// keeping its connection) leave `/metrics` the size it was: label values
+/// come from a fixed vocabulary, never from what a request names.
+#[test]
+fn metrics_stay_bounded_under_made_up_resources() {
+    require_root!();
+    let world = observed_world();
+    assert!(kubectl(&world, &["get", "pods"]).status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = scrape(&world);
+    let count = 3000;
+    let mut curl = world.agent().in_cluster_command(&world.credentials, "curl");
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        &format!("https://10.96.0.1/api/v1/namespaces/default/made-up-[1-{count}]"),
+        "-w",
+        "%{http_code}\n",
+    ]);
+    let out = run_for(&mut curl, Duration::from_secs(240)).unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "401").count(),
+        count,
+        "every token-less request is refused: {}",
+        text(&out)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let after = scrape(&world);
+    let series = |body: &str| {
+        body.lines()
+            .filter(|l| l.starts_with("chaperone_requests_total"))
+            .count()
+    };
+    assert!(
+        series(&after) <= series(&before) + 2,
+        "{} series before, {} after:\n{after}",
+        series(&before),
+        series(&after)
+    );
+    assert!(
+        after.len() < before.len() + 4096,
+        "/metrics grew from {} to {} bytes",
+        before.len(),
+        after.len()
+    );
+    assert!(!after.contains("made-up"), "{after}");
+}
+
+/// One pod's requests in flight are limited (`--max-requests-per-pod`):
+/// past the limit it gets a 429 `Status` with `Retry-After`, and once a
+/// request ends the next one passes.
+#[test]
+fn a_pod_over_its_in_flight_limit_gets_429_with_retry_after() {
+    require_root!();
+    let world = world(WorldSpec {
+        policy: POLICY.into(),
+        node_args: vec!["--max-requests-per-pod".into(), "1".into()],
+        ..WorldSpec::default()
+    });
+    let curl = |args: &str| {
+        let mut cmd = world.agent().in_cluster_command(&world.credentials, "sh");
+        cmd.arg("-c").arg(format!(
+            "sa=/var/run/secrets/kubernetes.io/serviceaccount; \
+             exec curl -s --cacert $sa/ca.crt -H \"Authorization: Bearer $(cat $sa/token)\" {args}"
+        ));
+        cmd
+    };
+    let mut watch =
+        curl("-o /dev/null 'https://10.96.0.1/api/v1/namespaces/default/configmaps?watch=true'")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = run_for(
+        &mut curl("-D - 'https://10.96.0.1/api/v1/namespaces/default/configmaps'"),
+        LIMIT,
+    )
+    .unwrap();
+    let said = text(&out).to_ascii_lowercase();
+    assert!(said.starts_with("http/") && said.contains(" 429"), "{said}");
+    assert!(said.contains("retry-after: 1"), "{said}");
+    assert!(said.contains("toomanyrequests"), "{said}");
+    assert!(said.contains("retryafterseconds"), "{said}");
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGKILL) };
+    let _ = watch.wait();
+    let mut passed = false;
+    for _ in 0..50 {
+        let out = run_for(
+            &mut curl("-o /dev/null -w '%{http_code}' 'https://10.96.0.1/api/v1/namespaces/default/configmaps'"),
+            LIMIT,
+        )
+        .unwrap();
+        if String::from_utf8_lossy(&out.stdout) == "200" {
+            passed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(passed, "the slot of the ended watch was not released");
+}

@@ -189,13 +189,16 @@ impl Metrics {
     }
 
     /// One finished request: counted by verb, resource and decision, its
-    /// latency observed.
+    /// latency observed. Every label value comes from a fixed vocabulary
+    /// ([`vocabulary`]); anything else is counted as `other`, so no request
+    /// (authenticated or not) can add a series.
     pub fn request(&self, verb: &str, resource: &str, decision: &str, latency: Duration) {
+        let decision = vocabulary::decision(decision);
         self.inner
             .requests
             .get_or_create(&RequestLabels {
-                verb: verb.to_owned(),
-                resource: resource.to_owned(),
+                verb: vocabulary::verb(verb).to_owned(),
+                resource: vocabulary::resource_path(resource),
                 decision: decision.to_owned(),
             })
             .inc();
@@ -210,16 +213,14 @@ impl Metrics {
     /// Counts one finished [`Exchange`](crate::record::Exchange): request,
     /// latency, masked fields.
     pub fn exchange(&self, exchange: &crate::record::Exchange) {
-        let resource = if exchange.request.subresource.is_empty() {
-            exchange.request.resource.clone()
+        let request = &exchange.request;
+        let resource = if !request.is_resource_request {
+            String::new()
         } else {
-            format!(
-                "{}/{}",
-                exchange.request.resource, exchange.request.subresource
-            )
+            vocabulary::resource(&request.resource, &request.subresource)
         };
         self.request(
-            &exchange.request.verb,
+            &request.verb,
             &resource,
             exchange.decision.verdict(),
             exchange.latency(),
@@ -325,5 +326,182 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The label values metrics may carry: Kubernetes' built-in resources,
+/// chaperone's own, their subresources, the request verbs and chaperone's
+/// decisions. A request names whatever it likes; what it names outside
+/// these is `other`, so the number of series is fixed by this file.
+pub mod vocabulary {
+    /// The label value for anything outside the vocabulary.
+    pub const OTHER: &str = "other";
+
+    const VERBS: [&str; 15] = [
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+        "proxy",
+        // Non-resource requests: the lowercased HTTP method.
+        "post",
+        "put",
+        "head",
+        "options",
+        "connect",
+        "trace",
+    ];
+
+    const RESOURCES: [&str; 66] = [
+        // core
+        "bindings",
+        "componentstatuses",
+        "configmaps",
+        "endpoints",
+        "events",
+        "limitranges",
+        "namespaces",
+        "nodes",
+        "persistentvolumeclaims",
+        "persistentvolumes",
+        "pods",
+        "podtemplates",
+        "replicationcontrollers",
+        "resourcequotas",
+        "secrets",
+        "serviceaccounts",
+        "services",
+        // apps, autoscaling, batch, policy
+        "controllerrevisions",
+        "daemonsets",
+        "deployments",
+        "replicasets",
+        "statefulsets",
+        "horizontalpodautoscalers",
+        "cronjobs",
+        "jobs",
+        "poddisruptionbudgets",
+        "podsecuritypolicies",
+        // networking, discovery, coordination, node, scheduling
+        "ingresses",
+        "ingressclasses",
+        "networkpolicies",
+        "endpointslices",
+        "leases",
+        "runtimeclasses",
+        "priorityclasses",
+        // rbac
+        "clusterrolebindings",
+        "clusterroles",
+        "rolebindings",
+        "roles",
+        // storage
+        "csidrivers",
+        "csinodes",
+        "csistoragecapacities",
+        "storageclasses",
+        "volumeattachments",
+        // authentication, authorization, certificates
+        "tokenreviews",
+        "selfsubjectreviews",
+        "localsubjectaccessreviews",
+        "selfsubjectaccessreviews",
+        "selfsubjectrulesreviews",
+        "subjectaccessreviews",
+        "certificatesigningrequests",
+        // cluster extension points
+        "customresourcedefinitions",
+        "apiservices",
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicybindings",
+        "flowschemas",
+        "prioritylevelconfigurations",
+        "storageversions",
+        "resourceclaims",
+        "resourceslices",
+        "deviceclasses",
+        // metrics.k8s.io
+        "podmetrics",
+        "nodemetrics",
+        // chaperone's own
+        "agentpolicies",
+        "approvalrequests",
+    ];
+
+    const SUBRESOURCES: [&str; 14] = [
+        "status",
+        "scale",
+        "exec",
+        "attach",
+        "portforward",
+        "proxy",
+        "log",
+        "eviction",
+        "binding",
+        "ephemeralcontainers",
+        "token",
+        "finalize",
+        "approval",
+        "resize",
+    ];
+
+    const DECISIONS: [&str; 5] = ["allow", "deny", "mask", "approve", "dry-run-deny"];
+
+    fn known(list: &[&'static str], value: &str) -> &'static str {
+        list.iter().copied().find(|v| *v == value).unwrap_or(OTHER)
+    }
+
+    pub fn verb(verb: &str) -> &'static str {
+        known(&VERBS, verb)
+    }
+
+    pub fn decision(decision: &str) -> &'static str {
+        known(&DECISIONS, decision)
+    }
+
+    /// `resource` or `resource/subresource`, each part collapsed to
+    /// [`OTHER`] when unknown; empty for non-resource requests.
+    pub fn resource(resource: &str, subresource: &str) -> String {
+        if resource.is_empty() {
+            return String::new();
+        }
+        let resource = known(&RESOURCES, resource);
+        if subresource.is_empty() {
+            resource.to_owned()
+        } else {
+            format!("{resource}/{}", known(&SUBRESOURCES, subresource))
+        }
+    }
+
+    /// As [`resource`], from `resource[/subresource]`.
+    pub fn resource_path(path: &str) -> String {
+        match path.split_once('/') {
+            Some((resource, subresource)) => self::resource(resource, subresource),
+            None => self::resource(path, ""),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn unknown_names_collapse_to_other() {
+            assert_eq!(resource("pods", "exec"), "pods/exec");
+            assert_eq!(resource("secrets", ""), "secrets");
+            assert_eq!(resource("secretz-8a7f", ""), "other");
+            assert_eq!(resource("pods", "x9"), "pods/other");
+            assert_eq!(resource_path("widgets.example/scale"), "other/scale");
+            assert_eq!(resource("", ""), "");
+            assert_eq!(verb("list"), "list");
+            assert_eq!(verb("PROPFIND"), "other");
+            assert_eq!(decision("mask"), "mask");
+        }
     }
 }

@@ -598,3 +598,43 @@ async fn the_approvals_api_lists_and_decides_local_approvals_with_the_plugins_ru
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     drop(dir);
 }
+
+/// An agent names any resource it likes, authenticated or not: thousands of
+/// made-up names must not make thousands of series (issue 24: 20,000
+/// token-less requests grew /metrics from 3 KB to 21 MB).
+#[test]
+fn made_up_resources_and_verbs_add_no_series() {
+    let metrics = Metrics::new();
+    metrics.request("get", "pods", "allow", Duration::from_millis(1));
+    let baseline = metrics.encode().len();
+    for i in 0..5000 {
+        let resource = format!("widgets-{i}");
+        metrics.request("get", &resource, "deny", Duration::from_millis(1));
+        metrics.request(
+            &format!("verb{i}"),
+            "pods",
+            "deny",
+            Duration::from_millis(1),
+        );
+        metrics.request(
+            "get",
+            &format!("pods/sub{i}"),
+            "allow",
+            Duration::from_millis(1),
+        );
+    }
+    let body = metrics.encode();
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("chaperone_requests_total"))
+        .count();
+    assert!(series <= 5, "{series} series:\n{body}");
+    assert!(
+        body.len() < baseline + 4096,
+        "/metrics grew from {baseline} to {} bytes",
+        body.len()
+    );
+    assert!(body.contains(r#"resource="other""#), "{body}");
+    assert!(body.contains(r#"resource="pods/other""#), "{body}");
+    assert!(body.contains(r#"verb="other""#), "{body}");
+}

@@ -25,6 +25,9 @@ pub mod annotations {
     pub const NODE: &str = "chaperone.dev/node";
     pub const MASKED: &str = "chaperone.dev/masked";
     pub const DRY_RUN: &str = "chaperone.dev/dry-run";
+    /// `unbound`: a service-account token that names no pod, accepted
+    /// from a guarded pod because `requirePodBinding: false` opts in.
+    pub const TOKEN_BINDING: &str = "chaperone.dev/token-binding";
 }
 
 /// `authentication.k8s.io/v1` `UserInfo`.
@@ -215,6 +218,9 @@ impl Event {
         notes.insert(annotations::MASKED.to_owned(), e.masked_fields.to_string());
         if e.decision.dry_run {
             notes.insert(annotations::DRY_RUN.to_owned(), "true".to_owned());
+        }
+        if e.caller.is_unbound_on_pod() {
+            notes.insert(annotations::TOKEN_BINDING.to_owned(), "unbound".to_owned());
         }
         Some(Self {
             kind: "Event",

@@ -304,6 +304,10 @@ fn events_have_the_api_servers_schema_and_decision_annotations() {
             case.masked_fields.to_string()
         );
         assert_eq!(v["auditID"], case.audit_id.to_string());
+        assert!(
+            notes.get("chaperone.dev/token-binding").is_none(),
+            "a token bound to the pod is not annotated: {notes}"
+        );
     }
     let [list, secret, deny, held, create, version, watch] = cases
         .iter()
@@ -384,7 +388,9 @@ fn an_event_is_byte_for_byte_what_the_api_server_writes() {
         r#""responseStatus":{"metadata":{},"code":200},"#,
         r#""requestReceivedTimestamp":"2026-11-23T11:17:02.123456Z","stageTimestamp":"2026-11-23T11:17:02.127891Z","#,
         r#""annotations":{"chaperone.dev/decision":"allow","chaperone.dev/masked":"0","chaperone.dev/node":"node-a","#,
-        r#""chaperone.dev/pod":"agents/coder-7f9c","chaperone.dev/policy":"agents/coder-policy","chaperone.dev/rule":"get-secrets"}}"#
+        r#""chaperone.dev/pod":"agents/coder-7f9c","chaperone.dev/policy":"agents/coder-policy","chaperone.dev/rule":"get-secrets","#,
+        // No pod in the token's extra: accepted only with requirePodBinding: false.
+        r#""chaperone.dev/token-binding":"unbound"}}"#
     );
     assert_eq!(line, expected);
 }

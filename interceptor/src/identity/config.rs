@@ -36,7 +36,7 @@ impl Default for IdentityConfig {
 
 /// Projected service-account tokens, verified locally against the keys the
 /// API server publishes.
-#[derive(Clone, Debug, PartialEq, Eq, Default, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ServiceAccountConfig {
     /// The service-account issuer(s) (`--service-account-issuer`). Empty:
@@ -53,10 +53,26 @@ pub struct ServiceAccountConfig {
     /// On redirected connections, refuse service-account tokens that name
     /// no pod (`kubectl create token` without `--bound-object-kind Pod`,
     /// legacy tokens): only a token minted for the calling pod is accepted.
+    /// On by default: an unbound token of any service account would
+    /// otherwise work from any guarded pod. `false` is the explicit opt-in
+    /// to unbound tokens; each request that uses one is audited with
+    /// `chaperone.dev/token-binding: unbound`.
     pub require_pod_binding: bool,
     /// Allowed signature algorithms. Empty: RS256/384/512, PS256/384/512,
     /// ES256/384 and EdDSA. `none` and HMAC can never be allowed.
     pub algorithms: Vec<String>,
+}
+
+impl Default for ServiceAccountConfig {
+    fn default() -> Self {
+        Self {
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            allow_legacy_tokens: false,
+            require_pod_binding: true,
+            algorithms: Vec::new(),
+        }
+    }
 }
 
 /// A trusted external OIDC issuer.
@@ -176,6 +192,10 @@ mod tests {
         .unwrap();
         assert_eq!(config.service_accounts.audiences, ["chaperone.dev"]);
         assert!(!config.service_accounts.allow_legacy_tokens);
+        assert!(
+            config.service_accounts.require_pod_binding,
+            "tokens must be bound to the calling pod unless the config opts out"
+        );
         assert_eq!(config.oidc_issuers[0].username_claim, "sub");
         assert_eq!(
             config.oidc_issuers[0].groups_claim.as_deref(),
@@ -183,6 +203,16 @@ mod tests {
         );
         assert!(config.token_review.enabled);
         assert_eq!(config.leeway_seconds, 60);
+    }
+
+    #[test]
+    fn unbound_tokens_are_an_explicit_opt_in() {
+        let config: IdentityConfig =
+            serde_yaml::from_str("serviceAccounts:\n  requirePodBinding: false\n").unwrap();
+        assert!(!config.service_accounts.require_pod_binding);
+        let config: IdentityConfig =
+            serde_yaml::from_str("serviceAccounts:\n  audiences: [x]\n").unwrap();
+        assert!(config.service_accounts.require_pod_binding);
     }
 
     #[test]

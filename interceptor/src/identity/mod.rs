@@ -115,6 +115,13 @@ impl Caller {
             uid,
         })
     }
+
+    /// A service account's token that names no pod, used from a guarded
+    /// pod: accepted only where `requirePodBinding: false` opts in, and
+    /// then audited as such.
+    pub fn is_unbound_on_pod(&self) -> bool {
+        self.pod.is_some() && self.service_account().is_some() && self.token_pod().is_none()
+    }
 }
 
 impl From<&PodRef> for PodIdentity {
@@ -215,6 +222,13 @@ impl Authenticator {
                 None => https_fetcher(issuer)?,
             };
             oidc.push(OidcVerifier::new(issuer, fetcher, policy, leeway)?);
+        }
+        if !sa.require_pod_binding {
+            tracing::warn!(
+                "identity.serviceAccounts.requirePodBinding is false: service-account tokens \
+                 bound to no pod are accepted from guarded pods (each use is audited with \
+                 chaperone.dev/token-binding: unbound)"
+            );
         }
         Ok(Self {
             service_accounts: ServiceAccountVerifier::new(

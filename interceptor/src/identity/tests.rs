@@ -531,7 +531,7 @@ async fn no_prefix_of_a_valid_token_is_accepted() {
 }
 
 #[tokio::test]
-async fn pod_binding_can_be_required_of_service_account_tokens() {
+async fn pod_binding_is_required_of_service_account_tokens_by_default() {
     let key = SigningKey::rsa("a", RSA_A);
     let mut unbound = sa_claims();
     unbound["kubernetes.io"]
@@ -540,14 +540,9 @@ async fn pod_binding_can_be_required_of_service_account_tokens() {
         .remove("pod");
     let unbound = key.sign(&unbound);
 
+    // The default: a token of any service account minted without a pod
+    // (`kubectl create token SA`) does not work from a guarded pod.
     let auth = authenticator(&config(), TestKeySource::new(&[&key]), None);
-    auth.authenticate(&unbound, Some(&agent_pod()), None)
-        .await
-        .unwrap();
-
-    let mut config = config();
-    config.service_accounts.require_pod_binding = true;
-    let auth = authenticator(&config, TestKeySource::new(&[&key]), None);
     let error = auth
         .authenticate(&unbound, Some(&agent_pod()), None)
         .await
@@ -563,9 +558,22 @@ async fn pod_binding_can_be_required_of_service_account_tokens() {
     );
     // Outside the redirect there is no pod to bind to; bound tokens pass.
     auth.authenticate(&unbound, None, None).await.unwrap();
-    auth.authenticate(&key.sign(&sa_claims()), Some(&agent_pod()), None)
+    let bound = auth
+        .authenticate(&key.sign(&sa_claims()), Some(&agent_pod()), None)
         .await
         .unwrap();
+    assert!(!bound.is_unbound_on_pod());
+
+    // The explicit opt-in: accepted, and the caller says it is unbound
+    // (the audit event's chaperone.dev/token-binding).
+    let mut config = config();
+    config.service_accounts.require_pod_binding = false;
+    let auth = authenticator(&config, TestKeySource::new(&[&key]), None);
+    let caller = auth
+        .authenticate(&unbound, Some(&agent_pod()), None)
+        .await
+        .unwrap();
+    assert!(caller.is_unbound_on_pod());
 }
 
 #[tokio::test]
@@ -829,6 +837,15 @@ async fn allowed_legacy_tokens_are_checked_by_token_review() {
     });
     let mut config = config();
     config.service_accounts.allow_legacy_tokens = true;
+    // A legacy token names no pod: from a guarded pod it needs the opt-in
+    // to unbound tokens as well.
+    let auth = authenticator(&config, TestKeySource::new(&[&key]), Some(reviewer.clone()));
+    let error = auth
+        .authenticate(&legacy, Some(&agent_pod()), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AuthError::UnboundToken { .. }), "{error}");
+    config.service_accounts.require_pod_binding = false;
     let auth = authenticator(&config, TestKeySource::new(&[&key]), Some(reviewer));
     let caller = auth
         .authenticate(&legacy, Some(&agent_pod()), None)

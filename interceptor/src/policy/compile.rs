@@ -982,6 +982,31 @@ impl PolicySet {
         }
     }
 
+    /// Whether the enforced decision for `input` lets it through because of a
+    /// rule that names `resource` literally in its `resources` (`resource`
+    /// or `resource/...`, never a glob such as `*`): the explicit grant the
+    /// protect stage asks for before an agent may write `AgentPolicy`
+    /// objects.
+    pub fn grants_explicitly(&self, input: &PolicyInput<'_>, resource: &str) -> bool {
+        let (enforcing, _) = self.tally(input);
+        let Some((hit, _)) = enforcing.winner() else {
+            return false;
+        };
+        if !hit.explicit || hit.outcome.action == Action::Deny {
+            return false;
+        }
+        let prepared = Prepared::new(input);
+        hit.policy.first_match(&prepared).is_some_and(|rule| {
+            rule.resources.iter().flatten().any(|pattern| {
+                let source = &*pattern.source;
+                source == resource
+                    || source
+                        .strip_prefix(resource)
+                        .is_some_and(|rest| rest.starts_with('/') && !rest.contains('*'))
+            })
+        })
+    }
+
     /// The verbs (of the nine resource verbs) this caller may use on the same
     /// resource, namespace and name: for denial messages. Allocates; call it
     /// only when refusing.

@@ -943,3 +943,45 @@ fn explain_says_which_rule_decides_and_why_earlier_ones_did_not() {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
 }
+
+#[test]
+fn only_a_rule_naming_agentpolicies_grants_writing_them() {
+    let wildcard = set_from(
+        r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: everything}
+spec:
+  subjects: [{serviceAccounts: ["agents/*"]}]
+  rules:
+    - name: all
+      resources: ["*"]
+      action: allow
+  defaultAction: allow
+"#,
+    );
+    let named = set_from(
+        r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: policy-admin}
+spec:
+  subjects: [{serviceAccounts: ["agents/*"]}]
+  rules:
+    - name: edit-policies
+      apiGroups: [chaperone.dev]
+      resources: [agentpolicies]
+      verbs: [create, update, patch]
+      action: allow
+  defaultAction: allow
+"#,
+    );
+    let caller = sa("agents", "coder");
+    let patch = req("PATCH", "/apis/chaperone.dev/v1alpha1/agentpolicies/coder");
+    let delete = req("DELETE", "/apis/chaperone.dev/v1alpha1/agentpolicies/coder");
+    let input = |r| PolicyInput::new(r, &caller);
+    assert!(!wildcard.grants_explicitly(&input(&patch), "agentpolicies"));
+    assert!(named.grants_explicitly(&input(&patch), "agentpolicies"));
+    // The default allows delete, but no rule names it.
+    assert!(!named.grants_explicitly(&input(&delete), "agentpolicies"));
+}

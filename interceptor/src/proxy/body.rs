@@ -32,10 +32,14 @@ pub fn empty() -> ProxyBody {
 
 /// A Kubernetes `Status` response, as the API server would send it.
 pub fn status_response(status: &Status) -> http::Response<ProxyBody> {
-    http::Response::builder()
+    let mut response = http::Response::builder()
         .status(status.code)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header("cache-control", "no-cache, private")
+        .header("cache-control", "no-cache, private");
+    if let Some(seconds) = status.retry_after_seconds {
+        response = response.header(http::header::RETRY_AFTER, seconds);
+    }
+    response
         .body(full(status.to_body()))
         .expect("a Status response is always valid")
 }

@@ -56,6 +56,11 @@ pub(super) async fn handle<G: Guard>(
         return Ok(status_response(&too_large(shared.config.max_request_body)));
     }
 
+    let upstream = if forward.own_credentials {
+        upstream.with_own_credentials()
+    } else {
+        &upstream
+    };
     let mut upstream_request = Request::builder()
         .method(parts.method.clone())
         .uri(upstream.uri_for(parts.uri.path_and_query()))

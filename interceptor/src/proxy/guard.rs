@@ -52,6 +52,11 @@ pub struct Forward {
     pub observer: Option<Box<dyn ResponseObserver>>,
     /// Sees the request body as it is forwarded (recording, audit).
     pub request_observer: Option<Box<dyn BodyObserver>>,
+    /// The request carries chaperone's own credentials (impersonate mode):
+    /// it goes over the pools that may present chaperone's client
+    /// certificate. Otherwise it carries the agent's, and no certificate of
+    /// chaperone's goes with it.
+    pub own_credentials: bool,
 }
 
 /// Follows one forwarded exchange: the response head, then the body.

@@ -23,6 +23,14 @@
 //! carrying at most `streams_per_connection`, opened as they fill. Once the
 //! server is known to speak HTTP/2, a shard dials as HTTP/2 from the start,
 //! so a burst of new watches opens one connection, not one per watch.
+//!
+//! Agents never borrow chaperone's credentials. When chaperone's own
+//! configuration authenticates with a client certificate, the API server
+//! would take that certificate over an agent's bearer token, so the pools
+//! that carry agents' own credentials (passthrough) present no client
+//! certificate at all; the certificate goes only on the separate pools of
+//! [`Upstream::with_own_credentials`], for requests sent with chaperone's
+//! identity and impersonation headers.
 
 use std::{
     pin::Pin,
@@ -105,10 +113,57 @@ pub struct Upstream {
     streams: Arc<StreamShards>,
     /// What the pools were built from, for [`Upstream::with_own_pools`].
     spec: Arc<UpstreamSpec>,
+    /// Pools that present chaperone's client certificate, when its
+    /// configuration has one: only for requests made with chaperone's own
+    /// credentials (impersonate mode).
+    own_credentials: Option<Arc<Upstream>>,
+}
+
+/// Presents no client certificate, whatever the server asks for.
+#[derive(Debug)]
+struct NoClientCertificate;
+
+impl rustls::client::ResolvesClientCert for NoClientCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
 }
 
 impl Upstream {
+    /// Pools for agents' requests, which carry no client certificate of
+    /// chaperone's; if `spec.tls` has one, [`Upstream::with_own_credentials`]
+    /// pools that present it.
     pub fn new(spec: UpstreamSpec) -> Result<Self, String> {
+        let own_credentials = if spec.tls.client_auth_cert_resolver.has_certs() {
+            Some(Arc::new(Self::pools(spec.clone(), None)?))
+        } else {
+            None
+        };
+        let mut agents = spec.clone();
+        agents.tls.client_auth_cert_resolver = Arc::new(NoClientCertificate);
+        Self::pools(agents, own_credentials).map(|mut upstream| {
+            // with_own_pools rebuilds both from the spec as configured.
+            upstream.spec = Arc::new(spec);
+            upstream
+        })
+    }
+
+    /// The pools for requests sent with chaperone's own credentials
+    /// (impersonate mode): they present chaperone's client certificate if
+    /// it has one; otherwise they are these pools.
+    pub fn with_own_credentials(&self) -> &Upstream {
+        self.own_credentials.as_deref().unwrap_or(self)
+    }
+
+    fn pools(spec: UpstreamSpec, own_credentials: Option<Arc<Upstream>>) -> Result<Self, String> {
         let kept = Arc::new(spec.clone());
         let authority = spec
             .base
@@ -163,6 +218,7 @@ impl Upstream {
             upgrades,
             streams,
             spec: kept,
+            own_credentials,
         })
     }
 

@@ -240,10 +240,16 @@ pub(crate) mod testing {
                 "system:serviceaccounts:agents".into(),
                 "system:authenticated".into(),
             ],
-            extra: [(
-                "authentication.kubernetes.io/pod-name".to_string(),
-                vec!["coder-7f9c".to_string()],
-            )]
+            extra: [
+                (
+                    "authentication.kubernetes.io/pod-name".to_string(),
+                    vec!["coder-7f9c".to_string()],
+                ),
+                (
+                    "authentication.kubernetes.io/pod-uid".to_string(),
+                    vec![pod().uid],
+                ),
+            ]
             .into(),
             pod: Some(pod()),
             process: None,
