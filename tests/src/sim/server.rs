@@ -365,12 +365,13 @@ async fn handle_authenticated(
     if accept.protobuf && !accept.json {
         return wire::error_response(&ApiError::not_acceptable(), pretty);
     }
-    // Every route but the health checks and the JWKS (which checks its own
-    // type) produces JSON (and YAML, protobuf): nothing else is acceptable.
+    // Every route but the health checks, OpenAPI and the JWKS (which checks
+    // its own type) produces JSON (and YAML, protobuf): nothing else is
+    // acceptable.
     let own_types = matches!(
         path.as_str(),
         "/healthz" | "/livez" | "/readyz" | "/openid/v1/jwks"
-    );
+    ) || path.starts_with("/openapi/");
     if !own_types && !accept.json && !accept.protobuf {
         return wire::error_response(&ApiError::route_not_acceptable(), pretty);
     }
