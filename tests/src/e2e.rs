@@ -229,15 +229,25 @@ spec:
   defaultAction: allow
 "#;
 
-impl Default for WorldSpec {
-    fn default() -> Self {
+impl WorldSpec {
+    /// For worlds where people decide approvals with `kubectl chaperone
+    /// approve|deny`, which learns who the approver is from
+    /// SelfSubjectReview (Kubernetes 1.28+): until the plugin has a
+    /// fallback for older servers, their simulator claims 1.28.
+    pub fn deciding_approvals() -> WorldSpec {
         WorldSpec {
-            // `kubectl chaperone approve|deny` learns who the approver is
-            // from SelfSubjectReview (Kubernetes 1.28+): until it has a
-            // fallback for older servers, the worlds' simulator claims 1.28.
             sim: SimConfig::default()
                 .permissive()
                 .with_minor_version(crate::sim::SELF_SUBJECT_REVIEW_MINOR_VERSION),
+            ..WorldSpec::default()
+        }
+    }
+}
+
+impl Default for WorldSpec {
+    fn default() -> Self {
+        WorldSpec {
+            sim: SimConfig::default().permissive(),
             namespace: "default".into(),
             service_account: "agent".into(),
             pod: "agent-0".into(),

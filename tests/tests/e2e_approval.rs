@@ -44,7 +44,7 @@ spec:
 fn spec(hold: &str) -> WorldSpec {
     WorldSpec {
         policy: policy(hold),
-        ..WorldSpec::default()
+        ..WorldSpec::deciding_approvals()
     }
 }
 
@@ -691,7 +691,7 @@ spec:
   defaultAction: allow
 "#
         ),
-        ..WorldSpec::default()
+        ..WorldSpec::deciding_approvals()
     }
 }
 
