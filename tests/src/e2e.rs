@@ -547,17 +547,28 @@ spec:
   defaultAction: allow
 "#;
 
+impl WorldSpec {
+    /// For worlds where people decide approvals with `kubectl chaperone
+    /// approve|deny`. The simulator's people hold opaque static tokens, from
+    /// which the plugin cannot read a name without SelfSubjectReview
+    /// (Kubernetes 1.28+), so their simulator claims 1.28; on the real 1.20
+    /// server people hold client certificates and the plugin reads those.
+    /// Both paths of the plugin are exercised that way.
+    pub fn deciding_approvals() -> WorldSpec {
+        WorldSpec {
+            sim: SimConfig::default()
+                .permissive()
+                .with_minor_version(crate::sim::SELF_SUBJECT_REVIEW_MINOR_VERSION),
+            ..WorldSpec::default()
+        }
+    }
+}
+
 impl Default for WorldSpec {
     fn default() -> Self {
         WorldSpec {
             backend: Backend::Sim,
-            // The real server (Backend::Real) is the oldest supported
-            // version, 1.20; the worlds' simulator plays a newer one, with
-            // SelfSubjectReview (1.28+), so both paths of `kubectl chaperone`
-            // (asking the server, reading the credentials) are exercised.
-            sim: SimConfig::default()
-                .permissive()
-                .with_minor_version(crate::sim::SELF_SUBJECT_REVIEW_MINOR_VERSION),
+            sim: SimConfig::default().permissive(),
             namespace: "default".into(),
             service_account: "agent".into(),
             pod: "agent-0".into(),

@@ -25,6 +25,8 @@
 //!   while the ServiceAccount has no token Secret: pods that tests create need
 //!   an existing ServiceAccount (or `default`, created by hand) and
 //!   `automountServiceAccountToken: false`.
+//! - Without the controller-manager the aggregated ClusterRoles (`admin`,
+//!   `edit`, `view`) have no rules: bind roles with explicit rules.
 //! - No scheduler or kubelet: a pod is an object. Tests set `spec.nodeName`
 //!   at creation and write its status with [`RealApiServer::patch_status`].
 //! - TokenRequest refuses `expirationSeconds` below 600 (10 minutes) and a

@@ -109,7 +109,7 @@ fn on(backend: Backend, hold: &str) -> WorldSpec {
     WorldSpec {
         backend,
         policy: policy(hold),
-        ..WorldSpec::default()
+        ..WorldSpec::deciding_approvals()
     }
 }
 
@@ -753,7 +753,7 @@ spec:
   defaultAction: allow
 "#
         ),
-        ..WorldSpec::default()
+        ..WorldSpec::deciding_approvals()
     }
 }
 

@@ -55,7 +55,7 @@ fn main() -> Result<()> {
         namespace: "agents".into(),
         service_account: "coder".into(),
         pod: "coder-0".into(),
-        ..WorldSpec::default()
+        ..WorldSpec::deciding_approvals()
     })
     .context("starting the simulator and chaperone node")?;
     seed(&world)?;

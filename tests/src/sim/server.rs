@@ -239,6 +239,8 @@ struct Ctx {
     accept: Accept,
     pretty: bool,
     user_agent: String,
+    /// The client accepts gzip (`Accept-Encoding`).
+    gzip: bool,
 }
 
 impl Ctx {
@@ -251,7 +253,7 @@ impl Ctx {
     }
 
     fn json(&self, status: u16, v: &Value) -> Response<Body> {
-        wire::json_response(status, v, self.pretty)
+        wire::object_response(status, v, self.pretty, self.accept.yaml, self.gzip)
     }
 
     fn err(&self, e: &ApiError) -> Response<Body> {
@@ -391,6 +393,25 @@ async fn handle_authenticated(
     if accept.protobuf && !accept.json {
         return wire::error_response(&ApiError::not_acceptable(), pretty);
     }
+    // Every route but the health checks, OpenAPI and the JWKS (which checks
+    // its own type) produces JSON (and YAML, protobuf): nothing else is
+    // acceptable.
+    let own_types = matches!(
+        path.as_str(),
+        "/healthz" | "/livez" | "/readyz" | "/openid/v1/jwks"
+    ) || path.starts_with("/openapi/");
+    if !own_types && !accept.json && !accept.protobuf {
+        return wire::error_response(&ApiError::route_not_acceptable(), pretty);
+    }
+    let gzip = req
+        .headers()
+        .get_all(http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|e| e.split(';').next().unwrap_or("").trim() == "gzip")
+        });
     let ctx = Ctx {
         state: state.clone(),
         user,
@@ -398,6 +419,7 @@ async fn handle_authenticated(
         accept,
         pretty,
         user_agent,
+        gzip,
     };
     route(ctx, req, &path).await
 }
@@ -408,16 +430,6 @@ fn text_response(status: u16, text: &str) -> Response<Body> {
         .header("content-type", "text/plain; charset=utf-8")
         .header("cache-control", "no-cache, private")
         .body(wire::full(text.to_string()))
-        .expect("valid response")
-}
-
-/// go-restful's answer when no route produces an acceptable type.
-fn not_acceptable_text() -> Response<Body> {
-    Response::builder()
-        .status(406)
-        .header("content-type", "text/plain; charset=utf-8")
-        .header("cache-control", "no-cache, private")
-        .body(wire::full("406: Not Acceptable".to_string()))
         .expect("valid response")
 }
 
@@ -488,6 +500,12 @@ async fn route(ctx: Ctx, req: Request<Incoming>, path: &str) -> Response<Body> {
         (resource, namespace)
     };
     let registry = ctx.state.store.registry();
+    if registry.versions(group).is_empty() {
+        // No handler for the group at all: Go's NotFound. (A version the
+        // simulator does not serve of a group it does gets the Status: it
+        // serves fewer versions than kube-apiserver.)
+        return wire::page_not_found();
+    }
     let Some(def) = registry.find(group, version, resource).cloned() else {
         return ctx.err(&ApiError::no_such_path());
     };
@@ -625,7 +643,7 @@ fn non_resource(ctx: &Ctx, segs: &[&str]) -> Response<Body> {
             // asking for application/json alone gets 406, as from
             // kube-apiserver (whose go-restful route says so).
             if !ctx.accept.jwk_set {
-                return not_acceptable_text();
+                return ctx.err(&ApiError::route_not_acceptable());
             }
             return raw_json(200, "application/jwk-set+json", &ctx.state.issuer.jwks());
         }
@@ -1461,10 +1479,24 @@ async fn review(
             Value::Object(st)
         }
     };
+    // kube-apiserver 1.20 records who wrote the review's spec, as for any
+    // create (operation Update, the manager from the User-Agent).
+    let mut metadata = json!({"creationTimestamp": null});
+    if let Some(manager) = ctx.write_options("").field_manager {
+        let fields = super::fields::field_set(&json!({"spec": spec}));
+        metadata["managedFields"] = json!([{
+            "manager": manager,
+            "operation": "Update",
+            "apiVersion": def.api_version(),
+            "time": super::store::now_rfc3339(),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": super::fields::to_fields_v1(&fields),
+        }]);
+    }
     let out = json!({
         "kind": def.kind,
         "apiVersion": def.api_version(),
-        "metadata": {"creationTimestamp": null},
+        "metadata": metadata,
         "spec": spec,
         "status": status,
     });

@@ -245,6 +245,18 @@ impl ApiError {
         }
     }
 
+    /// 406 from the API server's route selection (go-restful): no route
+    /// produces a type the client accepts (`/openid/v1/jwks` for
+    /// `Accept: application/json`, any object for `Accept: text/html`).
+    pub fn route_not_acceptable() -> Self {
+        Self {
+            code: 406,
+            reason: "NotAcceptable",
+            message: "406: Not Acceptable".into(),
+            details: Some(Map::new()),
+        }
+    }
+
     /// 415: a request body in a media type this simulator cannot read.
     pub fn unsupported_media_type(content_type: &str) -> Self {
         Self {

@@ -97,6 +97,83 @@ pub fn json_response(status: u16, v: &Value, pretty: bool) -> http::Response<Bod
         .expect("valid response")
 }
 
+/// kube-apiserver gzips an answer of at least this size for a client that
+/// accepts gzip (`defaultGzipThresholdBytes`).
+pub const GZIP_THRESHOLD: usize = 128 * 1024;
+
+/// An object answer as the API server negotiates it: YAML when the client
+/// prefers it, else JSON; gzip-compressed when it is large and the client
+/// accepts gzip.
+pub fn object_response(
+    status: u16,
+    v: &Value,
+    pretty: bool,
+    yaml: bool,
+    gzip: bool,
+) -> http::Response<Body> {
+    let (content_type, body) = if yaml {
+        let text = serde_yaml::to_string(&sorted(v)).unwrap_or_default();
+        ("application/yaml", text.into_bytes())
+    } else {
+        ("application/json", encode(v, pretty))
+    };
+    if !gzip || body.len() < GZIP_THRESHOLD {
+        if yaml {
+            return http::Response::builder()
+                .status(status)
+                .header("cache-control", "no-cache, private")
+                .header("content-type", content_type)
+                .header("content-length", body.len())
+                .body(full(body))
+                .expect("valid response");
+        }
+        return json_response(status, v, pretty);
+    }
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = encoder.write_all(&body);
+    let compressed = encoder.finish().unwrap_or_default();
+    http::Response::builder()
+        .status(status)
+        .header("cache-control", "no-cache, private")
+        .header("content-type", content_type)
+        .header("content-encoding", "gzip")
+        .header("vary", "Accept-Encoding")
+        .header("x-kubernetes-pf-flowschema-uid", PF_FLOWSCHEMA)
+        .header("x-kubernetes-pf-prioritylevel-uid", PF_PRIORITYLEVEL)
+        .body(full(compressed))
+        .expect("valid response")
+}
+
+/// Keys in sorted order at every level (Go's YAML encoding of an object).
+fn sorted(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), sorted(&m[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Go's `http.NotFound`: what the API server answers for a path no handler
+/// serves (a group or version that does not exist).
+pub fn page_not_found() -> http::Response<Body> {
+    http::Response::builder()
+        .status(404)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("x-content-type-options", "nosniff")
+        .header("cache-control", "no-cache, private")
+        .body(full("404 page not found\n".to_string()))
+        .expect("valid response")
+}
+
 pub fn error_response(e: &ApiError, pretty: bool) -> http::Response<Body> {
     json_response(e.code, &e.to_status(), pretty)
 }
@@ -115,6 +192,8 @@ pub struct Accept {
     /// The JWKS document's type, `application/jwk-set+json`, is acceptable
     /// (also `*/*`, `application/*` or no Accept at all).
     pub jwk_set: bool,
+    /// `application/yaml` comes before any JSON type: answer in YAML.
+    pub yaml: bool,
 }
 
 impl Accept {
@@ -133,6 +212,9 @@ impl Accept {
             let params: Vec<&str> = params.collect();
             if matches!(media, "application/jwk-set+json" | "*/*" | "application/*") {
                 a.jwk_set = true;
+            }
+            if media == "application/yaml" && !a.json && !a.table && !a.metadata_only {
+                a.yaml = true;
             }
             match media {
                 "application/vnd.kubernetes.protobuf" => a.protobuf = true,
