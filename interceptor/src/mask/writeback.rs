@@ -111,15 +111,14 @@ pub fn find_markers(body: &[u8]) -> Option<Vec<String>> {
 fn collect(value: &Value, path: &mut String, fields: &mut Vec<String>) {
     let len = path.len();
     match value {
-        Value::String(s) => {
-            if (carries_marker(s.as_bytes())
-                || STANDARD
-                    .decode(s.as_bytes())
-                    .is_ok_and(|decoded| carries_marker(&decoded)))
-                && !path.is_empty()
-            {
-                fields.push(path.clone());
-            }
+        Value::String(s)
+            if !path.is_empty()
+                && (carries_marker(s.as_bytes())
+                    || STANDARD
+                        .decode(s.as_bytes())
+                        .is_ok_and(|decoded| carries_marker(&decoded))) =>
+        {
+            fields.push(path.clone());
         }
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
