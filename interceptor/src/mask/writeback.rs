@@ -22,7 +22,8 @@
 //! GET and the write; a mistake there silently writes something nobody
 //! sent. A refusal cannot go wrong that way, and its message tells the
 //! agent the one thing to do: send only the fields it changes (`kubectl
-//! patch`, or an apply of a file holding just the changed keys).
+//! patch`). Not an apply of a partial file: apply prunes the fields its
+//! earlier applies set and the file leaves out.
 //!
 //! **What is found.** The body is searched as bytes, whatever its format:
 //! - the marker text `masked by chaperone: ` itself, so `stringData`, the
@@ -164,9 +165,9 @@ pub fn refusal(request: &RequestInfo, fields: &[String]) -> Status {
         format!(
             "chaperone: this write of {what} carries values masked by chaperone{at}; \
              forwarding it would replace the stored values with the masks. Nothing was written. \
-             Send only the fields you change: kubectl patch, or kubectl apply (or apply --server-side) \
-             of a file that holds just the changed keys, without the masked values and without a \
-             last-applied-configuration annotation copied from a read"
+             Send only the fields you change, with their real values: kubectl patch (for a Secret: \
+             kubectl patch secret NAME -p '{{\"stringData\":{{\"KEY\":\"new value\"}}}}'); never a body \
+             or file made from what you read, including its last-applied-configuration annotation"
         ),
     )
 }
