@@ -22,7 +22,12 @@
 //!   did the scoping, so every pod arriving here is in scope, except one
 //!   that opts out with the pod label `chaperone.dev/intercept: "false"`.
 //!
-//! [`Injector::mutate`] is the pure function behind both paths; the HTTPS
+//! - `POST /attest`: every CREATE and UPDATE of `approvalrequests` and
+//!   `approvalrequests/status`: a decision is stamped with who the API
+//!   server authenticated and signed ([`Injector::attest`],
+//!   [`crate::approval::attest`]).
+//!
+//! [`Injector::mutate`] is the pure function behind both pod paths; the HTTPS
 //! server around it ([`serve`]) only parses, routes and answers.
 //!
 //! Errors. A body that is not an `admission.k8s.io/v1` `AdmissionReview`
