@@ -9,7 +9,12 @@
 #       - Secret chaperone-system/chaperone-webhook-tls: the webhook's serving
 #         certificate, signed by that CA (re-issued on every run; the webhook
 #         reloads it without a restart)
-#       - the caBundle of both webhooks in MutatingWebhookConfiguration chaperone
+#       - the caBundle of the three webhooks in MutatingWebhookConfiguration chaperone
+#       - Secret chaperone-system/chaperone-attestation-key: the ed25519 key
+#         with which the webhook signs approval decisions (mounted only into
+#         the webhook); created if missing, never replaced
+#       - ConfigMap chaperone-system/chaperone-attestation-public: its public
+#         key, for the node agents (--approval-verify-key)
 #       - ConfigMap NAMESPACE/chaperone-ca-bundle (key ca.crt: the namespace's
 #         kube-root-ca.crt + the chaperone CA) for each agent NAMESPACE
 #
@@ -120,11 +125,32 @@ kubectl create secret generic chaperone-webhook-tls -n "$system_ns" --type=kuber
     --from-file=tls.crt="$work/tls.crt" --from-file=tls.key="$work/tls.key" \
     --from-file=ca.crt="$work/ca.crt" --dry-run=client -o yaml | emit
 
+# === the key that attests approval decisions ===
+# Only the webhook holds the private key: a decision the nodes act on names
+# who the API server authenticated, and nobody else can sign one.
+
+if [ -n "$out" ] && [ -s "$out/attestation.key" ]; then
+    say "keeping the attestation key in $out"
+    cp "$out/attestation.key" "$work/attestation.key"
+elif [ -z "$out" ] && kubectl -n "$system_ns" get secret chaperone-attestation-key >/dev/null 2>&1; then
+    say "keeping the attestation key (Secret $system_ns/chaperone-attestation-key)"
+    kubectl -n "$system_ns" get secret chaperone-attestation-key -o 'jsonpath={.data.ed25519\.key}' | base64 -d >"$work/attestation.key"
+else
+    say "creating the attestation key"
+    openssl genpkey -algorithm ed25519 -out "$work/attestation.key" 2>/dev/null
+fi
+openssl pkey -in "$work/attestation.key" -pubout -out "$work/attestation.pub" 2>/dev/null
+kubectl create secret generic chaperone-attestation-key -n "$system_ns" \
+    --from-file=ed25519.key="$work/attestation.key" --dry-run=client -o yaml | emit
+kubectl create configmap chaperone-attestation-public -n "$system_ns" \
+    --from-file=ed25519.pub="$work/attestation.pub" --dry-run=client -o yaml | emit
+
 # === the webhooks' caBundle ===
 
 bundle=$(b64 "$work/ca.crt")
 patch="[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"},\
-{\"op\":\"add\",\"path\":\"/webhooks/1/clientConfig/caBundle\",\"value\":\"$bundle\"}]"
+{\"op\":\"add\",\"path\":\"/webhooks/1/clientConfig/caBundle\",\"value\":\"$bundle\"},\
+{\"op\":\"add\",\"path\":\"/webhooks/2/clientConfig/caBundle\",\"value\":\"$bundle\"}]"
 if [ -n "$out" ]; then
     printf '%s\n' "$patch" >"$out/cabundle-patch.yaml"
 else
@@ -150,7 +176,8 @@ for ns in "$@"; do
 done
 
 if [ -n "$out" ]; then
-    cp "$work/ca.crt" "$work/ca.key" "$work/tls.crt" "$work/tls.key" "$out/"
-    chmod 600 "$out/ca.key" "$out/tls.key"
+    cp "$work/ca.crt" "$work/ca.key" "$work/tls.crt" "$work/tls.key" \
+        "$work/attestation.key" "$work/attestation.pub" "$out/"
+    chmod 600 "$out/ca.key" "$out/tls.key" "$out/attestation.key"
     say "wrote $out/manifests.yaml, $out/cabundle-patch.yaml and the PEM files"
 fi

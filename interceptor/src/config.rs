@@ -221,6 +221,13 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_APPROVAL_TTL")]
     pub approval_ttl: Option<String>,
 
+    /// Cluster mode: PEM ed25519 public key(s) of chaperone's admission
+    /// webhook. With it, a decision counts only when the webhook attested
+    /// it (who decided, as the API server authenticated them); without it
+    /// the node trusts `decidedBy` as written (a warning at start).
+    #[arg(long, env = "CHAPERONE_APPROVAL_VERIFY_KEY")]
+    pub approval_verify_key: Option<PathBuf>,
+
     /// A webhook told about every new approval (http or https URL).
     #[arg(long, env = "CHAPERONE_NOTIFY_URL")]
     pub notify_url: Option<String>,
@@ -269,6 +276,7 @@ struct NodeFile {
     approval_namespace: Option<String>,
     approval_dir: Option<PathBuf>,
     approval_ttl: Option<String>,
+    approval_verify_key: Option<PathBuf>,
     notify_url: Option<String>,
     notify_format: Option<String>,
     /// Token verification: issuers, OIDC providers, algorithms.
@@ -324,6 +332,8 @@ pub struct NodeConfig {
     /// Local mode approvals (files) instead of `ApprovalRequest` objects.
     pub approval_dir: Option<PathBuf>,
     pub approval_ttl: Duration,
+    /// The admission webhook's public key(s) that attest decisions.
+    pub approval_verify_key: Option<PathBuf>,
     /// Where and how new approvals are announced.
     pub notify: Option<(http::Uri, crate::approval::notify::Format)>,
 }
@@ -535,6 +545,7 @@ impl NodeConfig {
                 .or(file.approval_namespace)
                 .unwrap_or_else(|| crate::approval::DEFAULT_NAMESPACE.to_owned()),
             approval_dir: args.approval_dir.or(file.approval_dir),
+            approval_verify_key: args.approval_verify_key.or(file.approval_verify_key),
             approval_ttl: match args.approval_ttl.or(file.approval_ttl) {
                 None => crate::approval::DEFAULT_TTL,
                 Some(text) => crate::policy::parse_duration(&text)

@@ -276,11 +276,33 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             namespace: config.approval_namespace.clone(),
         },
     };
-    let approvals = crate::approval::Approvals::start(
+    let verifier = match &config.approval_verify_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--approval-verify-key {}: {e}", path.display()))?;
+            Some(
+                crate::approval::attest::Verifier::from_pem(&pem).map_err(|e| {
+                    anyhow::anyhow!("--approval-verify-key {}: {e}", path.display())
+                })?,
+            )
+        }
+        None => {
+            if matches!(approval_backend, crate::approval::Backend::Cluster { .. }) {
+                tracing::warn!(
+                    "no --approval-verify-key: approval decisions are not attested, and anyone \
+                     who may write approvalrequests/status can approve under any name \
+                     (see deploy/README.md)"
+                );
+            }
+            None
+        }
+    };
+    let approvals = crate::approval::Approvals::start_attested(
         approval_backend,
         config.node_name.clone(),
         config.approval_ttl,
         notifier,
+        verifier,
     );
 
     let mut pipeline = Pipeline::new(

@@ -357,6 +357,44 @@ fn reads_body(parts: &Parts, request: &RequestInfo) -> bool {
         && !parts.headers.contains_key(header::UPGRADE)
 }
 
+impl Pipeline {
+    /// The refusal of a create, update or patch of a masked resource type
+    /// whose body carries chaperone's masks (see `mask::writeback`).
+    async fn masked_write(
+        &self,
+        parts: &Parts,
+        body: &mut RequestBody,
+        request: &RequestInfo,
+    ) -> Option<Status> {
+        use crate::mask::writeback;
+        if !reads_body(parts, request)
+            || !matches!(
+                self.masker.target(request),
+                Some(Target::Secret | Target::ConfigMap | Target::Workload)
+            )
+        {
+            return None;
+        }
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match body.read_whole(writeback::BODY_READ_LIMIT, declared).await {
+            WholeBody::Complete(bytes) => {
+                writeback::find_markers(&bytes).map(|fields| writeback::refusal(request, &fields))
+            }
+            WholeBody::TooLarge { .. } => Some(Status::too_large(format!(
+                "chaperone: writes of {} are checked for masked values and may be at most {} bytes",
+                request.resource,
+                writeback::BODY_READ_LIMIT
+            ))),
+            // The agent went away: forwarding fails the same way.
+            WholeBody::Failed(_) => None,
+        }
+    }
+}
+
 impl Guard for Pipeline {
     async fn check(
         &self,
@@ -479,6 +517,13 @@ impl Guard for Pipeline {
             return exchange.refuse(*status);
         }
         let decision = policy.evaluate(&input);
+        // Writes never store a mask: checked before a person is asked.
+        if (!decision.refuses() || decision.enforce == Action::Approve)
+            && let Some(status) = self.masked_write(parts, body, &exchange.request).await
+        {
+            exchange.decision = Some(decision);
+            return exchange.refuse(status);
+        }
         if decision.enforce == Action::Approve
             && let Some(approvals) = &self.approvals
         {

@@ -22,7 +22,12 @@
 //!   did the scoping, so every pod arriving here is in scope, except one
 //!   that opts out with the pod label `chaperone.dev/intercept: "false"`.
 //!
-//! [`Injector::mutate`] is the pure function behind both paths; the HTTPS
+//! - `POST /attest`: every CREATE and UPDATE of `approvalrequests` and
+//!   `approvalrequests/status`: a decision is stamped with who the API
+//!   server authenticated and signed ([`Injector::attest`],
+//!   [`crate::approval::attest`]).
+//!
+//! [`Injector::mutate`] is the pure function behind both pod paths; the HTTPS
 //! server around it ([`serve`]) only parses, routes and answers.
 //!
 //! Errors. A body that is not an `admission.k8s.io/v1` `AdmissionReview`
@@ -66,6 +71,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::approval::{
+    ApprovalRequest,
+    attest::{Signer, UserInfo, attest_write},
+};
 use crate::kstatus;
 
 /// The label that puts a pod (or, on the namespace, all its pods) under
@@ -87,6 +96,9 @@ pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
 pub const MUTATE_PATH: &str = "/mutate";
 /// The path of the webhook for pods in labeled namespaces ([`Scope::Namespace`]).
 pub const MUTATE_NAMESPACE_PATH: &str = "/mutate/namespace";
+/// The path of the webhook that attests approval decisions
+/// ([`crate::approval::attest`]).
+pub const ATTEST_PATH: &str = "/attest";
 /// A pod is at most ~1.5 MB in etcd; a review carries at most two of them.
 pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
@@ -123,6 +135,11 @@ pub struct AdmissionRequest {
     pub dry_run: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_object: Option<Value>,
+    /// Who the API server authenticated as the writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_info: Option<UserInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +256,9 @@ pub enum Scope {
     PodLabel,
     /// `/mutate/namespace`: every pod, unless labeled `…/intercept: "false"`.
     Namespace,
+    /// `/attest`: writes of `ApprovalRequest`s, whose decisions are signed
+    /// ([`Injector::attest`]).
+    Approvals,
 }
 
 /// What to inject into agent pods.
@@ -249,6 +269,9 @@ pub struct Injector {
     pub audience: String,
     /// The ConfigMap (key `ca.crt`) with the cluster CA + chaperone CA.
     pub ca_bundle_configmap: String,
+    /// The key that signs approval decisions on [`ATTEST_PATH`]; without
+    /// it that path denies every write it is sent.
+    pub attestor: Option<Arc<Signer>>,
 }
 
 impl Default for Injector {
@@ -257,6 +280,7 @@ impl Default for Injector {
             mode: CredentialMode::Passthrough,
             audience: DEFAULT_AUDIENCE.to_owned(),
             ca_bundle_configmap: DEFAULT_CA_BUNDLE_CONFIGMAP.to_owned(),
+            attestor: None,
         }
     }
 }
@@ -275,6 +299,88 @@ impl Injector {
             .into_review();
         };
         self.respond(request, scope).into_review()
+    }
+
+    /// Answers one admission review of an `ApprovalRequest` write on
+    /// [`ATTEST_PATH`]: allowed, with a patch that sets `status` when the
+    /// decision's attestation must change ([`attest_write`]).
+    pub fn attest(&self, review: &AdmissionReview) -> AdmissionReview {
+        let Some(request) = &review.request else {
+            return AdmissionResponse::deny(
+                "",
+                400,
+                "BadRequest",
+                "the AdmissionReview has no `request`".to_owned(),
+            )
+            .into_review();
+        };
+        self.attest_request(request, time::OffsetDateTime::now_utc())
+            .into_review()
+    }
+
+    fn attest_request(
+        &self,
+        request: &AdmissionRequest,
+        now: time::OffsetDateTime,
+    ) -> AdmissionResponse {
+        let uid = request.uid.as_str();
+        let kind = &request.kind;
+        if !(kind.group == "chaperone.dev" && kind.kind == "ApprovalRequest") {
+            return AdmissionResponse::deny(
+                uid,
+                400,
+                "BadRequest",
+                format!(
+                    "chaperone's {ATTEST_PATH} webhook only attests chaperone.dev ApprovalRequests,                      but was sent {}/{} {}: check the rules of the MutatingWebhookConfiguration",
+                    kind.group, kind.version, kind.kind
+                ),
+            );
+        }
+        let Some(signer) = &self.attestor else {
+            return AdmissionResponse::deny(
+                uid,
+                503,
+                "ServiceUnavailable",
+                "chaperone's webhook has no attestation key (--attestation-key), so it cannot                  attest approval decisions"
+                    .to_owned(),
+            );
+        };
+        let parse = |value: Option<&Value>| -> Result<Option<ApprovalRequest>, String> {
+            value
+                .filter(|v| !v.is_null())
+                .map(|v| serde_json::from_value(v.clone()))
+                .transpose()
+                .map_err(|e| format!("not a valid ApprovalRequest: {e}"))
+        };
+        let (new, old) = match (
+            parse(request.object.as_ref()),
+            parse(request.old_object.as_ref()),
+        ) {
+            (Ok(Some(new)), Ok(old)) => (new, old),
+            (Ok(None), _) => return AdmissionResponse::allow(uid),
+            (Err(why), _) | (_, Err(why)) => {
+                return AdmissionResponse::deny(uid, 400, "BadRequest", why);
+            }
+        };
+        let user = request.user_info.clone().unwrap_or_default();
+        match attest_write(signer, old.as_ref(), &new, &user, now) {
+            None => AdmissionResponse::allow(uid),
+            Some(status) => {
+                if status.attestation.is_some() {
+                    tracing::info!(
+                        approval = new.name(),
+                        by = %user.username,
+                        state = ?status.state,
+                        "attested an approval decision"
+                    );
+                }
+                let value = serde_json::to_value(&status).expect("a status always serializes");
+                AdmissionResponse::allow(uid).with_patch(&[PatchOp::Add {
+                    path: "/status".to_owned(),
+                    value,
+                }])
+            }
+        }
     }
 
     fn respond(&self, request: &AdmissionRequest, scope: Scope) -> AdmissionResponse {
@@ -399,6 +505,7 @@ fn in_scope(pod: &Pod, scope: Scope) -> bool {
     match scope {
         Scope::PodLabel => label == Some("true"),
         Scope::Namespace => label != Some("false"),
+        Scope::Approvals => false,
     }
 }
 
@@ -452,7 +559,10 @@ pub fn review_http(injector: &Injector, body: &[u8], scope: Scope) -> (StatusCod
     if review.request.is_none() {
         return bad_request("the AdmissionReview has no `request`".to_owned());
     }
-    let answer = injector.mutate(&review, scope);
+    let answer = match scope {
+        Scope::Approvals => injector.attest(&review),
+        _ => injector.mutate(&review, scope),
+    };
     if let (Some(request), Some(response)) = (&review.request, &answer.response) {
         let pod = request
             .object
@@ -495,7 +605,16 @@ async fn handle(
         (&Method::GET, "/healthz" | "/readyz") => return Ok(plain(StatusCode::OK, "ok\n")),
         (&Method::POST, MUTATE_PATH) => Scope::PodLabel,
         (&Method::POST, MUTATE_NAMESPACE_PATH) => Scope::Namespace,
-        _ if [MUTATE_PATH, MUTATE_NAMESPACE_PATH, "/healthz", "/readyz"].contains(&path) => {
+        (&Method::POST, ATTEST_PATH) => Scope::Approvals,
+        _ if [
+            MUTATE_PATH,
+            MUTATE_NAMESPACE_PATH,
+            ATTEST_PATH,
+            "/healthz",
+            "/readyz",
+        ]
+        .contains(&path) =>
+        {
             return Ok(plain(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n",
@@ -769,6 +888,11 @@ pub struct WebhookArgs {
     /// cluster CA and the chaperone CA.
     #[arg(long, env = "CHAPERONE_CA_BUNDLE_CONFIGMAP", default_value = DEFAULT_CA_BUNDLE_CONFIGMAP)]
     pub ca_bundle_configmap: String,
+    /// PEM ed25519 private key (PKCS#8) that signs approval decisions on
+    /// `/attest`; the node agents hold its public key
+    /// (`--approval-verify-key`). Mounted only into the webhook.
+    #[arg(long, env = "CHAPERONE_ATTESTATION_KEY")]
+    pub attestation_key: Option<PathBuf>,
     /// How long to keep accepting after SIGTERM, while the API server still
     /// routes to this replica (endpoint removal is not instant).
     #[arg(
@@ -783,18 +907,34 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    pub fn injector(&self) -> Injector {
-        Injector {
+    pub fn injector(&self) -> anyhow::Result<Injector> {
+        let attestor = match &self.attestation_key {
+            None => None,
+            Some(path) => {
+                let pem = fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read the attestation key {}: {e}", path.display())
+                })?;
+                let signer = Signer::from_pem(&pem)
+                    .map_err(|e| anyhow::anyhow!("attestation key {}: {e}", path.display()))?;
+                Some(Arc::new(signer))
+            }
+        };
+        Ok(Injector {
             mode: self.credential_mode,
             audience: self.audience.clone(),
             ca_bundle_configmap: self.ca_bundle_configmap.clone(),
-        }
+            attestor,
+        })
     }
 }
 
 /// Runs `chaperone webhook` until SIGTERM or SIGINT.
 pub fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     let tls = tls_config(&args.tls_cert, &args.tls_key)?;
+    let injector = Arc::new(args.injector()?);
+    if injector.attestor.is_none() {
+        tracing::warn!("no --attestation-key: approval decisions sent to {ATTEST_PATH} are denied");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -816,7 +956,7 @@ pub fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         serve(
             listener,
             tls,
-            Arc::new(args.injector()),
+            injector,
             async {
                 shutdown_signal().await;
                 let delay = Duration::from_secs(args.shutdown_delay_seconds);

@@ -474,11 +474,12 @@ fn chaperone_webhook_flags_configure_the_injector() {
     };
     assert_eq!(args.listen.port(), 8443);
     assert_eq!(
-        args.injector(),
+        args.injector().unwrap(),
         Injector {
             mode: CredentialMode::Impersonate,
             audience: "gate.example.com".to_owned(),
             ca_bundle_configmap: DEFAULT_CA_BUNDLE_CONFIGMAP.to_owned(),
+            attestor: None,
         }
     );
     let error = Cli::try_parse_from([

@@ -14,7 +14,7 @@ use std::{
     sync::OnceLock,
 };
 
-use chaperone::webhook::{DEFAULT_AUDIENCE, MUTATE_NAMESPACE_PATH, MUTATE_PATH};
+use chaperone::webhook::{ATTEST_PATH, DEFAULT_AUDIENCE, MUTATE_NAMESPACE_PATH, MUTATE_PATH};
 use serde_yaml::Value;
 
 const IMAGE: &str = "ghcr.io/chaperone-dev/chaperone";
@@ -517,10 +517,13 @@ fn the_webhook_fails_closed_and_never_gates_the_control_plane() {
         .collect();
     assert_eq!(
         paths,
-        BTreeSet::from([MUTATE_PATH, MUTATE_NAMESPACE_PATH]),
+        BTreeSet::from([MUTATE_PATH, MUTATE_NAMESPACE_PATH, ATTEST_PATH]),
         "the paths `chaperone webhook` serves"
     );
-    for webhook in webhooks {
+    let pod_hooks = webhooks
+        .iter()
+        .filter(|w| w["clientConfig"]["service"]["path"] != ATTEST_PATH);
+    for webhook in pod_hooks {
         let name = webhook["name"].as_str().unwrap();
         assert_eq!(webhook["failurePolicy"], "Fail", "{name}");
         assert_eq!(webhook["sideEffects"], "None", "{name}");
@@ -563,6 +566,50 @@ fn the_webhook_fails_closed_and_never_gates_the_control_plane() {
                 && strings(&e["values"]) == ["true"]
         });
     assert!(selects_labeled, "{namespace_hook:?}");
+
+    // Every write of an approval goes through the attesting webhook, which
+    // fails closed and is not re-invoked after another webhook's change.
+    let attest = by_path(ATTEST_PATH);
+    assert_eq!(attest["failurePolicy"], "Fail");
+    assert_eq!(attest["sideEffects"], "None");
+    assert_eq!(attest["reinvocationPolicy"], "Never");
+    assert_eq!(strings(&attest["admissionReviewVersions"]), ["v1"]);
+    assert_eq!(strings(&attest["rules"][0]["apiGroups"]), ["chaperone.dev"]);
+    assert_eq!(
+        strings(&attest["rules"][0]["resources"]),
+        ["approvalrequests", "approvalrequests/status"]
+    );
+    assert_eq!(
+        strings(&attest["rules"][0]["operations"]),
+        ["CREATE", "UPDATE"]
+    );
+    assert!(attest.get("namespaceSelector").is_none() && attest.get("objectSelector").is_none());
+    // The signing key is mounted into the webhook only; the nodes get the
+    // public key.
+    let mounts_secret = |object: &Value, secret: &str| {
+        object["spec"]["template"]["spec"]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == secret)
+    };
+    for object in &objects {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        if matches!(kind, "Deployment" | "DaemonSet") {
+            assert_eq!(
+                mounts_secret(object, "chaperone-attestation-key"),
+                name == "chaperone-webhook",
+                "{kind} {name}"
+            );
+        }
+    }
+    let daemonset = find(&objects, "DaemonSet", "chaperone-node");
+    let node = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_value(node, "CHAPERONE_APPROVAL_VERIFY_KEY").as_deref(),
+        Some("/etc/chaperone/attestation/ed25519.pub")
+    );
 
     // The Service reaches the container's port, and the serving certificate
     // comes from a Secret.
@@ -741,12 +788,24 @@ fn bootstrap_certs_issues_a_ca_a_webhook_certificate_and_namespace_bundles() {
         [
             "Secret chaperone-system/chaperone-ca",
             "Secret chaperone-system/chaperone-webhook-tls",
+            "Secret chaperone-system/chaperone-attestation-key",
+            "ConfigMap chaperone-system/chaperone-attestation-public",
             "ConfigMap agents/chaperone-ca-bundle",
             "ConfigMap ci/chaperone-ca-bundle",
         ]
     );
+    // The attestation key pair: one `chaperone webhook` signs with, and its
+    // public half, which the node agents load.
+    let signer = chaperone::approval::attest::Signer::from_pem(&read("attestation.key"))
+        .expect("the webhook loads the attestation key");
+    assert_eq!(
+        objects[3]["data"]["ed25519.pub"].as_str().unwrap(),
+        signer.public_key_pem()
+    );
+    chaperone::approval::attest::Verifier::from_pem(&read("attestation.pub"))
+        .expect("the nodes load the public key");
     let cluster_pem = std::fs::read_to_string(&cluster_ca).unwrap();
-    for bundle in &objects[2..] {
+    for bundle in &objects[4..] {
         let text = bundle["data"]["ca.crt"].as_str().unwrap();
         assert!(text.contains(cluster_pem.trim()) && text.contains(ca.trim()));
         assert_eq!(text.matches("BEGIN CERTIFICATE").count(), 2);
@@ -756,6 +815,13 @@ fn bootstrap_certs_issues_a_ca_a_webhook_certificate_and_namespace_bundles() {
     let first_leaf = read("tls.crt");
     bootstrap();
     assert_eq!(read("ca.crt"), ca, "the CA must never be replaced");
+    assert_eq!(
+        chaperone::approval::attest::Signer::from_pem(&read("attestation.key"))
+            .unwrap()
+            .public_key_pem(),
+        signer.public_key_pem(),
+        "the attestation key must never be replaced"
+    );
     assert_ne!(read("tls.crt"), first_leaf);
 
     // The caBundle patch, used in an overlay over deploy/, fills in both

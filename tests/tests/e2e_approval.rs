@@ -1156,3 +1156,131 @@ fn in_local_mode_the_admin_api_approves_a_held_delete_with_the_plugins_rules() {
         text(&again)
     );
 }
+
+/// Node-level check of attested decisions on kube-sim, which has no
+/// admission webhooks: the node holds the webhook's public key, so a
+/// decision written without the webhook (the plugin straight at the API
+/// server, or a hand-written status naming anyone with any groups and a
+/// made-up attestation) is refused, written back as `refusedDecision`, and
+/// releases nothing; the same decision signed as the webhook signs it
+/// releases the held delete. (The webhook itself is tested in
+/// interceptor/src/approval/attest.rs.)
+#[test]
+fn only_decisions_attested_by_the_webhook_release_a_held_request() {
+    use chaperone::approval::{
+        ApprovalRequest,
+        attest::{Signer, UserInfo, attest_write},
+    };
+    require_root!();
+    let keys = tempfile::tempdir().unwrap();
+    let signer = Signer::generate();
+    let public = keys.path().join("attestation.pub");
+    std::fs::write(&public, signer.public_key_pem()).unwrap();
+    let mut spec = spec("30s");
+    spec.node_args = vec![
+        "--approval-verify-key".into(),
+        public.to_str().unwrap().into(),
+    ];
+    let world = World::start(spec).unwrap();
+    seed(&world, &["web"]);
+    let alice = world.person("alice", &[]).unwrap();
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+
+    let refused = |why: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let object = approval(&world, &id);
+            if object["status"]["state"] == "Pending"
+                && object["status"]["refusedDecision"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(why))
+            {
+                return object;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the decision was not refused ({why}): {object:#}\n{}",
+                world.node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The plugin, with no webhook in the way: unattested, and the plugin
+    // reports the node's refusal.
+    let approved = plugin(&alice, &["approve", &id]);
+    assert!(!approved.status.success(), "{}", text(&approved));
+    assert!(
+        text(&approved).contains("refused as a possible forgery"),
+        "{}",
+        text(&approved)
+    );
+    refused("no attestation");
+    assert!(
+        exists(&world, "web"),
+        "an unattested approval released the delete"
+    );
+
+    // A forged status: anyone, system:masters, a made-up attestation.
+    let write_status = |status: serde_json::Value| {
+        let patch = serde_json::json!({ "status": status }).to_string();
+        let out = run_for(
+            &mut alice.kubectl(&[
+                "patch",
+                APPROVALS,
+                &id,
+                "-n",
+                NS,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch,
+            ]),
+            LIMIT,
+        )
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    write_status(serde_json::json!({
+        "state": "Approved", "decidedBy": "anyone", "decidedByGroups": ["system:masters"],
+        "attestation": {"keyId": "0000000000000000", "signature": "AAAA"},
+    }));
+    refused("does not trust");
+    assert!(
+        exists(&world, "web"),
+        "a forged approval released the delete"
+    );
+    assert!(
+        world.node.log_text().contains("approval-forgery"),
+        "{}",
+        world.node.log_text()
+    );
+
+    // Alice's approval as the webhook attests it.
+    let stored: ApprovalRequest = serde_json::from_value(approval(&world, &id)).unwrap();
+    let mut written = stored.clone();
+    written.status =
+        Some(serde_json::from_value(serde_json::json!({"state": "Approved"})).unwrap());
+    let status = attest_write(
+        &signer,
+        Some(&stored),
+        &written,
+        &UserInfo {
+            username: "alice".into(),
+            groups: vec!["system:authenticated".into()],
+        },
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let mut status = serde_json::to_value(&status).unwrap();
+    // A merge patch: clear what the refusal left.
+    status["refusedDecision"] = serde_json::Value::Null;
+    write_status(status);
+    let out = finish(held);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !exists(&world, "web"),
+        "the attested approval released the delete"
+    );
+    assert_eq!(approval(&world, &id)["status"]["decidedBy"], "alice");
+}

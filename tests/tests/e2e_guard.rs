@@ -20,6 +20,7 @@ on_both_servers!(
     watches_and_logs_over_websocket_are_refused_before_the_api_server,
     a_token_bound_to_no_pod_is_refused,
     an_agent_cannot_unlabel_itself,
+    a_read_secret_written_back_is_refused_and_the_stored_one_kept,
 );
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -626,4 +627,71 @@ fn the_session_is_recorded_and_audited(backend: Backend) {
         "system:serviceaccount:default:agent"
     );
     assert_no_secret("the audit log", &audit);
+}
+
+/// `kubectl get secret -o yaml > f`, then `kubectl replace -f f`, a
+/// server-side apply of `f`, and a client-side apply (whose last-applied
+/// annotation would repeat the masks): each refused with chaperone's 422,
+/// and the stored Secret keeps its values. A patch of just a changed key
+/// still goes through.
+fn a_read_secret_written_back_is_refused_and_the_stored_one_kept(backend: Backend) {
+    require_root!();
+    let world = world(backend);
+    let stored = || {
+        let secret = world.api.get("secrets", Some("default"), "db").unwrap();
+        (
+            secret["data"].clone(),
+            secret["metadata"]["annotations"].clone(),
+        )
+    };
+    let before = stored();
+    assert_eq!(
+        before.0["password"],
+        base64::engine::general_purpose::STANDARD.encode(PASSWORD)
+    );
+    let read = kubectl(&world, &["get", "secret", "db", "-o", "yaml"]);
+    assert!(read.status.success(), "{}", all_bytes(&read));
+    let file = world.work.path().join("db.yaml");
+    // An edit of something else, as an agent would make.
+    let yaml = String::from_utf8(read.stdout)
+        .unwrap()
+        .replace("name: db\n", "name: db\n  labels:\n    edited: \"yes\"\n");
+    assert!(yaml.contains("edited"), "{yaml}");
+    std::fs::write(&file, yaml).unwrap();
+    let file = file.to_str().unwrap();
+    for args in [
+        &["replace", "-f", file][..],
+        &["apply", "--server-side", "--force-conflicts", "-f", file],
+        &["apply", "-f", file],
+    ] {
+        let out = kubectl(&world, args);
+        let text = all_bytes(&out);
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} went through:\n{text}"
+        );
+        assert!(
+            text.contains("carries values masked by chaperone") && text.contains("kubectl patch"),
+            "kubectl {args:?}:\n{text}"
+        );
+        assert_eq!(
+            stored(),
+            before,
+            "kubectl {args:?} changed the stored Secret"
+        );
+    }
+    let out = kubectl(
+        &world,
+        &[
+            "patch",
+            "secret",
+            "db",
+            "-p",
+            r#"{"stringData":{"extra":"v"}}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", all_bytes(&out));
+    let after = stored();
+    assert_eq!(after.0["password"], before.0["password"]);
+    assert_eq!(after.0["token"], before.0["token"]);
 }

@@ -32,6 +32,7 @@
 //! duration, the same caller's requests that the same rule holds go through
 //! without a new approval (`kubectl chaperone grants`, `revoke`).
 
+pub mod attest;
 pub mod cli;
 mod decide;
 pub mod notify;
@@ -118,6 +119,9 @@ pub struct Approvals {
     node: String,
     ttl: Duration,
     notifier: Option<Notifier>,
+    /// Cluster mode: only decisions attested by chaperone's admission
+    /// webhook count ([`attest`]).
+    verifier: Option<attest::Verifier>,
     cache: Mutex<BTreeMap<String, ApprovalRequest>>,
     /// Bumped on every cache change; held requests wait on it.
     changed: watch::Sender<u64>,
@@ -137,11 +141,24 @@ impl Approvals {
         ttl: Duration,
         notifier: Option<Notifier>,
     ) -> Arc<Self> {
+        Self::start_attested(backend, node, ttl, notifier, None)
+    }
+
+    /// [`Approvals::start`], accepting in cluster mode only decisions that
+    /// `verifier` finds attested.
+    pub fn start_attested(
+        backend: Backend,
+        node: impl Into<String>,
+        ttl: Duration,
+        notifier: Option<Notifier>,
+        verifier: Option<attest::Verifier>,
+    ) -> Arc<Self> {
         let approvals = Arc::new(Approvals {
             backend,
             node: node.into(),
             ttl,
             notifier,
+            verifier,
             cache: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
             synced: watch::channel(false).0,
@@ -473,6 +490,20 @@ impl Approvals {
         approval: &ApprovalRequest,
         status: &ApprovalStatus,
     ) -> Result<(), String> {
+        if let (Backend::Cluster { .. }, Some(verifier)) = (&self.backend, &self.verifier)
+            && let Err(why) = verifier.verify(approval, status)
+        {
+            tracing::warn!(
+                signal = "approval-forgery",
+                approval = approval.name(),
+                claimed_by = status.decided_by.as_deref().unwrap_or(""),
+                claimed_groups = ?status.decided_by_groups,
+                state = ?status.state,
+                %why,
+                "refused an unattested approval decision: an attempted forgery, or written while chaperone's webhook was bypassed"
+            );
+            return Err(format!("refused as a possible forgery: {why}"));
+        }
         let by = status.decided_by.as_deref().unwrap_or("");
         if by.is_empty() {
             return Err("the decision does not say who made it (decidedBy)".into());
@@ -480,6 +511,19 @@ impl Approvals {
         if by == approval.spec.requester.username {
             return Err(format!(
                 "{by} requested this approval and cannot decide it: a requester never approves itself"
+            ));
+        }
+        // chaperone's own service accounts (node agents, webhook) live in
+        // the approvals' namespace and never decide.
+        if let Backend::Cluster { namespace, .. } = &self.backend
+            && (by.starts_with(&format!("system:serviceaccount:{namespace}:"))
+                || status
+                    .decided_by_groups
+                    .iter()
+                    .any(|g| *g == format!("system:serviceaccounts:{namespace}")))
+        {
+            return Err(format!(
+                "{by} is one of chaperone's own service accounts (namespace {namespace}): chaperone never decides its own approvals"
             ));
         }
         let verb = match status.state {

@@ -203,6 +203,10 @@ pub struct ApprovalStatus {
     /// requester approving itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_decision: Option<String>,
+    /// chaperone's admission webhook's signature over the decision and
+    /// who the API server says made it (see [`super::attest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<super::attest::Attestation>,
 }
 
 impl ApprovalRequest {

@@ -953,3 +953,81 @@ fn the_deployed_crd_has_the_fields_of_the_rust_type() {
         "deploy/base/crds/approvalrequests.chaperone.dev.yaml and ApprovalRequest disagree"
     );
 }
+
+/// Cluster mode with the webhook's key: a decision counts only when the
+/// webhook attested it, and even then never the requester's own, nor one
+/// by chaperone's own service accounts. (The SubjectAccessReview after
+/// these checks needs an API server: the end-to-end tests.)
+#[tokio::test]
+async fn cluster_mode_accepts_only_attested_decisions_by_someone_else() {
+    use attest::{Attestation, Signer, UserInfo, Verifier, attest_write};
+    let signer = Signer::generate();
+    let client =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+    let approvals = Approvals::start_attested(
+        Backend::Cluster {
+            client,
+            namespace: "chaperone-system".into(),
+        },
+        "node-a",
+        Duration::from_secs(600),
+        None,
+        Some(Verifier::from_pem(&signer.public_key_pem()).unwrap()),
+    );
+    let caller = agent();
+    let mut pending = approvals.new_object(
+        &ask(&caller, &delete_web()),
+        "key",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(30),
+        None,
+    );
+    pending.metadata.uid = Some("uid-1".into());
+    let forged: ApprovalStatus = serde_json::from_value(json!({
+        "state": "Approved", "decidedBy": "anyone", "decidedByGroups": ["system:masters"],
+    }))
+    .unwrap();
+    let why = approvals.verify(&pending, &forged).await.unwrap_err();
+    assert!(
+        why.contains("forgery") && why.contains("no attestation"),
+        "{why}"
+    );
+
+    let mut bad = forged.clone();
+    bad.attestation = Some(Attestation {
+        key_id: signer.sign(&pending, &forged).key_id,
+        signature: "AAAA".into(),
+    });
+    let why = approvals.verify(&pending, &bad).await.unwrap_err();
+    assert!(why.contains("forgery"), "{why}");
+
+    // Attested, but by the requester (the agent's own identity) or by a
+    // chaperone service account.
+    let decided_by = |user: UserInfo| {
+        let mut written = pending.clone();
+        written.status = Some(ApprovalStatus {
+            state: State::Approved,
+            ..ApprovalStatus::default()
+        });
+        attest_write(
+            &signer,
+            Some(&pending),
+            &written,
+            &user,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+    };
+    let own = decided_by(UserInfo {
+        username: caller.username.clone(),
+        groups: caller.groups.clone(),
+    });
+    let why = approvals.verify(&pending, &own).await.unwrap_err();
+    assert!(why.contains("requested this approval"), "{why}");
+    let node = decided_by(UserInfo {
+        username: "system:serviceaccount:chaperone-system:chaperone-node".into(),
+        groups: vec!["system:serviceaccounts:chaperone-system".into()],
+    });
+    let why = approvals.verify(&pending, &node).await.unwrap_err();
+    assert!(why.contains("chaperone's own service accounts"), "{why}");
+}

@@ -50,6 +50,7 @@ pub mod marker;
 mod patterns;
 mod scan;
 mod schema;
+pub mod writeback;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
