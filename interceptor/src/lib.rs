@@ -1,5 +1,5 @@
 //! Chaperone: a transparent guard between AI agents and the Kubernetes API
-//! server. See DESIGN.md at the repository root for the map; each module
+//! server. See ARCHITECTURE.md at the repository root for the map; each module
 //! below owns one concern of the data path.
 
 pub mod admin;

@@ -9,8 +9,8 @@ use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use super::Caller;
 use super::error::AuthError;
 
-/// How a request is re-originated to the API server (see DESIGN.md,
-/// Identity). One type for the node, the webhook and `AgentPolicy`; its
+/// How a request is re-originated to the API server (ARCHITECTURE.md, the
+/// data path: passthrough or impersonate). One type for the node, the webhook and `AgentPolicy`; its
 /// `Deserialize` lives with the policy spec's other words.
 #[derive(
     Clone,
