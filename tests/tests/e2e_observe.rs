@@ -682,6 +682,14 @@ fn bodies_are_recorded_masked_at_request_and_response_levels(backend: Backend) {
             "a session recording",
             &std::fs::read_to_string(session_file(&dir, &session)).unwrap(),
         );
+        // Every session's hash chain holds.
+        let id = session["session"]["session"].as_str().unwrap();
+        let verified = chaperone(&["verify", id], &dir);
+        assert!(
+            verified.status.success(),
+            "verify {id}: {}",
+            text(&verified)
+        );
     }
 }
 
