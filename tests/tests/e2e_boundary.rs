@@ -107,7 +107,7 @@ fn a_direct_dial_to_an_api_server_endpoint_is_redirected_and_follows_the_endpoin
     let first_addr = first.local_addr().unwrap();
 
     world
-        .sim
+        .sim()
         .store()
         .create(endpoints(first_addr))
         .expect("publish the API server's endpoint");
@@ -140,12 +140,12 @@ fn a_direct_dial_to_an_api_server_endpoint_is_redirected_and_follows_the_endpoin
     second.set_nonblocking(true).unwrap();
     let second_addr = second.local_addr().unwrap();
     let mut moved = world
-        .sim
+        .sim()
         .store()
         .get("endpoints", Some("default"), "kubernetes")
         .unwrap();
     moved["subsets"] = endpoints(second_addr)["subsets"].clone();
-    world.sim.store().update(moved).expect("move the endpoint");
+    world.sim().store().update(moved).expect("move the endpoint");
     let mut direct = 0;
     assert!(
         redirected_within(
@@ -172,7 +172,7 @@ fn every_cluster_ip_of_the_kubernetes_service_is_guarded() {
         443,
     );
     world
-        .sim
+        .sim()
         .store()
         .create(json!({
             "apiVersion": "v1",
@@ -245,7 +245,7 @@ fn the_admin_port_is_refused_to_agents() {
 fn the_nodes_own_api_server_host_is_guarded() {
     require_root!();
     let world = World::start(WorldSpec::default()).expect("start the e2e world");
-    let server = world.sim.addr();
+    let server = world.sim().addr();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = Value::Null;
     while Instant::now() < deadline {
