@@ -771,66 +771,37 @@ fn attach_program(
         what: "program",
         name,
     })?;
+    // The three cgroup program types attach and hand over their links
+    // alike; only the type differs.
+    macro_rules! attach_as {
+        ($kind:ty) => {{
+            let program: &mut $kind = program
+                .try_into()
+                .map_err(|source| program_error(name, source))?;
+            let id = program
+                .attach(cgroup, ATTACH_MODE)
+                .map_err(|source| program_error(name, source))?;
+            if take {
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| program_error(name, source))?;
+                Some(
+                    FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
+                        program: name,
+                        source: Box::new(source),
+                    })?,
+                )
+            } else {
+                None
+            }
+        }};
+    }
     let link: Option<FdLink> = if name == names::SOCK_OPS {
-        let program: &mut SockOps = program
-            .try_into()
-            .map_err(|source| program_error(name, source))?;
-        let id = program
-            .attach(cgroup, ATTACH_MODE)
-            .map_err(|source| program_error(name, source))?;
-        if take {
-            let link = program
-                .take_link(id)
-                .map_err(|source| program_error(name, source))?;
-            Some(
-                FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
-                    program: name,
-                    source: Box::new(source),
-                })?,
-            )
-        } else {
-            None
-        }
+        attach_as!(SockOps)
     } else if name == names::SOCK_CREATE {
-        let program: &mut CgroupSock = program
-            .try_into()
-            .map_err(|source| program_error(name, source))?;
-        let id = program
-            .attach(cgroup, ATTACH_MODE)
-            .map_err(|source| program_error(name, source))?;
-        if take {
-            let link = program
-                .take_link(id)
-                .map_err(|source| program_error(name, source))?;
-            Some(
-                FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
-                    program: name,
-                    source: Box::new(source),
-                })?,
-            )
-        } else {
-            None
-        }
+        attach_as!(CgroupSock)
     } else {
-        let program: &mut CgroupSockAddr = program
-            .try_into()
-            .map_err(|source| program_error(name, source))?;
-        let id = program
-            .attach(cgroup, ATTACH_MODE)
-            .map_err(|source| program_error(name, source))?;
-        if take {
-            let link = program
-                .take_link(id)
-                .map_err(|source| program_error(name, source))?;
-            Some(
-                FdLink::try_from(link).map_err(|source| RedirectError::NotALink {
-                    program: name,
-                    source: Box::new(source),
-                })?,
-            )
-        } else {
-            None
-        }
+        attach_as!(CgroupSockAddr)
     };
     Ok(link)
 }
