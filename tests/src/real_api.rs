@@ -48,8 +48,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use serde_json::{Value, json};
 
@@ -224,22 +224,6 @@ fn collect_output(child: &mut Child, name: &'static str, log: &Arc<Mutex<Vec<Str
 }
 
 // === certificates and keys ===
-
-fn ca() -> Result<(String, KeyPair, CertificateParams)> {
-    let key = KeyPair::generate().context("generating the test cluster CA key")?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "chaperone test cluster CA");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), key, params))
-}
 
 /// A serving certificate for loopback, the `kubernetes` service IP and names.
 fn serving_cert(ca: &Issuer<'static, KeyPair>) -> Result<(String, String)> {
@@ -455,7 +439,7 @@ impl RealApiServer {
         collect_output(&mut etcd, "etcd", &log);
 
         // Credentials and configuration.
-        let (ca_pem, ca_key, ca_params) = ca()?;
+        let (ca_pem, ca_key, ca_params) = crate::sim::tls::cluster_ca("chaperone test cluster CA")?;
         let ca = Issuer::new(ca_params, ca_key);
         let (cert_pem, key_pem) = serving_cert(&ca)?;
         let (sa_private, sa_public) = service_account_keys()?;

@@ -26,23 +26,29 @@ pub struct ClusterTls {
     pub server_config: Arc<rustls::ServerConfig>,
 }
 
+/// A self-signed cluster CA named `common_name`: its PEM, key and
+/// parameters (to sign with). The simulator's and the real test server's.
+pub fn cluster_ca(common_name: &str) -> anyhow::Result<(String, KeyPair, CertificateParams)> {
+    let key = KeyPair::generate().context("generating a cluster CA key")?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key, params))
+}
+
 impl ClusterTls {
     /// A fresh CA and a serving certificate for 127.0.0.1, ::1, `extra_ips`,
     /// the `kubernetes.default…` names and `extra_names`.
     pub fn generate(extra_ips: &[IpAddr], extra_names: &[String]) -> anyhow::Result<Self> {
-        let ca_key = KeyPair::generate().context("generating the cluster CA key")?;
-        let mut ca_params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "kube-sim cluster CA");
-        ca_params.distinguished_name = dn;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let ca_pem = ca_cert.pem();
+        let (ca_pem, ca_key, ca_params) = cluster_ca("kube-sim cluster CA")?;
         let issuer = Issuer::new(ca_params, ca_key);
 
         let mut names: Vec<String> = vec!["127.0.0.1".into(), "::1".into()];
