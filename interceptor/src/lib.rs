@@ -9,11 +9,13 @@ pub mod cli;
 pub mod config;
 #[cfg(test)]
 mod crd_schema;
+pub mod exchange;
 pub mod exec;
 pub mod identity;
 pub mod kstatus;
 pub mod limits;
 pub mod mask;
+pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod pods;

@@ -8,7 +8,6 @@
 
 pub mod approvals;
 mod health;
-mod metrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,8 +17,8 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::TokioIo;
 
+pub use crate::metrics::{CONTENT_TYPE, Metrics};
 pub use health::{Check, Health, Probe, Report};
-pub use metrics::{CONTENT_TYPE, Metrics};
 
 use crate::approval::LocalStore;
 

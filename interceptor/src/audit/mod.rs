@@ -91,9 +91,9 @@ use tokio::sync::{Notify, mpsc, watch};
 pub use event::Event;
 pub use sink::{Endpoint, FileSinkConfig, SinkConfig, WebhookConfig};
 
-use crate::admin::Metrics;
+use crate::exchange::Exchange;
 use crate::kstatus::Status;
-use crate::record::Exchange;
+use crate::metrics::Metrics;
 use spool::Spool;
 
 /// What to do when a spool or the queue is full.

@@ -73,7 +73,6 @@ pub mod capture;
 pub mod cast;
 pub mod chain;
 pub mod cli;
-mod exchange;
 pub mod read;
 mod writer;
 
@@ -86,16 +85,16 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-pub use cast::{Channel, StreamInfo};
-pub use exchange::{
+pub use crate::exchange::{
     DecisionRecord, Exchange, ResponseStatus, Stage, UserInfo, micro_time, parse_time,
 };
+pub use cast::{Channel, StreamInfo};
 
 #[cfg(test)]
-pub(crate) use exchange::testing;
+pub(crate) use crate::exchange::testing;
 
-use crate::admin::Metrics;
 use crate::identity::PodRef;
+use crate::metrics::Metrics;
 
 /// Where and how sessions are recorded.
 #[derive(Clone, Debug)]

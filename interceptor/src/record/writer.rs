@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use super::cast::CastWriter;
 use super::chain;
 use super::{Control, Data, Exchange, RecordConfig, SessionShared, StreamShared, micro_time};
-use crate::admin::Metrics;
+use crate::metrics::Metrics;
 
 const TICK: Duration = Duration::from_millis(100);
 const BATCH: usize = 256;

@@ -1,10 +1,13 @@
 //! [`Exchange`]: everything the proxy knows about one finished request, filled
-//! once per request and handed to the recorder and the auditor.
+//! once per request and handed to the recorder, the auditor and the metrics.
+//! It sits below all three (it imports none of them), so they read it
+//! without importing each other.
 //!
-//! The proxy builds one `Exchange` when a response completes (for watches and
-//! streams: when the response started, then again when it completed), wraps it
-//! in an [`Arc`] and gives clones to [`Session::exchange`](super::Session::exchange)
-//! and [`Admission::submit`](crate::audit::Admission::submit). Both only push
+//! The guard builds one `Exchange` when a response completes (for watches and
+//! streams: when the response started, then again when it completed; see
+//! `guard/exchange.rs`), wraps it in an [`Arc`] and gives clones to
+//! [`Session::exchange`](crate::record::Session::exchange) and
+//! [`Admission::submit`](crate::audit::Admission::submit). Both only push
 //! it onto a queue: no disk or network I/O happens on the data path.
 
 use std::net::IpAddr;

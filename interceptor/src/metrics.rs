@@ -210,9 +210,9 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    /// Counts one finished [`Exchange`](crate::record::Exchange): request,
+    /// Counts one finished [`Exchange`](crate::exchange::Exchange): request,
     /// latency, masked fields.
-    pub fn exchange(&self, exchange: &crate::record::Exchange) {
+    pub fn exchange(&self, exchange: &crate::exchange::Exchange) {
         let request = &exchange.request;
         let resource = if !request.is_resource_request {
             String::new()
