@@ -8,10 +8,17 @@
 //! or the agent cgroup where no pod is known), never anything the request
 //! says. Connections the kernel did not attest (local mode, tests) are not
 //! limited.
+//!
+//! The map of pods is touched when a connection opens and when it ends;
+//! a request only counts itself on its connection's [`ConnectionSlot`]
+//! (one atomic operation on the pod's counter, no lock).
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use crate::kstatus::Status;
@@ -57,35 +64,41 @@ impl std::fmt::Display for LimitKey {
     }
 }
 
+/// One pod's live usage, shared by its connections.
 #[derive(Default)]
 struct Usage {
-    connections: usize,
-    requests: usize,
+    connections: AtomicUsize,
+    requests: AtomicUsize,
 }
 
 /// The live usage of every pod with a connection open.
 pub struct PodLimits {
     config: LimitConfig,
-    usage: Mutex<HashMap<LimitKey, Usage>>,
+    pods: Mutex<HashMap<LimitKey, Arc<Usage>>>,
 }
 
-/// Which count a slot holds.
-#[derive(Clone, Copy)]
-enum Kind {
-    Connection,
-    Request,
-}
-
-/// One counted connection or request; released on drop.
-pub struct Slot {
+/// One counted connection: its pod's usage, held until the connection and
+/// every request counted on it have ended.
+pub struct ConnectionSlot {
     limits: Arc<PodLimits>,
     key: LimitKey,
-    kind: Kind,
+    usage: Arc<Usage>,
 }
 
-impl std::fmt::Debug for Slot {
+/// One counted request in flight; released on drop.
+pub struct RequestSlot {
+    connection: Arc<ConnectionSlot>,
+}
+
+impl std::fmt::Debug for ConnectionSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Slot({})", self.key)
+        write!(f, "ConnectionSlot({})", self.key)
+    }
+}
+
+impl std::fmt::Debug for RequestSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RequestSlot({})", self.connection.key)
     }
 }
 
@@ -93,7 +106,7 @@ impl PodLimits {
     pub fn new(config: LimitConfig) -> Arc<Self> {
         Arc::new(PodLimits {
             config,
-            usage: Mutex::new(HashMap::new()),
+            pods: Mutex::new(HashMap::new()),
         })
     }
 
@@ -101,74 +114,96 @@ impl PodLimits {
         self.config
     }
 
-    /// Counts a connection of `key`, or says why not.
-    pub fn connection(self: &Arc<Self>, key: LimitKey) -> Result<Slot, Box<Status>> {
-        self.take(key, Kind::Connection)
-    }
-
-    /// Counts a request in flight for `key`, or says why not.
-    pub fn request(self: &Arc<Self>, key: LimitKey) -> Result<Slot, Box<Status>> {
-        self.take(key, Kind::Request)
-    }
-
-    fn take(self: &Arc<Self>, key: LimitKey, kind: Kind) -> Result<Slot, Box<Status>> {
-        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = usage.entry(key.clone()).or_default();
-        let (count, limit, what) = match kind {
-            Kind::Connection => (
-                &mut entry.connections,
-                self.config.connections_per_pod,
-                "connections",
-            ),
-            Kind::Request => (
-                &mut entry.requests,
-                self.config.requests_per_pod,
-                "requests in flight (watches included)",
-            ),
-        };
-        if limit > 0 && *count >= limit {
-            let empty = entry.connections == 0 && entry.requests == 0;
-            if empty {
-                usage.remove(&key);
+    /// Counts a connection of `key` (when it is accepted), or says why not.
+    pub fn connection(self: &Arc<Self>, key: LimitKey) -> Result<Arc<ConnectionSlot>, Box<Status>> {
+        let limit = self.config.connections_per_pod;
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let usage = pods.entry(key.clone()).or_default().clone();
+        if take(&usage.connections, limit).is_err() {
+            if usage.connections.load(Ordering::Acquire) == 0
+                && usage.requests.load(Ordering::Acquire) == 0
+            {
+                pods.remove(&key);
             }
             return Err(Box::new(too_many(format!(
-                "chaperone: this pod already has {limit} {what} through chaperone, its per-pod limit; \
-                 close some or retry later"
+                "chaperone: this pod already has {limit} connections through chaperone, its \
+                 per-pod limit; close some or retry later"
             ))));
         }
-        *count += 1;
-        Ok(Slot {
+        Ok(Arc::new(ConnectionSlot {
             limits: self.clone(),
             key,
-            kind,
-        })
+            usage,
+        }))
     }
 
     /// `(connections, requests)` of `key` now.
     pub fn usage(&self, key: &LimitKey) -> (usize, usize) {
-        let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        usage
-            .get(key)
-            .map_or((0, 0), |u| (u.connections, u.requests))
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.get(key).map_or((0, 0), |u| {
+            (
+                u.connections.load(Ordering::Acquire),
+                u.requests.load(Ordering::Acquire),
+            )
+        })
     }
 
     /// How many pods have usage recorded (entries leave at zero).
     pub fn tracked(&self) -> usize {
-        self.usage.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
-impl Drop for Slot {
+impl ConnectionSlot {
+    /// Counts a request in flight on this connection against its pod, or
+    /// says why not. No lock: one atomic operation on the pod's counter.
+    pub fn request(self: &Arc<Self>) -> Result<RequestSlot, Box<Status>> {
+        let limit = self.limits.config.requests_per_pod;
+        match take(&self.usage.requests, limit) {
+            Ok(()) => Ok(RequestSlot {
+                connection: self.clone(),
+            }),
+            Err(()) => Err(Box::new(too_many(format!(
+                "chaperone: this pod already has {limit} requests in flight (watches included) \
+                 through chaperone, its per-pod limit; close some or retry later"
+            )))),
+        }
+    }
+}
+
+/// Adds one to `count` unless it is at `limit` (0: unlimited).
+fn take(count: &AtomicUsize, limit: usize) -> Result<(), ()> {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (limit == 0 || n < limit).then_some(n + 1)
+        })
+        .map(drop)
+        .map_err(drop)
+}
+
+impl Drop for RequestSlot {
     fn drop(&mut self) {
-        let mut usage = self.limits.usage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = usage.get_mut(&self.key) {
-            match self.kind {
-                Kind::Connection => entry.connections = entry.connections.saturating_sub(1),
-                Kind::Request => entry.requests = entry.requests.saturating_sub(1),
-            }
-            if entry.connections == 0 && entry.requests == 0 {
-                usage.remove(&self.key);
-            }
+        self.connection
+            .usage
+            .requests
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for ConnectionSlot {
+    /// Runs after every request counted on the connection has ended (each
+    /// holds the slot), so a pod whose last connection ends has no usage
+    /// left and leaves the map.
+    fn drop(&mut self) {
+        let mut pods = self.limits.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let left = self.usage.connections.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0
+            && self.usage.requests.load(Ordering::Acquire) == 0
+            && pods
+                .get(&self.key)
+                .is_some_and(|usage| Arc::ptr_eq(usage, &self.usage))
+        {
+            pods.remove(&self.key);
         }
     }
 }
@@ -193,7 +228,7 @@ mod tests {
         let a = LimitKey::Pod("a".into());
         let b = LimitKey::Pod("b".into());
         let c1 = limits.connection(a.clone()).unwrap();
-        let _c2 = limits.connection(a.clone()).unwrap();
+        let c2 = limits.connection(a.clone()).unwrap();
         let refused = limits.connection(a.clone()).unwrap_err();
         assert_eq!(refused.code, 429);
         assert_eq!(refused.reason, "TooManyRequests");
@@ -206,13 +241,41 @@ mod tests {
         // Another pod is not affected.
         let _b = limits.connection(b.clone()).unwrap();
         drop(c1);
-        let _c3 = limits.connection(a.clone()).unwrap();
+        let c3 = limits.connection(a.clone()).unwrap();
 
-        let requests: Vec<Slot> = (0..3).map(|_| limits.request(a.clone()).unwrap()).collect();
-        assert_eq!(limits.request(a.clone()).unwrap_err().code, 429);
+        // Requests count per pod, whichever of its connections carries them.
+        let mut requests: Vec<RequestSlot> = (0..2).map(|_| c2.request().unwrap()).collect();
+        requests.push(c3.request().unwrap());
+        let refused = c2.request().unwrap_err();
+        assert_eq!(refused.code, 429);
+        assert!(
+            refused.message.contains("3 requests"),
+            "{}",
+            refused.message
+        );
+        assert!(c3.request().is_err());
         assert_eq!(limits.usage(&a), (2, 3));
         drop(requests);
         assert_eq!(limits.usage(&a), (2, 0));
+    }
+
+    #[test]
+    fn a_connection_stays_counted_until_its_last_request_ends() {
+        let limits = PodLimits::new(LimitConfig {
+            connections_per_pod: 1,
+            requests_per_pod: 0,
+        });
+        let key = LimitKey::Pod("a".into());
+        let connection = limits.connection(key.clone()).unwrap();
+        let watch = connection.request().unwrap();
+        // The connection ended; its watch's body is still being dropped.
+        drop(connection);
+        assert_eq!(limits.usage(&key), (1, 1));
+        assert!(limits.connection(key.clone()).is_err());
+        drop(watch);
+        assert_eq!(limits.usage(&key), (0, 0));
+        assert_eq!(limits.tracked(), 0);
+        assert!(limits.connection(key).is_ok());
     }
 
     #[test]
@@ -221,15 +284,17 @@ mod tests {
             connections_per_pod: 0,
             requests_per_pod: 1,
         });
-        let slots: Vec<Slot> = (0..1000)
+        let slots: Vec<Arc<ConnectionSlot>> = (0..1000)
             .map(|i| limits.connection(LimitKey::Cgroup(i % 3)).unwrap())
             .collect();
         assert_eq!(limits.tracked(), 3);
         drop(slots);
         assert_eq!(limits.tracked(), 0);
-        let _one = limits.request(LimitKey::Cgroup(7)).unwrap();
-        assert!(limits.request(LimitKey::Cgroup(7)).is_err());
-        assert!(limits.request(LimitKey::Cgroup(8)).is_ok());
-        assert_eq!(limits.tracked(), 1);
+        let seven = limits.connection(LimitKey::Cgroup(7)).unwrap();
+        let eight = limits.connection(LimitKey::Cgroup(8)).unwrap();
+        let _one = seven.request().unwrap();
+        assert!(seven.request().is_err());
+        assert!(eight.request().is_ok());
+        assert_eq!(limits.tracked(), 2);
     }
 }

@@ -18,9 +18,9 @@ use crate::{
         sink::{Endpoint, FileSinkConfig, SinkConfig, WebhookConfig},
     },
     config::NodeConfig,
-    identity::Authenticator,
+    guard::{GuardParts, NodeGuard},
+    identity::{Authenticator, OwnCredentials},
     mask::Masker,
-    pipeline::Pipeline,
     pods::PodTracker,
     policy::PolicyStore,
     proxy::{Proxy, ProxyConfig, Terminate, Upstream, UpstreamSpec},
@@ -305,32 +305,35 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         verifier,
     );
 
-    let mut pipeline = Pipeline::new(
-        config.node_name.clone(),
+    let guard = NodeGuard::new(GuardParts {
+        node: config.node_name.as_str().into(),
         authenticator,
         pods,
         policy,
         masker,
-        config.credential_mode,
-        Some(recorder.clone()),
-        auditor.as_ref().map(|a| a.gate()),
+        credential_mode: config.credential_mode,
+        own_credentials: OwnCredentials {
+            token: upstream_config.token.clone().map(|token| {
+                Arc::new(move || token.header_value().ok())
+                    as Arc<dyn Fn() -> Option<http::HeaderValue> + Send + Sync>
+            }),
+            client_certificate: upstream_config.client_identity.is_some(),
+        },
+        recorder: Some(recorder.clone()),
+        audit: auditor.as_ref().map(|a| a.gate()),
         metrics,
-    );
-    pipeline.approvals = Some(approvals);
-    pipeline.upstream = Some(upstream.clone());
-    // chaperone's own namespace: where its pod runs, and its approvals.
-    pipeline.protect = crate::protect::Protect::new(
-        config
-            .own_pod
-            .iter()
-            .map(|(namespace, _)| namespace.clone())
-            .chain([config.approval_namespace.clone()]),
-    );
-    if let Some(token) = upstream_config.token.clone() {
-        pipeline.own_credentials = Some(Arc::new(move || token.header_value().ok()));
-    }
-    pipeline.own_client_certificate = upstream_config.client_identity.is_some();
-    pipeline.limits = crate::limits::PodLimits::new(config.limits);
+        approvals: Some(approvals),
+        upstream: Some(upstream.clone()),
+        // chaperone's own namespace: where its pod runs, and its approvals.
+        protect: crate::protect::Protect::new(
+            config
+                .own_pod
+                .iter()
+                .map(|(namespace, _)| namespace.clone())
+                .chain([config.approval_namespace.clone()]),
+        ),
+        limits: config.limits,
+    });
     let proxy = Proxy::new(
         ProxyConfig {
             require_attestation: config.require_attestation,
@@ -338,7 +341,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             data_threads: config.data_threads,
             ..ProxyConfig::default()
         },
-        pipeline,
+        guard,
         upstream,
         terminator,
         redirector.clone(),

@@ -35,6 +35,7 @@
 pub mod attest;
 pub mod cli;
 mod decide;
+mod dry_run;
 pub mod notify;
 mod object;
 pub mod preview;
@@ -54,6 +55,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 pub use decide::{Decision, Refused};
+pub use dry_run::PreviewClient;
 pub use object::{
     ApprovalRequest, ApprovalRequestSpec, ApprovalStatus, GRANT_KEY_LABEL, HeldRequest,
     REQUEST_KEY_LABEL, Requester, RequesterPod, State, format_time, grant_key, new_id, parse_time,
@@ -72,7 +74,7 @@ pub const DEFAULT_NAMESPACE: &str = "chaperone-system";
 /// How long an approval can be decided and used after it is requested.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
-/// What the pipeline asks for one held request.
+/// What the guard asks for one held request.
 pub struct Ask<'a> {
     pub caller: &'a Caller,
     pub request: HeldRequest,

@@ -45,8 +45,8 @@ pub use serviceaccount::{
 pub use tokenreview::{CachedReviewer, KubeTokenReviewer, ReviewOutcome, TokenReviewer};
 pub use upstream::{
     CredentialMode, HeaderError, IMPERSONATE_EXTRA_PREFIX, IMPERSONATE_GROUP, IMPERSONATE_UID,
-    IMPERSONATE_USER, bearer_token, escape_extra_key, is_identity_header,
-    upstream_identity_headers,
+    IMPERSONATE_USER, NoOwnCredentials, OwnCredentials, bearer_token, escape_extra_key,
+    is_identity_header, upstream_identity_headers,
 };
 
 use jwt::Jwt;

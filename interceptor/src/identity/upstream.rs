@@ -45,6 +45,45 @@ impl CredentialMode {
     }
 }
 
+/// chaperone's own credentials, for what it sends as itself (impersonate
+/// mode): a bearer token read afresh for each request (it is rotated), or
+/// the client certificate the upstream's own-credentials pools present.
+#[derive(Clone, Default)]
+pub struct OwnCredentials {
+    /// chaperone's own `Authorization`, when it authenticates with a token.
+    pub token: Option<std::sync::Arc<dyn Fn() -> Option<HeaderValue> + Send + Sync>>,
+    /// chaperone authenticates with a client certificate, which only the
+    /// upstream's own-credentials pools present: agents' own requests never
+    /// carry it.
+    pub client_certificate: bool,
+}
+
+/// Neither a token nor a client certificate of chaperone's is available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("impersonate mode needs chaperone's own API credentials, which are not available")]
+pub struct NoOwnCredentials;
+
+impl OwnCredentials {
+    /// The `Authorization` a request sent as chaperone carries: `Some`
+    /// token, or `None` where the client certificate authenticates it.
+    pub fn authorization(&self) -> Result<Option<HeaderValue>, NoOwnCredentials> {
+        match self.token.as_ref().and_then(|token| token()) {
+            Some(value) => Ok(Some(value)),
+            None if self.client_certificate => Ok(None),
+            None => Err(NoOwnCredentials),
+        }
+    }
+}
+
+impl std::fmt::Debug for OwnCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnCredentials")
+            .field("token", &self.token.is_some())
+            .field("client_certificate", &self.client_certificate)
+            .finish()
+    }
+}
+
 pub const IMPERSONATE_USER: &str = "impersonate-user";
 pub const IMPERSONATE_GROUP: &str = "impersonate-group";
 pub const IMPERSONATE_UID: &str = "impersonate-uid";

@@ -50,6 +50,7 @@ pub mod marker;
 mod patterns;
 mod scan;
 mod schema;
+mod transform;
 pub mod writeback;
 
 use std::collections::BTreeSet;
@@ -62,6 +63,7 @@ use crate::kstatus::Status;
 use crate::request::RequestInfo;
 
 pub use accept::{NotAcceptable, negotiate_accept};
+pub use transform::response_transform;
 
 use json::{Framing, JsonMask};
 use lines::LineMask;

@@ -33,6 +33,7 @@ pub(super) async fn handle<G: Guard>(
     shared: Arc<Shared<G>>,
     upstream: Arc<super::Upstream>,
     conn: Arc<ConnectionInfo>,
+    connection: Arc<G::Connection>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (mut parts, body) = request.into_parts();
@@ -44,7 +45,11 @@ pub(super) async fn handle<G: Guard>(
     };
 
     let mut body = RequestBody::new(body.map_err(Into::into).boxed_unsync());
-    let mut forward = match shared.guard.check(&conn, &mut parts, &mut body).await {
+    let mut forward = match shared
+        .guard
+        .check(&conn, &connection, &mut parts, &mut body)
+        .await
+    {
         Verdict::Respond(response) => return Ok(response),
         Verdict::Forward(forward) => forward,
     };

@@ -113,19 +113,28 @@ pub trait TunnelTap: Send + 'static {
 
 /// Decides, per request, what the proxy does.
 pub trait Guard: Send + Sync + 'static {
-    /// Inspect (and possibly rewrite: credentials, Accept) the request head.
-    /// The body is forwarded as a stream after the verdict; a guard that
-    /// needs it to decide may read it first (bounded, see
-    /// [`RequestBody::read_whole`]), and what it read is forwarded unchanged.
+    /// What the guard keeps for one agent connection. The proxy makes it
+    /// with [`Guard::connect`] when it accepts the connection and drops it
+    /// when the connection and the last of its requests have ended: no
+    /// state shared between connections is needed to find it.
+    type Connection: Send + Sync + 'static;
+
+    /// A connection was accepted: attested by the kernel (when it came
+    /// through the redirect), TLS set up, no request read yet.
+    fn connect(&self, conn: &Arc<ConnectionInfo>) -> Self::Connection;
+
+    /// Inspect (and possibly rewrite: credentials, Accept) the request head
+    /// of a request on `connection`. The body is forwarded as a stream
+    /// after the verdict; a guard that needs it to decide may read it first
+    /// (bounded, see [`RequestBody::read_whole`]), and what it read is
+    /// forwarded unchanged.
     fn check(
         &self,
         conn: &Arc<ConnectionInfo>,
+        connection: &Arc<Self::Connection>,
         parts: &mut Parts,
         body: &mut RequestBody,
     ) -> impl Future<Output = Verdict> + Send;
-
-    /// The agent's connection is gone (per-connection state can go).
-    fn connection_closed(&self, _conn: &Arc<ConnectionInfo>) {}
 }
 
 /// Forwards everything untouched: faithful proxying, no decisions. The
@@ -134,9 +143,14 @@ pub trait Guard: Send + Sync + 'static {
 pub struct Passthrough;
 
 impl Guard for Passthrough {
+    type Connection = ();
+
+    fn connect(&self, _conn: &Arc<ConnectionInfo>) {}
+
     async fn check(
         &self,
         _conn: &Arc<ConnectionInfo>,
+        _connection: &Arc<()>,
         _parts: &mut Parts,
         _body: &mut RequestBody,
     ) -> Verdict {

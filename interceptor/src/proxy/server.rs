@@ -284,6 +284,9 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
             .max_concurrent_streams(1000)
             .keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_timeout(std::time::Duration::from_secs(20));
+        // The guard's state for this connection: dropped when the
+        // connection and its last request have ended.
+        let connection = Arc::new(self.shared.guard.connect(&conn));
         let shared = self.shared.clone();
         let service_conn = conn.clone();
         let service = service_fn(move |request| {
@@ -291,6 +294,7 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
                 shared.clone(),
                 upstream.clone(),
                 service_conn.clone(),
+                connection.clone(),
                 request,
             )
         });
@@ -300,6 +304,5 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
         if let Err(error) = watcher.watch(serving).await {
             tracing::debug!(conn = %conn.id, error = %error, "connection ended with an error");
         }
-        self.shared.guard.connection_closed(&conn);
     }
 }
