@@ -256,7 +256,7 @@ pub(crate) mod testing {
             .into(),
             pod: Some(pod()),
             process: None,
-            cgroup_id: Some(4242),
+            cgroup_id: Some(crate::redirect::CgroupId(4242)),
         })
     }
 

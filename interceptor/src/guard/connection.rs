@@ -15,6 +15,7 @@ use crate::{
     limits::{ConnectionSlot, LimitKey, PodLimits},
     proxy::ConnectionInfo,
     record::{Session, SessionMeta},
+    redirect::CgroupId,
 };
 
 /// One agent connection, as the guard knows it.
@@ -25,7 +26,7 @@ pub struct Connection {
     /// still there (`None`: it already exited, or no attestation).
     pub(super) process: Option<ProcessInfo>,
     /// The caller's own cgroup, as the kernel recorded it.
-    pub(super) cgroup_id: Option<u64>,
+    pub(super) cgroup_id: Option<CgroupId>,
     pub(super) peer: SocketAddr,
     /// The recording of this connection.
     pub(super) session: Option<Session>,
@@ -63,7 +64,7 @@ impl Connection {
         Connection {
             pod,
             process,
-            cgroup_id: info.attested.as_ref().map(|a| a.cgroup_id.0),
+            cgroup_id: info.attested.as_ref().map(|a| a.cgroup_id),
             peer: info.peer,
             session,
             limit,

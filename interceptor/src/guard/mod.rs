@@ -1,9 +1,9 @@
 //! The guard: one agent request through chaperone's decisions, as named
-//! stages. [`NodeGuard::stages`] is the whole per-request path, top to
+//! stages. `NodeGuard::stages` is the whole per-request path, top to
 //! bottom; each stage passes the request on (`Ok`) or answers it with a
-//! Kubernetes `Status` (`Err`), which [`ExchangeDraft::refuse`] sends and
+//! Kubernetes `Status` (`Err`), which `ExchangeDraft::refuse` sends and
 //! records. A forwarded request is recorded and audited when it ends
-//! ([`exchange`]).
+//! (`exchange.rs`).
 //!
 //! Per connection, [`Connection`] holds what the kernel attested (the pod,
 //! the process, the cgroup), the recording session and the pod's limit
@@ -146,6 +146,16 @@ impl NodeGuard {
 /// [`GuardParts::new`] fills in the defaults: no pod tracker (local mode),
 /// no policies (every caller denied), the built-in mask rules, passthrough
 /// credentials, no recording, audit or approvals, the default limits.
+///
+/// ```text
+/// let guard = NodeGuard::new(GuardParts {
+///     policy: Arc::new(store),
+///     recorder: Some(recorder),
+///     approvals: Some(approvals),
+///     ..GuardParts::new(authenticator)
+/// });
+/// let proxy = Proxy::new(ProxyConfig::default(), guard, upstream, tls, attestor);
+/// ```
 pub struct GuardParts {
     /// This node's name, in every recorded exchange.
     pub node: Arc<str>,

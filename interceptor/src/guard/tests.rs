@@ -282,7 +282,7 @@ async fn the_caller_carries_the_cgroup_the_kernel_attested() {
         .await
         .unwrap();
     assert_eq!(caller.username, AGENT);
-    assert_eq!(caller.cgroup_id, Some(91));
+    assert_eq!(caller.cgroup_id, Some(CgroupId(91)));
 }
 
 // === protect ===

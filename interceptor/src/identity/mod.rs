@@ -89,8 +89,8 @@ pub struct Caller {
     /// The kernel-attested pod, when the connection came through the redirect.
     pub pod: Option<PodRef>,
     pub process: Option<ProcessInfo>,
-    /// The cgroup id the kernel recorded for the connection.
-    pub cgroup_id: Option<u64>,
+    /// The cgroup the kernel recorded for the connection.
+    pub cgroup_id: Option<crate::redirect::CgroupId>,
 }
 
 impl Caller {
