@@ -205,7 +205,10 @@ impl Reply {
 
     /// The `message` of a Kubernetes `Status` answer.
     pub fn message(&self) -> String {
-        self.json()["message"].as_str().unwrap_or_default().to_owned()
+        self.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 }
 
@@ -360,6 +363,9 @@ pub struct Harness {
     pub ca_pem: String,
     /// The agent's pod-bound service-account token.
     pub token: String,
+    /// The agent pod's uid, as kube-sim stored it (its token and its
+    /// cgroup carry it).
+    pub pod_uid: String,
     pub spec: HarnessSpec,
     pub pods: Arc<PodTracker>,
     pub policy: Arc<PolicyStore>,
@@ -501,6 +507,7 @@ impl Harness {
             unattested_addr,
             ca_pem,
             token,
+            pod_uid,
             spec,
             pods,
             policy,
@@ -562,12 +569,9 @@ impl Harness {
         self.runtime
             .block_on(async {
                 let mut conn = self.connect(request.http2, request.unattested).await?;
-                tokio::time::timeout(
-                    Duration::from_secs(60),
-                    conn.send(&request, &self.token),
-                )
-                .await
-                .context("no answer in 60 s")?
+                tokio::time::timeout(Duration::from_secs(60), conn.send(&request, &self.token))
+                    .await
+                    .context("no answer in 60 s")?
             })
             .unwrap_or_else(|e| panic!("{} {}: {e:#}", request.method, request.path))
     }
