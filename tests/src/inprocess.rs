@@ -619,6 +619,20 @@ impl Harness {
             .unwrap_or_else(|e| panic!("kubectl {args:?}: {e:#}"))
     }
 
+    /// Waits (60 s at most) for a `kubectl` started with
+    /// [`Harness::kubectl_command`] and piped output; what it printed.
+    pub fn finish(&self, mut child: std::process::Child) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kubectl did not finish in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("kubectl's output")
+    }
+
     /// Where the guard writes the audit log (`--audit-log`).
     pub fn audit_log(&self) -> PathBuf {
         self.work.path().join("audit.log")
