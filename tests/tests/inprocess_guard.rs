@@ -1,5 +1,6 @@
 //! chaperone's decisions on one request, without root: allow, deny by
-//! policy, mask (Secrets in get, list, table, watch; env values; logs),
+//! policy, mask (Secrets in get, list, table, watch; env values; logs;
+//! exec output),
 //! the requests it refuses before policy (ambiguous targets, unread
 //! upgrades, tokens of another pod or of none, unredirected connections),
 //! the masked write-back, per-pod limits, and impersonation. The guard, the
@@ -22,6 +23,7 @@ in_process!(
     allowed_requests_reach_the_api_server_with_the_agents_own_token,
     a_policy_denial_is_kubectls_forbidden_line_and_is_audited,
     secret_values_never_reach_the_agent,
+    exec_output_is_masked_over_websocket_and_spdy,
     a_secret_watch_delivers_later_changes_masked,
     encoded_secret_paths_are_masked_or_refused_over_http1_and_http2,
     watches_and_logs_over_websocket_are_refused_before_the_api_server,
@@ -300,6 +302,44 @@ fn secret_values_never_reach_the_agent() {
     assert_eq!(list.status, 200, "{}", list.body);
     assert!(list.body.contains("\"db\""), "{}", list.body);
     assert_no_secret("an HTTP/2 list", &list.body);
+}
+
+/// `kubectl exec` output is read frame by frame and masked, over
+/// WebSocket (kubectl's default) and SPDY/3.1 (older clients); exit codes
+/// survive.
+fn exec_output_is_masked_over_websocket_and_spdy() {
+    let h = guarded();
+    for spdy in [false, true] {
+        let mut cmd = h.kubectl_command(&["exec", "worker", "--", "env"]);
+        if spdy {
+            cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
+        }
+        let out = chaperone_tests::e2e::run_for(&mut cmd, Duration::from_secs(60)).unwrap();
+        assert!(out.status.success(), "spdy={spdy}: {}", all_bytes(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.contains("API_TOKEN="), "spdy={spdy}: {stdout}");
+        assert!(
+            stdout.contains("masked by chaperone"),
+            "spdy={spdy}: {stdout}"
+        );
+        assert_no_secret(&format!("kubectl exec env (spdy={spdy})"), &all_bytes(&out));
+
+        let mut cmd = h.kubectl_command(&["exec", "worker", "--", "sh", "-c", "env >&2; exit 3"]);
+        if spdy {
+            cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
+        }
+        let out = chaperone_tests::e2e::run_for(&mut cmd, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "spdy={spdy}: {}",
+            all_bytes(&out)
+        );
+        assert_no_secret(
+            &format!("kubectl exec stderr (spdy={spdy})"),
+            &all_bytes(&out),
+        );
+    }
 }
 
 /// A watch delivers a Secret created after it started, masked.
