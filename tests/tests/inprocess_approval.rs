@@ -19,6 +19,7 @@ in_process!(
     a_held_delete_completes_when_a_person_approves_it,
     a_denied_delete_is_forbidden_with_the_reason,
     an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds,
+    an_approval_expires_and_the_agent_is_told_its_id,
     a_request_the_agent_abandons_while_held_is_still_audited,
 );
 
@@ -46,11 +47,14 @@ spec:
 /// The harness holding production deletes for `hold`, with the
 /// Deployment `prod-a/web`.
 fn harness(hold: &str) -> Harness {
-    let h = Harness::start(HarnessSpec {
+    harness_with(HarnessSpec {
         policy: policy(hold),
         ..HarnessSpec::default()
     })
-    .unwrap();
+}
+
+fn harness_with(spec: HarnessSpec) -> Harness {
+    let h = Harness::start(spec).unwrap();
     let store = h.sim.store();
     store
         .create(json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod-a"}}))
@@ -213,6 +217,42 @@ fn an_unanswered_hold_names_the_approval_and_a_retry_after_approval_succeeds() {
     let approved = h.send(AgentRequest::delete(WEB));
     assert_eq!(approved.status, 200, "{}", approved.body);
     assert!(!exists(&h));
+}
+
+/// `--approval-ttl 2s`, a hold of 30 s: the approval expires before
+/// anyone decides, the agent is told so with its id, and the guard marks it
+/// `Expired` so nobody can approve it late.
+fn an_approval_expires_and_the_agent_is_told_its_id() {
+    let h = harness_with(HarnessSpec {
+        policy: policy("30s"),
+        approval_ttl: Duration::from_secs(2),
+        ..HarnessSpec::default()
+    });
+    let started = Instant::now();
+    let reply = h.send(AgentRequest::delete(WEB));
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "held past the approval's expiry: {:?}",
+        started.elapsed()
+    );
+    let id = h.approvals()[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reply.message().contains(&format!("approval {id} expired")),
+        "{}",
+        reply.body
+    );
+    assert!(exists(&h));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while approval(&h, &id)["status"]["state"] != "Expired" {
+        assert!(Instant::now() < deadline, "{:#}", approval(&h, &id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let late = h.decide(&id, true, "alice", "").unwrap_err();
+    assert!(format!("{late:#}").contains("already Expired"), "{late:#}");
 }
 
 /// An agent that gives up while its request is held still leaves a
