@@ -615,8 +615,24 @@ impl Harness {
 
     /// Runs `kubectl ARGS` as the agent (60 s at most).
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        run_for(&mut self.kubectl_command(args), Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e:#}"))
+        self.run_kubectl(&mut self.kubectl_command(args))
+    }
+
+    /// Runs a [`Harness::kubectl_command`] (60 s at most).
+    pub fn run_kubectl(&self, cmd: &mut Command) -> Output {
+        run_for(cmd, Duration::from_secs(60)).unwrap_or_else(|e| {
+            let not_found = e
+                .chain()
+                .filter_map(|c| c.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == std::io::ErrorKind::NotFound);
+            if not_found {
+                panic!(
+                    "kubectl is not on PATH: these tests run the real kubectl as the agent; \
+                     install kubectl (1.20 or newer) and run them again"
+                );
+            }
+            panic!("{cmd:?}: {e:#}")
+        })
     }
 
     /// Waits (60 s at most) for a `kubectl` started with

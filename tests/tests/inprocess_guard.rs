@@ -314,7 +314,7 @@ fn exec_output_is_masked_over_websocket_and_spdy() {
         if spdy {
             cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
         }
-        let out = chaperone_tests::e2e::run_for(&mut cmd, Duration::from_secs(60)).unwrap();
+        let out = h.run_kubectl(&mut cmd);
         assert!(out.status.success(), "spdy={spdy}: {}", all_bytes(&out));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(stdout.contains("API_TOKEN="), "spdy={spdy}: {stdout}");
@@ -328,7 +328,7 @@ fn exec_output_is_masked_over_websocket_and_spdy() {
         if spdy {
             cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
         }
-        let out = chaperone_tests::e2e::run_for(&mut cmd, Duration::from_secs(60)).unwrap();
+        let out = h.run_kubectl(&mut cmd);
         assert_eq!(
             out.status.code(),
             Some(3),
@@ -518,12 +518,10 @@ fn a_token_of_another_pod_or_of_no_pod_is_refused() {
     // kubectl's wording for a 401.
     let kubeconfig = h.work.path().join("stolen.kubeconfig");
     h.write_agent_kubeconfig(&kubeconfig, &stolen).unwrap();
-    let out = chaperone_tests::e2e::run_for(
+    let out = h.run_kubectl(
         h.kubectl_command(&["get", "pods"])
             .env("KUBECONFIG", &kubeconfig),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("provide credentials"),
