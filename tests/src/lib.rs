@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod e2e;
+pub mod inprocess;
 pub mod load;
 pub mod prom;
 pub mod real_api;

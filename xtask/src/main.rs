@@ -252,7 +252,8 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 
 /// `cargo test` with its output passed through, then how many end-to-end
 /// scenarios passed against each API server (`NAME::sim` and `NAME::real`
-/// tests, see `on_both_servers!` in tests/src/e2e.rs).
+/// tests, see `on_both_servers!` in tests/src/e2e.rs) and how many
+/// in-process guard tests passed (`NAME::in_process`).
 fn cargo_test(root: &Path, args: &[&str]) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -272,10 +273,11 @@ fn cargo_test(root: &Path, args: &[&str]) -> Result<()> {
     let status = child.wait()?;
     println!(
         "xtask: end-to-end scenarios on both API servers: {} passed against kube-sim, {} \
-         against the real kube-apiserver {} ({} failed)",
+         against the real kube-apiserver {}; {} in-process guard tests passed (no root); {} failed",
         tally.sim_passed,
         tally.real_passed,
         kube::KUBE_VERSION,
+        tally.in_process_passed,
         tally.failed
     );
     if !status.success() {
@@ -284,11 +286,14 @@ fn cargo_test(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Counts `test NAME::sim ... ok` and `test NAME::real ... ok` lines.
+/// Counts `test NAME::sim ... ok` and `test NAME::real ... ok` lines, and
+/// the in-process harness's `test NAME::in_process ... ok` (see
+/// `in_process!` in tests/src/inprocess.rs).
 #[derive(Default)]
 struct BackendTally {
     sim_passed: usize,
     real_passed: usize,
+    in_process_passed: usize,
     failed: usize,
 }
 
@@ -304,6 +309,8 @@ impl BackendTally {
             &mut self.sim_passed
         } else if name.ends_with("::real") {
             &mut self.real_passed
+        } else if name.ends_with("::in_process") {
+            &mut self.in_process_passed
         } else {
             return;
         };
@@ -328,12 +335,14 @@ mod tests {
     use super::BackendTally;
 
     #[test]
-    fn scenarios_are_counted_per_api_server() {
+    fn scenarios_are_counted_per_api_server_and_in_process() {
         let mut tally = BackendTally::default();
         for line in [
             "test secret_values_never_reach_the_agent::sim ... ok",
             "test secret_values_never_reach_the_agent::real ... ok",
             "test denials::real ... FAILED",
+            "test a_secret_watch_delivers_later_changes_masked::in_process ... ok",
+            "test a_pod_over_its_connection_limit_gets_429::in_process ... FAILED",
             "test a_plain_test ... ok",
             "test result: ok. 3 passed; 0 failed",
             "running 4 tests",
@@ -341,8 +350,13 @@ mod tests {
             tally.count(line);
         }
         assert_eq!(
-            (tally.sim_passed, tally.real_passed, tally.failed),
-            (1, 1, 1)
+            (
+                tally.sim_passed,
+                tally.real_passed,
+                tally.in_process_passed,
+                tally.failed
+            ),
+            (1, 1, 1, 2)
         );
     }
 }
