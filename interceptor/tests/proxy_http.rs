@@ -13,8 +13,8 @@ use std::{
 
 use bytes::Bytes;
 use chaperone::proxy::{
-    Passthrough, Proxy, ProxyConfig, StaticTls, Upstream, UpstreamSpec,
-    upstream::client_tls_trusting,
+    ConnectionInfo, Forward, Guard, Passthrough, Proxy, ProxyConfig, StaticTls, Upstream,
+    UpstreamSpec, Verdict, body::RequestBody, upstream::client_tls_trusting,
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -230,6 +230,15 @@ async fn harness_with(
     upstream_addr: Option<SocketAddr>,
     http1_connections: usize,
 ) -> Harness {
+    harness_guarded(config, upstream_addr, http1_connections, Passthrough).await
+}
+
+async fn harness_guarded<G: Guard>(
+    config: ProxyConfig,
+    upstream_addr: Option<SocketAddr>,
+    http1_connections: usize,
+    guard: G,
+) -> Harness {
     let pki = pki();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let go = Arc::new(tokio::sync::Notify::new());
@@ -254,13 +263,7 @@ async fn harness_with(
     let terminator = Arc::new(StaticTls(tokio_rustls::TlsAcceptor::from(
         pki.server.clone(),
     )));
-    let proxy = Proxy::new(
-        config,
-        Passthrough,
-        upstream.clone(),
-        terminator,
-        Arc::new(()),
-    );
+    let proxy = Proxy::new(config, guard, upstream.clone(), terminator, Arc::new(()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(proxy.serve(vec![listener], async {
         let _ = rx.await;
@@ -640,4 +643,99 @@ async fn shutdown_drains_in_flight_requests() {
         .unwrap();
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(h.proxy_addr).await.is_err());
+}
+
+/// A guard that numbers the connections it is told of and counts the
+/// per-connection states alive; each request is forwarded naming its
+/// connection's number.
+#[derive(Clone, Default)]
+struct Numbering {
+    made: Arc<std::sync::atomic::AtomicUsize>,
+    alive: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct Numbered {
+    number: usize,
+    alive: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Numbered {
+    fn drop(&mut self) {
+        self.alive.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Guard for Numbering {
+    type Connection = Numbered;
+
+    fn connect(&self, _conn: &Arc<ConnectionInfo>) -> Numbered {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.alive.fetch_add(1, SeqCst);
+        Numbered {
+            number: self.made.fetch_add(1, SeqCst) + 1,
+            alive: self.alive.clone(),
+        }
+    }
+
+    async fn check(
+        &self,
+        _conn: &Arc<ConnectionInfo>,
+        connection: &Arc<Numbered>,
+        parts: &mut http::request::Parts,
+        _body: &mut RequestBody,
+    ) -> Verdict {
+        parts
+            .headers
+            .insert("x-connection", connection.number.into());
+        Verdict::Forward(Forward::default())
+    }
+}
+
+#[tokio::test]
+async fn the_guard_keeps_state_per_connection_from_accept_until_it_closes() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let guard = Numbering::default();
+    let h = harness_guarded(local_config(), None, 0, guard.clone()).await;
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let before = guard.made.load(SeqCst);
+        let seen_before = h.seen.lock().unwrap().requests.len();
+        let client = client(&h, alpn).await;
+        // Sequential and concurrent requests on one connection share its state.
+        for _ in 0..3 {
+            let response = client.request(get(&h, "/echo")).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.unwrap();
+        }
+        if alpn == b"h2" {
+            let concurrent = (0..4).map(|_| client.request(get(&h, "/echo")));
+            for response in futures::future::join_all(concurrent).await {
+                response.unwrap().into_body().collect().await.unwrap();
+            }
+        }
+        assert_eq!(
+            guard.made.load(SeqCst),
+            before + 1,
+            "{alpn:?}: one state per connection"
+        );
+        assert_eq!(guard.alive.load(SeqCst), 1, "{alpn:?}");
+        let numbers: Vec<String> = h.seen.lock().unwrap().requests[seen_before..]
+            .iter()
+            .map(|(_, headers)| headers["x-connection"].to_str().unwrap().to_owned())
+            .collect();
+        let expected = (before + 1).to_string();
+        assert!(
+            numbers.iter().all(|n| *n == expected),
+            "{alpn:?}: {numbers:?}"
+        );
+        // The connection closes: its state goes with it.
+        drop(client);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while guard.alive.load(SeqCst) != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{alpn:?}: the state outlived its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
