@@ -713,6 +713,14 @@ impl Guard for Pipeline {
             BodyCapture::request(&self.masker, &exchange.request, content_type)
                 .into_observer(exchange.request_body.clone())
         });
+        // `--audit-durability spooled`: on disk before it takes effect.
+        if let Some(gate) = &self.audit
+            && gate.durability() == crate::audit::Durability::Spooled
+            && exchange.level() != RecordLevel::None
+            && let Err(full) = gate.write_ahead(exchange.request_received()).await
+        {
+            return exchange.refuse(full.status());
+        }
         Verdict::Forward(Forward {
             response_transform,
             observer: Some(Box::new(exchange)),
@@ -836,6 +844,30 @@ impl ExchangeDraft {
                 ..DecisionRecord::from_decision(&refused_before_policy(), None)
             },
         }
+    }
+
+    /// The `RequestReceived` event written ahead of forwarding (audit
+    /// durability `spooled`): the decision, no response yet.
+    fn request_received(&self) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            audit_id: self.audit_id,
+            stage: Stage::RequestReceived,
+            received: self.received,
+            response_started: None,
+            completed: OffsetDateTime::now_utc(),
+            request_uri: self.request_uri.clone(),
+            request: self.request.clone(),
+            caller: self.caller.clone(),
+            impersonated_user: None,
+            source_ips: vec![self.source_ip],
+            user_agent: self.user_agent.clone(),
+            decision: self.decision_record(),
+            status: ResponseStatus::ok(0),
+            request_body: None,
+            response_body: None,
+            masked_fields: 0,
+            node: self.node.clone(),
+        })
     }
 
     fn finish(
