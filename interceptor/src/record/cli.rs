@@ -639,7 +639,8 @@ fn write_timeline(
                 if let (Some(reason), Some(message)) = (
                     r.get("reason").and_then(Value::as_str),
                     r.get("message").and_then(Value::as_str),
-                ) {
+                ) && !(reason.is_empty() && message.is_empty())
+                {
                     writeln!(out, "{tag}{:<16} └ {reason}: {message}", "")?;
                 }
                 let masked = r.get("masked").and_then(Value::as_u64).unwrap_or(0);
