@@ -535,6 +535,23 @@ fn a_kubectl_session_replays_with_its_exec_cast_and_tampering_shows() {
     let name = agent["metadata"]["name"].as_str().unwrap();
     let ok = chaperone(&["verify", name], &dir);
     assert!(ok.status.success(), "{}", text(&ok));
+    // The audit log, a second witness, says the same of every request.
+    let audit_log = world.work.path().join("audit.log");
+    let audit_log = audit_log.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let witnessed = loop {
+        let out = chaperone(&["verify", name, "--audit-log", audit_log], &dir);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(witnessed.status.success(), "{}", text(&witnessed));
+    assert!(
+        text(&witnessed).contains("agree with 1 audit file(s)"),
+        "{}",
+        text(&witnessed)
+    );
     let timeline = String::from_utf8_lossy(&chaperone(&["replay", name], &dir).stdout).into_owned();
     for needle in [
         "secrets",

@@ -128,6 +128,7 @@ pub struct ReplayArgs {
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   chaperone verify coder-0-1a2b3c4d
+  chaperone verify coder-0-1a2b3c4d --audit-log /var/log/chaperone/audit.log --audit-log /var/log/chaperone/audit-2026-12-01.log
   chaperone verify 20261123T111702Z-1a2b3c4d5e6f --key /var/lib/chaperone/record.key")]
 pub struct VerifyArgs {
     /// An agent session (from `chaperone sessions`), a connection id or the
@@ -135,6 +136,13 @@ pub struct VerifyArgs {
     pub session: String,
     #[command(flatten)]
     pub read: ReadArgs,
+    /// Audit log files (audit.k8s.io/v1 JSON lines, as chaperone's file
+    /// sink or a collector of its webhook writes them) to check the
+    /// recordings against: every recorded request must be there saying the
+    /// same, and (for an agent session) every request of the pod the log
+    /// holds within the session must be recorded. Repeat for rotated files.
+    #[arg(long = "audit-log", value_name = "FILE")]
+    pub audit_logs: Vec<PathBuf>,
 }
 
 fn time_text(t: Option<time::OffsetDateTime>) -> String {
@@ -715,12 +723,49 @@ fn verdict(recording: &Recording) -> Result<String, String> {
     }
 }
 
+/// The audit log's verdict on `recordings`; `None` without `--audit-log`.
+fn witness(
+    args: &VerifyArgs,
+    log: Option<&read::AuditLog>,
+    pod: &str,
+    recordings: &[&Recording],
+    out: &mut dyn Write,
+) -> anyhow::Result<bool> {
+    let Some(log) = log else {
+        return Ok(true);
+    };
+    match read::cross_check(pod, recordings, log) {
+        Ok(agreed) => {
+            writeln!(
+                out,
+                "audit: {agreed} recorded request stage(s) agree with {} audit file(s)",
+                args.audit_logs.len()
+            )?;
+            Ok(true)
+        }
+        Err(why) => {
+            writeln!(out, "BROKEN: audit: {why}")?;
+            Ok(false)
+        }
+    }
+}
+
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let log = if args.audit_logs.is_empty() {
+        None
+    } else {
+        Some(read::AuditLog::read(&args.audit_logs)?)
+    };
     match target(&args.session, &args.read)? {
         Target::Connection(recording) => match verdict(&recording) {
             Ok(line) => {
                 writeln!(out, "ok: {line}")?;
-                Ok(ExitCode::SUCCESS)
+                // One connection: only what it recorded is checked.
+                if witness(args, log.as_ref(), "", &[&recording], out)? {
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    Ok(ExitCode::FAILURE)
+                }
             }
             Err(lines) => {
                 writeln!(out, "BROKEN: {lines}")?;
@@ -739,7 +784,15 @@ pub fn verify(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
                     }
                 }
             }
-            if broken == 0 {
+            let all: Vec<&Recording> = recordings.iter().collect();
+            if broken == 0 && !witness(args, log.as_ref(), &agent.pod, &all, out)? {
+                writeln!(
+                    out,
+                    "BROKEN: agent session {}: its chains hold, but the audit log disagrees (see above)",
+                    agent.name
+                )?;
+                Ok(ExitCode::FAILURE)
+            } else if broken == 0 {
                 writeln!(
                     out,
                     "ok: agent session {}: all {} connection(s) verify",

@@ -681,3 +681,203 @@ pub fn find_agent_session(
             dir: root.to_owned(),
         })
 }
+
+// === the audit log as a second witness ===
+
+/// What the audit log says about one request at one stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Witness {
+    verb: String,
+    decision: String,
+    code: u64,
+    user: String,
+    target: String,
+}
+
+impl std::fmt::Display for Witness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} by {}: {} {}",
+            self.verb, self.target, self.user, self.decision, self.code
+        )
+    }
+}
+
+/// Audit events (`audit.k8s.io/v1`, JSON lines, as the file sink writes
+/// them), indexed for [`cross_check`]. The audit log usually leaves the
+/// node (a webhook, a log collector), so whoever can rewrite a recording,
+/// even with the node's record key, cannot make both agree.
+#[derive(Debug, Default)]
+pub struct AuditLog {
+    by_id: std::collections::HashMap<(String, String), Witness>,
+    /// `(pod, received, auditID, stage, uri)` of every event naming a pod.
+    by_pod: Vec<(String, OffsetDateTime, String, String, String)>,
+}
+
+impl AuditLog {
+    /// Reads every file (rotated ones too, in any order); lines that are
+    /// not audit events are skipped.
+    pub fn read(paths: &[PathBuf]) -> Result<Self, ReadError> {
+        let mut log = AuditLog::default();
+        for path in paths {
+            let text = fs::read_to_string(path).map_err(|source| ReadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            for line in text.lines() {
+                let Ok(event) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if event["kind"] != "Event" {
+                    continue;
+                }
+                let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
+                let id = s(&event["auditID"]);
+                let stage = s(&event["stage"]);
+                let notes = &event["annotations"];
+                let witness = Witness {
+                    verb: s(&event["verb"]),
+                    decision: s(&notes["chaperone.dev/decision"]),
+                    code: event["responseStatus"]["code"].as_u64().unwrap_or(0),
+                    user: s(&event["user"]["username"]),
+                    target: target_of(
+                        event["objectRef"]["resource"].as_str(),
+                        event["objectRef"]["subresource"].as_str(),
+                        event["objectRef"]["namespace"].as_str(),
+                        event["objectRef"]["name"].as_str(),
+                        &s(&event["requestURI"]),
+                    ),
+                };
+                if let (Some(pod), Some(received)) = (
+                    notes["chaperone.dev/pod"].as_str(),
+                    event["requestReceivedTimestamp"]
+                        .as_str()
+                        .and_then(parse_time),
+                ) {
+                    log.by_pod.push((
+                        pod.to_owned(),
+                        received,
+                        id.clone(),
+                        stage.clone(),
+                        s(&event["requestURI"]),
+                    ));
+                }
+                log.by_id.insert((id, stage), witness);
+            }
+        }
+        Ok(log)
+    }
+}
+
+/// `pods/exec default/worker`, or the URI of a non-resource request.
+fn target_of(
+    resource: Option<&str>,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    uri: &str,
+) -> String {
+    let Some(resource) = resource.filter(|r| !r.is_empty()) else {
+        return uri.split('?').next().unwrap_or(uri).to_owned();
+    };
+    let mut target = resource.to_owned();
+    if let Some(sub) = subresource.filter(|s| !s.is_empty()) {
+        target = format!("{target}/{sub}");
+    }
+    format!(
+        "{target} {}/{}",
+        namespace.unwrap_or(""),
+        name.unwrap_or("")
+    )
+}
+
+/// Checks the recordings of an agent session against the audit log: every
+/// recorded request must be there, saying the same (verb, target, caller,
+/// decision, status), and every request of the pod the log holds within
+/// the session's time must be recorded (or counted in a `gap` record).
+/// `Ok(n)`: `n` requests agree.
+pub fn cross_check(pod: &str, recordings: &[&Recording], log: &AuditLog) -> Result<usize, String> {
+    let mut agreed = 0;
+    let mut recorded = std::collections::HashSet::new();
+    let mut dropped = 0;
+    let (mut first, mut last): (Option<OffsetDateTime>, Option<OffsetDateTime>) = (None, None);
+    for recording in recordings {
+        for record in &recording.records {
+            let s = |key: &str| {
+                record
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            if s("type") == "gap" {
+                dropped += record.get("dropped").and_then(Value::as_u64).unwrap_or(0);
+                continue;
+            }
+            if s("type") != "exchange" {
+                continue;
+            }
+            let (id, stage) = (s("auditID"), s("stage"));
+            if let Some(t) = parse_time(&s("time")) {
+                first = Some(first.map_or(t, |f| f.min(t)));
+                last = Some(last.map_or(t, |l| l.max(t)));
+            }
+            let said = Witness {
+                verb: s("verb"),
+                decision: s("decision"),
+                code: record.get("status").and_then(Value::as_u64).unwrap_or(0),
+                user: s("user"),
+                target: target_of(
+                    record.get("resource").and_then(Value::as_str),
+                    record.get("subresource").and_then(Value::as_str),
+                    record.get("namespace").and_then(Value::as_str),
+                    record.get("name").and_then(Value::as_str),
+                    &s("uri"),
+                ),
+            };
+            match log.by_id.get(&(id.clone(), stage.clone())) {
+                None => {
+                    return Err(format!(
+                        "{}: the request {id} ({stage}, {said}) is not in the audit log: the recording was forged, or pass every (rotated) audit file",
+                        recording.path.display()
+                    ));
+                }
+                Some(witness) if *witness != said => {
+                    return Err(format!(
+                        "{}: the request {id} ({stage}) was recorded as {said}, but the audit log says {witness}: the recording (or the log) was rewritten",
+                        recording.path.display()
+                    ));
+                }
+                Some(_) => agreed += 1,
+            }
+            recorded.insert((id, stage));
+        }
+    }
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(agreed);
+    };
+    let missing: Vec<&(String, OffsetDateTime, String, String, String)> = log
+        .by_pod
+        .iter()
+        .filter(|(p, t, id, stage, _)| {
+            p == pod
+                && *t >= first
+                && *t <= last
+                // The node records each request when it completes; the
+                // earlier stages are the audit log's alone.
+                && stage == "ResponseComplete"
+                && !recorded.contains(&(id.clone(), stage.clone()))
+        })
+        .collect();
+    if missing.len() as u64 > dropped {
+        let (_, t, id, stage, uri) = missing[0];
+        return Err(format!(
+            "the audit log holds {} request(s) of {pod} made during this agent session that no recording of it holds ({} accounted for by gap records); the first: {id} ({stage}) {uri} at {}: a recording was removed or cut",
+            missing.len(),
+            dropped,
+            super::micro_time(*t)
+        ));
+    }
+    Ok(agreed)
+}

@@ -42,6 +42,7 @@ fn verify(dir: &Path, session: &str) -> (ExitCode, String) {
     let args = VerifyArgs {
         session: session.into(),
         read: read_args(dir),
+        audit_logs: Vec::new(),
     };
     run(|out| cli::verify(&args, out))
 }
@@ -461,6 +462,7 @@ fn unknown_sessions_say_how_to_find_one() {
     let args = VerifyArgs {
         session: "20260101T000000Z-000000000000".into(),
         read: read_args(tmp.path()),
+        audit_logs: Vec::new(),
     };
     let error = cli::verify(&args, &mut Vec::new()).unwrap_err().to_string();
     assert!(error.contains("chaperone sessions --dir"), "{error}");
@@ -841,6 +843,7 @@ fn a_session_rewritten_whole_does_not_verify_without_the_node_key() {
             key: Some("none".into()),
             ..read_args(&dir)
         },
+        audit_logs: Vec::new(),
     };
     let (code, out) = run(|out| cli::verify(&args, out));
     assert_eq!(code, ExitCode::FAILURE, "{out}");
@@ -1069,7 +1072,86 @@ fn connections_group_into_agent_sessions_by_idle_gap() {
     let args = VerifyArgs {
         session: "coder-7f9c-00000000".into(),
         read: read_args(tmp.path()),
+        audit_logs: Vec::new(),
     };
     let error = cli::verify(&args, &mut Vec::new()).unwrap_err().to_string();
     assert!(error.contains("chaperone sessions --dir"), "{error}");
+}
+
+/// Whoever holds the node's record key (root on the node) can reseal a
+/// rewritten session; the audit log, which usually leaves the node, is the
+/// second witness `verify --audit-log` asks.
+#[test]
+fn the_audit_log_catches_a_rewrite_made_with_the_node_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, dir) = keyed_recorder(tmp.path());
+    let (id, exchanges) = record_scenario(&recorder);
+    recorder.shutdown();
+    let log = tmp.path().join("audit.log");
+    let lines: Vec<String> = exchanges
+        .iter()
+        .map(|e| {
+            String::from_utf8(crate::audit::Event::from_exchange(e).unwrap().to_line()).unwrap()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&log, lines.concat()).unwrap();
+    let verify_with_log = |session: &str, log: &Path| {
+        let args = VerifyArgs {
+            session: session.into(),
+            read: read_args(&dir),
+            audit_logs: vec![log.to_owned()],
+        };
+        run(|out| cli::verify(&args, out))
+    };
+    let listed = read::group_sessions(
+        read::list_sessions(&dir, None, None).unwrap_or_default(),
+        read::DEFAULT_GAP,
+    );
+    let name = listed[0].name.clone();
+    let (code, out) = verify_with_log(&name, &log);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(
+        out.contains("audit: 5 recorded request stage(s) agree"),
+        "{out}"
+    );
+
+    // Resealed with the node's own key: the chain alone is satisfied.
+    let file = session_file(&dir, &id);
+    let original = std::fs::read_to_string(&file).unwrap();
+    let key = chain::ChainKey::load(&tmp.path().join("record.key")).unwrap();
+    rewrite_whole(&file, Some(&key), |r| {
+        if r.get("decision") == Some(&Value::from("deny")) {
+            r.insert("decision".into(), "allow".into());
+            r.insert("status".into(), 200.into());
+        }
+    });
+    assert_eq!(verify(&dir, &id).0, ExitCode::SUCCESS);
+    let (code, out) = verify_with_log(&name, &log);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("was recorded as delete pods agents/web-0 by system:serviceaccount:agents:coder: allow 200, but the audit log says delete pods agents/web-0 by system:serviceaccount:agents:coder: deny 403"), "{out}");
+    let (code, _) = verify_with_log(&id, &log);
+    assert_eq!(code, ExitCode::FAILURE, "one connection is checked too");
+    std::fs::write(&file, &original).unwrap();
+
+    // A request the log holds but no recording does (a record removed and
+    // the chain resealed, or a whole connection's file deleted).
+    let mut extra: Value = serde_json::from_str(&lines[0]).unwrap();
+    extra["auditID"] = Value::from("00000000-0000-4000-8000-00000000dead");
+    let mut with_extra = lines.concat();
+    with_extra.push_str(&format!("{extra}\n"));
+    assert!(with_extra.ends_with("}\n"));
+    let log2 = tmp.path().join("audit-2.log");
+    std::fs::write(&log2, with_extra).unwrap();
+    let (code, out) = verify_with_log(&name, &log2);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(
+        out.contains("the audit log holds 1 request(s) of agents/coder-7f9c made during this agent session that no recording of it holds"),
+        "{out}"
+    );
+    // A recorded request the log lacks.
+    std::fs::write(&log2, lines[1..].concat()).unwrap();
+    let (code, out) = verify_with_log(&name, &log2);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("is not in the audit log"), "{out}");
 }
