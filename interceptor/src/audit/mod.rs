@@ -561,6 +561,7 @@ async fn run(
             deliverer,
             shared.metrics.clone(),
             shared.adopt_every,
+            shared.durability,
             shutdown.clone(),
         ));
     }
@@ -591,7 +592,20 @@ async fn run(
                         }
                     }
                 }
-                ingest(&shared, &mut batch);
+                if shared.durability == Durability::Spooled {
+                    // Off this thread, so that a file sink's own write and
+                    // sync (on this thread) never hold up a write-ahead.
+                    let ingesting = shared.clone();
+                    let mut taken = std::mem::take(&mut batch);
+                    batch = tokio::task::spawn_blocking(move || {
+                        ingest(&ingesting, &mut taken);
+                        taken
+                    })
+                    .await
+                    .unwrap_or_default();
+                } else {
+                    ingest(&shared, &mut batch);
+                }
                 if stopping {
                     spool_the_rest(&shared, &mut rx, &mut batch);
                     break;
@@ -710,10 +724,15 @@ async fn deliver(
     mut deliverer: Deliverer,
     metrics: Metrics,
     adopt_every: Duration,
+    durability: Durability,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (max_batch, max_wait) = match &deliverer {
         Deliverer::Webhook(w) => (w.config().batch_max_size.max(1), w.config().batch_max_wait),
+        // Write-ahead: the events are already safe in the spool, and a file
+        // sink's write and sync run on the audit thread, where each one
+        // would hold up the next request's spooling: deliver in batches.
+        _ if durability == Durability::Spooled => (1024, INGEST_LINGER),
         _ => (1024, Duration::ZERO),
     };
     let mut failures = 0u32;
