@@ -707,6 +707,41 @@ mod tests {
     }
 
     #[test]
+    fn the_record_key_and_audit_durability_have_defaults_flags_and_file_keys() {
+        let service = || (Some("10.96.0.1".into()), Some("443".into()));
+        let config = NodeConfig::resolve(args(), service()).unwrap();
+        assert_eq!(
+            config.record_key,
+            PathBuf::from("/var/lib/chaperone/record.key")
+        );
+        assert_eq!(config.audit_durability, crate::audit::Durability::Batched);
+        let mut a = args();
+        a.record_dir = Some("/data/rec".into());
+        a.audit_durability = Some(crate::audit::Durability::Spooled);
+        let config = NodeConfig::resolve(a, service()).unwrap();
+        assert_eq!(config.record_key, PathBuf::from("/data/record.key"));
+        assert_eq!(config.audit_durability, crate::audit::Durability::Spooled);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("node.yaml");
+        std::fs::write(
+            &file,
+            "recordKey: /keys/rec.key\nauditDurability: spooled\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(file.clone());
+        let config = NodeConfig::resolve(a, service()).unwrap();
+        assert_eq!(config.record_key, PathBuf::from("/keys/rec.key"));
+        assert_eq!(config.audit_durability, crate::audit::Durability::Spooled);
+        std::fs::write(&file, "auditDurability: sometimes\n").unwrap();
+        let mut a = args();
+        a.config = Some(file);
+        let error = NodeConfig::resolve(a, service()).unwrap_err().to_string();
+        assert!(error.contains("expected `batched` or `spooled`"), "{error}");
+    }
+
+    #[test]
     fn an_ipv6_service_host_is_understood() {
         let config =
             NodeConfig::resolve(args(), (Some("fd00::1".into()), Some("443".into()))).unwrap();
