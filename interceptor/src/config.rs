@@ -83,6 +83,13 @@ pub struct NodeArgs {
     #[arg(long, env = "CHAPERONE_RECORD_DIR")]
     pub record_dir: Option<PathBuf>,
 
+    /// The node's secret that keys the recordings' hash chains, created
+    /// (mode 0600) when missing (default: `record.key` beside the
+    /// recordings directory). `chaperone verify` needs it to tell a
+    /// session rewritten whole.
+    #[arg(long, env = "CHAPERONE_RECORD_KEY")]
+    pub record_key: Option<PathBuf>,
+
     /// Audit log file (audit.k8s.io/v1 Events, JSON lines); `-` for stdout.
     #[arg(long, env = "CHAPERONE_AUDIT_LOG")]
     pub audit_log: Option<String>,
@@ -102,6 +109,13 @@ pub struct NodeArgs {
     /// (fail closed; the default), `drop` drops events with a counter.
     #[arg(long, env = "CHAPERONE_AUDIT_FULL", value_enum)]
     pub audit_full: Option<crate::audit::FullMode>,
+
+    /// `batched` (default): audit events gather in memory for up to 50 ms
+    /// before they are spooled, so a crash loses at most those. `spooled`:
+    /// every request waits, before it is forwarded, until its
+    /// `RequestReceived` event is synced to disk (group commit).
+    #[arg(long, env = "CHAPERONE_AUDIT_DURABILITY", value_enum)]
+    pub audit_durability: Option<crate::audit::Durability>,
 
     /// Where audit events wait for a sink (default: `audit-spool` beside
     /// the recordings directory).
@@ -253,10 +267,12 @@ struct NodeFile {
     ca_dir: Option<PathBuf>,
     policy: Option<Vec<PathBuf>>,
     record_dir: Option<PathBuf>,
+    record_key: Option<PathBuf>,
     audit_log: Option<String>,
     audit_webhook: Option<String>,
     audit_webhook_batch_seconds: Option<u64>,
     audit_full: Option<String>,
+    audit_durability: Option<String>,
     audit_spool_dir: Option<PathBuf>,
     admin_addr: Option<SocketAddr>,
     allow_unattested: Option<bool>,
@@ -301,10 +317,12 @@ pub struct NodeConfig {
     pub ca_dir: PathBuf,
     pub policy_files: Vec<PathBuf>,
     pub record_dir: PathBuf,
+    pub record_key: PathBuf,
     pub audit_log: Option<String>,
     pub audit_webhook: Option<String>,
     pub audit_webhook_batch_wait: Duration,
     pub audit_full: crate::audit::FullMode,
+    pub audit_durability: crate::audit::Durability,
     pub audit_spool_dir: PathBuf,
     pub admin_addr: SocketAddr,
     /// `(cert, key)` files of a CA mounted from a Secret.
@@ -454,6 +472,10 @@ impl NodeConfig {
                 .or(file.ca_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/chaperone/ca")),
             policy_files: first_non_empty(args.policy_files, file.policy.unwrap_or_default()),
+            record_key: args
+                .record_key
+                .or(file.record_key)
+                .unwrap_or_else(|| crate::record::cli::default_key_path(&record_dir)),
             record_dir: record_dir.clone(),
             audit_log: args.audit_log.or(file.audit_log),
             audit_webhook: args.audit_webhook.or(file.audit_webhook),
@@ -467,6 +489,14 @@ impl NodeConfig {
                 (None, None | Some("block")) => crate::audit::FullMode::Block,
                 (None, Some("drop")) => crate::audit::FullMode::Drop,
                 (None, Some(other)) => bail!("auditFull {other:?}: expected `block` or `drop`"),
+            },
+            audit_durability: match (args.audit_durability, file.audit_durability.as_deref()) {
+                (Some(mode), _) => mode,
+                (None, None | Some("batched")) => crate::audit::Durability::Batched,
+                (None, Some("spooled")) => crate::audit::Durability::Spooled,
+                (None, Some(other)) => {
+                    bail!("auditDurability {other:?}: expected `batched` or `spooled`")
+                }
             },
             audit_spool_dir: args
                 .audit_spool_dir
@@ -674,6 +704,41 @@ mod tests {
             checked >= 10,
             "only {checked} variables found: did the manifests move?"
         );
+    }
+
+    #[test]
+    fn the_record_key_and_audit_durability_have_defaults_flags_and_file_keys() {
+        let service = || (Some("10.96.0.1".into()), Some("443".into()));
+        let config = NodeConfig::resolve(args(), service()).unwrap();
+        assert_eq!(
+            config.record_key,
+            PathBuf::from("/var/lib/chaperone/record.key")
+        );
+        assert_eq!(config.audit_durability, crate::audit::Durability::Batched);
+        let mut a = args();
+        a.record_dir = Some("/data/rec".into());
+        a.audit_durability = Some(crate::audit::Durability::Spooled);
+        let config = NodeConfig::resolve(a, service()).unwrap();
+        assert_eq!(config.record_key, PathBuf::from("/data/record.key"));
+        assert_eq!(config.audit_durability, crate::audit::Durability::Spooled);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("node.yaml");
+        std::fs::write(
+            &file,
+            "recordKey: /keys/rec.key\nauditDurability: spooled\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(file.clone());
+        let config = NodeConfig::resolve(a, service()).unwrap();
+        assert_eq!(config.record_key, PathBuf::from("/keys/rec.key"));
+        assert_eq!(config.audit_durability, crate::audit::Durability::Spooled);
+        std::fs::write(&file, "auditDurability: sometimes\n").unwrap();
+        let mut a = args();
+        a.config = Some(file);
+        let error = NodeConfig::resolve(a, service()).unwrap_err().to_string();
+        assert!(error.contains("expected `batched` or `spooled`"), "{error}");
     }
 
     #[test]

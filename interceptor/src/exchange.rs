@@ -125,6 +125,9 @@ impl ResponseStatus {
 /// Which stage of a request an [`Exchange`] describes (audit `stage`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// The request was decided and is about to be forwarded: written ahead
+    /// of it in audit durability mode `spooled`, never recorded.
+    RequestReceived,
     /// Response headers were sent for a long-running request (watch, exec,
     /// attach, port-forward, log follow); the body goes on.
     ResponseStarted,
@@ -135,6 +138,7 @@ pub enum Stage {
 impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::RequestReceived => "RequestReceived",
             Stage::ResponseStarted => "ResponseStarted",
             Stage::ResponseComplete => "ResponseComplete",
         }

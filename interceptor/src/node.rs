@@ -239,11 +239,17 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         tracing::info!(policies = count, "loaded policy files");
     }
     let masker = Masker::new(&config.masking).map_err(|e| anyhow::anyhow!("mask rules: {e}"))?;
-    let recorder = Recorder::start(
-        RecordConfig::new(&config.record_dir, &config.node_name),
-        metrics.clone(),
-    )
-    .with_context(|| format!("recordings in {}", config.record_dir.display()))?;
+    let mut record_config = RecordConfig::new(&config.record_dir, &config.node_name);
+    record_config.key = Some(
+        crate::record::chain::ChainKey::load_or_create(&config.record_key).with_context(|| {
+            format!(
+                "the record key {}: it must be a file only chaperone reads, holding 64 hex characters (a missing one is created); point --record-key elsewhere or remove a damaged one (older recordings then need the old key to verify)",
+                config.record_key.display()
+            )
+        })?,
+    );
+    let recorder = Recorder::start(record_config, metrics.clone())
+        .with_context(|| format!("recordings in {}", config.record_dir.display()))?;
     let auditor = start_auditor(&config, &metrics)?;
 
     let pods = if config.pod_tracker {
@@ -502,6 +508,7 @@ fn start_auditor(config: &NodeConfig, metrics: &Metrics) -> anyhow::Result<Optio
     }
     let mut audit = AuditConfig::new(&config.audit_spool_dir, sinks);
     audit.full = config.audit_full;
+    audit.durability = config.audit_durability;
     Ok(Some(
         Auditor::start(audit, metrics.clone()).context("audit pipeline")?,
     ))

@@ -34,7 +34,9 @@ fn the_demo_runs_to_completion_and_tells_each_outcome() {
         "=> the held delete completed after the approval; the deployment is gone",
         "deployment.apps/preview created",
         "=> every session is attributed to the pod and its service account",
+        "=> the agent's commands are one agent session, its connections inside",
         "=> the replay shows the Secret read and what was masked",
+        "=> every connection's hash chain verifies under the node's record key",
         "=> the audit log holds the refusals too",
         "Done.",
     ] {

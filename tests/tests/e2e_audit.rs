@@ -111,6 +111,24 @@ fn agent_requests_reach_the_audit_webhook_with_chaperones_decisions(backend: Bac
     assert_eq!(denied["responseStatus"]["code"], 403);
     assert_eq!(denied["annotations"]["chaperone.dev/rule"], "no-deletes");
     assert_eq!(denied["objectRef"]["name"], "anything");
+    // Every event names the process that made the request: kubectl.
+    let kubectl = which_kubectl().expect("kubectl on PATH");
+    for event in &events {
+        assert_eq!(
+            event["annotations"]["chaperone.dev/executable"], kubectl,
+            "{event:#}"
+        );
+    }
+}
+
+/// kubectl's resolved path, as `/proc/PID/exe` shows it.
+fn which_kubectl() -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("kubectl"))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .map(|p| p.display().to_string())
 }
 
 /// An agent that gives up while its request is held for approval (kubectl's

@@ -470,7 +470,7 @@ fn a_kubectl_session_replays_with_its_exec_cast_and_tampering_shows() {
         .sum::<usize>()
         + line.find("\"status\":403").expect("the denial's status")
         + "\"status\":40".len();
-    let mut bytes = original.into_bytes();
+    let mut bytes = original.clone().into_bytes();
     bytes[offset] = b'4'; // 403 -> 404
     std::fs::write(&path, &bytes).unwrap();
     let broken = chaperone(&["verify", id], &dir);
@@ -481,6 +481,261 @@ fn a_kubectl_session_replays_with_its_exec_cast_and_tampering_shows() {
         "verify names the edited record (line {}):\n{report}",
         line_no + 1
     );
+    std::fs::write(&path, &original).unwrap();
+
+    // The whole session rewritten, every hash recomputed as anyone can:
+    // the node keyed the chain with its record key, so it does not verify.
+    let mut prev = "0".repeat(64);
+    let rewritten: String = original
+        .lines()
+        .map(|line| {
+            let mut record: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
+            record.remove("hash");
+            record.insert("prev".into(), Value::from(prev.clone()));
+            if record.get("decision") == Some(&Value::from("deny")) {
+                record.insert("decision".into(), "allow".into());
+                record.insert("status".into(), 200.into());
+            }
+            let body = serde_json::to_string(&record).unwrap();
+            prev = sha256_hex(body.as_bytes());
+            format!("{},\"hash\":\"{prev}\"}}\n", &body[..body.len() - 1])
+        })
+        .collect();
+    std::fs::write(&path, rewritten).unwrap();
+    let forged = chaperone(&["verify", id], &dir);
+    assert!(!forged.status.success(), "{}", text(&forged));
+    let report = String::from_utf8_lossy(&forged.stdout).into_owned();
+    assert!(
+        report.contains(&format!("{}:1:", path.display())) && report.contains("rewritten"),
+        "verify tells a session rewritten whole:\n{report}"
+    );
+    std::fs::write(&path, &original).unwrap();
+
+    // The commands are one agent session of the pod, listed, verified and
+    // replayed as one; its connections are each kept.
+    let listed = chaperone(&["sessions", "-o", "json"], &dir);
+    assert!(listed.status.success(), "{}", text(&listed));
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let agents = listed["items"].as_array().unwrap();
+    assert_eq!(agents.len(), 1, "one agent session: {listed:#}");
+    let agent = &agents[0];
+    assert_eq!(agent["metadata"]["namespace"], "default");
+    assert_eq!(agent["pod"], "agent-0");
+    assert_eq!(
+        agent["connections"].as_array().unwrap().len(),
+        sessions.len(),
+        "{agent:#}"
+    );
+    let kubectl_exe = std::fs::canonicalize(which("kubectl")).unwrap();
+    assert_eq!(
+        agent["executables"],
+        json!([kubectl_exe.display().to_string()]),
+        "{agent:#}"
+    );
+    let name = agent["metadata"]["name"].as_str().unwrap();
+    let ok = chaperone(&["verify", name], &dir);
+    assert!(ok.status.success(), "{}", text(&ok));
+    // The audit log, a second witness, says the same of every request.
+    let audit_log = world.work.path().join("audit.log");
+    let audit_log = audit_log.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let witnessed = loop {
+        let out = chaperone(&["verify", name, "--audit-log", audit_log], &dir);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(witnessed.status.success(), "{}", text(&witnessed));
+    assert!(
+        text(&witnessed).contains("agree with 1 audit file(s)"),
+        "{}",
+        text(&witnessed)
+    );
+    let timeline = String::from_utf8_lossy(&chaperone(&["replay", name], &dir).stdout).into_owned();
+    for needle in [
+        "secrets",
+        "deployments",
+        "pods/exec",
+        "asciinema play",
+        "process kubectl pid",
+    ] {
+        assert!(timeline.contains(needle), "{needle} not in:\n{timeline}");
+    }
+
+    // The cast is inside the chain: editing what was typed shows.
+    let cast_text = std::fs::read_to_string(&cast).unwrap();
+    std::fs::write(
+        &cast,
+        cast_text.replace("typed-marker-42", "typed-marker-43"),
+    )
+    .unwrap();
+    let broken = chaperone(&["verify", name], &dir);
+    assert!(!broken.status.success(), "{}", text(&broken));
+    let report = String::from_utf8_lossy(&broken.stdout).into_owned();
+    assert!(
+        report.contains(&format!("the cast {} does not match", cast.display())),
+        "{report}"
+    );
+    std::fs::write(&cast, cast_text).unwrap();
+    assert!(chaperone(&["verify", name], &dir).status.success());
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `program`'s path on `PATH`.
+fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
+/// "Only kubectl may exec", decided on the executable of the process that
+/// opened the agent's connection; the audit log names that process, and,
+/// with `--audit-durability spooled`, holds each forwarded request's
+/// `RequestReceived` event written ahead of it.
+#[test]
+fn only_kubectl_may_exec_and_the_audit_log_names_the_process() {
+    require_root!();
+    let kubectl_exe = std::fs::canonicalize(which("kubectl")).unwrap();
+    let policy = format!(
+        r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: exec-by-kubectl
+spec:
+  subjects:
+    - groups: ["system:serviceaccounts"]
+  rules:
+    - name: kubectl-may-exec
+      resources: [pods/exec]
+      executables: ["{}"]
+      action: allow
+    - name: nothing-else-may-exec
+      resources: [pods/exec]
+      action: deny
+      message: only kubectl may exec
+  defaultAction: allow
+"#,
+        kubectl_exe.display()
+    );
+    let world = world(WorldSpec {
+        policy,
+        node_args: vec!["--audit-durability".into(), "spooled".into()],
+        ..WorldSpec::default()
+    });
+    let out = kubectl(&world, &["exec", "worker", "--", "echo", "via-kubectl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("via-kubectl"));
+
+    // The same request from curl, with the same token.
+    let mut curl = world.agent().in_cluster_command(&world.credentials, "sh");
+    curl.arg("-c").arg(
+        r#"exec curl -s --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt -H "Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)" -X POST "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/default/pods/worker/exec?command=echo&command=via-curl&stdout=true""#,
+    );
+    let out = run_for(&mut curl, LIMIT).unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{}", text(&out)));
+    assert_eq!(status["code"], 403, "{body}");
+    assert!(body.contains("only kubectl may exec"), "{body}");
+
+    // The audit log: who exec'd with what, and the write-ahead events.
+    let log = world.work.path().join("audit.log");
+    let deadline = Instant::now() + LIMIT;
+    let events = loop {
+        let events: Vec<Value> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let execs = events
+            .iter()
+            .filter(|e| e["objectRef"]["subresource"] == "exec" && e["stage"] == "ResponseComplete")
+            .count();
+        if execs >= 2 {
+            break events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exec events in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let exec_event = |decision: &str| {
+        events
+            .iter()
+            .find(|e| {
+                e["objectRef"]["subresource"] == "exec"
+                    && e["stage"] == "ResponseComplete"
+                    && e["annotations"]["chaperone.dev/decision"] == decision
+            })
+            .unwrap_or_else(|| panic!("no {decision} exec in {events:#?}"))
+    };
+    let allowed = exec_event("allow");
+    assert_eq!(
+        allowed["annotations"]["chaperone.dev/executable"],
+        kubectl_exe.display().to_string()
+    );
+    assert!(
+        allowed["annotations"]["chaperone.dev/process"]
+            .as_str()
+            .unwrap()
+            .starts_with("kubectl pid "),
+        "{allowed:#}"
+    );
+    // kubectl's parents: the shells that started it in the pod.
+    assert!(
+        allowed["annotations"]["chaperone.dev/parents"]
+            .as_str()
+            .unwrap()
+            .contains("sh("),
+        "{allowed:#}"
+    );
+    let denied = exec_event("deny");
+    assert_eq!(
+        denied["annotations"]["chaperone.dev/executable"],
+        std::fs::canonicalize(which("curl"))
+            .unwrap()
+            .display()
+            .to_string()
+    );
+    assert_eq!(
+        denied["annotations"]["chaperone.dev/rule"],
+        "nothing-else-may-exec"
+    );
+    // Written ahead: the allowed exec's RequestReceived came first; the
+    // refused one was never forwarded, so it needed none.
+    let id = allowed["auditID"].as_str().unwrap();
+    let stages: Vec<&str> = events
+        .iter()
+        .filter(|e| e["auditID"] == id)
+        .map(|e| e["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages.first(), Some(&"RequestReceived"), "{stages:?}");
+    assert!(stages.contains(&"ResponseComplete"), "{stages:?}");
+    let denied_id = denied["auditID"].as_str().unwrap();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["auditID"] == denied_id && e["stage"] == "RequestReceived")
+    );
+
+    // The recording names the process too.
+    let dir = world.work.path().join("sessions");
+    let wide = chaperone(&["sessions", "--connections", "-o", "wide"], &dir);
+    let wide = text(&wide);
+    assert!(wide.contains(&kubectl_exe.display().to_string()), "{wide}");
 }
 
 /// kubectl forced to SPDY/3.1 (`KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`):

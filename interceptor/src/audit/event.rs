@@ -28,6 +28,14 @@ pub mod annotations {
     /// `unbound`: a service-account token that names no pod, accepted
     /// from a guarded pod because `requirePodBinding: false` opts in.
     pub const TOKEN_BINDING: &str = "chaperone.dev/token-binding";
+    /// The executable of the process that opened the agent's connection
+    /// (`/proc/PID/exe` when chaperone accepted it; `[comm]` when it
+    /// could not be read).
+    pub const EXECUTABLE: &str = "chaperone.dev/executable";
+    /// That process: `kubectl pid 4242 uid 1000`.
+    pub const PROCESS: &str = "chaperone.dev/process";
+    /// Its parents, nearest first: `sh(4200) < agent(4100)`.
+    pub const PARENTS: &str = "chaperone.dev/parents";
 }
 
 /// `authentication.k8s.io/v1` `UserInfo`.
@@ -189,6 +197,7 @@ impl Event {
             (None, None)
         };
         let stage_time = match e.stage {
+            Stage::RequestReceived => e.received,
             Stage::ResponseStarted => e.response_started.unwrap_or(e.completed),
             Stage::ResponseComplete => e.completed,
         };
@@ -218,6 +227,16 @@ impl Event {
         notes.insert(annotations::MASKED.to_owned(), e.masked_fields.to_string());
         if e.decision.dry_run {
             notes.insert(annotations::DRY_RUN.to_owned(), "true".to_owned());
+        }
+        if let Some(process) = &e.caller.process {
+            notes.insert(
+                annotations::EXECUTABLE.to_owned(),
+                process.executable_or_command(),
+            );
+            notes.insert(annotations::PROCESS.to_owned(), process.summary());
+            if !process.parents.is_empty() {
+                notes.insert(annotations::PARENTS.to_owned(), process.parents_line());
+            }
         }
         if e.caller.is_unbound_on_pod() {
             notes.insert(annotations::TOKEN_BINDING.to_owned(), "unbound".to_owned());

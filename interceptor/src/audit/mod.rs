@@ -39,6 +39,23 @@
 //! auditor.shutdown();                             // what is not delivered stays spooled
 //! ```
 //!
+//! # Durability: how long an event waits in memory
+//!
+//! [`Durability::Batched`] (the default): the audit thread gathers events
+//! for up to 50 ms ([`INGEST_LINGER`]) and spools them with one write and
+//! one `fdatasync`. A crash of chaperone or of the node loses the events of
+//! those last 50 ms (a clean shutdown spools them).
+//!
+//! [`Durability::Spooled`] (`--audit-durability spooled`): write-ahead. The
+//! proxy calls [`AuditGate::write_ahead`] with a `RequestReceived` event
+//! before it forwards a request and forwards it only once that event is
+//! synced to every sink's spool (group commit: one `fdatasync` for every
+//! event that arrived meanwhile; no gathering). A request that took effect
+//! is therefore always in the spool; a crash can lose only the
+//! `ResponseComplete` events of the last sync, never the fact that a
+//! request was forwarded. A request whose event cannot be spooled is
+//! refused with 503.
+//!
 //! # Nothing is lost; when the spool is full
 //!
 //! A slow or dead sink only makes its spool grow ([`SinkSpec::spool_max_bytes`],
@@ -86,7 +103,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 pub use event::Event;
 pub use sink::{Endpoint, FileSinkConfig, SinkConfig, WebhookConfig};
@@ -104,6 +121,22 @@ pub enum FullMode {
     Block,
     /// Drop events that do not fit, with a counter and a log line.
     Drop,
+}
+
+/// How long an event may wait in memory before it is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// Events gather for up to 50 ms and are spooled in one write and
+    /// `fdatasync`: cheap, but a crash of chaperone or of the node loses the
+    /// events of the last 50 ms.
+    #[default]
+    Batched,
+    /// Write-ahead: a request is forwarded only once a `RequestReceived`
+    /// event for it is synced to every sink's spool, so no request takes
+    /// effect unaudited. Events are spooled as soon as the audit thread
+    /// takes them (group commit: whatever arrives during one sync goes in
+    /// the next), without the 50 ms gathering.
+    Spooled,
 }
 
 /// One sink and its spool.
@@ -128,6 +161,7 @@ pub struct AuditConfig {
     /// at this count; in mode `drop`, events beyond it are dropped.
     pub queue: usize,
     pub full: FullMode,
+    pub durability: Durability,
     /// Size of one spool segment file.
     pub segment_bytes: u64,
     /// How often each sink looks for orphaned spools to adopt (besides at
@@ -142,6 +176,7 @@ impl AuditConfig {
             spool_dir: spool_dir.into(),
             queue: 10_000,
             full: FullMode::Block,
+            durability: Durability::Batched,
             segment_bytes: 8 << 20,
             adopt_every: Duration::from_secs(30),
             sinks,
@@ -189,8 +224,16 @@ struct SinkState {
     last_drop_log: std::sync::Mutex<Option<Instant>>,
 }
 
+/// An event waiting for the audit thread; `done` hears when it is spooled
+/// (write-ahead), with the reason when it could not be.
+struct Queued {
+    exchange: Arc<Exchange>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
 struct Shared {
-    tx: mpsc::UnboundedSender<Arc<Exchange>>,
+    tx: mpsc::UnboundedSender<Queued>,
+    durability: Durability,
     /// Live admissions plus queued events.
     inflight: AtomicUsize,
     queued: AtomicUsize,
@@ -300,12 +343,59 @@ impl AuditGate {
         shared.inflight.fetch_add(1, Ordering::Relaxed);
         let queued = shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
         shared.metrics.audit_queue_depth(queued as i64);
-        if shared.tx.send(exchange).is_err() {
+        if shared
+            .tx
+            .send(Queued {
+                exchange,
+                done: None,
+            })
+            .is_err()
+        {
             shared.inflight.fetch_sub(1, Ordering::Relaxed);
             shared.queued.fetch_sub(1, Ordering::Relaxed);
             for sink in &shared.sinks {
                 shared.drop_event(sink, "the audit pipeline has shut down");
             }
+        }
+    }
+}
+
+impl AuditGate {
+    /// The durability mode: with [`Durability::Spooled`] the proxy calls
+    /// [`AuditGate::write_ahead`] before it forwards a request.
+    pub fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    /// Spools the event of `exchange` (stage `RequestReceived`) and waits
+    /// until it is synced to every sink's spool. Fails when it could not be
+    /// spooled: answer with [`AuditFull::status`], the request must not be
+    /// forwarded. The wait is one `fdatasync` of the spool, shared with
+    /// every event that arrived meanwhile.
+    pub async fn write_ahead(&self, exchange: Arc<Exchange>) -> Result<(), AuditFull> {
+        let shared = &self.shared;
+        let (done, spooled) = oneshot::channel();
+        shared.inflight.fetch_add(1, Ordering::Relaxed);
+        let queued = shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.metrics.audit_queue_depth(queued as i64);
+        if shared
+            .tx
+            .send(Queued {
+                exchange,
+                done: Some(done),
+            })
+            .is_err()
+        {
+            shared.inflight.fetch_sub(1, Ordering::Relaxed);
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(AuditFull("the audit pipeline has shut down".into()));
+        }
+        match spooled.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(AuditFull(why)),
+            Err(_) => Err(AuditFull(
+                "the audit pipeline stopped before the event was spooled".into(),
+            )),
         }
     }
 }
@@ -386,6 +476,7 @@ impl Auditor {
             queued: AtomicUsize::new(0),
             capacity: config.queue.max(1),
             mode: config.full,
+            durability: config.durability,
             sinks,
             metrics: metrics.clone(),
             adopt_every: config.adopt_every,
@@ -459,7 +550,7 @@ const INGEST_LINGER: Duration = Duration::from_millis(50);
 
 async fn run(
     shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Arc<Exchange>>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
     deliverers: Vec<(Arc<SinkState>, Deliverer)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -470,6 +561,7 @@ async fn run(
             deliverer,
             shared.metrics.clone(),
             shared.adopt_every,
+            shared.durability,
             shutdown.clone(),
         ));
     }
@@ -487,7 +579,7 @@ async fn run(
                 // runs wakes nobody, so the proxy's threads do not pay a
                 // cross-CPU wake-up (and this thread a run) per request.
                 let mut stopping = false;
-                if received < INGEST_BATCH {
+                if received < INGEST_BATCH && shared.durability == Durability::Batched {
                     tokio::select! {
                         biased;
                         _ = shutdown.changed() => stopping = true,
@@ -495,12 +587,25 @@ async fn run(
                     }
                     while batch.len() < INGEST_BATCH {
                         match rx.try_recv() {
-                            Ok(exchange) => batch.push(exchange),
+                            Ok(queued) => batch.push(queued),
                             Err(_) => break,
                         }
                     }
                 }
-                ingest(&shared, &mut batch);
+                if shared.durability == Durability::Spooled {
+                    // Off this thread, so that a file sink's own write and
+                    // sync (on this thread) never hold up a write-ahead.
+                    let ingesting = shared.clone();
+                    let mut taken = std::mem::take(&mut batch);
+                    batch = tokio::task::spawn_blocking(move || {
+                        ingest(&ingesting, &mut taken);
+                        taken
+                    })
+                    .await
+                    .unwrap_or_default();
+                } else {
+                    ingest(&shared, &mut batch);
+                }
                 if stopping {
                     spool_the_rest(&shared, &mut rx, &mut batch);
                     break;
@@ -523,27 +628,32 @@ async fn run(
 /// Spools what was submitted before the shutdown.
 fn spool_the_rest(
     shared: &Shared,
-    rx: &mut mpsc::UnboundedReceiver<Arc<Exchange>>,
-    batch: &mut Vec<Arc<Exchange>>,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    batch: &mut Vec<Queued>,
 ) {
-    while let Ok(exchange) = rx.try_recv() {
-        batch.push(exchange);
+    while let Ok(queued) = rx.try_recv() {
+        batch.push(queued);
     }
     ingest(shared, batch);
 }
 
 /// Builds the events of a batch of exchanges and appends them to every
 /// sink's spool.
-fn ingest(shared: &Shared, batch: &mut Vec<Arc<Exchange>>) {
+fn ingest(shared: &Shared, batch: &mut Vec<Queued>) {
     let count = batch.len();
     if count == 0 {
         return;
     }
+    let mut waiting = Vec::new();
     let lines: Vec<Vec<u8>> = batch
         .drain(..)
-        .filter_map(|e| Event::from_exchange(&e))
+        .filter_map(|queued| {
+            waiting.extend(queued.done);
+            Event::from_exchange(&queued.exchange)
+        })
         .map(|e| e.to_line())
         .collect();
+    let mut failure: Option<String> = None;
     for sink in &shared.sinks {
         let take = if shared.mode == FullMode::Drop && sink.spool.is_full() {
             for _ in &lines {
@@ -555,6 +665,10 @@ fn ingest(shared: &Shared, batch: &mut Vec<Arc<Exchange>>) {
         };
         let refs: Vec<&[u8]> = lines[..take].iter().map(Vec::as_slice).collect();
         if let Err(error) = sink.spool.append(&refs) {
+            failure = Some(format!(
+                "the audit spool of sink {} cannot be written ({error})",
+                sink.name
+            ));
             // The disk refused: the events cannot be kept for this sink.
             for _ in &refs {
                 shared.drop_event(sink, "the spool cannot be written");
@@ -571,6 +685,9 @@ fn ingest(shared: &Shared, batch: &mut Vec<Arc<Exchange>>) {
     shared.inflight.fetch_sub(count, Ordering::Relaxed);
     let queued = shared.queued.fetch_sub(count, Ordering::Relaxed) - count;
     shared.metrics.audit_queue_depth(queued as i64);
+    for done in waiting {
+        let _ = done.send(failure.clone().map_or(Ok(()), Err));
+    }
 }
 
 /// Moves what exited processes left in orphaned spools of this sink into
@@ -607,10 +724,15 @@ async fn deliver(
     mut deliverer: Deliverer,
     metrics: Metrics,
     adopt_every: Duration,
+    durability: Durability,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (max_batch, max_wait) = match &deliverer {
         Deliverer::Webhook(w) => (w.config().batch_max_size.max(1), w.config().batch_max_wait),
+        // Write-ahead: the events are already safe in the spool, and a file
+        // sink's write and sync run on the audit thread, where each one
+        // would hold up the next request's spooling: deliver in batches.
+        _ if durability == Durability::Spooled => (1024, INGEST_LINGER),
         _ => (1024, Duration::ZERO),
     };
     let mut failures = 0u32;

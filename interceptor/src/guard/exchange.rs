@@ -171,6 +171,30 @@ impl ExchangeDraft {
         }
     }
 
+    /// The `RequestReceived` event written ahead of forwarding (audit
+    /// durability `spooled`): the decision, no response yet.
+    pub(super) fn request_received(&self) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            audit_id: self.audit_id,
+            stage: Stage::RequestReceived,
+            received: self.received,
+            response_started: None,
+            completed: OffsetDateTime::now_utc(),
+            request_uri: self.request_uri.clone(),
+            request: (*self.request).clone(),
+            caller: self.caller.clone(),
+            impersonated_user: None,
+            source_ips: vec![self.source_ip],
+            user_agent: self.user_agent.clone(),
+            decision: self.decision_record(),
+            status: ResponseStatus::ok(0),
+            request_body: None,
+            response_body: None,
+            masked_fields: 0,
+            node: self.node.clone(),
+        })
+    }
+
     fn finish(
         &mut self,
         status: ResponseStatus,

@@ -131,6 +131,7 @@ impl NodeGuard {
         let own_credentials = self.credentials(parts, &policy, &input, &caller)?;
         let response_transform = self.plan_response(x, parts)?;
         let request_observer = self.plan_record(x, parts);
+        self.write_ahead(x).await?;
         Ok(Forward {
             response_transform,
             observer: None,

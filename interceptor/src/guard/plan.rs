@@ -3,12 +3,14 @@
 //! mask (JSON, no gzip, exec over the protocols it decodes) and masks it
 //! as it streams; upgrades it would not read are refused where masking or
 //! recording applies; bodies are captured, masked, at the record levels
-//! that keep them.
+//! that keep them; with audit durability `spooled`, the request's
+//! `RequestReceived` event is on disk before the request is forwarded.
 
 use http::{HeaderValue, request::Parts};
 
 use super::{NodeGuard, Pass, content_type, exchange::ExchangeDraft};
 use crate::{
+    audit::Durability,
     exec,
     mask::{self, Target, negotiate_accept},
     policy::{Action, RecordLevel},
@@ -72,5 +74,20 @@ impl NodeGuard {
             BodyCapture::request(&self.parts.masker, &x.request, content_type(parts))
                 .into_observer(x.request_body.clone())
         })
+    }
+
+    /// `--audit-durability spooled`: the request is forwarded only once its
+    /// `RequestReceived` event is synced to every sink's spool; when it
+    /// cannot be written, the agent gets the audit pipeline's 503.
+    pub(super) async fn write_ahead(&self, x: &ExchangeDraft) -> Pass {
+        let Some(gate) = &self.parts.audit else {
+            return Ok(());
+        };
+        if gate.durability() != Durability::Spooled || x.level() == RecordLevel::None {
+            return Ok(());
+        }
+        gate.write_ahead(x.request_received())
+            .await
+            .map_err(|full| Box::new(full.status()))
     }
 }

@@ -56,6 +56,47 @@ impl ProcessInfo {
     }
 }
 
+impl ProcessInfo {
+    /// The executable, or `[comm]` (as `ps` shows a process without one)
+    /// when it could not be read.
+    pub fn executable_or_command(&self) -> String {
+        if self.executable.is_empty() {
+            format!("[{}]", self.command)
+        } else {
+            self.executable.clone()
+        }
+    }
+
+    /// `kubectl pid 4242 uid 1000`.
+    pub fn summary(&self) -> String {
+        format!("{} pid {} uid {}", self.command, self.pid, self.uid)
+    }
+
+    /// The parent chain, nearest first: `sh(4200) < agent(4100)`.
+    pub fn parents_line(&self) -> String {
+        self.parents
+            .iter()
+            .map(|(pid, comm)| format!("{comm}({pid})"))
+            .collect::<Vec<_>>()
+            .join(" < ")
+    }
+
+    /// The lineage as recordings keep it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": self.pid,
+            "uid": self.uid,
+            "command": self.command,
+            "executable": self.executable,
+            "parents": self
+                .parents
+                .iter()
+                .map(|(pid, comm)| serde_json::json!({"pid": pid, "command": comm}))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
 fn read_comm(dir: &Path) -> io::Result<String> {
     let comm = std::fs::read_to_string(dir.join("comm"))?;
     Ok(comm.trim_end_matches('\n').to_string())

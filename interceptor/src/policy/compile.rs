@@ -97,6 +97,8 @@ struct CompiledRule {
     /// `Some`: a non-resource rule.
     urls: Option<Vec<Glob>>,
     commands: Option<Vec<Glob>>,
+    /// Globs on the calling process's executable (`Rule::executables`).
+    executables: Option<Vec<Glob>>,
     outcome: Outcome,
 }
 
@@ -123,6 +125,8 @@ enum Mismatch {
     Url,
     NoCommand,
     Command,
+    NoProcess,
+    Executable,
 }
 
 // === compile ===
@@ -363,6 +367,7 @@ impl Compiler<'_> {
             names: Self::globs(&rule.names),
             urls: Self::globs(&rule.non_resource_urls),
             commands: Self::globs(&rule.commands),
+            executables: Self::globs(&rule.executables),
             outcome: Outcome {
                 action: rule.action,
                 record: rule.record.unwrap_or_default(),
@@ -623,6 +628,15 @@ impl CompiledRule {
                 return Err(Mismatch::Command);
             }
         }
+        if let Some(executables) = &self.executables {
+            let executable = match &input.caller.process {
+                Some(process) if !process.executable.is_empty() => process.executable.as_str(),
+                _ => return Err(Mismatch::NoProcess),
+            };
+            if !any_glob(executables, executable) {
+                return Err(Mismatch::Executable);
+            }
+        }
         Ok(())
     }
 
@@ -702,6 +716,19 @@ impl CompiledRule {
                 "command \"{}\" does not match {}",
                 input.exec_command.unwrap_or_default().join(" "),
                 list(&self.commands)
+            ),
+            Mismatch::NoProcess => format!(
+                "chaperone does not know the executable of the calling process; executables are {}",
+                list(&self.executables)
+            ),
+            Mismatch::Executable => format!(
+                "executable \"{}\" does not match {}",
+                input
+                    .caller
+                    .process
+                    .as_ref()
+                    .map_or("", |p| p.executable.as_str()),
+                list(&self.executables)
             ),
         }
     }

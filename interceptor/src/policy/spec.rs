@@ -164,6 +164,14 @@ pub struct Rule {
     /// commands matches only requests that carry a command.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub commands: Vec<String>,
+    /// Globs matched against the executable path of the process that
+    /// opened the agent's connection (`/proc/PID/exe`, read by chaperone
+    /// when it accepted the connection): `/usr/bin/kubectl`. A rule with
+    /// executables matches only requests whose process chaperone could
+    /// read, so a connection that did not come through the redirect (or
+    /// whose process exited at once) never matches it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub executables: Vec<String>,
     pub action: Action,
     /// How much to record: `Metadata` unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]

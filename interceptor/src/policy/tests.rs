@@ -985,3 +985,87 @@ spec:
     // The default allows delete, but no rule names it.
     assert!(!named.grants_explicitly(&input(&delete), "agentpolicies"));
 }
+
+/// "Only kubectl may exec": the executable of the calling process, read
+/// from `/proc` when the connection was accepted, picks the rule.
+#[test]
+fn executables_match_the_calling_process() {
+    let set = set_from(
+        r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: exec-by-kubectl}
+spec:
+  subjects: [{serviceAccounts: ["agents/*"]}]
+  defaultAction: allow
+  rules:
+    - name: kubectl-may-exec
+      resources: ["pods/exec"]
+      executables: ["/usr/bin/kubectl", "/usr/local/bin/kubectl"]
+      action: allow
+    - name: nothing-else-may-exec
+      resources: ["pods/exec"]
+      action: deny
+"#,
+    );
+    let exec = "/api/v1/namespaces/dev/pods/web-0/exec?command=ls";
+    let from = |executable: Option<&str>| {
+        let mut caller = sa("agents", "coder");
+        caller.process = executable.map(|exe| crate::identity::ProcessInfo {
+            pid: 42,
+            command: exe.rsplit('/').next().unwrap().to_owned(),
+            executable: exe.to_owned(),
+            ..Default::default()
+        });
+        caller
+    };
+    for (executable, action, rule) in [
+        (Some("/usr/bin/kubectl"), Action::Allow, "kubectl-may-exec"),
+        (
+            Some("/usr/local/bin/kubectl"),
+            Action::Allow,
+            "kubectl-may-exec",
+        ),
+        // A copy elsewhere, a look-alike name, a script interpreter.
+        (Some("/tmp/kubectl"), Action::Deny, "nothing-else-may-exec"),
+        (
+            Some("/usr/bin/kubectl2"),
+            Action::Deny,
+            "nothing-else-may-exec",
+        ),
+        (
+            Some("/usr/bin/python3"),
+            Action::Deny,
+            "nothing-else-may-exec",
+        ),
+        // The process is unknown (not redirected, or gone, or unreadable).
+        (None, Action::Deny, "nothing-else-may-exec"),
+        (Some(""), Action::Deny, "nothing-else-may-exec"),
+    ] {
+        assert_eq!(
+            outcome(&set, &from(executable), "POST", exec),
+            (action, rule.to_owned()),
+            "{executable:?}"
+        );
+    }
+    // `policy explain` says why the allow did not match.
+    let request = req("POST", exec);
+    let python = from(Some("/usr/bin/python3"));
+    let text = set
+        .explain(&PolicyInput::new(&request, &python))
+        .to_string();
+    assert!(
+        text.contains(
+            "skip  rule \"kubectl-may-exec\": executable \"/usr/bin/python3\" does not match \"/usr/bin/kubectl\", \"/usr/local/bin/kubectl\""
+        ),
+        "{text}"
+    );
+    let unknown = from(None);
+    let text = set
+        .explain(&PolicyInput::new(&request, &unknown))
+        .to_string();
+    assert!(
+        text.contains("chaperone does not know the executable of the calling process"),
+        "{text}"
+    );
+}

@@ -59,6 +59,16 @@
 //! rotated, and at least every [`RecordConfig::fsync_interval`] while they
 //! have unsynced writes: a crash of the machine loses at most that interval.
 //!
+//! # Evidence
+//!
+//! The chain is keyed with the node's record key (see [`chain`]), so a
+//! session rewritten whole does not verify without that key. Each exec or
+//! attach cast is inside the chain: its `stream` record carries the
+//! SHA-256 of the finished cast file (`castSha256`), so an edited,
+//! truncated or swapped cast fails `chaperone verify` too. The session
+//! header keeps the process behind the connection (`process`: pid, uid,
+//! command, executable, parent chain).
+//!
 //! # Rotation and retention
 //!
 //! A session file that grows past [`RecordConfig::max_file_bytes`] ends with a
@@ -116,6 +126,10 @@ pub struct RecordConfig {
     pub retention_interval: Duration,
     /// Longest time a written record may stay unsynced.
     pub fsync_interval: Duration,
+    /// Keys the hash chain of every session (see [`chain`]); the node
+    /// agent always sets it (`--record-key`), unkeyed chains are for tests
+    /// and for reading old recordings.
+    pub key: Option<chain::ChainKey>,
 }
 
 impl RecordConfig {
@@ -129,6 +143,7 @@ impl RecordConfig {
             retention_age: Some(Duration::from_secs(30 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
             fsync_interval: Duration::from_secs(1),
+            key: None,
         }
     }
 }

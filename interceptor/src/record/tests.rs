@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 
-use super::cli::{ReplayArgs, SessionsArgs, VerifyArgs};
+use super::cli::{ReadArgs, ReplayArgs, SessionsArgs, VerifyArgs};
 use super::testing::{exchange, pod};
 use super::*;
 use crate::policy::{Action, RecordLevel};
@@ -30,10 +30,19 @@ fn run(f: impl FnOnce(&mut dyn std::io::Write) -> anyhow::Result<ExitCode>) -> (
     (code, String::from_utf8(out).unwrap())
 }
 
+fn read_args(dir: &Path) -> ReadArgs {
+    ReadArgs {
+        dir: dir.into(),
+        key: None,
+        gap: read::DEFAULT_GAP,
+    }
+}
+
 fn verify(dir: &Path, session: &str) -> (ExitCode, String) {
     let args = VerifyArgs {
         session: session.into(),
-        dir: dir.into(),
+        read: read_args(dir),
+        audit_logs: Vec::new(),
     };
     run(|out| cli::verify(&args, out))
 }
@@ -41,7 +50,7 @@ fn verify(dir: &Path, session: &str) -> (ExitCode, String) {
 fn replay(dir: &Path, session: &str, json: bool) -> String {
     let args = ReplayArgs {
         session: session.into(),
-        dir: dir.into(),
+        read: read_args(dir),
         json,
     };
     let (code, out) = run(|out| cli::replay(&args, out));
@@ -249,25 +258,30 @@ fn a_session_replays_in_order_and_verifies() {
 
     // The list.
     let args = SessionsArgs {
-        dir: tmp.path().into(),
+        read: read_args(tmp.path()),
         pod: Some("agents/coder-7f9c".into()),
+        output: cli::Output::Table,
+        connections: true,
     };
     let (_, list) = run(|out| cli::sessions(&args, out));
     let row = list.lines().find(|l| l.starts_with(&id)).expect(&list);
     let cols: Vec<&str> = row.split_whitespace().collect();
-    // id pod caller date time duration allowed denied masked held chain
-    assert_eq!(cols[1], "agents/coder-7f9c");
-    assert_eq!(cols[2], "system:serviceaccount:agents:coder");
-    assert_eq!(&cols[6..], ["3", "1", "1", "1", "ok"], "{list}");
-    let summaries = read::list_sessions(tmp.path(), None).unwrap();
+    // id agent-session pod caller date time duration allowed denied masked held chain
+    assert!(cols[1].starts_with("coder-7f9c-"), "{list}");
+    assert_eq!(cols[2], "agents/coder-7f9c");
+    assert_eq!(cols[3], "system:serviceaccount:agents:coder");
+    assert_eq!(&cols[7..], ["3", "1", "1", "1", "ok"], "{list}");
+    let summaries = read::list_sessions(tmp.path(), None, None).unwrap();
     assert_eq!(summaries.len(), 1);
     assert_eq!(summaries[0].allowed, 3);
     let other = SessionsArgs {
-        dir: tmp.path().into(),
+        read: read_args(tmp.path()),
         pod: Some("agents/other".into()),
+        output: cli::Output::Table,
+        connections: false,
     };
     let (_, list) = run(|out| cli::sessions(&other, out));
-    assert!(list.starts_with("no sessions"), "{list}");
+    assert_eq!(list, "", "nothing on stdout, as kubectl");
     recorder.shutdown();
 }
 
@@ -399,7 +413,7 @@ fn editing_one_byte_fails_verify_at_exactly_that_record() {
     let mut record: serde_json::Map<String, Value> = serde_json::from_str(&lines[3]).unwrap();
     record.insert("status".into(), Value::from(200));
     let prev = record["prev"].as_str().unwrap().to_owned();
-    lines[3] = chain::seal(record, &prev).0;
+    lines[3] = chain::seal(record, &prev, None).0;
     write_lines(&file, &lines);
     let (code, out) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::FAILURE);
@@ -413,7 +427,7 @@ fn editing_one_byte_fails_verify_at_exactly_that_record() {
     assert!(out.contains("without an end record"), "{out}");
     // `chaperone sessions` shows such a session as open (a live connection
     // looks the same), not as broken.
-    let listed = &crate::record::read::list_sessions(tmp.path(), None).unwrap()[0];
+    let listed = &crate::record::read::list_sessions(tmp.path(), None, None).unwrap()[0];
     assert!(!listed.intact && listed.open, "{listed:?}");
 
     // Truncation in the middle of a line.
@@ -423,7 +437,7 @@ fn editing_one_byte_fails_verify_at_exactly_that_record() {
     let (code, out) = verify(tmp.path(), &id);
     assert_eq!(code, ExitCode::FAILURE);
     assert!(out.contains(&format!("{}:8:", file.display())), "{out}");
-    let listed = &crate::record::read::list_sessions(tmp.path(), None).unwrap()[0];
+    let listed = &crate::record::read::list_sessions(tmp.path(), None, None).unwrap()[0];
     assert!(!listed.intact && !listed.open, "{listed:?}");
 
     // A record removed from the middle.
@@ -447,7 +461,8 @@ fn unknown_sessions_say_how_to_find_one() {
     let tmp = tempfile::tempdir().unwrap();
     let args = VerifyArgs {
         session: "20260101T000000Z-000000000000".into(),
-        dir: tmp.path().into(),
+        read: read_args(tmp.path()),
+        audit_logs: Vec::new(),
     };
     let error = cli::verify(&args, &mut Vec::new()).unwrap_err().to_string();
     assert!(error.contains("chaperone sessions --dir"), "{error}");
@@ -539,7 +554,7 @@ fn retention_deletes_the_oldest_sessions_first() {
     )));
     recorder.flush();
     recorder.shutdown();
-    let sizes: Vec<u64> = read::list_sessions(tmp.path(), None)
+    let sizes: Vec<u64> = read::list_sessions(tmp.path(), None, None)
         .unwrap()
         .iter()
         .map(|s| {
@@ -555,7 +570,9 @@ fn retention_deletes_the_oldest_sessions_first() {
     assert_eq!(sizes.len(), 5);
     let one = sizes[0];
 
-    let fifth = read::list_sessions(tmp.path(), None).unwrap()[4].id.clone();
+    let fifth = read::list_sessions(tmp.path(), None, None).unwrap()[4]
+        .id
+        .clone();
 
     // Room for two scenario sessions: the oldest go until the rest fits (the
     // three oldest; the newest scenario, the small fifth and the live one
@@ -572,7 +589,7 @@ fn retention_deletes_the_oldest_sessions_first() {
         200,
     )));
     recorder.flush();
-    let left: Vec<String> = read::list_sessions(tmp.path(), None)
+    let left: Vec<String> = read::list_sessions(tmp.path(), None, None)
         .unwrap()
         .into_iter()
         .map(|s| s.id)
@@ -600,7 +617,11 @@ fn retention_deletes_the_oldest_sessions_first() {
     std::thread::sleep(Duration::from_millis(10));
     let recorder = Recorder::start(config, Metrics::new()).unwrap();
     recorder.flush();
-    assert!(read::list_sessions(tmp.path(), None).unwrap().is_empty());
+    assert!(
+        read::list_sessions(tmp.path(), None, None)
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         !tmp.path().join("agents").exists(),
         "empty directories are removed"
@@ -716,4 +737,421 @@ fn a_stream_that_outlives_its_session_is_sealed_with_it() {
         "the late frame is counted"
     );
     recorder.shutdown();
+}
+
+// === evidence: keyed chains, casts in the chain, lineage ===
+
+/// A node's layout: recordings in `<tmp>/sessions`, the key beside them.
+fn keyed_recorder(tmp: &Path) -> (Recorder, PathBuf) {
+    let dir = tmp.join("sessions");
+    let key_path = cli::default_key_path(&dir);
+    assert_eq!(key_path, tmp.join("record.key"));
+    let mut config = RecordConfig::new(&dir, "node-a");
+    config.retention_bytes = None;
+    config.retention_age = None;
+    config.key = Some(chain::ChainKey::load_or_create(&key_path).unwrap());
+    (Recorder::start(config, Metrics::new()).unwrap(), dir)
+}
+
+/// Rewrites every record of a session file with `edit`, resealing the
+/// whole chain as anyone can (plain SHA-256, or `key`).
+fn rewrite_whole(
+    file: &Path,
+    key: Option<&chain::ChainKey>,
+    edit: impl Fn(&mut serde_json::Map<String, Value>),
+) {
+    let mut prev = chain::GENESIS.to_owned();
+    let lines: Vec<String> = lines_of(file)
+        .iter()
+        .map(|line| {
+            let mut record: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
+            record.remove("hash");
+            record.remove("prev");
+            edit(&mut record);
+            let (line, hash) = chain::seal(record, &prev, key);
+            prev = hash;
+            line
+        })
+        .collect();
+    write_lines(file, &lines);
+}
+
+#[test]
+fn a_session_rewritten_whole_does_not_verify_without_the_node_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, dir) = keyed_recorder(tmp.path());
+    let (id, _) = record_scenario(&recorder);
+    recorder.shutdown();
+    let file = session_file(&dir, &id);
+    let original = std::fs::read_to_string(&file).unwrap();
+    let (code, out) = verify(&dir, &id);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(out.contains("chain keyed with node key"), "{out}");
+    assert!(out.contains("1 exec cast(s) match"), "{out}");
+
+    // The denied delete turned into an allowed one, every hash recomputed.
+    let whitewash = |r: &mut serde_json::Map<String, Value>| {
+        if r.get("decision") == Some(&Value::from("deny")) {
+            r.insert("decision".into(), "allow".into());
+            r.insert("status".into(), 200.into());
+        }
+    };
+    // 1. Resealed with SHA-256, the header left as it was.
+    rewrite_whole(&file, None, whitewash);
+    let (code, out) = verify(&dir, &id);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(
+        out.starts_with(&format!("BROKEN: {}:1:", file.display())),
+        "{out}"
+    );
+    assert!(out.contains("the session was rewritten"), "{out}");
+
+    // 2. The header made to look unkeyed, as before keyed chains.
+    std::fs::write(&file, &original).unwrap();
+    rewrite_whole(&file, None, |r| {
+        whitewash(r);
+        for field in ["chain", "keyId"] {
+            r.remove(field);
+        }
+    });
+    let (code, out) = verify(&dir, &id);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("the session's chain is not keyed"), "{out}");
+
+    // 3. Resealed with a key of the forger's own.
+    std::fs::write(&file, &original).unwrap();
+    let forger = chain::ChainKey::from_bytes(&[9; 32]);
+    let forger_id = forger.id().to_owned();
+    rewrite_whole(&file, Some(&forger), |r| {
+        whitewash(r);
+        if r.contains_key("keyId") {
+            r.insert("keyId".into(), forger_id.clone().into());
+        }
+    });
+    let (code, out) = verify(&dir, &id);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(
+        out.contains(&format!("keyed with node key {forger_id}")),
+        "{out}"
+    );
+
+    // Without the key a keyed session cannot be vouched for either.
+    std::fs::write(&file, &original).unwrap();
+    let args = VerifyArgs {
+        session: id.clone(),
+        read: ReadArgs {
+            key: Some("none".into()),
+            ..read_args(&dir)
+        },
+        audit_logs: Vec::new(),
+    };
+    let (code, out) = run(|out| cli::verify(&args, out));
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("no key was given: pass --key"), "{out}");
+    // Restored: it verifies again.
+    assert_eq!(verify(&dir, &id).0, ExitCode::SUCCESS);
+}
+
+#[test]
+fn a_tampered_or_missing_cast_fails_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, dir) = keyed_recorder(tmp.path());
+    let (id, _) = record_scenario(&recorder);
+    recorder.shutdown();
+    let file = session_file(&dir, &id);
+    let stream_line = lines_of(&file)
+        .iter()
+        .position(|l| l.contains("\"type\":\"stream\""))
+        .unwrap()
+        + 1;
+    let cast = file.with_file_name(format!("{id}.s1.cast"));
+    let original = std::fs::read_to_string(&cast).unwrap();
+    let record: Value = serde_json::from_str(&lines_of(&file)[stream_line - 1]).unwrap();
+    use sha2::Digest as _;
+    assert_eq!(
+        record["castSha256"],
+        hex::encode(sha2::Sha256::digest(original.as_bytes()))
+    );
+
+    // What the agent typed, edited after the fact.
+    std::fs::write(
+        &cast,
+        original.replace("cat /etc/app/env", "ls /etc/app/env "),
+    )
+    .unwrap();
+    let (code, out) = verify(&dir, &id);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(
+        out.starts_with(&format!("BROKEN: {}:{stream_line}:", file.display())),
+        "{out}"
+    );
+    assert!(out.contains("does not match the SHA-256"), "{out}");
+    // The replay warns too.
+    let text = replay(&dir, &id, false);
+    assert!(
+        text.contains("WARNING: the recording does not verify"),
+        "{text}"
+    );
+
+    // Cut short, or deleted.
+    std::fs::write(&cast, &original[..original.len() / 2]).unwrap();
+    assert_eq!(verify(&dir, &id).0, ExitCode::FAILURE);
+    std::fs::remove_file(&cast).unwrap();
+    let (code, out) = verify(&dir, &id);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("it was deleted or moved"), "{out}");
+
+    std::fs::write(&cast, &original).unwrap();
+    assert_eq!(verify(&dir, &id).0, ExitCode::SUCCESS);
+}
+
+fn kubectl_process() -> crate::identity::ProcessInfo {
+    crate::identity::ProcessInfo {
+        pid: 4242,
+        uid: 1000,
+        command: "kubectl".into(),
+        executable: "/usr/local/bin/kubectl".into(),
+        parents: vec![(4200, "sh".into()), (4100, "agent".into())],
+    }
+}
+
+/// One connection of pod `pod` that starts at `started` and makes one
+/// request a second later.
+fn connection(recorder: &Recorder, pod_name: &str, started: OffsetDateTime) -> String {
+    let mut meta = meta(started);
+    meta.pod.as_mut().unwrap().name = pod_name.into();
+    let session = recorder.session(meta);
+    let mut e = exchange("get", "pods", "", Action::Allow, RecordLevel::Metadata, 200);
+    e.received = started + Duration::from_secs(1);
+    e.completed = e.received;
+    let mut caller = (*e.caller).clone();
+    caller.process = Some(kubectl_process());
+    e.caller = Arc::new(caller);
+    session.exchange(Arc::new(e));
+    session.id().to_owned()
+}
+
+#[test]
+fn connections_group_into_agent_sessions_by_idle_gap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, _) = recorder(tmp.path());
+    let base = OffsetDateTime::now_utc() - Duration::from_secs(3600);
+    let at = |secs| base + Duration::from_secs(secs);
+    // Three kubectl commands a minute apart, then one after half an hour
+    // idle; another pod in between.
+    let first = connection(&recorder, "coder-7f9c", at(0));
+    let second = connection(&recorder, "coder-7f9c", at(60));
+    let third = connection(&recorder, "coder-7f9c", at(120));
+    let later = connection(&recorder, "coder-7f9c", at(1920));
+    let other = connection(&recorder, "reviewer-1", at(90));
+    recorder.shutdown();
+
+    let sessions = |gap: &str, output: cli::Output, connections: bool| {
+        let args = SessionsArgs {
+            read: ReadArgs {
+                gap: crate::policy::parse_duration(gap).unwrap(),
+                ..read_args(tmp.path())
+            },
+            pod: None,
+            output,
+            connections,
+        };
+        run(|out| cli::sessions(&args, out)).1
+    };
+    let json = sessions("5m", cli::Output::Json, false);
+    let list: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(list["kind"], "List");
+    let items = list["items"].as_array().unwrap();
+    let shape: Vec<(String, Vec<String>)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["pod"].as_str().unwrap().to_owned(),
+                i["connections"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["id"].as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("coder-7f9c".to_owned(), vec![first.clone(), second, third]),
+            ("reviewer-1".to_owned(), vec![other]),
+            ("coder-7f9c".to_owned(), vec![later.clone()]),
+        ],
+        "{json}"
+    );
+    let agent = &items[0];
+    assert_eq!(agent["kind"], "AgentSession");
+    assert_eq!(agent["metadata"]["namespace"], "agents");
+    assert_eq!(agent["requests"], 3);
+    assert_eq!(agent["chain"], "ok");
+    assert_eq!(
+        agent["executables"],
+        serde_json::json!(["/usr/local/bin/kubectl"])
+    );
+    let name = agent["metadata"]["name"].as_str().unwrap().to_owned();
+    assert!(name.starts_with("coder-7f9c-"), "{name}");
+
+    // The table, kubectl-like; a longer gap makes one agent session of the pod.
+    let table = sessions("5m", cli::Output::Table, false);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[..3], ["NAME", "POD", "CALLER"], "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[0], name);
+    // name pod caller date time duration connections requests ...
+    assert_eq!(row[6..8], ["3", "3"], "{table}");
+    assert_eq!(sessions("1h", cli::Output::Table, false).lines().count(), 3);
+    let names = sessions("5m", cli::Output::Name, false);
+    assert!(
+        names.starts_with(&format!("agentsession/{name}\n")),
+        "{names}"
+    );
+    let yaml: Value = serde_yaml::from_str(&sessions("5m", cli::Output::Yaml, false)).unwrap();
+    assert_eq!(yaml, list);
+    let wide = sessions("5m", cli::Output::Wide, true);
+    assert!(wide.contains("/usr/local/bin/kubectl"), "{wide}");
+
+    // Replayed as one, each row tagged with its connection, whose process
+    // is named.
+    let text = replay(tmp.path(), &name, false);
+    assert!(
+        text.starts_with(&format!(
+            "agent session {name}  pod agents/coder-7f9c  3 connection(s)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("[1] {first}"))
+            && text.contains(
+                "process kubectl pid 4242 uid 1000 /usr/local/bin/kubectl < sh(4200) < agent(4100)"
+            ),
+        "{text}"
+    );
+    for tag in ["[1]  ", "[2]  ", "[3]  "] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(tag) && l.contains(" get ")),
+            "{tag} in {text}"
+        );
+    }
+    let json: Value = serde_json::from_str(&replay(tmp.path(), &name, true)).unwrap();
+    assert_eq!(json["verified"], true);
+    assert_eq!(json["connections"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        json["connections"][0]["session"]["process"]["executable"],
+        "/usr/local/bin/kubectl"
+    );
+    // A connection id still replays that connection alone.
+    let alone = replay(tmp.path(), &later, false);
+    assert!(alone.starts_with(&format!("session {later}")), "{alone}");
+
+    // Verified as one: every connection, and the first broken one named.
+    let (code, out) = verify(tmp.path(), &name);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(out.contains("all 3 connection(s) verify"), "{out}");
+    let file = session_file(tmp.path(), &first);
+    let edited = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("\"status\":200", "\"status\":201");
+    std::fs::write(&file, edited).unwrap();
+    let (code, out) = verify(tmp.path(), &name);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(
+        out.contains(&format!("[1] {first} BROKEN: {}:2:", file.display())),
+        "{out}"
+    );
+    assert!(out.contains("1 of 3 connection(s) do not verify"), "{out}");
+
+    // An unknown name says where names come from.
+    let args = VerifyArgs {
+        session: "coder-7f9c-00000000".into(),
+        read: read_args(tmp.path()),
+        audit_logs: Vec::new(),
+    };
+    let error = cli::verify(&args, &mut Vec::new()).unwrap_err().to_string();
+    assert!(error.contains("chaperone sessions --dir"), "{error}");
+}
+
+/// Whoever holds the node's record key (root on the node) can reseal a
+/// rewritten session; the audit log, which usually leaves the node, is the
+/// second witness `verify --audit-log` asks.
+#[test]
+fn the_audit_log_catches_a_rewrite_made_with_the_node_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (recorder, dir) = keyed_recorder(tmp.path());
+    let (id, exchanges) = record_scenario(&recorder);
+    recorder.shutdown();
+    let log = tmp.path().join("audit.log");
+    let lines: Vec<String> = exchanges
+        .iter()
+        .map(|e| {
+            String::from_utf8(crate::audit::Event::from_exchange(e).unwrap().to_line()).unwrap()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&log, lines.concat()).unwrap();
+    let verify_with_log = |session: &str, log: &Path| {
+        let args = VerifyArgs {
+            session: session.into(),
+            read: read_args(&dir),
+            audit_logs: vec![log.to_owned()],
+        };
+        run(|out| cli::verify(&args, out))
+    };
+    let listed = read::group_sessions(
+        read::list_sessions(&dir, None, None).unwrap_or_default(),
+        read::DEFAULT_GAP,
+    );
+    let name = listed[0].name.clone();
+    let (code, out) = verify_with_log(&name, &log);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(
+        out.contains("audit: 5 recorded request stage(s) agree"),
+        "{out}"
+    );
+
+    // Resealed with the node's own key: the chain alone is satisfied.
+    let file = session_file(&dir, &id);
+    let original = std::fs::read_to_string(&file).unwrap();
+    let key = chain::ChainKey::load(&tmp.path().join("record.key")).unwrap();
+    rewrite_whole(&file, Some(&key), |r| {
+        if r.get("decision") == Some(&Value::from("deny")) {
+            r.insert("decision".into(), "allow".into());
+            r.insert("status".into(), 200.into());
+        }
+    });
+    assert_eq!(verify(&dir, &id).0, ExitCode::SUCCESS);
+    let (code, out) = verify_with_log(&name, &log);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("was recorded as delete pods agents/web-0 by system:serviceaccount:agents:coder: allow 200, but the audit log says delete pods agents/web-0 by system:serviceaccount:agents:coder: deny 403"), "{out}");
+    let (code, _) = verify_with_log(&id, &log);
+    assert_eq!(code, ExitCode::FAILURE, "one connection is checked too");
+    std::fs::write(&file, &original).unwrap();
+
+    // A request the log holds but no recording does (a record removed and
+    // the chain resealed, or a whole connection's file deleted).
+    let mut extra: Value = serde_json::from_str(&lines[0]).unwrap();
+    extra["auditID"] = Value::from("00000000-0000-4000-8000-00000000dead");
+    let mut with_extra = lines.concat();
+    with_extra.push_str(&format!("{extra}\n"));
+    assert!(with_extra.ends_with("}\n"));
+    let log2 = tmp.path().join("audit-2.log");
+    std::fs::write(&log2, with_extra).unwrap();
+    let (code, out) = verify_with_log(&name, &log2);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(
+        out.contains("the audit log holds 1 request(s) of agents/coder-7f9c made during this agent session that no recording of it holds"),
+        "{out}"
+    );
+    // A recorded request the log lacks.
+    std::fs::write(&log2, lines[1..].concat()).unwrap();
+    let (code, out) = verify_with_log(&name, &log2);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("is not in the audit log"), "{out}");
 }

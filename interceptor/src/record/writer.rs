@@ -42,8 +42,36 @@ struct OpenSession {
 
 struct OpenStream {
     shared: Arc<StreamShared>,
-    cast: CastWriter<BufWriter<File>>,
+    cast: CastWriter<Hashed<BufWriter<File>>>,
     name: String,
+}
+
+/// A writer that hashes what it writes: the cast's SHA-256 goes into the
+/// chain when the cast ends.
+pub(super) struct Hashed<W: Write> {
+    inner: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: Write> Hashed<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: sha2::Digest::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for Hashed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 pub(super) struct Writer {
@@ -178,7 +206,7 @@ impl Writer {
     fn write_stream(
         &mut self,
         stream: &Arc<StreamShared>,
-        write: impl FnOnce(&mut CastWriter<BufWriter<File>>) -> std::io::Result<()>,
+        write: impl FnOnce(&mut CastWriter<Hashed<BufWriter<File>>>) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         let key = (stream.session.id.clone(), stream.number);
         if !self.streams.contains_key(&key) {
@@ -186,7 +214,11 @@ impl Writer {
             let dir = self.sessions[&stream.session.id].dir.clone();
             let name = super::cast_name(&stream.session.id, stream.number);
             let file = create_new(&dir.join(&name))?;
-            let cast = CastWriter::new(BufWriter::new(file), &stream.info, stream.started)?;
+            let cast = CastWriter::new(
+                Hashed::new(BufWriter::new(file)),
+                &stream.info,
+                stream.started,
+            )?;
             self.streams.insert(
                 key.clone(),
                 OpenStream {
@@ -215,21 +247,27 @@ impl Writer {
         }
     }
 
-    /// Ends a cast and writes its `stream` record into the session.
+    /// Ends a cast and writes its `stream` record, with the cast's hash,
+    /// into the session.
     fn finish_stream(&mut self, open: OpenStream, at: OffsetDateTime) {
         let stream = open.shared.clone();
-        let record = json!({
+        let (bytes_in, bytes_out) = (open.cast.bytes_in, open.cast.bytes_out);
+        let name = open.name.clone();
+        let cast_sha256 = finish_cast(open, at);
+        let mut record = json!({
             "type": "stream",
             "time": micro_time(stream.started),
             "ended": micro_time(at),
             "auditID": stream.audit_id.to_string(),
-            "cast": open.name,
+            "cast": name,
             "title": stream.info.title(),
-            "bytesIn": open.cast.bytes_in,
-            "bytesOut": open.cast.bytes_out,
+            "bytesIn": bytes_in,
+            "bytesOut": bytes_out,
             "dropped": stream.dropped.load(Ordering::Relaxed),
         });
-        finish_cast(open, at);
+        if let Some(hash) = cast_sha256 {
+            record["castSha256"] = json!(hash);
+        }
         if let Err(error) = self.append(&stream.session.id, as_map(record)) {
             tracing::error!(%error, "cannot write a recording");
         }
@@ -265,7 +303,9 @@ impl Writer {
         let caller = first.map(|e| {
             json!({"username": e.caller.username, "uid": e.caller.uid, "groups": e.caller.groups})
         });
-        let header = json!({
+        // The process behind the connection (kernel record + /proc).
+        let process = first.and_then(|e| e.caller.process.as_ref().map(|p| p.to_json()));
+        let mut header = json!({
             "seq": 0,
             "type": "session",
             "version": 1,
@@ -275,8 +315,14 @@ impl Writer {
             "peer": meta.peer.to_string(),
             "started": micro_time(meta.started),
             "caller": caller,
+            "process": process,
         });
-        let (line, hash) = chain::seal(as_map(header), chain::GENESIS);
+        if let Some(key) = &self.config.key {
+            header["version"] = json!(2);
+            header["chain"] = json!(chain::KEYED);
+            header["keyId"] = json!(key.id());
+        }
+        let (line, hash) = chain::seal(as_map(header), chain::GENESIS, self.config.key.as_ref());
         let mut open = OpenSession {
             shared: session.clone(),
             dir,
@@ -319,7 +365,7 @@ impl Writer {
         let mut numbered = Map::with_capacity(record.len() + 3);
         numbered.insert("seq".into(), json!(open.seq));
         numbered.append(&mut record);
-        let (line, hash) = chain::seal(numbered, &open.prev);
+        let (line, hash) = chain::seal(numbered, &open.prev, self.config.key.as_ref());
         write_line(open, &line)?;
         open.seq += 1;
         open.prev = hash;
@@ -461,16 +507,21 @@ impl OpenStream {
     }
 
     fn cast_mut(&mut self) -> &mut BufWriter<File> {
-        self.cast.get_mut()
+        &mut self.cast.get_mut().inner
     }
 }
 
-fn finish_cast(open: OpenStream, at: OffsetDateTime) {
+/// Ends a cast; its SHA-256 when all of it reached the file.
+fn finish_cast(open: OpenStream, at: OffsetDateTime) -> Option<String> {
     match open.cast.finish(at) {
-        Ok(file) => {
-            let _ = file.get_ref().sync_all();
+        Ok(hashed) => {
+            let _ = hashed.inner.get_ref().sync_all();
+            Some(hex::encode(sha2::Digest::finalize(hashed.hasher)))
         }
-        Err(error) => tracing::error!(%error, cast = open.name, "cannot finish an exec recording"),
+        Err(error) => {
+            tracing::error!(%error, cast = open.name, "cannot finish an exec recording");
+            None
+        }
     }
 }
 

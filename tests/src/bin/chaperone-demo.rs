@@ -195,7 +195,9 @@ fn main() -> Result<()> {
         "the dev deployment exists",
     )?;
 
-    say("A human replays the agent's session (`chaperone sessions`, `chaperone replay`)");
+    say(
+        "A human replays the agent's session (`chaperone sessions`, `chaperone replay`, `chaperone verify`)",
+    );
     let sessions_dir = world.work.path().join("sessions");
     let chaperone = workspace_binary("chaperone");
     let listing = run_for(
@@ -211,13 +213,32 @@ fn main() -> Result<()> {
             && listing.contains("system:serviceaccount:agents:coder"),
         "every session is attributed to the pod and its service account",
     )?;
-    let masked_session = masked_session(&sessions_dir)
-        .context("no recorded session shows the masked Secret read")?;
+    // One row: the agent's commands, each its own connection, are one
+    // agent session of its pod.
+    let names = run_for(
+        Command::new(&chaperone)
+            .args(["sessions", "-o", "name", "--dir"])
+            .arg(&sessions_dir),
+        Duration::from_secs(30),
+    )?;
+    let names = String::from_utf8_lossy(&names.stdout).into_owned();
+    let agent_sessions: Vec<&str> = names
+        .lines()
+        .filter_map(|l| l.strip_prefix("agentsession/"))
+        .collect();
+    outcome(
+        agent_sessions.len() == 1 && session_files(&sessions_dir).len() > 1,
+        "the agent's commands are one agent session, its connections inside",
+    )?;
+    let agent_session = agent_sessions
+        .first()
+        .context("no agent session was recorded")?
+        .to_string();
     let replay = run_for(
         Command::new(&chaperone)
             .args(["replay", "--dir"])
             .arg(&sessions_dir)
-            .arg(&masked_session),
+            .arg(&agent_session),
         Duration::from_secs(30),
     )?;
     let replayed = String::from_utf8_lossy(&replay.stdout).into_owned();
@@ -228,6 +249,19 @@ fn main() -> Result<()> {
             && replayed.contains("db-credentials")
             && replayed.contains("masked"),
         "the replay shows the Secret read and what was masked",
+    )?;
+    let verify = run_for(
+        Command::new(&chaperone)
+            .args(["verify", "--dir"])
+            .arg(&sessions_dir)
+            .arg(&agent_session),
+        Duration::from_secs(30),
+    )?;
+    let verified = String::from_utf8_lossy(&verify.stdout).into_owned();
+    print!("{}", indent(verified.lines().last().unwrap_or_default()));
+    outcome(
+        verify.status.success() && verified.contains("chain keyed with node key"),
+        "every connection's hash chain verifies under the node's record key",
     )?;
 
     say("The node-level audit log, in the API server's own format (last 3 events)");
@@ -359,13 +393,6 @@ fn seed(world: &World) -> Result<()> {
 }
 
 /// The session file in which the agent read the Secret.
-fn masked_session(dir: &std::path::Path) -> Option<String> {
-    session_files(dir)
-        .into_iter()
-        .find(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("db-credentials")))
-        .and_then(|f| f.file_stem().map(|s| s.to_string_lossy().into_owned()))
-}
-
 fn session_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
