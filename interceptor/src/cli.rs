@@ -39,8 +39,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
-    Check,
+    /// Check, changing nothing, whether `chaperone node` with the same
+    /// flags, environment and config file would start on this node: kernel,
+    /// privileges, cgroups, bpffs, ports, CA, kubeconfig, policies, keys,
+    /// directories. Exit 1 and what to fix when it would not.
+    ///
+    /// Example, in the DaemonSet's pod (same environment as the node agent):
+    /// `kubectl -n chaperone-system exec ds/chaperone-node -- chaperone check`
+    Check(Box<crate::config::NodeArgs>),
     /// Run the node agent: eBPF redirect + proxy (the DaemonSet's command).
     Node(Box<crate::config::NodeArgs>),
     /// Detach every program chaperone pinned on this node and remove the
@@ -68,7 +74,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
-        Command::Check => check(),
+        Command::Check(args) => check(*args),
         Command::Node(args) => node(*args),
         Command::Detach(args) => detach(&args),
         Command::Webhook(args) => webhook::run(args),
@@ -97,13 +103,7 @@ fn init_logging(filter: &str) {
 }
 
 fn node(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {
-    let config = crate::config::NodeConfig::resolve(
-        args,
-        (
-            std::env::var("KUBERNETES_SERVICE_HOST").ok(),
-            std::env::var("KUBERNETES_SERVICE_PORT").ok(),
-        ),
-    )?;
+    let config = crate::config::NodeConfig::resolve(args, service_env())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("chaperone-data")
@@ -120,7 +120,7 @@ pub struct DetachArgs {
 }
 
 fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
-    let report = redirect::detach_all(&args.bpffs);
+    let report = redirect::detach_all(&args.bpffs)?;
     for link in &report.links {
         println!("detached and unpinned link {link}");
     }
@@ -143,28 +143,59 @@ fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn check() -> anyhow::Result<ExitCode> {
+fn check(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {
     let facts = redirect::preflight();
-    println!("kernel:            {}", facts.kernel);
+    let line = |what: &str, text: &str| println!("{:<19}{text}", format!("{what}:"));
+    line("kernel", &facts.kernel);
     match &facts.cgroup2_mount {
-        Some(path) => println!("cgroup v2 mount:   {}", path.display()),
-        None => println!("cgroup v2 mount:   MISSING (chaperone attaches to cgroup v2)"),
+        Some(path) => line("cgroup v2 mount", &path.display().to_string()),
+        None => line(
+            "cgroup v2 mount",
+            "MISSING (chaperone attaches to cgroup v2)",
+        ),
     }
-    if facts.missing_capabilities.is_empty() {
-        println!("privileges:        ok (CAP_BPF/CAP_SYS_ADMIN, CAP_PERFMON, CAP_NET_ADMIN)");
+    // The same resolution and the same inspection as `chaperone node`.
+    let ready = match crate::config::NodeConfig::resolve(args, service_env()) {
+        Err(error) => {
+            line("configuration", &format!("PROBLEM: {error:#}"));
+            false
+        }
+        Ok(config) => {
+            line("configuration", "ok");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let inspection = runtime.block_on(crate::node::inspect(&config));
+            for finding in &inspection.findings {
+                match &finding.outcome {
+                    Ok(found) => line(finding.what, &format!("ok ({found})")),
+                    Err(problem) => line(finding.what, &format!("PROBLEM: {problem}")),
+                }
+            }
+            inspection.ready()
+        }
+    };
+    line(
+        "ready",
+        if ready {
+            "yes: `chaperone node` with these flags would start"
+        } else {
+            "no: `chaperone node` with these flags refuses to start (fix each PROBLEM above)"
+        },
+    );
+    Ok(if ready {
+        ExitCode::SUCCESS
     } else {
-        println!(
-            "privileges:        MISSING {}",
-            facts.missing_capabilities.join(", ")
-        );
-    }
-    if facts.ready() {
-        println!("ready:             yes");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("ready:             no");
-        Ok(ExitCode::FAILURE)
-    }
+        ExitCode::FAILURE
+    })
+}
+
+/// `(KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT)`.
+fn service_env() -> (Option<String>, Option<String>) {
+    (
+        std::env::var("KUBERNETES_SERVICE_HOST").ok(),
+        std::env::var("KUBERNETES_SERVICE_PORT").ok(),
+    )
 }
 
 #[cfg(test)]

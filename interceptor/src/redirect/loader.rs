@@ -96,6 +96,8 @@ pub enum RedirectError {
     },
     #[error("cannot hold the pin directory {path}: {source}")]
     Hold { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Detach(#[from] super::pin::DetachRefusal),
     #[error("cannot pin the link of `{program}` at {path}: {source}")]
     Pin {
         program: &'static str,
@@ -354,7 +356,7 @@ impl Redirector {
             return Ok(None);
         }
         self.pinned.store(false, Ordering::SeqCst);
-        Ok(Some(super::pin::detach_all(pins.root())))
+        Ok(Some(super::pin::detach_all(pins.root())?))
     }
 
     /// Replaces the targets with exactly `targets` (a pinned TARGETS map may
