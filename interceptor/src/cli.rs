@@ -30,8 +30,20 @@ use crate::{redirect, webhook};
 )]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chaperone=debug`.
+    /// A filter that does not parse is refused.
     #[arg(long, global = true, env = "CHAPERONE_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object
+    /// per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        env = "CHAPERONE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::logs::LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
@@ -72,7 +84,10 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    if let Err(error) = crate::logs::init(&cli.log, cli.log_format) {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Check(args) => check(*args),
         Command::Node(args) => node(*args),
@@ -91,15 +106,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn node(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {

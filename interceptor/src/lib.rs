@@ -13,6 +13,7 @@ pub mod exec;
 pub mod identity;
 pub mod kstatus;
 pub mod limits;
+pub mod logs;
 pub mod mask;
 pub mod node;
 pub mod pipeline;

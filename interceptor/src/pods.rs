@@ -443,15 +443,38 @@ impl PodTracker {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pod_list: Option<Vec<Pod>> = None;
         let mut namespace_list: Option<Vec<Namespace>> = None;
+        let (mut pod_failures, mut namespace_failures) = (
+            crate::logs::Throttle::default(),
+            crate::logs::Throttle::default(),
+        );
         loop {
             tokio::select! {
-                update = updates.next() => match update {
+                update = updates.next() => match update.inspect(|update| match update {
+                    // A watch that works again logs its next failure at once.
+                    Update::Pod(Ok(_)) => pod_failures.reset(),
+                    Update::Namespace(Ok(_)) => namespace_failures.reset(),
+                    _ => {}
+                }) {
                     None => anyhow::bail!("the pod and namespace watches ended"),
                     Some(Update::Pod(Err(error))) => {
-                        tracing::warn!(%error, node = node_name, "pod watch failed; retrying");
+                        if let Some(left_out) = pod_failures.allow() {
+                            tracing::warn!(
+                                node = node_name,
+                                repeated = left_out,
+                                "{}; retrying (new agent pods on this node are not guarded \
+                                 until it works)",
+                                crate::logs::watch_error(&error, "this node's pods")
+                            );
+                        }
                     }
                     Some(Update::Namespace(Err(error))) => {
-                        tracing::warn!(%error, "namespace watch failed; retrying");
+                        if let Some(left_out) = namespace_failures.allow() {
+                            tracing::warn!(
+                                repeated = left_out,
+                                "{}; retrying",
+                                crate::logs::watch_error(&error, "labeled namespaces")
+                            );
+                        }
                     }
                     Some(Update::Pod(Ok(event))) => match event {
                         watcher::Event::Apply(pod) => self.apply_pod(&pod),

@@ -227,3 +227,52 @@ fn check_predicts_node() {
         "nothing created"
     );
 }
+
+// === logs for clusters ===
+
+/// A log pipeline reads the node agent's stderr: with `--log-format json`
+/// every line is one JSON object; in text, no ANSI colour codes when stderr
+/// is not a terminal (they broke `grep approval=apr`).
+#[test]
+fn logs_are_json_on_request_and_never_coloured_in_a_pipe() {
+    require_root!();
+    let json = World::start(WorldSpec {
+        node_args: vec!["--log-format".into(), "json".into()],
+        ..WorldSpec::default()
+    })
+    .expect("start the e2e world");
+    let log = json.node.log_text();
+    let mut lines = 0;
+    for line in log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(event["level"].is_string(), "{line}");
+        assert!(event["fields"]["message"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+    drop(json);
+
+    let text = world();
+    // (The ready line is seen before it is kept: wait for it.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !text.node.log_text().contains("node agent ready") && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = text.node.log_text();
+    assert!(log.contains("node agent ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
+}
+
+/// A `--log` filter that does not parse used to become `info` silently.
+#[test]
+fn a_bad_log_filter_is_refused() {
+    let out = chaperone(&["--log".into(), "chaperone=verbose".into(), "check".into()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("chaperone=verbose") && text(&out).contains("not a log filter"),
+        "{}",
+        text(&out)
+    );
+}

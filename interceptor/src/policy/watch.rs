@@ -137,16 +137,24 @@ pub async fn watch_crds(client: kube::Client, store: &PolicyStore) -> anyhow::Re
         .default_backoff()
         .boxed();
     let mut reconciler = Reconciler::default();
+    let mut failures = crate::logs::Throttle::default();
     while let Some(event) = events.next().await {
         let event = match event {
-            Ok(event) => event,
+            Ok(event) => {
+                failures.reset();
+                event
+            }
             Err(error) => {
-                tracing::warn!(
-                    %error,
-                    "watching AgentPolicy objects failed; retrying. Check that the CRD \
-                     agentpolicies.chaperone.dev is installed and that chaperone may list and \
-                     watch it"
-                );
+                if let Some(left_out) = failures.allow() {
+                    tracing::warn!(
+                        repeated = left_out,
+                        "{}; retrying",
+                        crate::logs::watch_error(
+                            &error,
+                            "AgentPolicy objects (agentpolicies.chaperone.dev)"
+                        )
+                    );
+                }
                 continue;
             }
         };
