@@ -220,6 +220,18 @@ mod tests {
         let cli =
             Cli::try_parse_from(["chaperone", "sessions", "--dir", "/r", "--pod", "a/b"]).unwrap();
         assert!(matches!(cli.command, Command::Sessions(ref a) if a.pod.as_deref() == Some("a/b")));
+        // The node agent's own flag name works everywhere; `--dir` stays.
+        let cli = Cli::try_parse_from(["chaperone", "sessions", "--record-dir", "/r"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Sessions(ref a) if a.dir == std::path::Path::new("/r"))
+        );
+        let cli = Cli::try_parse_from(["chaperone", "verify", "--record-dir", "/r", "S1"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Verify(ref a) if a.dir == std::path::Path::new("/r"))
+        );
+        for spelling in ["--ca-dir", "--dir"] {
+            Cli::try_parse_from(["chaperone", "ca", "show", spelling, "/ca"]).unwrap();
+        }
         let cli = Cli::try_parse_from(["chaperone", "replay", "S1", "--json"]).unwrap();
         assert!(matches!(cli.command, Command::Replay(ref a) if a.json && a.session == "S1"));
         let cli = Cli::try_parse_from(["chaperone", "verify", "/r/a/b/S1.jsonl"]).unwrap();

@@ -9,14 +9,20 @@ use serde_json::{Map, Value, json};
 use super::micro_time;
 use super::read::{self, Recording};
 
-/// Where recordings live unless `--dir` says otherwise.
+/// Where recordings live unless `--record-dir` says otherwise.
 pub const DEFAULT_DIR: &str = "/var/lib/chaperone/sessions";
 
 /// `chaperone sessions`: list recorded sessions.
 #[derive(Debug, clap::Args)]
 pub struct SessionsArgs {
-    /// The recordings directory.
-    #[arg(long, env = "CHAPERONE_RECORD_DIR", default_value = DEFAULT_DIR)]
+    /// The recordings directory (the node agent's --record-dir; `--dir`
+    /// is the older spelling).
+    #[arg(
+        long = "record-dir",
+        visible_alias = "dir",
+        env = "CHAPERONE_RECORD_DIR",
+        default_value = DEFAULT_DIR
+    )]
     pub dir: PathBuf,
     /// Only the sessions of this pod (`namespace/name`).
     #[arg(long, value_name = "NAMESPACE/NAME")]
@@ -31,8 +37,14 @@ pub struct SessionsArgs {
 pub struct ReplayArgs {
     /// A session id (from `chaperone sessions`) or the path of its .jsonl file.
     pub session: String,
-    /// The recordings directory.
-    #[arg(long, env = "CHAPERONE_RECORD_DIR", default_value = DEFAULT_DIR)]
+    /// The recordings directory (the node agent's --record-dir; `--dir`
+    /// is the older spelling).
+    #[arg(
+        long = "record-dir",
+        visible_alias = "dir",
+        env = "CHAPERONE_RECORD_DIR",
+        default_value = DEFAULT_DIR
+    )]
     pub dir: PathBuf,
     /// Print one JSON document instead of the table.
     #[arg(long)]
@@ -44,8 +56,14 @@ pub struct ReplayArgs {
 pub struct VerifyArgs {
     /// A session id (from `chaperone sessions`) or the path of its .jsonl file.
     pub session: String,
-    /// The recordings directory.
-    #[arg(long, env = "CHAPERONE_RECORD_DIR", default_value = DEFAULT_DIR)]
+    /// The recordings directory (the node agent's --record-dir; `--dir`
+    /// is the older spelling).
+    #[arg(
+        long = "record-dir",
+        visible_alias = "dir",
+        env = "CHAPERONE_RECORD_DIR",
+        default_value = DEFAULT_DIR
+    )]
     pub dir: PathBuf,
 }
 
