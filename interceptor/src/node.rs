@@ -667,25 +667,39 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     };
     ebpf_attached.set_ok();
     ca_loaded.set_ok();
+    redirector.report_to(metrics.clone());
+    // Ready only once the pod tracker and the policies have synced: before
+    // that an agent pod may not be guarded yet, or be judged by no policy.
+    let policies_synced = health.readiness("policies-synced");
+    let pods_synced = config.pod_tracker.then(|| health.readiness("pods-synced"));
 
     let authenticator = Arc::new(authenticator);
     let policy = Arc::new(policy);
     if config.policy_files.is_empty() {
         let (client, policy) = (client.clone(), policy.clone());
         tokio::spawn(async move {
-            if let Err(error) = crate::policy::watch::watch_crds(client, &policy).await {
+            if let Err(error) =
+                crate::policy::watch::watch_crds(client, &policy, policies_synced).await
+            {
                 tracing::error!(%error, "watching AgentPolicy objects stopped");
             }
         });
     } else {
         tracing::info!(files = ?config.policy_files, "loaded policy files");
+        policies_synced.set_ok();
     }
 
     let pods = if config.pod_tracker {
-        let tracker = Arc::new(PodTracker::new(
-            redirector.clone() as Arc<dyn crate::pods::AgentCgroupSink>,
-            redirector.spec().cgroup.clone(),
-        ));
+        let tracker = Arc::new(
+            PodTracker::new(
+                redirector.clone() as Arc<dyn crate::pods::AgentCgroupSink>,
+                redirector.spec().cgroup.clone(),
+            )
+            .reporting(
+                metrics.clone(),
+                pods_synced.expect("registered with the pod tracker"),
+            ),
+        );
         let (run, client, node) = (tracker.clone(), client.clone(), config.node_name.clone());
         tokio::spawn(async move {
             if let Err(error) = run.run(client, &node).await {
@@ -726,6 +740,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         verifier,
     );
 
+    approvals.report_to(metrics.clone());
     let mut pipeline = Pipeline::new(
         config.node_name.clone(),
         authenticator,

@@ -102,6 +102,10 @@ pub struct PodTracker {
     retry_interval: Duration,
     state: Mutex<State>,
     index: RwLock<Index>,
+    /// Where unresolved agent pods are counted (`chaperone_unresolved_pods`).
+    metrics: Option<crate::admin::Metrics>,
+    /// Passes once the first lists of pods and namespaces are in (`/readyz`).
+    synced: Option<crate::admin::Check>,
 }
 
 #[derive(Default)]
@@ -152,7 +156,23 @@ impl PodTracker {
             retry_interval: Duration::from_secs(2),
             state: Mutex::new(State::default()),
             index: RwLock::new(Index::default()),
+            metrics: None,
+            synced: None,
         }
+    }
+
+    /// Counts unresolved agent pods in `metrics` on every reconcile, and
+    /// passes `synced` once this node's pods and the labeled namespaces
+    /// have been listed.
+    pub fn reporting(
+        mut self,
+        metrics: crate::admin::Metrics,
+        synced: crate::admin::Check,
+    ) -> Self {
+        metrics.unresolved_pods(0);
+        self.metrics = Some(metrics);
+        self.synced = Some(synced);
+        self
     }
 
     /// How often unresolved agent pods are looked for again.
@@ -409,6 +429,9 @@ impl PodTracker {
             }
         }
         state.unresolved = still_unresolved;
+        if let Some(metrics) = &self.metrics {
+            metrics.unresolved_pods(i64::try_from(state.unresolved.len()).unwrap_or(i64::MAX));
+        }
 
         let mut index = write(&self.index);
         index.pods = state
@@ -443,6 +466,7 @@ impl PodTracker {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pod_list: Option<Vec<Pod>> = None;
         let mut namespace_list: Option<Vec<Namespace>> = None;
+        let (mut pods_listed, mut namespaces_listed) = (false, false);
         let (mut pod_failures, mut namespace_failures) = (
             crate::logs::Throttle::default(),
             crate::logs::Throttle::default(),
@@ -485,6 +509,8 @@ impl PodTracker {
                         }
                         watcher::Event::InitDone => {
                             self.replace_pods(&pod_list.take().unwrap_or_default());
+                            pods_listed = true;
+                            self.mark_synced(pods_listed, namespaces_listed);
                         }
                     },
                     Some(Update::Namespace(Ok(event))) => match event {
@@ -496,6 +522,8 @@ impl PodTracker {
                         }
                         watcher::Event::InitDone => {
                             self.replace_namespaces(&namespace_list.take().unwrap_or_default());
+                            namespaces_listed = true;
+                            self.mark_synced(pods_listed, namespaces_listed);
                         }
                     },
                 },
@@ -505,6 +533,17 @@ impl PodTracker {
                     }
                 }
             }
+        }
+    }
+}
+
+impl PodTracker {
+    fn mark_synced(&self, pods_listed: bool, namespaces_listed: bool) {
+        if pods_listed
+            && namespaces_listed
+            && let Some(synced) = &self.synced
+        {
+            synced.set_ok();
         }
     }
 }
