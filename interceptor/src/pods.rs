@@ -475,8 +475,14 @@ impl PodTracker {
             tokio::select! {
                 update = updates.next() => match update.inspect(|update| match update {
                     // A watch that works again logs its next failure at once.
-                    Update::Pod(Ok(_)) => pod_failures.reset(),
-                    Update::Namespace(Ok(_)) => namespace_failures.reset(),
+                    // `Init` starts every retry's list: only what the list
+                    // brings shows the watch works again.
+                    Update::Pod(Ok(event)) if !matches!(event, watcher::Event::Init) => {
+                        pod_failures.reset()
+                    }
+                    Update::Namespace(Ok(event)) if !matches!(event, watcher::Event::Init) => {
+                        namespace_failures.reset()
+                    }
                     _ => {}
                 }) {
                     None => anyhow::bail!("the pod and namespace watches ended"),

@@ -171,7 +171,15 @@ fn readyz_waits_for_pods_and_policies() {
     let (code, body) = admin_get(&cluster, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("[-]policies-synced"), "{body}");
+    std::thread::sleep(Duration::from_secs(2));
     let log = cluster.node.log_text();
     assert!(log.contains("install its CRD"), "{log}");
     assert!(!log.contains("ApiError"), "{log}");
+    // The watch retries every second or so; the warning is not repeated
+    // within the minute.
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("AgentPolicy objects") && l.contains("install its CRD"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
 }

@@ -214,7 +214,12 @@ pub(super) fn spawn_feed(approvals: Arc<Approvals>) {
                     let Some(approvals) = weak.upgrade() else {
                         return;
                     };
-                    if event.is_ok() {
+                    // `Init` starts every retry's list: only what the list
+                    // brings shows the watch works again.
+                    if event
+                        .as_ref()
+                        .is_ok_and(|e| !matches!(e, watcher::Event::Init))
+                    {
                         failures.reset();
                     }
                     match event {

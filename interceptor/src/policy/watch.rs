@@ -146,7 +146,11 @@ pub async fn watch_crds(
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(event) => {
-                failures.reset();
+                // `Init` starts every retry's list: only what the list
+                // brings shows the watch works again.
+                if !matches!(event, watcher::Event::Init) {
+                    failures.reset();
+                }
                 event
             }
             Err(error) => {
