@@ -30,8 +30,20 @@ use crate::{redirect, webhook};
 )]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chaperone=debug`.
+    /// A filter that does not parse is refused.
     #[arg(long, global = true, env = "CHAPERONE_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object
+    /// per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        env = "CHAPERONE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::logs::LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
@@ -39,8 +51,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check that this node can run chaperone: cgroup v2, kernel, privileges.
-    Check,
+    /// Check, changing nothing, whether `chaperone node` with the same
+    /// flags, environment and config file would start on this node: kernel,
+    /// privileges, cgroups, bpffs, ports, CA, kubeconfig, policies, keys,
+    /// directories. Exit 1 and what to fix when it would not.
+    ///
+    /// Example, in the DaemonSet's pod (same environment as the node agent):
+    /// `kubectl -n chaperone-system exec ds/chaperone-node -- chaperone check`
+    Check(Box<crate::config::NodeArgs>),
     /// Run the node agent: eBPF redirect + proxy (the DaemonSet's command).
     Node(Box<crate::config::NodeArgs>),
     /// Detach every program chaperone pinned on this node and remove the
@@ -66,9 +84,12 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    if let Err(error) = crate::logs::init(&cli.log, cli.log_format) {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
-        Command::Check => check(),
+        Command::Check(args) => check(*args),
         Command::Node(args) => node(*args),
         Command::Detach(args) => detach(&args),
         Command::Webhook(args) => webhook::run(args),
@@ -87,23 +108,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 fn node(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {
-    let config = crate::config::NodeConfig::resolve(
-        args,
-        (
-            std::env::var("KUBERNETES_SERVICE_HOST").ok(),
-            std::env::var("KUBERNETES_SERVICE_PORT").ok(),
-        ),
-    )?;
+    let config = crate::config::NodeConfig::resolve(args, service_env())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("chaperone-data")
@@ -120,7 +126,7 @@ pub struct DetachArgs {
 }
 
 fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
-    let report = redirect::detach_all(&args.bpffs);
+    let report = redirect::detach_all(&args.bpffs)?;
     for link in &report.links {
         println!("detached and unpinned link {link}");
     }
@@ -143,28 +149,59 @@ fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn check() -> anyhow::Result<ExitCode> {
+fn check(args: crate::config::NodeArgs) -> anyhow::Result<ExitCode> {
     let facts = redirect::preflight();
-    println!("kernel:            {}", facts.kernel);
+    let line = |what: &str, text: &str| println!("{:<19}{text}", format!("{what}:"));
+    line("kernel", &facts.kernel);
     match &facts.cgroup2_mount {
-        Some(path) => println!("cgroup v2 mount:   {}", path.display()),
-        None => println!("cgroup v2 mount:   MISSING (chaperone attaches to cgroup v2)"),
+        Some(path) => line("cgroup v2 mount", &path.display().to_string()),
+        None => line(
+            "cgroup v2 mount",
+            "MISSING (chaperone attaches to cgroup v2)",
+        ),
     }
-    if facts.missing_capabilities.is_empty() {
-        println!("privileges:        ok (CAP_BPF/CAP_SYS_ADMIN, CAP_PERFMON, CAP_NET_ADMIN)");
+    // The same resolution and the same inspection as `chaperone node`.
+    let ready = match crate::config::NodeConfig::resolve(args, service_env()) {
+        Err(error) => {
+            line("configuration", &format!("PROBLEM: {error:#}"));
+            false
+        }
+        Ok(config) => {
+            line("configuration", "ok");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let inspection = runtime.block_on(crate::node::inspect(&config));
+            for finding in &inspection.findings {
+                match &finding.outcome {
+                    Ok(found) => line(finding.what, &format!("ok ({found})")),
+                    Err(problem) => line(finding.what, &format!("PROBLEM: {problem}")),
+                }
+            }
+            inspection.ready()
+        }
+    };
+    line(
+        "ready",
+        if ready {
+            "yes: `chaperone node` with these flags would start"
+        } else {
+            "no: `chaperone node` with these flags refuses to start (fix each PROBLEM above)"
+        },
+    );
+    Ok(if ready {
+        ExitCode::SUCCESS
     } else {
-        println!(
-            "privileges:        MISSING {}",
-            facts.missing_capabilities.join(", ")
-        );
-    }
-    if facts.ready() {
-        println!("ready:             yes");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("ready:             no");
-        Ok(ExitCode::FAILURE)
-    }
+        ExitCode::FAILURE
+    })
+}
+
+/// `(KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT)`.
+fn service_env() -> (Option<String>, Option<String>) {
+    (
+        std::env::var("KUBERNETES_SERVICE_HOST").ok(),
+        std::env::var("KUBERNETES_SERVICE_PORT").ok(),
+    )
 }
 
 #[cfg(test)]
@@ -183,6 +220,18 @@ mod tests {
         let cli =
             Cli::try_parse_from(["chaperone", "sessions", "--dir", "/r", "--pod", "a/b"]).unwrap();
         assert!(matches!(cli.command, Command::Sessions(ref a) if a.pod.as_deref() == Some("a/b")));
+        // The node agent's own flag name works everywhere; `--dir` stays.
+        let cli = Cli::try_parse_from(["chaperone", "sessions", "--record-dir", "/r"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Sessions(ref a) if a.dir == std::path::Path::new("/r"))
+        );
+        let cli = Cli::try_parse_from(["chaperone", "verify", "--record-dir", "/r", "S1"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Verify(ref a) if a.dir == std::path::Path::new("/r"))
+        );
+        for spelling in ["--ca-dir", "--dir"] {
+            Cli::try_parse_from(["chaperone", "ca", "show", spelling, "/ca"]).unwrap();
+        }
         let cli = Cli::try_parse_from(["chaperone", "replay", "S1", "--json"]).unwrap();
         assert!(matches!(cli.command, Command::Replay(ref a) if a.json && a.session == "S1"));
         let cli = Cli::try_parse_from(["chaperone", "verify", "/r/a/b/S1.jsonl"]).unwrap();

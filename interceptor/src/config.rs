@@ -251,20 +251,30 @@ pub struct NodeArgs {
     pub notify_format: Option<String>,
 }
 
-/// The config file: the same settings as the flags, in camelCase.
+/// The config file: the same settings as the flags, each under its flag's
+/// long name in camelCase (`--proxy-ip` → `proxyIp`); a list takes one value
+/// or a sequence (`proxyIp: 192.0.2.2` or `proxyIp: [192.0.2.2, fd00::2]`),
+/// and the plural spellings released before (`targets`, `agentCgroups`,
+/// `audiences`) are kept.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct NodeFile {
     node_name: Option<String>,
     pod_name: Option<String>,
     pod_namespace: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
     proxy_ip: Option<Vec<IpAddr>>,
     proxy_port: Option<u16>,
+    #[serde(default, alias = "target", deserialize_with = "one_or_many")]
     targets: Option<Vec<SocketAddr>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     refuse: Option<Vec<String>>,
     cgroup_root: Option<PathBuf>,
     kubeconfig: Option<PathBuf>,
     ca_dir: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    #[serde(default, deserialize_with = "one_or_many")]
     policy: Option<Vec<PathBuf>>,
     record_dir: Option<PathBuf>,
     record_key: Option<PathBuf>,
@@ -275,6 +285,7 @@ struct NodeFile {
     audit_durability: Option<String>,
     audit_spool_dir: Option<PathBuf>,
     admin_addr: Option<SocketAddr>,
+    admin_port: Option<u16>,
     allow_unattested: Option<bool>,
     drain_seconds: Option<u64>,
     upstream_streams_per_connection: Option<usize>,
@@ -282,10 +293,12 @@ struct NodeFile {
     data_threads: Option<usize>,
     max_connections_per_pod: Option<usize>,
     max_requests_per_pod: Option<usize>,
+    #[serde(default, alias = "agentCgroup", deserialize_with = "one_or_many")]
     agent_cgroups: Option<Vec<PathBuf>>,
     cluster_domain: Option<String>,
     credential_mode: Option<String>,
     no_pod_tracker: Option<bool>,
+    #[serde(default, alias = "audience", deserialize_with = "one_or_many")]
     audiences: Option<Vec<String>>,
     fail_open: Option<bool>,
     bpffs: Option<PathBuf>,
@@ -502,14 +515,25 @@ impl NodeConfig {
                 .audit_spool_dir
                 .or(file.audit_spool_dir)
                 .unwrap_or_else(|| record_dir.with_file_name("audit-spool")),
-            admin_addr: match args.admin_port {
-                Some(port) => SocketAddr::from(([0, 0, 0, 0], port)),
-                None => args
-                    .admin_addr
-                    .or(file.admin_addr)
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
+            admin_addr: match (args.admin_addr, args.admin_port) {
+                (Some(addr), _) => addr,
+                (None, Some(port)) => SocketAddr::from(([0, 0, 0, 0], port)),
+                (None, None) => match (file.admin_addr, file.admin_port) {
+                    (Some(_), Some(_)) => {
+                        bail!("the config file sets both adminAddr and adminPort: keep one")
+                    }
+                    (Some(addr), None) => addr,
+                    (None, Some(port)) => SocketAddr::from(([0, 0, 0, 0], port)),
+                    (None, None) => SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
+                },
             },
-            ca_files: args.ca_cert.zip(args.ca_key),
+            ca_files: match (args.ca_cert.or(file.ca_cert), args.ca_key.or(file.ca_key)) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    bail!("set both the CA certificate and key (--ca-cert and --ca-key) or neither")
+                }
+            },
             require_attestation: !(args.allow_unattested || file.allow_unattested.unwrap_or(false)),
             drain_timeout: Duration::from_secs(
                 args.drain_seconds.or(file.drain_seconds).unwrap_or(20),
@@ -578,7 +602,7 @@ impl NodeConfig {
             approval_verify_key: args.approval_verify_key.or(file.approval_verify_key),
             approval_ttl: match args.approval_ttl.or(file.approval_ttl) {
                 None => crate::approval::DEFAULT_TTL,
-                Some(text) => crate::policy::parse_duration(&text)
+                Some(text) => parse_duration_with_unit(&text)
                     .map_err(|why| anyhow::anyhow!("--approval-ttl: {why}"))?,
             },
             notify: match args.notify_url.or(file.notify_url) {
@@ -602,6 +626,38 @@ impl NodeConfig {
             },
         })
     }
+}
+
+/// A config-file list given as one value or as a sequence, like its flag
+/// (which may be repeated).
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    let value = Option::<serde_yaml::Value>::deserialize(deserializer)?;
+    match value {
+        None | Some(serde_yaml::Value::Null) => Ok(None),
+        Some(value @ serde_yaml::Value::Sequence(_)) => serde_yaml::from_value(value)
+            .map(Some)
+            .map_err(D::Error::custom),
+        Some(value) => serde_yaml::from_value(value)
+            .map(|one| Some(vec![one]))
+            .map_err(D::Error::custom),
+    }
+}
+
+/// A duration with its unit (`30s`, `15m`, `1h`, `1h30m`): a bare number
+/// is refused rather than guessed to be seconds.
+pub fn parse_duration_with_unit(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "\"{trimmed}\" has no unit: write \"{trimmed}s\", \"{trimmed}m\" or \"{trimmed}h\""
+        ));
+    }
+    crate::policy::parse_duration(trimmed)
 }
 
 fn first_non_empty<T>(preferred: Vec<T>, fallback: Vec<T>) -> Vec<T> {
@@ -863,5 +919,128 @@ mod tests {
         a.config = Some(file.path().into());
         let error = format!("{:#}", NodeConfig::resolve(a, (None, None)).unwrap_err());
         assert!(error.contains("proxyPrt"), "{error}");
+    }
+
+    /// `proxyIp: 192.0.2.2` used to fail with `expected a sequence`: a list
+    /// key takes one value as its flag does, and the flag's own name works
+    /// beside the plural spelling.
+    #[test]
+    fn config_keys_take_what_their_flags_take() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "proxyIp: 192.0.2.2\ntarget: 10.96.0.1:443\nrefuse: \":10250\"\n\
+             agentCgroup: /sys/fs/cgroup/ci.scope\naudience: chaperone\npolicy: /etc/policies\n\
+             adminPort: 9090\ncaCert: /ca/tls.crt\ncaKey: /ca/tls.key"
+        )
+        .unwrap();
+        let config = NodeConfig::resolve(
+            NodeArgs {
+                config: Some(file.path().into()),
+                node_name: Some("node-a".into()),
+                ..NodeArgs::default()
+            },
+            (None, None),
+        )
+        .unwrap();
+        assert_eq!(config.proxy_ips, ["192.0.2.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(config.targets, ["10.96.0.1:443".parse().unwrap()]);
+        assert_eq!(config.refused, [RefusedDestination::Port(10250)]);
+        assert_eq!(
+            config.agent_cgroups,
+            [PathBuf::from("/sys/fs/cgroup/ci.scope")]
+        );
+        assert_eq!(config.identity.service_accounts.audiences, ["chaperone"]);
+        assert_eq!(config.policy_files, [PathBuf::from("/etc/policies")]);
+        assert_eq!(config.admin_addr, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(
+            config.ca_files,
+            Some(("/ca/tls.crt".into(), "/ca/tls.key".into()))
+        );
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "proxyIp: [192.0.2.2, \"fd00::2\"]\ntargets: [10.96.0.1:443]"
+        )
+        .unwrap();
+        let mut a = args();
+        a.proxy_ip.clear();
+        a.config = Some(file.path().into());
+        let config = NodeConfig::resolve(a, (None, None)).unwrap();
+        assert_eq!(config.proxy_ips.len(), 2);
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "proxyIp: not-an-address").unwrap();
+        let mut a = args();
+        a.config = Some(file.path().into());
+        let error = format!("{:#}", NodeConfig::resolve(a, (None, None)).unwrap_err());
+        assert!(
+            error.contains("proxyIp") || error.contains("IP address"),
+            "{error}"
+        );
+    }
+
+    /// Every `chaperone node` flag has its config-file key (its long name in
+    /// camelCase): `adminPort`, `caCert`, `caKey` were missing.
+    #[test]
+    fn every_flag_has_a_config_key() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let mut checked = 0;
+        for arg in Wrapper::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "config" | "help") {
+                continue;
+            }
+            let mut key = String::new();
+            let mut upper = false;
+            for c in long.chars() {
+                if c == '-' {
+                    upper = true;
+                } else if upper {
+                    key.push(c.to_ascii_uppercase());
+                    upper = false;
+                } else {
+                    key.push(c);
+                }
+            }
+            let parsed: Result<NodeFile, _> = serde_yaml::from_str(&format!("{key}: null"));
+            assert!(
+                parsed.is_ok(),
+                "--{long} has no config key {key}: {}",
+                parsed.unwrap_err()
+            );
+            checked += 1;
+        }
+        assert!(checked > 40, "only {checked} flags");
+    }
+
+    /// `--grant 15` silently meant 15 seconds; durations need their unit.
+    #[test]
+    fn a_duration_without_a_unit_is_refused() {
+        let error = parse_duration_with_unit("15").unwrap_err();
+        assert!(error.contains("\"15m\""), "{error}");
+        assert_eq!(
+            parse_duration_with_unit("15m").unwrap(),
+            Duration::from_secs(900)
+        );
+        assert_eq!(
+            parse_duration_with_unit("1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        let mut a = args();
+        a.approval_ttl = Some("30".into());
+        let error = NodeConfig::resolve(a, (Some("10.96.0.1".into()), Some("443".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--approval-ttl") && error.contains("no unit"),
+            "{error}"
+        );
     }
 }

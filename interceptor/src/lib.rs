@@ -15,6 +15,7 @@ pub mod guard;
 pub mod identity;
 pub mod kstatus;
 pub mod limits;
+pub mod logs;
 pub mod mask;
 pub mod metrics;
 pub mod node;

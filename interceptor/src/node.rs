@@ -45,22 +45,489 @@ impl Terminate for TlsTerminator {
     }
 }
 
-pub async fn run(config: NodeConfig) -> Result<()> {
-    let ca = Arc::new(match &config.ca_files {
+// === inputs: everything checked before the host changes ===
+
+/// One input `chaperone node` depends on, as `chaperone check` prints it.
+#[derive(Clone, Debug)]
+pub struct Finding {
+    /// What was checked (`bpffs`, `policy`, `admin listener`, …).
+    pub what: &'static str,
+    /// What was found (`Ok`), or what is wrong and what to do (`Err`).
+    pub outcome: std::result::Result<String, String>,
+}
+
+/// Everything `chaperone node` needs before it changes the host (binds a
+/// port, attaches or re-points a program, writes a pin), read and checked.
+/// `node` refuses to start while any finding is a problem, and `chaperone
+/// check` prints the same findings: what `check` accepts, `node` does.
+pub struct Inspection {
+    pub findings: Vec<Finding>,
+    inputs: Option<Inputs>,
+}
+
+impl Inspection {
+    /// `true` when nothing is wrong: `chaperone node` would start.
+    pub fn ready(&self) -> bool {
+        self.findings.iter().all(|f| f.outcome.is_ok())
+    }
+
+    /// Every problem, one per line (empty when ready).
+    pub fn problems(&self) -> Vec<String> {
+        self.findings
+            .iter()
+            .filter_map(|f| f.outcome.as_ref().err().map(|e| format!("{}: {e}", f.what)))
+            .collect()
+    }
+
+    fn into_inputs(self) -> Result<Inputs> {
+        let problems = self.problems();
+        match self.inputs {
+            Some(inputs) if problems.is_empty() => Ok(inputs),
+            _ => anyhow::bail!(
+                "nothing was changed on this node, because:\n  {}",
+                problems.join("\n  ")
+            ),
+        }
+    }
+
+    fn record<T>(&mut self, what: &'static str, result: Result<(T, String)>) -> Option<T> {
+        match result {
+            Ok((value, found)) => {
+                self.findings.push(Finding {
+                    what,
+                    outcome: Ok(found),
+                });
+                Some(value)
+            }
+            Err(error) => {
+                self.findings.push(Finding {
+                    what,
+                    outcome: Err(format!("{error:#}")),
+                });
+                None
+            }
+        }
+    }
+}
+
+/// What [`inspect`] read, for [`run`] to use as it was checked.
+struct Inputs {
+    /// `None`: no CA in `--ca-dir` yet; it is created at start.
+    ca: Option<LocalCa>,
+    upstream_config: UpstreamConfig,
+    client: kube::Client,
+    authenticator: Authenticator,
+    cgroup_root: std::path::PathBuf,
+    agent_cgroups: Vec<(std::path::PathBuf, CgroupId)>,
+    /// Loaded from the policy files (local mode); empty in cluster mode.
+    policy: PolicyStore,
+    masker: Masker,
+    verifier: Option<crate::approval::attest::Verifier>,
+}
+
+/// Checks every input of `chaperone node` without changing the host: the
+/// kernel and privileges, cgroups, the bpffs, the ports (bound for a moment
+/// with the same options the node uses), the CA, the kubeconfig, the
+/// identity, masking and policy configuration, keys and directories.
+pub async fn inspect(config: &NodeConfig) -> Inspection {
+    let mut report = Inspection {
+        findings: Vec::new(),
+        inputs: None,
+    };
+    let facts = redirect::preflight();
+    report.record(
+        "privileges",
+        if facts.missing_capabilities.is_empty() {
+            Ok((
+                (),
+                "CAP_BPF/CAP_SYS_ADMIN, CAP_PERFMON, CAP_NET_ADMIN".into(),
+            ))
+        } else {
+            Err(anyhow::anyhow!(
+                "missing {}: run as root, or give the node agent these capabilities (the \
+                 DaemonSet in deploy/ does)",
+                facts.missing_capabilities.join(", ")
+            ))
+        },
+    );
+    let cgroup_root = report.record(
+        "cgroup root",
+        (|| {
+            let root = match &config.cgroup_root {
+                Some(root) => root.clone(),
+                None => redirect::cgroup2_mount()?,
+            };
+            let is_cgroup2 = nix::sys::statfs::statfs(&root)
+                .with_context(|| format!("{}", root.display()))?
+                .filesystem_type()
+                == nix::sys::statfs::CGROUP2_SUPER_MAGIC;
+            if !is_cgroup2 {
+                anyhow::bail!(
+                    "{} is not a cgroup v2 directory: point --cgroup-root at the cgroup v2 \
+                     mount (or a directory under it)",
+                    root.display()
+                );
+            }
+            let found = root.display().to_string();
+            Ok((root, found))
+        })(),
+    );
+    let agent_cgroups = report.record(
+        "agent cgroups",
+        config
+            .agent_cgroups
+            .iter()
+            .map(|cgroup| {
+                redirect::cgroupfs::cgroup_id(cgroup)
+                    .map(|id| (cgroup.clone(), CgroupId(id.0)))
+                    .with_context(|| format!("--agent-cgroup {}", cgroup.display()))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|ids| {
+                let found = format!("{} besides the pod tracker's", ids.len());
+                (ids, found)
+            }),
+    );
+    report.record(
+        "bpffs",
+        if config.fail_open {
+            Ok((
+                (),
+                format!(
+                    "{} (failOpen: pins there are adopted, none are kept)",
+                    config.bpffs.display()
+                ),
+            ))
+        } else if config.bpffs.exists() && !config.bpffs.is_dir() {
+            Err(anyhow::anyhow!(
+                "{} is not a directory: point --bpffs at a directory on a BPF filesystem",
+                config.bpffs.display()
+            ))
+        } else if !redirect::pin::on_bpffs(&config.bpffs) {
+            Err(redirect::pin::PinDirError::NotBpffs {
+                path: config.bpffs.clone(),
+            }
+            .into())
+        } else {
+            Ok(((), format!("{} (a BPF filesystem)", config.bpffs.display())))
+        },
+    );
+    report.record(
+        "proxy listener",
+        (|| {
+            if config.admin_addr.port() == config.proxy_port {
+                anyhow::bail!(
+                    "the proxy port {} is also the admin port: give --admin-addr or \
+                     --admin-port another one",
+                    config.proxy_port
+                );
+            }
+            for ip in &config.proxy_ips {
+                drop(
+                    listen_std(SocketAddr::new(*ip, config.proxy_port)).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot listen on {}: {e}; is a program other than chaperone using the \
+                         port, or is --proxy-ip not an address of this node?",
+                            SocketAddr::new(*ip, config.proxy_port)
+                        )
+                    })?,
+                );
+            }
+            Ok((
+                (),
+                format!("{:?} port {}", config.proxy_ips, config.proxy_port),
+            ))
+        })(),
+    );
+    report.record(
+        "admin listener",
+        listen_std(config.admin_addr)
+            .map(|listener| {
+                drop(listener);
+                ((), config.admin_addr.to_string())
+            })
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {}: {e}; pick a free port with --admin-addr or --admin-port",
+                    config.admin_addr
+                )
+            }),
+    );
+    let ca = report.record("CA", load_ca(config));
+    let upstream_config = report.record(
+        "upstream",
+        upstream_config(config).map(|c| {
+            let found = c.server.to_string();
+            (c, found)
+        }),
+    );
+    // (A kubeconfig the upstream could not read is reported once, there.)
+    let client = match &upstream_config {
+        Some(_) => report.record(
+            "API client",
+            kube_client(config)
+                .await
+                .map(|c| (c, "chaperone's own API access configured".into())),
+        ),
+        None => None,
+    };
+    let authenticator = match &client {
+        Some(client) => report.record(
+            "identity",
+            Authenticator::from_client(&config.identity, client.clone())
+                .map(|a| (a, "token verification configured".into()))
+                .map_err(|e| anyhow::anyhow!("identity configuration: {e}")),
+        ),
+        None => None,
+    };
+    let policy = report.record("policy", load_policy(config));
+    let masker = report.record(
+        "masking",
+        Masker::new(&config.masking)
+            .map(|m| (m, "mask rules compile".into()))
+            .map_err(|e| anyhow::anyhow!("mask rules: {e}")),
+    );
+    let verifier = report.record("approval key", approval_verifier(config));
+    report.record("directories", writable_dirs(config));
+    report.record(
+        "audit",
+        audit_sinks(config).map(|sinks| {
+            let found = if sinks.is_empty() {
+                "no sink (not audited)".to_owned()
+            } else {
+                sinks
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            ((), found)
+        }),
+    );
+    if let (
+        Some(ca),
+        Some(upstream_config),
+        Some(client),
+        Some(authenticator),
+        Some(cgroup_root),
+        Some(agent_cgroups),
+        Some(policy),
+        Some(masker),
+        Some(verifier),
+    ) = (
+        ca,
+        upstream_config,
+        client,
+        authenticator,
+        cgroup_root,
+        agent_cgroups,
+        policy,
+        masker,
+        verifier,
+    ) {
+        report.inputs = Some(Inputs {
+            ca,
+            upstream_config,
+            client,
+            authenticator,
+            cgroup_root,
+            agent_cgroups,
+            policy,
+            masker,
+            verifier,
+        });
+    }
+    report
+}
+
+/// Binds `addr` the way the node agent does (`SO_REUSEADDR`,
+/// `SO_REUSEPORT`: another chaperone on the port is fine, another program
+/// is not).
+fn listen_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1)?;
+    Ok(socket.into())
+}
+
+fn load_ca(config: &NodeConfig) -> Result<(Option<LocalCa>, String)> {
+    match &config.ca_files {
         Some((cert, key)) => {
             let read = |path: &std::path::PathBuf| {
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))
             };
-            LocalCa::from_secret_data("chaperone-ca", &read(cert)?, &read(key)?).with_context(
-                || {
+            let ca = LocalCa::from_secret_data("chaperone-ca", &read(cert)?, &read(key)?)
+                .with_context(|| {
                     format!(
                         "chaperone's CA from {} and {}",
                         cert.display(),
                         key.display()
                     )
-                },
-            )?
+                })?;
+            Ok((Some(ca), format!("from {}", cert.display())))
         }
+        None => match LocalCa::load(&config.ca_dir)
+            .with_context(|| format!("chaperone's CA in {}", config.ca_dir.display()))?
+        {
+            Some(ca) => Ok((Some(ca), format!("in {}", config.ca_dir.display()))),
+            None => {
+                creatable_dir(&config.ca_dir)?;
+                Ok((
+                    None,
+                    format!("none yet: created in {}", config.ca_dir.display()),
+                ))
+            }
+        },
+    }
+}
+
+fn upstream_config(config: &NodeConfig) -> Result<UpstreamConfig> {
+    let upstream = match &config.kubeconfig {
+        Some(path) => UpstreamConfig::from_kubeconfig(path, None)
+            .with_context(|| format!("upstream from kubeconfig {}", path.display()))?,
+        None => UpstreamConfig::in_cluster().context(
+            "upstream from the in-cluster service account (outside a cluster, pass --kubeconfig)",
+        )?,
+    };
+    upstream.client_config().context("TLS to the API server")?;
+    Ok(upstream)
+}
+
+/// chaperone's own API access (pods, policies, JWKS, TokenReview).
+async fn kube_client(config: &NodeConfig) -> Result<kube::Client> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .context("kubeconfig")?
+        }
+        None => kube::Config::incluster().context("in-cluster config")?,
+    };
+    kube::Client::try_from(kube_config).context("kube client")
+}
+
+/// The policy files (a directory stands for its `*.yaml`/`*.yml`), loaded;
+/// without files, policies come from the cluster.
+fn load_policy(config: &NodeConfig) -> Result<(PolicyStore, String)> {
+    let store = PolicyStore::new();
+    if config.policy_files.is_empty() {
+        return Ok((store, "AgentPolicy objects in the cluster".into()));
+    }
+    let files = policy_files(config)?;
+    let count = store
+        .load_files(&files)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((
+        store,
+        format!("{count} policies from {} files", files.len()),
+    ))
+}
+
+/// `--policy` with each directory replaced by its policy files.
+fn policy_files(config: &NodeConfig) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for path in &config.policy_files {
+        let found = crate::policy::policy_files(path)
+            .with_context(|| format!("--policy {}", path.display()))?;
+        if found.is_empty() {
+            anyhow::bail!(
+                "--policy {}: the directory holds no *.yaml or *.yml policy file",
+                path.display()
+            );
+        }
+        files.extend(found);
+    }
+    Ok(files)
+}
+
+fn approval_verifier(
+    config: &NodeConfig,
+) -> Result<(Option<crate::approval::attest::Verifier>, String)> {
+    match &config.approval_verify_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--approval-verify-key {}: {e}", path.display()))?;
+            let verifier = crate::approval::attest::Verifier::from_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("--approval-verify-key {}: {e}", path.display()))?;
+            Ok((Some(verifier), format!("{}", path.display())))
+        }
+        None => Ok((None, "none (decisions not attested)".into())),
+    }
+}
+
+/// `path` is a directory chaperone may write, or can be created as one.
+fn creatable_dir(path: &std::path::Path) -> Result<()> {
+    let mut probe = Some(path);
+    while let Some(candidate) = probe {
+        if candidate.exists() {
+            if !candidate.is_dir() {
+                anyhow::bail!(
+                    "{} is not a directory, so {} cannot be one",
+                    candidate.display(),
+                    path.display()
+                );
+            }
+            nix::unistd::access(candidate, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not writable ({e}), so {} cannot be written",
+                    candidate.display(),
+                    path.display()
+                )
+            })?;
+            return Ok(());
+        }
+        probe = candidate.parent();
+    }
+    Ok(())
+}
+
+fn writable_dirs(config: &NodeConfig) -> Result<((), String)> {
+    let mut dirs = vec![("--record-dir", &config.record_dir)];
+    if config.audit_log.is_some() || config.audit_webhook.is_some() {
+        dirs.push(("--audit-spool-dir", &config.audit_spool_dir));
+    }
+    if let Some(dir) = &config.approval_dir {
+        dirs.push(("--approval-dir", dir));
+    }
+    for (flag, dir) in &dirs {
+        creatable_dir(dir).with_context(|| format!("{flag} {}", dir.display()))?;
+    }
+    Ok((
+        (),
+        dirs.iter()
+            .map(|(_, d)| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    ))
+}
+
+pub async fn run(config: NodeConfig) -> Result<()> {
+    // Every input first: a mistake changes nothing on the host (no port
+    // bound, no program attached, no pin re-pointed).
+    let Inputs {
+        ca,
+        upstream_config,
+        client,
+        authenticator,
+        cgroup_root,
+        agent_cgroups,
+        policy,
+        masker,
+        verifier,
+    } = inspect(&config).await.into_inputs()?;
+    let ca = Arc::new(match ca {
+        Some(ca) => ca,
         None => LocalCa::load_or_create(&config.ca_dir)
             .with_context(|| format!("chaperone's CA in {}", config.ca_dir.display()))?,
     });
@@ -76,13 +543,6 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     ));
     let terminator = Arc::new(TlsTerminator::new(leaves));
 
-    let upstream_config = match &config.kubeconfig {
-        Some(path) => UpstreamConfig::from_kubeconfig(path, None)
-            .with_context(|| format!("upstream from kubeconfig {}", path.display()))?,
-        None => UpstreamConfig::in_cluster().context(
-            "upstream from the in-cluster service account (outside a cluster, pass --kubeconfig)",
-        )?,
-    };
     let upstream = Upstream::new(UpstreamSpec {
         base: upstream_config.server.clone(),
         tls: upstream_config.client_config()?,
@@ -113,11 +573,40 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     for ip in &config.proxy_ips {
         listeners.push(bind(SocketAddr::new(*ip, config.proxy_port))?);
     }
-
-    let cgroup_root = match &config.cgroup_root {
-        Some(root) => root.clone(),
-        None => redirect::cgroup2_mount()?,
+    let metrics = Metrics::new();
+    let health = Health::new();
+    let ebpf_attached = health.readiness("ebpf-attached");
+    let ca_loaded = health.readiness("ca-loaded");
+    // Local mode: approvals are files, and the admin API decides them too.
+    let local_approvals = match &config.approval_dir {
+        Some(dir) => Some(
+            crate::approval::LocalStore::new(dir)
+                .with_context(|| format!("approvals in {}", dir.display()))?,
+        ),
+        None => None,
     };
+    // The admin listener before the programs: a busy port must not leave
+    // the pins pointing at a proxy that never starts.
+    let admin = AdminServer::start_with(
+        config.admin_addr,
+        metrics.clone(),
+        health.clone(),
+        local_approvals.clone(),
+    )
+    .with_context(|| format!("admin listener on {}", config.admin_addr))?;
+    let mut record_config = RecordConfig::new(&config.record_dir, &config.node_name);
+    record_config.key = Some(
+        crate::record::chain::ChainKey::load_or_create(&config.record_key).with_context(|| {
+            format!(
+                "the record key {}: it must be a file only chaperone reads, holding 64 hex characters (a missing one is created); point --record-key elsewhere or remove a damaged one (older recordings then need the old key to verify)",
+                config.record_key.display()
+            )
+        })?,
+    );
+    let recorder = Recorder::start(record_config, metrics.clone())
+        .with_context(|| format!("recordings in {}", config.record_dir.display()))?;
+    let auditor = start_auditor(&config, &metrics)?;
+
     // failOpen decides what outlives this process: pinned programs keep
     // redirecting to this (then dead) proxy address, so agents' connections
     // are refused until the next node agent adopts the pins.
@@ -150,28 +639,11 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     );
     redirector.set_targets(&config.targets)?;
     redirector.set_refused(&config.refusals())?;
-    for cgroup in &config.agent_cgroups {
-        let id = redirect::cgroupfs::cgroup_id(cgroup)
-            .with_context(|| format!("agent cgroup {}", cgroup.display()))?;
-        redirector.add_agent_cgroup(CgroupId(id.0))?;
+    for (cgroup, id) in &agent_cgroups {
+        redirector.add_agent_cgroup(*id)?;
         tracing::info!(cgroup = %cgroup.display(), id = %id, "guarding cgroup");
     }
 
-    // chaperone's own API access (pods, policies, JWKS, TokenReview).
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .context("kubeconfig")?
-        }
-        None => kube::Config::incluster().context("in-cluster config")?,
-    };
-    let client = kube::Client::try_from(kube_config).context("kube client")?;
     // Every address the API server answers on, not only the configured
     // ones: the `kubernetes` Service's ClusterIPs, its Endpoints, and the
     // host chaperone itself dials, kept in step as they change.
@@ -199,64 +671,41 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         )),
         _ => None,
     };
+    ebpf_attached.set_ok();
+    ca_loaded.set_ok();
+    redirector.report_to(metrics.clone());
+    // Ready only once the pod tracker and the policies have synced: before
+    // that an agent pod may not be guarded yet, or be judged by no policy.
+    let policies_synced = health.readiness("policies-synced");
+    let pods_synced = config.pod_tracker.then(|| health.readiness("pods-synced"));
 
-    let metrics = Metrics::new();
-    let health = Health::new();
-    // Local mode: approvals are files, and the admin API decides them too.
-    let local_approvals = match &config.approval_dir {
-        Some(dir) => Some(
-            crate::approval::LocalStore::new(dir)
-                .with_context(|| format!("approvals in {}", dir.display()))?,
-        ),
-        None => None,
-    };
-    let admin = AdminServer::start_with(
-        config.admin_addr,
-        metrics.clone(),
-        health.clone(),
-        local_approvals.clone(),
-    )
-    .with_context(|| format!("admin listener on {}", config.admin_addr))?;
-    health.readiness("ebpf-attached").set_ok();
-    health.readiness("ca-loaded").set_ok();
-
-    let authenticator = Arc::new(
-        Authenticator::from_client(&config.identity, client.clone())
-            .map_err(|e| anyhow::anyhow!("identity configuration: {e}"))?,
-    );
-    let policy = Arc::new(PolicyStore::new());
+    let authenticator = Arc::new(authenticator);
+    let policy = Arc::new(policy);
     if config.policy_files.is_empty() {
         let (client, policy) = (client.clone(), policy.clone());
         tokio::spawn(async move {
-            if let Err(error) = crate::policy::watch::watch_crds(client, &policy).await {
+            if let Err(error) =
+                crate::policy::watch::watch_crds(client, &policy, policies_synced).await
+            {
                 tracing::error!(%error, "watching AgentPolicy objects stopped");
             }
         });
     } else {
-        let count = policy
-            .load_files(&config.policy_files)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        tracing::info!(policies = count, "loaded policy files");
+        tracing::info!(files = ?config.policy_files, "loaded policy files");
+        policies_synced.set_ok();
     }
-    let masker = Masker::new(&config.masking).map_err(|e| anyhow::anyhow!("mask rules: {e}"))?;
-    let mut record_config = RecordConfig::new(&config.record_dir, &config.node_name);
-    record_config.key = Some(
-        crate::record::chain::ChainKey::load_or_create(&config.record_key).with_context(|| {
-            format!(
-                "the record key {}: it must be a file only chaperone reads, holding 64 hex characters (a missing one is created); point --record-key elsewhere or remove a damaged one (older recordings then need the old key to verify)",
-                config.record_key.display()
-            )
-        })?,
-    );
-    let recorder = Recorder::start(record_config, metrics.clone())
-        .with_context(|| format!("recordings in {}", config.record_dir.display()))?;
-    let auditor = start_auditor(&config, &metrics)?;
 
     let pods = if config.pod_tracker {
-        let tracker = Arc::new(PodTracker::new(
-            redirector.clone() as Arc<dyn crate::pods::AgentCgroupSink>,
-            redirector.spec().cgroup.clone(),
-        ));
+        let tracker = Arc::new(
+            PodTracker::new(
+                redirector.clone() as Arc<dyn crate::pods::AgentCgroupSink>,
+                redirector.spec().cgroup.clone(),
+            )
+            .reporting(
+                metrics.clone(),
+                pods_synced.expect("registered with the pod tracker"),
+            ),
+        );
         let (run, client, node) = (tracker.clone(), client.clone(), config.node_name.clone());
         tokio::spawn(async move {
             if let Err(error) = run.run(client, &node).await {
@@ -282,27 +731,13 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             namespace: config.approval_namespace.clone(),
         },
     };
-    let verifier = match &config.approval_verify_key {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("--approval-verify-key {}: {e}", path.display()))?;
-            Some(
-                crate::approval::attest::Verifier::from_pem(&pem).map_err(|e| {
-                    anyhow::anyhow!("--approval-verify-key {}: {e}", path.display())
-                })?,
-            )
-        }
-        None => {
-            if matches!(approval_backend, crate::approval::Backend::Cluster { .. }) {
-                tracing::warn!(
-                    "no --approval-verify-key: approval decisions are not attested, and anyone \
-                     who may write approvalrequests/status can approve under any name \
-                     (see deploy/README.md)"
-                );
-            }
-            None
-        }
-    };
+    if verifier.is_none() && matches!(approval_backend, crate::approval::Backend::Cluster { .. }) {
+        tracing::warn!(
+            "no --approval-verify-key: approval decisions are not attested, and anyone \
+             who may write approvalrequests/status can approve under any name \
+             (see deploy/README.md)"
+        );
+    }
     let approvals = crate::approval::Approvals::start_attested(
         approval_backend,
         config.node_name.clone(),
@@ -311,6 +746,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         verifier,
     );
 
+    approvals.report_to(metrics.clone());
     let guard = NodeGuard::new(GuardParts {
         node: config.node_name.as_str().into(),
         authenticator,
@@ -467,8 +903,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// The audit pipeline for the configured sinks (none: no auditing).
-fn start_auditor(config: &NodeConfig, metrics: &Metrics) -> anyhow::Result<Option<Auditor>> {
+/// The audit sinks `config` asks for (none: no auditing).
+fn audit_sinks(config: &NodeConfig) -> anyhow::Result<Vec<SinkSpec>> {
     let mut sinks = Vec::new();
     if let Some(target) = &config.audit_log {
         let sink = if target == "-" {
@@ -503,6 +939,12 @@ fn start_auditor(config: &NodeConfig, metrics: &Metrics) -> anyhow::Result<Optio
             spool_max_bytes: 1 << 30,
         });
     }
+    Ok(sinks)
+}
+
+/// The audit pipeline for the configured sinks (none: no auditing).
+fn start_auditor(config: &NodeConfig, metrics: &Metrics) -> anyhow::Result<Option<Auditor>> {
+    let sinks = audit_sinks(config)?;
     if sinks.is_empty() {
         return Ok(None);
     }

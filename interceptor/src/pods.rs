@@ -102,6 +102,10 @@ pub struct PodTracker {
     retry_interval: Duration,
     state: Mutex<State>,
     index: RwLock<Index>,
+    /// Where unresolved agent pods are counted (`chaperone_unresolved_pods`).
+    metrics: Option<crate::admin::Metrics>,
+    /// Passes once the first lists of pods and namespaces are in (`/readyz`).
+    synced: Option<crate::admin::Check>,
 }
 
 #[derive(Default)]
@@ -152,7 +156,23 @@ impl PodTracker {
             retry_interval: Duration::from_secs(2),
             state: Mutex::new(State::default()),
             index: RwLock::new(Index::default()),
+            metrics: None,
+            synced: None,
         }
+    }
+
+    /// Counts unresolved agent pods in `metrics` on every reconcile, and
+    /// passes `synced` once this node's pods and the labeled namespaces
+    /// have been listed.
+    pub fn reporting(
+        mut self,
+        metrics: crate::admin::Metrics,
+        synced: crate::admin::Check,
+    ) -> Self {
+        metrics.unresolved_pods(0);
+        self.metrics = Some(metrics);
+        self.synced = Some(synced);
+        self
     }
 
     /// How often unresolved agent pods are looked for again.
@@ -409,6 +429,9 @@ impl PodTracker {
             }
         }
         state.unresolved = still_unresolved;
+        if let Some(metrics) = &self.metrics {
+            metrics.unresolved_pods(i64::try_from(state.unresolved.len()).unwrap_or(i64::MAX));
+        }
 
         let mut index = write(&self.index);
         index.pods = state
@@ -443,15 +466,45 @@ impl PodTracker {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pod_list: Option<Vec<Pod>> = None;
         let mut namespace_list: Option<Vec<Namespace>> = None;
+        let (mut pods_listed, mut namespaces_listed) = (false, false);
+        let (mut pod_failures, mut namespace_failures) = (
+            crate::logs::Throttle::default(),
+            crate::logs::Throttle::default(),
+        );
         loop {
             tokio::select! {
-                update = updates.next() => match update {
+                update = updates.next() => match update.inspect(|update| match update {
+                    // A watch that works again logs its next failure at once.
+                    // `Init` starts every retry's list: only what the list
+                    // brings shows the watch works again.
+                    Update::Pod(Ok(event)) if !matches!(event, watcher::Event::Init) => {
+                        pod_failures.reset()
+                    }
+                    Update::Namespace(Ok(event)) if !matches!(event, watcher::Event::Init) => {
+                        namespace_failures.reset()
+                    }
+                    _ => {}
+                }) {
                     None => anyhow::bail!("the pod and namespace watches ended"),
                     Some(Update::Pod(Err(error))) => {
-                        tracing::warn!(%error, node = node_name, "pod watch failed; retrying");
+                        if let Some(left_out) = pod_failures.allow() {
+                            tracing::warn!(
+                                node = node_name,
+                                repeated = left_out,
+                                "{}; retrying (new agent pods on this node are not guarded \
+                                 until it works)",
+                                crate::logs::watch_error(&error, "this node's pods")
+                            );
+                        }
                     }
                     Some(Update::Namespace(Err(error))) => {
-                        tracing::warn!(%error, "namespace watch failed; retrying");
+                        if let Some(left_out) = namespace_failures.allow() {
+                            tracing::warn!(
+                                repeated = left_out,
+                                "{}; retrying",
+                                crate::logs::watch_error(&error, "labeled namespaces")
+                            );
+                        }
                     }
                     Some(Update::Pod(Ok(event))) => match event {
                         watcher::Event::Apply(pod) => self.apply_pod(&pod),
@@ -462,6 +515,8 @@ impl PodTracker {
                         }
                         watcher::Event::InitDone => {
                             self.replace_pods(&pod_list.take().unwrap_or_default());
+                            pods_listed = true;
+                            self.mark_synced(pods_listed, namespaces_listed);
                         }
                     },
                     Some(Update::Namespace(Ok(event))) => match event {
@@ -473,6 +528,8 @@ impl PodTracker {
                         }
                         watcher::Event::InitDone => {
                             self.replace_namespaces(&namespace_list.take().unwrap_or_default());
+                            namespaces_listed = true;
+                            self.mark_synced(pods_listed, namespaces_listed);
                         }
                     },
                 },
@@ -482,6 +539,17 @@ impl PodTracker {
                     }
                 }
             }
+        }
+    }
+}
+
+impl PodTracker {
+    fn mark_synced(&self, pods_listed: bool, namespaces_listed: bool) {
+        if pods_listed
+            && namespaces_listed
+            && let Some(synced) = &self.synced
+        {
+            synced.set_ok();
         }
     }
 }

@@ -884,6 +884,12 @@ impl World {
         }
     }
 
+    /// The node agent's arguments (`node --node-name …`), to run a variant
+    /// of it (`chaperone check` with the same flags, a mistaken start).
+    pub fn node_command(&self) -> &[std::ffi::OsString] {
+        &self.node_command
+    }
+
     /// Everything pinned in this world's bpffs instance (relative paths).
     pub fn bpffs_pins(&self) -> Vec<String> {
         self._bpffs_mount.pins()

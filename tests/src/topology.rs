@@ -390,9 +390,13 @@ impl Drop for BpffsMount {
         if let Ok(entries) = fs::read_dir(&self.path) {
             for entry in entries.filter_map(Result::ok) {
                 if entry.path().is_dir() {
-                    let report = chaperone::redirect::detach_all(&entry.path());
-                    for problem in report.problems {
-                        eprintln!("test teardown: {problem}");
+                    match chaperone::redirect::detach_all(&entry.path()) {
+                        Ok(report) => {
+                            for problem in report.problems {
+                                eprintln!("test teardown: {problem}");
+                            }
+                        }
+                        Err(refusal) => eprintln!("test teardown: {refusal}"),
                     }
                 }
             }

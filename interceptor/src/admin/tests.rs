@@ -557,6 +557,18 @@ async fn the_approvals_api_lists_and_decides_local_approvals_with_the_plugins_ru
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // A grant without a unit (`15`: seconds? minutes?) is refused, not
+    // guessed.
+    let (status, refused) = send(
+        addr,
+        Method::POST,
+        &approve,
+        r#"{"by": "alice", "grant": "15"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(refused.to_string().contains("no unit"), "{refused}");
+
     // alice approves with a grant: the held retry goes through.
     let retry = tokio::spawn(hold(Duration::from_secs(20)));
     let (status, decided) = send(

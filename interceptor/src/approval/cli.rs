@@ -37,8 +37,14 @@ pub struct PluginCli {
     )]
     pub namespace: String,
 
-    /// Local mode: the node agent's --approval-dir instead of the cluster.
-    #[arg(long, global = true, env = "CHAPERONE_APPROVAL_DIR")]
+    /// Local mode: the node agent's --approval-dir instead of the cluster
+    /// (`--local-dir` is the older spelling).
+    #[arg(
+        long = "approval-dir",
+        visible_alias = "local-dir",
+        global = true,
+        env = "CHAPERONE_APPROVAL_DIR"
+    )]
     pub local_dir: Option<std::path::PathBuf>,
 
     #[command(subcommand)]

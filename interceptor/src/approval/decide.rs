@@ -115,7 +115,7 @@ impl Decision {
                     "a grant goes with an approval, not a denial".to_owned(),
                 ));
             }
-            let duration = crate::policy::parse_duration(grant)
+            let duration = crate::config::parse_duration_with_unit(grant)
                 .map_err(|e| Refused::Invalid(format!("grant {grant:?}: {e}")))?;
             status["grant"] = json!(grant);
             status["grantExpiresAt"] = json!(format_time(now + duration));

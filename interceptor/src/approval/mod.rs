@@ -132,6 +132,30 @@ pub struct Approvals {
     /// Checked decisions by `(name, resourceVersion)`: `Err(why)` when the
     /// decision is refused.
     checked: Mutex<HashMap<(String, String), Result<(), String>>>,
+    /// Where held requests are counted (`chaperone_approvals_held`).
+    metrics: std::sync::OnceLock<crate::admin::Metrics>,
+}
+
+/// One request waiting for a decision, counted in
+/// `chaperone_approvals_held` until it stops waiting (decided, timed out,
+/// or the agent went away).
+struct Waiting<'a>(Option<&'a crate::admin::Metrics>);
+
+impl<'a> Waiting<'a> {
+    fn new(metrics: Option<&'a crate::admin::Metrics>) -> Self {
+        if let Some(metrics) = metrics {
+            metrics.held_approvals(1);
+        }
+        Waiting(metrics)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0 {
+            metrics.held_approvals(-1);
+        }
+    }
 }
 
 impl Approvals {
@@ -165,6 +189,7 @@ impl Approvals {
             changed: watch::channel(0).0,
             synced: watch::channel(false).0,
             checked: Mutex::new(HashMap::new()),
+            metrics: std::sync::OnceLock::new(),
         });
         store::spawn_feed(approvals.clone());
         if approvals.notifier.is_some() {
@@ -185,6 +210,12 @@ impl Approvals {
 
     pub fn namespace(&self) -> &str {
         self.backend.namespace()
+    }
+
+    /// Counts the requests waiting for a decision in `metrics`
+    /// (`chaperone_approvals_held`).
+    pub fn report_to(&self, metrics: crate::admin::Metrics) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// The command a person runs to approve `id`.
@@ -307,6 +338,7 @@ impl Approvals {
                 (id, true)
             }
         };
+        let _waiting = Waiting::new(self.metrics.get());
         self.wait(&id, created, hold).await
     }
 

@@ -206,6 +206,7 @@ pub(super) fn spawn_feed(approvals: Arc<Approvals>) {
             let api = Backend::api(client, namespace);
             tokio::spawn(async move {
                 let mut relist: Option<Vec<ApprovalRequest>> = None;
+                let mut failures = crate::logs::Throttle::default();
                 let mut events = watcher(api, watcher::Config::default())
                     .default_backoff()
                     .boxed();
@@ -213,6 +214,14 @@ pub(super) fn spawn_feed(approvals: Arc<Approvals>) {
                     let Some(approvals) = weak.upgrade() else {
                         return;
                     };
+                    // `Init` starts every retry's list: only what the list
+                    // brings shows the watch works again.
+                    if event
+                        .as_ref()
+                        .is_ok_and(|e| !matches!(e, watcher::Event::Init))
+                    {
+                        failures.reset();
+                    }
                     match event {
                         Ok(watcher::Event::Init) => relist = Some(Vec::new()),
                         Ok(watcher::Event::InitApply(object)) => {
@@ -224,7 +233,16 @@ pub(super) fn spawn_feed(approvals: Arc<Approvals>) {
                         Ok(watcher::Event::Apply(object)) => approvals.upsert(object),
                         Ok(watcher::Event::Delete(object)) => approvals.remove(object.name()),
                         Err(error) => {
-                            tracing::warn!(%error, "watching ApprovalRequest objects (retrying)")
+                            if let Some(left_out) = failures.allow() {
+                                tracing::warn!(
+                                    repeated = left_out,
+                                    "{}; retrying",
+                                    crate::logs::watch_error(
+                                        &error,
+                                        "ApprovalRequest objects (approvalrequests.chaperone.dev)"
+                                    )
+                                )
+                            }
                         }
                     }
                 }

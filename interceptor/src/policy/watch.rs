@@ -131,29 +131,51 @@ pub fn status_update(
 /// Watches `AgentPolicy` objects cluster-wide until the stream ends (it
 /// retries with backoff, so in practice until the task is dropped). Keeps
 /// `store` in step and writes each object's `Accepted` condition.
-pub async fn watch_crds(client: kube::Client, store: &PolicyStore) -> anyhow::Result<()> {
+/// `synced` passes once the first full list is in `store` (`/readyz`).
+pub async fn watch_crds(
+    client: kube::Client,
+    store: &PolicyStore,
+    synced: crate::admin::Check,
+) -> anyhow::Result<()> {
     let api: Api<AgentPolicy> = Api::all(client);
     let mut events = watcher(api.clone(), watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut reconciler = Reconciler::default();
+    let mut failures = crate::logs::Throttle::default();
     while let Some(event) = events.next().await {
         let event = match event {
-            Ok(event) => event,
+            Ok(event) => {
+                // `Init` starts every retry's list: only what the list
+                // brings shows the watch works again.
+                if !matches!(event, watcher::Event::Init) {
+                    failures.reset();
+                }
+                event
+            }
             Err(error) => {
-                tracing::warn!(
-                    %error,
-                    "watching AgentPolicy objects failed; retrying. Check that the CRD \
-                     agentpolicies.chaperone.dev is installed and that chaperone may list and \
-                     watch it"
-                );
+                if let Some(left_out) = failures.allow() {
+                    tracing::warn!(
+                        repeated = left_out,
+                        "{}; retrying",
+                        crate::logs::watch_error(
+                            &error,
+                            "AgentPolicy objects (agentpolicies.chaperone.dev)"
+                        )
+                    );
+                }
                 continue;
             }
         };
+        let listed = matches!(event, watcher::Event::InitDone);
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        for update in reconciler.handle(store, event, &now) {
+        let updates = reconciler.handle(store, event, &now);
+        if listed {
+            synced.set_ok();
+        }
+        for update in updates {
             let patch = Patch::Merge(json!({ "status": update.status }));
             if let Err(error) = api
                 .patch_status(&update.name, &PatchParams::default(), &patch)

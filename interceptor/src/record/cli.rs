@@ -10,7 +10,7 @@ use super::chain::ChainKey;
 use super::micro_time;
 use super::read::{self, AgentSession, Recording, SessionSummary};
 
-/// Where recordings live unless `--dir` says otherwise.
+/// Where recordings live unless `--record-dir` says otherwise.
 pub const DEFAULT_DIR: &str = "/var/lib/chaperone/sessions";
 
 /// How a list is printed, as kubectl's `-o`.
@@ -30,11 +30,17 @@ pub enum Output {
 /// Where to find the record key and how long an agent may be idle.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReadArgs {
-    /// The recordings directory.
-    #[arg(long, env = "CHAPERONE_RECORD_DIR", default_value = DEFAULT_DIR)]
+    /// The recordings directory (the node agent's --record-dir; `--dir`
+    /// is the older spelling).
+    #[arg(
+        long = "record-dir",
+        visible_alias = "dir",
+        env = "CHAPERONE_RECORD_DIR",
+        default_value = DEFAULT_DIR
+    )]
     pub dir: PathBuf,
     /// The node's record key, to check keyed chains (default: record.key
-    /// beside --dir, when it exists); `none` checks chains without a key.
+    /// beside --record-dir, when it exists); `none` checks chains without a key.
     #[arg(long, env = "CHAPERONE_RECORD_KEY", value_name = "FILE|none")]
     pub key: Option<String>,
     /// A pod idle for longer than this ends its agent session; its next
@@ -418,7 +424,7 @@ fn target(spec: &str, read_args: &ReadArgs) -> anyhow::Result<Target> {
     let agent = read::find_agent_session(&read_args.dir, spec, read_args.gap, key.as_ref())
         .map_err(|_| {
             anyhow::anyhow!(
-                "no agent session {spec} under {dir} (idle gap {gap}): pass a NAME from `chaperone sessions --dir {dir}`, a connection id from `chaperone sessions --connections`, or the path of a .jsonl file; with another --gap the names differ",
+                "no agent session {spec} under {dir} (idle gap {gap}): pass a NAME from `chaperone sessions --record-dir {dir}`, a connection id from `chaperone sessions --connections`, or the path of a .jsonl file; with another --gap the names differ",
                 dir = read_args.dir.display(),
                 gap = humantime_secs(read_args.gap),
             )

@@ -14,7 +14,7 @@ use super::{parse_time, writer};
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error(
-        "no session {spec} under {dir}: pass a session id from `chaperone sessions --dir {dir}` or the path of a .jsonl file"
+        "no session {spec} under {dir}: pass a session id from `chaperone sessions --record-dir {dir}` or the path of a .jsonl file"
     )]
     NotFound { spec: String, dir: PathBuf },
     #[error("cannot read {path}: {source}")]

@@ -465,7 +465,7 @@ fn unknown_sessions_say_how_to_find_one() {
         audit_logs: Vec::new(),
     };
     let error = cli::verify(&args, &mut Vec::new()).unwrap_err().to_string();
-    assert!(error.contains("chaperone sessions --dir"), "{error}");
+    assert!(error.contains("chaperone sessions --record-dir"), "{error}");
 }
 
 #[test]
@@ -1075,7 +1075,7 @@ fn connections_group_into_agent_sessions_by_idle_gap() {
         audit_logs: Vec::new(),
     };
     let error = cli::verify(&args, &mut Vec::new()).unwrap_err().to_string();
-    assert!(error.contains("chaperone sessions --dir"), "{error}");
+    assert!(error.contains("chaperone sessions --record-dir"), "{error}");
 }
 
 /// Whoever holds the node's record key (root on the node) can reseal a

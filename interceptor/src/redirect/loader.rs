@@ -96,6 +96,8 @@ pub enum RedirectError {
     },
     #[error("cannot hold the pin directory {path}: {source}")]
     Hold { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Detach(#[from] super::pin::DetachRefusal),
     #[error("cannot pin the link of `{program}` at {path}: {source}")]
     Pin {
         program: &'static str,
@@ -133,6 +135,8 @@ pub struct Redirector {
     pinned: AtomicBool,
     /// With pinned links: the pin directory and this agent's hold on it.
     pin_hold: Option<(PinDir, PinHold)>,
+    /// Where the maps' sizes are reported ([`Redirector::report_to`]).
+    metrics: std::sync::OnceLock<crate::admin::Metrics>,
     // Owns the programs (and the links not in `links`): dropped last, it
     // detaches what is not pinned.
     _ebpf: Ebpf,
@@ -319,6 +323,7 @@ impl Redirector {
             links,
             pinned: AtomicBool::new(keep_pins),
             pin_hold: pins.clone().zip(pin_hold),
+            metrics: std::sync::OnceLock::new(),
             _ebpf: ebpf,
         };
         tracing::info!(
@@ -354,7 +359,7 @@ impl Redirector {
             return Ok(None);
         }
         self.pinned.store(false, Ordering::SeqCst);
-        Ok(Some(super::pin::detach_all(pins.root())))
+        Ok(Some(super::pin::detach_all(pins.root())?))
     }
 
     /// Replaces the targets with exactly `targets` (a pinned TARGETS map may
@@ -372,6 +377,7 @@ impl Redirector {
         for key in stale {
             remove_if_present(&self.targets, &key, names::TARGETS)?;
         }
+        self.report_sizes();
         Ok(())
     }
 
@@ -385,17 +391,42 @@ impl Redirector {
         if self.own_lineage.contains(&id) {
             return Err(RedirectError::OwnCgroup(id));
         }
-        lock(&self.agent_cgroups)
+        let inserted = lock(&self.agent_cgroups)
             .insert(id.0, 1, 0)
             .map_err(|source| RedirectError::Map {
                 map: names::AGENT_CGROUPS,
                 source: Box::new(source),
-            })
+            });
+        self.report_sizes();
+        inserted
     }
 
     /// Stop guarding a cgroup. Removing one that is not there is not an error.
     pub fn remove_agent_cgroup(&self, id: CgroupId) -> Result<(), RedirectError> {
-        remove_if_present(&self.agent_cgroups, &id.0, names::AGENT_CGROUPS)
+        let removed = remove_if_present(&self.agent_cgroups, &id.0, names::AGENT_CGROUPS);
+        self.report_sizes();
+        removed
+    }
+
+    /// Reports the sizes of the agent-cgroup, target and refused maps to
+    /// `metrics` (`chaperone_redirect_map_entries{map}`), now and whenever
+    /// they change.
+    pub fn report_to(&self, metrics: crate::admin::Metrics) {
+        let _ = self.metrics.set(metrics);
+        self.report_sizes();
+    }
+
+    fn report_sizes(&self) {
+        let Some(metrics) = self.metrics.get() else {
+            return;
+        };
+        let count = |len: usize| i64::try_from(len).unwrap_or(i64::MAX);
+        metrics.redirect_map_entries(
+            names::AGENT_CGROUPS,
+            count(lock(&self.agent_cgroups).keys().count()),
+        );
+        metrics.redirect_map_entries(names::TARGETS, count(lock(&self.targets).keys().count()));
+        metrics.redirect_map_entries(names::REFUSED, count(lock(&self.refused).keys().count()));
     }
 
     pub fn agent_cgroups(&self) -> Vec<CgroupId> {
@@ -408,26 +439,32 @@ impl Redirector {
 
     /// Redirect agent connections to this API-server address.
     pub fn add_target(&self, addr: SocketAddr) -> Result<(), RedirectError> {
-        lock(&self.targets)
+        let inserted = lock(&self.targets)
             .insert(sock_addr_key(addr), 1, 0)
             .map_err(|source| RedirectError::Map {
                 map: names::TARGETS,
                 source: Box::new(source),
-            })
+            });
+        self.report_sizes();
+        inserted
     }
 
     pub fn remove_target(&self, addr: SocketAddr) -> Result<(), RedirectError> {
-        remove_if_present(&self.targets, &sock_addr_key(addr), names::TARGETS)
+        let removed = remove_if_present(&self.targets, &sock_addr_key(addr), names::TARGETS);
+        self.report_sizes();
+        removed
     }
 
     /// Make agent connections to this destination fail with `EPERM`.
     pub fn refuse(&self, destination: RefusedDestination) -> Result<(), RedirectError> {
-        lock(&self.refused)
+        let inserted = lock(&self.refused)
             .insert(destination.key(), 1, 0)
             .map_err(|source| RedirectError::Map {
                 map: names::REFUSED,
                 source: Box::new(source),
-            })
+            });
+        self.report_sizes();
+        inserted
     }
 
     /// Replaces the refused destinations with exactly `destinations` (a
@@ -445,11 +482,14 @@ impl Redirector {
         for key in stale {
             remove_if_present(&self.refused, &key, names::REFUSED)?;
         }
+        self.report_sizes();
         Ok(())
     }
 
     pub fn unrefuse(&self, destination: RefusedDestination) -> Result<(), RedirectError> {
-        remove_if_present(&self.refused, &destination.key(), names::REFUSED)
+        let removed = remove_if_present(&self.refused, &destination.key(), names::REFUSED);
+        self.report_sizes();
+        removed
     }
 
     /// Claims the kernel's record of an accepted connection (`peer` is the

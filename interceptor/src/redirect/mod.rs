@@ -19,5 +19,5 @@ mod preflight;
 pub use addr::{AttestedConnection, CgroupId, OrigDst, RefusedDestination};
 pub use cgroupfs::{CgroupMountError, cgroup2_mount};
 pub use loader::{Lifetime, RedirectCounters, RedirectError, RedirectSpec, Redirector};
-pub use pin::{DetachReport, PinDir, detach_all};
+pub use pin::{DetachRefusal, DetachReport, PinDir, detach_all};
 pub use preflight::{Preflight, preflight};

@@ -162,14 +162,107 @@ pub struct DetachReport {
     pub problems: Vec<String>,
 }
 
+/// Why [`detach_all`] refused to touch a directory: it is not chaperone's
+/// pins on a BPF filesystem. Nothing was removed.
+#[derive(Debug, thiserror::Error)]
+pub enum DetachRefusal {
+    #[error(
+        "{path} is not on a BPF filesystem, so it holds no pins of chaperone's; nothing was \
+         removed. Pass the directory the node agent pinned in (its --bpffs / CHAPERONE_BPFFS; \
+         default {default})",
+        default = crate::config::DEFAULT_BPFFS
+    )]
+    NotBpffs { path: PathBuf },
+    #[error(
+        "{path} is not a directory; nothing was removed. Pass the node agent's --bpffs directory"
+    )]
+    NotDirectory { path: PathBuf },
+    #[error(
+        "{path} is not chaperone's pin directory: it holds {found}, which chaperone never pins \
+         (it pins only links/chaperone_* and maps/<MAP>); nothing was removed. Pass the node \
+         agent's --bpffs directory (default {default}), not a parent of it",
+        found = found.join(", "),
+        default = crate::config::DEFAULT_BPFFS
+    )]
+    Foreign { path: PathBuf, found: Vec<String> },
+    #[error("cannot read {path}: {source}; nothing was removed")]
+    Read { path: PathBuf, source: io::Error },
+}
+
+/// Checks that `root` holds only chaperone's pins (links named
+/// `chaperone_*` that are BPF links, maps named in capitals that are BPF
+/// maps) on a BPF filesystem, before anything is removed.
+fn check_pin_dir(root: &Path) -> Result<(), DetachRefusal> {
+    let is_bpffs = |path: &Path| {
+        nix::sys::statfs::statfs(path)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+    };
+    if !is_bpffs(root) {
+        return Err(DetachRefusal::NotBpffs {
+            path: root.to_path_buf(),
+        });
+    }
+    if !root.is_dir() {
+        return Err(DetachRefusal::NotDirectory {
+            path: root.to_path_buf(),
+        });
+    }
+    let read = |dir: &Path| {
+        std::fs::read_dir(dir).map_err(|source| DetachRefusal::Read {
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
+    let mut foreign = Vec::new();
+    for entry in read(root)?.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(matches!(name.as_str(), "links" | "maps") && entry.path().is_dir()) {
+            foreign.push(name);
+        }
+    }
+    let dir = PinDir {
+        root: root.to_path_buf(),
+    };
+    for (name, path) in entries(&dir.links()) {
+        let is_link = bpf_sys::obj_get(&path).is_ok_and(|fd| {
+            use std::os::fd::AsFd;
+            bpf_sys::link_info(fd.as_fd()).is_ok()
+        });
+        if !(name.starts_with("chaperone_") && is_link) {
+            foreign.push(format!("links/{name}"));
+        }
+    }
+    for (name, path) in entries(&dir.maps()) {
+        let chaperone_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !(chaperone_name && aya::maps::MapInfo::from_pin(&path).is_ok()) {
+            foreign.push(format!("maps/{name}"));
+        }
+    }
+    if foreign.is_empty() {
+        Ok(())
+    } else {
+        foreign.sort();
+        Err(DetachRefusal::Foreign {
+            path: root.to_path_buf(),
+            found: foreign,
+        })
+    }
+}
+
 /// Detaches every link pinned under `root` (even while a node agent still
 /// holds it) and removes every pin and the directories. Idempotent: a
-/// missing `root` is an empty report.
-pub fn detach_all(root: &Path) -> DetachReport {
+/// missing `root` is an empty report. Refuses, removing nothing, when
+/// `root` is not chaperone's pins on a BPF filesystem (an ordinary
+/// directory, bpffs's root with other programs' pins).
+pub fn detach_all(root: &Path) -> Result<DetachReport, DetachRefusal> {
     let mut report = DetachReport::default();
     if !root.exists() {
-        return report;
+        return Ok(report);
     }
+    check_pin_dir(root)?;
     let dir = PinDir {
         root: root.to_path_buf(),
     };
@@ -212,7 +305,7 @@ pub fn detach_all(root: &Path) -> DetachReport {
             root.display()
         ));
     }
-    report
+    Ok(report)
 }
 
 /// `(file name, path)` of the entries of `dir`; none when it does not exist.
@@ -279,7 +372,27 @@ mod tests {
     #[test]
     fn detaching_nothing_is_fine() {
         let dir = tempfile::tempdir().unwrap();
-        let report = detach_all(&dir.path().join("missing"));
+        let report = detach_all(&dir.path().join("missing")).unwrap();
         assert!(report.links.is_empty() && report.maps.is_empty() && report.problems.is_empty());
+    }
+
+    /// `chaperone detach --bpffs DIR` pointed at an ordinary directory (a
+    /// typo, a config directory) removes nothing and says why.
+    #[test]
+    fn an_ordinary_directory_is_never_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        std::fs::create_dir(dir.path().join("maps")).unwrap();
+        std::fs::write(dir.path().join("maps").join("CONFIG"), "x").unwrap();
+        let refusal = detach_all(dir.path()).unwrap_err();
+        assert!(
+            refusal.to_string().contains("not on a BPF filesystem"),
+            "{refusal}"
+        );
+        assert!(dir.path().join("config.json").exists());
+        assert!(dir.path().join("maps").join("CONFIG").exists());
+        let file = dir.path().join("config.json");
+        assert!(detach_all(&file).is_err(), "a file is not a pin directory");
+        assert!(file.exists());
     }
 }

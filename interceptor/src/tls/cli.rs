@@ -23,21 +23,39 @@ pub enum CaCommand {
     /// Create the CA if there is none yet (ca.crt, and ca.key with mode 0600),
     /// and say where it is. An existing CA is kept as it is.
     Init {
-        /// Directory of the CA.
-        #[arg(long, env = "CHAPERONE_CA_DIR", default_value = DEFAULT_CA_DIR)]
+        /// Directory of the CA (the node agent's --ca-dir; `--dir` is the
+        /// older spelling).
+        #[arg(
+            long = "ca-dir",
+            visible_alias = "dir",
+            env = "CHAPERONE_CA_DIR",
+            default_value = DEFAULT_CA_DIR
+        )]
         dir: PathBuf,
     },
     /// Print the CA's subject, validity and SHA-256 fingerprint.
     Show {
-        /// Directory of the CA.
-        #[arg(long, env = "CHAPERONE_CA_DIR", default_value = DEFAULT_CA_DIR)]
+        /// Directory of the CA (the node agent's --ca-dir; `--dir` is the
+        /// older spelling).
+        #[arg(
+            long = "ca-dir",
+            visible_alias = "dir",
+            env = "CHAPERONE_CA_DIR",
+            default_value = DEFAULT_CA_DIR
+        )]
         dir: PathBuf,
     },
     /// Print the PEM bundle agent pods must trust: the cluster CA followed by
     /// chaperone's CA.
     Export {
-        /// Directory of the CA.
-        #[arg(long, env = "CHAPERONE_CA_DIR", default_value = DEFAULT_CA_DIR)]
+        /// Directory of the CA (the node agent's --ca-dir; `--dir` is the
+        /// older spelling).
+        #[arg(
+            long = "ca-dir",
+            visible_alias = "dir",
+            env = "CHAPERONE_CA_DIR",
+            default_value = DEFAULT_CA_DIR
+        )]
         dir: PathBuf,
         /// The cluster CA (PEM) to put first in the bundle; defaults to the
         /// service-account ca.crt when running in a pod.
@@ -104,7 +122,7 @@ fn export(dir: &Path, cluster_ca: Option<&Path>, out: &mut String) -> anyhow::Re
 fn load(dir: &Path) -> anyhow::Result<LocalCa> {
     LocalCa::load(dir)?.with_context(|| {
         format!(
-            "there is no CA in {}; create one with `chaperone ca init --dir {}`",
+            "there is no CA in {}; create one with `chaperone ca init --ca-dir {}`",
             dir.display(),
             dir.display()
         )
