@@ -42,6 +42,8 @@ use crate::request::RequestInfo;
 pub mod cli;
 mod compile;
 pub mod deny;
+mod evaluate;
+mod explain;
 mod glob;
 mod spec;
 mod store;
@@ -49,9 +51,10 @@ mod store;
 mod tests;
 pub mod watch;
 
-pub use compile::DEFAULT_HOLD_TIMEOUT;
+pub use compile::PolicyError;
 pub(crate) use compile::parse_duration;
-pub use compile::{Explanation, PolicyError, PolicySet, PolicyTrace, RuleTrace};
+pub use evaluate::{DEFAULT_HOLD_TIMEOUT, PolicySet};
+pub use explain::{Explanation, PolicyTrace, RuleTrace};
 pub use glob::Glob;
 pub use spec::{
     AgentPolicy, AgentPolicySpec, AgentPolicyStatus, Condition, CredentialMode, DocumentError,
