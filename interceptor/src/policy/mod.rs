@@ -45,6 +45,7 @@ pub mod deny;
 mod evaluate;
 mod explain;
 mod glob;
+pub mod resources;
 mod spec;
 mod store;
 #[cfg(test)]
