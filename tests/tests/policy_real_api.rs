@@ -152,3 +152,196 @@ fn explain_resolves_names_through_the_clusters_discovery() {
         describe(&out)
     );
 }
+
+/// What `policy check` and the real API server do with one document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Both accept it.
+    Accepted,
+    /// Both reject it.
+    Rejected,
+    /// `policy check` rejects what a 1.20 schema cannot express; the node
+    /// agent reports the same on the policy's Accepted condition.
+    OnlyCheckRejects,
+}
+
+/// Issue 28: one source of truth. Every document is accepted by both
+/// `policy check` and the real kube-apiserver, or rejected by both, apart
+/// from the listed checks a 1.20 CRD schema cannot express.
+#[test]
+fn policy_check_and_the_real_server_accept_and_reject_the_same_documents() {
+    use Verdict::*;
+    require_real_api!();
+    let server = server();
+    let cases: &[(&str, &str, Verdict)] = &[
+        ("minimal", "rules: [{action: allow}]", Accepted),
+        (
+            "no-default-action",
+            "rules: [{verbs: [get], action: allow}]",
+            Accepted,
+        ),
+        (
+            "hold-with-unit",
+            "rules: [{action: approve, holdTimeout: 1h30m}]",
+            Accepted,
+        ),
+        (
+            "non-resource",
+            "rules: [{nonResourceURLs: [/version], verbs: [get], action: allow}]",
+            Accepted,
+        ),
+        (
+            "globs",
+            "rules: [{resources: ['*', 'pods/*', '*/scale'], verbs: ['*'], action: deny}]",
+            Accepted,
+        ),
+        (
+            "hold-bare-number",
+            "rules: [{action: approve, holdTimeout: 60}]",
+            Rejected,
+        ),
+        (
+            "hold-bare-string",
+            "rules: [{action: approve, holdTimeout: \"60\"}]",
+            Rejected,
+        ),
+        (
+            "hold-milliseconds",
+            "rules: [{action: approve, holdTimeout: 500ms}]",
+            Rejected,
+        ),
+        ("wrong-action", "rules: [{action: allwo}]", Rejected),
+        ("rules-not-a-list", "rules: {action: allow}", Rejected),
+        ("rule-without-action", "rules: [{verbs: [get]}]", Rejected),
+        (
+            "wrong-record",
+            "rules: [{action: allow, record: Everything}]",
+            Rejected,
+        ),
+        ("wrong-default-action", "defaultAction: permit", Rejected),
+        ("wrong-credential-mode", "credentialMode: sudo", Rejected),
+        ("dry-run-string", "dryRun: \"yes\"", Rejected),
+        (
+            "unknown-verb",
+            "rules: [{verbs: [frobnicate], action: allow}]",
+            Rejected,
+        ),
+        (
+            "bad-resource",
+            "rules: [{resources: [pods/], action: allow}]",
+            Rejected,
+        ),
+        (
+            "bad-url",
+            "rules: [{nonResourceURLs: [version], action: allow}]",
+            Rejected,
+        ),
+        ("no-subjects", "SUBJECTS:", Rejected),
+        ("empty-subjects", "SUBJECTS: []", Rejected),
+        ("empty-subject", "SUBJECTS: [{}]", Rejected),
+        (
+            "sa-without-namespace",
+            "SUBJECTS: [{serviceAccounts: [bot]}]",
+            Rejected,
+        ),
+        ("empty-user", "SUBJECTS: [{users: [\"\"]}]", Rejected),
+        (
+            "bad-operator",
+            "SUBJECTS: [{podLabels: {matchExpressions: [{key: a, operator: Equals}]}}]",
+            Rejected,
+        ),
+        ("NAME:Bad_Name", "rules: [{action: allow}]", Rejected),
+        // The API server prunes a field its schema does not declare (the
+        // policy silently loses it); `policy check` says so instead.
+        (
+            "misspelt-field",
+            "rules: [{action: allow, recrod: Request}]",
+            OnlyCheckRejects,
+        ),
+        (
+            "hold-on-deny",
+            "rules: [{action: deny, holdTimeout: 5m}]",
+            OnlyCheckRejects,
+        ),
+        (
+            "duplicate-rule-names",
+            "rules: [{name: a, action: allow}, {name: a, action: deny}]",
+            OnlyCheckRejects,
+        ),
+        (
+            "url-rule-with-resources",
+            "rules: [{nonResourceURLs: [/version], resources: [pods], action: allow}]",
+            OnlyCheckRejects,
+        ),
+        (
+            "resource-verb-on-url",
+            "rules: [{nonResourceURLs: [/version], verbs: [list], action: allow}]",
+            OnlyCheckRejects,
+        ),
+        (
+            "in-without-values",
+            "SUBJECTS: [{podLabels: {matchExpressions: [{key: a, operator: In}]}}]",
+            OnlyCheckRejects,
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut disagreements = Vec::new();
+    for (i, (case, spec, expected)) in cases.iter().enumerate() {
+        let (name, case) = match case.strip_prefix("NAME:") {
+            Some(name) => (name.to_owned(), name),
+            None => (format!("check-{i}-{case}"), *case),
+        };
+        let subjects = match spec.strip_prefix("SUBJECTS:") {
+            Some(rest) if rest.trim().is_empty() => String::new(),
+            Some(rest) => format!("  subjects:{rest}\n"),
+            None => format!("  subjects: [{{users: [bot]}}]\n  {spec}\n"),
+        };
+        let text = format!(
+            "apiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n{subjects}"
+        );
+        let text = if subjects.is_empty() {
+            text.replace("spec:\n", "spec: {rules: [{action: allow}]}\n")
+        } else {
+            text
+        };
+        let file = dir.path().join(format!("{i}.yaml"));
+        std::fs::write(&file, &text).unwrap();
+        let check = chaperone(&["policy", "check", file.to_str().unwrap()]);
+        let object: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        let created = server.create(object);
+        let verdict = match (check.status.success(), &created) {
+            (true, Ok(_)) => Accepted,
+            (false, Err(_)) => Rejected,
+            (false, Ok(_)) => OnlyCheckRejects,
+            (true, Err(e)) => {
+                disagreements.push(format!(
+                    "{case}: policy check accepts, the server rejects: {e:#}\n{text}"
+                ));
+                continue;
+            }
+        };
+        if verdict != *expected {
+            disagreements.push(format!(
+                "{case}: expected {expected:?}, got {verdict:?}\n{text}--- policy check:\n{}\n--- server: {:?}",
+                describe(&check),
+                created.as_ref().map(|_| "created").map_err(|e| format!("{e:#}"))
+            ));
+        }
+        if case == "misspelt-field"
+            && let Ok(stored) = &created
+        {
+            assert_eq!(
+                stored["spec"]["rules"][0].get("recrod"),
+                None,
+                "the server prunes the unknown field: {stored}"
+            );
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} documents:\n{}",
+        disagreements.len(),
+        cases.len(),
+        disagreements.join("\n\n")
+    );
+}

@@ -180,6 +180,16 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut all = Vec::new();
+    for path in paths {
+        if path.is_dir() && policy_files(path).is_ok_and(|f| f.is_empty()) {
+            writeln!(
+                err,
+                "{}: no policy files (*.yaml, *.yml) in this directory",
+                path.display()
+            )?;
+            failed = true;
+        }
+    }
     for file in expand(paths)? {
         let text = match std::fs::read_to_string(&file) {
             Ok(text) => text,
@@ -526,9 +536,120 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "{path}:14: spec.rules[2].action: unknown action \"allwo\", expected one of allow, deny, mask, approve\n\
-                 {path}:16: policy \"q\": spec.subjects[0].serviceAccounts[0]: \"bot\" is not NAMESPACE/NAME; write e.g. \"agents/bot\" or \"*/bot\"\n"
+                "{path}:14:15: spec.rules[2].action: unknown action \"allwo\", expected one of allow, deny, mask, approve\n\
+                 {path}:20:33: spec.subjects[0].serviceAccounts[0]: \"bot\" is not NAMESPACE/NAME; write e.g. \"agents/bot\" or \"*/bot\"\n"
             )
+        );
+    }
+
+    fn check_one(text: &str) -> (ExitCode, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, text).unwrap();
+        let (code, out, err) = run_args(&["chaperone", "policy", "check", file.to_str().unwrap()]);
+        let path = file.display().to_string();
+        (
+            code,
+            out.replace(&path, "p.yaml"),
+            err.replace(&path, "p.yaml"),
+        )
+    }
+
+    const HEAD: &str = "apiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: p\nspec:\n  subjects: [{users: [bot]}]\n  rules:\n";
+
+    #[test]
+    fn check_refuses_an_empty_file_or_directory() {
+        // Issue 28: an empty file was `ok (0 policies)`.
+        for text in ["", "# nothing yet\n", "---\n---\n"] {
+            let (code, out, err) = check_one(text);
+            assert_eq!(code, ExitCode::FAILURE, "{text:?}: {out}");
+            assert_eq!(out, "");
+            assert!(
+                err.starts_with("p.yaml: no AgentPolicy in this file"),
+                "{err}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (code, _, err) =
+            run_args(&["chaperone", "policy", "check", dir.path().to_str().unwrap()]);
+        assert_eq!(code, ExitCode::FAILURE);
+        assert!(
+            err.contains("no policy files (*.yaml, *.yml) in this directory"),
+            "{err}"
+        );
+        // The node refuses to start on one as well.
+        let empty = dir.path().join("empty.yaml");
+        std::fs::write(&empty, "").unwrap();
+        assert!(PolicyStore::new().load_files(&[&empty]).is_err());
+    }
+
+    #[test]
+    fn check_wants_a_hold_timeout_with_its_unit_as_the_crd_does() {
+        // Issue 28: `holdTimeout: 60` passed `policy check`, the CRD refused it.
+        for (value, message) in [
+            (
+                "60",
+                "p.yaml:8:47: spec.rules[0].holdTimeout: invalid type: number `60`, expected a duration with its unit, e.g. \"60s\", \"5m\" or \"1h30m\"",
+            ),
+            (
+                "\"60\"",
+                "p.yaml:8:47: spec.rules[0].holdTimeout: \"60\" is not a duration with its unit; write e.g. \"60s\", \"5m\" or \"1h30m\"",
+            ),
+            (
+                "500ms",
+                "p.yaml:8:47: spec.rules[0].holdTimeout: \"500ms\" is not a duration with its unit; write e.g. \"60s\"",
+            ),
+        ] {
+            let (code, _, err) = check_one(&format!(
+                "{HEAD}    - {{name: a, action: approve, holdTimeout: {value}}}\n"
+            ));
+            assert_eq!(code, ExitCode::FAILURE, "{value}");
+            assert!(err.starts_with(message), "{value}: {err}");
+        }
+        let (code, out, err) = check_one(&format!(
+            "{HEAD}    - {{name: a, action: approve, holdTimeout: 1h30m}}\n"
+        ));
+        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        assert!(out.ends_with("ok (1 policy: p)\n"), "{out}");
+    }
+
+    #[test]
+    fn check_reports_every_problem_at_its_own_line_and_column() {
+        // Issue 28: semantic errors pointed at line 1 (the document start).
+        let (code, _, err) = check_one(&format!(
+            "{HEAD}    - name: a\n      action: allow\n    - name: b\n      action: deny\n      holdTimeout: 5m\n    - name: a\n      action: deny\n"
+        ));
+        assert_eq!(code, ExitCode::FAILURE);
+        assert_eq!(
+            err,
+            "p.yaml:12:20: policy \"p\": spec.rules[1].holdTimeout: holdTimeout applies to action approve only, this rule's action is deny; remove it\n\
+             p.yaml:13:13: policy \"p\": spec.rules[2].name: rule name \"a\" is used twice; rule names must be unique in a policy\n"
+        );
+        // Every schema violation of a document, not only the first.
+        let (_, _, err) = check_one(&format!(
+            "{HEAD}    - {{verbs: [fetch], action: allow, recrod: Request}}\n  dryRun: \"yes\"\n"
+        ));
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 3, "{err}");
+        assert!(
+            lines[0].starts_with("p.yaml:8:16: spec.rules[0].verbs[0]: unknown verb \"fetch\""),
+            "{err}"
+        );
+        assert!(
+            lines[1].starts_with("p.yaml:8:47: spec.rules[0].recrod: unknown field `recrod`"),
+            "{err}"
+        );
+        assert!(
+            lines[2].starts_with(
+                "p.yaml:9:11: spec.dryRun: invalid type: string \"yes\", expected a boolean"
+            ),
+            "{err}"
+        );
+        // A name the API server would refuse.
+        let (_, _, err) = check_one(&HEAD.replace("name: p", "name: My_Policy"));
+        assert!(
+            err.starts_with("p.yaml:4:9: metadata.name: \"My_Policy\" is not a valid name"),
+            "{err}"
         );
     }
 

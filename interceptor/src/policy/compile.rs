@@ -234,6 +234,16 @@ impl Compiler<'_> {
         let hold_timeout = match (&rule.hold_timeout, rule.action) {
             (None, Action::Approve) => Some(DEFAULT_HOLD_TIMEOUT),
             (None, _) => None,
+            (Some(text), Action::Approve) if text.trim().bytes().all(|b| b.is_ascii_digit()) => {
+                self.error(
+                    format!("{path}.holdTimeout"),
+                    format!(
+                        "\"{text}\" has no unit; write e.g. \"{}s\", \"5m\" or \"1h30m\"",
+                        text.trim()
+                    ),
+                );
+                None
+            }
             (Some(text), Action::Approve) => match parse_duration(text) {
                 Ok(d) => Some(d),
                 Err(why) => {

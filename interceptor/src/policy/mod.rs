@@ -6,8 +6,8 @@
 //! - A policy **selects** a caller when any of its `subjects` entries
 //!   matches (within one entry, every field that is set must match).
 //! - Within a policy, rules are ordered and the **first matching rule**
-//!   decides; when none matches, the policy's default decides (`deny` unless
-//!   `defaultAction` says otherwise).
+//!   decides; when none matches, the policy's `defaultAction` decides, and
+//!   a policy without one abstains (the CRD's schema says the same).
 //! - **Several policies** may select the same caller. Each decides on its
 //!   own (its first matching rule, else its default, else it abstains) and
 //!   the **most restrictive** decision wins: `deny` > `approve` > `mask` >
@@ -46,6 +46,7 @@ mod evaluate;
 mod explain;
 mod glob;
 pub mod resources;
+pub mod schema;
 mod spec;
 mod store;
 #[cfg(test)]

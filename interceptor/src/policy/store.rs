@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use super::spec::{AgentPolicy, parse_documents};
+use super::schema::FieldPath;
+use super::spec::{AgentPolicy, check_documents, locate};
 use super::{Action, Decision, PolicyInput, PolicySet, RecordLevel};
 
 /// Policies in force, hot-swappable.
@@ -205,25 +206,43 @@ impl PolicyStore {
     }
 }
 
-/// Parses and compiles the policies of one file's text. Returns the valid
-/// policies and one line per problem: `LABEL:LINE: message` (for a compile
-/// error, the line where its document starts and the field path).
+/// Parses, validates (the CRD's schema) and compiles the policies of one
+/// file's text. Returns the valid policies and one line per problem:
+/// `LABEL:LINE:COLUMN: message`, the line and column those of the field
+/// at fault. A text without any document is a problem too.
 pub(crate) fn check_text(label: &str, text: &str) -> (Vec<AgentPolicy>, Vec<String>) {
     let mut ok = Vec::new();
     let mut errors = Vec::new();
-    for document in parse_documents(text) {
+    let at = |line: Option<usize>, column: Option<usize>| match (line, column) {
+        (Some(line), Some(column)) => format!("{label}:{line}:{column}"),
+        (Some(line), None) => format!("{label}:{line}"),
+        _ => label.to_owned(),
+    };
+    let documents = check_documents(text);
+    if documents.is_empty() {
+        errors.push(format!(
+            "{label}: no AgentPolicy in this file (it is empty or only comments); \
+             write one, or remove the file"
+        ));
+    }
+    for document in documents {
         match document {
-            Err(e) => errors.push(match e.line {
-                Some(line) => format!("{label}:{line}: {}", e.message),
-                None => format!("{label}: {}", e.message),
-            }),
+            Err(problems) => errors.extend(
+                problems
+                    .into_iter()
+                    .map(|e| format!("{}: {}", at(e.line, e.column), e.message)),
+            ),
             Ok(doc) => match PolicySet::compile([&doc.policy]) {
                 Ok(_) => ok.push(doc.policy),
                 Err(compile_errors) => {
                     for e in compile_errors {
+                        let (line, column) =
+                            locate(text, doc.index - 1, &FieldPath::parse(&e.path))
+                                .unwrap_or((doc.line, 0));
                         errors.push(format!(
-                            "{label}:{}: policy \"{}\": {e}",
-                            doc.line, e.policy
+                            "{}: policy \"{}\": {e}",
+                            at(Some(line), (column > 0).then_some(column)),
+                            e.policy
                         ));
                     }
                 }
