@@ -131,6 +131,33 @@ fn explain_resolves_names_through_the_clusters_discovery() {
             describe(&out)
         );
     }
+    // Without -n, the context's namespace, as for kubectl.
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(server.admin_kubeconfig()).unwrap()).unwrap();
+    config["contexts"][0]["context"]["namespace"] = "team-a".into();
+    let with_namespace = dir.path().join("kubeconfig");
+    std::fs::write(&with_namespace, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let out = chaperone(&[
+        "policy",
+        "explain",
+        "--kubeconfig",
+        with_namespace.to_str().unwrap(),
+        "-f",
+        file,
+        "--as",
+        "bot",
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["request"]["path"], "/apis/apps/v1/namespaces/team-a/deployments/web",
+        "{json}"
+    );
     let out = chaperone(&[
         "policy",
         "explain",

@@ -57,8 +57,9 @@ pub struct ExplainArgs {
     /// A label of the caller's namespace, KEY=VALUE (repeatable).
     #[arg(long = "namespace-label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub namespace_labels: Vec<(String, String)>,
-    /// The request's namespace (for a namespaced resource; `default` unless
-    /// set, as for kubectl).
+    /// The request's namespace (for a namespaced resource; unless set, the
+    /// kubeconfig context's with --kubeconfig/--context, else `default`, as
+    /// for kubectl).
     #[arg(short = 'n', long = "namespace", value_name = "NS")]
     pub namespace: Option<String>,
     /// The request is across all namespaces (list, watch, deletecollection).
@@ -279,7 +280,7 @@ fn explain(args: &ExplainArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> 
             (a, b) => a.or(b).unwrap_or(""),
         };
         let resolved = table.resolve(resource, subresource)?;
-        request(args, verb, &resolved)
+        request(args, verb, &resolved, &table.default_namespace)
     };
 
     let store = PolicyStore::new();
@@ -426,7 +427,12 @@ fn caller(args: &ExplainArgs) -> Caller {
 
 /// The request as the API server reads it (its RequestInfo), for a resolved
 /// resource.
-fn request(args: &ExplainArgs, verb: String, resolved: &Resolved) -> RequestInfo {
+fn request(
+    args: &ExplainArgs,
+    verb: String,
+    resolved: &Resolved,
+    default_namespace: &str,
+) -> RequestInfo {
     let api = &resolved.resource;
     let resource = api.name.clone();
     let subresource = resolved.subresource.clone();
@@ -437,7 +443,9 @@ fn request(args: &ExplainArgs, verb: String, resolved: &Resolved) -> RequestInfo
     } else if !api.namespaced || args.all_namespaces {
         String::new()
     } else {
-        args.namespace.clone().unwrap_or_else(|| "default".into())
+        args.namespace
+            .clone()
+            .unwrap_or_else(|| default_namespace.to_owned())
     };
     let prefix = if api.group.is_empty() { "api" } else { "apis" };
     let mut path = format!("/{prefix}");

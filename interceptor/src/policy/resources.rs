@@ -64,6 +64,9 @@ impl fmt::Display for ResourceSource {
 pub struct ResourceTable {
     pub resources: Vec<ApiResource>,
     pub source: ResourceSource,
+    /// The namespace of a namespaced request without `-n`: the kubeconfig
+    /// context's, as for kubectl, else `default`.
+    pub default_namespace: String,
 }
 
 /// A resource argument resolved against a [`ResourceTable`].
@@ -120,6 +123,7 @@ impl ResourceTable {
                 )
                 .collect(),
             source: ResourceSource::BuiltIn,
+            default_namespace: "default".into(),
         }
     }
 
@@ -239,6 +243,7 @@ pub async fn discover(
     }
     .context("cannot use the kubeconfig")?;
     let url = config.cluster_url.to_string();
+    let default_namespace = config.default_namespace.clone();
     let client = kube::Client::try_from(config).context("cannot build a client")?;
     let unreachable = |e: kube::Error| {
         anyhow::anyhow!(
@@ -275,6 +280,7 @@ pub async fn discover(
     Ok(ResourceTable {
         resources: from_discovery(&lists),
         source: ResourceSource::Discovery(url),
+        default_namespace,
     })
 }
 
