@@ -14,7 +14,7 @@ use crate::request::RequestInfo;
 
 use super::evaluate::{NON_RESOURCE_VERBS, RESOURCE_VERBS};
 use super::resources::{self, Resolved, ResourceTable};
-use super::store::{PolicyStore, check_text, policy_files};
+use super::store::{PolicyStore, check_text, clash_lines, policy_files};
 use super::{Action, Explanation, PolicyInput, deny};
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +181,7 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut all = Vec::new();
+    let mut sources = Vec::new();
     for path in paths {
         if path.is_dir() && policy_files(path).is_ok_and(|f| f.is_empty()) {
             writeln!(
@@ -201,6 +202,7 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> anyhow:
             }
         };
         let (ok, errors) = check_text(&file.display().to_string(), &text);
+        sources.push((file.display().to_string(), text));
         for line in &errors {
             writeln!(err, "{line}")?;
         }
@@ -227,8 +229,8 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> anyhow:
     }
     // Clashes between files (duplicate names).
     if let Err(errors) = super::PolicySet::compile(&all) {
-        for e in errors {
-            writeln!(err, "policy \"{}\": {e}", e.policy)?;
+        for line in clash_lines(&sources, errors) {
+            writeln!(err, "{line}")?;
         }
         failed = true;
     }
@@ -652,6 +654,15 @@ mod tests {
                 "p.yaml:9:11: spec.dryRun: invalid type: string \"yes\", expected a boolean"
             ),
             "{err}"
+        );
+        // A name used twice, at its second use.
+        let (_, _, err) = check_one(&format!(
+            "{HEAD}    - {{action: allow}}\n---\n{HEAD}    - {{action: deny}}\n"
+        ));
+        assert_eq!(
+            err,
+            "p.yaml:13:9: policy \"p\": metadata.name: a second policy is named \"p\"; policy names \
+             must be unique (first at p.yaml:4:9)\n"
         );
         // A name the API server would refuse.
         let (_, _, err) = check_one(&HEAD.replace("name: p", "name: My_Policy"));

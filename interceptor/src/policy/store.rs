@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwap;
 
 use super::schema::FieldPath;
-use super::spec::{AgentPolicy, check_documents, locate};
-use super::{Action, Decision, PolicyInput, PolicySet, RecordLevel};
+use super::spec::{AgentPolicy, check_documents, locate, parse_documents};
+use super::{Action, Decision, PolicyError, PolicyInput, PolicySet, RecordLevel};
 
 /// Policies in force, hot-swappable.
 pub struct PolicyStore {
@@ -86,6 +86,7 @@ impl PolicyStore {
     pub fn load_files<P: AsRef<Path>>(&self, paths: &[P]) -> Result<usize, LoadError> {
         let mut policies = Vec::new();
         let mut errors = Vec::new();
+        let mut sources = Vec::new();
         for path in paths {
             let path = path.as_ref();
             match std::fs::read_to_string(path) {
@@ -93,6 +94,7 @@ impl PolicyStore {
                     let (mut ok, mut bad) = check_text(&path.display().to_string(), &text);
                     policies.append(&mut ok);
                     errors.append(&mut bad);
+                    sources.push((path.display().to_string(), text));
                 }
                 Err(e) => errors.push(format!(
                     "{}: cannot read the policy file: {e}; check the path and its permissions",
@@ -103,11 +105,7 @@ impl PolicyStore {
         if let Err(compile_errors) = PolicySet::compile(&policies) {
             // Each policy compiled on its own in `check_text`; what is left
             // are clashes between documents (duplicate names).
-            errors.extend(
-                compile_errors
-                    .into_iter()
-                    .map(|e| format!("policy \"{}\": {e}", e.policy)),
-            );
+            errors.extend(clash_lines(&sources, compile_errors));
         }
         if !errors.is_empty() {
             return Err(LoadError { errors });
@@ -250,6 +248,39 @@ pub(crate) fn check_text(label: &str, text: &str) -> (Vec<AgentPolicy>, Vec<Stri
         }
     }
     (ok, errors)
+}
+
+/// Clashes between documents (a name used twice), each at the
+/// `metadata.name` of its second use: `LABEL:LINE:COLUMN: policy "p":
+/// metadata.name: ... (first at LABEL:LINE)`. `sources` are the (label,
+/// text) of every file read.
+pub(crate) fn clash_lines(sources: &[(String, String)], errors: Vec<PolicyError>) -> Vec<String> {
+    let name_path = FieldPath::parse("metadata.name");
+    errors
+        .into_iter()
+        .map(|e| {
+            let uses: Vec<String> = sources
+                .iter()
+                .flat_map(|(label, text)| {
+                    parse_documents(text)
+                        .into_iter()
+                        .flatten()
+                        .filter(|doc| doc.policy.metadata.name.as_deref() == Some(&e.policy))
+                        .map(|doc| match locate(text, doc.index - 1, &name_path) {
+                            Some((line, column)) => format!("{label}:{line}:{column}"),
+                            None => format!("{label}:{}", doc.line),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            match &uses[..] {
+                [first, second, ..] => {
+                    format!("{second}: policy \"{}\": {e} (first at {first})", e.policy)
+                }
+                _ => format!("policy \"{}\": {e}", e.policy),
+            }
+        })
+        .collect()
 }
 
 /// The files of a directory that look like policies (`*.yaml`, `*.yml`),
