@@ -223,11 +223,11 @@ mod tests {
         // The node agent's own flag name works everywhere; `--dir` stays.
         let cli = Cli::try_parse_from(["chaperone", "sessions", "--record-dir", "/r"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Sessions(ref a) if a.dir == std::path::Path::new("/r"))
+            matches!(cli.command, Command::Sessions(ref a) if a.read.dir == std::path::Path::new("/r"))
         );
         let cli = Cli::try_parse_from(["chaperone", "verify", "--record-dir", "/r", "S1"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Verify(ref a) if a.dir == std::path::Path::new("/r"))
+            matches!(cli.command, Command::Verify(ref a) if a.read.dir == std::path::Path::new("/r"))
         );
         for spelling in ["--ca-dir", "--dir"] {
             Cli::try_parse_from(["chaperone", "ca", "show", spelling, "/ca"]).unwrap();

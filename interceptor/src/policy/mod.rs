@@ -6,8 +6,8 @@
 //! - A policy **selects** a caller when any of its `subjects` entries
 //!   matches (within one entry, every field that is set must match).
 //! - Within a policy, rules are ordered and the **first matching rule**
-//!   decides; when none matches, the policy's default decides (`deny` unless
-//!   `defaultAction` says otherwise).
+//!   decides; when none matches, the policy's `defaultAction` decides, and
+//!   a policy without one abstains (the CRD's schema says the same).
 //! - **Several policies** may select the same caller. Each decides on its
 //!   own (its first matching rule, else its default, else it abstains) and
 //!   the **most restrictive** decision wins: `deny` > `approve` > `mask` >
@@ -42,16 +42,21 @@ use crate::request::RequestInfo;
 pub mod cli;
 mod compile;
 pub mod deny;
+mod evaluate;
+mod explain;
 mod glob;
+pub mod resources;
+pub mod schema;
 mod spec;
 mod store;
 #[cfg(test)]
 mod tests;
 pub mod watch;
 
-pub use compile::DEFAULT_HOLD_TIMEOUT;
+pub use compile::PolicyError;
 pub(crate) use compile::parse_duration;
-pub use compile::{Explanation, PolicyError, PolicySet, PolicyTrace, RuleTrace};
+pub use evaluate::{DEFAULT_HOLD_TIMEOUT, PolicySet};
+pub use explain::{Explanation, PolicyTrace, RuleTrace};
 pub use glob::Glob;
 pub use spec::{
     AgentPolicy, AgentPolicySpec, AgentPolicyStatus, Condition, CredentialMode, DocumentError,

@@ -14,6 +14,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::schema::{FieldPath, Segment};
 use super::{Action, RecordLevel};
 
 /// What agents matched by `subjects` may do, as ordered rules.
@@ -338,12 +339,14 @@ pub struct PolicyDocument {
     pub line: usize,
 }
 
-/// A YAML document that is not a valid `AgentPolicy`.
+/// A problem of a YAML document, where it is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
 pub struct DocumentError {
     /// 1-based line, when known.
     pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
     pub message: String,
 }
 
@@ -351,9 +354,19 @@ const API_VERSION: &str = "chaperone.dev/v1alpha1";
 const KIND: &str = "AgentPolicy";
 
 /// Reads every document of a (multi-document) YAML text as an `AgentPolicy`.
-/// Empty documents are skipped. Each document yields its own result, so one
-/// bad document does not hide the others' errors.
+/// Empty documents are skipped. Each document yields its own result (its
+/// first problem), so one bad document does not hide the others' errors.
 pub fn parse_documents(text: &str) -> Vec<Result<PolicyDocument, DocumentError>> {
+    check_documents(text)
+        .into_iter()
+        .map(|d| d.map_err(|mut errors| errors.swap_remove(0)))
+        .collect()
+}
+
+/// [`parse_documents`] with every problem of each document: the CRD's
+/// schema ([`super::schema`]) runs first, as the API server would run it,
+/// then the document is read into the Rust types.
+pub(crate) fn check_documents(text: &str) -> Vec<Result<PolicyDocument, Vec<DocumentError>>> {
     let starts = document_start_lines(text);
     let mut out = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -361,7 +374,7 @@ pub fn parse_documents(text: &str) -> Vec<Result<PolicyDocument, DocumentError>>
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(value) => value,
             Err(error) => {
-                out.push(Err(yaml_error(&error)));
+                out.push(Err(vec![yaml_error(&error)]));
                 // After a syntax error the rest of the stream is unreliable.
                 break;
             }
@@ -379,39 +392,148 @@ fn check_document(
     i: usize,
     start: usize,
     value: serde_yaml::Value,
-) -> Result<PolicyDocument, DocumentError> {
+) -> Result<PolicyDocument, Vec<DocumentError>> {
     let at_start = |message: String| DocumentError {
         line: Some(start),
+        column: None,
         message,
     };
     let api_version = value.get("apiVersion").and_then(|v| v.as_str());
     let kind = value.get("kind").and_then(|v| v.as_str());
     if api_version != Some(API_VERSION) || kind != Some(KIND) {
-        return Err(at_start(format!(
+        return Err(vec![at_start(format!(
             "document {} is not an AgentPolicy: expected apiVersion: {API_VERSION} and \
              kind: {KIND}, found apiVersion: {} and kind: {}",
             i + 1,
             api_version.unwrap_or("(none)"),
             kind.unwrap_or("(none)")
-        )));
+        ))]);
+    }
+    let located = |path: &FieldPath, message: String| {
+        let (line, column) = locate(text, i, path).unwrap_or((start, 0));
+        DocumentError {
+            line: Some(line),
+            column: (column > 0).then_some(column),
+            message: if path.0.is_empty() {
+                message
+            } else {
+                format!("{path}: {message}")
+            },
+        }
+    };
+    let mut errors = Vec::new();
+    match value.get("metadata").and_then(|m| m.get("name")) {
+        None => errors.push(at_start(format!(
+            "document {}: metadata.name is required",
+            i + 1
+        ))),
+        Some(name) => {
+            if let Err(why) = name
+                .as_str()
+                .ok_or_else(|| "metadata.name is not a string".to_owned())
+                .and_then(super::schema::check_name)
+            {
+                errors.push(located(&FieldPath::parse("metadata.name"), why));
+            }
+        }
+    }
+    match serde_json::to_value(&value) {
+        Ok(json) => {
+            for e in super::schema::validate(super::schema::agent_policy_schema(), &json) {
+                errors.push(located(&e.path, e.message));
+            }
+        }
+        Err(e) => errors.push(at_start(format!("not a JSON-compatible document: {e}"))),
+    }
+    if !errors.is_empty() {
+        return Err(errors);
     }
     // Deserialize again from the text of this document so errors carry
     // line numbers (a `Value` has none).
     let document = serde_yaml::Deserializer::from_str(text)
         .nth(i)
         .expect("the document was just read");
-    let policy = AgentPolicy::deserialize(document).map_err(|e| yaml_error(&e))?;
-    if policy.metadata.name.as_deref().unwrap_or("").is_empty() {
-        return Err(at_start(format!(
-            "document {}: metadata.name is required",
-            i + 1
-        )));
-    }
+    let policy = AgentPolicy::deserialize(document).map_err(|e| vec![yaml_error(&e)])?;
     Ok(PolicyDocument {
         policy,
         index: i + 1,
         line: start,
     })
+}
+
+/// The line and column (1-based) where the node at `path` of the `i`th
+/// document starts; for a path that is not there, its nearest ancestor.
+pub(crate) fn locate(text: &str, i: usize, path: &FieldPath) -> Option<(usize, usize)> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    const HERE: &str = "\u{0}chaperone: here";
+
+    /// Walks down `path`; at its end (or where it stops existing) fails
+    /// with [`HERE`], which serde_yaml marks with the node's position.
+    struct Probe<'p>(&'p [Segment]);
+
+    impl<'de> DeserializeSeed<'de> for Probe<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Probe<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("anything")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            if let Some((Segment::Key(want), rest)) = self.0.split_first() {
+                while let Some(key) = map.next_key::<String>()? {
+                    if &key == want {
+                        return map.next_value_seed(Probe(rest));
+                    }
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Err(serde::de::Error::custom(HERE))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            if let Some((Segment::Index(want), rest)) = self.0.split_first() {
+                for _ in 0..*want {
+                    if seq.next_element::<IgnoredAny>()?.is_none() {
+                        return Err(serde::de::Error::custom(HERE));
+                    }
+                }
+                if seq.next_element_seed(Probe(rest))?.is_some() {
+                    return Ok(());
+                }
+            }
+            Err(serde::de::Error::custom(HERE))
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+    }
+
+    let document = serde_yaml::Deserializer::from_str(text).nth(i)?;
+    let error = Probe(&path.0).deserialize(document).err()?;
+    if !error.to_string().contains(HERE) {
+        return None;
+    }
+    error.location().map(|l| (l.line(), l.column()))
 }
 
 fn yaml_error(error: &serde_yaml::Error) -> DocumentError {
@@ -421,7 +543,11 @@ fn yaml_error(error: &serde_yaml::Error) -> DocumentError {
     if let Some(at) = message.rfind(" at line ") {
         message.truncate(at);
     }
-    DocumentError { line, message }
+    DocumentError {
+        line,
+        column: error.location().map(|l| l.column()),
+        message,
+    }
 }
 
 /// The first content line (1-based) of each YAML document, splitting at

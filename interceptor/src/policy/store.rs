@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use super::spec::{AgentPolicy, parse_documents};
-use super::{Action, Decision, PolicyInput, PolicySet, RecordLevel};
+use super::schema::FieldPath;
+use super::spec::{AgentPolicy, check_documents, locate, parse_documents};
+use super::{Action, Decision, PolicyError, PolicyInput, PolicySet, RecordLevel};
 
 /// Policies in force, hot-swappable.
 pub struct PolicyStore {
@@ -85,6 +86,7 @@ impl PolicyStore {
     pub fn load_files<P: AsRef<Path>>(&self, paths: &[P]) -> Result<usize, LoadError> {
         let mut policies = Vec::new();
         let mut errors = Vec::new();
+        let mut sources = Vec::new();
         for path in paths {
             let path = path.as_ref();
             match std::fs::read_to_string(path) {
@@ -92,6 +94,7 @@ impl PolicyStore {
                     let (mut ok, mut bad) = check_text(&path.display().to_string(), &text);
                     policies.append(&mut ok);
                     errors.append(&mut bad);
+                    sources.push((path.display().to_string(), text));
                 }
                 Err(e) => errors.push(format!(
                     "{}: cannot read the policy file: {e}; check the path and its permissions",
@@ -102,11 +105,7 @@ impl PolicyStore {
         if let Err(compile_errors) = PolicySet::compile(&policies) {
             // Each policy compiled on its own in `check_text`; what is left
             // are clashes between documents (duplicate names).
-            errors.extend(
-                compile_errors
-                    .into_iter()
-                    .map(|e| format!("policy \"{}\": {e}", e.policy)),
-            );
+            errors.extend(clash_lines(&sources, compile_errors));
         }
         if !errors.is_empty() {
             return Err(LoadError { errors });
@@ -205,25 +204,43 @@ impl PolicyStore {
     }
 }
 
-/// Parses and compiles the policies of one file's text. Returns the valid
-/// policies and one line per problem: `LABEL:LINE: message` (for a compile
-/// error, the line where its document starts and the field path).
+/// Parses, validates (the CRD's schema) and compiles the policies of one
+/// file's text. Returns the valid policies and one line per problem:
+/// `LABEL:LINE:COLUMN: message`, the line and column those of the field
+/// at fault. A text without any document is a problem too.
 pub(crate) fn check_text(label: &str, text: &str) -> (Vec<AgentPolicy>, Vec<String>) {
     let mut ok = Vec::new();
     let mut errors = Vec::new();
-    for document in parse_documents(text) {
+    let at = |line: Option<usize>, column: Option<usize>| match (line, column) {
+        (Some(line), Some(column)) => format!("{label}:{line}:{column}"),
+        (Some(line), None) => format!("{label}:{line}"),
+        _ => label.to_owned(),
+    };
+    let documents = check_documents(text);
+    if documents.is_empty() {
+        errors.push(format!(
+            "{label}: no AgentPolicy in this file (it is empty or only comments); \
+             write one, or remove the file"
+        ));
+    }
+    for document in documents {
         match document {
-            Err(e) => errors.push(match e.line {
-                Some(line) => format!("{label}:{line}: {}", e.message),
-                None => format!("{label}: {}", e.message),
-            }),
+            Err(problems) => errors.extend(
+                problems
+                    .into_iter()
+                    .map(|e| format!("{}: {}", at(e.line, e.column), e.message)),
+            ),
             Ok(doc) => match PolicySet::compile([&doc.policy]) {
                 Ok(_) => ok.push(doc.policy),
                 Err(compile_errors) => {
                     for e in compile_errors {
+                        let (line, column) =
+                            locate(text, doc.index - 1, &FieldPath::parse(&e.path))
+                                .unwrap_or((doc.line, 0));
                         errors.push(format!(
-                            "{label}:{}: policy \"{}\": {e}",
-                            doc.line, e.policy
+                            "{}: policy \"{}\": {e}",
+                            at(Some(line), (column > 0).then_some(column)),
+                            e.policy
                         ));
                     }
                 }
@@ -231,6 +248,39 @@ pub(crate) fn check_text(label: &str, text: &str) -> (Vec<AgentPolicy>, Vec<Stri
         }
     }
     (ok, errors)
+}
+
+/// Clashes between documents (a name used twice), each at the
+/// `metadata.name` of its second use: `LABEL:LINE:COLUMN: policy "p":
+/// metadata.name: ... (first at LABEL:LINE)`. `sources` are the (label,
+/// text) of every file read.
+pub(crate) fn clash_lines(sources: &[(String, String)], errors: Vec<PolicyError>) -> Vec<String> {
+    let name_path = FieldPath::parse("metadata.name");
+    errors
+        .into_iter()
+        .map(|e| {
+            let uses: Vec<String> = sources
+                .iter()
+                .flat_map(|(label, text)| {
+                    parse_documents(text)
+                        .into_iter()
+                        .flatten()
+                        .filter(|doc| doc.policy.metadata.name.as_deref() == Some(&e.policy))
+                        .map(|doc| match locate(text, doc.index - 1, &name_path) {
+                            Some((line, column)) => format!("{label}:{line}:{column}"),
+                            None => format!("{label}:{}", doc.line),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            match &uses[..] {
+                [first, second, ..] => {
+                    format!("{second}: policy \"{}\": {e} (first at {first})", e.policy)
+                }
+                _ => format!("policy \"{}\": {e}", e.policy),
+            }
+        })
+        .collect()
 }
 
 /// The files of a directory that look like policies (`*.yaml`, `*.yml`),

@@ -23,10 +23,12 @@ fn set_from(yaml: &str) -> PolicySet {
     PolicySet::compile(&policies).unwrap_or_else(|e| panic!("compile: {e:?}"))
 }
 
+/// The compiler's own errors, for documents read without the CRD's schema
+/// (objects from the API server have passed it; the compiler checks again
+/// what it relies on).
 fn compile_errors(yaml: &str) -> Vec<String> {
-    let policies: Vec<AgentPolicy> = parse_documents(yaml)
-        .into_iter()
-        .map(|d| d.expect("valid document").policy)
+    let policies: Vec<AgentPolicy> = serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).expect("an AgentPolicy"))
         .collect();
     match PolicySet::compile(&policies) {
         Ok(_) => Vec::new(),
@@ -572,7 +574,7 @@ metadata: {name: not-a-policy}
     assert!(
         second
             .message
-            .starts_with("spec.rules[0]: unknown field `verb`, expected one of"),
+            .starts_with("spec.rules[0].verb: unknown field `verb`, expected one of"),
         "{}",
         second.message
     );
@@ -685,7 +687,7 @@ fn loading_files_is_all_or_nothing_and_reports_every_problem() {
     assert_eq!(store.load_files(&[&good]).unwrap(), 1);
     let error = store.load_files(&[&good, &bad]).unwrap_err().to_string();
     assert!(
-        error.contains("bad.yaml:6: spec.rules[0].action: unknown action \"maybe\""),
+        error.contains("bad.yaml:6:20: spec.rules[0].action: unknown action \"maybe\""),
         "{error}"
     );
     assert_eq!(store.snapshot().policy_names().collect::<Vec<_>>(), ["p"]);
@@ -984,6 +986,92 @@ spec:
     assert!(named.grants_explicitly(&input(&patch), "agentpolicies"));
     // The default allows delete, but no rule names it.
     assert!(!named.grants_explicitly(&input(&delete), "agentpolicies"));
+}
+
+// === one source of truth: the CRD's schema and its documented defaults ===
+
+#[test]
+fn the_crd_documents_the_defaults_the_code_applies() {
+    let schema = schema::agent_policy_schema();
+    let spec = &schema["properties"]["spec"]["properties"];
+    let rule = &spec["rules"]["items"]["properties"];
+    let says = |node: &serde_json::Value, words: &str| {
+        let description = node["description"].as_str().unwrap_or_default();
+        assert!(
+            description.contains(words),
+            "the CRD should say {words:?}: {description}"
+        );
+    };
+    // A missing defaultAction abstains (issue 28: the CRD said it denied).
+    says(&spec["defaultAction"], "abstains");
+    says(&spec["defaultAction"], "denied");
+    says(
+        &rule["holdTimeout"],
+        &format!("{}s when left out", DEFAULT_HOLD_TIMEOUT.as_secs()),
+    );
+    says(
+        &rule["record"],
+        &format!("{} when left out", RecordLevel::default()),
+    );
+    says(
+        &spec["defaultRecord"],
+        &format!("{} when left out", RecordLevel::default()),
+    );
+    says(&spec["dryRun"], "false when left out");
+    says(&spec["credentialMode"], "passthrough (when left out)");
+    assert_eq!(CredentialMode::default(), CredentialMode::Passthrough);
+
+    // And the code does what the CRD says: a policy without defaultAction
+    // abstains where no rule matches; when no policy decides, deny.
+    let only_reads = "apiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\n\
+         metadata: {name: reads}\nspec:\n  subjects: [{users: [\"*\"]}]\n\
+         \x20 rules: [{name: read, verbs: [get], action: allow}]\n";
+    let agent = sa("agents", "coder");
+    let delete = req("DELETE", "/api/v1/namespaces/dev/pods/p");
+    let input = PolicyInput::new(&delete, &agent);
+    let set = set_from(only_reads);
+    let explanation = set.explain(&input);
+    assert_eq!(explanation.policies[0].outcome, None, "abstains");
+    assert_eq!(explanation.decision.action, Action::Deny);
+    assert!(explanation.decision.policy.is_empty(), "the unmatched deny");
+    let with_default = format!(
+        "{only_reads}---\napiVersion: chaperone.dev/v1alpha1\nkind: AgentPolicy\n\
+         metadata: {{name: rest}}\nspec:\n  subjects: [{{users: [\"*\"]}}]\n  defaultAction: allow\n"
+    );
+    assert_eq!(
+        set_from(&with_default).evaluate(&input).action,
+        Action::Allow
+    );
+}
+
+#[test]
+fn the_validator_runs_the_deployed_crds_schema() {
+    // The schema `policy check` runs is the one `policy crd` prints and
+    // deploy/ installs, not a copy.
+    let deployed: serde_json::Value = serde_yaml::from_str(&cli::crd_yaml().unwrap()).unwrap();
+    assert_eq!(
+        schema::agent_policy_schema(),
+        &deployed["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    );
+    let errors = schema::validate(
+        schema::agent_policy_schema(),
+        &serde_json::json!({
+            "apiVersion": "chaperone.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "x"},
+            "spec": {"subjects": [{}], "rules": [{"resources": ["pods/"], "action": "allow"}]},
+        }),
+    );
+    let got: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "spec.subjects[0]: this subject selects nobody; set serviceAccounts, namespaces, users, groups or podLabels",
+            "spec.rules[0].resources[0]: \"pods/\" is not RESOURCE or RESOURCE/SUBRESOURCE (e.g. pods, pods/exec, pods/*, *)",
+        ]
+    );
 }
 
 /// "Only kubectl may exec": the executable of the calling process, read
