@@ -534,7 +534,12 @@ impl Guard for Pipeline {
             // (bounded): the person sees it, masked, and the approval is
             // for this very body.
             let mut held = HeldRequest::from_info(&exchange.request);
-            let whole = if reads_body(parts, &exchange.request) {
+            held.bind(&parts.method, &parts.uri);
+            // A delete's body (DeleteOptions: dryRun, propagation) changes
+            // what runs: it is bound to the approval too.
+            let binds_body =
+                reads_body(parts, &exchange.request) || parts.method == http::Method::DELETE;
+            let whole = if binds_body {
                 let declared = parts
                     .headers
                     .get(header::CONTENT_LENGTH)

@@ -330,6 +330,8 @@ async fn decide(
         groups: me.groups,
         reason,
         grant: grant.clone(),
+        // What grants always covered; the plugin names scopes next.
+        grant_scope: grant.as_ref().map(|_| super::GrantScope::Rule),
     };
     let verb = decision.verb();
     // The same rules (and, locally, the same code) as the admin API.
