@@ -25,6 +25,7 @@ pub mod record;
 pub mod redirect;
 pub mod removal;
 pub mod request;
+pub mod status;
 pub mod targets;
 pub mod tls;
 pub mod usage;

@@ -3,6 +3,9 @@
 //! approvalrequests` prints (a `List`, byte for byte), and that output
 //! feeds `kubectl replace -f -`; `-n`, `-A`, `--kubeconfig`, `--context`
 //! mean what they mean to kubectl; errors name the server and the fix.
+//! `kubectl chaperone status` finds each broken part of an install (the
+//! deploy manifests on the real server, no kubelet: readiness is written
+//! by the test as a kubelet would) and says what to do.
 //! The plugin runs as kubectl runs it (`kubectl chaperone ...`, from PATH).
 //! Needs neither root nor a node agent.
 
@@ -25,6 +28,7 @@ on_both_servers!(
     lists_print_what_kubectl_get_prints_and_round_trip,
     namespaces_and_contexts_mean_what_they_mean_to_kubectl,
     a_missing_crd_and_a_missing_approval_say_what_to_do,
+    status_names_what_is_missing_before_the_install,
 );
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -427,4 +431,225 @@ fn an_unreachable_server_is_named_with_its_url() {
             && !said.contains("client error (Connect)"),
         "{said}"
     );
+}
+
+fn status_names_what_is_missing_before_the_install(backend: Backend) {
+    let cluster = Cluster::start(backend, false);
+    let out = cluster.kubectl(&["chaperone", "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "× agentpolicies.chaperone.dev is not installed",
+        "× approvalrequests.chaperone.dev is not installed",
+        "fix: kubectl apply -k deploy/",
+        "× the DaemonSet chaperone-system/chaperone-node is missing",
+        "Status check results are ×",
+    ] {
+        assert!(said.contains(line), "{line:?} in:\n{said}");
+    }
+    install_approvals(&cluster.api).unwrap();
+    let out = cluster.kubectl(&["chaperone", "status", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["server"], cluster.api.url());
+    let crd = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("approvalrequests")
+        })
+        .unwrap();
+    assert_eq!(crd["outcome"], "ok", "{report:#}");
+    assert_eq!(
+        crd["message"],
+        "approvalrequests.chaperone.dev installed, serving v1alpha1"
+    );
+}
+
+fn status(cluster: &Cluster) -> (Option<i32>, String, Value) {
+    let out = cluster.kubectl(&["chaperone", "status"]);
+    let checklist = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = cluster.kubectl(&["chaperone", "status", "-o", "json"]);
+    assert_eq!(out.status.code(), json.status.code(), "{}", text(&json));
+    (
+        out.status.code(),
+        checklist,
+        serde_json::from_slice(&json.stdout).unwrap(),
+    )
+}
+
+fn has(checklist: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(checklist.contains(line), "{line:?} in:\n{checklist}");
+    }
+}
+
+/// The deploy manifests on the real 1.20 server, as a newcomer applies
+/// them; then each failure fixed the way its `fix:` says (or the way the
+/// missing kubelet and controllers would), until everything is green.
+#[test]
+fn status_follows_an_install_of_the_deploy_manifests_to_green() {
+    chaperone_tests::require_real_api!();
+    let cluster = Cluster::start(Backend::Real, false);
+    let ApiServer::Real(real) = &cluster.api else {
+        unreachable!()
+    };
+    // Agent pods made before the webhook exists (and so without it).
+    cluster.namespace("agents");
+    let pod = |name: &str, node: &str, injected: bool| {
+        let mut metadata = json!({"name": name, "namespace": "agents", "labels": {"chaperone.dev/intercept": "true"}});
+        if injected {
+            metadata["annotations"] = json!({"chaperone.dev/injected": "passthrough"});
+        }
+        cluster
+            .api
+            .create(json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+                "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "agent:1"}]},
+            }))
+            .unwrap();
+    };
+    pod("early", "node-a", false);
+    pod("coder-0", "node-a", true);
+    pod("coder-1", "node-b", true);
+
+    let overlay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlays/k8s-1.20");
+    let applied = cluster.kubectl(&["apply", "-k", overlay.to_str().unwrap()]);
+    ok(applied);
+
+    let (code, checklist, report) = status(&cluster);
+    assert_eq!(code, Some(1), "{checklist}");
+    has(
+        &checklist,
+        &[
+            "√ agentpolicies.chaperone.dev installed, serving v1alpha1",
+            "√ MutatingWebhookConfiguration chaperone present",
+            "× namespace.pods.chaperone.dev: the CA bundle is empty",
+            "fix: run deploy/bootstrap-certs.sh",
+            "× no ready webhook pod behind the Service chaperone-system/chaperone-webhook",
+            "× the DaemonSet chaperone-system/chaperone-node schedules no pod on any node",
+            "‼ no AgentPolicy",
+            "0 of 3 labeled pods guarded",
+            "× pod agents/early is not guarded: created without the webhook",
+            "fix: recreate it: kubectl -n agents delete pod early",
+            "× pod agents/coder-0 is not guarded: on node node-a, where no node agent is ready",
+        ],
+    );
+    assert_eq!(report["pods"]["agents/coder-1"]["guarded"], false);
+
+    // What bootstrap-certs.sh, the controllers and the kubelet would do.
+    let bundle = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(real.ca_pem())
+    };
+    let config = cluster.kubectl(&[
+        "get",
+        "mutatingwebhookconfiguration",
+        "chaperone",
+        "-o",
+        "json",
+    ]);
+    let mut config: Value = serde_json::from_str(&ok(config)).unwrap();
+    for hook in config["webhooks"].as_array_mut().unwrap() {
+        hook["clientConfig"]["caBundle"] = json!(bundle);
+    }
+    cluster.api.update(config).unwrap();
+    cluster
+        .api
+        .create(json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "chaperone-webhook", "namespace": "chaperone-system"},
+            "subsets": [{"addresses": [{"ip": "10.0.0.9"}], "ports": [{"name": "https", "port": 8443}]}],
+        }))
+        .unwrap();
+    real.patch_status(
+        "/apis/apps/v1/namespaces/chaperone-system/daemonsets/chaperone-node",
+        json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberReady": 1, "numberMisscheduled": 0}}),
+    )
+    .unwrap();
+    let agent = cluster
+        .api
+        .create(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "chaperone-node-a1b2c", "namespace": "chaperone-system", "labels": {"app.kubernetes.io/name": "chaperone-node"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "chaperone", "image": "chaperone:1"}]},
+        }))
+        .unwrap();
+    assert_eq!(agent["metadata"]["name"], "chaperone-node-a1b2c");
+    let (_, checklist, _) = status(&cluster);
+    has(
+        &checklist,
+        &["× chaperone-node-a1b2c on node node-a is not ready: agent pods there are not guarded"],
+    );
+    real.patch_status(
+        "/api/v1/namespaces/chaperone-system/pods/chaperone-node-a1b2c",
+        json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+    )
+    .unwrap();
+    let policy =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policies/read-only-agent.yaml");
+    ok(cluster.kubectl(&["apply", "-f", policy.to_str().unwrap()]));
+    real.patch_status(
+        "/apis/chaperone.dev/v1alpha1/agentpolicies/read-only-agent",
+        json!({"status": {"conditions": [{"type": "Accepted", "status": "False", "reason": "Invalid", "message": "rules[2]: unknown verb"}]}}),
+    )
+    .unwrap();
+    ok(cluster.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "agents",
+        "early",
+        "--force",
+        "--grace-period=0",
+    ]));
+
+    let (code, checklist, report) = status(&cluster);
+    assert_eq!(code, Some(1), "{checklist}");
+    has(
+        &checklist,
+        &[
+            "√ namespace.pods.chaperone.dev: CA bundle injected",
+            "√ Service chaperone-system/chaperone-webhook has 1 ready webhook pod(s)",
+            "√ chaperone-node-a1b2c on node node-a is ready",
+            "× AgentPolicy read-only-agent is not accepted: rules[2]: unknown verb",
+            "1 of 2 labeled pods guarded",
+            "× pod agents/coder-1 is not guarded: on node node-b, where no node agent is ready",
+        ],
+    );
+    assert_eq!(
+        report["pods"]["agents/coder-0"]["guarded"], true,
+        "{report:#}"
+    );
+    assert_eq!(report["pods"]["agents/coder-0"]["node"], "node-a");
+
+    real.patch_status(
+        "/apis/chaperone.dev/v1alpha1/agentpolicies/read-only-agent",
+        json!({"status": {"conditions": [{"type": "Accepted", "status": "True", "reason": "Valid", "message": ""}]}}),
+    )
+    .unwrap();
+    ok(cluster.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "agents",
+        "coder-1",
+        "--force",
+        "--grace-period=0",
+    ]));
+    let (code, checklist, report) = status(&cluster);
+    assert_eq!(code, Some(0), "{checklist}");
+    has(
+        &checklist,
+        &[
+            "√ AgentPolicy read-only-agent accepted",
+            "Status check results are √",
+        ],
+    );
+    assert_eq!(report["ok"], true);
 }

@@ -34,11 +34,14 @@ Examples:
   kubectl chaperone show apr-1a2b3c4d
   kubectl chaperone approve apr-1a2b3c4d --reason 'planned cleanup'
 
+  # Is chaperone working in this cluster?
+  kubectl chaperone status
+
   # Another cluster, another approvals namespace
   kubectl chaperone --context prod -n guard-system list";
 
-/// Approve or deny requests chaperone holds for a human, and manage
-/// just-in-time grants.
+/// Approve or deny requests chaperone holds for a human, manage
+/// just-in-time grants, and check chaperone's install.
 ///
 /// Uses your kubeconfig as kubectl does (`--kubeconfig`, `--context`).
 /// Approvals live in the node agents' approval namespace (`-n`, default
@@ -174,6 +177,24 @@ Examples:
     Revoke {
         /// The approval whose grant ends.
         id: String,
+    },
+    /// Check chaperone's install: CRDs, webhook and its CA bundle, node
+    /// agents, policies, and which agent pods are guarded (exit 1 if any
+    /// check fails). Components are looked for in -n's namespace.
+    #[command(after_help = "\
+Examples:
+  kubectl chaperone status
+  kubectl chaperone status -o json | jq '.pods'")]
+    Status {
+        /// json for the whole report; the default is a checklist.
+        #[arg(
+            short,
+            long,
+            value_enum,
+            default_value = "table",
+            hide_default_value = true
+        )]
+        output: Output,
     },
     /// Print the plugin's version.
     #[command(after_help = "\
@@ -526,6 +547,24 @@ pub async fn run_with_code(cli: PluginCli, out: &mut dyn Write) -> Result<ExitCo
             crate::usage::print_completion::<PluginCli>(*shell, "kubectl-chaperone", out)?;
             return Ok(ExitCode::SUCCESS);
         }
+        PluginCommand::Status { output } => {
+            if cli.local_dir.is_some() {
+                bail!("status checks a cluster; --local-dir has none");
+            }
+            let cluster = cli.cluster.connect().await?;
+            let report = crate::status::check(&cluster, &cli.namespace).await?;
+            match output {
+                Output::Json | Output::Yaml => {
+                    kubectl::print_object(&serde_json::to_value(&report)?, *output, out)?
+                }
+                _ => crate::status::print(&report, out)?,
+            }
+            return Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         _ => {}
     }
     run(cli, out).await?;
@@ -647,7 +686,9 @@ pub async fn run(cli: PluginCli, out: &mut dyn Write) -> Result<()> {
             writeln!(out, "revoked the grant of {id}")?;
             Ok(())
         }
-        PluginCommand::Version | PluginCommand::Completion { .. } => Ok(()),
+        PluginCommand::Version
+        | PluginCommand::Completion { .. }
+        | PluginCommand::Status { .. } => Ok(()),
     }
 }
 
