@@ -148,15 +148,20 @@ pub fn print_version(binary: &str, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "{binary} v{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// `completion SHELL`: the script for `binary`.
+/// `completion SHELL`: the script for `binary`. A closed pipe
+/// (`| head`) ends it quietly; clap_complete would panic on it.
 pub fn print_completion<C: CommandFactory>(
     shell: clap_complete::Shell,
     binary: &str,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     let mut command = C::command();
-    clap_complete::generate(shell, &mut command, binary, out);
-    Ok(())
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, binary, &mut script);
+    match out.write_all(&script) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -207,6 +212,21 @@ mod tests {
                     .unwrap_or_else(|| panic!("no page `chaperone {path}`"));
             }
         }
+    }
+
+    #[test]
+    fn a_closed_pipe_ends_the_completion_script_quietly() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        print_completion::<crate::cli::Cli>(clap_complete::Shell::Bash, "chaperone", &mut Closed)
+            .unwrap();
     }
 
     #[test]
