@@ -80,10 +80,14 @@ pub enum Command {
     /// Validate and explain AgentPolicy files, print the CRD.
     #[command(subcommand)]
     Policy(crate::policy::cli::PolicyCommand),
+    /// Print chaperone's version.
+    Version,
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    Completion { shell: clap_complete::Shell },
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = crate::usage::parse::<Cli>(crate::usage::CHAPERONE_EXAMPLES);
     if let Err(error) = crate::logs::init(&cli.log, cli.log_format) {
         eprintln!("error: {error}");
         return ExitCode::from(2);
@@ -98,6 +102,14 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => crate::record::cli::verify(&args, &mut std::io::stdout()),
         Command::Ca(command) => crate::tls::cli::run(command),
         Command::Policy(cmd) => crate::policy::cli::run(cmd),
+        Command::Version => crate::usage::print_version("chaperone", &mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
+        Command::Completion { shell } => {
+            crate::usage::print_completion::<Cli>(shell, "chaperone", &mut std::io::stdout())
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(code) => code,

@@ -784,6 +784,7 @@ impl Harness {
                 groups: Vec::new(),
                 reason: Some(reason.into()).filter(|r: &String| !r.is_empty()),
                 grant: None,
+                grant_scope: None,
             };
             let status = decision.status_for(&approval, time::OffsetDateTime::now_utc())?;
             api.patch_status(

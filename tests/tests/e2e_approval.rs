@@ -25,6 +25,7 @@ on_both_servers!(
     approvers_need_the_right_and_a_requester_never_approves_itself,
     an_approval_is_seen_by_another_node_agent,
     one_approval_lets_one_of_two_identical_held_requests_through,
+    an_approval_releases_only_the_request_the_person_saw,
 );
 
 /// RBAC on a real server as in a cluster: the agent may do anything
@@ -422,7 +423,10 @@ fn a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked(backend: Ba
 
     let held = start_delete(&world, "web");
     let id = wait_for_pending(&world, "web");
-    let approved = plugin(&alice, &["approve", &id, "--grant", "4s"]);
+    let approved = plugin(
+        &alice,
+        &["approve", &id, "--grant", "4s", "--grant-scope", "rule"],
+    );
     assert!(approved.status.success(), "{}", text(&approved));
     assert!(finish(held).status.success());
     let granted_at = Instant::now();
@@ -444,7 +448,10 @@ fn a_grant_lets_the_same_rule_through_until_it_expires_or_is_revoked(backend: Ba
     assert!(exists(&world, "db"));
 
     // A new grant, revoked: held again after the revocation.
-    let approved = plugin(&alice, &["approve", &second, "--grant", "1h"]);
+    let approved = plugin(
+        &alice,
+        &["approve", &second, "--grant", "1h", "--grant-scope", "rule"],
+    );
     assert!(approved.status.success(), "{}", text(&approved));
     assert!(finish(held).status.success());
     let out = delete(&world, "cache");
@@ -1283,4 +1290,97 @@ fn only_decisions_attested_by_the_webhook_release_a_held_request() {
         "the attested approval released the delete"
     );
     assert_eq!(approval(&world, &id)["status"]["decidedBy"], "alice");
+}
+
+/// What is approved is exactly what runs: a person who approved a dry run
+/// (kubectl sends a delete's `dryRun` in its DeleteOptions body) has not
+/// approved the delete; a grant on one object does not cover another.
+fn an_approval_releases_only_the_request_the_person_saw(backend: Backend) {
+    require_root!();
+    let world = World::start(on(backend, "2s")).unwrap();
+    seed(&world, &["web", "api"]);
+    let alice = world.person("alice", &[]).unwrap();
+    let dry_run = || {
+        run_for(
+            &mut world.agent_kubectl(&[
+                "delete",
+                "deployment",
+                "web",
+                "-n",
+                "prod-a",
+                "--dry-run=server",
+            ]),
+            LIMIT,
+        )
+        .unwrap()
+    };
+
+    // The dry run is held; the person sees the query before deciding.
+    let out = dry_run();
+    assert!(!out.status.success(), "{}", text(&out));
+    let first = approvals(&world);
+    assert_eq!(first.len(), 1);
+    let id = first[0]["metadata"]["name"].as_str().unwrap().to_owned();
+    let request = &first[0]["spec"]["request"];
+    assert_eq!(request["method"], "DELETE");
+    assert_eq!(
+        request["target"],
+        "/apis/apps/v1/namespaces/prod-a/deployments/web"
+    );
+    assert!(request["bodySha256"].is_string(), "{request:#}");
+    assert!(
+        request["bodySummary"]
+            .as_str()
+            .unwrap()
+            .contains("\"dryRun\":[\"All\"]"),
+        "{request:#}"
+    );
+    let listed = plugin(&alice, &["list"]);
+    assert!(text(&listed).contains("(dry run)"), "{}", text(&listed));
+    let shown = plugin(&alice, &["show", &id]);
+    assert!(
+        text(&shown)
+            .contains("Sent as:      DELETE /apis/apps/v1/namespaces/prod-a/deployments/web")
+            && text(&shown).contains("dryRun")
+            && text(&shown).contains("--grant-scope rule"),
+        "{}",
+        text(&shown)
+    );
+    let approved = plugin(&alice, &["approve", &id]);
+    assert!(approved.status.success(), "{}", text(&approved));
+
+    // The delete itself, not dry: held anew, the deployment stays.
+    let out = delete(&world, "web");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains(&id), "{}", text(&out));
+    assert!(exists(&world, "web"));
+    assert_eq!(approvals(&world).len(), 2);
+    let second = wait_for_pending(&world, "web");
+    assert_ne!(second, id);
+    // The approved dry run goes through with its own approval.
+    let out = dry_run();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(exists(&world, "web"));
+
+    // A grant on this object (the default scope) lets the retry through
+    // and covers nothing else.
+    let approved = plugin(&alice, &["approve", &second, "--grant", "1h"]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    assert!(
+        text(&approved).contains("requests on deployments.apps \"web\" in namespace \"prod-a\""),
+        "{}",
+        text(&approved)
+    );
+    let out = delete(&world, "web");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!exists(&world, "web"));
+    let out = delete(&world, "api");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(exists(&world, "api"));
+    let grants = plugin(&alice, &["grants"]);
+    assert!(
+        text(&grants).contains("object delete deployments.apps"),
+        "{}",
+        text(&grants)
+    );
 }

@@ -35,6 +35,9 @@ struct DecisionBody {
     reason: Option<String>,
     #[serde(default)]
     grant: Option<String>,
+    /// `Object` (the default) or `Rule`.
+    #[serde(default, rename = "grantScope")]
+    grant_scope: Option<crate::approval::GrantScope>,
 }
 
 /// Whether `path` is the approvals API's.
@@ -125,6 +128,7 @@ where
                 groups: Vec::new(),
                 reason: body.reason,
                 grant: body.grant,
+                grant_scope: body.grant_scope,
             };
             match store.decide(id, &decision) {
                 Ok(approval) => {

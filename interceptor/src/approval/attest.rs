@@ -60,6 +60,7 @@ pub struct DecisionFields<'a> {
     pub decided_at: Option<&'a str>,
     pub grant: Option<&'a str>,
     pub grant_expires_at: Option<&'a str>,
+    pub grant_scope: Option<super::GrantScope>,
 }
 
 impl<'a> DecisionFields<'a> {
@@ -71,6 +72,7 @@ impl<'a> DecisionFields<'a> {
             decided_at: status.decided_at.as_deref(),
             grant: status.grant.as_deref(),
             grant_expires_at: status.grant_expires_at.as_deref(),
+            grant_scope: status.grant_scope,
         }
     }
 }
@@ -79,7 +81,7 @@ impl<'a> DecisionFields<'a> {
 /// run into the next.
 pub fn signed_bytes(object: &ApprovalRequest, status: &ApprovalStatus) -> Vec<u8> {
     let d = DecisionFields::of(status);
-    serde_json::to_vec(&serde_json::json!([
+    let mut fields = serde_json::json!([
         "chaperone.dev/approval-decision/v1",
         object.metadata.namespace.as_deref().unwrap_or(""),
         object.name(),
@@ -90,8 +92,17 @@ pub fn signed_bytes(object: &ApprovalRequest, status: &ApprovalStatus) -> Vec<u8
         d.decided_at,
         d.grant,
         d.grant_expires_at,
-    ]))
-    .expect("strings always serialize")
+    ]);
+    // The grant's scope is signed too (a status writer must not widen an
+    // object grant to the rule); appended only when set, so decisions
+    // signed before scopes existed still verify.
+    if let Some(scope) = d.grant_scope {
+        fields
+            .as_array_mut()
+            .expect("an array")
+            .push(serde_json::json!(scope));
+    }
+    serde_json::to_vec(&fields).expect("strings always serialize")
 }
 
 /// A short name for a public key: the first 8 bytes of its SHA-256, hex.
@@ -323,6 +334,7 @@ fn is_revocation(before: &DecisionFields<'_>, after: &DecisionFields<'_>) -> boo
         && is_decided(before.state)
         && before.state == after.state
         && before.grant == after.grant
+        && before.grant_scope == after.grant_scope
 }
 
 #[cfg(test)]
@@ -527,6 +539,22 @@ mod tests {
         let mut flipped = denied.status.clone().unwrap();
         flipped.state = State::Approved;
         assert!(verify.verify(&denied, &flipped).is_err());
+        // A grant on one object widened to the whole rule (or its scope
+        // dropped, which reads as the rule).
+        let granted = webhook(
+            &signer,
+            &pending,
+            json!({"state": "Approved", "grant": "1h", "grantExpiresAt": "2099-01-01T00:00:00Z", "grantScope": "Object"}),
+            &alice(),
+        );
+        let status = granted.status.clone().unwrap();
+        assert!(verify.verify(&granted, &status).is_ok());
+        let mut widened = status.clone();
+        widened.grant_scope = Some(crate::approval::GrantScope::Rule);
+        assert!(verify.verify(&granted, &widened).is_err());
+        let mut dropped = status;
+        dropped.grant_scope = None;
+        assert!(verify.verify(&granted, &dropped).is_err());
     }
 
     #[test]

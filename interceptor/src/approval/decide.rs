@@ -18,6 +18,8 @@ pub struct Decision {
     pub reason: Option<String>,
     /// A just-in-time window (`15m`) for an approval.
     pub grant: Option<String>,
+    /// What the grant covers (the object when not said).
+    pub grant_scope: Option<super::GrantScope>,
 }
 
 /// Why a decision is not made.
@@ -119,6 +121,7 @@ impl Decision {
                 .map_err(|e| Refused::Invalid(format!("grant {grant:?}: {e}")))?;
             status["grant"] = json!(grant);
             status["grantExpiresAt"] = json!(format_time(now + duration));
+            status["grantScope"] = json!(self.grant_scope.unwrap_or(super::GrantScope::Object));
         }
         Ok(status)
     }

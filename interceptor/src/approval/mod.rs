@@ -57,7 +57,7 @@ use tokio::sync::watch;
 pub use decide::{Decision, Refused};
 pub use dry_run::PreviewClient;
 pub use object::{
-    ApprovalRequest, ApprovalRequestSpec, ApprovalStatus, GRANT_KEY_LABEL, HeldRequest,
+    ApprovalRequest, ApprovalRequestSpec, ApprovalStatus, GRANT_KEY_LABEL, GrantScope, HeldRequest,
     REQUEST_KEY_LABEL, Requester, RequesterPod, State, format_time, grant_key, new_id, parse_time,
     request_key,
 };
@@ -305,6 +305,9 @@ impl Approvals {
             .list()
             .into_iter()
             .filter(|a| a.label(REQUEST_KEY_LABEL) == Some(key.as_str()))
+            // The label is a shortened hash: what the person approved must
+            // be this very request (method, target and query, body).
+            .filter(|a| a.spec.request.is_same_request(&ask.request))
             .filter(|a| !a.is_used() && !a.is_expired(now))
             .max_by(|a, b| a.spec.expires_at.cmp(&b.spec.expires_at));
         let (id, created) = match existing {
@@ -388,6 +391,7 @@ impl Approvals {
             .filter(|a| a.label(GRANT_KEY_LABEL) == Some(key.as_str()))
             .filter(|a| a.spec.requester.username == ask.caller.username)
             .filter(|a| a.grant_until().is_some_and(|until| until > now))
+            .filter(|a| a.grant_covers(&ask.request))
             .collect();
         for approval in candidates {
             if self.check_decision(&approval).await.is_ok() {

@@ -104,6 +104,14 @@ pub struct HeldRequest {
     /// The path, for a non-resource request.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// The HTTP method the agent sent (`DELETE`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    /// The canonical path and the whole query, exactly as chaperone
+    /// forwards them (`/apis/apps/v1/namespaces/prod-a/deployments/web?dryRun=All`):
+    /// the approval lets through only a request with this very target.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
 }
 
 impl HeldRequest {
@@ -123,7 +131,48 @@ impl HeldRequest {
             } else {
                 info.path.clone()
             },
+            method: String::new(),
+            target: String::new(),
         }
+    }
+
+    /// Binds the request to what is forwarded: `method` and `uri`, the
+    /// canonical target (see [`crate::request::CanonicalTarget`]) with its
+    /// whole query. An approval releases only a request with the same.
+    pub fn bind(&mut self, method: &http::Method, uri: &http::Uri) {
+        self.method = method.as_str().to_owned();
+        self.target = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| uri.path().to_owned());
+    }
+
+    /// The query of the bound target (`dryRun=All`), empty without one.
+    pub fn query(&self) -> &str {
+        self.target.split_once('?').map_or("", |(_, q)| q)
+    }
+
+    /// Whether `other` is the very request this one is: same caller-facing
+    /// reading, same method, target (query included), command and body.
+    /// The summary is left out: it is derived from the body.
+    pub fn is_same_request(&self, other: &HeldRequest) -> bool {
+        self.is_same_object(other)
+            && self.verb == other.verb
+            && self.command == other.command
+            && self.body_sha256 == other.body_sha256
+            && self.method == other.method
+            && self.target == other.target
+    }
+
+    /// Whether `other` is on the same object (group, resource,
+    /// subresource, namespace, name), whatever its verb, query or body.
+    pub fn is_same_object(&self, other: &HeldRequest) -> bool {
+        self.api_group == other.api_group
+            && self.resource == other.resource
+            && self.subresource == other.subresource
+            && self.namespace == other.namespace
+            && self.name == other.name
+            && self.path == other.path
     }
 
     /// `delete deployments.apps "web" in namespace "prod-a"`.
@@ -172,6 +221,55 @@ impl fmt::Display for State {
     }
 }
 
+/// What a just-in-time grant covers, named by the approver.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+)]
+pub enum GrantScope {
+    /// The same caller's requests on the same object (group, resource,
+    /// subresource, namespace, name) that the same rule holds.
+    #[value(name = "object")]
+    Object,
+    /// Every request of the same caller that the same rule holds.
+    #[value(name = "rule")]
+    Rule,
+}
+
+impl GrantScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantScope::Object => "Object",
+            GrantScope::Rule => "Rule",
+        }
+    }
+
+    /// For a person: what a grant of this scope on `approval` lets through.
+    pub fn describe(self, approval: &ApprovalRequest) -> String {
+        let request = &approval.spec.request;
+        match self {
+            GrantScope::Object => {
+                let mut object = HeldRequest {
+                    verb: "requests on".into(),
+                    command: Vec::new(),
+                    ..request.clone()
+                }
+                .describe();
+                if request.resource.is_empty() {
+                    object = format!("requests on {}", request.path);
+                }
+                format!(
+                    "{object} that rule {}/{} holds",
+                    approval.spec.policy, approval.spec.rule
+                )
+            }
+            GrantScope::Rule => format!(
+                "every request rule {}/{} holds",
+                approval.spec.policy, approval.spec.rule
+            ),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalStatus {
@@ -194,6 +292,10 @@ pub struct ApprovalStatus {
     pub grant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_expires_at: Option<String>,
+    /// What the grant covers: the same object, or everything the rule
+    /// holds. Absent (approvals decided before scopes existed): the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_scope: Option<GrantScope>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_by: Option<String>,
     /// When the approved request went through (an approval is used once).
@@ -242,6 +344,24 @@ impl ApprovalRequest {
             .map(String::as_str)
     }
 
+    /// What the grant of this approval covers (the rule for grants made
+    /// before scopes existed).
+    pub fn grant_scope(&self) -> GrantScope {
+        self.status
+            .as_ref()
+            .and_then(|s| s.grant_scope)
+            .unwrap_or(GrantScope::Rule)
+    }
+
+    /// Whether this approval's grant covers `request` (same caller and
+    /// rule are the grant key's).
+    pub fn grant_covers(&self, request: &HeldRequest) -> bool {
+        match self.grant_scope() {
+            GrantScope::Rule => true,
+            GrantScope::Object => self.spec.request.is_same_object(request),
+        }
+    }
+
     /// When the grant this approval opened ends, if it opened one that is
     /// not revoked.
     pub fn grant_until(&self) -> Option<OffsetDateTime> {
@@ -267,6 +387,8 @@ pub fn request_key(caller: &Caller, request: &HeldRequest, policy: &str, rule: &
         &request.namespace,
         &request.name,
         &request.path,
+        &request.method,
+        &request.target,
     ] {
         hash.update(part.as_bytes());
         hash.update([0]);

@@ -146,6 +146,7 @@ impl Backend {
                 "decidedAt": null,
                 "grant": null,
                 "grantExpiresAt": null,
+                "grantScope": null,
                 "refusedDecision": why,
             }),
         )

@@ -853,6 +853,7 @@ async fn decisions_and_expiries_are_announced_once_with_who_decided() {
                 groups: Vec::new(),
                 reason: Some("not during the sale".into()),
                 grant: None,
+                grant_scope: None,
             },
         )
         .unwrap();
@@ -1030,4 +1031,120 @@ async fn cluster_mode_accepts_only_attested_decisions_by_someone_else() {
     });
     let why = approvals.verify(&pending, &node).await.unwrap_err();
     assert!(why.contains("chaperone's own service accounts"), "{why}");
+}
+
+/// The request as the pipeline holds it: read, then bound to the
+/// canonical target it forwards (query included).
+fn held(method: http::Method, path: &str, query: Option<&str>) -> HeldRequest {
+    let info = RequestInfo::parse(&method, path, query);
+    let mut request = HeldRequest::from_info(&info);
+    let uri: http::Uri = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    }
+    .parse()
+    .unwrap();
+    request.bind(&method, &uri);
+    request
+}
+
+fn ask_for<'a>(caller: &'a Caller, request: HeldRequest) -> Ask<'a> {
+    Ask {
+        caller,
+        request,
+        policy: "agent-guard",
+        rule: "prod-deletes",
+    }
+}
+
+#[tokio::test]
+async fn an_approval_of_a_dry_run_does_not_release_the_real_request() {
+    let (_dir, store, approvals) = local();
+    let caller = agent();
+    let path = "/apis/apps/v1/namespaces/prod-a/deployments/web";
+    let dry_run = held(http::Method::DELETE, path, Some("dryRun=All"));
+    assert_eq!(dry_run.method, "DELETE");
+    assert_eq!(dry_run.target, format!("{path}?dryRun=All"));
+    assert_eq!(dry_run.query(), "dryRun=All");
+    let first = approvals
+        .hold(
+            ask_for(&caller, dry_run.clone()),
+            Duration::from_millis(100),
+            async { None },
+        )
+        .await;
+    let Outcome::StillPending { id, created: true } = first else {
+        panic!("{first:?}");
+    };
+    decide(&store, &id, "Approved", "local:alice", json!({}));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    // The same delete without dryRun, or with a label selector, is not
+    // what alice approved: each asks anew, and alice's approval stays
+    // unused for the request she saw.
+    for (query, what) in [
+        (None, "no dryRun"),
+        (Some("labelSelector=app%3Dweb"), "a selector"),
+    ] {
+        let other = held(http::Method::DELETE, path, query);
+        let outcome = approvals
+            .hold(ask_for(&caller, other), Duration::from_millis(200), async {
+                None
+            })
+            .await;
+        assert!(
+            matches!(&outcome, Outcome::StillPending { id: new, created: true } if *new != id),
+            "{what}: {outcome:?}"
+        );
+    }
+    assert!(!store.read(&id).unwrap().is_used());
+    // The approved request itself goes through.
+    let outcome = approvals
+        .hold(ask_for(&caller, dry_run), Duration::from_secs(2), async {
+            None
+        })
+        .await;
+    assert!(
+        matches!(outcome, Outcome::Approved(ref d) if d.id == id),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_approval_whose_label_names_another_request_releases_nothing() {
+    let (_dir, store, approvals) = local();
+    let caller = agent();
+    let path = "/apis/apps/v1/namespaces/prod-a/deployments/web";
+    let approved = held(http::Method::DELETE, path, Some("dryRun=All"));
+    let first = approvals
+        .hold(
+            ask_for(&caller, approved),
+            Duration::from_millis(100),
+            async { None },
+        )
+        .await;
+    let Outcome::StillPending { id, .. } = first else {
+        panic!("{first:?}");
+    };
+    // Its request-key label rewritten to the key of the real delete (a
+    // collision of the shortened hash, or a hand edit).
+    let real = held(http::Method::DELETE, path, None);
+    let mut object = store.read(&id).unwrap();
+    object.metadata.labels.as_mut().unwrap().insert(
+        REQUEST_KEY_LABEL.to_owned(),
+        request_key(&caller, &real, "agent-guard", "prod-deletes"),
+    );
+    store.write(&object).unwrap();
+    decide(&store, &id, "Approved", "local:alice", json!({}));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let outcome = approvals
+        .hold(ask_for(&caller, real), Duration::from_millis(200), async {
+            None
+        })
+        .await;
+    assert!(
+        matches!(&outcome, Outcome::StillPending { id: new, created: true } if *new != id),
+        "{outcome:?}"
+    );
+    assert!(!store.read(&id).unwrap().is_used());
 }

@@ -41,7 +41,11 @@ impl NodeGuard {
         // (bounded): the person sees it, masked, and the approval is for
         // this very body.
         let mut held = HeldRequest::from_info(&x.request);
-        let whole = if reads_body(parts, &x.request) {
+        held.bind(&parts.method, &parts.uri);
+        // A delete's body (DeleteOptions: dryRun, propagation) changes
+        // what runs: it is bound to the approval too.
+        let binds_body = reads_body(parts, &x.request) || parts.method == http::Method::DELETE;
+        let whole = if binds_body {
             let whole = read_body(parts, body, approval::preview::BODY_READ_LIMIT).await;
             held.body_summary = approval::preview::body_summary(
                 &self.parts.masker,
