@@ -21,6 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod kube;
 mod setup;
 
@@ -43,6 +44,13 @@ enum Task {
     /// Build or find cached the real control plane the tests run against
     /// (kube-apiserver v1.20.2 and etcd; idempotent, cached outside the clone).
     Kube,
+    /// A real one-node Kubernetes cluster on this machine (needs root):
+    /// control plane, kubelet, kube-proxy, containerd; state under
+    /// /var/lib/chaperone-cluster. `down` restores the host.
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
     /// Run formatting and lint checks and the whole test suite.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -82,6 +90,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::all(),
         Task::Kube => kube::ensure(),
+        Task::Cluster { action } => cluster::run(&root, action),
         Task::Build => {
             setup::all()?;
             cargo(&root, &["build", "--release", "--package", "chaperone"])
