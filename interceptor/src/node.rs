@@ -115,7 +115,17 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     }
 
     let cgroup_root = match &config.cgroup_root {
-        Some(root) => root.clone(),
+        Some(root) => {
+            let v2 = redirect::cgroup2_root_at(root);
+            if &v2 != root {
+                tracing::info!(
+                    configured = %root.display(),
+                    cgroup_v2 = %v2.display(),
+                    "the configured cgroup root is a hybrid host's tree: using its cgroup v2 hierarchy"
+                );
+            }
+            v2
+        }
         None => redirect::cgroup2_mount()?,
     };
     // failOpen decides what outlives this process: pinned programs keep

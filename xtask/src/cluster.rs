@@ -92,12 +92,16 @@ const TABLES: &[&str] = &["filter", "nat", "mangle"];
 /// create at fixed paths; `down` removes those `up` did not find. Not
 /// /run/netns, where the pods' namespaces are: the tests make theirs there
 /// too, and `down` removes only the `cni-*` ones `up` did not find.
+/// /var/lib/chaperone is the node agent's hostPath (recordings, audit spool).
 const FIXED_DIRS: &[&str] = &[
     "/run/containerd",
     "/var/lib/cni",
     "/opt/cni",
     "/opt/containerd",
+    "/var/lib/chaperone",
 ];
+/// Where a node has its BPF filesystem; the DaemonSet pins there.
+const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Subcommand, Clone, Copy)]
 pub enum Action {
@@ -108,13 +112,23 @@ pub enum Action {
     Down,
     /// Say what runs and what `up` changed.
     Status,
+    /// Deploy chaperone as users do, on the running cluster: its image
+    /// from the built binary, `kubectl apply -k` of deploy/ with the local
+    /// image name as the only change, `deploy/bootstrap-certs.sh`, the
+    /// labeled namespace `agents` and an agent Deployment there.
+    Deploy {
+        /// Use the debug binary (quicker to build) instead of the release one.
+        #[arg(long)]
+        debug: bool,
+    },
 }
 
-pub fn run(_root: &Path, action: Action) -> Result<()> {
+pub fn run(root: &Path, action: Action) -> Result<()> {
     match action {
         Action::Up => up(),
         Action::Down => down(),
         Action::Status => status(),
+        Action::Deploy { debug } => deploy(root, debug),
     }
 }
 
@@ -163,6 +177,7 @@ fn up() -> Result<()> {
     pki(&state, &node)?;
     write_configs(&state, &node)?;
     bridge()?;
+    bpffs(&state)?;
 
     let p = Procs::new(&state, &bin);
     p.start("etcd", etcd_args(&state))?;
@@ -659,6 +674,25 @@ fn write_if_changed(file: impl AsRef<Path>, text: impl AsRef<str>) -> Result<()>
         return Ok(());
     }
     fs::write(file, text.as_ref()).with_context(|| format!("writing {}", file.display()))
+}
+
+/// /sys/fs/bpf as a node has it (systemd mounts it there): the node agent
+/// pins its programs in it. Mounted when it is not; `down` unmounts it.
+fn bpffs(state: &Path) -> Result<()> {
+    let mounted = fs::read_to_string("/proc/mounts")?.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    setup::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    // Shared, as systemd mounts it: the DaemonSet's HostToContainer
+    // propagation needs a shared or slave mount ("path /sys/fs/bpf is
+    // mounted on /sys/fs/bpf but it is not a shared or slave mount").
+    setup::run(Command::new("mount").args(["--make-shared", BPFFS]))?;
+    fs::write(state.join("host/bpffs-mounted"), "")?;
+    println!("    mounted a BPF filesystem at {BPFFS} (`down` unmounts it)");
+    Ok(())
 }
 
 /// The bridge, made before the API server binds the node's address on it.
@@ -1300,6 +1334,253 @@ fn import_image(state: &Path, image: &Image) -> Result<()> {
     Ok(())
 }
 
+// === chaperone, deployed as users deploy it ===
+
+/// The namespace the agents run in (labeled for interception).
+pub const AGENT_NAMESPACE: &str = "agents";
+/// The agent Deployment: its service account is one the shipped
+/// read-only policy selects (`agents/reader`).
+pub const AGENT_DEPLOYMENT: &str = "reader";
+/// The image name in deploy/base/kustomization.yaml that overlays rename.
+const CHAPERONE_IMAGE: &str = "chaperone.local/chaperone";
+
+fn deploy(root: &Path, debug: bool) -> Result<()> {
+    need_root("deploy")?;
+    let started = Instant::now();
+    let state = state_dir();
+    ensure!(
+        running(&state.join("run"), "kubelet").is_some()
+            && kubectl(&["get", "--raw", "/readyz"])?.0,
+        "the cluster is not up: run `cargo xtask cluster up` first"
+    );
+    println!("==> cluster deploy: chaperone as users deploy it (kubectl apply -k deploy/...)");
+    // 1. The binary and its image (the local equivalent of deploy/Dockerfile).
+    let profile = if debug { "debug" } else { "release" };
+    let mut args = vec!["build", "--package", "chaperone", "--bin", "chaperone"];
+    if !debug {
+        args.push("--release");
+    }
+    crate::cargo(root, &args)?;
+    let binary = root.join("target").join(profile).join("chaperone");
+    let tag = sha256_file(&binary)?[..12].to_string();
+    let name: &'static str = Box::leak(format!("{CHAPERONE_IMAGE}:{tag}").into_boxed_str());
+    let images = state.join("images");
+    fs::create_dir_all(&images)?;
+    let tarball = images.join(format!("chaperone-{tag}.tar"));
+    if !tarball.is_file() {
+        build_chaperone_image(&images, &binary, name, &tarball)?;
+    }
+    import_image(
+        &state,
+        &Image {
+            name,
+            tarball: tarball.clone(),
+        },
+    )?;
+    // 2. deploy/ for Kubernetes 1.20, renamed to the local image: the only
+    //    change.
+    let overlay = state.join("deploy");
+    fs::create_dir_all(&overlay)?;
+    write_if_changed(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "# Written by `cargo xtask cluster deploy`: the shipped manifests for 1.20, with the\n\
+             # image built from this checkout's binary as the only change.\n\
+             apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  \
+             - {}\nimages:\n  - name: ghcr.io/chaperone-dev/chaperone\n    newName: {CHAPERONE_IMAGE}\n    \
+             newTag: \"{tag}\"\n",
+            relative_from(&overlay, &root.join("deploy/overlays/k8s-1.20"))
+        ),
+    )?;
+    kubectl_ok(&["apply", "-k", &path(&overlay)])?;
+    // 3. The agents' namespace, the certificates, the label.
+    kubectl_apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {AGENT_NAMESPACE}\n"
+    ))?;
+    let certs = Command::new("sh")
+        .arg(root.join("deploy/bootstrap-certs.sh"))
+        .arg(AGENT_NAMESPACE)
+        .env("KUBECONFIG", kubeconfig())
+        .status()
+        .context("cannot run deploy/bootstrap-certs.sh")?;
+    ensure!(
+        certs.success(),
+        "deploy/bootstrap-certs.sh {AGENT_NAMESPACE} failed (its messages are above)"
+    );
+    kubectl_ok(&[
+        "label",
+        "namespace",
+        AGENT_NAMESPACE,
+        "chaperone.dev/intercept=true",
+        "--overwrite",
+    ])?;
+    kubectl_ok(&["apply", "-f", &path(&root.join("deploy/policies"))])?;
+    for (kind, name) in [
+        ("daemonset", "chaperone-node"),
+        ("deployment", "chaperone-webhook"),
+    ] {
+        let target = format!("{kind}/{name}");
+        wait_for(&format!("{target} to roll out"), 180, || {
+            Ok(kubectl(&[
+                "rollout",
+                "status",
+                &target,
+                "-n",
+                "chaperone-system",
+                "--timeout=5s",
+            ])?
+            .0)
+        })?;
+    }
+    // 4. An agent: a Deployment in the labeled namespace, with a service
+    //    account the read-only policy selects, and RBAC of its own that
+    //    lets it read (chaperone's policy narrows that further).
+    kubectl_apply(&agent_manifests())?;
+    wait_for(
+        &format!("deployment/{AGENT_DEPLOYMENT} to roll out"),
+        120,
+        || {
+            Ok(kubectl(&[
+                "rollout",
+                "status",
+                &format!("deployment/{AGENT_DEPLOYMENT}"),
+                "-n",
+                AGENT_NAMESPACE,
+                "--timeout=5s",
+            ])?
+            .0)
+        },
+    )?;
+    println!(
+        "==> chaperone deployed in {:.0} s (image {name}); agent pods: kubectl -n {AGENT_NAMESPACE} \
+         get pods -l app={AGENT_DEPLOYMENT}",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `to` as a path relative to the directory `from` (both absolute):
+/// kustomize refuses absolute resource paths.
+fn relative_from(from: &Path, to: &Path) -> String {
+    let up = from.components().count().saturating_sub(1);
+    let mut rel = "../".repeat(up);
+    rel.push_str(to.to_string_lossy().trim_start_matches('/'));
+    rel
+}
+
+/// The agent Deployment and what it needs.
+pub fn agent_manifests() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {AGENT_DEPLOYMENT}
+  namespace: {AGENT_NAMESPACE}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: chaperone-cluster-agent-{AGENT_DEPLOYMENT}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: cluster-admin
+subjects:
+- kind: ServiceAccount
+  name: {AGENT_DEPLOYMENT}
+  namespace: {AGENT_NAMESPACE}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {AGENT_DEPLOYMENT}
+  namespace: {AGENT_NAMESPACE}
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: {AGENT_DEPLOYMENT}
+  template:
+    metadata:
+      labels:
+        app: {AGENT_DEPLOYMENT}
+    spec:
+      serviceAccountName: {AGENT_DEPLOYMENT}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: agent
+        image: {AGENT_IMAGE}
+        command: ["sleep", "infinity"]
+"#
+    )
+}
+
+/// chaperone's image: the binary, the shared libraries it links (as
+/// distroless/cc provides them), and the nonroot user, as deploy/Dockerfile
+/// builds it for registries.
+fn build_chaperone_image(work: &Path, binary: &Path, name: &str, out: &Path) -> Result<()> {
+    let rootfs = work.join("chaperone-rootfs");
+    if rootfs.exists() {
+        fs::remove_dir_all(&rootfs)?;
+    }
+    for d in ["usr/local/bin", "etc", "tmp"] {
+        fs::create_dir_all(rootfs.join(d))?;
+    }
+    fs::copy(binary, rootfs.join("usr/local/bin/chaperone"))?;
+    let ldd = setup::output(Command::new("ldd").arg(binary))?;
+    for lib in ldd
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+    {
+        let target = rootfs.join(lib.trim_start_matches('/'));
+        fs::create_dir_all(target.parent().expect("a library's directory"))?;
+        fs::copy(fs::canonicalize(lib)?, &target)?;
+    }
+    fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
+    )?;
+    fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")?;
+    docker_archive(
+        work,
+        &rootfs,
+        name,
+        r#"{"Entrypoint":["/usr/local/bin/chaperone"],"User":"65532:65532"}"#,
+        out,
+    )?;
+    fs::remove_dir_all(&rootfs)?;
+    println!("    built {name} from {}", binary.display());
+    Ok(())
+}
+
+fn kubectl_ok(args: &[&str]) -> Result<()> {
+    let (ok, out) = kubectl(args)?;
+    ensure!(ok, "kubectl {} failed:\n{out}", args.join(" "));
+    Ok(())
+}
+
+/// `kubectl apply -f -` of `manifest`.
+pub fn kubectl_apply(manifest: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("cannot run kubectl")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(manifest.as_bytes())?;
+    ensure!(
+        child.wait()?.success(),
+        "kubectl apply failed (its message is above)"
+    );
+    Ok(())
+}
+
 // === down ===
 
 fn down() -> Result<()> {
@@ -1316,6 +1597,27 @@ fn down() -> Result<()> {
     }
     let run = state.join("run");
     let bin = kube::bin_dir(&kube::cache_dir());
+    // 0. chaperone, removed as users remove it: the node agent sees its
+    //    DaemonSet go and detaches its programs.
+    let overlay = state.join("deploy");
+    if overlay.join("kustomization.yaml").is_file()
+        && running(&run, "kube-apiserver").is_some()
+        && running(&run, "kubelet").is_some()
+    {
+        let (ok, out) = kubectl(&[
+            "delete",
+            "-k",
+            &path(&overlay),
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=100s",
+        ])?;
+        println!(
+            "    kubectl delete -k {}: {}",
+            overlay.display(),
+            if ok { "done" } else { out.trim() }
+        );
+    }
     // 1. No controller recreates what is deleted; the pods go through the
     //    kubelet, which stops their containers and tears their network down.
     for name in ["kube-controller-manager", "kube-scheduler"] {
@@ -1402,8 +1704,13 @@ fn down() -> Result<()> {
         setup::run(Command::new("ip").args(["link", "del", BRIDGE]))?;
         println!("    removed the bridge {BRIDGE}");
     }
-    // 5. Mounts under the state directory and containerd's fixed paths.
+    // 5. Mounts under the state directory and containerd's fixed paths,
+    //    and the BPF filesystem if `up` mounted it (pins with it).
     unmount_under(&[state.as_path(), Path::new("/run/containerd")])?;
+    if state.join("host/bpffs-mounted").exists() {
+        let _ = Command::new("umount").arg(BPFFS).status();
+        println!("    unmounted the BPF filesystem at {BPFFS}");
+    }
     // 6. The pods' cgroups (kubepods), deepest first, in every hierarchy.
     remove_cgroups()?;
     // 7. Sysctls.
