@@ -121,6 +121,16 @@ pub enum Action {
         #[arg(long)]
         debug: bool,
     },
+    /// The real-cluster tier: up, deploy, `cargo test --test cluster`
+    /// with CHAPERONE_CLUSTER=1, then down (even when a test fails).
+    Test {
+        /// Use the debug binary for chaperone's image.
+        #[arg(long)]
+        debug: bool,
+        /// Leave the cluster up afterwards (for looking around).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 pub fn run(root: &Path, action: Action) -> Result<()> {
@@ -129,7 +139,40 @@ pub fn run(root: &Path, action: Action) -> Result<()> {
         Action::Down => down(),
         Action::Status => status(),
         Action::Deploy { debug } => deploy(root, debug),
+        Action::Test { debug, keep } => tier(root, debug, keep),
     }
+}
+
+/// up, deploy, the tier, down: what `cargo xtask cluster test` runs.
+fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
+    let started = Instant::now();
+    let result = up().and_then(|()| deploy(root, debug)).and_then(|()| {
+        println!("==> the real-cluster tier (tests/tests/cluster.rs)");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["test", "-p", "chaperone-tests", "--test", "cluster"])
+            .current_dir(root)
+            .env("CHAPERONE_CLUSTER", "1")
+            .env(STATE_ENV, state_dir())
+            .status()
+            .context("cannot run cargo test")?;
+        ensure!(
+            status.success(),
+            "the real-cluster tier failed (cargo test's output is above)"
+        );
+        Ok(())
+    });
+    if keep {
+        println!("    --keep: the cluster stays up; `cargo xtask cluster down` when done");
+    } else if let Err(e) = down() {
+        println!("    cluster down failed: {e:#}");
+    }
+    println!(
+        "==> cluster test: {} in {:.0} s (up, deploy, tier{})",
+        if result.is_ok() { "passed" } else { "FAILED" },
+        started.elapsed().as_secs_f64(),
+        if keep { "" } else { ", down" }
+    );
+    result
 }
 
 pub fn state_dir() -> PathBuf {

@@ -7,6 +7,9 @@
 //!   the eBPF object embedded.
 //! - `kube`: build (or find cached) a real kube-apiserver v1.20.2 and etcd
 //!   for the tests, in `/var/cache/chaperone/kube` (`$CHAPERONE_KUBE_CACHE`).
+//! - `cluster up|down|status|deploy|test`: a real one-node cluster on this
+//!   machine (root), chaperone deployed on it, the opt-in real-cluster tier
+//!   (`xtask/src/cluster.rs`).
 //! - `test`: setup and kube, then formatting, clippy and the whole test suite.
 //! - `demo`: setup, build, then the demo (needs root).
 //! - `bench [--quick]`: setup, release builds, then the simulator directly,
