@@ -271,3 +271,98 @@ fn logs_and_exec_go_through_the_real_kubelet() {
          reads): {cgroup}"
     );
 }
+
+/// `kubectl apply` with a manifest on stdin.
+fn admin_apply(manifest: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_pod_manifest_naming_kube_root_ca_can_be_applied_again() {
+    require_cluster!();
+    let name = unique("reapply");
+    let manifest = |note: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+  labels:
+    note: "{note}"
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: agent
+    image: chaperone.local/agent:1
+    command: ["sleep", "600"]
+    volumeMounts:
+    - name: token
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  volumes:
+  - name: token
+    projected:
+      sources:
+      - serviceAccountToken:
+          path: token
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+          - key: ca.crt
+            path: ca.crt
+"#
+        )
+    };
+    let first = admin_apply(&manifest("first"));
+    let second = admin_apply(&manifest("second"));
+    let volume = admin(&[
+        "get",
+        "pod",
+        &name,
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.volumes[0].projected.sources[1].configMap.name} {.metadata.labels.note}",
+    ]);
+    admin(&[
+        "delete",
+        "pod",
+        &name,
+        "-n",
+        NAMESPACE,
+        "--wait=false",
+        "--grace-period=0",
+    ]);
+    assert!(
+        first.status.success(),
+        "the first apply failed: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        second.status.success(),
+        "applying the same manifest again (one label changed) was refused: {}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&volume.stdout).trim(),
+        "chaperone-ca-bundle second",
+        "the pod should keep chaperone's CA bundle and take the new label"
+    );
+}
