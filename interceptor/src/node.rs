@@ -154,7 +154,19 @@ pub async fn inspect(config: &NodeConfig) -> Inspection {
         "cgroup root",
         (|| {
             let root = match &config.cgroup_root {
-                Some(root) => root.clone(),
+                // A hybrid host's tree (the DaemonSet's /host/sys/fs/cgroup):
+                // its cgroup v2 hierarchy.
+                Some(root) => {
+                    let v2 = redirect::cgroup2_root_at(root);
+                    if &v2 != root {
+                        tracing::info!(
+                            configured = %root.display(),
+                            cgroup_v2 = %v2.display(),
+                            "the configured cgroup root is a hybrid host's tree: using its cgroup v2 hierarchy"
+                        );
+                    }
+                    v2
+                }
                 None => redirect::cgroup2_mount()?,
             };
             let is_cgroup2 = nix::sys::statfs::statfs(&root)

@@ -402,8 +402,13 @@ impl Injector {
             .sub_resource
             .as_deref()
             .is_some_and(|s| !s.is_empty())
-            || request.operation != "CREATE"
         {
+            return AdmissionResponse::allow(uid);
+        }
+        if request.operation == "UPDATE" {
+            return self.keep_injected(request);
+        }
+        if request.operation != "CREATE" {
             // Volumes are immutable after creation; nothing to inject.
             return AdmissionResponse::allow(uid);
         }
@@ -442,6 +447,74 @@ impl Injector {
             return response;
         }
         AdmissionResponse::allow(uid).with_patch(&ops)
+    }
+
+    /// An UPDATE of a pod this webhook injected: a client that re-applies
+    /// its own manifest (`kubectl apply` of a pod that names
+    /// `kube-root-ca.crt` itself) sends back the field this webhook
+    /// rewrote, and the API server refuses any change to a pod's volumes.
+    /// Each source that said chaperone's bundle (or audience) before and
+    /// says the original again is patched back, so the update changes only
+    /// what the user changed. Pods this webhook did not inject are left
+    /// alone.
+    fn keep_injected(&self, request: &AdmissionRequest) -> AdmissionResponse {
+        let uid = request.uid.as_str();
+        let parse =
+            |v: &Option<Value>| -> Option<Pod> { serde_json::from_value(v.as_ref()?.clone()).ok() };
+        let (Some(new), Some(old)) = (parse(&request.object), parse(&request.old_object)) else {
+            return AdmissionResponse::allow(uid);
+        };
+        let injected = old
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+        if !injected {
+            return AdmissionResponse::allow(uid);
+        }
+        let volumes = |pod: &Pod| {
+            pod.spec
+                .as_ref()
+                .and_then(|spec| spec.volumes.clone())
+                .unwrap_or_default()
+        };
+        let (new_volumes, old_volumes) = (volumes(&new), volumes(&old));
+        let mut ops = Vec::new();
+        for (v, (now, before)) in new_volumes.iter().zip(&old_volumes).enumerate() {
+            let sources = |vol: &k8s_openapi::api::core::v1::Volume| {
+                vol.projected
+                    .as_ref()
+                    .and_then(|p| p.sources.clone())
+                    .unwrap_or_default()
+            };
+            for (s, (now, before)) in sources(now).iter().zip(&sources(before)).enumerate() {
+                let base = format!("/spec/volumes/{v}/projected/sources/{s}");
+                if let (Some(now), Some(before)) = (&now.config_map, &before.config_map)
+                    && now.name == CLUSTER_CA_CONFIGMAP
+                    && before.name == self.ca_bundle_configmap
+                {
+                    ops.push(PatchOp::Replace {
+                        path: format!("{base}/configMap/name"),
+                        value: json!(self.ca_bundle_configmap),
+                    });
+                }
+                if let (Some(now), Some(before)) =
+                    (&now.service_account_token, &before.service_account_token)
+                    && now.audience.as_deref().is_none_or(str::is_empty)
+                    && before.audience.as_deref() == Some(self.audience.as_str())
+                {
+                    ops.push(PatchOp::Add {
+                        path: format!("{base}/serviceAccountToken/audience"),
+                        value: json!(self.audience),
+                    });
+                }
+            }
+        }
+        if ops.is_empty() {
+            AdmissionResponse::allow(uid)
+        } else {
+            AdmissionResponse::allow(uid).with_patch(&ops)
+        }
     }
 
     /// The JSON Patch that points the pod's service-account volumes at the
@@ -1067,6 +1140,38 @@ mod tests {
         let text = patch.to_string();
         assert!(!text.contains("audience"), "{text}");
         assert!(text.contains(DEFAULT_CA_BUNDLE_CONFIGMAP), "{text}");
+    }
+
+    #[test]
+    fn reapplying_a_manifest_that_names_kube_root_ca_keeps_the_injected_bundle() {
+        // `kubectl apply` of the same pod manifest again: the client's
+        // three-way merge sends kube-root-ca.crt back; without the webhook's
+        // patch the API server refuses the update (pod volumes are
+        // immutable), as it did on the real 1.20 server.
+        let injector = Injector::default();
+        let mut old = sa_pod(json!({INTERCEPT_LABEL: "true"}));
+        old["spec"]["volumes"][0]["projected"]["sources"][1]["configMap"]["name"] =
+            json!(DEFAULT_CA_BUNDLE_CONFIGMAP);
+        old["metadata"]["annotations"] = json!({INJECTED_ANNOTATION: "passthrough"});
+        let mut new = sa_pod(json!({INTERCEPT_LABEL: "true", "changed": "yes"}));
+        new["metadata"]["annotations"] = json!({INJECTED_ANNOTATION: "passthrough"});
+        let mut r = review(new.clone());
+        let request = r.request.as_mut().unwrap();
+        request.operation = "UPDATE".into();
+        request.old_object = Some(old.clone());
+        let out = injector.mutate(&r, Scope::PodLabel);
+        let patch = response(&out).decoded_patch().unwrap().unwrap();
+        assert_eq!(
+            patch,
+            json!([{"op": "replace",
+                    "path": "/spec/volumes/0/projected/sources/1/configMap/name",
+                    "value": DEFAULT_CA_BUNDLE_CONFIGMAP}])
+        );
+        // A pod the webhook never injected is left as its writer sent it.
+        old["metadata"]["annotations"] = json!({});
+        r.request.as_mut().unwrap().old_object = Some(old);
+        let out = injector.mutate(&r, Scope::PodLabel);
+        assert!(response(&out).allowed && response(&out).patch.is_none());
     }
 
     #[test]

@@ -529,7 +529,10 @@ fn the_webhook_fails_closed_and_never_gates_the_control_plane() {
         assert_eq!(webhook["sideEffects"], "None", "{name}");
         assert_eq!(strings(&webhook["admissionReviewVersions"]), ["v1"]);
         assert_eq!(strings(&webhook["rules"][0]["resources"]), ["pods"]);
-        assert_eq!(strings(&webhook["rules"][0]["operations"]), ["CREATE"]);
+        assert_eq!(
+            strings(&webhook["rules"][0]["operations"]),
+            ["CREATE", "UPDATE"]
+        );
         let service = &webhook["clientConfig"]["service"];
         assert_eq!(service["name"], "chaperone-webhook");
         assert_eq!(service["namespace"], "chaperone-system");

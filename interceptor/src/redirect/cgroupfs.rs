@@ -43,6 +43,35 @@ pub fn find_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     })
 }
 
+/// The cgroup v2 hierarchy at `root`: `root` itself when a cgroup2
+/// filesystem is mounted there, or `root/unified` when that is one. A
+/// hybrid host's `/sys/fs/cgroup` (a tmpfs of v1 controllers with cgroup
+/// v2 at `unified`) mounted whole into the node agent's container, as the
+/// DaemonSet mounts it at `/host/sys/fs/cgroup`, has its v2 hierarchy one
+/// level down; attaching at the tmpfs would fail. Anything else: `root`
+/// unchanged (the attach then says what is wrong with it).
+pub fn cgroup2_root_at(root: &Path) -> PathBuf {
+    fs::read_to_string("/proc/mounts")
+        .ok()
+        .and_then(|mounts| find_cgroup2_root_at(&mounts, root))
+        .unwrap_or_else(|| root.to_path_buf())
+}
+
+/// [`cgroup2_root_at`] over a `/proc/mounts` text.
+pub fn find_cgroup2_root_at(mounts: &str, root: &Path) -> Option<PathBuf> {
+    let cgroup2: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
+        })
+        .collect();
+    [root.to_path_buf(), root.join("unified")]
+        .into_iter()
+        .find(|candidate| cgroup2.contains(candidate))
+}
+
 /// `/proc/mounts` escapes space, tab, newline and backslash as `\ooo` octal.
 fn unescape_mount_path(raw: &str) -> String {
     let bytes = raw.as_bytes();
@@ -102,6 +131,32 @@ fn own_cgroup_path(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hybrid_hosts_cgroup_tree_mounted_whole_resolves_to_its_v2_hierarchy() {
+        // The node agent's container on a hybrid node: the DaemonSet's
+        // hostPath /sys/fs/cgroup at /host/sys/fs/cgroup, submounts included.
+        let mounts = "\
+tmpfs /sys/fs/cgroup tmpfs ro,nosuid,nodev,noexec 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+tmpfs /host/sys/fs/cgroup tmpfs ro,relatime 0 0
+cgroup /host/sys/fs/cgroup/memory cgroup rw,memory 0 0
+cgroup2 /host/sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+        assert_eq!(
+            find_cgroup2_root_at(mounts, Path::new("/host/sys/fs/cgroup")),
+            Some(PathBuf::from("/host/sys/fs/cgroup/unified"))
+        );
+        // A unified node: the configured root is the hierarchy itself.
+        let unified = "cgroup2 /host/sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(
+            find_cgroup2_root_at(unified, Path::new("/host/sys/fs/cgroup")),
+            Some(PathBuf::from("/host/sys/fs/cgroup"))
+        );
+        // Nothing cgroup2 there: no guess.
+        assert_eq!(find_cgroup2_root_at(mounts, Path::new("/host/proc")), None);
+    }
 
     #[test]
     fn hybrid_layout_finds_the_unified_mount() {

@@ -17,7 +17,7 @@ pub mod pin;
 mod preflight;
 
 pub use addr::{AttestedConnection, CgroupId, OrigDst, RefusedDestination};
-pub use cgroupfs::{CgroupMountError, cgroup2_mount};
+pub use cgroupfs::{CgroupMountError, cgroup2_mount, cgroup2_root_at};
 pub use loader::{Lifetime, RedirectCounters, RedirectError, RedirectSpec, Redirector};
 pub use pin::{DetachRefusal, DetachReport, PinDir, detach_all};
 pub use preflight::{Preflight, preflight};
