@@ -38,7 +38,7 @@ fn the_quick_bench_measures_every_target_and_loses_no_audit_event() {
         .arg("--quick")
         .args(["--seconds", "2", "--rate", "10", "--concurrency", "4"])
         // Debug builds are slow under valgrind: short counted runs.
-        .args(["--callgrind-seconds", "1"])
+        .args(["--callgrind-requests", "5"])
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--out-dir")

@@ -1,8 +1,8 @@
 //! Instructions per request, the measure a loaded machine cannot move:
 //! each proxy runs under `valgrind --tool=callgrind` and the client sends
 //! one operation, one request at a time. Counting starts after a warm-up
-//! (`callgrind_control -z`) and is read with `callgrind_control -d`; the
-//! same is done over a run twice as long, and the difference of the two
+//! (`callgrind_control -z`) and is read with `callgrind_control -d` after a
+//! fixed number of requests; the same is done over twice as many, and the difference of the two
 //! counts over the difference of the two request counts is what one more
 //! request costs, free of start-up, the TLS handshake and the client's
 //! first requests. Go programs do not run under valgrind: the Go peer's
@@ -85,11 +85,11 @@ pub fn chaperone_variants() -> Vec<Subject> {
     ]
 }
 
-/// How long each measured run lasts (the long run twice this), and the
-/// operations measured.
+/// How many requests the short measured run sends (the long run twice as
+/// many), and the operations measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct CallgrindSpec {
-    pub seconds: f64,
+    pub requests: u64,
     pub ops: Vec<Op>,
     #[serde(skip)]
     pub subjects: Vec<Subject>,
@@ -166,7 +166,13 @@ pub fn measure_all(
         };
         for &op in &cg.ops {
             match measure(
-                bench, cg.seconds, &endpoint, &sim.token, op, &dir, &mut pids,
+                bench,
+                cg.requests,
+                &endpoint,
+                &sim.token,
+                op,
+                &dir,
+                &mut pids,
             ) {
                 Ok((requests, instructions)) => {
                     let (dr, di) = (
@@ -213,7 +219,7 @@ pub fn measure_all(
 /// Warm-up, then the short and the long run: `((requests), (instructions))`.
 fn measure(
     bench: &super::BenchSpec,
-    seconds: f64,
+    requests: u64,
     endpoint: &Endpoint,
     token: &Path,
     op: Op,
@@ -221,14 +227,14 @@ fn measure(
     pids: &mut dyn FnMut() -> Vec<u32>,
 ) -> Result<((u64, u64), (u64, u64))> {
     // Warm-up: lazily built state, connection pools, the masker's buffers.
-    one_at_a_time(bench, endpoint, token, op, seconds)?;
+    one_at_a_time(bench, endpoint, token, op, requests)?;
     let mut counted = Vec::new();
-    for factor in [1.0, 2.0] {
+    for factor in [1, 2] {
         let procs = pids();
         for pid in &procs {
             control(pid, "-z")?;
         }
-        let load = one_at_a_time(bench, endpoint, token, op, seconds * factor)?;
+        let load = one_at_a_time(bench, endpoint, token, op, requests * factor)?;
         let mut instructions = 0;
         for pid in &procs {
             control(pid, "-d")?;
@@ -239,14 +245,14 @@ fn measure(
     Ok(((counted[0].0, counted[1].0), (counted[0].1, counted[1].1)))
 }
 
-/// One client connection, one request at a time (closed loop), no
-/// warm-up: every request it sends is counted.
+/// One client connection, `requests` requests one at a time (closed loop),
+/// no warm-up: every request it sends is counted.
 fn one_at_a_time(
     bench: &super::BenchSpec,
     endpoint: &Endpoint,
     token: &Path,
     op: Op,
-    seconds: f64,
+    requests: u64,
 ) -> Result<LoadReport> {
     let only = serde_json::to_value(op)?
         .as_str()
@@ -256,7 +262,7 @@ fn one_at_a_time(
         .args(["--namespace", setup::NAMESPACE])
         .args(["--only", &only, "--watches", "0"])
         .args(["--concurrency", "1", "--warmup-seconds", "0"])
-        .args(["--seconds", &seconds.to_string()])
+        .args(["--requests", &requests.to_string()])
         .stdin(std::process::Stdio::null())
         .output()
         .context("running agent-load")?;

@@ -86,7 +86,7 @@ impl BenchSpec {
             // The full pipeline and nginx, GET secret only: enough to see
             // the ratio; every variant and the list in the full bench.
             callgrind: Some(callgrind::CallgrindSpec {
-                seconds: 2.0,
+                requests: 20,
                 ops: vec![crate::load::Op::GetSecret],
                 subjects: vec![
                     callgrind::chaperone_variants()[0],
@@ -107,7 +107,7 @@ impl BenchSpec {
             idle_watches: vec![1000, 10_000],
             get_rate: 200,
             callgrind: Some(callgrind::CallgrindSpec {
-                seconds: 4.0,
+                requests: 100,
                 ops: vec![crate::load::Op::GetSecret, crate::load::Op::ListPods],
                 subjects: callgrind::chaperone_variants()
                     .into_iter()
@@ -315,7 +315,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
                 "building and starting the Go peer ({})",
                 go.display()
             ));
-            let binary = setup::build_go_peer(&go, work.path())?;
+            let binary = setup::build_go_peer(&go, &work.path().join("go-build"))?;
             let version = std::process::Command::new(&go)
                 .arg("version")
                 .output()

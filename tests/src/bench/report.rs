@@ -556,14 +556,14 @@ fn render_instructions(md: &mut String, report: &BenchReport) {
     let _ = writeln!(
         md,
         "Each proxy alone under `valgrind --tool=callgrind`, one client connection, one request \
-         at a time: counters zeroed after a warm-up, a run of {s}s and one of {l}s counted, and \
+         at a time: counters zeroed after a warm-up, a run of {s} requests and one of {l} counted, and \
          (instructions of the long − the short) / (requests of the long − the short) is one more \
          request's cost, without start-up or the TLS handshake. The same count on any load: the \
          measure to compare between runs. Every thread of the process is counted (chaperone's \
          audit and recorder threads too). Go programs do not run under valgrind: the Go peer's \
          cost is its CPU time per request in the tables above.\n",
-        s = cg.map(|c| c.seconds).unwrap_or(0.0),
-        l = cg.map(|c| c.seconds * 2.0).unwrap_or(0.0),
+        s = cg.map(|c| c.requests).unwrap_or(0),
+        l = cg.map(|c| c.requests * 2).unwrap_or(0),
     );
     let nginx = callgrind::Subject::Nginx.label();
     let ops: Vec<Op> = [Op::GetSecret, Op::ListPods]

@@ -380,6 +380,7 @@ pub fn start_nginx_with(
     let config = format!(
         r#"{user}
 worker_processes {workers};
+master_process {master};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 16384; }}
@@ -421,6 +422,9 @@ http {{
 "#,
         sim_ca = sim.ca.display(),
         workers = if wrapper.is_some() { "1" } else { "auto" },
+        // Under valgrind one process serves (callgrind_control reaches no
+        // forked worker): the same request path without the master.
+        master = if wrapper.is_some() { "off" } else { "on" },
     );
     let conf = dir.join("nginx.conf");
     std::fs::write(&conf, config)?;
@@ -518,6 +522,7 @@ pub fn build_go_peer(go: &Path, out: &Path) -> Result<PathBuf> {
         .and_then(Path::parent)
         .and_then(Path::parent)
         .context("the Go toolchain's cache directory")?;
+    std::fs::create_dir_all(out)?;
     let binary = out.join("go-peer");
     let output = Command::new(go)
         .args(["build", "-trimpath", "-o"])

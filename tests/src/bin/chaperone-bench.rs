@@ -56,9 +56,10 @@ struct Args {
     /// Skip the instructions-per-request runs under callgrind.
     #[arg(long)]
     no_callgrind: bool,
-    /// Override: seconds of the short callgrind run (the long one is twice).
+    /// Override: requests of the short callgrind run (the long one sends
+    /// twice as many).
     #[arg(long)]
-    callgrind_seconds: Option<f64>,
+    callgrind_requests: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,8 +108,8 @@ fn main() -> anyhow::Result<()> {
     if args.no_callgrind {
         spec.callgrind = None;
     }
-    if let (Some(cg), Some(seconds)) = (spec.callgrind.as_mut(), args.callgrind_seconds) {
-        cg.seconds = seconds;
+    if let (Some(cg), Some(requests)) = (spec.callgrind.as_mut(), args.callgrind_requests) {
+        cg.requests = requests;
     }
     if !chaperone_tests::is_root() {
         anyhow::bail!(
