@@ -1,31 +1,44 @@
 //! `cargo xtask bench --quick` proves the harness works: the simulator,
-//! chaperone and nginx start, the same client runs against each, CPU and
-//! memory are read, the report is written, and every request chaperone saw
-//! is in its audit log. No performance thresholds: these are debug builds on
-//! a shared machine. Needs root (chaperone attaches its eBPF programs) and
-//! nginx (`cargo xtask setup` installs it); skips otherwise.
+//! chaperone, nginx and the Go peer start, the same client runs against
+//! each, CPU and memory are read, instructions per GET are counted under
+//! callgrind, the report is written with the targets marked, and every
+//! request chaperone saw is in its audit log. No performance thresholds:
+//! these are debug builds on a shared machine. Needs root (chaperone
+//! attaches its eBPF programs), nginx and valgrind (`cargo xtask setup`
+//! installs them); skips otherwise. The Go peer runs when the kube cache
+//! holds Go (`cargo xtask kube` or `cargo xtask bench` installs it).
 
 use std::process::Command;
 
-use chaperone_tests::{bench::setup::nginx_binary, e2e::workspace_binary, require_root};
+use chaperone_tests::{
+    bench::{
+        callgrind::valgrind,
+        setup::{go_toolchain, nginx_binary},
+    },
+    e2e::workspace_binary,
+    require_root,
+};
 
 #[test]
-fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
+fn the_quick_bench_measures_every_target_and_loses_no_audit_event() {
     require_root!();
-    if nginx_binary().is_none() {
+    if nginx_binary().is_none() || valgrind().is_none() {
         eprintln!(
-            "SKIPPED {}: nginx is not installed and could not be (`cargo xtask setup` installs \
-             the Debian package)",
+            "SKIPPED {}: nginx or valgrind is not installed and could not be (`cargo xtask \
+             setup` installs the Debian packages)",
             module_path!()
         );
         return;
     }
+    let go = go_toolchain().is_some();
     let chaperone = workspace_binary("chaperone");
     let bin_dir = chaperone.parent().expect("target dir").to_path_buf();
     let out = tempfile::tempdir().expect("temp dir");
     let run = Command::new(env!("CARGO_BIN_EXE_chaperone-bench"))
         .arg("--quick")
         .args(["--seconds", "2", "--rate", "10", "--concurrency", "4"])
+        // Debug builds are slow under valgrind: short counted runs.
+        .args(["--callgrind-requests", "5"])
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--out-dir")
@@ -57,7 +70,18 @@ fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
         "{markdown}"
     );
     let runs = report["runs"].as_array().expect("runs");
-    for target in ["direct", "chaperone", "nginx"] {
+    let targets: &[&str] = if go {
+        &["direct", "chaperone", "nginx", "go-peer"]
+    } else {
+        &["direct", "chaperone", "nginx"]
+    };
+    if go {
+        assert!(
+            markdown.contains("| Go httputil.ReverseProxy |"),
+            "{markdown}"
+        );
+    }
+    for &target in targets {
         let h1 = target == "direct";
         for (open_loop, get_alone, http1) in [
             (true, false, false),
@@ -121,4 +145,32 @@ fn the_quick_bench_measures_all_three_targets_and_loses_no_audit_event() {
         "{stdout}"
     );
     assert_eq!(report["audit"]["lost"], 0, "audit events lost:\n{stdout}");
+
+    // Instructions per GET under callgrind: chaperone and nginx each
+    // counted over two runs, the long one with more requests, and the
+    // ratio marked against the target.
+    let counted = report["instructions"].as_array().expect("instructions");
+    for label in [
+        "chaperone (full pipeline)",
+        "nginx (TLS reverse proxy, 1 worker)",
+    ] {
+        let row = counted
+            .iter()
+            .find(|i| i["target"] == label && i["op"] == "get-secret")
+            .unwrap_or_else(|| panic!("no callgrind count for {label}:\n{stdout}"));
+        let (short, long) = (row["requests"][0].as_u64(), row["requests"][1].as_u64());
+        assert!(
+            short.unwrap_or(0) > 0 && long > short,
+            "{label}: requests {short:?} then {long:?}\n{stdout}"
+        );
+        assert!(
+            row["per_request"].as_f64().unwrap_or(0.0) > 10_000.0,
+            "{label}: a proxied GET over TLS costs more than 10k instructions: {row}"
+        );
+    }
+    assert!(
+        markdown.contains("| instructions per GET, full pipeline |"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("### Targets (issue 26)"), "{markdown}");
 }

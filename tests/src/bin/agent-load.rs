@@ -46,6 +46,10 @@ struct Args {
     /// HTTP/2 connections the idle watches are spread over.
     #[arg(long, default_value_t = 100)]
     connections: usize,
+    /// Closed loop: send this many operations (after the warm-up's),
+    /// then stop, instead of running for --seconds.
+    #[arg(long, conflicts_with = "rate")]
+    requests: Option<u64>,
 }
 
 #[tokio::main]
@@ -67,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.seconds),
         watches: args.watches,
         only: args.only,
+        requests: args.requests,
     };
     if let Some(count) = args.idle_watches {
         let hold = async {

@@ -1,5 +1,7 @@
-//! `chaperone-bench`: direct vs chaperone vs nginx, side by side (run by
-//! `cargo xtask bench`, which builds the release binaries first).
+//! `chaperone-bench`: direct vs chaperone vs nginx vs a Go reverse proxy,
+//! side by side, and instructions per request under callgrind (run by
+//! `cargo xtask bench`, which builds the release binaries and the Go
+//! toolchain first).
 
 use std::path::PathBuf;
 
@@ -7,7 +9,9 @@ use chaperone_tests::bench::{self, BenchSpec};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Benchmark the simulator directly, chaperone and nginx in alternating rounds")]
+#[command(
+    about = "Benchmark the simulator directly, chaperone, nginx and a Go reverse proxy in alternating rounds"
+)]
 struct Args {
     /// CI-short: one round of a few seconds, 1,000 idle watches.
     #[arg(long)]
@@ -49,6 +53,13 @@ struct Args {
     /// `agent-load` drives it.
     #[arg(long)]
     hold: bool,
+    /// Skip the instructions-per-request runs under callgrind.
+    #[arg(long)]
+    no_callgrind: bool,
+    /// Override: requests of the short callgrind run (the long one sends
+    /// twice as many).
+    #[arg(long)]
+    callgrind_requests: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +105,12 @@ fn main() -> anyhow::Result<()> {
         spec.get_only = true;
     }
     spec.hold = args.hold;
+    if args.no_callgrind {
+        spec.callgrind = None;
+    }
+    if let (Some(cg), Some(requests)) = (spec.callgrind.as_mut(), args.callgrind_requests) {
+        cg.requests = requests;
+    }
     if !chaperone_tests::is_root() {
         anyhow::bail!(
             "the bench needs root: chaperone attaches its eBPF programs (at a test cgroup) and \

@@ -68,6 +68,9 @@ pub struct LoadSpec {
     pub watches: usize,
     /// Only this op instead of the mix (profiling one path).
     pub only: Option<Op>,
+    /// Closed loop: stop after this many operations instead of at the
+    /// deadline (the bench's callgrind runs count a fixed number).
+    pub requests: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -369,8 +372,15 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
                     counter.clone(),
                 );
                 workers.push(tokio::spawn(async move {
-                    while Instant::now() < deadline {
+                    loop {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
+                        let done = match spec.requests {
+                            Some(max) => n >= max,
+                            None => Instant::now() >= deadline,
+                        };
+                        if done {
+                            break;
+                        }
                         let op = spec.only.unwrap_or_else(|| pick(n));
                         let begun = Instant::now();
                         let ok = run_op(&client, &spec, op, n).await;

@@ -1,0 +1,3 @@
+module chaperone.dev/bench/go-peer
+
+go 1.21
