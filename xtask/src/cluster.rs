@@ -149,7 +149,15 @@ fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
     let result = up().and_then(|()| deploy(root, debug)).and_then(|()| {
         println!("==> the real-cluster tier (tests/tests/cluster.rs)");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["test", "-p", "chaperone-tests", "--test", "cluster"])
+            .args([
+                "test",
+                "-p",
+                "chaperone-tests",
+                "--test",
+                "cluster",
+                "--",
+                "--include-ignored",
+            ])
             .current_dir(root)
             .env("CHAPERONE_CLUSTER", "1")
             .env(STATE_ENV, state_dir())
