@@ -759,6 +759,9 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     );
 
     approvals.report_to(metrics.clone());
+    if let Some(auditor) = &auditor {
+        approvals.audit_to(auditor.gate());
+    }
     let guard = NodeGuard::new(GuardParts {
         node: config.node_name.as_str().into(),
         authenticator,

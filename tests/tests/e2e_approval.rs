@@ -1262,6 +1262,50 @@ fn only_decisions_attested_by_the_webhook_release_a_held_request() {
         "{}",
         world.node.log_text()
     );
+    // ...and audited: who the status claimed, which approval, refused.
+    let audit_log = world.work.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let forgery = loop {
+        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| {
+                e["annotations"]["chaperone.dev/rule"] == "approval-forgery"
+                    && e["impersonatedUser"]["username"] == "anyone"
+            });
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit event for the forgery in {}:\n{text}",
+            audit_log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(forgery["apiVersion"], "audit.k8s.io/v1", "{forgery:#}");
+    assert_eq!(
+        forgery["annotations"]["chaperone.dev/approval"],
+        id.as_str(),
+        "{forgery:#}"
+    );
+    assert_eq!(
+        forgery["annotations"]["chaperone.dev/decision"], "deny",
+        "{forgery:#}"
+    );
+    assert_eq!(
+        forgery["impersonatedUser"]["groups"][0], "system:masters",
+        "{forgery:#}"
+    );
+    assert_eq!(forgery["objectRef"]["subresource"], "status", "{forgery:#}");
+    assert_eq!(forgery["responseStatus"]["code"], 403, "{forgery:#}");
+    assert!(
+        forgery["responseStatus"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not trust")),
+        "{forgery:#}"
+    );
 
     // Alice's approval as the webhook attests it.
     let stored: ApprovalRequest = serde_json::from_value(approval(&world, &id)).unwrap();
