@@ -1336,6 +1336,51 @@ fn only_decisions_attested_by_the_webhook_release_a_held_request() {
     assert_eq!(approval(&world, &id)["status"]["decidedBy"], "alice");
 }
 
+/// A node without the webhook's public key cannot tell who decided, so by
+/// default it acts on no decision: a person's approval is refused with what
+/// to do, and the held delete times out instead of running.
+#[test]
+fn a_node_without_the_verify_key_acts_on_no_decision_unless_told_to_trust() {
+    require_root!();
+    let mut spec = spec("4s");
+    spec.node_args = vec!["--approval-trust-unattested=false".into()];
+    let world = World::start(spec).unwrap();
+    seed(&world, &["web"]);
+    let alice = world.person("alice", &[]).unwrap();
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let _ = plugin(&alice, &["approve", &id]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let object = approval(&world, &id);
+        if object["status"]["refusedDecision"]
+            .as_str()
+            .is_some_and(|r| r.contains("no --approval-verify-key"))
+        {
+            assert!(
+                object["status"]["refusedDecision"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--approval-trust-unattested"),
+                "{object:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the decision was not refused: {object:#}\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = finish(held);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        exists(&world, "web"),
+        "an unattested approval released the delete"
+    );
+}
+
 /// `chaperone webhook`, run as a local process and registered on the real
 /// kube-apiserver with the shipped manifest's rules for approvals (only its
 /// clientConfig made a loopback URL), so the API server itself calls

@@ -136,6 +136,9 @@ pub struct Approvals {
     metrics: std::sync::OnceLock<crate::admin::Metrics>,
     /// Where refused forgeries are audited (the node's audit pipeline).
     audit: std::sync::OnceLock<crate::audit::AuditGate>,
+    /// Cluster mode without a verifier: refuse every decision (the node
+    /// agent's default; `--approval-trust-unattested` leaves it unset).
+    refuse_unattested: std::sync::atomic::AtomicBool,
 }
 
 /// One request waiting for a decision, counted in
@@ -193,6 +196,7 @@ impl Approvals {
             checked: Mutex::new(HashMap::new()),
             metrics: std::sync::OnceLock::new(),
             audit: std::sync::OnceLock::new(),
+            refuse_unattested: std::sync::atomic::AtomicBool::new(false),
         });
         store::spawn_feed(approvals.clone());
         if approvals.notifier.is_some() {
@@ -219,6 +223,13 @@ impl Approvals {
     /// (`chaperone_approvals_held`).
     pub fn report_to(&self, metrics: crate::admin::Metrics) {
         let _ = self.metrics.set(metrics);
+    }
+
+    /// Without a verifier in cluster mode, refuse every decision instead of
+    /// trusting `decidedBy` as written.
+    pub fn refuse_unattested_decisions(&self) {
+        self.refuse_unattested
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Audits every decision refused as a forgery through `gate` (the
@@ -621,6 +632,20 @@ impl Approvals {
             );
             self.audit_forgery(approval, status, &why);
             return Err(format!("refused as a possible forgery: {why}"));
+        }
+        if matches!(self.backend, Backend::Cluster { .. })
+            && self.verifier.is_none()
+            && self
+                .refuse_unattested
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(format!(
+                "node {} has no --approval-verify-key, so it cannot tell who made this decision \
+                 and acts on none: give it chaperone's webhook public key (ConfigMap \
+                 chaperone-attestation-public, see deploy/README.md), or start it with \
+                 --approval-trust-unattested to trust decidedBy as written",
+                self.node
+            ));
         }
         let by = status.decided_by.as_deref().unwrap_or("");
         if by.is_empty() {
