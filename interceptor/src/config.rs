@@ -238,7 +238,7 @@ pub struct NodeArgs {
     /// Cluster mode: PEM ed25519 public key(s) of chaperone's admission
     /// webhook. With it, a decision counts only when the webhook attested
     /// it (who decided, as the API server authenticated them); without it
-    /// the node trusts `decidedBy` as written (a warning at start).
+    /// the node refuses every decision (see `--approval-trust-unattested`).
     #[arg(long, env = "CHAPERONE_APPROVAL_VERIFY_KEY")]
     pub approval_verify_key: Option<PathBuf>,
 
