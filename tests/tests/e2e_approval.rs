@@ -286,7 +286,9 @@ fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal(backe
     assert_eq!(object["status"]["reason"], "planned cleanup");
     assert!(object["status"]["usedAt"].is_string(), "{object:#}");
 
-    // Audited with the approval and the approver.
+    // Audited with the approval and the approver, and (this node has no
+    // verify key: --approval-trust-unattested) that the decision was
+    // trusted unattested.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let audit =
@@ -297,7 +299,12 @@ fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal(backe
                 && l.contains("\"chaperone.dev/approved-by\":\"alice\"")
                 && l.contains("\"code\":200")
         });
-        if found {
+        let trusted = audit.lines().any(|l| {
+            l.contains("\"chaperone.dev/rule\":\"approval-trusted-unattested\"")
+                && l.contains(&format!("\"chaperone.dev/approval\":\"{id}\""))
+                && l.contains("\"impersonatedUser\":{\"username\":\"alice\"")
+        });
+        if found && trusted {
             break;
         }
         assert!(

@@ -243,7 +243,15 @@ impl Approvals {
     /// known (it is unattested), so `user` is empty and `impersonatedUser`
     /// is whom the status claimed; `chaperone.dev/rule` is
     /// `approval-forgery`, `chaperone.dev/approval` the approval.
-    fn audit_forgery(&self, approval: &ApprovalRequest, status: &ApprovalStatus, why: &str) {
+    /// `why: None`: an unattested decision trusted because of
+    /// `--approval-trust-unattested`, answered 200 under the rule
+    /// `approval-trusted-unattested`.
+    fn audit_unattested(
+        &self,
+        approval: &ApprovalRequest,
+        status: &ApprovalStatus,
+        why: Option<&str>,
+    ) {
         use crate::exchange::{DecisionRecord, Exchange, ResponseStatus, Stage, UserInfo};
         let Some(gate) = self.audit.get() else {
             return;
@@ -284,23 +292,34 @@ impl Approvals {
             source_ips: Vec::new(),
             user_agent: None,
             decision: DecisionRecord {
-                action: crate::policy::Action::Deny,
+                action: if why.is_some() {
+                    crate::policy::Action::Deny
+                } else {
+                    crate::policy::Action::Allow
+                },
                 level: crate::policy::RecordLevel::Metadata,
                 policy: Arc::from(""),
-                rule: Arc::from("approval-forgery"),
+                rule: Arc::from(if why.is_some() {
+                    "approval-forgery"
+                } else {
+                    "approval-trusted-unattested"
+                }),
                 dry_run: false,
                 approval: Some(Arc::from(id.as_str())),
                 approved_by: None,
             },
-            status: ResponseStatus::failure(
-                403,
-                "Forbidden",
-                format!(
-                    "{:?} decision on approval {id} claiming {} refused as a possible forgery: {why}",
-                    status.state,
-                    status.decided_by.as_deref().unwrap_or("nobody"),
+            status: match why {
+                Some(why) => ResponseStatus::failure(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "{:?} decision on approval {id} claiming {} refused as a possible forgery: {why}",
+                        status.state,
+                        status.decided_by.as_deref().unwrap_or("nobody"),
+                    ),
                 ),
-            ),
+                None => ResponseStatus::ok(200),
+            },
             request_body: None,
             response_body: None,
             masked_fields: 0,
@@ -630,7 +649,7 @@ impl Approvals {
                 %why,
                 "refused an unattested approval decision: an attempted forgery, or written while chaperone's webhook was bypassed"
             );
-            self.audit_forgery(approval, status, &why);
+            self.audit_unattested(approval, status, Some(&why));
             return Err(format!("refused as a possible forgery: {why}"));
         }
         if matches!(self.backend, Backend::Cluster { .. })
@@ -646,6 +665,10 @@ impl Approvals {
                  --approval-trust-unattested to trust decidedBy as written",
                 self.node
             ));
+        }
+        if matches!(self.backend, Backend::Cluster { .. }) && self.verifier.is_none() {
+            // --approval-trust-unattested: trusted, and audited as such.
+            self.audit_unattested(approval, status, None);
         }
         let by = status.decided_by.as_deref().unwrap_or("");
         if by.is_empty() {
