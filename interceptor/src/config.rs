@@ -238,9 +238,21 @@ pub struct NodeArgs {
     /// Cluster mode: PEM ed25519 public key(s) of chaperone's admission
     /// webhook. With it, a decision counts only when the webhook attested
     /// it (who decided, as the API server authenticated them); without it
-    /// the node trusts `decidedBy` as written (a warning at start).
+    /// the node refuses every decision (see `--approval-trust-unattested`).
     #[arg(long, env = "CHAPERONE_APPROVAL_VERIFY_KEY")]
     pub approval_verify_key: Option<PathBuf>,
+
+    /// Cluster mode without `--approval-verify-key`: trust `decidedBy` as
+    /// written (anyone who may write approvalrequests/status can approve
+    /// under any name). Without this flag such a node refuses every
+    /// decision, and held requests stay held until they time out.
+    #[arg(
+        long,
+        env = "CHAPERONE_APPROVAL_TRUST_UNATTESTED",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub approval_trust_unattested: Option<bool>,
 
     /// A webhook told about every new approval (http or https URL).
     #[arg(long, env = "CHAPERONE_NOTIFY_URL")]
@@ -306,6 +318,7 @@ struct NodeFile {
     approval_dir: Option<PathBuf>,
     approval_ttl: Option<String>,
     approval_verify_key: Option<PathBuf>,
+    approval_trust_unattested: Option<bool>,
     notify_url: Option<String>,
     notify_format: Option<String>,
     /// Token verification: issuers, OIDC providers, algorithms.
@@ -365,6 +378,8 @@ pub struct NodeConfig {
     pub approval_ttl: Duration,
     /// The admission webhook's public key(s) that attest decisions.
     pub approval_verify_key: Option<PathBuf>,
+    /// Without a verify key, trust `decidedBy` as written (else refuse).
+    pub approval_trust_unattested: bool,
     /// Where and how new approvals are announced.
     pub notify: Option<(http::Uri, crate::approval::notify::Format)>,
 }
@@ -600,6 +615,10 @@ impl NodeConfig {
                 .unwrap_or_else(|| crate::approval::DEFAULT_NAMESPACE.to_owned()),
             approval_dir: args.approval_dir.or(file.approval_dir),
             approval_verify_key: args.approval_verify_key.or(file.approval_verify_key),
+            approval_trust_unattested: args
+                .approval_trust_unattested
+                .or(file.approval_trust_unattested)
+                .unwrap_or(false),
             approval_ttl: match args.approval_ttl.or(file.approval_ttl) {
                 None => crate::approval::DEFAULT_TTL,
                 Some(text) => parse_duration_with_unit(&text)

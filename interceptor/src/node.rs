@@ -743,12 +743,25 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             namespace: config.approval_namespace.clone(),
         },
     };
+    let refuse_unattested = verifier.is_none()
+        && matches!(approval_backend, crate::approval::Backend::Cluster { .. })
+        && !config.approval_trust_unattested;
     if verifier.is_none() && matches!(approval_backend, crate::approval::Backend::Cluster { .. }) {
-        tracing::warn!(
-            "no --approval-verify-key: approval decisions are not attested, and anyone \
-             who may write approvalrequests/status can approve under any name \
-             (see deploy/README.md)"
-        );
+        if refuse_unattested {
+            tracing::error!(
+                "no --approval-verify-key: this node cannot tell who approved, so it refuses \
+                 every approval decision (held requests stay held): give it the webhook's \
+                 public key (ConfigMap chaperone-attestation-public, see deploy/README.md), \
+                 or pass --approval-trust-unattested to trust decidedBy as written"
+            );
+        } else {
+            tracing::warn!(
+                signal = "approval-trust-unattested",
+                "--approval-trust-unattested: approval decisions are not attested, and anyone \
+                 who may write approvalrequests/status can approve under any name \
+                 (see deploy/README.md)"
+            );
+        }
     }
     let approvals = crate::approval::Approvals::start_attested(
         approval_backend,
@@ -759,6 +772,12 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     );
 
     approvals.report_to(metrics.clone());
+    if refuse_unattested {
+        approvals.refuse_unattested_decisions();
+    }
+    if let Some(auditor) = &auditor {
+        approvals.audit_to(auditor.gate());
+    }
     let guard = NodeGuard::new(GuardParts {
         node: config.node_name.as_str().into(),
         authenticator,

@@ -785,6 +785,15 @@ impl World {
             cmd.args(["--pod-name", pod, "--pod-namespace", NODE_NAMESPACE]);
         }
         cmd.args(&spec.node_args);
+        // Without the webhook's public key a node refuses every approval
+        // decision unless told to trust them; scenarios that give no key
+        // are about other things, so they opt in (pass
+        // `--approval-trust-unattested=false` to see the refusal).
+        if !spec.node_args.iter().any(|a| {
+            a.starts_with("--approval-verify-key") || a.starts_with("--approval-trust-unattested")
+        }) {
+            cmd.arg("--approval-trust-unattested");
+        }
         let node_command: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let node = NodeAgent::spawn(&node_command, admin_port, ca_dir, port)?;
         let token = api.mint_token(

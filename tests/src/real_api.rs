@@ -553,6 +553,13 @@ impl RealApiServer {
         )
     }
 
+    /// A serving certificate and key for 127.0.0.1 signed by this server's
+    /// CA, whose PEM ([`Self::ca_pem`]) is then the `caBundle` that trusts
+    /// it: for a webhook the server calls on loopback.
+    pub fn loopback_serving_cert(&self) -> Result<(String, String)> {
+        serving_cert(&self.ca)
+    }
+
     /// The last lines etcd and kube-apiserver printed.
     pub fn log_text(&self) -> String {
         self.log

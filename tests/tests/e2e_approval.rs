@@ -286,7 +286,9 @@ fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal(backe
     assert_eq!(object["status"]["reason"], "planned cleanup");
     assert!(object["status"]["usedAt"].is_string(), "{object:#}");
 
-    // Audited with the approval and the approver.
+    // Audited with the approval and the approver, and (this node has no
+    // verify key: --approval-trust-unattested) that the decision was
+    // trusted unattested.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let audit =
@@ -297,7 +299,12 @@ fn a_held_delete_completes_when_a_person_approves_it_from_another_terminal(backe
                 && l.contains("\"chaperone.dev/approved-by\":\"alice\"")
                 && l.contains("\"code\":200")
         });
-        if found {
+        let trusted = audit.lines().any(|l| {
+            l.contains("\"chaperone.dev/rule\":\"approval-trusted-unattested\"")
+                && l.contains(&format!("\"chaperone.dev/approval\":\"{id}\""))
+                && l.contains("\"impersonatedUser\":{\"username\":\"alice\"")
+        });
+        if found && trusted {
             break;
         }
         assert!(
@@ -1262,6 +1269,50 @@ fn only_decisions_attested_by_the_webhook_release_a_held_request() {
         "{}",
         world.node.log_text()
     );
+    // ...and audited: who the status claimed, which approval, refused.
+    let audit_log = world.work.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let forgery = loop {
+        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| {
+                e["annotations"]["chaperone.dev/rule"] == "approval-forgery"
+                    && e["impersonatedUser"]["username"] == "anyone"
+            });
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit event for the forgery in {}:\n{text}",
+            audit_log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(forgery["apiVersion"], "audit.k8s.io/v1", "{forgery:#}");
+    assert_eq!(
+        forgery["annotations"]["chaperone.dev/approval"],
+        id.as_str(),
+        "{forgery:#}"
+    );
+    assert_eq!(
+        forgery["annotations"]["chaperone.dev/decision"], "deny",
+        "{forgery:#}"
+    );
+    assert_eq!(
+        forgery["impersonatedUser"]["groups"][0], "system:masters",
+        "{forgery:#}"
+    );
+    assert_eq!(forgery["objectRef"]["subresource"], "status", "{forgery:#}");
+    assert_eq!(forgery["responseStatus"]["code"], 403, "{forgery:#}");
+    assert!(
+        forgery["responseStatus"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not trust")),
+        "{forgery:#}"
+    );
 
     // Alice's approval as the webhook attests it.
     let stored: ApprovalRequest = serde_json::from_value(approval(&world, &id)).unwrap();
@@ -1290,6 +1341,302 @@ fn only_decisions_attested_by_the_webhook_release_a_held_request() {
         "the attested approval released the delete"
     );
     assert_eq!(approval(&world, &id)["status"]["decidedBy"], "alice");
+}
+
+/// A node without the webhook's public key cannot tell who decided, so by
+/// default it acts on no decision: a person's approval is refused with what
+/// to do, and the held delete times out instead of running.
+#[test]
+fn a_node_without_the_verify_key_acts_on_no_decision_unless_told_to_trust() {
+    require_root!();
+    let mut spec = spec("4s");
+    spec.node_args = vec!["--approval-trust-unattested=false".into()];
+    let world = World::start(spec).unwrap();
+    seed(&world, &["web"]);
+    let alice = world.person("alice", &[]).unwrap();
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let _ = plugin(&alice, &["approve", &id]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let object = approval(&world, &id);
+        if object["status"]["refusedDecision"]
+            .as_str()
+            .is_some_and(|r| r.contains("no --approval-verify-key"))
+        {
+            assert!(
+                object["status"]["refusedDecision"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--approval-trust-unattested"),
+                "{object:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the decision was not refused: {object:#}\n{}",
+            world.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = finish(held);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        exists(&world, "web"),
+        "an unattested approval released the delete"
+    );
+}
+
+/// `chaperone webhook`, run as a local process and registered on the real
+/// kube-apiserver with the shipped manifest's rules for approvals (only its
+/// clientConfig made a loopback URL), so the API server itself calls
+/// `/attest` with its authentication of each writer. A forged status
+/// (claiming alice, system:masters and a made-up attestation) is rewritten
+/// to the writer who really sent it, and the node refuses that writer; only
+/// alice's own approval releases the held delete.
+#[test]
+fn on_the_real_server_the_webhook_attests_who_decided_and_forgeries_release_nothing() {
+    use chaperone_tests::e2e::{ApiServer, workspace_binary};
+    use std::process::Command;
+    require_root!();
+    chaperone_tests::require_real_api!();
+    // The webhook's signing key and the nodes' public key, as
+    // deploy/bootstrap-certs.sh makes them.
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = (
+        keys.path().join("ed25519.key"),
+        keys.path().join("ed25519.pub"),
+    );
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    };
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "ed25519",
+        "-out",
+        private.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        private.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+
+    let mut spec = WorldSpec {
+        everyone_is_admin: false,
+        ..on(Backend::Real, "60s")
+    };
+    spec.node_args = vec![
+        "--approval-verify-key".into(),
+        public.to_str().unwrap().into(),
+    ];
+    let world = World::start(spec).unwrap();
+    let ApiServer::Real(real) = &world.api else {
+        unreachable!("a real world")
+    };
+    seed(&world, &["web"]);
+    bind_approvers_on_a_real_server(&world);
+
+    // The webhook, serving on loopback with a certificate the server trusts.
+    let (cert, key) = real.loopback_serving_cert().unwrap();
+    let (cert_path, key_path) = (keys.path().join("tls.crt"), keys.path().join("tls.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Webhook(Child);
+    impl Drop for Webhook {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let webhook_log = keys.path().join("webhook.log");
+    let _webhook = Webhook(
+        Command::new(workspace_binary("chaperone"))
+            .args(["webhook", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .arg("--attestation-key")
+            .arg(&private)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&webhook_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "chaperone webhook never listened: {}",
+            std::fs::read_to_string(&webhook_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The shipped webhook for approvals, as deploy/ has it, called by URL.
+    let manifest: Value = serde_yaml::from_str(include_str!(
+        "../../deploy/base/webhook/mutatingwebhookconfiguration.yaml"
+    ))
+    .unwrap();
+    let mut hook = manifest["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "approvals.chaperone.dev")
+        .expect("the shipped manifest has the approvals webhook")
+        .clone();
+    let path = hook["clientConfig"]["service"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    {
+        use base64::Engine as _;
+        hook["clientConfig"] = serde_json::json!({
+            "url": format!("https://127.0.0.1:{port}{path}"),
+            "caBundle": base64::engine::general_purpose::STANDARD.encode(real.ca_pem()),
+        });
+    }
+    world
+        .api
+        .create(serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "chaperone"},
+            "webhooks": [hook],
+        }))
+        .unwrap();
+    // The API server picks webhook configurations up from a watch.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let held = start_delete(&world, "web");
+    let id = wait_for_pending(&world, "web");
+    let refused = |why: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let object = approval(&world, &id);
+            if object["status"]["state"] == "Pending"
+                && object["status"]["refusedDecision"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(why))
+            {
+                return object;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the decision was not refused ({why}): {object:#}\n{}",
+                world.node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let forge = |person: &Person| {
+        let patch = serde_json::json!({"status": {
+            "state": "Approved", "decidedBy": "alice", "decidedByGroups": ["system:masters"],
+            "attestation": {"keyId": "0000000000000000", "signature": "AAAA"},
+        }})
+        .to_string();
+        let out = run_for(
+            &mut person.kubectl(&[
+                "patch",
+                APPROVALS,
+                &id,
+                "-n",
+                NS,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch,
+            ]),
+            LIMIT,
+        )
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+
+    // bob (may write status, may not approve) claims to be alice: the API
+    // server tells the webhook it is bob, and bob may not approve.
+    let bob = world.person("bob", &[]).unwrap();
+    forge(&bob);
+    refused("bob may not approve");
+    assert!(exists(&world, "web"), "bob's forgery released the delete");
+
+    // The requester itself, with its own token outside chaperone.
+    let agent_home = world.work.path().join("agent-as-person");
+    std::fs::create_dir_all(&agent_home).unwrap();
+    let agent = Person {
+        kubeconfig: agent_home.join("config"),
+        home: agent_home,
+    };
+    world
+        .api
+        .write_kubeconfig(&agent.kubeconfig, &world.token)
+        .unwrap();
+    forge(&agent);
+    refused("a requester never approves itself");
+    assert!(
+        exists(&world, "web"),
+        "the requester's forgery released the delete"
+    );
+
+    // A chaperone service account (what a node agent runs as), allowed
+    // to write approvals' status as the node DaemonSet is.
+    let node_token = real
+        .mint_token(NS, "chaperone-node", None, None, Duration::from_secs(3600))
+        .unwrap();
+    real.create(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "e2e-node-writes-status"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "chaperone-node", "namespace": NS}],
+    }))
+    .unwrap();
+    let node_home = world.work.path().join("node-as-person");
+    std::fs::create_dir_all(&node_home).unwrap();
+    let node = Person {
+        kubeconfig: node_home.join("config"),
+        home: node_home,
+    };
+    world
+        .api
+        .write_kubeconfig(&node.kubeconfig, &node_token)
+        .unwrap();
+    forge(&node);
+    refused("one of chaperone's own service accounts");
+    assert!(
+        exists(&world, "web"),
+        "a node's forgery released the delete"
+    );
+
+    // alice's own approval, through the plugin: attested as hers.
+    let alice = world.person("alice", &[]).unwrap();
+    let approved = plugin(&alice, &["approve", &id]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    let out = finish(held);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !exists(&world, "web"),
+        "alice's approval did not release the delete"
+    );
+    let object = approval(&world, &id);
+    assert_eq!(object["status"]["decidedBy"], "alice", "{object:#}");
+    assert!(
+        object["status"]["attestation"]["signature"].is_string()
+            && object["status"]["attestation"]["signature"] != "AAAA",
+        "{object:#}"
+    );
 }
 
 /// What is approved is exactly what runs: a person who approved a dry run

@@ -134,6 +134,11 @@ pub struct Approvals {
     checked: Mutex<HashMap<(String, String), Result<(), String>>>,
     /// Where held requests are counted (`chaperone_approvals_held`).
     metrics: std::sync::OnceLock<crate::admin::Metrics>,
+    /// Where refused forgeries are audited (the node's audit pipeline).
+    audit: std::sync::OnceLock<crate::audit::AuditGate>,
+    /// Cluster mode without a verifier: refuse every decision (the node
+    /// agent's default; `--approval-trust-unattested` leaves it unset).
+    refuse_unattested: std::sync::atomic::AtomicBool,
 }
 
 /// One request waiting for a decision, counted in
@@ -190,6 +195,8 @@ impl Approvals {
             synced: watch::channel(false).0,
             checked: Mutex::new(HashMap::new()),
             metrics: std::sync::OnceLock::new(),
+            audit: std::sync::OnceLock::new(),
+            refuse_unattested: std::sync::atomic::AtomicBool::new(false),
         });
         store::spawn_feed(approvals.clone());
         if approvals.notifier.is_some() {
@@ -216,6 +223,108 @@ impl Approvals {
     /// (`chaperone_approvals_held`).
     pub fn report_to(&self, metrics: crate::admin::Metrics) {
         let _ = self.metrics.set(metrics);
+    }
+
+    /// Without a verifier in cluster mode, refuse every decision instead of
+    /// trusting `decidedBy` as written.
+    pub fn refuse_unattested_decisions(&self) {
+        self.refuse_unattested
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Audits every decision refused as a forgery through `gate` (the
+    /// node's audit pipeline, `audit.k8s.io/v1`).
+    pub fn audit_to(&self, gate: crate::audit::AuditGate) {
+        let _ = self.audit.set(gate);
+    }
+
+    /// One audit event for a decision refused as a forgery: an `update` of
+    /// the approval's status, answered 403 with why. Who wrote it is not
+    /// known (it is unattested), so `user` is empty and `impersonatedUser`
+    /// is whom the status claimed; `chaperone.dev/rule` is
+    /// `approval-forgery`, `chaperone.dev/approval` the approval.
+    /// `why: None`: an unattested decision trusted because of
+    /// `--approval-trust-unattested`, answered 200 under the rule
+    /// `approval-trusted-unattested`.
+    fn audit_unattested(
+        &self,
+        approval: &ApprovalRequest,
+        status: &ApprovalStatus,
+        why: Option<&str>,
+    ) {
+        use crate::exchange::{DecisionRecord, Exchange, ResponseStatus, Stage, UserInfo};
+        let Some(gate) = self.audit.get() else {
+            return;
+        };
+        let namespace = self.backend.namespace().to_owned();
+        let id = approval.name().to_owned();
+        let uri = format!(
+            "/apis/chaperone.dev/v1alpha1/namespaces/{namespace}/approvalrequests/{id}/status"
+        );
+        let now = OffsetDateTime::now_utc();
+        let claimed = UserInfo {
+            username: status.decided_by.clone().unwrap_or_default(),
+            groups: status.decided_by_groups.clone(),
+            ..UserInfo::default()
+        };
+        gate.submit(Arc::new(Exchange {
+            audit_id: uuid::Uuid::new_v4(),
+            stage: Stage::ResponseComplete,
+            received: now,
+            response_started: None,
+            completed: now,
+            request_uri: uri.clone(),
+            request: crate::request::RequestInfo {
+                is_resource_request: true,
+                path: uri,
+                verb: "update".into(),
+                api_prefix: "apis".into(),
+                api_group: "chaperone.dev".into(),
+                api_version: "v1alpha1".into(),
+                namespace,
+                resource: "approvalrequests".into(),
+                subresource: "status".into(),
+                name: id.clone(),
+                ..Default::default()
+            },
+            caller: Arc::new(Caller::default()),
+            impersonated_user: Some(claimed),
+            source_ips: Vec::new(),
+            user_agent: None,
+            decision: DecisionRecord {
+                action: if why.is_some() {
+                    crate::policy::Action::Deny
+                } else {
+                    crate::policy::Action::Allow
+                },
+                level: crate::policy::RecordLevel::Metadata,
+                policy: Arc::from(""),
+                rule: Arc::from(if why.is_some() {
+                    "approval-forgery"
+                } else {
+                    "approval-trusted-unattested"
+                }),
+                dry_run: false,
+                approval: Some(Arc::from(id.as_str())),
+                approved_by: None,
+            },
+            status: match why {
+                Some(why) => ResponseStatus::failure(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "{:?} decision on approval {id} claiming {} refused as a possible forgery: {why}",
+                        status.state,
+                        status.decided_by.as_deref().unwrap_or("nobody"),
+                    ),
+                ),
+                None => ResponseStatus::ok(200),
+            },
+            request_body: None,
+            response_body: None,
+            masked_fields: 0,
+            node: Arc::from(self.node.as_str()),
+        }));
     }
 
     /// The command a person runs to approve `id`.
@@ -540,7 +649,26 @@ impl Approvals {
                 %why,
                 "refused an unattested approval decision: an attempted forgery, or written while chaperone's webhook was bypassed"
             );
+            self.audit_unattested(approval, status, Some(&why));
             return Err(format!("refused as a possible forgery: {why}"));
+        }
+        if matches!(self.backend, Backend::Cluster { .. })
+            && self.verifier.is_none()
+            && self
+                .refuse_unattested
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(format!(
+                "node {} has no --approval-verify-key, so it cannot tell who made this decision \
+                 and acts on none: give it chaperone's webhook public key (ConfigMap \
+                 chaperone-attestation-public, see deploy/README.md), or start it with \
+                 --approval-trust-unattested to trust decidedBy as written",
+                self.node
+            ));
+        }
+        if matches!(self.backend, Backend::Cluster { .. }) && self.verifier.is_none() {
+            // --approval-trust-unattested: trusted, and audited as such.
+            self.audit_unattested(approval, status, None);
         }
         let by = status.decided_by.as_deref().unwrap_or("");
         if by.is_empty() {
