@@ -1517,8 +1517,8 @@ fn on_the_real_server_the_webhook_attests_who_decided_and_forgeries_release_noth
             "webhooks": [hook],
         }))
         .unwrap();
-    // The API server picks webhook configurations up from a watch.
-    std::thread::sleep(Duration::from_secs(2));
+    // The API server picks webhook configurations up from a watch: bob's
+    // forgery below is repeated until the webhook has seen one.
 
     let held = start_delete(&world, "web");
     let id = wait_for_pending(&world, "web");
@@ -1558,17 +1558,33 @@ fn on_the_real_server_the_webhook_attests_who_decided_and_forgeries_release_noth
                 "--type=merge",
                 "-p",
                 &patch,
+                "-o",
+                "jsonpath={.status.decidedBy}",
             ]),
             LIMIT,
         )
         .unwrap();
         assert!(out.status.success(), "{}", text(&out));
+        // The object as stored, after admission: who the webhook says
+        // decided.
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
 
     // bob (may write status, may not approve) claims to be alice: the API
     // server tells the webhook it is bob, and bob may not approve.
     let bob = world.person("bob", &[]).unwrap();
-    forge(&bob);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored_as = forge(&bob);
+        if stored_as == "bob" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API server never called the webhook: the status was stored as decided by {stored_as:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     refused("bob may not approve");
     assert!(exists(&world, "web"), "bob's forgery released the delete");
 
