@@ -1,6 +1,11 @@
 //! Chaperone: a transparent guard between AI agents and the Kubernetes API
 //! server. See ARCHITECTURE.md at the repository root for the map; each module
 //! below owns one concern of the data path.
+//!
+//! `unsafe` is denied everywhere but the two modules that make raw bpf(2)
+//! and socket calls (`redirect/bpf_sys.rs`, `redirect/preflight.rs`); a new
+//! `unsafe` block anywhere else fails the build.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod approval;

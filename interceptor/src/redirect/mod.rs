@@ -10,10 +10,12 @@
 //!   agent, and `chaperone detach`.
 
 pub mod addr;
+#[allow(unsafe_code)] // raw bpf(2) calls aya does not wrap
 mod bpf_sys;
 pub mod cgroupfs;
 mod loader;
 pub mod pin;
+#[allow(unsafe_code)] // setrlimit(RLIMIT_MEMLOCK) before loading programs
 mod preflight;
 
 pub use addr::{AttestedConnection, CgroupId, OrigDst, RefusedDestination};
