@@ -128,6 +128,10 @@ pub enum Target {
     /// short request over HTTP/2 upstream), in the get-alone runs only: what
     /// the default's HTTP/1.1 connections, nginx's upstream protocol, save.
     ChaperoneUpstreamHttp2,
+    /// A third chaperone with `--audit-durability spooled` (each request
+    /// forwarded once its audit event is on disk), in the full bench's
+    /// get-alone runs only: what the durable audit mode costs.
+    ChaperoneAuditSpooled,
     Nginx,
     /// Go's `net/http` + `httputil.ReverseProxy` (`tests/go-peer`).
     GoPeer,
@@ -139,6 +143,7 @@ impl Target {
             Target::Direct => "direct (kube-sim)",
             Target::Chaperone => "chaperone (full pipeline)",
             Target::ChaperoneUpstreamHttp2 => "chaperone, HTTP/2 upstream only",
+            Target::ChaperoneAuditSpooled => "chaperone, audit durability spooled",
             Target::Nginx => "nginx (TLS reverse proxy)",
             Target::GoPeer => "Go httputil.ReverseProxy",
         }
@@ -307,6 +312,24 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     } else {
         None
     };
+    let chaperone_spooled = if spec.get_rate > 0 && !spec.quick {
+        say(
+            "starting a third chaperone node with --audit-durability spooled (get-alone runs only)",
+        );
+        Some(setup::start_chaperone_with(
+            &spec.bin_dir,
+            &work.path().join("chaperone-audit-spooled"),
+            &sim,
+            netns.host_v4,
+            &setup::Pipeline {
+                audit_spooled: true,
+                ..setup::Pipeline::FULL
+            },
+            None,
+        )?)
+    } else {
+        None
+    };
     say("starting nginx");
     let nginx = setup::start_nginx(&nginx_bin, work.path(), &sim)?;
     let (go_peer, go_peer_note) = match setup::go_toolchain() {
@@ -359,6 +382,17 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
                 .unwrap_or_default(),
         },
         Endpoint {
+            target: Target::ChaperoneAuditSpooled,
+            url: chaperone_spooled
+                .as_ref()
+                .map(|c| c.url.clone())
+                .unwrap_or_default(),
+            ca: chaperone_spooled
+                .as_ref()
+                .map(|c| c.ca.clone())
+                .unwrap_or_default(),
+        },
+        Endpoint {
             target: Target::Nginx,
             url: nginx.url.clone(),
             ca: nginx.ca.clone(),
@@ -372,12 +406,14 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     let sim_pid = sim.proc.pid();
     let chaperone_pid = chaperone.proc.pid();
     let chaperone_h2_pid = chaperone_h2.as_ref().map(|c| c.proc.pid());
+    let chaperone_spooled_pid = chaperone_spooled.as_ref().map(|c| c.proc.pid());
     let go_peer_pid = go_peer.as_ref().map(|g| g.proc.pid());
     let pids_of = |target: Target| -> Vec<u32> {
         match target {
             Target::Direct => vec![sim_pid],
             Target::Chaperone => vec![chaperone_pid],
             Target::ChaperoneUpstreamHttp2 => chaperone_h2_pid.into_iter().collect(),
+            Target::ChaperoneAuditSpooled => chaperone_spooled_pid.into_iter().collect(),
             Target::Nginx => nginx.pids(),
             Target::GoPeer => go_peer_pid.into_iter().collect(),
         }
@@ -425,6 +461,8 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
                     || (http1 && endpoint.target != Target::Direct)
                     || (endpoint.target == Target::ChaperoneUpstreamHttp2
                         && (!get_alone || chaperone_h2.is_none()))
+                    || (endpoint.target == Target::ChaperoneAuditSpooled
+                        && (!get_alone || chaperone_spooled.is_none()))
                 {
                     continue;
                 }
@@ -587,6 +625,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     drop(nginx);
     drop(go_peer);
     drop(chaperone_h2);
+    drop(chaperone_spooled);
     drop(chaperone);
 
     // Instructions per request, one proxy at a time under callgrind.

@@ -385,6 +385,7 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         Target::Direct,
         Target::Chaperone,
         Target::ChaperoneUpstreamHttp2,
+        Target::ChaperoneAuditSpooled,
         Target::Nginx,
         Target::GoPeer,
     ];
@@ -441,7 +442,9 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
             "\nnginx speaks HTTP/1.1 to the simulator, and so does chaperone for short requests \
              while at most 4 are in flight per data-path thread (the default; HTTP/2 past that, \
              and for watches and logs). The HTTP/2-only row is chaperone with \
-             `--upstream-http1-connections 0`. The last row is what the simulator alone gains \
+             `--upstream-http1-connections 0`; the audit-spooled row is chaperone with \
+             `--audit-durability spooled` (each request forwarded once its audit event is \
+             synced to disk: the cost of the durable audit mode). The last row is what the simulator alone gains \
              from HTTP/1.1, part of what an HTTP/1.1 proxy's added latency leaves out."
         );
     }

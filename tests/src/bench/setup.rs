@@ -224,6 +224,9 @@ pub struct Pipeline {
     pub mask: bool,
     pub record: bool,
     pub audit: bool,
+    /// `--audit-durability spooled`: each request waits until its
+    /// `RequestReceived` event is synced to disk (group commit).
+    pub audit_spooled: bool,
 }
 
 impl Pipeline {
@@ -232,6 +235,7 @@ impl Pipeline {
         mask: true,
         record: true,
         audit: true,
+        audit_spooled: false,
     };
 
     /// The policy for these stages.
@@ -295,6 +299,9 @@ pub fn start_chaperone_with(
         .arg(work.join("sessions"));
     if pipeline.audit {
         command.arg("--audit-log").arg(audit_dir.join("audit.log"));
+        if pipeline.audit_spooled {
+            command.args(["--audit-durability", "spooled"]);
+        }
     }
     command
         .args(["--allow-unattested", "--no-pod-tracker", "--fail-open"])
