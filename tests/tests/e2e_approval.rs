@@ -1587,6 +1587,33 @@ fn on_the_real_server_the_webhook_attests_who_decided_and_forgeries_release_noth
     }
     refused("bob may not approve");
     assert!(exists(&world, "web"), "bob's forgery released the delete");
+    // ...and audited on the node: bob (as the webhook attested), refused.
+    let audit_log = world.work.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refusal = loop {
+        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| {
+                e["annotations"]["chaperone.dev/rule"] == "approval-decision-refused"
+                    && e["impersonatedUser"]["username"] == "bob"
+            });
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit event for bob's refused decision in {}:\n{text}",
+            audit_log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(refusal["responseStatus"]["code"], 403, "{refusal:#}");
+    assert_eq!(
+        refusal["annotations"]["chaperone.dev/approval"], id,
+        "{refusal:#}"
+    );
 
     // The requester itself, with its own token outside chaperone.
     let agent_home = world.work.path().join("agent-as-person");

@@ -155,6 +155,9 @@ impl<'a> Waiting<'a> {
     }
 }
 
+/// How a decision refused as unattested starts (`refusedDecision`).
+const FORGERY: &str = "refused as a possible forgery";
+
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(metrics) = self.0 {
@@ -252,6 +255,52 @@ impl Approvals {
         status: &ApprovalStatus,
         why: Option<&str>,
     ) {
+        let id = approval.name();
+        let refusal = why.map(|why| {
+            format!(
+                "{:?} decision on approval {id} claiming {} refused as a possible forgery: {why}",
+                status.state,
+                status.decided_by.as_deref().unwrap_or("nobody"),
+            )
+        });
+        let rule = if why.is_some() {
+            "approval-forgery"
+        } else {
+            "approval-trusted-unattested"
+        };
+        self.audit_decision(approval, status, rule, refusal);
+    }
+
+    /// One audit event for a decision the node refused for any reason other
+    /// than a missing or bad attestation (the decider may not decide, is
+    /// the requester, is one of chaperone's own service accounts): rule
+    /// `approval-decision-refused`, 403 with why, `impersonatedUser` the
+    /// decider the status names (attested by the webhook when the node has
+    /// the verify key).
+    fn audit_refused_decision(
+        &self,
+        approval: &ApprovalRequest,
+        status: &ApprovalStatus,
+        why: &str,
+    ) {
+        let refusal = format!(
+            "{:?} decision on approval {} by {} refused: {why}",
+            status.state,
+            approval.name(),
+            status.decided_by.as_deref().unwrap_or("nobody"),
+        );
+        self.audit_decision(approval, status, "approval-decision-refused", Some(refusal));
+    }
+
+    /// The audit event of a decision the node judged: `refusal: None` is
+    /// one it acted on (200), `Some` one it refused (403, the message).
+    fn audit_decision(
+        &self,
+        approval: &ApprovalRequest,
+        status: &ApprovalStatus,
+        rule: &'static str,
+        refusal: Option<String>,
+    ) {
         use crate::exchange::{DecisionRecord, Exchange, ResponseStatus, Stage, UserInfo};
         let Some(gate) = self.audit.get() else {
             return;
@@ -292,32 +341,20 @@ impl Approvals {
             source_ips: Vec::new(),
             user_agent: None,
             decision: DecisionRecord {
-                action: if why.is_some() {
+                action: if refusal.is_some() {
                     crate::policy::Action::Deny
                 } else {
                     crate::policy::Action::Allow
                 },
                 level: crate::policy::RecordLevel::Metadata,
                 policy: Arc::from(""),
-                rule: Arc::from(if why.is_some() {
-                    "approval-forgery"
-                } else {
-                    "approval-trusted-unattested"
-                }),
+                rule: Arc::from(rule),
                 dry_run: false,
                 approval: Some(Arc::from(id.as_str())),
                 approved_by: None,
             },
-            status: match why {
-                Some(why) => ResponseStatus::failure(
-                    403,
-                    "Forbidden",
-                    format!(
-                        "{:?} decision on approval {id} claiming {} refused as a possible forgery: {why}",
-                        status.state,
-                        status.decided_by.as_deref().unwrap_or("nobody"),
-                    ),
-                ),
+            status: match refusal {
+                Some(message) => ResponseStatus::failure(403, "Forbidden", message),
                 None => ResponseStatus::ok(200),
             },
             request_body: None,
@@ -618,6 +655,10 @@ impl Approvals {
                 let result = self.verify(approval, &status).await;
                 if let Err(why) = &result {
                     tracing::warn!(approval = %decided.id, %why, "refused a decision");
+                    // Forgeries are audited where they are found.
+                    if !why.starts_with(FORGERY) {
+                        self.audit_refused_decision(approval, &status, why);
+                    }
                     if let Err(error) = self.backend.refuse_decision(approval, why).await {
                         tracing::warn!(approval = %decided.id, %error, "could not write the refused decision back");
                     }
@@ -650,7 +691,7 @@ impl Approvals {
                 "refused an unattested approval decision: an attempted forgery, or written while chaperone's webhook was bypassed"
             );
             self.audit_unattested(approval, status, Some(&why));
-            return Err(format!("refused as a possible forgery: {why}"));
+            return Err(format!("{FORGERY}: {why}"));
         }
         if matches!(self.backend, Backend::Cluster { .. })
             && self.verifier.is_none()
