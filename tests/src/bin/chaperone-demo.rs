@@ -200,6 +200,29 @@ fn main() -> Result<()> {
     );
     let sessions_dir = world.work.path().join("sessions");
     let chaperone = workspace_binary("chaperone");
+    // kubectl has exited; its connections' last records follow on the
+    // recorder thread. Wait until no connection's recording is still open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = run_for(
+            Command::new(&chaperone)
+                .args(["sessions", "--connections", "-o", "json", "--dir"])
+                .arg(&sessions_dir),
+            Duration::from_secs(30),
+        )?;
+        let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
+        let open = list["items"].as_array().map_or(1, |items| {
+            items.iter().filter(|c| c["chain"] == "open").count()
+        });
+        if open == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{open} recording(s) still open 20 s after the agent's last command"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let listing = run_for(
         Command::new(&chaperone)
             .args(["sessions", "--dir"])
