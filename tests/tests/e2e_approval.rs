@@ -1171,6 +1171,33 @@ fn in_local_mode_the_admin_api_approves_a_held_delete_with_the_plugins_rules() {
     );
 }
 
+/// The node's audit event for a decision it judged under `rule` (an
+/// approval's `chaperone.dev/rule`) naming `claimed` as the decider, once
+/// the audit thread has written it (20 s at most).
+fn node_audit_event(world: &World, rule: &str, claimed: &str) -> Value {
+    let audit_log = world.work.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| {
+                e["annotations"]["chaperone.dev/rule"] == rule
+                    && e["impersonatedUser"]["username"] == claimed
+            });
+        if let Some(event) = found {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {rule} audit event naming {claimed} in {}:\n{text}",
+            audit_log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Node-level check of attested decisions on kube-sim, which has no
 /// admission webhooks: the node holds the webhook's public key, so a
 /// decision written without the webhook (the plugin straight at the API
@@ -1270,27 +1297,7 @@ fn only_decisions_attested_by_the_webhook_release_a_held_request() {
         world.node.log_text()
     );
     // ...and audited: who the status claimed, which approval, refused.
-    let audit_log = world.work.path().join("audit.log");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let forgery = loop {
-        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|e| {
-                e["annotations"]["chaperone.dev/rule"] == "approval-forgery"
-                    && e["impersonatedUser"]["username"] == "anyone"
-            });
-        if let Some(event) = found {
-            break event;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no audit event for the forgery in {}:\n{text}",
-            audit_log.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let forgery = node_audit_event(&world, "approval-forgery", "anyone");
     assert_eq!(forgery["apiVersion"], "audit.k8s.io/v1", "{forgery:#}");
     assert_eq!(
         forgery["annotations"]["chaperone.dev/approval"],
@@ -1588,27 +1595,7 @@ fn on_the_real_server_the_webhook_attests_who_decided_and_forgeries_release_noth
     refused("bob may not approve");
     assert!(exists(&world, "web"), "bob's forgery released the delete");
     // ...and audited on the node: bob (as the webhook attested), refused.
-    let audit_log = world.work.path().join("audit.log");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let refusal = loop {
-        let text = std::fs::read_to_string(&audit_log).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|e| {
-                e["annotations"]["chaperone.dev/rule"] == "approval-decision-refused"
-                    && e["impersonatedUser"]["username"] == "bob"
-            });
-        if let Some(event) = found {
-            break event;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no audit event for bob's refused decision in {}:\n{text}",
-            audit_log.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let refusal = node_audit_event(&world, "approval-decision-refused", "bob");
     assert_eq!(refusal["responseStatus"]["code"], 403, "{refusal:#}");
     assert_eq!(
         refusal["annotations"]["chaperone.dev/approval"], id,
