@@ -155,9 +155,6 @@ impl<'a> Waiting<'a> {
     }
 }
 
-/// How a decision refused as unattested starts (`refusedDecision`).
-const FORGERY: &str = "refused as a possible forgery";
-
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(metrics) = self.0 {
@@ -652,13 +649,9 @@ impl Approvals {
         let result = match cached {
             Some(result) => result,
             None => {
-                let result = self.verify(approval, &status).await;
+                let result = self.judge(approval, &status).await;
                 if let Err(why) = &result {
                     tracing::warn!(approval = %decided.id, %why, "refused a decision");
-                    // Forgeries are audited where they are found.
-                    if !why.starts_with(FORGERY) {
-                        self.audit_refused_decision(approval, &status, why);
-                    }
                     if let Err(error) = self.backend.refuse_decision(approval, why).await {
                         tracing::warn!(approval = %decided.id, %error, "could not write the refused decision back");
                     }
@@ -673,7 +666,25 @@ impl Approvals {
         result.map(|()| decided)
     }
 
-    async fn verify(
+    /// Whether the node acts on this decision; every refusal is audited
+    /// (a forgery where it is found, any other one here).
+    async fn judge(
+        &self,
+        approval: &ApprovalRequest,
+        status: &ApprovalStatus,
+    ) -> Result<(), String> {
+        self.verify_attestation(approval, status)?;
+        let decided_by = self.verify_decider(approval, status).await;
+        if let Err(why) = &decided_by {
+            self.audit_refused_decision(approval, status, why);
+        }
+        decided_by
+    }
+
+    /// A decision without a valid attestation from chaperone's webhook
+    /// (when this node has the verify key) is refused as a possible
+    /// forgery, and audited as one.
+    fn verify_attestation(
         &self,
         approval: &ApprovalRequest,
         status: &ApprovalStatus,
@@ -691,8 +702,17 @@ impl Approvals {
                 "refused an unattested approval decision: an attempted forgery, or written while chaperone's webhook was bypassed"
             );
             self.audit_unattested(approval, status, Some(&why));
-            return Err(format!("{FORGERY}: {why}"));
+            return Err(format!("refused as a possible forgery: {why}"));
         }
+        Ok(())
+    }
+
+    /// Whether the (attested, or trusted) decider may make this decision.
+    async fn verify_decider(
+        &self,
+        approval: &ApprovalRequest,
+        status: &ApprovalStatus,
+    ) -> Result<(), String> {
         if matches!(self.backend, Backend::Cluster { .. })
             && self.verifier.is_none()
             && self
