@@ -730,7 +730,7 @@ impl World {
         let policy = work.path().join("policy.yaml");
         std::fs::write(&policy, &spec.policy)?;
         let port = free_port(netns.host_v4)?;
-        let admin_port = free_port(Ipv4Addr::LOCALHOST)?;
+        let admin_port = admin_port_beside(port)?;
         let ca_dir = work.path().join("ca");
         // Each world pins into its own bpffs instance: parallel worlds never
         // see each other's pins, and teardown removes everything.
@@ -852,7 +852,7 @@ impl World {
     /// flags, bpffs and proxy port, its own admin port, and `--pod-name
     /// pod` when given.
     pub fn node_beside(&self, pod: Option<&str>) -> Result<NodeAgent> {
-        let admin_port = free_port(Ipv4Addr::LOCALHOST)?;
+        let admin_port = admin_port_beside(self.node.port)?;
         let mut command = self.node_command.clone();
         let mut i = 0;
         while i + 1 < command.len() {
@@ -1107,6 +1107,18 @@ fn ensure_service_account(api: &ApiServer, namespace: &str, name: &str) -> Resul
 fn free_port(ip: Ipv4Addr) -> Result<u16> {
     let listener = std::net::TcpListener::bind((ip, 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// A free admin port on loopback that is not `proxy_port`: free ports are
+/// picked per address, and `chaperone node` refuses an admin port equal to
+/// its proxy port (its programs refuse the admin port to agents).
+fn admin_port_beside(proxy_port: u16) -> Result<u16> {
+    loop {
+        let port = free_port(Ipv4Addr::LOCALHOST)?;
+        if port != proxy_port {
+            return Ok(port);
+        }
+    }
 }
 
 /// What a [`json_receiver`] got: every JSON body it accepted, in order.

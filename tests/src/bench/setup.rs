@@ -266,7 +266,14 @@ pub fn start_chaperone_with(
     std::fs::create_dir_all(work)?;
     let cgroup = crate::topology::Cgroup::test_subtree()?;
     let port = free_port(IpAddr::V4(ip))?;
-    let admin = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    // Ports are free per address; chaperone refuses an admin port equal to
+    // its proxy port.
+    let admin = loop {
+        let admin = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        if admin != port {
+            break admin;
+        }
+    };
     let policy = work.join("policy.yaml");
     std::fs::write(&policy, pipeline.policy())?;
     let audit_dir = work.join("audit");
