@@ -60,12 +60,36 @@ fn kubectl_works(world: &World) -> bool {
     .unwrap_or(false)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The proxy port the world's running node agent was given.
+fn proxy_port(world: &World) -> u16 {
+    let args = world.node_command();
+    let at = args
+        .iter()
+        .position(|a| a == "--proxy-port")
+        .expect("the world's node has --proxy-port");
+    args[at + 1].to_str().unwrap().parse().unwrap()
+}
+
+/// A free port on `ip` other than every port in `taken`. Free ports are
+/// picked per address, so a port free on loopback may be the world's proxy
+/// port on the veth address, which `chaperone node` rightly refuses as an
+/// admin port: the test would then fail for a reason it is not about.
+fn free_port_except(ip: Ipv4Addr, taken: &[u16]) -> u16 {
+    loop {
+        let port = TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !taken.contains(&port) {
+            return port;
+        }
+    }
+}
+
+/// A free admin port on loopback, not the world's proxy port.
+fn free_admin_port(world: &World) -> u16 {
+    free_port_except(Ipv4Addr::LOCALHOST, &[proxy_port(world)])
 }
 
 /// `chaperone detach --bpffs DIR` on an ordinary directory used to delete
@@ -129,7 +153,10 @@ fn a_bad_policy_directory_changes_nothing() {
         &[
             ("--policy", policies.clone().into()),
             ("--bpffs", fresh.path.join("chaperone").into()),
-            ("--admin-addr", format!("127.0.0.1:{}", free_port()).into()),
+            (
+                "--admin-addr",
+                format!("127.0.0.1:{}", free_admin_port(&world)).into(),
+            ),
         ],
     );
     let out = chaperone(&args);
@@ -182,13 +209,12 @@ fn a_busy_admin_port_leaves_the_running_agent_alone() {
             ),
             (
                 "--proxy-port",
-                TcpListener::bind((world.netns.host_v4, 0))
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-                    .to_string()
-                    .into(),
+                free_port_except(
+                    world.netns.host_v4,
+                    &[busy.local_addr().unwrap().port(), proxy_port(&world)],
+                )
+                .to_string()
+                .into(),
             ),
         ],
     );
@@ -220,7 +246,10 @@ fn check_predicts_node() {
     let not_bpffs = tempfile::tempdir().unwrap();
     let changes = [
         ("--bpffs", not_bpffs.path().join("chaperone").into()),
-        ("--admin-addr", format!("127.0.0.1:{}", free_port()).into()),
+        (
+            "--admin-addr",
+            format!("127.0.0.1:{}", free_admin_port(&world)).into(),
+        ),
     ];
     let check = chaperone(&variant(&world, "check", &changes));
     assert!(!check.status.success(), "{}", text(&check));
