@@ -533,6 +533,10 @@ pub struct WorldSpec {
     /// it publishes in `default/kubernetes` Endpoints and EndpointSlice),
     /// listening on every address. `None`: loopback, where it listens.
     pub advertise_address: Option<IpAddr>,
+    /// The node authenticates to the API server with a client certificate
+    /// of `system:masters` (user `chaperone-node`) instead of the admin
+    /// token. [`Backend::Real`] only: kube-sim takes no client certificates.
+    pub node_client_certificate: bool,
     /// Pass the `kubernetes` ClusterIP ([`SERVICE_IP`]) to the node as
     /// `--target` (true, as the DaemonSet does), or leave it for the node
     /// to learn from the `default/kubernetes` Service.
@@ -594,6 +598,7 @@ impl Default for WorldSpec {
             pod_uid: POD_UID.into(),
             node_pod: false,
             advertise_address: None,
+            node_client_certificate: false,
             service_ip_as_target: true,
         }
     }
@@ -745,7 +750,17 @@ impl World {
         let netns = Netns::create()?;
 
         let kubeconfig = work.path().join("chaperone.kubeconfig");
-        api.write_kubeconfig(&kubeconfig, &api.admin_token())?;
+        match (spec.node_client_certificate, &api) {
+            (false, _) => api.write_kubeconfig(&kubeconfig, &api.admin_token())?,
+            (true, ApiServer::Real(real)) => {
+                real.write_person_kubeconfig(&kubeconfig, "chaperone-node", &["system:masters"])?
+            }
+            (true, ApiServer::Sim(_)) => {
+                bail!(
+                    "kube-sim takes no client certificates: node_client_certificate needs Backend::Real"
+                )
+            }
+        }
         let policy = work.path().join("policy.yaml");
         std::fs::write(&policy, &spec.policy)?;
         let port = free_port(netns.host_v4)?;

@@ -530,3 +530,59 @@ fn a_direct_dial_follows_the_endpoints_when_they_move() {
         }
     }
 }
+
+/// Issue 24, attack 6: chaperone authenticates with a client certificate
+/// (of `system:masters` here) and the agent's own token has no rights. In
+/// passthrough mode the agent's request must reach the API server as the
+/// agent (which prefers a client certificate to a bearer token), so the
+/// API server's RBAC refuses it and its audit log names the agent. Real
+/// server only: kube-sim takes no client certificates, so on it the
+/// attack cannot happen (`interceptor/tests/upstream_credentials.rs`
+/// checks the TLS handshake itself).
+#[test]
+fn an_agent_never_rides_on_chaperones_client_certificate() {
+    require_root!();
+    chaperone_tests::require_real_api!();
+    let world = World::start(WorldSpec {
+        backend: Backend::Real,
+        node_client_certificate: true,
+        everyone_is_admin: false,
+        ..WorldSpec::default()
+    })
+    .expect("start the e2e world");
+    create_secret(&world);
+    let out = run_for(
+        &mut world.agent_kubectl(&[
+            "get",
+            "secret",
+            "db",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.data.password}",
+        ]),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
+    assert!(
+        !stdout.contains(&encoded),
+        "the agent read the Secret as chaperone: {stdout}"
+    );
+    let agent = "system:serviceaccount:default:agent";
+    assert!(
+        !out.status.success() && stderr.contains(agent) && stderr.contains("forbidden"),
+        "the API server did not refuse the agent as itself: {stderr}\n{}",
+        world.node.log_text()
+    );
+    let seen = world.api.seen("/api/v1/namespaces/default/secrets/db");
+    assert!(!seen.is_empty(), "the API server saw no read of the Secret");
+    for request in &seen {
+        assert_eq!(request.user, agent, "{request:?}");
+        assert_eq!(request.code, 403, "{request:?}");
+    }
+}
