@@ -162,6 +162,7 @@ fn publish_own_addresses(
                 "sessionAffinity": "None",
                 "type": "ClusterIP",
             },
+            "status": {"loadBalancer": {}},
         }),
         serde_json::json!({
             "apiVersion": "v1",
