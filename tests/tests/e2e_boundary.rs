@@ -390,8 +390,8 @@ fn the_nodes_own_api_server_host_is_guarded(backend: Backend) {
 
 /// Issue 24, item 2: an address that only an EndpointSlice of the
 /// `kubernetes` Service names (a dual-stack control plane's IPv6 slice, or
-/// one written by hand) is guarded: IPv4 redirected, IPv6 (no proxy
-/// address of that family here) refused. Both servers are 1.20, which
+/// one written by hand) is guarded: IPv4 redirected; IPv6 refused while the
+/// node has no proxy address of that family, redirected once it has one. Both servers are 1.20, which
 /// serves EndpointSlices as `discovery.k8s.io/v1beta1` only.
 fn an_address_only_an_endpoint_slice_names_is_guarded(backend: Backend) {
     require_root!();
@@ -445,6 +445,29 @@ fn an_address_only_an_endpoint_slice_names_is_guarded(backend: Backend) {
         "{last_v6}\n{}",
         world.node.log_text()
     );
+
+    // A dual-stack node (a proxy address of each family): the IPv6 slice
+    // address is redirected, not refused.
+    let mut world = world;
+    let host_v6 = world.netns.host_v6.to_string();
+    world
+        .restart_node_with(&["--proxy-ip", &host_v6])
+        .expect("restart the node with an IPv6 proxy address");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        last_v6 = probe(world.agent(), v6);
+        if last_v6["connected"] == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        last_v6["connected"],
+        true,
+        "{last_v6}\n{}",
+        world.node.log_text()
+    );
+    assert_eq!(last_v6["peer"], v6.to_string(), "{last_v6}");
 }
 
 /// Issue 24, item 8: chaperone's admin port (metrics name every agent's
