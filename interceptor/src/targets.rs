@@ -234,19 +234,24 @@ impl TargetTracker {
     /// version discovery recommends (`v1`, else `v1beta1`). A server that
     /// serves none is asked again every [`SLICE_DISCOVERY_RETRY`].
     async fn watch_slices(&self, client: Client) {
+        let mut told = false;
         let resource = loop {
-            match kube::discovery::group(&client, ENDPOINT_SLICE_GROUP).await {
+            let why = match kube::discovery::group(&client, ENDPOINT_SLICE_GROUP).await {
                 Ok(group) => match group.recommended_kind("EndpointSlice") {
                     Some((resource, _)) => break resource,
-                    None => tracing::info!(
-                        "the API server serves no EndpointSlices; the Endpoints are watched"
-                    ),
+                    None => "the API server serves no EndpointSlices".to_owned(),
                 },
-                Err(error) => tracing::info!(
-                    %error,
-                    "cannot discover EndpointSlices (discovery.k8s.io); the Endpoints are \
-                     watched, and discovery is asked again"
-                ),
+                Err(error) => format!("cannot discover EndpointSlices (discovery.k8s.io): {error}"),
+            };
+            // Said once; the Endpoints still give every address meanwhile.
+            if !told {
+                tracing::info!(
+                    "{why}; the Endpoints are watched, and discovery is asked again every {} s",
+                    SLICE_DISCOVERY_RETRY.as_secs()
+                );
+                told = true;
+            } else {
+                tracing::debug!("{why}");
             }
             tokio::time::sleep(SLICE_DISCOVERY_RETRY).await;
         };
@@ -263,15 +268,20 @@ impl TargetTracker {
         let mut slices: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, BTreeSet<SocketAddr>>> = None;
         let name = |slice: &DynamicObject| slice.metadata.name.clone().unwrap_or_default();
+        let mut throttle = crate::logs::Throttle::default();
         while let Some(event) = events.next().await {
             match event {
                 Err(error) => {
-                    tracing::warn!(
-                        %error,
-                        "watching the kubernetes EndpointSlices failed; keeping their last known \
-                         addresses (does the node agent's ClusterRole allow get/list/watch on \
-                         endpointslices.discovery.k8s.io?)"
-                    );
+                    if let Some(left_out) = throttle.allow() {
+                        tracing::warn!(
+                            left_out,
+                            "{}; keeping their last known addresses",
+                            crate::logs::watch_error(
+                                &error,
+                                "the kubernetes EndpointSlices (endpointslices.discovery.k8s.io)"
+                            )
+                        );
+                    }
                     continue;
                 }
                 Ok(watcher::Event::Apply(slice)) => {
@@ -290,7 +300,10 @@ impl TargetTracker {
                         .insert(name(&slice), endpoint_slice_targets(&slice.data));
                     continue;
                 }
-                Ok(watcher::Event::InitDone) => slices = listing.take().unwrap_or_default(),
+                Ok(watcher::Event::InitDone) => {
+                    throttle.reset();
+                    slices = listing.take().unwrap_or_default();
+                }
             }
             let union = slices.values().flatten().copied().collect();
             self.set_logged(Source::EndpointSlices, union);
