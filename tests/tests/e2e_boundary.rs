@@ -5,6 +5,24 @@
 //! Service, Endpoints and EndpointSlices, watched; its own server's host),
 //! and refuses agents its own admin port. Needs root; skips with a clear
 //! line otherwise.
+//!
+//! Where each attack of issue 24 is tried (`::real`: on kube-apiserver
+//! v1.20.2 as well as kube-sim):
+//! 1. encoded paths: `request_oracle.rs` (real, HTTP/1.1 and HTTP/2),
+//!    `e2e_guard::encoded_secret_paths_are_masked_or_refused_over_http1_and_http2`;
+//! 2. the API server's own addresses: this file;
+//! 3. the socket mark, MPTCP, `:10255`: `redirect.rs`, `kube_proxy_chains.rs`
+//!    (the kernel path; no API server is involved);
+//! 4. WebSocket watches and logs: `e2e_guard::watches_and_logs_over_websocket_are_refused_before_the_api_server`;
+//! 5. un-guarding itself: `e2e_guard::an_agent_cannot_unlabel_itself`; the
+//!    other built-in refusals in `inprocess_protect.rs` (kube-sim in process:
+//!    the protect stage answers before anything is forwarded);
+//! 6. chaperone's client certificate: [`an_agent_never_rides_on_chaperones_client_certificate`]
+//!    (real only: kube-sim takes no client certificates);
+//! 7. unbound tokens: `e2e_guard::a_token_bound_to_no_pod_is_refused`;
+//! 8. unbounded state: `e2e_observe::metrics_stay_bounded_under_made_up_resources`,
+//!    `e2e_observe::a_pod_over_its_in_flight_limit_gets_429_with_retry_after`,
+//!    and the admin port here.
 
 use std::{
     collections::BTreeSet,
