@@ -10,6 +10,12 @@
 //! - the `default/kubernetes` Endpoints (core `v1`, served by every version
 //!   from 1.20 on, unlike `discovery.k8s.io/v1` EndpointSlices): every
 //!   address, ready or not, on every port, watched;
+//! - the EndpointSlices labelled `kubernetes.io/service-name=kubernetes`
+//!   in `default` (`discovery.k8s.io/v1`, or `v1beta1` on servers without
+//!   v1 such as 1.20, as discovery says): every address of every slice,
+//!   ready or not, on every port, watched. kube-apiserver writes the
+//!   slice `kubernetes` itself; a dual-stack or hand-made slice may name
+//!   addresses the Endpoints do not;
 //! - the host of chaperone's own API server URL (in-cluster or kubeconfig),
 //!   resolved at start and again every [`RESOLVE_INTERVAL`].
 //!
@@ -17,7 +23,7 @@
 //! that fails (RBAC, the network) never shrinks what is guarded.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -27,6 +33,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use kube::{
     Api, Client,
+    api::DynamicObject,
     runtime::{WatchStreamExt as _, watcher},
 };
 
@@ -36,6 +43,13 @@ use crate::redirect::Redirector;
 /// has for its API server.
 pub const KUBERNETES_NAMESPACE: &str = "default";
 pub const KUBERNETES_NAME: &str = "kubernetes";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The API group of EndpointSlices.
+pub const ENDPOINT_SLICE_GROUP: &str = "discovery.k8s.io";
+
+/// How long to wait before asking discovery again for EndpointSlices.
+const SLICE_DISCOVERY_RETRY: Duration = Duration::from_secs(30);
 
 /// How often the API server's host name is resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -59,6 +73,7 @@ pub enum Source {
     Configured,
     Service,
     Endpoints,
+    EndpointSlices,
     ServerHost,
 }
 
@@ -67,6 +82,7 @@ struct Sources {
     configured: BTreeSet<SocketAddr>,
     service: BTreeSet<SocketAddr>,
     endpoints: BTreeSet<SocketAddr>,
+    endpoint_slices: BTreeSet<SocketAddr>,
     server_host: BTreeSet<SocketAddr>,
 }
 
@@ -76,6 +92,7 @@ impl Sources {
             Source::Configured => &mut self.configured,
             Source::Service => &mut self.service,
             Source::Endpoints => &mut self.endpoints,
+            Source::EndpointSlices => &mut self.endpoint_slices,
             Source::ServerHost => &mut self.server_host,
         }
     }
@@ -86,6 +103,7 @@ impl Sources {
             &self.configured,
             &self.service,
             &self.endpoints,
+            &self.endpoint_slices,
             &self.server_host,
         ] {
             all.extend(set.iter().copied().map(canonical));
@@ -151,12 +169,18 @@ impl TargetTracker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches the `kubernetes` Service and Endpoints and re-resolves
-    /// `server` (chaperone's own API server URL) until the watches end.
+    /// Watches the `kubernetes` Service, Endpoints and EndpointSlices and
+    /// re-resolves `server` (chaperone's own API server URL) until the
+    /// watches end.
     pub async fn run(self: Arc<Self>, client: Client, server: http::Uri) {
         let resolver = tokio::spawn({
             let tracker = self.clone();
             async move { tracker.resolve_server_forever(server).await }
+        });
+        let slices = tokio::spawn({
+            let tracker = self.clone();
+            let client = client.clone();
+            async move { tracker.watch_slices(client).await }
         });
         let services = watcher(
             Api::<Service>::namespaced(client.clone(), KUBERNETES_NAMESPACE),
@@ -200,9 +224,90 @@ impl TargetTracker {
             }
         }
         resolver.abort();
+        slices.abort();
         tracing::error!(
             "the watches of default/kubernetes ended: new API-server addresses are not redirected"
         );
+    }
+
+    /// Watches every EndpointSlice of the `kubernetes` Service, at the
+    /// version discovery recommends (`v1`, else `v1beta1`). A server that
+    /// serves none is asked again every [`SLICE_DISCOVERY_RETRY`].
+    async fn watch_slices(&self, client: Client) {
+        let mut told = false;
+        let resource = loop {
+            let why = match kube::discovery::group(&client, ENDPOINT_SLICE_GROUP).await {
+                Ok(group) => match group.recommended_kind("EndpointSlice") {
+                    Some((resource, _)) => break resource,
+                    None => "the API server serves no EndpointSlices".to_owned(),
+                },
+                Err(error) => format!("cannot discover EndpointSlices (discovery.k8s.io): {error}"),
+            };
+            // Said once; the Endpoints still give every address meanwhile.
+            if !told {
+                tracing::info!(
+                    "{why}; the Endpoints are watched, and discovery is asked again every {} s",
+                    SLICE_DISCOVERY_RETRY.as_secs()
+                );
+                told = true;
+            } else {
+                tracing::debug!("{why}");
+            }
+            tokio::time::sleep(SLICE_DISCOVERY_RETRY).await;
+        };
+        tracing::debug!(version = %resource.version, "watching the kubernetes EndpointSlices");
+        let mut events = std::pin::pin!(
+            watcher(
+                Api::<DynamicObject>::namespaced_with(client, KUBERNETES_NAMESPACE, &resource),
+                watcher::Config::default()
+                    .labels(&format!("{SERVICE_NAME_LABEL}={KUBERNETES_NAME}")),
+            )
+            .default_backoff()
+        );
+        // Each slice's addresses by name; the source is their union.
+        let mut slices: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+        let mut listing: Option<BTreeMap<String, BTreeSet<SocketAddr>>> = None;
+        let name = |slice: &DynamicObject| slice.metadata.name.clone().unwrap_or_default();
+        let mut throttle = crate::logs::Throttle::default();
+        while let Some(event) = events.next().await {
+            match event {
+                Err(error) => {
+                    if let Some(left_out) = throttle.allow() {
+                        tracing::warn!(
+                            left_out,
+                            "{}; keeping their last known addresses",
+                            crate::logs::watch_error(
+                                &error,
+                                "the kubernetes EndpointSlices (endpointslices.discovery.k8s.io)"
+                            )
+                        );
+                    }
+                    continue;
+                }
+                Ok(watcher::Event::Apply(slice)) => {
+                    slices.insert(name(&slice), endpoint_slice_targets(&slice.data));
+                }
+                Ok(watcher::Event::Delete(slice)) => {
+                    slices.remove(&name(&slice));
+                }
+                Ok(watcher::Event::Init) => {
+                    listing = Some(BTreeMap::new());
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(slice)) => {
+                    listing
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(name(&slice), endpoint_slice_targets(&slice.data));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    throttle.reset();
+                    slices = listing.take().unwrap_or_default();
+                }
+            }
+            let union = slices.values().flatten().copied().collect();
+            self.set_logged(Source::EndpointSlices, union);
+        }
     }
 
     async fn resolve_server_forever(&self, server: http::Uri) {
@@ -282,6 +387,26 @@ pub fn endpoints_targets(endpoints: &Endpoints) -> BTreeSet<SocketAddr> {
         all.extend(cross(ips, &ports));
     }
     all
+}
+
+/// Every address of an EndpointSlice (`v1` or `v1beta1`: the fields read
+/// here are the same), ready or not, on every TCP port.
+pub fn endpoint_slice_targets(slice: &serde_json::Value) -> BTreeSet<SocketAddr> {
+    let ports: Vec<u16> = slice["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["protocol"].as_str().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| p["port"].as_u64())
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect();
+    let ips = slice["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["addresses"].as_array().into_iter().flatten())
+        .filter_map(serde_json::Value::as_str);
+    cross(ips, &ports)
 }
 
 fn cross<'a>(ips: impl IntoIterator<Item = &'a str>, ports: &[u16]) -> BTreeSet<SocketAddr> {
@@ -395,6 +520,33 @@ mod tests {
             ]
             .into()
         );
+    }
+
+    #[test]
+    fn an_endpoint_slice_gives_every_address_on_every_tcp_port() {
+        // As kube-apiserver v1.20.2 writes it (discovery.k8s.io/v1beta1),
+        // plus a not-ready IPv6 endpoint and a UDP port.
+        let slice = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["192.0.2.77"], "conditions": {"ready": true}},
+                {"addresses": ["fd00::77"], "conditions": {"ready": false}},
+            ],
+            "ports": [
+                {"name": "https", "port": 26443, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+            ],
+        });
+        assert_eq!(
+            endpoint_slice_targets(&slice),
+            [addr("192.0.2.77:26443"), addr("[fd00::77]:26443")].into()
+        );
+        // A slice with no ports (nothing ready yet) or no endpoints names nothing.
+        assert!(endpoint_slice_targets(&serde_json::json!({"endpoints": null})).is_empty());
     }
 
     #[test]

@@ -529,6 +529,18 @@ pub struct WorldSpec {
     pub everyone_is_admin: bool,
     /// The agent pod's uid.
     pub pod_uid: String,
+    /// The API server's advertise address (`--advertise-address`: what
+    /// it publishes in `default/kubernetes` Endpoints and EndpointSlice),
+    /// listening on every address. `None`: loopback, where it listens.
+    pub advertise_address: Option<IpAddr>,
+    /// The node authenticates to the API server with a client certificate
+    /// of `system:masters` (user `chaperone-node`) instead of the admin
+    /// token. [`Backend::Real`] only: kube-sim takes no client certificates.
+    pub node_client_certificate: bool,
+    /// Pass the `kubernetes` ClusterIP ([`SERVICE_IP`]) to the node as
+    /// `--target` (true, as the DaemonSet does), or leave it for the node
+    /// to learn from the `default/kubernetes` Service.
+    pub service_ip_as_target: bool,
     /// Run the node agent as a pod of the DaemonSet
     /// `chaperone-system/chaperone-node`, both created in the simulator as
     /// a real cluster has them; `--pod-name/--pod-namespace` name the pod.
@@ -585,6 +597,9 @@ impl Default for WorldSpec {
             everyone_is_admin: true,
             pod_uid: POD_UID.into(),
             node_pod: false,
+            advertise_address: None,
+            node_client_certificate: false,
+            service_ip_as_target: true,
         }
     }
 }
@@ -631,11 +646,20 @@ impl World {
             .enable_all()
             .build()?;
         let api = match spec.backend {
-            Backend::Sim => ApiServer::Sim(Arc::new(
-                runtime.block_on(Simulator::start(spec.sim.clone()))?,
-            )),
+            Backend::Sim => {
+                let mut config = spec.sim.clone();
+                if let Some(address) = spec.advertise_address {
+                    config.listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+                    config.advertise_address = Some(address);
+                }
+                ApiServer::Sim(Arc::new(runtime.block_on(Simulator::start(config))?))
+            }
             Backend::Real => {
-                let real = RealApiServer::start().context("start a real kube-apiserver")?;
+                let real = match spec.advertise_address {
+                    Some(address) => RealApiServer::start_advertising(address),
+                    None => RealApiServer::start(),
+                }
+                .context("start a real kube-apiserver")?;
                 if spec.everyone_is_admin {
                     allow_everyone(&real)?;
                 }
@@ -726,7 +750,17 @@ impl World {
         let netns = Netns::create()?;
 
         let kubeconfig = work.path().join("chaperone.kubeconfig");
-        api.write_kubeconfig(&kubeconfig, &api.admin_token())?;
+        match (spec.node_client_certificate, &api) {
+            (false, _) => api.write_kubeconfig(&kubeconfig, &api.admin_token())?,
+            (true, ApiServer::Real(real)) => {
+                real.write_person_kubeconfig(&kubeconfig, "chaperone-node", &["system:masters"])?
+            }
+            (true, ApiServer::Sim(_)) => {
+                bail!(
+                    "kube-sim takes no client certificates: node_client_certificate needs Backend::Real"
+                )
+            }
+        }
         let policy = work.path().join("policy.yaml");
         std::fs::write(&policy, &spec.policy)?;
         let port = free_port(netns.host_v4)?;
@@ -748,7 +782,12 @@ impl World {
             .args(["--node-name", &spec.node_name])
             .args(["--proxy-ip", &netns.host_v4.to_string()])
             .args(["--proxy-port", &port.to_string()])
-            .args(["--target", &SERVICE_IP.to_string()])
+            .args(
+                spec.service_ip_as_target
+                    .then(|| ["--target".to_owned(), SERVICE_IP.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--cgroup-root")
             .arg(&subtree.path)
             .args(

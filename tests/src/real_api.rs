@@ -388,7 +388,7 @@ impl RealApiServer {
                 let parent = std::env::temp_dir();
                 remove_stale_dirs(&parent);
                 let dir = parent.join(format!("chaperone-real-api-{}", std::process::id()));
-                Self::start_in(dir, None).map_err(|e| format!("{e:#}"))
+                Self::start_in(dir, None, None).map_err(|e| format!("{e:#}"))
             })
             .as_ref()
             .map_err(|e| anyhow::anyhow!("the shared real API server did not start: {e}"))
@@ -400,10 +400,26 @@ impl RealApiServer {
         let temp = tempfile::Builder::new()
             .prefix("chaperone-real-api-own-")
             .tempdir()?;
-        Self::start_in(temp.path().to_path_buf(), Some(temp))
+        Self::start_in(temp.path().to_path_buf(), Some(temp), None)
     }
 
-    fn start_in(dir: PathBuf, temp: Option<tempfile::TempDir>) -> Result<RealApiServer> {
+    /// A server of one's own that advertises `address`
+    /// (`--advertise-address`: what it writes into the `default/kubernetes`
+    /// Endpoints and EndpointSlice, with its secure port) and listens on
+    /// every address, so that a client reaches it there once `address` is
+    /// one of this host's. Clients of [`Self::url`] still dial loopback.
+    pub fn start_advertising(address: std::net::IpAddr) -> Result<RealApiServer> {
+        let temp = tempfile::Builder::new()
+            .prefix("chaperone-real-api-own-")
+            .tempdir()?;
+        Self::start_in(temp.path().to_path_buf(), Some(temp), Some(address))
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        advertise: Option<std::net::IpAddr>,
+    ) -> Result<RealApiServer> {
         let started = Instant::now();
         let bin = bin_dir();
         if !Self::binaries_present() {
@@ -468,8 +484,14 @@ impl RealApiServer {
         let path = |name: &str| dir.join(name).display().to_string();
         api_cmd
             .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(match advertise {
+                Some(_) => "--bind-address=0.0.0.0",
+                None => "--bind-address=127.0.0.1",
+            })
+            .arg(format!(
+                "--advertise-address={}",
+                advertise.unwrap_or(Ipv4Addr::LOCALHOST.into())
+            ))
             .arg(format!("--secure-port={port}"))
             .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", path("certs")))

@@ -2,7 +2,8 @@
 //! supports, the real kube-apiserver v1.20.2 (`cargo xtask kube`): the
 //! 1.20 overlay applies (`kubectl apply -k --dry-run=server`), the default
 //! install is refused there for exactly the reasons the overlay removes, and
-//! the server accepts the example policies, `apiGroups: [""]` included.
+//! the server accepts the example policies, `apiGroups: [""]` included; and
+//! the node agent's RBAC lets it watch every source of API-server addresses.
 //! Newer versions are checked by deploy/validate.sh's schemas
 //! (tests/tests/deploy_manifests.rs).
 //!
@@ -158,6 +159,64 @@ fn kubernetes_1_20_accepts_the_example_policies_and_the_core_group() {
                 "{} on {}: {}",
                 path.display(),
                 server.version(),
+                describe(&out)
+            );
+        }
+    }
+}
+
+/// The node agent's ClusterRole, as the 1.20 overlay installs it, lets it
+/// list and watch every source of API-server addresses it watches
+/// (`targets.rs`): the `kubernetes` Service, its Endpoints and its
+/// EndpointSlices (`discovery.k8s.io/v1beta1` on 1.20). Without one of
+/// them the node would miss addresses agents can dial. Asked of the real
+/// server's RBAC with `kubectl auth can-i --as` the node's ServiceAccount.
+#[test]
+fn the_node_agents_role_lets_it_watch_every_api_server_address() {
+    require_real_api!();
+    use serde::Deserialize as _;
+    let server = RealApiServer::start().expect("the real API server starts");
+    let overlay = deploy_dir().join("overlays/k8s-1.20");
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .expect("kubectl is needed");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        describe(&out)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8 manifests");
+    let mut installed = 0;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object = serde_json::Value::deserialize(document).expect("a YAML document");
+        let rbac = object["kind"] == "ClusterRole" || object["kind"] == "ClusterRoleBinding";
+        if rbac && object["metadata"]["name"] == "chaperone-node" {
+            server
+                .create(object)
+                .expect("install the node agent's RBAC");
+            installed += 1;
+        }
+    }
+    assert_eq!(
+        installed, 2,
+        "the overlay has no ClusterRole and binding chaperone-node"
+    );
+    let node = "system:serviceaccount:chaperone-system:chaperone-node";
+    for resource in ["services", "endpoints", "endpointslices.discovery.k8s.io"] {
+        for verb in ["get", "list", "watch"] {
+            let out = server
+                .kubectl()
+                .args([
+                    "auth", "can-i", verb, resource, "-n", "default", "--as", node,
+                ])
+                .output()
+                .expect("kubectl is needed");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                "yes",
+                "may the node agent {verb} {resource} in default? {}",
                 describe(&out)
             );
         }

@@ -1237,13 +1237,18 @@ fn interactive_terminal_session(spdy: bool) {
     assert!(output.contains("tty-marker"), "{output:?}");
 }
 
+// Issue 24, attack 8, on both servers.
+on_both_servers!(
+    metrics_stay_bounded_under_made_up_resources,
+    a_pod_over_its_in_flight_limit_gets_429_with_retry_after,
+);
+
 /// Token-less requests naming thousands of made-up resources (one curl,
 /// keeping its connection) leave `/metrics` the size it was: label values
 /// come from a fixed vocabulary, never from what a request names.
-#[test]
-fn metrics_stay_bounded_under_made_up_resources() {
+fn metrics_stay_bounded_under_made_up_resources(backend: Backend) {
     require_root!();
-    let world = observed_world();
+    let world = observed_world_on(backend);
     assert!(kubectl(&world, &["get", "pods"]).status.success());
     std::thread::sleep(Duration::from_millis(500));
     let before = scrape(&world);
@@ -1292,10 +1297,10 @@ fn metrics_stay_bounded_under_made_up_resources() {
 /// One pod's requests in flight are limited (`--max-requests-per-pod`):
 /// past the limit it gets a 429 `Status` with `Retry-After`, and once a
 /// request ends the next one passes.
-#[test]
-fn a_pod_over_its_in_flight_limit_gets_429_with_retry_after() {
+fn a_pod_over_its_in_flight_limit_gets_429_with_retry_after(backend: Backend) {
     require_root!();
     let world = world(WorldSpec {
+        backend,
         policy: POLICY.into(),
         node_args: vec!["--max-requests-per-pod".into(), "1".into()],
         ..WorldSpec::default()

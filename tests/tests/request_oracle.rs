@@ -36,6 +36,15 @@
 //! covers it). Those targets are counted apart ("fragment"), not compared
 //! with the server's reading of the raw bytes.
 //!
+//! The same corpus goes again over HTTP/2 (ALPN `h2`, the `h2` crate that
+//! hyper itself uses), each target as the raw `:path`, and chaperone's
+//! reading of the `:path` (as hyper's HTTP/2 server hands it over, an
+//! `http::uri::PathAndQuery`) must equal the server's for every target it
+//! accepted. A target that is no `PathAndQuery` cannot be sent by this
+//! client, and hyper refuses it as a `:path` before chaperone: counted as
+//! "no :path for hyper". Corpus size, accepted and agreeing targets are
+//! printed per protocol.
+//!
 //! Needs the real server (`cargo xtask kube`; skips without it, fails under
 //! CI). No root.
 
@@ -482,7 +491,20 @@ fn chaperone_reading(method: &str, target: &str) -> Chaperone {
     let Ok(uri) = target.parse::<http::Uri>() else {
         return Chaperone::HyperRefused;
     };
-    match CanonicalTarget::parse(uri.path(), uri.query()) {
+    read_path(method, uri.path(), uri.query())
+}
+
+/// Chaperone's reading of an HTTP/2 request: hyper (its `h2`) takes the
+/// `:path` pseudo-header as an `http::uri::PathAndQuery`.
+fn chaperone_reading_h2(method: &str, path: &str) -> Chaperone {
+    let Ok(path) = path.parse::<http::uri::PathAndQuery>() else {
+        return Chaperone::HyperRefused;
+    };
+    read_path(method, path.path(), path.query())
+}
+
+fn read_path(method: &str, path: &str, query: Option<&str>) -> Chaperone {
+    match CanonicalTarget::parse(path, query) {
         Err(e) => Chaperone::Refused(e.to_string()),
         Ok(canonical) => {
             let method = http::Method::from_bytes(method.as_bytes()).expect("a method");
@@ -763,6 +785,127 @@ fn send_all(server: &RealApiServer, probes: Vec<(String, Probe)>) -> HashMap<Str
         }
     });
     Arc::try_unwrap(results).unwrap().into_inner().unwrap()
+}
+
+/// Sends every probe over HTTP/2 (ALPN `h2`), its target as the raw
+/// `:path`, over `CONNECTIONS` connections; the status each got (`None`:
+/// no answer, or a target the `h2` client cannot send as a `:path`).
+fn send_all_h2(
+    server: &RealApiServer,
+    probes: Vec<(String, Probe)>,
+) -> HashMap<String, Option<u16>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let config = tls_config(&server.ca_pem(), &[b"h2"]).expect("a TLS configuration");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let (addr, token) = (server.addr(), server.admin_token());
+    let queue = Arc::new(Mutex::new(VecDeque::from(probes)));
+    let results = Arc::new(Mutex::new(HashMap::new()));
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let (queue, results) = (queue.clone(), results.clone());
+            let (connector, token) = (connector.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut conn: Option<h2::client::SendRequest<bytes::Bytes>> = None;
+                loop {
+                    let next = queue.lock().unwrap().pop_front();
+                    let Some((id, probe)) = next else { break };
+                    let mut status = None;
+                    for _attempt in 0..2 {
+                        if conn.is_none() {
+                            conn = h2_connect(&connector, addr).await.ok();
+                        }
+                        let Some(sender) = conn.clone() else { break };
+                        match tokio::time::timeout(
+                            Duration::from_secs(20),
+                            h2_send(sender, addr, &token, &probe, &id),
+                        )
+                        .await
+                        {
+                            Ok(Ok(code)) => {
+                                status = code;
+                                break;
+                            }
+                            // The connection went away (GOAWAY, an error): a new one.
+                            _ => conn = None,
+                        }
+                    }
+                    results.lock().unwrap().insert(id, status);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("a sender task");
+        }
+    });
+    Arc::try_unwrap(results).unwrap().into_inner().unwrap()
+}
+
+async fn h2_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let tls = connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await?;
+    anyhow::ensure!(
+        tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+        "the server did not choose HTTP/2"
+    );
+    let (sender, connection) = h2::client::handshake(tls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender.ready().await?)
+}
+
+/// One request; `Ok(None)` when the target is no `:path` the client can
+/// send, `Err` when the connection failed.
+async fn h2_send(
+    sender: h2::client::SendRequest<bytes::Bytes>,
+    addr: std::net::SocketAddr,
+    token: &str,
+    probe: &Probe,
+    audit_id: &str,
+) -> anyhow::Result<Option<u16>> {
+    let Ok(path) = http::uri::PathAndQuery::from_maybe_shared(probe.target.clone()) else {
+        return Ok(None);
+    };
+    let uri = http::Uri::builder()
+        .scheme("https")
+        .authority(addr.to_string())
+        .path_and_query(path)
+        .build()?;
+    let mut request = http::Request::builder()
+        .method(probe.method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"))
+        .header("audit-id", audit_id)
+        .header("accept", "application/json")
+        .header("user-agent", "chaperone-request-oracle");
+    if let Some((content_type, _)) = &probe.body {
+        request = request.header("content-type", *content_type);
+    }
+    let mut sender = sender.ready().await?;
+    let (response, mut body) = sender.send_request(request.body(())?, probe.body.is_none())?;
+    if let Some((_, text)) = &probe.body {
+        body.send_data(bytes::Bytes::from(text.clone()), true)?;
+    }
+    let response = response.await;
+    match response {
+        // The stream's body (a watch's included) is dropped: a reset of this
+        // stream only.
+        Ok(response) => Ok(Some(response.status().as_u16())),
+        // The server reset this stream (a request it refused): no status.
+        Err(e) if e.is_reset() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The audit events by audit ID (the last stage seen of each): read until
@@ -1059,5 +1202,81 @@ fn chaperone_reads_every_request_target_as_the_real_api_server_does() {
          read differently (first ones above)",
         disagreements.len(),
         canonical_disagreements.len()
+    );
+
+    // The same corpus over HTTP/2: each target as the raw `:path`.
+    let h2_probes: Vec<(String, Probe)> = corpus
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("oracle-h2-{i}"), p.clone()))
+        .collect();
+    let h2_started = Instant::now();
+    let h2_statuses = send_all_h2(&server, h2_probes);
+    let h2_time = h2_started.elapsed();
+    let h2_events = audit_by_id(&server, &h2_statuses);
+    let (mut h2_accepted, mut h2_agreements, mut h2_refused, mut h2_not_a_path) = (0, 0, 0, 0);
+    let mut h2_disagreements: Vec<String> = Vec::new();
+    let mut h2_refused_but_served: Vec<String> = Vec::new();
+    for (i, probe) in corpus.iter().enumerate() {
+        let event = h2_events.get(&format!("oracle-h2-{i}"));
+        if event.is_some() {
+            h2_accepted += 1;
+        }
+        let what = format!("{} {}", probe.method, probe.target);
+        match (chaperone_reading_h2(probe.method, &probe.target), event) {
+            (Chaperone::HyperRefused, _) => h2_not_a_path += 1,
+            (Chaperone::Refused(why), event) => {
+                h2_refused += 1;
+                if event
+                    .and_then(|e| e["responseStatus"]["code"].as_u64())
+                    .is_some_and(|c| (200..300).contains(&c))
+                {
+                    h2_refused_but_served.push(format!("{what}: {why}"));
+                }
+            }
+            (Chaperone::Read(..), None) => {}
+            (Chaperone::Read(mine, _), Some(event)) => {
+                let theirs = server_reading(event);
+                if same_reading(&mine, &theirs) {
+                    h2_agreements += 1;
+                } else {
+                    h2_disagreements.push(format!(
+                        "{what}\n    chaperone: {mine:?}\n    server:    {theirs:?}"
+                    ));
+                }
+            }
+        }
+    }
+    println!(
+        "request oracle: HTTP/1.1: {} targets sent, {} accepted by the server (an audit event), \
+         {agreements} read alike",
+        corpus.len(),
+        corpus
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| events.contains_key(&format!("oracle-raw-{i}")))
+            .count()
+    );
+    println!(
+        "request oracle: HTTP/2: {} targets sent in {:.1} s, {h2_accepted} accepted by the server, \
+         {h2_agreements} read alike; {h2_refused} refused by chaperone ({} of them served 2xx); \
+         {h2_not_a_path} no :path for hyper; {} disagreements",
+        corpus.len(),
+        h2_time.as_secs_f64(),
+        h2_refused_but_served.len(),
+        h2_disagreements.len()
+    );
+    for d in h2_disagreements.iter().take(20) {
+        println!("HTTP/2 DISAGREEMENT {d}");
+    }
+    assert!(
+        h2_agreements > corpus.len() / 3,
+        "too few HTTP/2 targets compared ({h2_agreements} of {}): were they sent over HTTP/2?",
+        corpus.len()
+    );
+    assert!(
+        h2_disagreements.is_empty(),
+        "{} targets read differently over HTTP/2 by chaperone and the API server (first ones above)",
+        h2_disagreements.len()
     );
 }

@@ -426,6 +426,17 @@ async fn discovery_reviews_and_errors_answer_alike() {
         probe("discovery /apis", "GET", "/apis"),
         probe("discovery /api/v1", "GET", "/api/v1"),
         probe("discovery /apis/apps/v1", "GET", "/apis/apps/v1"),
+        probe("discovery discovery.k8s.io", "GET", "/apis/discovery.k8s.io"),
+        probe(
+            "discovery discovery.k8s.io/v1beta1",
+            "GET",
+            "/apis/discovery.k8s.io/v1beta1",
+        ),
+        probe(
+            "discovery.k8s.io/v1 (1.21+)",
+            "GET",
+            "/apis/discovery.k8s.io/v1",
+        ),
         probe(
             "discovery authentication.k8s.io/v1",
             "GET",

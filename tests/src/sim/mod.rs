@@ -74,6 +74,11 @@ pub struct SimConfig {
     /// version. Default [`DEFAULT_MINOR_VERSION`] (v1.20.2, the fixtures'
     /// and the real server's version); SelfSubjectReview needs 28.
     pub minor_version: u32,
+    /// The address it publishes for itself, as kube-apiserver's
+    /// `--advertise-address`: the `default/kubernetes` Endpoints and
+    /// EndpointSlice name it with the port it listens on. `None`: the
+    /// address it listens on (127.0.0.1 when that is unspecified).
+    pub advertise_address: Option<IpAddr>,
 }
 
 /// The minor version the simulator claims by default: 20 (v1.20.2, like the
@@ -97,6 +102,7 @@ impl Default for SimConfig {
             bookmark_interval: Duration::from_secs(5),
             http2_max_streams: 1000,
             minor_version: DEFAULT_MINOR_VERSION,
+            advertise_address: None,
         }
     }
 }
@@ -113,6 +119,83 @@ impl SimConfig {
         self.minor_version = minor;
         self
     }
+}
+
+/// The first minor version serving `discovery.k8s.io/v1` EndpointSlices
+/// (1.20 serves only `v1beta1`).
+pub const ENDPOINT_SLICE_V1_MINOR_VERSION: u32 = 21;
+
+/// The `kubernetes` ClusterIP the simulator's `default/kubernetes` Service
+/// claims (the first address of a `10.96.0.0/12` service range).
+pub const KUBERNETES_CLUSTER_IP: &str = "10.96.0.1";
+
+/// What kube-apiserver's own controllers write at start (seen on the real
+/// v1.20.2): the `default/kubernetes` Service (ClusterIP, port 443 to its
+/// secure port), its Endpoints (the advertise address, not mirrored into a
+/// slice) and the EndpointSlice `kubernetes` it writes itself.
+fn publish_own_addresses(
+    store: &Store,
+    config: &SimConfig,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let ip = config.advertise_address.unwrap_or(addr.ip());
+    let port = addr.port();
+    let slice_version = if config.minor_version < ENDPOINT_SLICE_V1_MINOR_VERSION {
+        "v1beta1"
+    } else {
+        "v1"
+    };
+    let address_type = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let objects = [
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"component": "apiserver", "provider": "kubernetes"},
+            },
+            "spec": {
+                "clusterIP": KUBERNETES_CLUSTER_IP,
+                "clusterIPs": [KUBERNETES_CLUSTER_IP],
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}],
+                "sessionAffinity": "None",
+                "type": "ClusterIP",
+            },
+            "status": {"loadBalancer": {}},
+        }),
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"},
+            },
+            "subsets": [{
+                "addresses": [{"ip": ip.to_string()}],
+                "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+            }],
+        }),
+        serde_json::json!({
+            "apiVersion": format!("discovery.k8s.io/{slice_version}"),
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "kubernetes"},
+            },
+            "addressType": address_type,
+            "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        }),
+    ];
+    for object in objects {
+        store
+            .create(object)
+            .map_err(|e| anyhow::anyhow!("publish the simulator's own addresses: {e:?}"))?;
+    }
+    Ok(())
 }
 
 /// A request the simulator received, for tests to inspect.
@@ -179,7 +262,11 @@ impl Simulator {
     /// Generates the CA and keys, binds `config.listen` and serves.
     pub async fn start(config: SimConfig) -> anyhow::Result<SimHandle> {
         let listener = bind(config.listen).await?;
-        let addr = listener.local_addr()?;
+        let mut addr = listener.local_addr()?;
+        if addr.ip().is_unspecified() {
+            // Listening on every address: clients dial loopback.
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         let tls = tls::ClusterTls::generate(&config.extra_ips, &config.extra_names)?;
         let jwks_uri = format!("https://{}/openid/v1/jwks", host_port(addr));
         let issuer = auth::Issuer::new(config.issuer.clone(), jwks_uri, config.key_retention)?;
@@ -192,6 +279,10 @@ impl Simulator {
         if config.minor_version < SELF_SUBJECT_REVIEW_MINOR_VERSION {
             store.remove_builtin("authentication.k8s.io", "selfsubjectreviews");
         }
+        if config.minor_version < ENDPOINT_SLICE_V1_MINOR_VERSION {
+            store.set_builtin_version("discovery.k8s.io", "endpointslices", "v1beta1");
+        }
+        publish_own_addresses(&store, &config, addr)?;
         let state = Arc::new(State {
             authorizer: RwLock::new(config.authorizer.clone()),
             config,

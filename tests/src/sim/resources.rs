@@ -415,6 +415,20 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
             hash: Some("jfWCUB31mvA="),
             subs: &[("status", "CustomResourceDefinition", STATUS_VERBS, None)],
         },
+        // `discovery.k8s.io/v1` from 1.21; 1.20 serves only `v1beta1`
+        // (`Simulator::start` sets the version it claims).
+        Builtin {
+            group: "discovery.k8s.io",
+            plural: "endpointslices",
+            kind: "EndpointSlice",
+            namespaced: true,
+            verbs: ALL_VERBS,
+            short: &[],
+            categories: &[],
+            // As the real v1.20.2 lists it at discovery.k8s.io/v1beta1.
+            hash: Some("Nx3SIv6I0mE="),
+            subs: &[],
+        },
     ];
     list.iter().map(Builtin::build).collect()
 }
@@ -425,6 +439,7 @@ pub const BUILTIN_GROUP_ORDER: &[&str] = &[
     "authentication.k8s.io",
     "authorization.k8s.io",
     "apiextensions.k8s.io",
+    "discovery.k8s.io",
 ];
 
 /// Resources that exist only as a POST that answers (reviews): never stored.
@@ -620,6 +635,15 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// Serves a built-in resource at `version` instead of `v1`.
+    pub fn set_builtin_version(&mut self, group: &str, plural: &str, version: &str) {
+        for def in &mut self.builtin {
+            if def.group == group && def.plural == plural {
+                def.version = version.into();
+            }
+        }
     }
 
     pub fn remove_builtin(&mut self, group: &str, plural: &str) {

@@ -312,6 +312,14 @@ impl Store {
         self.lock().registry.remove_builtin(group, plural);
     }
 
+    /// Serves a built-in resource at `version` (the one a real server of
+    /// the claimed version serves) instead of `v1`.
+    pub fn set_builtin_version(&self, group: &str, plural: &str, version: &str) {
+        self.lock()
+            .registry
+            .set_builtin_version(group, plural, version);
+    }
+
     /// A snapshot of the resources served right now.
     pub fn registry(&self) -> Registry {
         self.lock().registry.clone()
