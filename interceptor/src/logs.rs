@@ -114,8 +114,14 @@ pub fn watch_error(error: &kube::runtime::watcher::Error, resource: &str) -> Str
             text.push_str(&format!(": {}", status.message));
         }
         match status.code {
-            404 => text.push_str(&format!(
+            // Only chaperone's own kinds come from a CRD the operator can
+            // install; a built-in kind missing is the server's version.
+            404 if resource.contains(".chaperone.dev") => text.push_str(&format!(
                 ". The API server does not serve {resource}: install its CRD (deploy/base/crds)"
+            )),
+            404 => text.push_str(&format!(
+                ". The API server does not serve {resource} (too old a Kubernetes version? \
+                 `kubectl api-resources` lists what it serves)"
             )),
             401 => text.push_str(". chaperone's credentials were not accepted"),
             403 => text.push_str(&format!(
@@ -186,5 +192,12 @@ mod tests {
         assert!(text.contains("install its CRD"), "{text}");
         assert!(!text.contains("Status {"), "no debug dump: {text}");
         assert!(!text.contains("ApiError"), "{text}");
+
+        let text = watch_error(
+            &error,
+            "the kubernetes EndpointSlices (endpointslices.discovery.k8s.io)",
+        );
+        assert!(!text.contains("CRD"), "a built-in kind has no CRD: {text}");
+        assert!(text.contains("kubectl api-resources"), "{text}");
     }
 }
