@@ -32,6 +32,13 @@ pub fn seed_yaml() -> String {
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n"
         ));
     }
+    // Every idle watch starts with this one object's ADDED event and then
+    // waits: a proxy that holds a response's headers until body data
+    // (nginx over HTTP/2) has passed them on, so the client sees each watch
+    // open, as it would any informer's watch.
+    out.push_str(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: idle-marker\n  namespace: {IDLE_NAMESPACE}\ndata:\n  note: nothing changes here\n---\n"
+    ));
     for i in 0..PODS {
         out.push_str(&format!(
             r#"apiVersion: v1
@@ -126,7 +133,13 @@ pub struct Sim {
     pub ca: PathBuf,
     pub kubeconfig: PathBuf,
     pub token: PathBuf,
+    /// `pod-I.token` for pods pod-0.. of [`NAMESPACE`]: pod-bound
+    /// service-account tokens, one per agent pod of the many-agents run.
+    pub pod_tokens: PathBuf,
 }
+
+/// Agent pods with their own pod-bound token (the many-agents run).
+pub const AGENT_PODS: usize = 100;
 
 pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
     let seed = work.join("seed.yaml");
@@ -149,6 +162,9 @@ pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
             .args(["--mint-token", &format!("{NAMESPACE}/agent")])
             .arg("--token-out")
             .arg(&token)
+            .args(["--mint-pod-tokens", &AGENT_PODS.to_string()])
+            .arg("--pod-tokens-out")
+            .arg(work.join("pod-tokens"))
             .args(["--bookmark-seconds", "3600"])
             .env("RUST_LOG", "warn"),
     )?;
@@ -172,6 +188,7 @@ pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
         ca,
         kubeconfig,
         token,
+        pod_tokens: work.join("pod-tokens"),
     })
 }
 
