@@ -39,6 +39,8 @@ pub struct BenchSpec {
     #[serde(skip)]
     pub criterion_dir: Option<PathBuf>,
     pub quick: bool,
+    /// The API server behind every target.
+    pub upstream: setup::UpstreamKind,
     pub rounds: usize,
     pub warmup_seconds: f64,
     pub seconds: f64,
@@ -81,6 +83,7 @@ impl BenchSpec {
             out_dir,
             criterion_dir: None,
             quick: true,
+            upstream: setup::UpstreamKind::Sim,
             rounds: 1,
             warmup_seconds: 1.0,
             seconds: 3.0,
@@ -168,7 +171,7 @@ pub enum Target {
 impl Target {
     pub fn label(self) -> &'static str {
         match self {
-            Target::Direct => "direct (kube-sim)",
+            Target::Direct => "direct (no proxy)",
             Target::Chaperone => "chaperone (full pipeline)",
             Target::ChaperoneUpstreamHttp2 => "chaperone, HTTP/2 upstream only",
             Target::ChaperoneAuditSpooled => "chaperone, audit durability spooled",
@@ -364,8 +367,11 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     let mut notes = Vec::new();
     say(&format!("load before: {}", machine.load_before));
 
-    say("starting kube-sim (500 pods, 20 secrets, 20 configmaps)");
-    let mut sim = setup::start_sim(&spec.bin_dir, work.path())?;
+    say(&format!(
+        "starting the upstream, {} (500 pods, 20 secrets, 20 configmaps)",
+        spec.upstream.label()
+    ));
+    let mut sim = setup::start_upstream(spec.upstream, &spec.bin_dir, work.path())?;
     // chaperone refuses a loopback proxy address; a veth pair's host side
     // gives it a real one (the client dials it from the host namespace).
     let netns = crate::topology::Netns::create()?;
@@ -485,7 +491,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
             ca: go_peer.as_ref().map(|g| g.ca.clone()).unwrap_or_default(),
         },
     ];
-    let sim_pid = sim.proc.pid();
+    let sim_pid = sim.pid();
     let chaperone_pid = chaperone.proc.pid();
     let chaperone_h2_pid = chaperone_h2.as_ref().map(|c| c.proc.pid());
     let chaperone_spooled_pid = chaperone_spooled.as_ref().map(|c| c.proc.pid());
@@ -749,6 +755,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
             },
             commands,
             rounds,
+            sim.kind == setup::UpstreamKind::Sim,
         )?;
         say(&format!(
             "kubectl session: direct {:?} s, chaperone {:?} s, ratio {:.3}",
@@ -772,7 +779,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         )?,
         None => Vec::new(),
     };
-    sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+    sim.stop();
     drop(netns);
     machine.load_after = loadavg();
     let report = BenchReport {

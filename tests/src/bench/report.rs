@@ -165,8 +165,13 @@ pub fn render_markdown(report: &BenchReport) -> String {
     );
     let _ = writeln!(
         md,
-        "Machine: {} cores, {}, Linux {}; load average before {}, after {}.",
-        m.cores, m.cpu_model, m.kernel, m.load_before, m.load_after
+        "Upstream: {}. Machine: {} cores, {}, Linux {}; load average before {}, after {}.",
+        spec.upstream.label(),
+        m.cores,
+        m.cpu_model,
+        m.kernel,
+        m.load_before,
+        m.load_after
     );
     let _ = writeln!(
         md,
@@ -182,14 +187,14 @@ pub fn render_markdown(report: &BenchReport) -> String {
     let _ = writeln!(
         md,
         "Chaperone: `chaperone node` with identity (service-account JWT verified against the \
-         simulator's JWKS), policy (3 rules, Secrets masked), session recording and audit to a \
+         upstream's JWKS), policy (3 rules, Secrets masked), session recording and audit to a \
          file; the client dials its port directly (`--allow-unattested`, local mode: no eBPF \
          redirect on the measured path, so no kernel attestation or pod binding). nginx: Debian \
-         package, TLS + HTTP/2 on its listener, keep-alive HTTP/1.1 + TLS to the simulator, no \
+         package, TLS + HTTP/2 on its listener, keep-alive HTTP/1.1 + TLS to the upstream, no \
          buffering, `worker_processes auto`. Go peer (`tests/go-peer`): `net/http` + \
          `httputil.ReverseProxy` + `crypto/tls` only, the stack of hoop's gateway, Teleport's \
          Kubernetes proxy and kube-oidc-proxy: TLS + HTTP/2 on its listener, HTTP/2 + TLS to the \
-         simulator, responses flushed as they arrive; {}.\n",
+         upstream, responses flushed as they arrive; {}.\n",
         report.go_peer
     );
 
@@ -310,7 +315,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
         md,
         "\nCPU is utime+stime from /proc/PID/stat over whole runs (warm-up included) divided by \
          every HTTP request sent (create+delete counts 2, watches count); \"stack\" adds the \
-         simulator's CPU. Peak RSS is VmHWM (nginx: master + workers; direct: the simulator)."
+         upstream API server's CPU. Peak RSS is VmHWM (nginx: master + workers; direct: the API server)."
     );
     render_instructions(&mut md, report);
     render_idle(&mut md, report);
@@ -358,7 +363,7 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
     );
     let _ = writeln!(
         md,
-        "No watches, no other operations: the simulator is idle between requests, so what a \
+        "No watches, no other operations: the API server is idle between requests, so what a \
          proxy adds is its own cost (for chaperone: token check, policy, masking, recording, \
          audit).\n"
     );
@@ -427,12 +432,12 @@ fn render_get_alone(md: &mut String, report: &BenchReport) {
         );
         let _ = writeln!(
             md,
-            "\nnginx speaks HTTP/1.1 to the simulator, and so does chaperone for short requests \
+            "\nnginx speaks HTTP/1.1 to the API server, and so does chaperone for short requests \
              while at most 4 are in flight per data-path thread (the default; HTTP/2 past that, \
              and for watches and logs). The HTTP/2-only row is chaperone with \
              `--upstream-http1-connections 0`; the audit-spooled row is chaperone with \
              `--audit-durability spooled` (each request forwarded once its audit event is \
-             synced to disk: the cost of the durable audit mode). The last row is what the simulator alone gains \
+             synced to disk: the cost of the durable audit mode). The last row is what the API server alone gains \
              from HTTP/1.1, part of what an HTTP/1.1 proxy's added latency leaves out."
         );
     }
@@ -918,7 +923,7 @@ fn render_session(md: &mut String, report: &BenchReport) {
     let _ = writeln!(
         md,
         "One process per command ({}), as an agent's shell tool runs them: get, list, describe, \
-         logs, apply, label, delete, against the simulator directly and through a freshly \
+         logs, apply, label, delete, against the API server directly and through a freshly \
          started chaperone, rounds alternated; discovery cached beforehand for both.\n",
         s.kubectl
     );

@@ -16,9 +16,10 @@ use serde::Serialize;
 use super::setup::NAMESPACE;
 
 /// The script: 50 commands an agent investigating and changing a namespace
-/// would run. `{cm}` is a ConfigMap the script applies, labels and deletes,
-/// so every session leaves the namespace as it found it.
-pub fn script() -> Vec<Vec<String>> {
+/// would run. The ConfigMap the script applies, labels and deletes leaves
+/// the namespace as the session found it. Without `logs` (an upstream with
+/// no kubelet), each `kubectl logs` becomes a `get events`.
+pub fn script(logs: bool) -> Vec<Vec<String>> {
     let mut commands: Vec<Vec<String>> = Vec::new();
     let mut push = |args: &[&str]| commands.push(args.iter().map(|a| a.to_string()).collect());
     push(&["get", "namespaces"]);
@@ -30,7 +31,11 @@ pub fn script() -> Vec<Vec<String>> {
         push(&["get", "pods", "-n", NAMESPACE]);
         push(&["get", "pod", &pod, "-n", NAMESPACE, "-o", "yaml"]);
         push(&["describe", "pod", &other, "-n", NAMESPACE]);
-        push(&["logs", &pod, "-n", NAMESPACE, "-c", "web", "--tail", "20"]);
+        if logs {
+            push(&["logs", &pod, "-n", NAMESPACE, "-c", "web", "--tail", "20"]);
+        } else {
+            push(&["get", "events", "-n", NAMESPACE]);
+        }
         push(&["get", "secrets", "-n", NAMESPACE]);
         push(&[
             "get",
@@ -111,8 +116,9 @@ pub fn run(
     chaperone: &SessionTarget,
     commands: usize,
     rounds: usize,
+    logs: bool,
 ) -> Result<SessionResult> {
-    let script: Vec<_> = script().into_iter().take(commands).collect();
+    let script: Vec<_> = script(logs).into_iter().take(commands).collect();
     std::fs::create_dir_all(work)?;
     let token = std::fs::read_to_string(token)?.trim().to_owned();
     let manifest = work.join("session-notes.yaml");
@@ -219,8 +225,9 @@ fn run_one(kubeconfig: &Path, cache: &Path, args: &[String], manifest: &Path) ->
 mod tests {
     #[test]
     fn the_script_is_fifty_commands_and_cleans_up_after_itself() {
-        let script = super::script();
+        let script = super::script(true);
         assert_eq!(script.len(), 50);
+        assert_eq!(super::script(false).len(), 50);
         let applies = script.iter().filter(|c| c[0] == "apply").count();
         assert!(applies > 0);
         assert_eq!(script.last().map(|c| c[0].as_str()), Some("delete"));
