@@ -55,6 +55,8 @@ pub struct BenchSpec {
     /// Idle agent connections (one GET each, then idle) held through each
     /// proxy to measure memory per connection. 0 skips them.
     pub idle_connections: usize,
+    /// Seconds between the last idle item opening and reading RSS.
+    pub idle_settle_seconds: f64,
     /// The many-agents run: pods (each its own pod-bound token and
     /// connection), watches each, seconds measured. 0 pods skips it.
     pub agents: AgentsRun,
@@ -94,15 +96,16 @@ impl BenchSpec {
             watches: 4,
             idle_watches: vec![500],
             idle_connections: 200,
+            idle_settle_seconds: 1.0,
             // Proves the run works; the target is at 100 pods (full mode).
             agents: AgentsRun {
                 pods: 10,
                 watches: 10,
                 rate: 1.0,
-                seconds: 3.0,
+                seconds: 2.0,
             },
-            // A tenth of the script, once: proves it runs.
-            session: (10, 1),
+            // The first commands of the script, once: proves it runs.
+            session: (5, 1),
             get_rate: 50,
             get_only: false,
             hold: false,
@@ -129,6 +132,7 @@ impl BenchSpec {
             concurrency: 32,
             idle_watches: vec![1000, 10_000],
             idle_connections: 1000,
+            idle_settle_seconds: 2.0,
             agents: AgentsRun {
                 pods: setup::AGENT_PODS,
                 watches: 10,
@@ -918,7 +922,7 @@ fn measure_idle(
         );
     };
     // Settled: the last handshakes' and requests' buffers released.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs_f64(spec.idle_settle_seconds));
     let held = rss();
     let why = proc
         .stderr_text()

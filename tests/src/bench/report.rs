@@ -815,9 +815,10 @@ fn render_idle(md: &mut String, report: &BenchReport) {
         "Each proxy freshly started, before the latency runs: N agent connections (TLS + HTTP/2, \
          each sent one GET secret, then idle), then N idle watch streams (100 per HTTP/2 \
          connection, on a namespace nothing changes in), held while RSS (VmRSS; nginx: master + \
-         workers) is read 2 s after the last one opened. Per item = (RSS held − RSS before) / N. \
+         workers) is read {} s after the last one opened. Per item = (RSS held − RSS before) / N. \
          nginx proxies each watch over its own HTTP/1.1 connection upstream; chaperone and the \
-         Go peer multiplex them over HTTP/2.\n"
+         Go peer multiplex them over HTTP/2.\n",
+        report.spec.idle_settle_seconds
     );
     let shown: Vec<Target> = [Target::Chaperone, Target::Nginx, Target::GoPeer]
         .into_iter()
