@@ -315,7 +315,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
         md,
         "\nCPU is utime+stime from /proc/PID/stat over whole runs (warm-up included) divided by \
          every HTTP request sent (create+delete counts 2, watches count); \"stack\" adds the \
-         upstream API server's CPU. Peak RSS is VmHWM (nginx: master + workers; direct: the API server)."
+         upstream API server's CPU. Peak RSS is VmHWM, reset after the idle-memory phase (so it starts from the RSS that phase left; nginx: master + workers; direct: the API server)."
     );
     render_instructions(&mut md, report);
     render_idle(&mut md, report);
@@ -694,7 +694,9 @@ fn verdicts(report: &BenchReport) -> Vec<Verdict> {
             peak_rss_kib(report, Target::GoPeer),
         ) {
             out.push(Verdict {
-                what: "peak RSS over the mix runs, vs the Go peer (not per connection)".into(),
+                what: "peak RSS over the mix runs (from the RSS the idle-memory phase left), vs \
+                       the Go peer"
+                    .into(),
                 measured: format!(
                     "{:.1} MiB vs {:.1} MiB",
                     c as f64 / 1024.0,
@@ -727,7 +729,7 @@ fn verdicts(report: &BenchReport) -> Vec<Verdict> {
         let what = idle_name(kind);
         for row in idle_rows(report, Target::Chaperone, kind) {
             out.push(Verdict {
-                what: format!("per idle {what}, {} {what}s", row.asked),
+                what: format!("per idle {what}, {} {}", row.asked, idle_plural(kind)),
                 measured: format!("{:.1} KiB", row.per_item_kib),
                 target: "≤ 30 KiB".into(),
                 met: Some(row.per_item_kib <= 30.0 && row.open == row.asked),
@@ -793,6 +795,13 @@ fn idle_name(kind: IdleKind) -> &'static str {
     match kind {
         IdleKind::Connection => "agent connection",
         IdleKind::Watch => "watch",
+    }
+}
+
+fn idle_plural(kind: IdleKind) -> &'static str {
+    match kind {
+        IdleKind::Connection => "agent connections",
+        IdleKind::Watch => "watches",
     }
 }
 
@@ -865,8 +874,8 @@ fn render_idle(md: &mut String, report: &BenchReport) {
             .collect();
         let _ = writeln!(
             md,
-            "| {}s, {asked} | {} |",
-            idle_name(kind),
+            "| {}, {asked} | {} |",
+            idle_plural(kind),
             cells.join(" | ")
         );
     }
@@ -969,7 +978,6 @@ fn render_targets(md: &mut String, report: &BenchReport) {
     }
     let _ = writeln!(
         md,
-        "\nNot measured by this bench yet: a 50 MB Secret list beside other agents' GETs, the \
-         real kube-apiserver as upstream."
+        "\nNot measured by this bench yet: a 50 MB Secret list beside other agents' GETs."
     );
 }
