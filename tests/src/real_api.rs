@@ -903,6 +903,12 @@ impl RealApiServer {
             .collect())
     }
 
+    /// The process ids of kube-apiserver and etcd (for `/proc` readings).
+    pub fn pids(&self) -> (u32, u32) {
+        let id = |child: &Mutex<Child>| child.lock().unwrap_or_else(|p| p.into_inner()).id();
+        (id(&self.apiserver), id(&self.etcd))
+    }
+
     /// Stops kube-apiserver and etcd (a server of one's own also stops on drop).
     pub fn stop(&self) {
         stop(&self.apiserver);

@@ -140,10 +140,59 @@ fn the_quick_bench_measures_every_target_and_loses_no_audit_event() {
             .all(|o| o["op"] == "get-secret" || o["count"] == 0),
         "a get-alone run sent other operations: {ops:?}"
     );
+    // Memory per idle connection and per idle watch, through every proxy:
+    // each one asked for opened, and holding them grew the proxy's RSS.
+    let idle = report["idle"].as_array().expect("idle rows");
+    let proxies: &[&str] = if go {
+        &["chaperone", "nginx", "go-peer"]
+    } else {
+        &["chaperone", "nginx"]
+    };
+    for &target in proxies {
+        for kind in ["connection", "watch"] {
+            let row = idle
+                .iter()
+                .find(|r| r["target"] == target && r["kind"] == kind)
+                .unwrap_or_else(|| panic!("no idle {kind} row for {target}:\n{stdout}"));
+            assert_eq!(
+                row["open"], row["asked"],
+                "{target} {kind}s: {row}\n{stdout}"
+            );
+            assert!(
+                row["rss_kib"].as_u64() > row["baseline_kib"].as_u64(),
+                "{target}: holding idle {kind}s did not grow its RSS: {row}"
+            );
+        }
+    }
     assert!(
-        report["idle_watches"][0]["open"].as_u64().unwrap_or(0) > 0,
-        "{stdout}"
+        markdown.contains("### Memory per idle connection and per idle watch"),
+        "{markdown}"
     );
+    // Many agents, each its own pod-bound token: every watch opened, every
+    // GET answered, chaperone's CPU and RSS read over the window.
+    let agents = &report["agents"];
+    assert_eq!(
+        agents["watches_open"], agents["watches_asked"],
+        "{agents}\n{stdout}"
+    );
+    assert!(agents["requests"].as_u64().unwrap_or(0) > 0, "{agents}");
+    assert_eq!(agents["errors"], 0, "{agents}\n{stdout}");
+    assert!(
+        agents["vcpu"].as_f64().unwrap_or(0.0) > 0.0 && agents["rss_kib"].as_u64().unwrap_or(0) > 0,
+        "{agents}"
+    );
+    assert!(
+        markdown.contains("pods × 10 watches × 1 req/s: CPU"),
+        "{markdown}"
+    );
+    // The kubectl session ran through both and its ratio is marked.
+    let session = &report["session"];
+    assert!(
+        session["ratio"].as_f64().unwrap_or(0.0) > 0.0
+            && session["chaperone_seconds"][0].as_f64().unwrap_or(0.0) > 0.0,
+        "{session}\n{stdout}"
+    );
+    assert!(markdown.contains("| whole kubectl session ("), "{markdown}");
     assert_eq!(report["audit"]["lost"], 0, "audit events lost:\n{stdout}");
 
     // Instructions per GET under callgrind: chaperone and nginx each

@@ -12,9 +12,11 @@
 //!   (`xtask/src/cluster.rs`).
 //! - `test`: setup and kube, then formatting, clippy and the whole test suite.
 //! - `demo`: setup, build, then the demo (needs root).
-//! - `bench [--quick]`: setup (valgrind among the test tools; Go for the Go
-//!   peer), release builds, then the simulator directly, chaperone, nginx and
-//!   a Go `httputil.ReverseProxy` side by side, and instructions per request
+//! - `bench [--quick] [--upstream sim|real]`: setup (valgrind among the test
+//!   tools; Go for the Go peer), release builds, then the API server (kube-sim
+//!   by default, or the real kube-apiserver) directly, chaperone, nginx and a
+//!   Go `httputil.ReverseProxy` side by side, memory per idle connection and
+//!   watch, many agents, a kubectl session, and instructions per request
 //!   under callgrind (needs root); the full mode also runs the criterion
 //!   benches. Writes `target/bench/latest.md`.
 
@@ -73,6 +75,11 @@ enum Task {
         /// CI-short: one round of a few seconds, no criterion benches.
         #[arg(long)]
         quick: bool,
+        /// The API server behind every target: `sim` (kube-sim, the
+        /// default) or `real` (kube-apiserver v1.20.2 and etcd from the kube
+        /// cache).
+        #[arg(long, default_value = "sim", value_parser = ["sim", "real"])]
+        upstream: String,
         /// Extra arguments for chaperone-bench (--rounds, --seconds, --rate,
         /// --concurrency).
         #[arg(last = true)]
@@ -171,11 +178,15 @@ fn run(task: Task) -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench { quick, bench_args } => bench(&root, quick, &bench_args),
+        Task::Bench {
+            quick,
+            upstream,
+            bench_args,
+        } => bench(&root, quick, &upstream, &bench_args),
     }
 }
 
-fn bench(root: &Path, quick: bool, bench_args: &[String]) -> Result<()> {
+fn bench(root: &Path, quick: bool, upstream: &str, bench_args: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
             "the bench needs root: chaperone attaches its eBPF programs (at a test cgroup) and \
@@ -205,7 +216,10 @@ fn bench(root: &Path, quick: bool, bench_args: &[String]) -> Result<()> {
             "chaperone-bench",
         ],
     )?;
-    let mut args: Vec<String> = Vec::new();
+    let mut args: Vec<String> = vec!["--upstream".into(), upstream.into()];
+    if upstream == "real" {
+        kube::ensure()?;
+    }
     if quick {
         args.push("--quick".into());
     } else {

@@ -9,6 +9,7 @@
 pub mod callgrind;
 pub mod procs;
 pub mod report;
+pub mod session;
 pub mod setup;
 
 use std::{
@@ -38,6 +39,8 @@ pub struct BenchSpec {
     #[serde(skip)]
     pub criterion_dir: Option<PathBuf>,
     pub quick: bool,
+    /// The API server behind every target.
+    pub upstream: setup::UpstreamKind,
     pub rounds: usize,
     pub warmup_seconds: f64,
     pub seconds: f64,
@@ -47,8 +50,19 @@ pub struct BenchSpec {
     pub concurrency: usize,
     /// Watch streams with events flowing during each run.
     pub watches: usize,
-    /// Idle watch streams held through chaperone to measure memory.
+    /// Idle watch streams held through each proxy to measure memory.
     pub idle_watches: Vec<usize>,
+    /// Idle agent connections (one GET each, then idle) held through each
+    /// proxy to measure memory per connection. 0 skips them.
+    pub idle_connections: usize,
+    /// Seconds between the last idle item opening and reading RSS.
+    pub idle_settle_seconds: f64,
+    /// The many-agents run: pods (each its own pod-bound token and
+    /// connection), watches each, seconds measured. 0 pods skips it.
+    pub agents: AgentsRun,
+    /// The kubectl session: (commands of the script, rounds); 0 commands
+    /// skips it.
+    pub session: (usize, usize),
     /// Open-loop rate of the GET-alone runs (get secret only, no watches):
     /// the latency a proxy adds to one request, with nothing else queued
     /// at the simulator. 0 skips them.
@@ -71,6 +85,7 @@ impl BenchSpec {
             out_dir,
             criterion_dir: None,
             quick: true,
+            upstream: setup::UpstreamKind::Sim,
             rounds: 1,
             warmup_seconds: 1.0,
             seconds: 3.0,
@@ -79,7 +94,18 @@ impl BenchSpec {
             rate: 20,
             concurrency: 16,
             watches: 4,
-            idle_watches: vec![1000],
+            idle_watches: vec![500],
+            idle_connections: 200,
+            idle_settle_seconds: 1.0,
+            // Proves the run works; the target is at 100 pods (full mode).
+            agents: AgentsRun {
+                pods: 10,
+                watches: 10,
+                rate: 1.0,
+                seconds: 2.0,
+            },
+            // The first commands of the script, once: proves it runs.
+            session: (5, 1),
             get_rate: 50,
             get_only: false,
             hold: false,
@@ -105,6 +131,15 @@ impl BenchSpec {
             rate: 40,
             concurrency: 32,
             idle_watches: vec![1000, 10_000],
+            idle_connections: 1000,
+            idle_settle_seconds: 2.0,
+            agents: AgentsRun {
+                pods: setup::AGENT_PODS,
+                watches: 10,
+                rate: 1.0,
+                seconds: 30.0,
+            },
+            session: (50, 3),
             get_rate: 200,
             callgrind: Some(callgrind::CallgrindSpec {
                 requests: 100,
@@ -140,7 +175,7 @@ pub enum Target {
 impl Target {
     pub fn label(self) -> &'static str {
         match self {
-            Target::Direct => "direct (kube-sim)",
+            Target::Direct => "direct (no proxy)",
             Target::Chaperone => "chaperone (full pipeline)",
             Target::ChaperoneUpstreamHttp2 => "chaperone, HTTP/2 upstream only",
             Target::ChaperoneAuditSpooled => "chaperone, audit durability spooled",
@@ -170,13 +205,61 @@ pub struct Run {
     pub sim_cpu: f64,
 }
 
+/// Many agents at once through chaperone.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct AgentsRun {
+    pub pods: usize,
+    /// Idle watches per pod.
+    pub watches: usize,
+    /// GETs per second per pod.
+    pub rate: f64,
+    pub seconds: f64,
+}
+
+/// What an idle connection or watch is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdleKind {
+    /// An agent connection (TLS + HTTP/2) that sent one GET and is idle.
+    Connection,
+    /// A watch stream with no events (100 per HTTP/2 connection).
+    Watch,
+}
+
+/// A proxy's memory with `asked` idle connections or watches held through
+/// it: (RSS − RSS before) / asked.
 #[derive(Debug, Serialize)]
-pub struct IdleWatches {
+pub struct IdleMemory {
+    pub target: Target,
+    pub kind: IdleKind,
     pub asked: usize,
     pub open: usize,
+    pub baseline_kib: u64,
     pub rss_kib: u64,
-    pub per_stream_kib: f64,
+    pub per_item_kib: f64,
     pub note: String,
+}
+
+/// What chaperone spent while many agents worked through it.
+#[derive(Debug, Serialize)]
+pub struct AgentsResult {
+    pub run: AgentsRun,
+    /// How the bench tells the agents apart.
+    pub callers: String,
+    pub watches_open: usize,
+    pub watches_asked: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub wall_seconds: f64,
+    pub cpu_seconds: f64,
+    /// CPU seconds / wall seconds over the measured window.
+    pub vcpu: f64,
+    /// RSS at the end of the window (everything still open), and the
+    /// highest sampled each second during it.
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -210,7 +293,13 @@ pub struct BenchReport {
     pub peak_rss_kib: Vec<(Target, u64)>,
     pub sim_peak_rss_kib: u64,
     pub chaperone_idle_rss_kib: u64,
-    pub idle_watches: Vec<IdleWatches>,
+    /// Memory per idle connection and per idle watch, every proxy, on
+    /// freshly started processes (before the latency runs).
+    pub idle: Vec<IdleMemory>,
+    /// Many agents through a fresh chaperone (`None`: not run).
+    pub agents: Option<AgentsResult>,
+    /// The kubectl session, direct and through a fresh chaperone.
+    pub session: Option<session::SessionResult>,
     pub audit: Option<AuditCheck>,
     pub criterion: Criterion,
     /// Instructions per request under callgrind.
@@ -282,8 +371,11 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     let mut notes = Vec::new();
     say(&format!("load before: {}", machine.load_before));
 
-    say("starting kube-sim (500 pods, 20 secrets, 20 configmaps)");
-    let mut sim = setup::start_sim(&spec.bin_dir, work.path())?;
+    say(&format!(
+        "starting the upstream, {} (500 pods, 20 secrets, 20 configmaps)",
+        spec.upstream.label()
+    ));
+    let mut sim = setup::start_upstream(spec.upstream, &spec.bin_dir, work.path())?;
     // chaperone refuses a loopback proxy address; a veth pair's host side
     // gives it a real one (the client dials it from the host namespace).
     let netns = crate::topology::Netns::create()?;
@@ -403,7 +495,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
             ca: go_peer.as_ref().map(|g| g.ca.clone()).unwrap_or_default(),
         },
     ];
-    let sim_pid = sim.proc.pid();
+    let sim_pid = sim.pid();
     let chaperone_pid = chaperone.proc.pid();
     let chaperone_h2_pid = chaperone_h2.as_ref().map(|c| c.proc.pid());
     let chaperone_spooled_pid = chaperone_spooled.as_ref().map(|c| c.proc.pid());
@@ -441,6 +533,51 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         // Every process is stopped as it is dropped.
         return Ok(None);
     }
+
+    // Memory per idle connection and per idle watch, each proxy freshly
+    // started (its allocator not yet holding the latency runs' memory).
+    let mut idle = Vec::new();
+    let mut idle_sent = 0u64;
+    if !spec.get_only {
+        for target in [Target::Chaperone, Target::Nginx, Target::GoPeer] {
+            let Some(endpoint) = endpoints
+                .iter()
+                .find(|e| e.target == target && !e.url.is_empty())
+            else {
+                continue;
+            };
+            let pids = pids_of(target);
+            let mut items: Vec<(IdleKind, usize)> = Vec::new();
+            if spec.idle_connections > 0 {
+                items.push((IdleKind::Connection, spec.idle_connections));
+            }
+            items.extend(spec.idle_watches.iter().map(|n| (IdleKind::Watch, *n)));
+            for (kind, count) in items {
+                let row = measure_idle(&spec, endpoint, &sim.token, kind, count, &pids)?;
+                if target == Target::Chaperone {
+                    idle_sent += count as u64;
+                }
+                say(&format!(
+                    "idle {kind:?} x{count} through {}: {}/{} open, RSS {} KiB (before {} KiB): {:.1} KiB each {}",
+                    target.label(),
+                    row.open,
+                    row.asked,
+                    row.rss_kib,
+                    row.baseline_kib,
+                    row.per_item_kib,
+                    row.note
+                ));
+                idle.push(row);
+                // Let the proxy finish the closed streams before the next.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            // The latency runs' peak RSS is theirs, not the idle phase's.
+            for pid in &pids {
+                let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+            }
+        }
+    }
+    let idle_events = settle_count(&chaperone.audit_dir, Duration::from_secs(10));
 
     let mut runs = Vec::new();
     let mut chaperone_sent = 0u64;
@@ -540,47 +677,9 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     let sim_peak_rss_kib = status_kib(sim_pid, "VmHWM");
     peak_rss_kib.insert(0, (Target::Direct, sim_peak_rss_kib));
 
-    // The mix's audit count, before the idle watches add theirs.
-    let mix_events = settle_count(&chaperone.audit_dir, Duration::from_secs(10));
-    let mut idle_sent = 0u64;
-
-    // Idle watch streams through chaperone.
-    let mut idle = Vec::new();
-    let idle_counts: &[usize] = if spec.get_only {
-        &[]
-    } else {
-        &spec.idle_watches
-    };
-    for &count in idle_counts {
-        let baseline = status_kib(chaperone_pid, "VmRSS");
-        let (open, sent, rss, why) =
-            hold_idle_watches(&spec, &endpoints[1], &sim.token, count, || {
-                std::thread::sleep(Duration::from_secs(1));
-                status_kib(chaperone_pid, "VmRSS")
-            })?;
-        idle_sent += sent;
-        // Over every stream asked for: those waiting for an upstream stream
-        // hold memory too.
-        let per_stream = rss.saturating_sub(baseline) as f64 / count.max(1) as f64;
-        let note = if open < count {
-            format!("only {open} of {count} opened ({why})")
-        } else {
-            String::new()
-        };
-        say(&format!(
-            "idle watches: {open}/{count} open, chaperone RSS {} KiB (baseline {baseline} KiB, {per_stream:.1} KiB/stream) {note}",
-            rss
-        ));
-        idle.push(IdleWatches {
-            asked: count,
-            open,
-            rss_kib: rss,
-            per_stream_kib: per_stream,
-            note,
-        });
-        // Let chaperone finish the aborted streams before the next size.
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    // The mix's audit count, without the idle phase's events.
+    let mix_events =
+        settle_count(&chaperone.audit_dir, Duration::from_secs(10)).saturating_sub(idle_events);
 
     // Audit: every request chaperone saw has a ResponseComplete event once
     // chaperone drains (SIGTERM flushes the audit pipeline).
@@ -628,6 +727,49 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
     drop(chaperone_spooled);
     drop(chaperone);
 
+    let agents = if spec.agents.pods > 0 && !spec.get_only {
+        Some(run_agents(&spec, work.path(), &sim, netns.host_v4)?)
+    } else {
+        None
+    };
+    let session = if spec.session.0 > 0 && !spec.get_only {
+        let (commands, rounds) = spec.session;
+        say(&format!(
+            "kubectl session: {commands} commands, direct and through a fresh chaperone, {rounds} round(s)"
+        ));
+        let chaperone = setup::start_chaperone(
+            &spec.bin_dir,
+            &work.path().join("chaperone-session"),
+            &sim,
+            netns.host_v4,
+            false,
+        )?;
+        let result = session::run(
+            &work.path().join("session"),
+            &sim.token,
+            &session::SessionTarget {
+                name: "direct",
+                url: sim.url.clone(),
+                ca: sim.ca.clone(),
+            },
+            &session::SessionTarget {
+                name: "chaperone",
+                url: chaperone.url.clone(),
+                ca: chaperone.ca.clone(),
+            },
+            commands,
+            rounds,
+            sim.kind == setup::UpstreamKind::Sim,
+        )?;
+        say(&format!(
+            "kubectl session: direct {:?} s, chaperone {:?} s, ratio {:.3}",
+            result.direct_seconds, result.chaperone_seconds, result.ratio
+        ));
+        Some(result)
+    } else {
+        None
+    };
+
     // Instructions per request, one proxy at a time under callgrind.
     let instructions = match &spec.callgrind {
         Some(cg) => callgrind::measure_all(
@@ -641,7 +783,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         )?,
         None => Vec::new(),
     };
-    sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+    sim.stop();
     drop(netns);
     machine.load_after = loadavg();
     let report = BenchReport {
@@ -651,7 +793,9 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         peak_rss_kib,
         sim_peak_rss_kib,
         chaperone_idle_rss_kib,
-        idle_watches: idle,
+        idle,
+        agents,
+        session,
         audit: Some(audit),
         criterion,
         instructions,
@@ -728,29 +872,42 @@ fn agent_load(
     serde_json::from_slice(&output.stdout).context("agent-load's report")
 }
 
-/// Opens `count` idle watches through `endpoint`, calls `measure` once they
-/// are open; `(open, requests sent, measure's value, why some did not open)`.
-fn hold_idle_watches(
+/// Holds `count` idle connections or watches through `endpoint` and reads
+/// the RSS of `pids` (summed) before and once they are open and settled.
+fn measure_idle(
     spec: &BenchSpec,
     endpoint: &Endpoint,
     token: &Path,
+    kind: IdleKind,
     count: usize,
-    measure: impl FnOnce() -> u64,
-) -> Result<(usize, u64, u64, String)> {
+    pids: &[u32],
+) -> Result<IdleMemory> {
+    let rss = || pids.iter().map(|p| status_kib(*p, "VmRSS")).sum::<u64>();
+    let baseline = rss();
     let mut cmd = load_command(spec, endpoint, token);
-    cmd.args(["--namespace", setup::IDLE_NAMESPACE])
-        .args(["--idle-watches", &count.to_string()])
-        .args([
-            "--connections",
-            &count.div_ceil(WATCHES_PER_CONNECTION).to_string(),
-        ]);
-    let mut proc = Proc::spawn("agent-load (idle watches)", cmd.stdin(Stdio::piped()))?;
+    let marker = match kind {
+        IdleKind::Connection => {
+            cmd.args(["--namespace", setup::NAMESPACE])
+                .args(["--idle-connections", &count.to_string()]);
+            "{\"idle_connections_open\": "
+        }
+        IdleKind::Watch => {
+            cmd.args(["--namespace", setup::IDLE_NAMESPACE])
+                .args(["--idle-watches", &count.to_string()])
+                .args([
+                    "--connections",
+                    &count.div_ceil(WATCHES_PER_CONNECTION).to_string(),
+                ]);
+            "{\"idle_watches_open\": "
+        }
+    };
+    let mut proc = Proc::spawn("agent-load (idle)", cmd.stdin(Stdio::piped()))?;
     let (open_tx, open_rx) = std::sync::mpsc::channel();
     let stdout = proc.take_stdout();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(n) = line
-                .strip_prefix("{\"idle_watches_open\": ")
+                .strip_prefix(marker)
                 .and_then(|r| r.trim_end_matches('}').parse::<usize>().ok())
             {
                 let _ = open_tx.send(n);
@@ -758,21 +915,163 @@ fn hold_idle_watches(
         }
     });
     let Ok(open) = open_rx.recv_timeout(Duration::from_secs(300)) else {
-        bail!("agent-load --idle-watches failed:\n{}", proc.stderr_text());
+        bail!(
+            "agent-load holding idle {kind:?}s through {} failed:\n{}",
+            endpoint.url,
+            proc.stderr_text()
+        );
     };
-    let value = measure();
+    // Settled: the last handshakes' and requests' buffers released.
+    std::thread::sleep(Duration::from_secs_f64(spec.idle_settle_seconds));
+    let held = rss();
     let why = proc
         .stderr_text()
         .lines()
-        .filter(|l| l.starts_with("idle watches:"))
+        .filter(|l| l.starts_with("idle "))
         .collect::<Vec<_>>()
         .join("; ");
-    // Closing stdin releases the streams.
+    // Closing stdin releases them.
     drop(proc.child_mut().stdin.take());
     proc.stop(0, Duration::from_secs(10));
-    // Every watch asked for reached chaperone (those past the stream limit
-    // wait in its upstream queue), so each is audited.
-    Ok((open, count as u64, value, why))
+    Ok(IdleMemory {
+        target: endpoint.target,
+        kind,
+        asked: count,
+        open,
+        baseline_kib: baseline,
+        rss_kib: held,
+        // Over every one asked for: those waiting for an upstream stream
+        // hold memory too.
+        per_item_kib: held.saturating_sub(baseline) as f64 / count.max(1) as f64,
+        note: if open < count {
+            format!("only {open} of {count} opened ({why})")
+        } else {
+            String::new()
+        },
+    })
+}
+
+/// [`BenchSpec::agents`] through a freshly started chaperone (full
+/// pipeline): its CPU over the measured window and its RSS.
+fn run_agents(
+    spec: &BenchSpec,
+    work: &Path,
+    sim: &setup::Sim,
+    ip: std::net::Ipv4Addr,
+) -> Result<AgentsResult> {
+    let run = spec.agents;
+    say(&format!(
+        "many agents: a fresh chaperone, {} pods x {} idle watches x {} GET/s for {}s",
+        run.pods, run.watches, run.rate, run.seconds
+    ));
+    let chaperone = setup::start_chaperone(
+        &spec.bin_dir,
+        &work.join("chaperone-agents"),
+        sim,
+        ip,
+        false,
+    )?;
+    let pid = chaperone.proc.pid();
+    // The first `pods` tokens only.
+    let tokens = work.join("agent-tokens");
+    std::fs::create_dir_all(&tokens)?;
+    for i in 0..run.pods {
+        let name = format!("pod-{i}.token");
+        std::fs::copy(sim.pod_tokens.join(&name), tokens.join(&name)).with_context(|| {
+            format!(
+                "the simulator minted no token for pod-{i} ({} pods are minted)",
+                setup::AGENT_PODS
+            )
+        })?;
+    }
+    let endpoint = Endpoint {
+        target: Target::Chaperone,
+        url: chaperone.url.clone(),
+        ca: chaperone.ca.clone(),
+    };
+    let mut cmd = load_command(spec, &endpoint, &sim.token);
+    cmd.args(["--namespace", setup::NAMESPACE])
+        .arg("--agents-tokens")
+        .arg(&tokens)
+        .args(["--agent-watches", &run.watches.to_string()])
+        .args(["--agent-rate", &run.rate.to_string()])
+        .args(["--watch-namespace", setup::IDLE_NAMESPACE])
+        .args(["--seconds", &run.seconds.to_string()]);
+    let mut proc = Proc::spawn("agent-load (agents)", cmd.stdin(Stdio::piped()))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = proc.take_stdout();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let failed = |proc: &Proc, what: &str| {
+        anyhow::anyhow!("agent-load --agents-tokens {what}:\n{}", proc.stderr_text())
+    };
+    let ready = rx
+        .recv_timeout(Duration::from_secs(300))
+        .map_err(|_| failed(&proc, "did not open its watches"))?;
+    let watches_open: usize = ready
+        .strip_prefix("{\"agents_ready\": ")
+        .and_then(|r| r.trim_end_matches('}').parse().ok())
+        .ok_or_else(|| failed(&proc, &format!("said {ready:?}")))?;
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    let mut peak = 0u64;
+    let done = loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => break line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                peak = peak.max(status_kib(pid, "VmRSS"));
+                if t0.elapsed().as_secs_f64() > run.seconds + 120.0 {
+                    return Err(failed(&proc, "did not finish"));
+                }
+            }
+            Err(_) => return Err(failed(&proc, "exited early")),
+        }
+    };
+    let (cpu1, wall) = (cpu_seconds(pid), t0.elapsed().as_secs_f64());
+    let rss = status_kib(pid, "VmRSS");
+    let report: crate::load::AgentsReport = done
+        .strip_prefix("{\"agents_done\": ")
+        .and_then(|r| r.strip_suffix('}'))
+        .and_then(|r| serde_json::from_str(r).ok())
+        .ok_or_else(|| failed(&proc, &format!("said {done:?}")))?;
+    drop(proc.child_mut().stdin.take());
+    proc.stop(0, Duration::from_secs(10));
+    let result = AgentsResult {
+        run,
+        callers: format!(
+            "{} pod-bound service-account tokens (each names its pod and uid, as the kubelet's \
+             projected tokens do), each pod on its own connection dialing chaperone's port \
+             directly: chaperone tells the pods apart by the verified token, not by kernel \
+             attestation (no eBPF redirect, so the per-pod limits do not apply)",
+            run.pods
+        ),
+        watches_open,
+        watches_asked: report.watches_asked,
+        requests: report.requests,
+        errors: report.errors,
+        p50_us: report.p50_us,
+        p99_us: report.p99_us,
+        wall_seconds: wall,
+        cpu_seconds: cpu1 - cpu0,
+        vcpu: (cpu1 - cpu0) / wall.max(1e-9),
+        rss_kib: rss,
+        peak_rss_kib: peak.max(rss),
+    };
+    say(&format!(
+        "many agents: {}/{} watches open, {} GETs ({} errors, p50 {} us, p99 {} us), chaperone {:.3} vCPU, RSS {:.1} MiB (peak {:.1} MiB)",
+        result.watches_open,
+        result.watches_asked,
+        result.requests,
+        result.errors,
+        result.p50_us,
+        result.p99_us,
+        result.vcpu,
+        rss as f64 / 1024.0,
+        result.peak_rss_kib as f64 / 1024.0
+    ));
+    Ok(result)
 }
 
 /// Idle watches per agent connection: an agent's client multiplexes its

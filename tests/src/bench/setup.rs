@@ -32,6 +32,13 @@ pub fn seed_yaml() -> String {
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n"
         ));
     }
+    // Every idle watch starts with this one object's ADDED event and then
+    // waits: a proxy that holds a response's headers until body data
+    // (nginx over HTTP/2) has passed them on, so the client sees each watch
+    // open, as it would any informer's watch.
+    out.push_str(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: idle-marker\n  namespace: {IDLE_NAMESPACE}\ndata:\n  note: nothing changes here\n---\n"
+    ));
     for i in 0..PODS {
         out.push_str(&format!(
             r#"apiVersion: v1
@@ -44,6 +51,7 @@ metadata:
 spec:
   nodeName: node-{node}
   serviceAccountName: web
+  automountServiceAccountToken: false
   containers:
     - name: web
       image: registry.example.com/web:1.{app}.3
@@ -119,13 +127,74 @@ spec:
   defaultRecord: Metadata
 "#;
 
-/// The running simulator and what clients need to reach it.
+/// Which API server the bench runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamKind {
+    /// kube-sim (the default: starts in a second).
+    Sim,
+    /// The real kube-apiserver (v1.20.2, with etcd) from `cargo xtask kube`.
+    Real,
+}
+
+impl UpstreamKind {
+    pub fn label(self) -> String {
+        match self {
+            UpstreamKind::Sim => "kube-sim (the simulator)".into(),
+            UpstreamKind::Real => format!(
+                "the real kube-apiserver {} with etcd (no controller-manager, scheduler or \
+                 kubelet: no pod logs)",
+                crate::real_api::VERSION
+            ),
+        }
+    }
+}
+
+/// The running API server (simulator or real) and what clients need to
+/// reach it.
 pub struct Sim {
-    pub proc: Proc,
+    pub kind: UpstreamKind,
+    /// The simulator's process (`None` for the real server).
+    pub proc: Option<Proc>,
+    pub real: Option<crate::real_api::RealApiServer>,
     pub url: String,
     pub ca: PathBuf,
     pub kubeconfig: PathBuf,
     pub token: PathBuf,
+    /// `pod-I.token` for pods pod-0.. of [`NAMESPACE`]: pod-bound
+    /// service-account tokens, one per agent pod of the many-agents run.
+    pub pod_tokens: PathBuf,
+}
+
+impl Sim {
+    /// The serving process (kube-sim, or kube-apiserver; etcd apart).
+    pub fn pid(&self) -> u32 {
+        match (&self.proc, &self.real) {
+            (Some(proc), _) => proc.pid(),
+            (None, Some(real)) => real.pids().0,
+            (None, None) => 0,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(proc) = self.proc.as_mut() {
+            proc.stop(libc::SIGINT, Duration::from_secs(10));
+        }
+        if let Some(real) = &self.real {
+            real.stop();
+        }
+    }
+}
+
+/// Agent pods with their own pod-bound token (the many-agents run).
+pub const AGENT_PODS: usize = 100;
+
+/// Starts the upstream of `kind`, seeded with [`seed_yaml`].
+pub fn start_upstream(kind: UpstreamKind, bin: &Path, work: &Path) -> Result<Sim> {
+    match kind {
+        UpstreamKind::Sim => start_sim(bin, work),
+        UpstreamKind::Real => start_real(work),
+    }
 }
 
 pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
@@ -149,6 +218,9 @@ pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
             .args(["--mint-token", &format!("{NAMESPACE}/agent")])
             .arg("--token-out")
             .arg(&token)
+            .args(["--mint-pod-tokens", &AGENT_PODS.to_string()])
+            .arg("--pod-tokens-out")
+            .arg(work.join("pod-tokens"))
             .args(["--bookmark-seconds", "3600"])
             .env("RUST_LOG", "warn"),
     )?;
@@ -167,11 +239,92 @@ pub fn start_sim(bin: &Path, work: &Path) -> Result<Sim> {
         bail!("kube-sim did not start:\n{}", proc.stderr_text());
     };
     Ok(Sim {
-        proc,
+        kind: UpstreamKind::Sim,
+        proc: Some(proc),
+        real: None,
         url,
         ca,
         kubeconfig,
         token,
+        pod_tokens: work.join("pod-tokens"),
+    })
+}
+
+/// The real kube-apiserver, seeded like the simulator: the same objects,
+/// ServiceAccounts the simulator has implicitly, and the agents' service
+/// accounts bound to `cluster-admin` (the simulator runs `--permissive`).
+fn start_real(work: &Path) -> Result<Sim> {
+    let real = crate::real_api::RealApiServer::start()
+        .context("starting the real kube-apiserver (`cargo xtask kube` fetches the binaries)")?;
+    for (namespace, account) in [(NAMESPACE, "web"), (NAMESPACE, "agent")] {
+        real.ensure(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
+        }))?;
+        real.ensure(serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": namespace}
+        }))?;
+    }
+    real.ensure(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "bench-agents"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:serviceaccounts"}]
+    }))?;
+    let mut uids = std::collections::HashMap::new();
+    for doc in serde_yaml::Deserializer::from_str(&seed_yaml()) {
+        let object: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        if object.is_null() {
+            continue;
+        }
+        if object["kind"] == "Namespace" {
+            real.ensure(object)?;
+            continue;
+        }
+        let stored = real.create(object)?;
+        if stored["kind"] == "Pod" {
+            uids.insert(
+                stored["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                stored["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    let hour = Duration::from_secs(3600);
+    let (ca, token, pod_tokens) = (
+        work.join("real-ca.crt"),
+        work.join("agent.token"),
+        work.join("pod-tokens"),
+    );
+    std::fs::write(&ca, real.ca_pem())?;
+    std::fs::write(
+        &token,
+        real.mint_token(NAMESPACE, "agent", None, None, hour)?,
+    )?;
+    std::fs::create_dir_all(&pod_tokens)?;
+    for i in 0..AGENT_PODS {
+        let name = format!("pod-{i}");
+        let uid = uids
+            .get(&name)
+            .with_context(|| format!("{name} was not created on the real server"))?;
+        let bound = real.mint_token(NAMESPACE, "web", Some((&name, uid)), None, hour)?;
+        std::fs::write(pod_tokens.join(format!("{name}.token")), bound)?;
+    }
+    Ok(Sim {
+        kind: UpstreamKind::Real,
+        proc: None,
+        url: real.url(),
+        ca,
+        kubeconfig: real.admin_kubeconfig().to_path_buf(),
+        token,
+        pod_tokens,
+        real: Some(real),
     })
 }
 

@@ -4,7 +4,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use chaperone_tests::load::{LoadSpec, Op, idle_watches, run};
+use chaperone_tests::load::{
+    AgentsSpec, LoadSpec, Op, agents, idle_connections, idle_watches, run,
+};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -40,6 +42,25 @@ struct Args {
     /// stdin closes (the caller measures the target meanwhile).
     #[arg(long)]
     idle_watches: Option<usize>,
+    /// Instead of the mix: open this many connections, each sending one
+    /// GET secret and then idle; print `{"idle_connections_open": N}` and
+    /// hold them until stdin closes.
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Instead of the mix: many agents, one per token file in this
+    /// directory (`*.token`), each on its own connection with
+    /// --agent-watches idle watches (in --watch-namespace) and one GET
+    /// every 1/--agent-rate s for --seconds; prints `{"agents_ready": N}`
+    /// once the watches are open, the report when done, then holds
+    /// everything until stdin closes.
+    #[arg(long)]
+    agents_tokens: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    agent_watches: usize,
+    #[arg(long, default_value_t = 1.0)]
+    agent_rate: f64,
+    #[arg(long, default_value = "idle")]
+    watch_namespace: String,
     /// Only this operation instead of the mix (profiling one path).
     #[arg(long, value_enum)]
     only: Option<Op>,
@@ -73,6 +94,55 @@ async fn main() -> anyhow::Result<()> {
         only: args.only,
         requests: args.requests,
     };
+    let hold = || async {
+        // Held until the caller closes our stdin.
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+    };
+    if let Some(count) = args.idle_connections {
+        return idle_connections(
+            &spec,
+            count,
+            |open| println!("{{\"idle_connections_open\": {open}}}"),
+            hold(),
+        )
+        .await;
+    }
+    if let Some(dir) = &args.agents_tokens {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "token"))
+            .collect();
+        files.sort();
+        let tokens = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).map(|t| t.trim().to_owned()))
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the agents' tokens")?;
+        if tokens.is_empty() {
+            anyhow::bail!("no *.token file in {}", dir.display());
+        }
+        let agents_spec = AgentsSpec {
+            tokens,
+            watches: args.agent_watches,
+            watch_namespace: args.watch_namespace.clone(),
+            rate: args.agent_rate,
+        };
+        return agents(
+            &spec,
+            &agents_spec,
+            |open| println!("{{\"agents_ready\": {open}}}"),
+            |report| {
+                println!(
+                    "{{\"agents_done\": {}}}",
+                    serde_json::to_string(report).unwrap_or_default()
+                )
+            },
+            hold(),
+        )
+        .await;
+    }
     if let Some(count) = args.idle_watches {
         let hold = async {
             // Held until the caller closes our stdin.

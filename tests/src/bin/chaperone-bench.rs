@@ -25,6 +25,10 @@ struct Args {
     /// Criterion's output directory to include (masking MB/s, policy ns).
     #[arg(long)]
     criterion_dir: Option<PathBuf>,
+    /// The API server behind every target: the simulator (default) or the
+    /// real kube-apiserver (`cargo xtask kube` fetches it).
+    #[arg(long, value_enum, default_value = "sim")]
+    upstream: bench::setup::UpstreamKind,
     /// Override: rounds.
     #[arg(long)]
     rounds: Option<usize>,
@@ -80,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         BenchSpec::full(bin_dir, out_dir)
     };
     spec.criterion_dir = args.criterion_dir;
+    spec.upstream = args.upstream;
     if let Some(rounds) = args.rounds {
         spec.rounds = rounds.max(1);
     }

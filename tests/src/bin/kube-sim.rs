@@ -48,6 +48,17 @@ struct Args {
     /// hour) and write it to --token-out (load generators, benches).
     #[arg(long, requires = "token_out")]
     mint_token: Option<String>,
+    /// Mint a pod-bound token for each of the first N pods of
+    /// --pod-tokens-namespace (the pod's own service account, its name and
+    /// uid claimed), one file per pod in --pod-tokens-out: many distinct
+    /// agent pods for the bench.
+    #[arg(long, requires = "pod_tokens_out")]
+    mint_pod_tokens: Option<usize>,
+    #[arg(long, default_value = "bench")]
+    pod_tokens_namespace: String,
+    /// Directory --mint-pod-tokens writes `pod-I.token` files to.
+    #[arg(long)]
+    pod_tokens_out: Option<PathBuf>,
     /// Where --mint-token writes the token.
     #[arg(long, requires = "mint_token")]
     token_out: Option<PathBuf>,
@@ -116,6 +127,35 @@ async fn main() -> anyhow::Result<()> {
             sim.mint_service_account_token(namespace, name, None, None, Duration::from_secs(3600))?;
         std::fs::write(path, token)
             .with_context(|| format!("writing the token to {}", path.display()))?;
+    }
+    if let (Some(count), Some(dir)) = (args.mint_pod_tokens, &args.pod_tokens_out) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let namespace = &args.pod_tokens_namespace;
+        for i in 0..count {
+            let Some(pod) = sim
+                .store()
+                .get("pods", Some(namespace), &format!("pod-{i}"))
+            else {
+                anyhow::bail!(
+                    "--mint-pod-tokens {count}: no pod pod-{i} in namespace {namespace} (seed pods pod-0..pod-{})",
+                    count - 1
+                );
+            };
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
+            let account = pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default");
+            let token = sim.mint_service_account_token(
+                namespace,
+                account,
+                Some((name, uid)),
+                None,
+                Duration::from_secs(3600),
+            )?;
+            let path = dir.join(format!("pod-{i}.token"));
+            std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     println!("kube-sim listening on {}", sim.url());
     if let Some(path) = &args.kubeconfig_out {

@@ -539,6 +539,211 @@ pub async fn idle_watches(
     Ok(())
 }
 
+/// Opens `count` agent connections, each its own TLS + HTTP/2 connection
+/// that sends one GET (the secret: identity, policy and masking have run for
+/// it) and then stays open and idle; calls `opened` with how many answered,
+/// then holds them until `hold` resolves.
+pub async fn idle_connections(
+    spec: &LoadSpec,
+    count: usize,
+    opened: impl FnOnce(usize),
+    hold: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut clients = Vec::with_capacity(count);
+    let mut tasks = tokio::task::JoinSet::new();
+    // A few handshakes at a time: the proxies' accept queues are not the
+    // question.
+    let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    for n in 0..count {
+        let client = idle_client(spec)?;
+        clients.push(client.clone());
+        let (spec, gate) = (spec.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore open");
+            run_op(&client, &spec, Op::GetSecret, n as u64).await
+        });
+    }
+    let mut ok = 0;
+    while let Some(done) = tasks.join_next().await {
+        if matches!(done, Ok(true)) {
+            ok += 1;
+        }
+    }
+    if ok < count {
+        eprintln!("idle connections: {ok} of {count} answered their GET");
+    }
+    opened(ok);
+    hold.await;
+    drop(clients);
+    Ok(())
+}
+
+/// A client whose one pooled connection stays open while idle (hyper's pool
+/// closes idle connections after 90 s by default).
+fn idle_client(spec: &LoadSpec) -> Result<HttpsClient> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&spec.ca_pem)? {
+        roots.add(cert).context("CA certificate")?;
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http2()
+        .build();
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(None)
+        .build(connector))
+}
+
+/// The agents [`agents`] runs: one per token.
+#[derive(Clone, Debug)]
+pub struct AgentsSpec {
+    pub tokens: Vec<String>,
+    pub watches: usize,
+    pub watch_namespace: String,
+    /// GETs per second per agent.
+    pub rate: f64,
+}
+
+/// What [`agents`] measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentsReport {
+    pub pods: usize,
+    pub watches_open: usize,
+    pub watches_asked: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub seconds: f64,
+}
+
+/// Many agents at once: one HTTP/2 connection per token (a pod), each
+/// holding `watches` idle watches (in `watch_namespace`, where nothing
+/// changes) and sending one GET every `1 / rate` seconds (get pod and get
+/// secret in turn). Calls `ready` once the watches are open, runs for
+/// `spec.duration`, calls `done` with the report, then holds everything
+/// open until `hold` resolves (the caller reads memory meanwhile).
+pub async fn agents(
+    spec: &LoadSpec,
+    agents: &AgentsSpec,
+    ready: impl FnOnce(usize),
+    done: impl FnOnce(&AgentsReport),
+    hold: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let AgentsSpec {
+        tokens,
+        watches,
+        watch_namespace,
+        rate,
+    } = agents;
+    let (pods, watches, rate) = (tokens.len(), *watches, *rate);
+    let open = Arc::new(AtomicU64::new(0));
+    let mut held = Vec::new();
+    let mut clients = Vec::new();
+    for token in tokens {
+        let spec = LoadSpec {
+            token: token.clone(),
+            ..spec.clone()
+        };
+        let client = idle_client(&spec)?;
+        for _ in 0..watches {
+            let (client, spec, open) = (client.clone(), spec.clone(), open.clone());
+            let ns = watch_namespace.to_owned();
+            held.push(tokio::spawn(async move {
+                let request = Request::get(format!(
+                    "{}/api/v1/namespaces/{ns}/configmaps?watch=true",
+                    spec.base
+                ))
+                .header("authorization", format!("Bearer {}", spec.token))
+                .body(Full::new(Bytes::new()))
+                .expect("valid request");
+                HTTP_REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
+                if let Ok(response) = client.request(request).await
+                    && response.status().is_success()
+                {
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let mut body = response.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                }
+            }));
+        }
+        clients.push((client, spec));
+    }
+    let asked = pods * watches;
+    let settle = Instant::now() + Duration::from_secs(60);
+    while (open.load(Ordering::Relaxed) as usize) < asked && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watches_open = open.load(Ordering::Relaxed) as usize;
+    ready(watches_open);
+
+    let histogram = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+    ));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + spec.duration;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.01));
+    let mut running = Vec::new();
+    for (i, (client, spec)) in clients.iter().enumerate() {
+        let (client, spec) = (client.clone(), spec.clone());
+        let (histogram, errors) = (histogram.clone(), errors.clone());
+        // Spread the pods' ticks over the interval.
+        let first = started + interval.mul_f64(i as f64 / pods.max(1) as f64);
+        running.push(tokio::spawn(async move {
+            let mut next = first;
+            let mut n = i as u64;
+            while next < deadline {
+                tokio::time::sleep_until(next.into()).await;
+                let op = if n.is_multiple_of(2) {
+                    Op::GetPod
+                } else {
+                    Op::GetSecret
+                };
+                let ok = run_op(&client, &spec, op, n).await;
+                if ok {
+                    let micros = next.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+                    let _ = histogram
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(micros);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+                next += interval;
+            }
+        }));
+    }
+    for agent in running {
+        let _ = agent.await;
+    }
+    let histogram = histogram.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let report = AgentsReport {
+        pods,
+        watches_open,
+        watches_asked: asked,
+        requests: histogram.len(),
+        errors: errors.load(Ordering::Relaxed),
+        p50_us: histogram.value_at_quantile(0.5),
+        p99_us: histogram.value_at_quantile(0.99),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    done(&report);
+    hold.await;
+    for watch in held {
+        watch.abort();
+    }
+    drop(clients);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
