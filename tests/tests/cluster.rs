@@ -370,3 +370,228 @@ spec:
         "the pod should keep chaperone's CA bundle and take the new label"
     );
 }
+
+// === the README's quickstart, as written ===
+
+/// The commands of the README's fenced block marked `<!-- quickstart:NAME`
+/// (each line's `# comment` dropped). `cargo xtask cluster deploy` runs the
+/// install block; this tier runs the verify block.
+fn readme_block(name: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    let marker = format!("<!-- quickstart:{name}");
+    let at = readme
+        .find(&marker)
+        .unwrap_or_else(|| panic!("README.md has no block marked {marker}"));
+    readme[at..]
+        .lines()
+        .skip_while(|l| !l.starts_with("```"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(" #").next().unwrap_or(l).trim().to_string())
+        .collect()
+}
+
+/// A README line run as a reader runs it: `sh` in the checkout, the
+/// cluster's kubeconfig, the `kubectl-chaperone` plugin on `PATH`.
+fn run_readme_line(command: &str) -> Output {
+    let plugin = chaperone_tests::e2e::workspace_binary("kubectl-chaperone");
+    let path = format!(
+        "{}:{}",
+        plugin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("sh")
+        .args(["-c", command])
+        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .env("KUBECONFIG", kubeconfig())
+        .env("PATH", path)
+        .output()
+        .expect("sh runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The values under every `data:` of `kubectl get secrets -o yaml`.
+fn secret_values(yaml: &str) -> Vec<(String, String)> {
+    let mut values = Vec::new();
+    let mut in_data = false;
+    for line in yaml.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed == "data:" {
+            in_data = true;
+            continue;
+        }
+        if in_data {
+            if indent <= 2 || trimmed.starts_with('-') {
+                in_data = false;
+            } else if let Some((key, value)) = trimmed.split_once(": ") {
+                values.push((key.to_string(), value.trim().to_string()));
+            }
+        }
+    }
+    values
+}
+
+fn base64_decode(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("base64 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+}
+
+/// Issue 28's "done means": a newcomer who follows the README on a real
+/// cluster reaches a guarded, verified agent with `kubectl chaperone
+/// status` all green. `cargo xtask cluster deploy` installed chaperone and
+/// the agent with the README's install block; this runs its verify block,
+/// line by line, and checks what each line prints. The README's lines and
+/// this test's checks must be the same list, so neither can drift.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn the_readme_quickstart_verifies_as_written() {
+    require_cluster!();
+    let expected = [
+        "kubectl chaperone status",
+        "kubectl -n chaperone-system get pods",
+        "kubectl -n agents exec deploy/reader -- kubectl get secrets -o yaml",
+        "kubectl -n agents exec deploy/reader -- kubectl create configmap probe",
+        "kubectl -n chaperone-system logs daemonset/chaperone-node | grep -i agents/reader",
+    ];
+    assert_eq!(
+        readme_block("verify"),
+        expected,
+        "the README's verify block changed: make this test check what the new lines print"
+    );
+    // A Secret of the agents' own, so the listing has a value to mask.
+    let secret = unique("readme");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=token={value}"),
+    ]);
+
+    // 1. All green: every check √, no warning, exit status 0. The install
+    //    block waited for the rollouts; the status may take a few seconds
+    //    more to see every node agent's readiness.
+    let mut status = run_readme_line(expected[0]);
+    for _ in 0..30 {
+        if status.status.success()
+            && String::from_utf8_lossy(&status.stdout).contains("√ (0 warning(s))")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        status = run_readme_line(expected[0]);
+    }
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success()
+            && report.contains("Status check results are √ (0 warning(s))")
+            && !report
+                .lines()
+                .any(|l| l.starts_with('×') || l.starts_with('‼')),
+        "`kubectl chaperone status` is not all green: {}",
+        text(&status)
+    );
+    let guarded = report
+        .lines()
+        .find_map(|l| l.strip_prefix("√ ")?.strip_suffix(" labeled pods guarded"))
+        .and_then(|l| l.split_once(" of "))
+        .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()));
+    assert!(
+        guarded.as_ref().is_some_and(|(a, b)| a == b && a != "0"),
+        "the status should count the agent pod among the guarded ones: {report}"
+    );
+
+    // 2. The node agents and the webhook are Ready.
+    let pods = run_readme_line(expected[1]);
+    let listing = String::from_utf8_lossy(&pods.stdout);
+    let rows: Vec<&str> = listing.lines().skip(1).collect();
+    assert!(pods.status.success() && !rows.is_empty(), "{}", text(&pods));
+    for component in ["chaperone-node-", "chaperone-webhook-"] {
+        assert!(
+            rows.iter().any(|r| {
+                let cols: Vec<&str> = r.split_whitespace().collect();
+                cols[0].starts_with(component)
+                    && cols[2] == "Running"
+                    && cols[1].split_once('/').is_some_and(|(a, b)| a == b)
+            }),
+            "no Ready {component}* pod: {listing}"
+        );
+    }
+
+    // 3. The agent's kubectl lists Secrets: every value is chaperone's mask.
+    let secrets = run_readme_line(expected[2]);
+    admin_ok(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    assert!(secrets.status.success(), "{}", text(&secrets));
+    let yaml = String::from_utf8_lossy(&secrets.stdout);
+    assert!(
+        yaml.contains(&format!("name: {secret}")),
+        "the agent's listing lacks the Secret {secret}: {yaml}"
+    );
+    let values = secret_values(&yaml);
+    assert!(
+        !values.is_empty(),
+        "no Secret values in the listing: {yaml}"
+    );
+    for (key, encoded) in &values {
+        let decoded = base64_decode(encoded);
+        assert!(
+            decoded.starts_with("<masked by chaperone: ") && !decoded.contains(&value),
+            "the Secret value {key} reached the agent unmasked: {decoded:?}"
+        );
+    }
+
+    // 4. A write: Forbidden by the read-only policy, never made.
+    let write = run_readme_line(expected[3]);
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success()
+            && stderr.contains("chaperone: policy \"read-only-agent\"")
+            && stderr.contains("denies create on configmaps"),
+        "{}",
+        text(&write)
+    );
+    assert!(
+        !admin(&["get", "configmap", "probe", "-n", NAMESPACE])
+            .status
+            .success(),
+        "the denied ConfigMap exists"
+    );
+
+    // 5. The node agent's log says it guards the agent's pod.
+    let log = run_readme_line(expected[4]);
+    assert!(
+        log.status.success()
+            && String::from_utf8_lossy(&log.stdout)
+                .lines()
+                .any(|l| l.contains("guarding pod")),
+        "the node agent's log does not say it guards agents/reader-*: {}",
+        text(&log)
+    );
+}
