@@ -595,3 +595,337 @@ fn the_readme_quickstart_verifies_as_written() {
         text(&log)
     );
 }
+
+// === exec, attach, logs -f and port-forward through the real kubelet ===
+
+/// A database URL with a password: what chaperone's `password-in-url`
+/// rule masks in logs and exec output. The workload prints it.
+const DB_PASSWORD: &str = "pg-Pa55-wrd-do-not-leak";
+const OPERATOR: &str = "operator";
+const WORKLOAD: &str = "workload";
+
+/// An agent allowed to exec, attach, follow logs and port-forward, whose
+/// exec, attach and log output chaperone masks and records; and a workload
+/// pod (not an agent) that prints a database URL with its password every
+/// second and answers HTTP on 8080. Created once per test run; returns the
+/// operator agent's pod.
+fn operator() -> String {
+    static POD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POD.get_or_init(|| {
+        let manifest = format!(
+            r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: cluster-tier-operator
+spec:
+  subjects:
+    - serviceAccounts: ["{NAMESPACE}/{OPERATOR}"]
+  rules:
+    - name: streams-masked
+      resources: [pods/exec, pods/attach, pods/log]
+      action: mask
+      record: RequestResponse
+  defaultAction: allow
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+rules:
+  - apiGroups: [""]
+    resources: [pods, pods/log]
+    verbs: [get, list, watch]
+  - apiGroups: [""]
+    resources: [pods/exec, pods/attach, pods/portforward]
+    verbs: [create, get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: {OPERATOR}
+subjects:
+  - kind: ServiceAccount
+    name: {OPERATOR}
+    namespace: {NAMESPACE}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {WORKLOAD}
+  namespace: {NAMESPACE}
+  labels:
+    chaperone.dev/intercept: "false"
+spec:
+  terminationGracePeriodSeconds: 0
+  automountServiceAccountToken: false
+  containers:
+    - name: {WORKLOAD}
+      image: chaperone.local/agent:1
+      command:
+        - sh
+        - -c
+        - |
+          nc -ll -p 8080 -e sh -c 'printf "HTTP/1.0 200 OK\r\n\r\nport-forward-reply\n"' &
+          i=0
+          while true; do
+            i=$((i+1))
+            echo "tick $i postgres://app:{DB_PASSWORD}@db:5432/app"
+            sleep 1
+          done
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+spec:
+  serviceAccountName: {OPERATOR}
+  terminationGracePeriodSeconds: 0
+  containers:
+    - name: agent
+      image: chaperone.local/agent:1
+      command: ["sleep", "infinity"]
+"#
+        );
+        let out = admin_apply(&manifest);
+        assert!(out.status.success(), "{}", text(&out));
+        for pod in [WORKLOAD, OPERATOR] {
+            admin_ok(&[
+                "wait",
+                "-n",
+                NAMESPACE,
+                "--for=condition=Ready",
+                &format!("pod/{pod}"),
+                "--timeout=90s",
+            ]);
+        }
+        // The node agent has accepted the policy once the operator's first
+        // request is decided by it (not refused as undecided).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = operator_kubectl(&["get", "pod", WORKLOAD, "-o", "name"]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operator agent cannot read pods through chaperone: {}",
+                text(&out)
+            );
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        OPERATOR.to_string()
+    })
+    .clone()
+}
+
+/// A shell command in the operator agent's pod (its kubectl, in-cluster).
+fn operator_sh(script: &str) -> Output {
+    admin(&["exec", "-n", NAMESPACE, OPERATOR, "--", "sh", "-c", script])
+}
+
+fn operator_kubectl(args: &[&str]) -> Output {
+    let mut full = vec!["exec", "-n", NAMESPACE, OPERATOR, "--", "kubectl"];
+    full.extend_from_slice(args);
+    admin(&full)
+}
+
+fn assert_no_password(what: &str, out: &Output) {
+    assert!(
+        !text(out).contains(DB_PASSWORD),
+        "{what}: the password reached the agent: {}",
+        text(out)
+    );
+}
+
+/// The recordings of the operator agent's pod on the node (the
+/// DaemonSet's hostPath), as `chaperone replay --json` reads them.
+fn operator_sessions() -> Vec<serde_json::Value> {
+    let dir = PathBuf::from("/var/lib/chaperone/sessions")
+        .join(NAMESPACE)
+        .join(OPERATOR);
+    let mut ids: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("no recordings in {}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl") && !n.contains(".p"))
+        .map(|n| n.trim_end_matches(".jsonl").to_owned())
+        .collect();
+    ids.sort();
+    let chaperone = chaperone_tests::e2e::workspace_binary("chaperone");
+    ids.iter()
+        .map(|id| {
+            let out = Command::new(&chaperone)
+                .args([
+                    "replay",
+                    "--json",
+                    "--record-dir",
+                    "/var/lib/chaperone/sessions",
+                    id,
+                ])
+                .output()
+                .expect("chaperone runs");
+            assert!(
+                out.status.success(),
+                "chaperone replay {id}: {}",
+                text(&out)
+            );
+            serde_json::from_slice(&out.stdout).expect("replay --json prints JSON")
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_exec_through_the_real_kubelet_is_masked_and_recorded_as_a_cast() {
+    require_cluster!();
+    operator();
+    let marker = unique("exec-marker");
+    let out = operator_kubectl(&[
+        "exec",
+        WORKLOAD,
+        "--",
+        "sh",
+        "-c",
+        // The password is put together by the shell: an exec's command
+        // line is recorded as the agent sent it (the cast's title); what
+        // chaperone masks is what comes back.
+        &format!(
+            "p={}; echo {marker}; echo postgres://app:$p{}@db:5432/app",
+            &DB_PASSWORD[..7],
+            &DB_PASSWORD[7..]
+        ),
+    ]);
+    assert!(
+        out.status.success(),
+        "the agent's exec failed: {}",
+        text(&out)
+    );
+    assert_no_password("kubectl exec", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&marker) && stdout.contains("postgres://app:") && stdout.contains("@db"),
+        "the exec's output should arrive, its password masked: {stdout}"
+    );
+    // The exec's cast, once the stream is sealed (its connection closed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let cast = loop {
+        let found = operator_sessions().into_iter().find_map(|s| {
+            let dir = PathBuf::from(s["dir"].as_str()?);
+            s["events"].as_array()?.iter().find_map(|e| {
+                let path = dir.join(e["cast"].as_str()?);
+                let cast = std::fs::read_to_string(&path).ok()?;
+                (e["type"] == "stream" && cast.contains(&marker)).then_some(cast)
+            })
+        });
+        if let Some(cast) = found {
+            break cast;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recorded cast holds the exec's output {marker}"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    assert!(
+        cast.starts_with("{") && cast.contains("\"version\":2"),
+        "the cast should be asciicast v2: {cast}"
+    );
+    assert!(
+        !cast.contains(DB_PASSWORD),
+        "the recorded cast holds the password: {cast}"
+    );
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_logs_follow_streams_masked_through_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    // Followed for 6 s: lines the workload prints after the follow began
+    // arrive, each masked as it streams.
+    let out = operator_sh(&format!(
+        "timeout 6 kubectl logs -f {WORKLOAD} --tail=1; true"
+    ));
+    assert_no_password("kubectl logs -f", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ticks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tick ")).collect();
+    assert!(
+        ticks.len() >= 3,
+        "kubectl logs -f should have followed the workload's lines for seconds: {}",
+        text(&out)
+    );
+    assert!(
+        ticks
+            .iter()
+            .all(|l| l.contains("postgres://app:") && l.ends_with("@db:5432/app")),
+        "each line arrives, only its password masked: {ticks:?}"
+    );
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_attach_streams_masked_through_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    let out = operator_sh(&format!("timeout 5 kubectl attach {WORKLOAD}; true"));
+    assert_no_password("kubectl attach", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("tick ")).count() >= 2,
+        "kubectl attach should stream the workload's output: {}",
+        text(&out)
+    );
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_port_forward_reaches_the_pod_through_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    let out = operator_sh(&format!(
+        "kubectl port-forward pod/{WORKLOAD} 18080:8080 2>&1 & pf=$!; \
+         for i in 1 2 3 4 5 6 7 8 9 10; do \
+           wget -qO- http://127.0.0.1:18080/ 2>/dev/null | grep -q port-forward-reply && break; \
+           sleep 1; done; \
+         wget -qO- http://127.0.0.1:18080/ 2>/dev/null; kill $pf"
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("port-forward-reply"),
+        "the agent's port-forward should reach the workload's port 8080: {}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains("Forwarding from 127.0.0.1:18080 -> 8080"),
+        "kubectl port-forward should say it forwards: {}",
+        text(&out)
+    );
+    // It went through chaperone: the agent's recordings hold it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !operator_sessions().iter().any(|s| {
+        s["events"].as_array().is_some_and(|events| {
+            events
+                .iter()
+                .any(|e| e["type"] == "exchange" && e["subresource"] == "portforward")
+        })
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operator agent's recordings hold no pods/portforward exchange"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
