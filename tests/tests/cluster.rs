@@ -677,7 +677,9 @@ spec:
         - sh
         - -c
         - |
-          nc -ll -p 8080 -e sh -c 'printf "HTTP/1.0 200 OK\r\n\r\nport-forward-reply\n"' &
+          # Reads the whole request before it answers: closing with unread
+          # bytes would reset the connection, which ends kubectl port-forward.
+          nc -ll -p 8080 -e sh -c 'while read l && [ "${{#l}}" -gt 1 ]; do :; done; printf "HTTP/1.0 200 OK\r\n\r\nport-forward-reply\n"' &
           i=0
           while true; do
             i=$((i+1))
