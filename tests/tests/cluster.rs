@@ -931,3 +931,162 @@ fn an_agents_port_forward_reaches_the_pod_through_the_real_kubelet() {
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
+
+// === while no node agent runs ===
+
+/// Puts the node agents' DaemonSet back on every node when dropped, and
+/// waits for its rollout: the DaemonSet was narrowed to no node, as a
+/// drain or an upgrade gap leaves a node without its agent.
+struct NodeAgentBack;
+
+impl Drop for NodeAgentBack {
+    fn drop(&mut self) {
+        admin(&[
+            "-n",
+            "chaperone-system",
+            "patch",
+            "daemonset",
+            "chaperone-node",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/chaperone.dev~1tier-no-node"}]"#,
+        ]);
+        admin(&[
+            "-n",
+            "chaperone-system",
+            "rollout",
+            "status",
+            "daemonset/chaperone-node",
+            "--timeout=120s",
+        ]);
+    }
+}
+
+/// A known gap, failing today: the pod tracker that adds a new pod's
+/// cgroup to the programs' agent map runs in the node agent, so a pod
+/// created while none runs (a drain, an upgrade's gap, a crash loop) is in
+/// no agent map and reaches the API server directly, unguarded, with the
+/// Secret in clear, until a node agent is back. The fix belongs to the
+/// webhook or the programs (e.g. an injected init container that waits
+/// until the pod's connection is chaperone's). `known_gap_` tests are
+/// skipped by `cargo xtask cluster test` and CI; run by hand:
+/// `CHAPERONE_CLUSTER=1 cargo test -p chaperone-tests --test cluster --
+/// --include-ignored known_gap_`.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn known_gap_an_agent_pod_created_while_no_node_agent_runs_is_never_unguarded() {
+    require_cluster!();
+    let secret = unique("late");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=password={value}"),
+    ]);
+    // The node agent goes (its DaemonSet stays: the programs stay pinned).
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "patch",
+        "daemonset",
+        "chaperone-node",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"chaperone.dev/tier-no-node":"true"}}}}}"#,
+    ]);
+    let back = NodeAgentBack;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=chaperone-node",
+        "-o",
+        "name",
+    ])
+    .trim()
+    .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node agent did not go"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // An agent pod is created now: the webhook lets it in or refuses it.
+    let pod = unique("late-agent");
+    let created = admin_apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: {NAMESPACE}
+spec:
+  serviceAccountName: {AGENT}
+  terminationGracePeriodSeconds: 0
+  containers:
+    - name: agent
+      image: chaperone.local/agent:1
+      command: ["sleep", "infinity"]
+"#
+    ));
+    let mut read = None;
+    if created.status.success() {
+        admin_ok(&[
+            "wait",
+            "-n",
+            NAMESPACE,
+            "--for=condition=Ready",
+            &format!("pod/{pod}"),
+            "--timeout=90s",
+        ]);
+        read = Some(admin(&[
+            "exec",
+            "-n",
+            NAMESPACE,
+            &pod,
+            "--",
+            // No --request-timeout: kubectl takes any such flag as a
+            // configuration of its own and leaves its in-cluster one.
+            "timeout",
+            "20",
+            "kubectl",
+            "get",
+            "secret",
+            &secret,
+            "-o",
+            "jsonpath={.data.password}",
+        ]));
+    }
+    drop(back);
+    admin(&[
+        "delete",
+        "pod",
+        &pod,
+        "-n",
+        NAMESPACE,
+        "--wait=false",
+        "--grace-period=0",
+    ]);
+    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    if let Some(read) = read {
+        assert!(
+            !String::from_utf8_lossy(&read.stderr).contains("localhost:8080"),
+            "the agent's kubectl found no in-cluster configuration: {}",
+            text(&read)
+        );
+        let got = base64_decode(String::from_utf8_lossy(&read.stdout).trim());
+        assert!(
+            !read.status.success() || got.starts_with("<masked by chaperone"),
+            "an agent pod created while no node agent ran read a Secret unguarded \
+             ({got:?}): {}",
+            text(&read)
+        );
+    }
+}

@@ -176,6 +176,10 @@ pub fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
                 // (a pod another test is creating would be reported as
                 // "not guarded yet" by the status check).
                 "--test-threads=1",
+                // Known gaps: tests that fail today and say why (run by
+                // hand with `-- --include-ignored known_gap_`).
+                "--skip",
+                "known_gap_",
             ])
             .current_dir(root)
             .env("CHAPERONE_CLUSTER", "1")
