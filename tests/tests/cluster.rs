@@ -1090,3 +1090,110 @@ spec:
         );
     }
 }
+
+// === the DaemonSet's rolling update ===
+
+/// `kubectl rollout restart` of the node agents while an agent reads a
+/// Secret twice a second: on 1.20 (`overlays/k8s-1.20`: no surge) the
+/// node has no agent for a few seconds, and the pinned programs refuse the
+/// agent's connections then; none ever goes direct (a clear value), and the
+/// new agent guards the same pod afterwards.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn the_daemonsets_rolling_update_never_lets_an_agent_go_direct() {
+    require_cluster!();
+    let secret = unique("rolling");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=password={value}"),
+    ]);
+    let node_agent = || {
+        admin_ok(&[
+            "-n",
+            "chaperone-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=chaperone-node",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .trim()
+        .to_string()
+    };
+    let before = node_agent();
+    let pod = agent_pod();
+    // The agent dials for about 50 s, one line per attempt: the decoded value,
+    // or `refused` when kubectl failed.
+    let script = format!(
+        "i=0; while [ $i -lt 60 ]; do i=$((i+1)); \
+         v=$(kubectl get secret {secret} -o 'jsonpath={{.data.password}}' 2>/dev/null) \
+         && echo \"read $(echo $v | base64 -d)\" || echo refused; sleep 0.5; done"
+    );
+    let dialer = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(["exec", "-n", NAMESPACE, &pod, "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "rollout",
+        "restart",
+        "daemonset/chaperone-node",
+    ]);
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "rollout",
+        "status",
+        "daemonset/chaperone-node",
+        "--timeout=120s",
+    ]);
+    let out = dialer.wait_with_output().expect("the dialer ends");
+    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let after = node_agent();
+    assert_ne!(before, after, "the node agent was not replaced");
+    assert!(
+        !lines.iter().any(|l| l.contains(&value)),
+        "during the rolling update the agent read the Secret in clear (direct): {lines:?}"
+    );
+    let reads = lines.iter().filter(|l| l.starts_with("read ")).count();
+    eprintln!(
+        "rolling update: {reads} reads masked, {} refused, of {} attempts",
+        lines.len() - reads,
+        lines.len()
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("read "))
+            .all(|l| l.contains("<masked by chaperone")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.len() >= 40 && reads >= 10,
+        "the agent should have dialled all along and been answered before and after: {}",
+        text(&out)
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with("read <masked by chaperone")),
+        "the new node agent should guard the agent once it is ready: {lines:?}"
+    );
+}
