@@ -1197,3 +1197,80 @@ fn the_daemonsets_rolling_update_never_lets_an_agent_go_direct() {
         "the new node agent should guard the agent once it is ready: {lines:?}"
     );
 }
+
+// === removal ===
+
+/// `kubectl delete -k deploy/`, as the README removes chaperone: each node
+/// agent sees its DaemonSet go, detaches its programs and removes its pins,
+/// and agents reach the API server directly afterwards. It removes
+/// chaperone, so `cargo xtask cluster test` runs it by itself after the
+/// rest of the tier (`removal_` tests are skipped in the first run).
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn removal_kubectl_delete_k_detaches_the_programs_and_agents_go_direct() {
+    require_cluster!();
+    let secret = unique("removal");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=password={value}"),
+    ]);
+    let pod = agent_pod();
+    let read = || {
+        admin(&[
+            "exec",
+            "-n",
+            NAMESPACE,
+            &pod,
+            "--",
+            "kubectl",
+            "get",
+            "secret",
+            &secret,
+            "-o",
+            "jsonpath={.data.password}",
+        ])
+    };
+    // Guarded first: masked.
+    let before = read();
+    assert!(
+        base64_decode(String::from_utf8_lossy(&before.stdout).trim())
+            .starts_with("<masked by chaperone"),
+        "{}",
+        text(&before)
+    );
+    let pins = PathBuf::from("/sys/fs/bpf/chaperone");
+    assert!(
+        pins.exists(),
+        "the node agent pinned nothing at {}",
+        pins.display()
+    );
+    // As the README says (deploy/ is the 1.20 overlay here).
+    let removed =
+        run_readme_line("kubectl delete -k deploy/overlays/k8s-1.20 --wait=true --timeout=120s");
+    assert!(removed.status.success(), "{}", text(&removed));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pins.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node agent left its pins at {} after its DaemonSet was deleted",
+            pins.display()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // Direct now: the agent's kubectl reads what its RBAC allows, unmasked
+    // (its CA bundle still holds the cluster's CA).
+    let after = read();
+    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    assert!(after.status.success(), "{}", text(&after));
+    assert_eq!(
+        base64_decode(String::from_utf8_lossy(&after.stdout).trim()),
+        value,
+        "after removal the agent should reach the API server directly"
+    );
+}
