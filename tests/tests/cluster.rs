@@ -19,6 +19,8 @@ use std::{
 };
 
 const NAMESPACE: &str = "agents";
+/// The node's address (the bridge's), where the kubelet listens.
+const NODE_IP: &str = "10.244.0.1";
 const AGENT: &str = "reader";
 
 macro_rules! require_cluster {
@@ -368,5 +370,953 @@ spec:
         String::from_utf8_lossy(&volume.stdout).trim(),
         "chaperone-ca-bundle second",
         "the pod should keep chaperone's CA bundle and take the new label"
+    );
+}
+
+// === the README's quickstart, as written ===
+
+/// The commands of the README's fenced block marked `<!-- quickstart:NAME`
+/// (each line's `# comment` dropped). `cargo xtask cluster deploy` runs the
+/// install block; this tier runs the verify block.
+fn readme_block(name: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    let marker = format!("<!-- quickstart:{name}");
+    let at = readme
+        .find(&marker)
+        .unwrap_or_else(|| panic!("README.md has no block marked {marker}"));
+    readme[at..]
+        .lines()
+        .skip_while(|l| !l.starts_with("```"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(" #").next().unwrap_or(l).trim().to_string())
+        .collect()
+}
+
+/// A README line run as a reader runs it: `sh` in the checkout, the
+/// cluster's kubeconfig, the `kubectl-chaperone` plugin on `PATH`.
+fn run_readme_line(command: &str) -> Output {
+    let plugin = chaperone_tests::e2e::workspace_binary("kubectl-chaperone");
+    let path = format!(
+        "{}:{}",
+        plugin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("sh")
+        .args(["-c", command])
+        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .env("KUBECONFIG", kubeconfig())
+        .env("PATH", path)
+        .output()
+        .expect("sh runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The values under every `data:` of `kubectl get secrets -o yaml`.
+fn secret_values(yaml: &str) -> Vec<(String, String)> {
+    let mut values = Vec::new();
+    let mut in_data = false;
+    for line in yaml.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed == "data:" {
+            in_data = true;
+            continue;
+        }
+        if in_data {
+            if indent <= 2 || trimmed.starts_with('-') {
+                in_data = false;
+            } else if let Some((key, value)) = trimmed.split_once(": ") {
+                values.push((key.to_string(), value.trim().to_string()));
+            }
+        }
+    }
+    values
+}
+
+fn base64_decode(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("base64 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+}
+
+/// Issue 28's "done means": a newcomer who follows the README on a real
+/// cluster reaches a guarded, verified agent with `kubectl chaperone
+/// status` all green. `cargo xtask cluster deploy` installed chaperone and
+/// the agent with the README's install block; this runs its verify block,
+/// line by line, and checks what each line prints. The README's lines and
+/// this test's checks must be the same list, so neither can drift.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn the_readme_quickstart_verifies_as_written() {
+    require_cluster!();
+    let expected = [
+        "kubectl chaperone status",
+        "kubectl -n chaperone-system get pods",
+        "kubectl -n agents exec deploy/reader -- kubectl get secrets -o yaml",
+        "kubectl -n agents exec deploy/reader -- kubectl create configmap probe",
+        "kubectl -n chaperone-system logs daemonset/chaperone-node | grep -i agents/reader",
+    ];
+    assert_eq!(
+        readme_block("verify"),
+        expected,
+        "the README's verify block changed: make this test check what the new lines print"
+    );
+    // A Secret of the agents' own, so the listing has a value to mask.
+    let secret = unique("readme");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=token={value}"),
+    ]);
+
+    // 1. All green: every check √, no warning, exit status 0. The install
+    //    block waited for the rollouts; the status may take a few seconds
+    //    more to see every node agent's readiness.
+    let mut status = run_readme_line(expected[0]);
+    for _ in 0..30 {
+        if status.status.success()
+            && String::from_utf8_lossy(&status.stdout).contains("√ (0 warning(s))")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        status = run_readme_line(expected[0]);
+    }
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success()
+            && report.contains("Status check results are √ (0 warning(s))")
+            && !report
+                .lines()
+                .any(|l| l.starts_with('×') || l.starts_with('‼')),
+        "`kubectl chaperone status` is not all green: {}",
+        text(&status)
+    );
+    let guarded = report
+        .lines()
+        .find_map(|l| l.strip_prefix("√ ")?.strip_suffix(" labeled pods guarded"))
+        .and_then(|l| l.split_once(" of "))
+        .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()));
+    assert!(
+        guarded.as_ref().is_some_and(|(a, b)| a == b && a != "0"),
+        "the status should count the agent pod among the guarded ones: {report}"
+    );
+
+    // 2. The node agents and the webhook are Ready.
+    let pods = run_readme_line(expected[1]);
+    let listing = String::from_utf8_lossy(&pods.stdout);
+    let rows: Vec<&str> = listing.lines().skip(1).collect();
+    assert!(pods.status.success() && !rows.is_empty(), "{}", text(&pods));
+    for component in ["chaperone-node-", "chaperone-webhook-"] {
+        assert!(
+            rows.iter().any(|r| {
+                let cols: Vec<&str> = r.split_whitespace().collect();
+                cols[0].starts_with(component)
+                    && cols[2] == "Running"
+                    && cols[1].split_once('/').is_some_and(|(a, b)| a == b)
+            }),
+            "no Ready {component}* pod: {listing}"
+        );
+    }
+
+    // 3. The agent's kubectl lists Secrets: every value is chaperone's mask.
+    let secrets = run_readme_line(expected[2]);
+    admin_ok(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    assert!(secrets.status.success(), "{}", text(&secrets));
+    let yaml = String::from_utf8_lossy(&secrets.stdout);
+    assert!(
+        yaml.contains(&format!("name: {secret}")),
+        "the agent's listing lacks the Secret {secret}: {yaml}"
+    );
+    let values = secret_values(&yaml);
+    assert!(
+        !values.is_empty(),
+        "no Secret values in the listing: {yaml}"
+    );
+    for (key, encoded) in &values {
+        let decoded = base64_decode(encoded);
+        assert!(
+            decoded.starts_with("<masked by chaperone: ") && !decoded.contains(&value),
+            "the Secret value {key} reached the agent unmasked: {decoded:?}"
+        );
+    }
+
+    // 4. A write: Forbidden by the read-only policy, never made.
+    let write = run_readme_line(expected[3]);
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success()
+            && stderr.contains("chaperone: policy \"read-only-agent\"")
+            && stderr.contains("denies create on configmaps"),
+        "{}",
+        text(&write)
+    );
+    assert!(
+        !admin(&["get", "configmap", "probe", "-n", NAMESPACE])
+            .status
+            .success(),
+        "the denied ConfigMap exists"
+    );
+
+    // 5. The node agent's log says it guards the agent's pod.
+    let log = run_readme_line(expected[4]);
+    assert!(
+        log.status.success()
+            && String::from_utf8_lossy(&log.stdout)
+                .lines()
+                .any(|l| l.contains("guarding pod")),
+        "the node agent's log does not say it guards agents/reader-*: {}",
+        text(&log)
+    );
+}
+
+// === exec, attach, logs -f and port-forward through the real kubelet ===
+
+/// A database URL with a password: what chaperone's `password-in-url`
+/// rule masks in logs and exec output. The workload prints it.
+const DB_PASSWORD: &str = "pg-Pa55-wrd-do-not-leak";
+const OPERATOR: &str = "operator";
+const WORKLOAD: &str = "workload";
+
+/// An agent allowed to exec, attach, follow logs and port-forward, whose
+/// exec, attach and log output chaperone masks and records; and a workload
+/// pod (not an agent) that prints a database URL with its password every
+/// second and answers HTTP on 8080. Created once per test run; returns the
+/// operator agent's pod.
+fn operator() -> String {
+    static POD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POD.get_or_init(|| {
+        let manifest = format!(
+            r#"apiVersion: chaperone.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: cluster-tier-operator
+spec:
+  subjects:
+    - serviceAccounts: ["{NAMESPACE}/{OPERATOR}"]
+  rules:
+    - name: streams-masked
+      resources: [pods/exec, pods/attach, pods/log]
+      action: mask
+      record: RequestResponse
+  defaultAction: allow
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+rules:
+  - apiGroups: [""]
+    resources: [pods, pods/log]
+    verbs: [get, list, watch]
+  - apiGroups: [""]
+    resources: [pods/exec, pods/attach, pods/portforward]
+    verbs: [create, get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: {OPERATOR}
+subjects:
+  - kind: ServiceAccount
+    name: {OPERATOR}
+    namespace: {NAMESPACE}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {WORKLOAD}
+  namespace: {NAMESPACE}
+  labels:
+    chaperone.dev/intercept: "false"
+spec:
+  terminationGracePeriodSeconds: 0
+  automountServiceAccountToken: false
+  containers:
+    - name: {WORKLOAD}
+      image: chaperone.local/agent:1
+      command:
+        - sh
+        - -c
+        - |
+          # Reads the whole request before it answers: closing with unread
+          # bytes would reset the connection, which ends kubectl port-forward.
+          nc -ll -p 8080 -e sh -c 'while read l && [ "${{#l}}" -gt 1 ]; do :; done; printf "HTTP/1.0 200 OK\r\n\r\nport-forward-reply\n"' &
+          i=0
+          while true; do
+            i=$((i+1))
+            echo "tick $i postgres://app:{DB_PASSWORD}@db:5432/app"
+            sleep 1
+          done
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {OPERATOR}
+  namespace: {NAMESPACE}
+spec:
+  serviceAccountName: {OPERATOR}
+  terminationGracePeriodSeconds: 0
+  containers:
+    - name: agent
+      image: chaperone.local/agent:1
+      command: ["sleep", "infinity"]
+"#
+        );
+        let out = admin_apply(&manifest);
+        assert!(out.status.success(), "{}", text(&out));
+        for pod in [WORKLOAD, OPERATOR] {
+            admin_ok(&[
+                "wait",
+                "-n",
+                NAMESPACE,
+                "--for=condition=Ready",
+                &format!("pod/{pod}"),
+                "--timeout=90s",
+            ]);
+        }
+        // The node agent has accepted the policy once the operator's first
+        // request is decided by it (not refused as undecided).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = operator_kubectl(&["get", "pod", WORKLOAD, "-o", "name"]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operator agent cannot read pods through chaperone: {}",
+                text(&out)
+            );
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        OPERATOR.to_string()
+    })
+    .clone()
+}
+
+/// A shell command in the operator agent's pod (its kubectl, in-cluster).
+fn operator_sh(script: &str) -> Output {
+    admin(&["exec", "-n", NAMESPACE, OPERATOR, "--", "sh", "-c", script])
+}
+
+fn operator_kubectl(args: &[&str]) -> Output {
+    let mut full = vec!["exec", "-n", NAMESPACE, OPERATOR, "--", "kubectl"];
+    full.extend_from_slice(args);
+    admin(&full)
+}
+
+fn assert_no_password(what: &str, out: &Output) {
+    assert!(
+        !text(out).contains(DB_PASSWORD),
+        "{what}: the password reached the agent: {}",
+        text(out)
+    );
+}
+
+/// The recordings of the operator agent's pod on the node (the
+/// DaemonSet's hostPath), as `chaperone replay --json` reads them.
+fn operator_sessions() -> Vec<serde_json::Value> {
+    let dir = PathBuf::from("/var/lib/chaperone/sessions")
+        .join(NAMESPACE)
+        .join(OPERATOR);
+    let mut ids: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("no recordings in {}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl") && !n.contains(".p"))
+        .map(|n| n.trim_end_matches(".jsonl").to_owned())
+        .collect();
+    ids.sort();
+    let chaperone = chaperone_tests::e2e::workspace_binary("chaperone");
+    ids.iter()
+        .map(|id| {
+            let out = Command::new(&chaperone)
+                .args([
+                    "replay",
+                    "--json",
+                    "--record-dir",
+                    "/var/lib/chaperone/sessions",
+                    id,
+                ])
+                .output()
+                .expect("chaperone runs");
+            assert!(
+                out.status.success(),
+                "chaperone replay {id}: {}",
+                text(&out)
+            );
+            serde_json::from_slice(&out.stdout).expect("replay --json prints JSON")
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_exec_through_the_real_kubelet_is_masked_and_recorded_as_a_cast() {
+    require_cluster!();
+    operator();
+    let marker = unique("exec-marker");
+    let out = operator_kubectl(&[
+        "exec",
+        WORKLOAD,
+        "--",
+        "sh",
+        "-c",
+        // The password is put together by the shell: an exec's command
+        // line is recorded as the agent sent it (the cast's title); what
+        // chaperone masks is what comes back.
+        &format!(
+            "p={}; echo {marker}; echo postgres://app:$p{}@db:5432/app",
+            &DB_PASSWORD[..7],
+            &DB_PASSWORD[7..]
+        ),
+    ]);
+    assert!(
+        out.status.success(),
+        "the agent's exec failed: {}",
+        text(&out)
+    );
+    assert_no_password("kubectl exec", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&marker) && stdout.contains("postgres://app:") && stdout.contains("@db"),
+        "the exec's output should arrive, its password masked: {stdout}"
+    );
+    // The exec's cast, once the stream is sealed (its connection closed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let cast = loop {
+        let found = operator_sessions().into_iter().find_map(|s| {
+            let dir = PathBuf::from(s["dir"].as_str()?);
+            s["events"].as_array()?.iter().find_map(|e| {
+                let path = dir.join(e["cast"].as_str()?);
+                let cast = std::fs::read_to_string(&path).ok()?;
+                (e["type"] == "stream" && cast.contains(&marker)).then_some(cast)
+            })
+        });
+        if let Some(cast) = found {
+            break cast;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recorded cast holds the exec's output {marker}"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    assert!(
+        cast.starts_with("{") && cast.contains("\"version\":2"),
+        "the cast should be asciicast v2: {cast}"
+    );
+    assert!(
+        !cast.contains(DB_PASSWORD),
+        "the recorded cast holds the password: {cast}"
+    );
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_logs_follow_streams_masked_through_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    // Followed for 6 s: lines the workload prints after the follow began
+    // arrive, each masked as it streams.
+    let out = operator_sh(&format!(
+        "timeout 6 kubectl logs -f {WORKLOAD} --tail=1; true"
+    ));
+    assert_no_password("kubectl logs -f", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ticks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tick ")).collect();
+    assert!(
+        ticks.len() >= 3,
+        "kubectl logs -f should have followed the workload's lines for seconds: {}",
+        text(&out)
+    );
+    assert!(
+        ticks
+            .iter()
+            .all(|l| l.contains("postgres://app:") && l.ends_with("@db:5432/app")),
+        "each line arrives, only its password masked: {ticks:?}"
+    );
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_attach_streams_masked_through_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    let out = operator_sh(&format!("timeout 5 kubectl attach {WORKLOAD}; true"));
+    assert_no_password("kubectl attach", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("tick ")).count() >= 2,
+        "kubectl attach should stream the workload's output: {}",
+        text(&out)
+    );
+}
+
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agents_port_forward_reaches_the_pod_through_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    let out = operator_sh(&format!(
+        "kubectl port-forward pod/{WORKLOAD} 18080:8080 2>&1 & pf=$!; \
+         for i in 1 2 3 4 5 6 7 8 9 10; do \
+           wget -qO- http://127.0.0.1:18080/ 2>/dev/null | grep -q port-forward-reply && break; \
+           sleep 1; done; \
+         wget -qO- http://127.0.0.1:18080/ 2>/dev/null; kill $pf"
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("port-forward-reply"),
+        "the agent's port-forward should reach the workload's port 8080: {}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains("Forwarding from 127.0.0.1:18080 -> 8080"),
+        "kubectl port-forward should say it forwards: {}",
+        text(&out)
+    );
+    // It went through chaperone: the agent's recordings hold it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !operator_sessions().iter().any(|s| {
+        s["events"].as_array().is_some_and(|events| {
+            events
+                .iter()
+                .any(|e| e["type"] == "exchange" && e["subresource"] == "portforward")
+        })
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operator agent's recordings hold no pods/portforward exchange"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+// === while no node agent runs ===
+
+/// Puts the node agents' DaemonSet back on every node when dropped, and
+/// waits for its rollout: the DaemonSet was narrowed to no node, as a
+/// drain or an upgrade gap leaves a node without its agent.
+struct NodeAgentBack;
+
+impl Drop for NodeAgentBack {
+    fn drop(&mut self) {
+        admin(&[
+            "-n",
+            "chaperone-system",
+            "patch",
+            "daemonset",
+            "chaperone-node",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/chaperone.dev~1tier-no-node"}]"#,
+        ]);
+        admin(&[
+            "-n",
+            "chaperone-system",
+            "rollout",
+            "status",
+            "daemonset/chaperone-node",
+            "--timeout=120s",
+        ]);
+    }
+}
+
+/// A known gap, failing today: the pod tracker that adds a new pod's
+/// cgroup to the programs' agent map runs in the node agent, so a pod
+/// created while none runs (a drain, an upgrade's gap, a crash loop) is in
+/// no agent map and reaches the API server directly, unguarded, with the
+/// Secret in clear, until a node agent is back. The fix belongs to the
+/// webhook or the programs (e.g. an injected init container that waits
+/// until the pod's connection is chaperone's). `known_gap_` tests are
+/// skipped by `cargo xtask cluster test` and CI; run by hand:
+/// `CHAPERONE_CLUSTER=1 cargo test -p chaperone-tests --test cluster --
+/// --include-ignored known_gap_`.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn known_gap_an_agent_pod_created_while_no_node_agent_runs_is_never_unguarded() {
+    require_cluster!();
+    let secret = unique("late");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=password={value}"),
+    ]);
+    // The node agent goes (its DaemonSet stays: the programs stay pinned).
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "patch",
+        "daemonset",
+        "chaperone-node",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"chaperone.dev/tier-no-node":"true"}}}}}"#,
+    ]);
+    let back = NodeAgentBack;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=chaperone-node",
+        "-o",
+        "name",
+    ])
+    .trim()
+    .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node agent did not go"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // An agent pod is created now: the webhook lets it in or refuses it.
+    let pod = unique("late-agent");
+    let created = admin_apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: {NAMESPACE}
+spec:
+  serviceAccountName: {AGENT}
+  terminationGracePeriodSeconds: 0
+  containers:
+    - name: agent
+      image: chaperone.local/agent:1
+      command: ["sleep", "infinity"]
+"#
+    ));
+    let mut read = None;
+    if created.status.success() {
+        admin_ok(&[
+            "wait",
+            "-n",
+            NAMESPACE,
+            "--for=condition=Ready",
+            &format!("pod/{pod}"),
+            "--timeout=90s",
+        ]);
+        read = Some(admin(&[
+            "exec",
+            "-n",
+            NAMESPACE,
+            &pod,
+            "--",
+            // No --request-timeout: kubectl takes any such flag as a
+            // configuration of its own and leaves its in-cluster one.
+            "timeout",
+            "20",
+            "kubectl",
+            "get",
+            "secret",
+            &secret,
+            "-o",
+            "jsonpath={.data.password}",
+        ]));
+    }
+    drop(back);
+    admin(&[
+        "delete",
+        "pod",
+        &pod,
+        "-n",
+        NAMESPACE,
+        "--wait=false",
+        "--grace-period=0",
+    ]);
+    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    if let Some(read) = read {
+        assert!(
+            !String::from_utf8_lossy(&read.stderr).contains("localhost:8080"),
+            "the agent's kubectl found no in-cluster configuration: {}",
+            text(&read)
+        );
+        let got = base64_decode(String::from_utf8_lossy(&read.stdout).trim());
+        assert!(
+            !read.status.success() || got.starts_with("<masked by chaperone"),
+            "an agent pod created while no node agent ran read a Secret unguarded \
+             ({got:?}): {}",
+            text(&read)
+        );
+    }
+}
+
+// === the DaemonSet's rolling update ===
+
+/// `kubectl rollout restart` of the node agents while an agent reads a
+/// Secret twice a second: on 1.20 (`overlays/k8s-1.20`: no surge) the
+/// node has no agent for a few seconds, and the pinned programs refuse the
+/// agent's connections then; none ever goes direct (a clear value), and the
+/// new agent guards the same pod afterwards.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn the_daemonsets_rolling_update_never_lets_an_agent_go_direct() {
+    require_cluster!();
+    let secret = unique("rolling");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=password={value}"),
+    ]);
+    let node_agent = || {
+        admin_ok(&[
+            "-n",
+            "chaperone-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=chaperone-node",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .trim()
+        .to_string()
+    };
+    let before = node_agent();
+    let pod = agent_pod();
+    // The agent dials for about 50 s, one line per attempt: the decoded value,
+    // or `refused` when kubectl failed.
+    let script = format!(
+        "i=0; while [ $i -lt 60 ]; do i=$((i+1)); \
+         v=$(kubectl get secret {secret} -o 'jsonpath={{.data.password}}' 2>/dev/null) \
+         && echo \"read $(echo $v | base64 -d)\" || echo refused; sleep 0.5; done"
+    );
+    let dialer = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(["exec", "-n", NAMESPACE, &pod, "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "rollout",
+        "restart",
+        "daemonset/chaperone-node",
+    ]);
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "rollout",
+        "status",
+        "daemonset/chaperone-node",
+        "--timeout=120s",
+    ]);
+    let out = dialer.wait_with_output().expect("the dialer ends");
+    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let after = node_agent();
+    assert_ne!(before, after, "the node agent was not replaced");
+    assert!(
+        !lines.iter().any(|l| l.contains(&value)),
+        "during the rolling update the agent read the Secret in clear (direct): {lines:?}"
+    );
+    let reads = lines.iter().filter(|l| l.starts_with("read ")).count();
+    eprintln!(
+        "rolling update: {reads} reads masked, {} refused, of {} attempts",
+        lines.len() - reads,
+        lines.len()
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("read "))
+            .all(|l| l.contains("<masked by chaperone")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.len() >= 40 && reads >= 10,
+        "the agent should have dialled all along and been answered before and after: {}",
+        text(&out)
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with("read <masked by chaperone")),
+        "the new node agent should guard the agent once it is ready: {lines:?}"
+    );
+}
+
+// === removal ===
+
+/// `kubectl delete -k deploy/`, as the README removes chaperone: each node
+/// agent sees its DaemonSet go, detaches its programs and removes its pins,
+/// and agents reach the API server directly afterwards. It removes
+/// chaperone, so `cargo xtask cluster test` runs it by itself after the
+/// rest of the tier (`removal_` tests are skipped in the first run).
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn removal_kubectl_delete_k_detaches_the_programs_and_agents_go_direct() {
+    require_cluster!();
+    let secret = unique("removal");
+    let value = format!("clear-{secret}");
+    admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        &secret,
+        "-n",
+        NAMESPACE,
+        &format!("--from-literal=password={value}"),
+    ]);
+    let pod = agent_pod();
+    let read = || {
+        admin(&[
+            "exec",
+            "-n",
+            NAMESPACE,
+            &pod,
+            "--",
+            "kubectl",
+            "get",
+            "secret",
+            &secret,
+            "-o",
+            "jsonpath={.data.password}",
+        ])
+    };
+    // Guarded first: masked.
+    let before = read();
+    assert!(
+        base64_decode(String::from_utf8_lossy(&before.stdout).trim())
+            .starts_with("<masked by chaperone"),
+        "{}",
+        text(&before)
+    );
+    let pins = PathBuf::from("/sys/fs/bpf/chaperone");
+    assert!(
+        pins.exists(),
+        "the node agent pinned nothing at {}",
+        pins.display()
+    );
+    // As the README says (deploy/ is the 1.20 overlay here).
+    let removed =
+        run_readme_line("kubectl delete -k deploy/overlays/k8s-1.20 --wait=true --timeout=120s");
+    assert!(removed.status.success(), "{}", text(&removed));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pins.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node agent left its pins at {} after its DaemonSet was deleted",
+            pins.display()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // Direct now: the agent's kubectl reads what its RBAC allows, unmasked
+    // (its CA bundle still holds the cluster's CA).
+    let after = read();
+    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    assert!(after.status.success(), "{}", text(&after));
+    assert_eq!(
+        base64_decode(String::from_utf8_lossy(&after.stdout).trim()),
+        value,
+        "after removal the agent should reach the API server directly"
+    );
+}
+
+// === what an agent may never dial ===
+
+/// The real kubelet listens on the node's :10250 (this test, on the host,
+/// connects): an agent pod's connection to it is refused by chaperone's
+/// programs (`EPERM`), so exec and logs cannot go around the API server
+/// and chaperone.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn an_agent_cannot_dial_the_real_kubelet() {
+    require_cluster!();
+    operator();
+    let kubelet: std::net::SocketAddr = format!("{NODE_IP}:10250").parse().unwrap();
+    std::net::TcpStream::connect_timeout(&kubelet, std::time::Duration::from_secs(3))
+        .expect("the kubelet listens on the node's :10250");
+    let from_agent = operator_sh(&format!("nc -w 3 {NODE_IP} 10250 </dev/null; echo rc=$?"));
+    assert!(
+        String::from_utf8_lossy(&from_agent.stdout).contains("rc=1")
+            && String::from_utf8_lossy(&from_agent.stderr).contains("Operation not permitted"),
+        "an agent's connection to the kubelet should be refused with EPERM: {}",
+        text(&from_agent)
+    );
+}
+
+/// A known gap, failing today: README and deploy/README say a pod in a
+/// labeled namespace opts out with the label `chaperone.dev/intercept:
+/// "false"`, and the webhook and `kubectl chaperone status` honour it, but
+/// the node agent's pod tracker guards every pod of a labeled namespace
+/// (interceptor/src/pods.rs, `desired`): the opted-out pod's connections
+/// are redirected (its API connections would meet a CA it was never
+/// given) and it may not dial the kubelet.
+#[test]
+#[ignore = "the real-cluster tier: cargo xtask cluster test"]
+fn known_gap_a_pod_that_opts_out_of_a_labeled_namespace_is_not_intercepted() {
+    require_cluster!();
+    operator();
+    let dial = format!("nc -w 3 {NODE_IP} 10250 </dev/null; echo rc=$?");
+    let from_workload = admin(&["exec", "-n", NAMESPACE, WORKLOAD, "--", "sh", "-c", &dial]);
+    assert!(
+        String::from_utf8_lossy(&from_workload.stdout).contains("rc=0"),
+        "the opted-out workload pod is intercepted as an agent: {}",
+        text(&from_workload)
     );
 }

@@ -143,31 +143,36 @@ pub fn run(root: &Path, action: Action) -> Result<()> {
     }
 }
 
-/// up, deploy, the tier, down: what `cargo xtask cluster test` runs.
-fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
+/// up, deploy, the tier, down: what `cargo xtask cluster test` runs, and
+/// `cargo xtask test` (CI) after the rest of the suite. Down runs even
+/// when a step failed, unless `keep`.
+pub fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
     let started = Instant::now();
+    let mut tally = TierTally::default();
     let result = up().and_then(|()| deploy(root, debug)).and_then(|()| {
+        // The README's verify block runs `kubectl chaperone`: the plugin
+        // the tests put on PATH (target/debug, beside the test binary).
+        crate::cargo(
+            root,
+            &[
+                "build",
+                "--package",
+                "chaperone",
+                "--bin",
+                "kubectl-chaperone",
+            ],
+        )?;
         println!("==> the real-cluster tier (tests/tests/cluster.rs)");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "test",
-                "-p",
-                "chaperone-tests",
-                "--test",
-                "cluster",
-                "--",
-                "--include-ignored",
-            ])
-            .current_dir(root)
-            .env("CHAPERONE_CLUSTER", "1")
-            .env(STATE_ENV, state_dir())
-            .status()
-            .context("cannot run cargo test")?;
-        ensure!(
-            status.success(),
-            "the real-cluster tier failed (cargo test's output is above)"
-        );
-        Ok(())
+        // Known gaps: tests that fail today and say why (run by hand with
+        // `-- --include-ignored known_gap_`). Removal (`kubectl delete -k`)
+        // ends chaperone on the cluster: it runs last, by itself.
+        run_tier(
+            root,
+            &["--skip", "known_gap_", "--skip", "removal_"],
+            &mut tally,
+        )?;
+        println!("==> the real-cluster tier, last: removing chaperone as users do");
+        run_tier(root, &["removal_"], &mut tally)
     });
     if keep {
         println!("    --keep: the cluster stays up; `cargo xtask cluster down` when done");
@@ -175,12 +180,77 @@ fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
         println!("    cluster down failed: {e:#}");
     }
     println!(
-        "==> cluster test: {} in {:.0} s (up, deploy, tier{})",
+        "xtask: real-cluster tier: {} passed, {} failed on a one-node Kubernetes {} cluster; {} \
+         in {:.0} s (up, deploy, tier{})",
+        tally.passed,
+        tally.failed,
+        kube::KUBE_VERSION,
         if result.is_ok() { "passed" } else { "FAILED" },
         started.elapsed().as_secs_f64(),
         if keep { "" } else { ", down" }
     );
     result
+}
+
+/// `cargo test --test cluster` with the tier's environment, one test at a
+/// time (the scenarios share one node and its agents: a pod another test is
+/// creating would be "not guarded yet" in the status check), its output
+/// passed through and counted.
+fn run_tier(root: &Path, filter: &[&str], tally: &mut TierTally) -> Result<()> {
+    let mut args = vec![
+        "test",
+        "-p",
+        "chaperone-tests",
+        "--test",
+        "cluster",
+        "--",
+        "--include-ignored",
+        "--test-threads=1",
+    ];
+    args.extend_from_slice(filter);
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&args)
+        .current_dir(root)
+        .env("CHAPERONE_CLUSTER", "1")
+        .env(STATE_ENV, state_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        tally.count(&line);
+    }
+    let status = child.wait()?;
+    ensure!(
+        status.success(),
+        "the real-cluster tier failed (cargo test's output is above)"
+    );
+    Ok(())
+}
+
+/// The tier's `test NAME ... ok` and `... FAILED` lines.
+#[derive(Default)]
+struct TierTally {
+    passed: usize,
+    failed: usize,
+}
+
+impl TierTally {
+    fn count(&mut self, line: &str) {
+        let Some((_, outcome)) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.split_once(" ... "))
+        else {
+            return;
+        };
+        match outcome.trim() {
+            "ok" => self.passed += 1,
+            "FAILED" => self.failed += 1,
+            _ => {}
+        }
+    }
 }
 
 pub fn state_dir() -> PathBuf {
@@ -215,12 +285,8 @@ fn up() -> Result<()> {
         "==> cluster up: a one-node cluster, state in {} (override with ${STATE_ENV})",
         state.display()
     );
-    preflight()?;
-    setup::apt_packages(PACKAGES)?;
-    kube::ensure()?;
-    kube::ensure_set(&kube::NODE)?;
+    let images = prepare()?;
     let bin = kube::bin_dir(&kube::cache_dir());
-    let images = images()?;
 
     fs::create_dir_all(state.join("host"))?;
     record_host(&state)?;
@@ -277,6 +343,18 @@ fn up() -> Result<()> {
         kubeconfig().display()
     );
     Ok(())
+}
+
+/// Everything the cluster needs that is installed or built once, cached
+/// and idempotent, each step saying what it installs or finds: the Debian
+/// packages, the control plane and node binaries, the images. `up` runs it;
+/// `cargo xtask test` runs it in its set-up, before the suite.
+pub fn prepare() -> Result<Vec<Image>> {
+    preflight()?;
+    setup::apt_packages(PACKAGES)?;
+    kube::ensure()?;
+    kube::ensure_set(&kube::NODE)?;
+    images()
 }
 
 /// What must hold before anything on the host changes.
@@ -1157,7 +1235,7 @@ spec:
 
 // === images ===
 
-struct Image {
+pub struct Image {
     name: &'static str,
     tarball: PathBuf,
 }
@@ -1428,83 +1506,37 @@ fn deploy(root: &Path, debug: bool) -> Result<()> {
             tarball: tarball.clone(),
         },
     )?;
-    // 2. deploy/ for Kubernetes 1.20, renamed to the local image: the only
-    //    change.
+    // 2. The images the manifests name (the shipped chaperone image, the
+    //    README's example agent), loaded under those very names: no
+    //    registry is reachable, and nothing else in the manifests changes.
+    for (source, wanted) in [
+        (name, manifest_chaperone_image(root)?),
+        (AGENT_IMAGE, manifest_agent_image(root)?),
+    ] {
+        ctr(&state, &["images", "tag", "--force", source, &wanted])?;
+        println!("    {wanted} is {source} (loaded, not pulled)");
+    }
+    // 3. What `down` deletes first (`kubectl delete -k`, as users remove
+    //    chaperone), written before anything is applied: the overlay the
+    //    quickstart applies.
     let overlay = state.join("deploy");
     fs::create_dir_all(&overlay)?;
     write_if_changed(
         overlay.join("kustomization.yaml"),
         format!(
-            "# Written by `cargo xtask cluster deploy`: the shipped manifests for 1.20, with the\n\
-             # image built from this checkout's binary as the only change.\n\
-             apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  \
-             - {}\nimages:\n  - name: ghcr.io/chaperone-dev/chaperone\n    newName: {CHAPERONE_IMAGE}\n    \
-             newTag: \"{tag}\"\n",
+            "# Written by `cargo xtask cluster deploy`: what the README's quickstart applied, for\n\
+             # `cargo xtask cluster down` to delete first.\n\
+             apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n",
             relative_from(&overlay, &root.join("deploy/overlays/k8s-1.20"))
         ),
     )?;
-    kubectl_ok(&["apply", "-k", &path(&overlay)])?;
-    // 3. The agents' namespace, the certificates, the label.
-    kubectl_apply(&format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {AGENT_NAMESPACE}\n"
-    ))?;
-    let certs = Command::new("sh")
-        .arg(root.join("deploy/bootstrap-certs.sh"))
-        .arg(AGENT_NAMESPACE)
-        .env("KUBECONFIG", kubeconfig())
-        .status()
-        .context("cannot run deploy/bootstrap-certs.sh")?;
-    ensure!(
-        certs.success(),
-        "deploy/bootstrap-certs.sh {AGENT_NAMESPACE} failed (its messages are above)"
-    );
-    kubectl_ok(&[
-        "label",
-        "namespace",
-        AGENT_NAMESPACE,
-        "chaperone.dev/intercept=true",
-        "--overwrite",
-    ])?;
-    kubectl_ok(&["apply", "-f", &path(&root.join("deploy/policies"))])?;
-    for (kind, name) in [
-        ("daemonset", "chaperone-node"),
-        ("deployment", "chaperone-webhook"),
-    ] {
-        let target = format!("{kind}/{name}");
-        wait_for(&format!("{target} to roll out"), 180, || {
-            Ok(kubectl(&[
-                "rollout",
-                "status",
-                &target,
-                "-n",
-                "chaperone-system",
-                "--timeout=5s",
-            ])?
-            .0)
-        })?;
+    // 4. The README's quickstart, line by line, as a newcomer runs it.
+    for line in readme_block(root, QUICKSTART_INSTALL)? {
+        run_readme_line(root, &line)?;
     }
-    // 4. An agent: a Deployment in the labeled namespace, with a service
-    //    account the read-only policy selects, and RBAC of its own that
-    //    lets it read (chaperone's policy narrows that further).
-    kubectl_apply(&agent_manifests())?;
-    wait_for(
-        &format!("deployment/{AGENT_DEPLOYMENT} to roll out"),
-        120,
-        || {
-            Ok(kubectl(&[
-                "rollout",
-                "status",
-                &format!("deployment/{AGENT_DEPLOYMENT}"),
-                "-n",
-                AGENT_NAMESPACE,
-                "--timeout=5s",
-            ])?
-            .0)
-        },
-    )?;
     println!(
-        "==> chaperone deployed in {:.0} s (image {name}); agent pods: kubectl -n {AGENT_NAMESPACE} \
-         get pods -l app={AGENT_DEPLOYMENT}",
+        "==> chaperone deployed in {:.0} s by the README's quickstart (image {name}); agent pods: \
+         kubectl -n {AGENT_NAMESPACE} get pods -l app={AGENT_DEPLOYMENT}",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -1519,51 +1551,89 @@ fn relative_from(from: &Path, to: &Path) -> String {
     rel
 }
 
-/// The agent Deployment and what it needs.
-pub fn agent_manifests() -> String {
-    format!(
-        r#"apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: {AGENT_DEPLOYMENT}
-  namespace: {AGENT_NAMESPACE}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: chaperone-cluster-agent-{AGENT_DEPLOYMENT}
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: cluster-admin
-subjects:
-- kind: ServiceAccount
-  name: {AGENT_DEPLOYMENT}
-  namespace: {AGENT_NAMESPACE}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {AGENT_DEPLOYMENT}
-  namespace: {AGENT_NAMESPACE}
-spec:
-  replicas: 1
-  selector:
-    matchLabels:
-      app: {AGENT_DEPLOYMENT}
-  template:
-    metadata:
-      labels:
-        app: {AGENT_DEPLOYMENT}
-    spec:
-      serviceAccountName: {AGENT_DEPLOYMENT}
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: agent
-        image: {AGENT_IMAGE}
-        command: ["sleep", "infinity"]
-"#
-    )
+/// The README's marked quickstart blocks (`<!-- quickstart:NAME ... -->`
+/// before a fenced block): `deploy` runs the install block, the tier's
+/// `the_readme_quickstart_verifies_as_written` the verify block.
+pub const QUICKSTART_INSTALL: &str = "install";
+
+/// The lines of the README's fenced block marked `<!-- quickstart:NAME`.
+pub fn readme_block(root: &Path, name: &str) -> Result<Vec<String>> {
+    let readme = fs::read_to_string(root.join("README.md"))?;
+    let marker = format!("<!-- quickstart:{name}");
+    let at = readme
+        .find(&marker)
+        .with_context(|| format!("README.md has no block marked {marker}"))?;
+    let lines: Vec<String> = readme[at..]
+        .lines()
+        .skip_while(|l| !l.starts_with("```"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    ensure!(!lines.is_empty(), "README.md's {marker} block is empty");
+    Ok(lines)
+}
+
+/// The command of a README line (its `# comment` dropped), as this 1.20
+/// cluster needs it: `kubectl apply -k deploy/` is the 1.20 overlay, as
+/// the line's comment says.
+pub fn readme_command(line: &str) -> String {
+    let command = line.split(" #").next().unwrap_or(line).trim();
+    if command == "kubectl apply -k deploy/" {
+        "kubectl apply -k deploy/overlays/k8s-1.20".into()
+    } else {
+        command.into()
+    }
+}
+
+/// One line of the README's install block, run by `sh` in the checkout
+/// with the admin kubeconfig. `kubectl create namespace` of one that is
+/// there already (a second `deploy`) is what the line's comment allows.
+fn run_readme_line(root: &Path, line: &str) -> Result<()> {
+    let command = readme_command(line);
+    println!("    README$ {command}");
+    let out = Command::new("sh")
+        .args(["-c", &command])
+        .current_dir(root)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .context("cannot run sh")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in stdout.lines().chain(stderr.lines()) {
+        println!("      {l}");
+    }
+    if !out.status.success() {
+        ensure!(
+            command.starts_with("kubectl create namespace") && stderr.contains("AlreadyExists"),
+            "the README's quickstart line `{command}` failed ({}): fix the README or the code, \
+             they must agree",
+            out.status
+        );
+    }
+    Ok(())
+}
+
+/// The chaperone image `deploy/base/kustomization.yaml` names.
+fn manifest_chaperone_image(root: &Path) -> Result<String> {
+    let text = fs::read_to_string(root.join("deploy/base/kustomization.yaml"))?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .with_context(|| format!("deploy/base/kustomization.yaml has no `{key}`"))
+    };
+    Ok(format!("{}:{}", field("newName:")?, field("newTag:")?))
+}
+
+/// The image of the README's example agent.
+fn manifest_agent_image(root: &Path) -> Result<String> {
+    let text = fs::read_to_string(root.join("deploy/examples/reader-agent.yaml"))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("image:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .context("deploy/examples/reader-agent.yaml names no image")
 }
 
 /// chaperone's image: the binary, the shared libraries it links (as
@@ -1601,34 +1671,6 @@ fn build_chaperone_image(work: &Path, binary: &Path, name: &str, out: &Path) -> 
     )?;
     fs::remove_dir_all(&rootfs)?;
     println!("    built {name} from {}", binary.display());
-    Ok(())
-}
-
-fn kubectl_ok(args: &[&str]) -> Result<()> {
-    let (ok, out) = kubectl(args)?;
-    ensure!(ok, "kubectl {} failed:\n{out}", args.join(" "));
-    Ok(())
-}
-
-/// `kubectl apply -f -` of `manifest`.
-pub fn kubectl_apply(manifest: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig())
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("cannot run kubectl")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(manifest.as_bytes())?;
-    ensure!(
-        child.wait()?.success(),
-        "kubectl apply failed (its message is above)"
-    );
     Ok(())
 }
 
@@ -2091,6 +2133,44 @@ fn status() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tier_counts_its_passed_and_failed_tests() {
+        let mut tally = TierTally::default();
+        for line in [
+            "running 3 tests",
+            "test the_readme_quickstart_verifies_as_written ... ok",
+            "test a_write_is_denied_and_never_reaches_the_api_server ... FAILED",
+            "test an_agents_attach_streams_masked_through_the_real_kubelet ... ok",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored",
+        ] {
+            tally.count(line);
+        }
+        assert_eq!((tally.passed, tally.failed), (2, 1));
+    }
+
+    #[test]
+    fn the_readme_quickstart_is_read_as_a_newcomer_runs_it() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let commands: Vec<String> = readme_block(root, QUICKSTART_INSTALL)
+            .unwrap()
+            .iter()
+            .map(|l| readme_command(l))
+            .collect();
+        // The cluster is 1.20: deploy/ is its overlay, as the line says.
+        assert_eq!(commands[0], "kubectl apply -k deploy/overlays/k8s-1.20");
+        assert!(commands.iter().all(|c| !c.contains('#') && !c.is_empty()));
+        for file in [
+            "deploy/examples/reader-agent.yaml",
+            "deploy/bootstrap-certs.sh",
+        ] {
+            assert!(
+                commands.iter().any(|c| c.contains(file)),
+                "{file} not in {commands:?}"
+            );
+        }
+        assert!(readme_block(root, "no-such-block").is_err());
+    }
 
     #[test]
     fn iptables_rules_split_with_their_quoted_comments() {

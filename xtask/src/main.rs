@@ -10,7 +10,9 @@
 //! - `cluster up|down|status|deploy|test`: a real one-node cluster on this
 //!   machine (root), chaperone deployed on it, the opt-in real-cluster tier
 //!   (`xtask/src/cluster.rs`).
-//! - `test`: setup and kube, then formatting, clippy and the whole test suite.
+//! - `test`: setup, kube and (as root) the cluster's binaries and images,
+//!   then formatting, clippy, the whole test suite, and (as root) the
+//!   real-cluster tier on a cluster brought up and down around it.
 //! - `demo`: setup, build, then the demo (needs root).
 //! - `bench [--quick] [--upstream sim|real]`: setup (valgrind among the test
 //!   tools; Go for the Go peer), release builds, then the API server (kube-sim
@@ -113,6 +115,12 @@ fn run(task: Task) -> Result<()> {
         } => {
             setup::all()?;
             kube::ensure()?;
+            if is_root() {
+                step(
+                    "the real-cluster tier's node, binaries and images (cached; cargo xtask cluster)",
+                );
+                cluster::prepare()?;
+            }
             if !no_lint {
                 step("cargo fmt --check");
                 cargo(&root, &["fmt", "--all", "--", "--check"])?;
@@ -141,7 +149,20 @@ fn run(task: Task) -> Result<()> {
                 args.push("--");
                 args.extend(cargo_test_args.iter().map(String::as_str));
             }
-            cargo_test(&root, &args)
+            let suite = cargo_test(&root, &args);
+            // The real-cluster tier last, on a cluster of its own that is
+            // brought down afterwards (the host as it was found).
+            let cluster = if is_root() {
+                step("the real-cluster tier: cluster up, deploy, tests/tests/cluster.rs, down");
+                cluster::tier(&root, true, false)
+            } else {
+                println!(
+                    "xtask: not root: the real-cluster tier (a kubelet, containerd) is SKIPPED; \
+                     CI runs as root"
+                );
+                Ok(())
+            };
+            suite.and(cluster)
         }
         Task::Demo => {
             if !is_root() {
