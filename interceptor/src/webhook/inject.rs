@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod, Volume};
 use serde_json::{Value, json};
 
 use super::review::{AdmissionRequest, AdmissionResponse, AdmissionReview, PatchOp};
@@ -16,6 +16,7 @@ use crate::approval::{
     ApprovalRequest,
     attest::{Signer, attest_write},
 };
+use crate::gate::{GATE_CA_DIR, GATE_CA_FILE, GATE_CONTAINER};
 use crate::identity::CredentialMode;
 
 /// Which of the two webhooks the API server called (see the module docs).
@@ -41,6 +42,10 @@ pub struct Injector {
     /// The key that signs approval decisions on [`ATTEST_PATH`]; without
     /// it that path denies every write it is sent.
     pub attestor: Option<Arc<Signer>>,
+    /// The image of the `chaperone-gate` init container prepended to every
+    /// agent pod ([`crate::gate`]); `None` injects no gate (`chaperone
+    /// webhook` always has one).
+    pub gate_image: Option<String>,
 }
 
 impl Default for Injector {
@@ -50,6 +55,7 @@ impl Default for Injector {
             audience: DEFAULT_AUDIENCE.to_owned(),
             ca_bundle_configmap: DEFAULT_CA_BUNDLE_CONFIGMAP.to_owned(),
             attestor: None,
+            gate_image: None,
         }
     }
 }
@@ -279,6 +285,7 @@ impl Injector {
                 }
             }
         }
+        ops.extend(keep_gate(&new, &old));
         if ops.is_empty() {
             AdmissionResponse::allow(uid)
         } else {
@@ -330,11 +337,166 @@ impl Injector {
                 }
             }
         }
+        if let Some(image) = &self.gate_image {
+            ops.extend(gate_ops(pod, image, &self.ca_bundle_configmap));
+        }
         if !ops.is_empty() {
             ops.push(annotation_op(pod, self.mode.as_str()));
         }
         ops
     }
+}
+
+// === the gate ===
+
+/// The volume holding chaperone's CA for the gate.
+pub const GATE_VOLUME: &str = "chaperone-gate-ca";
+
+/// The `chaperone-gate` init container, exactly as injected.
+pub fn gate_container(image: &str) -> Container {
+    serde_json::from_value(json!({
+        "name": GATE_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["gate"],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"memory": "32Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": GATE_VOLUME, "mountPath": GATE_CA_DIR, "readOnly": true}],
+    }))
+    .expect("the gate container is a valid Container")
+}
+
+/// The volume with chaperone's CA alone (key `chaperone-ca.crt` of the
+/// CA-bundle ConfigMap; a missing key keeps the pod in `ContainerCreating`,
+/// never unguarded).
+pub fn gate_volume(ca_bundle_configmap: &str) -> Volume {
+    serde_json::from_value(json!({
+        "name": GATE_VOLUME,
+        "configMap": {
+            "name": ca_bundle_configmap,
+            "items": [{"key": GATE_CA_FILE, "path": GATE_CA_FILE}],
+        },
+    }))
+    .expect("the gate volume is a valid Volume")
+}
+
+/// Whether `found` is the gate as injected, in what decides what it runs
+/// and trusts (the API server adds defaults such as
+/// `terminationMessagePath` to the rest). A look-alike an agent wrote
+/// itself (same name, `command: [true]`, another host) is not.
+fn is_our_gate(found: &Container, ours: &Container) -> bool {
+    found.name == ours.name
+        && found.image == ours.image
+        && found.command == ours.command
+        && found.args == ours.args
+        && found.working_dir == ours.working_dir
+        && found.env.as_deref().unwrap_or_default().is_empty()
+        && found.env_from.as_deref().unwrap_or_default().is_empty()
+        && found.volume_mounts == ours.volume_mounts
+        && found
+            .volume_devices
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty()
+        && found.security_context == ours.security_context
+}
+
+/// The patch that makes the pod's first init container the gate and gives
+/// it its CA volume: nothing when both are already in place (a
+/// reinvocation, a pod created from a spec this webhook already patched);
+/// a look-alike of either is replaced, never trusted.
+fn gate_ops(pod: &Pod, image: &str, ca_bundle_configmap: &str) -> Vec<PatchOp> {
+    let mut ops = Vec::new();
+    let spec = pod.spec.as_ref();
+    let ours = gate_container(image);
+    let init = spec
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default();
+    let first_is_ours = init.first().is_some_and(|c| is_our_gate(c, &ours));
+    let others = init.iter().skip(usize::from(first_is_ours));
+    if !first_is_ours || others.clone().any(|c| c.name == GATE_CONTAINER) {
+        let rest: Vec<&Container> = others.filter(|c| c.name != GATE_CONTAINER).collect();
+        let mut wanted = vec![json!(ours)];
+        wanted.extend(rest.iter().map(|c| json!(c)));
+        ops.push(PatchOp::Add {
+            path: "/spec/initContainers".to_owned(),
+            value: Value::Array(wanted),
+        });
+    }
+    let volume = gate_volume(ca_bundle_configmap);
+    let volumes = spec.and_then(|s| s.volumes.as_deref()).unwrap_or_default();
+    match volumes.iter().position(|v| v.name == GATE_VOLUME) {
+        Some(i) if volumes[i] == volume => {}
+        Some(i) => ops.push(PatchOp::Replace {
+            path: format!("/spec/volumes/{i}"),
+            value: json!(volume),
+        }),
+        None if spec.is_some_and(|s| s.volumes.is_some()) => ops.push(PatchOp::Add {
+            path: "/spec/volumes/-".to_owned(),
+            value: json!(volume),
+        }),
+        None => ops.push(PatchOp::Add {
+            path: "/spec/volumes".to_owned(),
+            value: json!([volume]),
+        }),
+    }
+    ops
+}
+
+/// On an UPDATE that sends the user's own manifest back without the gate
+/// (`kubectl replace`), the gate and its volume are put back where they
+/// were, so the update changes only what the user changed (init containers
+/// and volumes are immutable).
+fn keep_gate(new: &Pod, old: &Pod) -> Vec<PatchOp> {
+    let mut ops = Vec::new();
+    let (Some(new_spec), Some(old_spec)) = (&new.spec, &old.spec) else {
+        return ops;
+    };
+    let new_init = new_spec.init_containers.as_deref().unwrap_or_default();
+    if let Some(gate) = old_spec
+        .init_containers
+        .as_deref()
+        .and_then(<[Container]>::first)
+        .filter(|c| c.name == GATE_CONTAINER)
+        && !new_init.iter().any(|c| c.name == GATE_CONTAINER)
+    {
+        let mut wanted = vec![json!(gate)];
+        wanted.extend(new_init.iter().map(|c| json!(c)));
+        ops.push(PatchOp::Add {
+            path: "/spec/initContainers".to_owned(),
+            value: Value::Array(wanted),
+        });
+    }
+    let new_volumes = new_spec.volumes.as_deref().unwrap_or_default();
+    let old_volumes = old_spec.volumes.as_deref().unwrap_or_default();
+    if let Some(i) = old_volumes.iter().position(|v| v.name == GATE_VOLUME)
+        && !new_volumes.iter().any(|v| v.name == GATE_VOLUME)
+    {
+        // Inserted at its old index, after the ops that name the other
+        // volumes by index (an add at index i shifts only what follows).
+        ops.push(match new_spec.volumes {
+            Some(_) => PatchOp::Add {
+                path: format!("/spec/volumes/{}", i.min(new_volumes.len())),
+                value: json!(old_volumes[i]),
+            },
+            None => PatchOp::Add {
+                path: "/spec/volumes".to_owned(),
+                value: json!([old_volumes[i]]),
+            },
+        });
+    }
+    ops
 }
 
 fn in_scope(pod: &Pod, scope: Scope) -> bool {

@@ -50,7 +50,7 @@ mod serve;
 mod tests;
 
 pub use crate::identity::CredentialMode;
-pub use inject::{Injector, Scope};
+pub use inject::{GATE_VOLUME, Injector, Scope, gate_container, gate_volume};
 pub use review::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, AdmissionStatus, GroupVersionKind,
     GroupVersionResource,

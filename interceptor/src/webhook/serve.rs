@@ -273,6 +273,17 @@ pub struct WebhookArgs {
     /// (`--approval-verify-key`). Mounted only into the webhook.
     #[arg(long, env = "CHAPERONE_ATTESTATION_KEY")]
     pub attestation_key: Option<PathBuf>,
+    /// The image of the `chaperone-gate` init container added to agent
+    /// pods. Default: this webhook's own image, read from its Pod
+    /// (`POD_NAME`, `POD_NAMESPACE`).
+    #[arg(long, env = "CHAPERONE_GATE_IMAGE")]
+    pub gate_image: Option<String>,
+    /// This webhook's Pod (downward API), to read its own image from.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// This webhook's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
     /// How long to keep accepting after SIGTERM, while the API server still
     /// routes to this replica (endpoint removal is not instant).
     #[arg(
@@ -304,14 +315,61 @@ impl WebhookArgs {
             audience: self.audience.clone(),
             ca_bundle_configmap: self.ca_bundle_configmap.clone(),
             attestor,
+            gate_image: self.gate_image.clone(),
         })
+    }
+
+    /// The gate's image: `--gate-image`, else the image of this webhook's
+    /// own container, read from its Pod. An error says what to set.
+    pub async fn resolve_gate_image(&self) -> anyhow::Result<String> {
+        if let Some(image) = self.gate_image.as_ref().filter(|i| !i.is_empty()) {
+            return Ok(image.clone());
+        }
+        let (Some(name), Some(namespace)) = (&self.pod_name, &self.pod_namespace) else {
+            anyhow::bail!(
+                "chaperone webhook needs the image of the chaperone-gate init container it adds \
+                 to agent pods: pass --gate-image (CHAPERONE_GATE_IMAGE), or set POD_NAME and \
+                 POD_NAMESPACE from the downward API so it reads its own image \
+                 (deploy/base/webhook/deployment.yaml)"
+            );
+        };
+        let what_to_check = "check the webhook's Role and RoleBinding (deploy/base/rbac/webhook.yaml: \
+                             get pods in its namespace) and that its token is mounted, or pass \
+                             --gate-image";
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!("cannot reach the API server to read this webhook's Pod {namespace}/{name}: {e}; {what_to_check}")
+        })?;
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(client, namespace);
+        let pod = pods.get(name).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read this webhook's Pod {namespace}/{name}: {e}; {what_to_check}"
+            )
+        })?;
+        let containers = pod.spec.map(|s| s.containers).unwrap_or_default();
+        containers
+            .iter()
+            .find(|c| {
+                c.args
+                    .as_ref()
+                    .and_then(|a| a.first())
+                    .is_some_and(|a| a == "webhook")
+            })
+            .or(containers.first())
+            .and_then(|c| c.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "this webhook's Pod {namespace}/{name} names no image; pass --gate-image"
+                )
+            })
     }
 }
 
 /// Runs `chaperone webhook` until SIGTERM or SIGINT.
 pub fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     let tls = tls_config(&args.tls_cert, &args.tls_key)?;
-    let injector = Arc::new(args.injector()?);
+    let mut injector = args.injector()?;
     if injector.attestor.is_none() {
         tracing::warn!("no --attestation-key: approval decisions sent to {ATTEST_PATH} are denied");
     }
@@ -320,6 +378,10 @@ pub fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let gate_image = args.resolve_gate_image().await?;
+        tracing::info!(image = %gate_image, "agent pods get the chaperone-gate init container");
+        injector.gate_image = Some(gate_image);
+        let injector = Arc::new(injector);
         let listener =
             TcpListener::bind(args.listen)
                 .await

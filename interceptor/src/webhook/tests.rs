@@ -171,3 +171,167 @@ fn annotation_keys_are_escaped_as_json_pointers() {
     };
     assert_eq!(path, "/metadata/annotations/chaperone.dev~1injected");
 }
+
+// === the gate ===
+
+const GATE_IMAGE: &str = "registry.example/chaperone:1.2.3";
+
+fn gating() -> Injector {
+    Injector {
+        gate_image: Some(GATE_IMAGE.to_owned()),
+        ..Injector::default()
+    }
+}
+
+/// The pod as the API server would store it after `injector`'s answer.
+fn patched(injector: &Injector, pod: &Value, scope: Scope) -> Value {
+    let out = injector.mutate(&review(pod.clone()), scope);
+    let mut pod = pod.clone();
+    if let Some(patch) = response(&out).decoded_patch() {
+        let patch: json_patch::Patch = serde_json::from_value(patch.unwrap()).unwrap();
+        json_patch::patch(&mut pod, &patch).unwrap();
+    }
+    pod
+}
+
+fn init_names(pod: &Value) -> Vec<String> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| c["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn gate_volumes(pod: &Value) -> usize {
+    pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == GATE_VOLUME)
+        .count()
+}
+
+#[test]
+fn agent_pods_get_the_gate_first_with_chaperone_ca_alone() {
+    let mut pod = sa_pod(json!({INTERCEPT_LABEL: "true"}));
+    pod["spec"]["initContainers"] = json!([{"name": "setup", "image": "busybox"}]);
+    let stored = patched(&gating(), &pod, Scope::PodLabel);
+    assert_eq!(init_names(&stored), ["chaperone-gate", "setup"]);
+    let gate = &stored["spec"]["initContainers"][0];
+    assert_eq!(gate["image"], GATE_IMAGE);
+    assert_eq!(gate["args"], json!(["gate"]));
+    assert_eq!(gate["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(gate["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        gate["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    assert_eq!(
+        gate["volumeMounts"][0],
+        json!({"name": GATE_VOLUME, "mountPath": crate::gate::GATE_CA_DIR, "readOnly": true})
+    );
+    assert_eq!(gate_volumes(&stored), 1);
+    let volume = stored["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == GATE_VOLUME)
+        .unwrap();
+    // chaperone's CA alone: the bundle's ca.crt also trusts the API server.
+    assert_eq!(
+        volume["configMap"],
+        json!({"name": DEFAULT_CA_BUNDLE_CONFIGMAP,
+               "items": [{"key": "chaperone-ca.crt", "path": "chaperone-ca.crt"}]})
+    );
+    // The user's container and init container are as written.
+    assert_eq!(
+        stored["spec"]["initContainers"][1],
+        pod["spec"]["initContainers"][0]
+    );
+    assert_eq!(stored["spec"]["containers"], pod["spec"]["containers"]);
+    // Also a pod that mounts no token, and one in a labeled namespace.
+    let mut tokenless = pod.clone();
+    tokenless["spec"]["volumes"] = Value::Null;
+    tokenless["spec"].as_object_mut().unwrap().remove("volumes");
+    let stored = patched(&gating(), &tokenless, Scope::Namespace);
+    assert_eq!(init_names(&stored), ["chaperone-gate", "setup"]);
+    assert_eq!(gate_volumes(&stored), 1);
+}
+
+#[test]
+fn the_gate_is_added_once_under_reinvocation_and_a_copied_spec() {
+    let pod = sa_pod(json!({INTERCEPT_LABEL: "true"}));
+    let once = patched(&gating(), &pod, Scope::PodLabel);
+    // Reinvocation (IfNeeded) sends the patched pod back, with the
+    // defaults the API server adds to the new container.
+    let mut defaulted = once.clone();
+    defaulted["spec"]["initContainers"][0]["terminationMessagePath"] =
+        json!("/dev/termination-log");
+    let out = gating().mutate(&review(defaulted.clone()), Scope::PodLabel);
+    assert!(response(&out).patch.is_none(), "{:?}", response(&out).patch);
+    // An agent that creates a new pod from its own (patched) spec.
+    let twice = patched(&gating(), &defaulted, Scope::Namespace);
+    assert_eq!(init_names(&twice), ["chaperone-gate"]);
+    assert_eq!(gate_volumes(&twice), 1);
+}
+
+#[test]
+fn a_look_alike_gate_or_ca_volume_written_by_the_agent_is_replaced() {
+    let mut pod = sa_pod(json!({INTERCEPT_LABEL: "true"}));
+    pod["spec"]["initContainers"] = json!([
+        {"name": "setup", "image": "busybox"},
+        {"name": "chaperone-gate", "image": GATE_IMAGE, "args": ["gate"],
+         "env": [{"name": "KUBERNETES_SERVICE_HOST", "value": "chaperone-webhook.chaperone-system.svc"}]},
+    ]);
+    pod["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": GATE_VOLUME, "configMap": {"name": "my-own-ca"}}));
+    let stored = patched(&gating(), &pod, Scope::PodLabel);
+    assert_eq!(init_names(&stored), ["chaperone-gate", "setup"]);
+    assert!(stored["spec"]["initContainers"][0].get("env").is_none());
+    assert_eq!(gate_volumes(&stored), 1);
+    assert_eq!(
+        stored["spec"]["volumes"][1]["configMap"]["name"],
+        DEFAULT_CA_BUNDLE_CONFIGMAP
+    );
+}
+
+#[test]
+fn pods_out_of_scope_get_no_gate() {
+    for (labels, scope) in [
+        (json!({}), Scope::PodLabel),
+        (json!({INTERCEPT_LABEL: "false"}), Scope::Namespace),
+    ] {
+        let out = gating().mutate(&review(sa_pod(labels)), scope);
+        assert!(response(&out).patch.is_none());
+    }
+}
+
+#[test]
+fn replacing_a_gated_pod_with_its_own_manifest_keeps_the_gate() {
+    // `kubectl replace -f pod.yaml`: the manifest has neither the gate nor
+    // its volume; init containers and volumes are immutable, so the update
+    // must send them back unchanged.
+    let manifest = sa_pod(json!({INTERCEPT_LABEL: "true"}));
+    let stored = patched(&gating(), &manifest, Scope::PodLabel);
+    let mut new = manifest.clone();
+    new["metadata"]["annotations"] = stored["metadata"]["annotations"].clone();
+    new["spec"]["volumes"][0] = stored["spec"]["volumes"][0].clone();
+    let mut r = review(new.clone());
+    let request = r.request.as_mut().unwrap();
+    request.operation = "UPDATE".into();
+    request.old_object = Some(stored.clone());
+    let out = gating().mutate(&r, Scope::PodLabel);
+    let patch: json_patch::Patch =
+        serde_json::from_value(response(&out).decoded_patch().unwrap().unwrap()).unwrap();
+    json_patch::patch(&mut new, &patch).unwrap();
+    assert_eq!(new["spec"], stored["spec"]);
+    // An update that kept them is left alone.
+    r.request.as_mut().unwrap().object = Some(stored.clone());
+    let out = gating().mutate(&r, Scope::PodLabel);
+    assert!(response(&out).patch.is_none());
+}
