@@ -647,8 +647,8 @@ fn chaperone_webhook_without_a_gate_image_refuses_to_start_and_says_what_to_set(
         .arg("--tls-key")
         .arg(dir.path().join("tls.key"))
         .env_remove("CHAPERONE_GATE_IMAGE")
-        .env_remove("POD_NAME")
-        .env_remove("POD_NAMESPACE")
+        .env_remove("CHAPERONE_POD_NAME")
+        .env_remove("CHAPERONE_POD_NAMESPACE")
         .output()
         .unwrap();
     assert!(!output.status.success());

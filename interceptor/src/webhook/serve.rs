@@ -275,14 +275,14 @@ pub struct WebhookArgs {
     pub attestation_key: Option<PathBuf>,
     /// The image of the `chaperone-gate` init container added to agent
     /// pods. Default: this webhook's own image, read from its Pod
-    /// (`POD_NAME`, `POD_NAMESPACE`).
+    /// (`CHAPERONE_POD_NAME`, `CHAPERONE_POD_NAMESPACE`).
     #[arg(long, env = "CHAPERONE_GATE_IMAGE")]
     pub gate_image: Option<String>,
     /// This webhook's Pod (downward API), to read its own image from.
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = "CHAPERONE_POD_NAME")]
     pub pod_name: Option<String>,
     /// This webhook's namespace (downward API).
-    #[arg(long, env = "POD_NAMESPACE")]
+    #[arg(long, env = "CHAPERONE_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
     /// How long to keep accepting after SIGTERM, while the API server still
     /// routes to this replica (endpoint removal is not instant).
@@ -328,8 +328,8 @@ impl WebhookArgs {
         let (Some(name), Some(namespace)) = (&self.pod_name, &self.pod_namespace) else {
             anyhow::bail!(
                 "chaperone webhook needs the image of the chaperone-gate init container it adds \
-                 to agent pods: pass --gate-image (CHAPERONE_GATE_IMAGE), or set POD_NAME and \
-                 POD_NAMESPACE from the downward API so it reads its own image \
+                 to agent pods: pass --gate-image (CHAPERONE_GATE_IMAGE), or set CHAPERONE_POD_NAME and \
+                 CHAPERONE_POD_NAMESPACE from the downward API so it reads its own image \
                  (deploy/base/webhook/deployment.yaml)"
             );
         };
