@@ -361,7 +361,7 @@ pub fn gate_container(image: &str) -> Container {
         "args": ["gate"],
         "resources": {
             "requests": {"cpu": "10m", "memory": "16Mi"},
-            "limits": {"memory": "32Mi"},
+            "limits": {"memory": "64Mi"},
         },
         "securityContext": {
             "runAsNonRoot": true,
