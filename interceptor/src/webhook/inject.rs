@@ -391,25 +391,19 @@ pub fn gate_volume(ca_bundle_configmap: &str) -> Volume {
     .expect("the gate volume is a valid Volume")
 }
 
-/// Whether `found` is the gate as injected, in what decides what it runs
-/// and trusts (the API server adds defaults such as
-/// `terminationMessagePath` to the rest). A look-alike an agent wrote
-/// itself (same name, `command: [true]`, another host) is not.
+/// Whether `found` is the gate exactly as injected, but for what the API
+/// server fills in (`terminationMessagePath`) or a LimitRange may set
+/// (`resources`). Any other difference is a look-alike an agent wrote
+/// itself (`command: [true]`, another host in `env`, `restartPolicy:
+/// Always` that makes it a sidecar the pod does not wait for) and is
+/// replaced.
 fn is_our_gate(found: &Container, ours: &Container) -> bool {
-    found.name == ours.name
-        && found.image == ours.image
-        && found.command == ours.command
-        && found.args == ours.args
-        && found.working_dir == ours.working_dir
-        && found.env.as_deref().unwrap_or_default().is_empty()
-        && found.env_from.as_deref().unwrap_or_default().is_empty()
-        && found.volume_mounts == ours.volume_mounts
-        && found
-            .volume_devices
-            .as_deref()
-            .unwrap_or_default()
-            .is_empty()
-        && found.security_context == ours.security_context
+    let mut normalized = found.clone();
+    normalized
+        .termination_message_path
+        .clone_from(&ours.termination_message_path);
+    normalized.resources.clone_from(&ours.resources);
+    normalized == *ours
 }
 
 /// The patch that makes the pod's first init container the gate and gives

@@ -335,3 +335,19 @@ fn replacing_a_gated_pod_with_its_own_manifest_keeps_the_gate() {
     let out = gating().mutate(&r, Scope::PodLabel);
     assert!(response(&out).patch.is_none());
 }
+
+#[test]
+fn a_gate_turned_into_a_sidecar_is_replaced() {
+    // restartPolicy: Always makes an init container a sidecar: the kubelet
+    // starts the pod's containers once it runs, not once it succeeds.
+    let pod = sa_pod(json!({INTERCEPT_LABEL: "true"}));
+    let mut copied = patched(&gating(), &pod, Scope::PodLabel);
+    copied["spec"]["initContainers"][0]["restartPolicy"] = json!("Always");
+    let stored = patched(&gating(), &copied, Scope::PodLabel);
+    assert_eq!(init_names(&stored), ["chaperone-gate"]);
+    assert!(
+        stored["spec"]["initContainers"][0]
+            .get("restartPolicy")
+            .is_none()
+    );
+}
