@@ -16,7 +16,9 @@
 #       - ConfigMap chaperone-system/chaperone-attestation-public: its public
 #         key, for the node agents (--approval-verify-key)
 #       - ConfigMap NAMESPACE/chaperone-ca-bundle (key ca.crt: the namespace's
-#         kube-root-ca.crt + the chaperone CA) for each agent NAMESPACE
+#         kube-root-ca.crt + the chaperone CA; key chaperone-ca.crt: the
+#         chaperone CA alone, which the chaperone-gate init container trusts)
+#         for each agent NAMESPACE
 #
 #   deploy/bootstrap-certs.sh --out DIR --cluster-ca FILE [NAMESPACE...]
 #       the same objects as files, touching no cluster: DIR/manifests.yaml
@@ -172,7 +174,8 @@ for ns in "$@"; do
     fi
     { cat "$work/cluster-ca.crt"; echo; cat "$work/ca.crt"; } | sed '/^$/d' >"$work/bundle.crt"
     kubectl create configmap chaperone-ca-bundle -n "$ns" \
-        --from-file=ca.crt="$work/bundle.crt" --dry-run=client -o yaml | emit
+        --from-file=ca.crt="$work/bundle.crt" --from-file=chaperone-ca.crt="$work/ca.crt" \
+        --dry-run=client -o yaml | emit
 done
 
 if [ -n "$out" ]; then

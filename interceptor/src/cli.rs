@@ -68,6 +68,11 @@ pub enum Command {
     /// Serve the mutating admission webhook that injects the CA bundle (and,
     /// in impersonate mode, the token audience) into agent pods.
     Webhook(webhook::WebhookArgs),
+    /// Wait until this pod's API connections reach chaperone's proxy (a TLS
+    /// handshake trusting only chaperone's CA), then exit 0: the init
+    /// container `chaperone-gate` the webhook adds to agent pods, so none
+    /// starts unguarded while no node agent runs on its node.
+    Gate(crate::gate::GateArgs),
     /// List recorded sessions: pod, caller, start, duration, decisions.
     Sessions(crate::record::cli::SessionsArgs),
     /// Print a recorded session as a timeline (or JSON with --json).
@@ -97,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Node(args) => node(*args),
         Command::Detach(args) => detach(&args),
         Command::Webhook(args) => webhook::run(args),
+        Command::Gate(args) => crate::gate::run(args),
         Command::Sessions(args) => crate::record::cli::sessions(&args, &mut std::io::stdout()),
         Command::Replay(args) => crate::record::cli::replay(&args, &mut std::io::stdout()),
         Command::Verify(args) => crate::record::cli::verify(&args, &mut std::io::stdout()),

@@ -16,6 +16,7 @@ pub mod config;
 mod crd_schema;
 pub mod exchange;
 pub mod exec;
+pub mod gate;
 pub mod guard;
 pub mod identity;
 pub mod kstatus;

@@ -36,6 +36,11 @@ pub const CHAPERONE_EXAMPLES: &[(&str, &str)] = &[
         "  chaperone webhook --tls-cert /tls/tls.crt --tls-key /tls/tls.key",
     ),
     (
+        "gate",
+        "  # As the webhook injects it into agent pods (init container chaperone-gate)\n  \
+         chaperone gate --ca /etc/chaperone/gate/chaperone-ca.crt --timeout 10m",
+    ),
+    (
         "sessions",
         "  chaperone sessions --dir /var/lib/chaperone/sessions\n  \
          chaperone sessions --pod agents/coder-0",

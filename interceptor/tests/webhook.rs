@@ -467,6 +467,8 @@ fn chaperone_webhook_flags_configure_the_injector() {
         "impersonate",
         "--audience",
         "gate.example.com",
+        "--gate-image",
+        "registry.example/chaperone:1.2",
     ])
     .unwrap();
     let Command::Webhook(args) = cli.command else {
@@ -480,6 +482,7 @@ fn chaperone_webhook_flags_configure_the_injector() {
             audience: "gate.example.com".to_owned(),
             ca_bundle_configmap: DEFAULT_CA_BUNDLE_CONFIGMAP.to_owned(),
             attestor: None,
+            gate_image: Some("registry.example/chaperone:1.2".to_owned()),
         }
     );
     let error = Cli::try_parse_from([
@@ -573,6 +576,7 @@ async fn chaperone_webhook_serves_until_sigterm_then_drains_and_exits_cleanly() 
         .arg("--tls-key")
         .arg(dir.path().join("tls.key"))
         .args(["--shutdown-delay-seconds", "2", "--drain-seconds", "1"])
+        .args(["--gate-image", "chaperone:test"])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -628,6 +632,29 @@ fn chaperone_webhook_without_its_certificate_says_what_to_mount() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("/nonexistent/tls.crt") && stderr.contains("Secret"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn chaperone_webhook_without_a_gate_image_refuses_to_start_and_says_what_to_set() {
+    let dir = tempfile::tempdir().unwrap();
+    issue_certificate(dir.path());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chaperone"))
+        .args(["webhook", "--listen", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .env_remove("CHAPERONE_GATE_IMAGE")
+        .env_remove("CHAPERONE_POD_NAME")
+        .env_remove("CHAPERONE_POD_NAMESPACE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--gate-image") && stderr.contains("POD_NAME"),
         "{stderr}"
     );
 }

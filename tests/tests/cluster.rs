@@ -964,19 +964,16 @@ impl Drop for NodeAgentBack {
     }
 }
 
-/// A known gap, failing today: the pod tracker that adds a new pod's
-/// cgroup to the programs' agent map runs in the node agent, so a pod
-/// created while none runs (a drain, an upgrade's gap, a crash loop) is in
-/// no agent map and reaches the API server directly, unguarded, with the
-/// Secret in clear, until a node agent is back. The fix belongs to the
-/// webhook or the programs (e.g. an injected init container that waits
-/// until the pod's connection is chaperone's). `known_gap_` tests are
-/// skipped by `cargo xtask cluster test` and CI; run by hand:
-/// `CHAPERONE_CLUSTER=1 cargo test -p chaperone-tests --test cluster --
-/// --include-ignored known_gap_`.
+/// The pod tracker that adds a new pod's cgroup to the programs' agent map
+/// runs in the node agent, so a pod created while none runs (a drain, an
+/// upgrade's gap, a crash loop) is in no agent map. This tier found such a
+/// pod reading a Secret in clear. Now the webhook's `chaperone-gate` init
+/// container holds it in `Init` until a TLS handshake to the API server's
+/// address is answered by chaperone's proxy: none of its containers runs
+/// unguarded, and once the node agent is back it starts guarded.
 #[test]
 #[ignore = "the real-cluster tier: cargo xtask cluster test"]
-fn known_gap_an_agent_pod_created_while_no_node_agent_runs_is_never_unguarded() {
+fn an_agent_pod_created_while_no_node_agent_runs_is_never_unguarded() {
     require_cluster!();
     let secret = unique("late");
     let value = format!("clear-{secret}");
@@ -1021,7 +1018,7 @@ fn known_gap_an_agent_pod_created_while_no_node_agent_runs_is_never_unguarded() 
         );
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
-    // An agent pod is created now: the webhook lets it in or refuses it.
+    // An agent pod is created now.
     let pod = unique("late-agent");
     let created = admin_apply(&format!(
         r#"apiVersion: v1
@@ -1038,59 +1035,86 @@ spec:
       command: ["sleep", "infinity"]
 "#
     ));
-    let mut read = None;
-    if created.status.success() {
-        admin_ok(&[
-            "wait",
+    let cleanup = |pod: &str| {
+        admin(&[
+            "delete",
+            "pod",
+            pod,
             "-n",
             NAMESPACE,
-            "--for=condition=Ready",
-            &format!("pod/{pod}"),
-            "--timeout=90s",
+            "--wait=false",
+            "--grace-period=0",
         ]);
-        read = Some(admin(&[
-            "exec",
+        admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    };
+    assert!(created.status.success(), "{}", text(&created));
+
+    // The gate runs, says why it waits, and the agent container never
+    // starts while no node agent is there.
+    let gate_log = || {
+        String::from_utf8_lossy(
+            &admin(&["logs", "-n", NAMESPACE, &pod, "-c", "chaperone-gate"]).stdout,
+        )
+        .into_owned()
+    };
+    let agent_started = || {
+        !admin_ok(&[
+            "get",
+            "pod",
             "-n",
             NAMESPACE,
             &pod,
-            "--",
-            // No --request-timeout: kubectl takes any such flag as a
-            // configuration of its own and leaves its in-cluster one.
-            "timeout",
-            "20",
-            "kubectl",
-            "get",
-            "secret",
-            &secret,
             "-o",
-            "jsonpath={.data.password}",
-        ]));
+            "jsonpath={.status.containerStatuses[?(@.name==\"agent\")].state.running}",
+        ])
+        .trim()
+        .is_empty()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !gate_log().contains("not guarded yet") {
+        assert!(!agent_started(), "the agent container ran unguarded");
+        if std::time::Instant::now() > deadline {
+            cleanup(&pod);
+            panic!("the gate never said it waits: {}", gate_log());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
+    assert!(!agent_started(), "the agent container ran unguarded");
+
+    // The node agent comes back: the gate passes and the pod starts guarded.
     drop(back);
-    admin(&[
-        "delete",
-        "pod",
-        &pod,
+    admin_ok(&[
+        "wait",
         "-n",
         NAMESPACE,
-        "--wait=false",
-        "--grace-period=0",
+        "--for=condition=Ready",
+        &format!("pod/{pod}"),
+        "--timeout=120s",
     ]);
-    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
-    if let Some(read) = read {
-        assert!(
-            !String::from_utf8_lossy(&read.stderr).contains("localhost:8080"),
-            "the agent's kubectl found no in-cluster configuration: {}",
-            text(&read)
-        );
-        let got = base64_decode(String::from_utf8_lossy(&read.stdout).trim());
-        assert!(
-            !read.status.success() || got.starts_with("<masked by chaperone"),
-            "an agent pod created while no node agent ran read a Secret unguarded \
-             ({got:?}): {}",
-            text(&read)
-        );
-    }
+    let read = admin(&[
+        "exec",
+        "-n",
+        NAMESPACE,
+        &pod,
+        "--",
+        // No --request-timeout: kubectl takes any such flag as a
+        // configuration of its own and leaves its in-cluster one.
+        "timeout",
+        "20",
+        "kubectl",
+        "get",
+        "secret",
+        &secret,
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    cleanup(&pod);
+    let got = base64_decode(String::from_utf8_lossy(&read.stdout).trim());
+    assert!(
+        read.status.success() && got.starts_with("<masked by chaperone"),
+        "the gated agent pod, once started, reads Secrets masked ({got:?}): {}",
+        text(&read)
+    );
 }
 
 // === the DaemonSet's rolling update ===

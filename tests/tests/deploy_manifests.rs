@@ -316,6 +316,8 @@ fn kubectl_kustomize_deploy_renders_the_default_install() {
         "ClusterRoleBinding/chaperone-node",
         "Role/chaperone-node",
         "RoleBinding/chaperone-node",
+        "Role/chaperone-webhook",
+        "RoleBinding/chaperone-webhook",
         "ClusterRole/chaperone-approver",
         "DaemonSet/chaperone-node",
         "Deployment/chaperone-webhook",
@@ -504,6 +506,39 @@ fn the_node_agent_may_read_only_its_own_daemonset() {
             );
         }
     }
+}
+
+/// The webhook gives agent pods its own image as the chaperone-gate init
+/// container: it reads its Pod (downward API name and namespace, a Role
+/// that may only get pods in chaperone's namespace).
+#[test]
+fn the_webhook_may_read_only_pods_in_its_namespace_for_the_gate_image() {
+    let objects = kustomize(".");
+    let deployment = find(&objects, "Deployment", "chaperone-webhook");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let container = &pod["containers"][0];
+    for (name, field) in [
+        ("CHAPERONE_POD_NAME", "metadata.name"),
+        ("CHAPERONE_POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        assert_eq!(
+            env(container, name).unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+            field,
+            "{name}"
+        );
+    }
+    let role = find(&objects, "Role", "chaperone-webhook");
+    assert_eq!(role["metadata"]["namespace"], "chaperone-system");
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
+    assert_eq!(strings(&rules[0]["resources"]), ["pods"]);
+    assert_eq!(strings(&rules[0]["verbs"]), ["get"]);
+    let binding = find(&objects, "RoleBinding", "chaperone-webhook");
+    assert_eq!(binding["roleRef"]["name"], "chaperone-webhook");
+    assert_eq!(binding["subjects"][0]["name"], "chaperone-webhook");
+    assert_eq!(binding["subjects"][0]["namespace"], "chaperone-system");
 }
 
 #[test]
@@ -812,6 +847,17 @@ fn bootstrap_certs_issues_a_ca_a_webhook_certificate_and_namespace_bundles() {
         let text = bundle["data"]["ca.crt"].as_str().unwrap();
         assert!(text.contains(cluster_pem.trim()) && text.contains(ca.trim()));
         assert_eq!(text.matches("BEGIN CERTIFICATE").count(), 2);
+        // The gate trusts chaperone's CA alone: with the cluster CA it
+        // would pass on reaching the API server itself.
+        assert_eq!(
+            bundle["data"][chaperone::gate::GATE_CA_FILE]
+                .as_str()
+                .unwrap()
+                .trim(),
+            ca.trim(),
+            "the bundle's {} must be the chaperone CA alone",
+            chaperone::gate::GATE_CA_FILE
+        );
     }
 
     // Run again: the CA is kept, the serving certificate re-issued.

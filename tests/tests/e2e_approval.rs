@@ -1477,6 +1477,7 @@ fn on_the_real_server_the_webhook_attests_who_decided_and_forgeries_release_noth
             .arg(&key_path)
             .arg("--attestation-key")
             .arg(&private)
+            .args(["--gate-image", "chaperone:test"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&webhook_log).unwrap())

@@ -163,9 +163,9 @@ pub fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
             ],
         )?;
         println!("==> the real-cluster tier (tests/tests/cluster.rs)");
-        // Known gaps: tests that fail today and say why (run by hand with
-        // `-- --include-ignored known_gap_`). Removal (`kubectl delete -k`)
-        // ends chaperone on the cluster: it runs last, by itself.
+        // Known gaps, if any: tests that fail today and say why (run by
+        // hand with `-- --include-ignored known_gap_`). Removal (`kubectl
+        // delete -k`) ends chaperone on the cluster: it runs last, by itself.
         run_tier(
             root,
             &["--skip", "known_gap_", "--skip", "removal_"],

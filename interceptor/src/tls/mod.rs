@@ -16,12 +16,15 @@
 //! - [`connect`]: the connector for hyper-util's client. Upstream sockets
 //!   carry no mark: the eBPF programs leave them alone because chaperone's
 //!   cgroup is not an agent cgroup.
+//! - [`reload`]: a serving certificate re-read from its files after a
+//!   rotation ([`reload::ReloadingCert`]; the admission webhook's).
 //! - [`cli`]: `chaperone ca init|show|export`.
 
 pub mod ca;
 pub mod cli;
 pub mod connect;
 pub mod leaf;
+pub mod reload;
 pub mod server;
 pub mod upstream;
 
