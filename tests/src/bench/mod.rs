@@ -92,6 +92,7 @@ impl BenchSpec {
                     callgrind::chaperone_variants()[0],
                     callgrind::Subject::Nginx,
                 ],
+                baseline: None,
             }),
         }
     }
@@ -113,6 +114,7 @@ impl BenchSpec {
                     .into_iter()
                     .chain([callgrind::Subject::Nginx])
                     .collect(),
+                baseline: None,
             }),
             ..BenchSpec::quick(bin_dir, out_dir)
         }
