@@ -119,8 +119,10 @@ impl<'a> Jwt<'a> {
     /// (`exp`, `aud`, ...) are still checked on every request by the caller,
     /// and a key withdrawn from the JWKS takes what it remembered with it.
     pub fn signed_by(&self, key: &VerificationKey, alg: Algorithm) -> bool {
-        let digest = key.verified.digest(alg, self.signing_input, self.signature);
-        if key.verified.contains(&digest) {
+        if key
+            .verified
+            .contains(alg, self.signing_input, self.signature)
+        {
             return true;
         }
         let valid = matches!(
@@ -133,7 +135,7 @@ impl<'a> Jwt<'a> {
             Ok(true)
         );
         if valid {
-            key.verified.insert(digest);
+            key.verified.insert(alg, self.signing_input, self.signature);
         }
         valid
     }
@@ -209,43 +211,63 @@ pub struct VerificationKey {
     verified: VerifiedSignatures,
 }
 
-/// Digests of `(alg, signed input, signature)` a key verified, bounded:
+/// The exact `(alg, signed input, signature)` a key verified, bounded:
 /// when full it starts over (an agent re-sends one token for its lifetime,
-/// so the working set is one entry per live token).
+/// so the working set is one entry per live token). Kept whole and compared
+/// byte for byte: a SHA-256 digest of each token cost a proxied GET more
+/// than a tenth of its instructions, and an exact match needs no collision
+/// argument.
 #[derive(Clone, Debug, Default)]
-struct VerifiedSignatures(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>);
+struct VerifiedSignatures(std::sync::Arc<std::sync::Mutex<VerifiedSet>>);
+
+#[derive(Debug, Default)]
+struct VerifiedSet {
+    /// `signed input` `.` `signature` (the token as sent), per algorithm.
+    tokens: std::collections::HashSet<(Algorithm, Box<str>)>,
+    /// Their total length, bounded by [`VERIFIED_SIGNATURES_MAX_BYTES`].
+    bytes: usize,
+}
 
 /// Distinct verified tokens remembered per key.
 const VERIFIED_SIGNATURES_MAX: usize = 4096;
 
+/// Bytes of verified tokens remembered per key (tokens may be up to
+/// `MAX_TOKEN_LEN` long).
+const VERIFIED_SIGNATURES_MAX_BYTES: usize = 4 << 20;
+
 impl VerifiedSignatures {
-    fn digest(&self, alg: Algorithm, signing_input: &str, signature: &str) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        let mut hasher = Sha256::new();
-        hasher.update(format!("{alg:?}").as_bytes());
-        hasher.update([0]);
-        hasher.update(signing_input.as_bytes());
-        hasher.update([0]);
-        hasher.update(signature.as_bytes());
-        hasher.finalize().into()
+    fn entry(alg: Algorithm, signing_input: &str, signature: &str) -> (Algorithm, Box<str>) {
+        let mut token = String::with_capacity(signing_input.len() + 1 + signature.len());
+        token.push_str(signing_input);
+        token.push('.');
+        token.push_str(signature);
+        (alg, token.into_boxed_str())
     }
 
-    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<[u8; 32]>> {
+    fn set(&self) -> std::sync::MutexGuard<'_, VerifiedSet> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn contains(&self, digest: &[u8; 32]) -> bool {
-        self.set().contains(digest)
+    fn contains(&self, alg: Algorithm, signing_input: &str, signature: &str) -> bool {
+        let entry = Self::entry(alg, signing_input, signature);
+        self.set().tokens.contains(&entry)
     }
 
-    fn insert(&self, digest: [u8; 32]) {
+    fn insert(&self, alg: Algorithm, signing_input: &str, signature: &str) {
+        let entry = Self::entry(alg, signing_input, signature);
         let mut set = self.set();
-        if set.len() >= VERIFIED_SIGNATURES_MAX {
-            set.clear();
+        if set.tokens.len() >= VERIFIED_SIGNATURES_MAX
+            || set.bytes + entry.1.len() > VERIFIED_SIGNATURES_MAX_BYTES
+        {
+            set.tokens.clear();
+            set.bytes = 0;
         }
-        set.insert(digest);
+        let len = entry.1.len();
+        if set.tokens.insert(entry) {
+            set.bytes += len;
+        }
     }
 }
 
@@ -421,6 +443,21 @@ mod tests {
 
     fn b64(v: &Value) -> String {
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    }
+
+    #[test]
+    fn the_verified_set_matches_exactly_and_starts_over_past_its_byte_bound() {
+        let set = VerifiedSignatures::default();
+        let input = "h".repeat(VERIFIED_SIGNATURES_MAX_BYTES / 2);
+        set.insert(Algorithm::RS256, &input, "sig1");
+        assert!(set.contains(Algorithm::RS256, &input, "sig1"));
+        assert!(!set.contains(Algorithm::ES256, &input, "sig1"));
+        assert!(!set.contains(Algorithm::RS256, &input, "sig2"));
+        assert!(!set.contains(Algorithm::RS256, &input[1..], "sig1"));
+        // A second token this long passes the bound: the set starts over.
+        set.insert(Algorithm::RS256, &input, "sig2");
+        assert!(set.contains(Algorithm::RS256, &input, "sig2"));
+        assert!(!set.contains(Algorithm::RS256, &input, "sig1"));
     }
 
     #[test]

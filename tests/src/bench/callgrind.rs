@@ -55,6 +55,28 @@ impl Subject {
 
 pub const FULL: &str = "full pipeline";
 
+/// The label of `subject` run from the `--baseline` build.
+pub fn baseline_label(subject: &Subject) -> String {
+    match subject {
+        Subject::Chaperone(_, what) => format!("chaperone baseline ({what})"),
+        Subject::Nginx => subject.label(),
+    }
+}
+
+/// A subject by its command-line name: `full`, `no-mask`, `no-audit`,
+/// `no-record`, `nginx`.
+pub fn subject_named(name: &str) -> Option<Subject> {
+    let variants = chaperone_variants();
+    match name {
+        "full" => Some(variants[0]),
+        "no-mask" => Some(variants[1]),
+        "no-audit" => Some(variants[2]),
+        "no-record" => Some(variants[3]),
+        "nginx" => Some(Subject::Nginx),
+        _ => None,
+    }
+}
+
 /// Every chaperone variant: full; masking off; audit off; recording (and
 /// with it the audit event, both follow the policy's record level) off.
 pub fn chaperone_variants() -> Vec<Subject> {
@@ -93,6 +115,11 @@ pub struct CallgrindSpec {
     pub ops: Vec<Op>,
     #[serde(skip)]
     pub subjects: Vec<Subject>,
+    /// Another build's binary directory (`--baseline`): every chaperone
+    /// subject is measured with its `chaperone` as well, right after this
+    /// build's, in the same run: before and after a change.
+    #[serde(skip)]
+    pub baseline: Option<PathBuf>,
 }
 
 pub fn valgrind() -> Option<PathBuf> {
@@ -127,20 +154,25 @@ pub fn measure_all(
     let valgrind = valgrind().context(
         "valgrind is not installed: `cargo xtask setup` installs the Debian package (apt-get install valgrind)",
     )?;
+    // (subject, the directory of its chaperone, its label)
+    let mut runs: Vec<(&Subject, &Path, String)> = Vec::new();
+    for subject in &cg.subjects {
+        runs.push((subject, &bench.bin_dir, subject.label()));
+        if let (Some(base), Subject::Chaperone(..)) = (&cg.baseline, subject) {
+            runs.push((subject, base, baseline_label(subject)));
+        }
+    }
     let mut out = Vec::new();
-    for (i, subject) in cg.subjects.iter().enumerate() {
+    for (i, (subject, bin_dir, label)) in runs.into_iter().enumerate() {
         let dir = work.join(format!("callgrind-{i}"));
         std::fs::create_dir_all(&dir)?;
         let wrap = wrapper(&valgrind, &dir);
-        say(&format!(
-            "callgrind: starting {} under valgrind",
-            subject.label()
-        ));
+        say(&format!("callgrind: starting {label} under valgrind"));
         // Each is stopped as it goes out of scope, before the next starts.
         let (endpoint, mut pids): (Endpoint, Box<dyn FnMut() -> Vec<u32>>) = match subject {
             Subject::Chaperone(pipeline, _) => {
                 let c = setup::start_chaperone_with(
-                    &bench.bin_dir,
+                    bin_dir,
                     &dir.join("chaperone"),
                     sim,
                     ip,
@@ -186,34 +218,90 @@ pub fn measure_all(
                             "callgrind, {} {op:?}: the long run did not count more than the short \
                              one ({requests:?} requests, {instructions:?} instructions); shown is \
                              the long run's average, handshake included",
-                            subject.label()
+                            label
                         ));
                         instructions.1 as f64 / requests.1.max(1) as f64
                     };
                     say(&format!(
                         "callgrind: {} {op:?}: {:.0} instructions per request ({} and {} requests)",
-                        subject.label(),
-                        per_request,
-                        requests.0,
-                        requests.1
+                        label, per_request, requests.0, requests.1
                     ));
                     out.push(Instructions {
-                        target: subject.label(),
+                        target: label.clone(),
                         op,
                         requests,
                         instructions,
                         per_request,
                     });
                 }
-                Err(e) => notes.push(format!(
-                    "callgrind, {} {op:?}: not measured: {e:#}",
-                    subject.label()
-                )),
+                Err(e) => notes.push(format!("callgrind, {label} {op:?}: not measured: {e:#}")),
             }
         }
         drop(pids);
     }
+    for line in before_after(&out) {
+        say(&format!("callgrind: {line}"));
+        notes.push(format!("callgrind, {line}"));
+    }
     Ok(out)
+}
+
+/// "before/after" lines: each `--baseline` count beside this build's.
+pub fn before_after(counted: &[Instructions]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for base in counted {
+        let Some(what) = base.target.strip_prefix("chaperone baseline ") else {
+            continue;
+        };
+        let head = format!("chaperone {what}");
+        if let Some(now) = counted.iter().find(|i| i.target == head && i.op == base.op) {
+            lines.push(format!(
+                "before/after, {head} {:?}: {:.0} → {:.0} instructions per request ({:+.1} %)",
+                base.op,
+                base.per_request,
+                now.per_request,
+                (now.per_request / base.per_request - 1.0) * 100.0
+            ));
+        }
+    }
+    lines
+}
+
+/// `chaperone-bench --callgrind-only`: the simulator and the callgrind
+/// subjects, nothing else (no wall-clock runs). The dumps stay in
+/// `OUT_DIR/callgrind/callgrind-N/` for `callgrind_annotate --inclusive=yes`:
+/// the last dump of each process covers the long run alone.
+pub fn run_only(bench: &super::BenchSpec) -> Result<Vec<Instructions>> {
+    let cg = bench
+        .callgrind
+        .as_ref()
+        .context("--callgrind-only with --no-callgrind would measure nothing")?;
+    let work = tempfile::Builder::new()
+        .prefix("chaperone-bench")
+        .tempdir()?;
+    say("starting kube-sim (500 pods, 20 secrets, 20 configmaps)");
+    let mut sim = setup::start_sim(&bench.bin_dir, work.path())?;
+    let netns = crate::topology::Netns::create()?;
+    let dumps = bench.out_dir.join("callgrind");
+    if dumps.exists() {
+        std::fs::remove_dir_all(&dumps)
+            .with_context(|| format!("removing the last run's {}", dumps.display()))?;
+    }
+    let nginx = setup::nginx_binary().unwrap_or_default();
+    let mut notes = Vec::new();
+    let counted = measure_all(cg, bench, &dumps, &sim, netns.host_v4, &nginx, &mut notes);
+    sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+    drop(netns);
+    let counted = counted?;
+    // The before/after lines were said as they were measured.
+    for note in notes
+        .iter()
+        .filter(|n| !n.starts_with("callgrind, before/after"))
+    {
+        say(note);
+    }
+    say(&format!("callgrind dumps kept in {}", dumps.display()));
+    Ok(counted)
 }
 
 /// Warm-up, then the short and the long run: `((requests), (instructions))`.
@@ -338,6 +426,36 @@ mod tests {
                     positions: line\nevents: Ir\nsummary: 1575988\n\nfn=(1) main\n3 10\n\ntotals: 1585327\n";
         assert_eq!(parse_summary(dump), Some(1_575_988));
         assert_eq!(parse_summary("events: Ir\n"), None);
+    }
+
+    #[test]
+    fn before_after_pairs_each_baseline_count_with_this_builds() {
+        let full = chaperone_variants()[0];
+        let counted = |target: String, op, per_request| Instructions {
+            target,
+            op,
+            requests: (10, 20),
+            instructions: (0, 0),
+            per_request,
+        };
+        let lines = before_after(&[
+            counted(full.label(), Op::GetSecret, 300_000.0),
+            counted(baseline_label(&full), Op::GetSecret, 600_000.0),
+            counted(full.label(), Op::ListPods, 9e6),
+            counted(Subject::Nginx.label(), Op::GetSecret, 100_000.0),
+        ]);
+        assert_eq!(
+            lines,
+            vec![
+                "before/after, chaperone (full pipeline) GetSecret: 600000 → 300000 \
+                 instructions per request (-50.0 %)"
+            ]
+        );
+        assert!(subject_named("no-such").is_none());
+        assert_eq!(
+            subject_named("nginx").unwrap().label(),
+            Subject::Nginx.label()
+        );
     }
 
     #[test]

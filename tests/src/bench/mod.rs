@@ -118,6 +118,7 @@ impl BenchSpec {
                     callgrind::chaperone_variants()[0],
                     callgrind::Subject::Nginx,
                 ],
+                baseline: None,
             }),
         }
     }
@@ -148,6 +149,7 @@ impl BenchSpec {
                     .into_iter()
                     .chain([callgrind::Subject::Nginx])
                     .collect(),
+                baseline: None,
             }),
             ..BenchSpec::quick(bin_dir, out_dir)
         }

@@ -64,6 +64,23 @@ struct Args {
     /// twice as many).
     #[arg(long)]
     callgrind_requests: Option<u64>,
+    /// Only the instructions per request under callgrind: no wall-clock
+    /// runs, no report files; the dumps stay in OUT_DIR/callgrind for
+    /// `callgrind_annotate`.
+    #[arg(long)]
+    callgrind_only: bool,
+    /// Override: what callgrind measures (full, no-mask, no-audit,
+    /// no-record, nginx).
+    #[arg(long, value_delimiter = ',')]
+    callgrind_subjects: Option<Vec<String>>,
+    /// Override: the operations callgrind measures (e.g. `get-secret,list-pods`).
+    #[arg(long, value_delimiter = ',')]
+    callgrind_ops: Option<Vec<chaperone_tests::load::Op>>,
+    /// A directory holding another build's `chaperone` (e.g. an older
+    /// commit's target/release): callgrind measures it beside this build's,
+    /// in the same run, and prints before/after.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,14 +130,46 @@ fn main() -> anyhow::Result<()> {
     if args.no_callgrind {
         spec.callgrind = None;
     }
-    if let (Some(cg), Some(requests)) = (spec.callgrind.as_mut(), args.callgrind_requests) {
-        cg.requests = requests;
+    if let Some(cg) = spec.callgrind.as_mut() {
+        if let Some(requests) = args.callgrind_requests {
+            cg.requests = requests;
+        }
+        if let Some(names) = &args.callgrind_subjects {
+            cg.subjects = names
+                .iter()
+                .map(|name| {
+                    bench::callgrind::subject_named(name).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--callgrind-subjects: no subject {name:?}; one of full, no-mask, \
+                             no-audit, no-record, nginx"
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if let Some(ops) = args.callgrind_ops {
+            cg.ops = ops;
+        }
+        if let Some(base) = args.baseline {
+            if !base.join("chaperone").is_file() {
+                anyhow::bail!(
+                    "--baseline {}: no chaperone binary there (build the other commit with \
+                     `cargo build --release -p chaperone` and give its target/release)",
+                    base.display()
+                );
+            }
+            cg.baseline = Some(base);
+        }
     }
     if !chaperone_tests::is_root() {
         anyhow::bail!(
             "the bench needs root: chaperone attaches its eBPF programs (at a test cgroup) and \
              listens on a veth address"
         );
+    }
+    if args.callgrind_only {
+        bench::callgrind::run_only(&spec)?;
+        return Ok(());
     }
     bench::run(spec)?;
     Ok(())
