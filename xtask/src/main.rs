@@ -10,7 +10,10 @@
 //! - `cluster up|down|status|deploy|test`: a real one-node cluster on this
 //!   machine (root), chaperone deployed on it, the opt-in real-cluster tier
 //!   (`xtask/src/cluster.rs`).
-//! - `test`: setup and kube, then formatting, clippy and the whole test suite.
+//! - `test`: setup and kube, then formatting, clippy, the whole test suite
+//!   and each fuzz target for 20 s.
+//! - `fuzz [TARGET...] [--seconds N]`: the fuzz targets in `fuzz/`
+//!   (cargo-fuzz, nightly) for a bounded time each (`xtask/src/fuzz.rs`).
 //! - `demo`: setup, build, then the demo (needs root).
 //! - `bench [--quick]`: setup (valgrind among the test tools; Go for the Go
 //!   peer), release builds, then the simulator directly, chaperone, nginx and
@@ -27,6 +30,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod cluster;
+mod fuzz;
 mod kube;
 mod setup;
 
@@ -61,9 +65,21 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the fuzz targets run after the suite.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, nightly), each for a
+    /// bounded time.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = fuzz::CI_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
     /// Run the demo on this machine (needs root).
     Demo,
@@ -102,6 +118,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test {
             no_lint,
+            no_fuzz,
             cargo_test_args,
         } => {
             setup::all()?;
@@ -134,8 +151,14 @@ fn run(task: Task) -> Result<()> {
                 args.push("--");
                 args.extend(cargo_test_args.iter().map(String::as_str));
             }
-            cargo_test(&root, &args)
+            let tested = cargo_test(&root, &args);
+            if !no_fuzz {
+                step("fuzz targets (fuzz/, bounded time)");
+                fuzz::run(&root, fuzz::CI_SECONDS, &[])?;
+            }
+            tested
         }
+        Task::Fuzz { seconds, targets } => fuzz::run(&root, seconds, &targets),
         Task::Demo => {
             if !is_root() {
                 bail!(
