@@ -855,16 +855,16 @@ pub async fn run(config: NodeConfig) -> Result<()> {
 const REMOVAL_CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Keeps or removes the pins as `verdict` says, and tells the operator.
-fn on_exit(verdict: &crate::removal::Verdict, redirector: &Redirector, config: &NodeConfig) {
-    use crate::removal::Verdict;
+fn on_exit(verdict: &crate::removal::PinsOnExit, redirector: &Redirector, config: &NodeConfig) {
+    use crate::removal::PinsOnExit;
     let bpffs = config.bpffs.display();
     match verdict {
-        Verdict::Present(why) => tracing::info!(
+        PinsOnExit::Present(why) => tracing::info!(
             %bpffs,
             "drained; {why}: the eBPF programs stay pinned (failOpen: false) and agents' API \
              connections are refused until the next node agent adopts them"
         ),
-        Verdict::Unknown(why) => tracing::warn!(
+        PinsOnExit::Unknown(why) => tracing::warn!(
             %bpffs,
             "drained; {why}. The eBPF programs stay pinned (fail closed): agent pods' API \
              connections on this node are refused until a node agent runs again. If chaperone \
@@ -872,7 +872,7 @@ fn on_exit(verdict: &crate::removal::Verdict, redirector: &Redirector, config: &
              next time set CHAPERONE_FAIL_OPEN=true and roll it out before deleting the \
              DaemonSet (deploy/README.md, \"Removal\")"
         ),
-        Verdict::Removed(why) => match redirector.remove_pins() {
+        PinsOnExit::Removed(why) => match redirector.remove_pins() {
             Ok(Some(report)) => {
                 tracing::info!(
                     %bpffs,

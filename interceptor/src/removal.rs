@@ -57,7 +57,7 @@ pub enum Seen {
 
 /// What to do with the pins on exit.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum PinsOnExit {
     /// The DaemonSet is gone or going: detach and unpin. Says why.
     Removed(String),
     /// The DaemonSet is there (rolling update, drain, restart): keep them.
@@ -89,21 +89,21 @@ pub fn decide(
     controller: Option<&Controller>,
     fresh: Result<Seen, String>,
     watched: Option<&Seen>,
-) -> Verdict {
+) -> PinsOnExit {
     let Some(controller) = controller else {
-        return Verdict::Unknown(
+        return PinsOnExit::Unknown(
             "the node agent could not read its own pod's owner from the API server".into(),
         );
     };
     if controller.kind != "DaemonSet" {
-        return Verdict::Unknown(format!(
+        return PinsOnExit::Unknown(format!(
             "this pod is controlled by {controller}, not a DaemonSet"
         ));
     }
-    let judge = |seen: &Seen| -> Verdict {
+    let judge = |seen: &Seen| -> PinsOnExit {
         match seen {
-            Seen::Gone => Verdict::Removed(format!("{controller} is gone")),
-            Seen::Present { uid, .. } if *uid != controller.uid => Verdict::Removed(format!(
+            Seen::Gone => PinsOnExit::Removed(format!("{controller} is gone")),
+            Seen::Present { uid, .. } if *uid != controller.uid => PinsOnExit::Removed(format!(
                 "{controller} (uid {}) was deleted; the DaemonSet of that name now is another \
                  one (uid {uid})",
                 controller.uid
@@ -111,18 +111,18 @@ pub fn decide(
             Seen::Present {
                 deleting: Some(since),
                 ..
-            } => Verdict::Removed(format!("{controller} is being deleted (since {since})")),
-            Seen::Present { deleting: None, .. } => Verdict::Present(format!(
+            } => PinsOnExit::Removed(format!("{controller} is being deleted (since {since})")),
+            Seen::Present { deleting: None, .. } => PinsOnExit::Present(format!(
                 "{controller} is present (rolling update, drain or restart)"
             )),
         }
     };
     match (fresh, watched.map(judge)) {
         (Ok(seen), _) => judge(&seen),
-        (Err(_), Some(Verdict::Removed(why))) => Verdict::Removed(format!(
+        (Err(_), Some(PinsOnExit::Removed(why))) => PinsOnExit::Removed(format!(
             "{why} (as the watch saw before the API server stopped answering)"
         )),
-        (Err(error), _) => Verdict::Unknown(format!(
+        (Err(error), _) => PinsOnExit::Unknown(format!(
             "the API server did not say whether {controller} still exists: {error}"
         )),
     }
@@ -164,7 +164,7 @@ impl RemovalWatch {
     }
 
     /// Decides, asking the API server once more (within `limit`).
-    pub async fn check(&self, limit: Duration) -> Verdict {
+    pub async fn check(&self, limit: Duration) -> PinsOnExit {
         let known = self.state.lock().unwrap().controller.clone();
         let controller = match known {
             Some(controller) => Some(controller),
@@ -322,14 +322,14 @@ mod tests {
         }
     }
 
-    fn removed(v: &Verdict) -> bool {
-        matches!(v, Verdict::Removed(_))
+    fn removed(v: &PinsOnExit) -> bool {
+        matches!(v, PinsOnExit::Removed(_))
     }
 
     #[test]
     fn a_present_daemonset_keeps_the_pins() {
         let v = decide(Some(&controller()), Ok(present("u1")), None);
-        assert!(matches!(v, Verdict::Present(_)), "{v:?}");
+        assert!(matches!(v, PinsOnExit::Present(_)), "{v:?}");
     }
 
     #[test]
@@ -342,12 +342,12 @@ mod tests {
         };
         let v = decide(Some(&c), Ok(deleting), None);
         assert!(
-            matches!(&v, Verdict::Removed(why) if why.contains("being deleted")),
+            matches!(&v, PinsOnExit::Removed(why) if why.contains("being deleted")),
             "{v:?}"
         );
         let v = decide(Some(&c), Ok(present("u2")), None);
         assert!(
-            matches!(&v, Verdict::Removed(why) if why.contains("u2")),
+            matches!(&v, PinsOnExit::Removed(why) if why.contains("u2")),
             "{v:?}"
         );
     }
@@ -358,15 +358,15 @@ mod tests {
         let down = || Err("connection refused".to_owned());
         let v = decide(Some(&c), down(), None);
         assert!(
-            matches!(&v, Verdict::Unknown(why) if why.contains("connection refused")),
+            matches!(&v, PinsOnExit::Unknown(why) if why.contains("connection refused")),
             "{v:?}"
         );
         let v = decide(Some(&c), down(), Some(&present("u1")));
-        assert!(matches!(v, Verdict::Unknown(_)), "{v:?}");
+        assert!(matches!(v, PinsOnExit::Unknown(_)), "{v:?}");
         // kubectl delete -k: the RBAC went first, the watch saw the rest.
         let v = decide(Some(&c), down(), Some(&Seen::Gone));
         assert!(
-            matches!(&v, Verdict::Removed(why) if why.contains("watch")),
+            matches!(&v, PinsOnExit::Removed(why) if why.contains("watch")),
             "{v:?}"
         );
     }
@@ -375,17 +375,17 @@ mod tests {
     fn a_fresh_answer_wins_over_the_watch() {
         let c = controller();
         let v = decide(Some(&c), Ok(present("u1")), Some(&Seen::Gone));
-        assert!(matches!(v, Verdict::Present(_)), "{v:?}");
+        assert!(matches!(v, PinsOnExit::Present(_)), "{v:?}");
     }
 
     #[test]
     fn without_a_daemonset_owner_nothing_is_removed() {
         let v = decide(None, Ok(Seen::Gone), Some(&Seen::Gone));
-        assert!(matches!(v, Verdict::Unknown(_)), "{v:?}");
+        assert!(matches!(v, PinsOnExit::Unknown(_)), "{v:?}");
         let mut c = controller();
         c.kind = "ReplicaSet".into();
         let v = decide(Some(&c), Ok(Seen::Gone), None);
-        assert!(matches!(v, Verdict::Unknown(_)), "{v:?}");
+        assert!(matches!(v, PinsOnExit::Unknown(_)), "{v:?}");
     }
 
     #[test]

@@ -39,7 +39,7 @@ const INSTALL: &str = "kubectl apply -k deploy/ (Kubernetes 1.20 and 1.21: kubec
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outcome {
+pub enum CheckOutcome {
     Ok,
     Warning,
     Failed,
@@ -50,7 +50,7 @@ pub enum Outcome {
 #[serde(rename_all = "camelCase")]
 pub struct Check {
     pub section: &'static str,
-    pub outcome: Outcome,
+    pub outcome: CheckOutcome,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
@@ -84,7 +84,7 @@ struct Checks {
 }
 
 impl Checks {
-    fn push(&mut self, outcome: Outcome, message: impl Into<String>, fix: Option<String>) {
+    fn push(&mut self, outcome: CheckOutcome, message: impl Into<String>, fix: Option<String>) {
         self.list.push(Check {
             section: self.section,
             outcome,
@@ -93,13 +93,13 @@ impl Checks {
         });
     }
     fn ok(&mut self, message: impl Into<String>) {
-        self.push(Outcome::Ok, message, None);
+        self.push(CheckOutcome::Ok, message, None);
     }
     fn warn(&mut self, message: impl Into<String>, fix: impl Into<String>) {
-        self.push(Outcome::Warning, message, Some(fix.into()));
+        self.push(CheckOutcome::Warning, message, Some(fix.into()));
     }
     fn fail(&mut self, message: impl Into<String>, fix: impl Into<String>) {
-        self.push(Outcome::Failed, message, Some(fix.into()));
+        self.push(CheckOutcome::Failed, message, Some(fix.into()));
     }
 }
 
@@ -147,7 +147,7 @@ pub async fn check(cluster: &Cluster, namespace: &str) -> Result<Report> {
     Ok(Report {
         server: cluster.server.clone(),
         namespace: namespace.to_owned(),
-        ok: checks.iter().all(|c| c.outcome != Outcome::Failed),
+        ok: checks.iter().all(|c| c.outcome != CheckOutcome::Failed),
         checks,
         pods,
     })
@@ -547,7 +547,7 @@ async fn guarded_pods(
             0,
             Check {
                 section: "Agent pods",
-                outcome: Outcome::Ok,
+                outcome: CheckOutcome::Ok,
                 message: format!("{guarded} of {} labeled pods guarded", pods.len()),
                 fix: None,
             },
@@ -573,12 +573,12 @@ pub fn print(report: &Report, out: &mut dyn Write) -> Result<()> {
             writeln!(out, "{}", "-".repeat(section.len()))?;
         }
         let mark = match check.outcome {
-            Outcome::Ok => "√",
-            Outcome::Warning => "‼",
-            Outcome::Failed => "×",
+            CheckOutcome::Ok => "√",
+            CheckOutcome::Warning => "‼",
+            CheckOutcome::Failed => "×",
         };
         writeln!(out, "{mark} {}", check.message)?;
-        if check.outcome != Outcome::Ok
+        if check.outcome != CheckOutcome::Ok
             && let Some(fix) = &check.fix
         {
             writeln!(out, "    fix: {fix}")?;
@@ -587,12 +587,12 @@ pub fn print(report: &Report, out: &mut dyn Write) -> Result<()> {
     let failed = report
         .checks
         .iter()
-        .filter(|c| c.outcome == Outcome::Failed)
+        .filter(|c| c.outcome == CheckOutcome::Failed)
         .count();
     let warned = report
         .checks
         .iter()
-        .filter(|c| c.outcome == Outcome::Warning)
+        .filter(|c| c.outcome == CheckOutcome::Warning)
         .count();
     writeln!(out)?;
     if failed == 0 {

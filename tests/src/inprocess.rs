@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use chaperone::{
     admin::Metrics,
-    approval::{Approvals, Backend as ApprovalBackend, Decision, State},
+    approval::{Approvals, Backend as ApprovalBackend, Ruling, State},
     audit::{AuditConfig, AuditGate, Auditor, FileSinkConfig, SinkConfig, SinkSpec},
     guard::NodeGuard,
     identity::{Authenticator, CredentialMode, IdentityConfig, OwnCredentials},
@@ -752,7 +752,7 @@ impl Harness {
     }
 
     /// A person decides approval `id` as `kubectl chaperone approve|deny`
-    /// does: the status the plugin computes ([`Decision::status_for`]),
+    /// does: the status the plugin computes ([`Ruling::status_for`]),
     /// written on the `ApprovalRequest`'s status in kube-sim with the
     /// person's own credentials.
     pub fn decide(&self, id: &str, approve: bool, by: &str, reason: &str) -> Result<()> {
@@ -774,7 +774,7 @@ impl Harness {
             let api: Api<chaperone::approval::ApprovalRequest> =
                 Api::namespaced(client, NODE_NAMESPACE);
             let approval = api.get(id).await?;
-            let decision = Decision {
+            let decision = Ruling {
                 state: if approve {
                     State::Approved
                 } else {

@@ -9,6 +9,7 @@ use base64::Engine;
 use chaperone_tests::{
     e2e::{Backend, World, WorldSpec, run_for, workspace_binary},
     on_both_servers, require_root,
+    wait::{Followed, wait_for},
 };
 
 on_both_servers!(
@@ -228,18 +229,17 @@ fn secret_values_never_reach_the_agent(backend: Backend) {
     watch
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
-    let child = watch.spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let watch = Followed::new(watch.spawn().unwrap());
+    // kubectl prints the list it watches from; a change made after that
+    // list is delivered by the watch (it starts at the list's version).
+    watch.wait_for("\"db\"", LIMIT);
     let b64 = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
     world
         .api
         .create(serde_json::json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"late","namespace":"default"},"data":{"password":b64}}))
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let watched = String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned();
-    assert!(watched.contains("\"late\""), "the watch saw: {watched}");
+    watch.wait_for("\"late\"", LIMIT);
+    let watched = watch.kill();
     assert_no_secret("kubectl get secrets -w", &watched);
 }
 
@@ -589,23 +589,30 @@ fn the_session_is_recorded_and_audited(backend: Backend) {
             .status
             .success()
     );
-    std::thread::sleep(Duration::from_secs(2));
 
+    // Recording and audit are written off the data path: wait until the
+    // session is on disk and the denied delete's event is flushed.
     let sessions_dir = world.work.path().join("sessions");
-    let sessions = run_for(
-        std::process::Command::new(workspace_binary("chaperone"))
-            .args(["sessions", "--dir"])
-            .arg(&sessions_dir),
-        LIMIT,
-    )
-    .unwrap();
-    let listing = String::from_utf8_lossy(&sessions.stdout).into_owned();
-    assert!(
-        listing.contains("default/agent-0"),
-        "sessions list the attested pod:\n{listing}"
-    );
-
-    let audit = std::fs::read_to_string(world.work.path().join("audit.log")).unwrap_or_default();
+    wait_for("chaperone sessions to list the attested pod", LIMIT, || {
+        let sessions = run_for(
+            std::process::Command::new(workspace_binary("chaperone"))
+                .args(["sessions", "--dir"])
+                .arg(&sessions_dir),
+            LIMIT,
+        )
+        .unwrap();
+        String::from_utf8_lossy(&sessions.stdout)
+            .contains("default/agent-0")
+            .then_some(())
+    });
+    let audit_log = world.work.path().join("audit.log");
+    let audit = wait_for("the denied delete's audit event", LIMIT, || {
+        let audit = std::fs::read_to_string(&audit_log).unwrap_or_default();
+        audit
+            .lines()
+            .any(|l| l.contains("\"delete\"") && l.contains("\"deployments\""))
+            .then_some(audit)
+    });
     let events: Vec<serde_json::Value> = audit
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chaperone_tests::{
     e2e::{Backend, World, WorldSpec, run_for},
     on_both_servers, require_root,
+    wait::{Followed, wait_for},
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -283,13 +284,18 @@ fn watch_and_follow_outputs_arrive() {
     watch
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
-    let watcher = watch.spawn().unwrap();
+    let watcher = Followed::new(watch.spawn().unwrap());
     let mut follow = world.agent_kubectl(&["logs", "-f", "web-0"]);
     follow
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
-    let follower = follow.spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let follower = Followed::new(follow.spawn().unwrap());
+    // Both streams are open: the simulator serves the watch, and the log
+    // follower has printed the line already there.
+    wait_for("the configmap watch to reach the simulator", LIMIT, || {
+        (world.sim().open_watches() > 0).then_some(())
+    });
+    follower.wait_for("line one\n", LIMIT);
     world
         .sim()
         .store()
@@ -300,14 +306,11 @@ fn watch_and_follow_outputs_arrive() {
         .store()
         .append_log("default", "web-0", None, "line two")
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    watcher.wait_for("configmap/appeared", LIMIT);
+    follower.wait_for("line two\n", LIMIT);
     let outputs: Vec<String> = [watcher, follower]
         .into_iter()
-        .map(|child| {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            text(&child.wait_with_output().unwrap())
-        })
+        .map(Followed::kill)
         .collect();
     assert!(
         outputs[0].contains("configmap/appeared"),
@@ -339,8 +342,9 @@ fn port_forward_carries_bytes_both_ways() {
     let mut pf = world.agent_kubectl(&["port-forward", "pod/web-0", &format!("{local_port}:8080")]);
     pf.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = pf.spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let forwarding = Followed::new(pf.spawn().unwrap());
+    // kubectl says so once it listens.
+    forwarding.wait_for(&format!("Forwarding from 127.0.0.1:{local_port}"), LIMIT);
     // port-forward listens on the agent's loopback: talk to it from inside.
     let mut nc = world.agent().command("bash");
     nc.args([
@@ -348,8 +352,7 @@ fn port_forward_carries_bytes_both_ways() {
         &format!("exec 3<>/dev/tcp/127.0.0.1/{local_port}; echo ping >&3; head -c 5 <&3"),
     ]);
     let out = run_for(&mut nc, Duration::from_secs(20));
-    let _ = child.kill();
-    let _ = child.wait();
+    forwarding.kill();
     let out = out.unwrap();
     assert_eq!(
         text(&out),

@@ -14,11 +14,10 @@ const KUBECTL: &str = "/usr/bin/kubectl";
 macro_rules! require_kubectl {
     () => {
         if !std::path::Path::new(KUBECTL).exists() {
-            eprintln!(
-                "SKIPPED {}: {KUBECTL} is not installed (CI installs kubectl 1.32)",
-                module_path!()
+            chaperone_tests::skip!(
+                ci_fails,
+                "{KUBECTL} is not installed (CI installs kubectl 1.32)"
             );
-            return;
         }
     };
 }

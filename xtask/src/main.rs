@@ -11,8 +11,11 @@
 //!   machine (root), chaperone deployed on it, the opt-in real-cluster tier
 //!   (`xtask/src/cluster.rs`).
 //! - `test`: setup, kube and (as root) the cluster's binaries and images,
-//!   then formatting, clippy, the whole test suite, and (as root) the
-//!   real-cluster tier on a cluster brought up and down around it.
+//!   then formatting, clippy, the whole test suite, each fuzz target for
+//!   20 s, and (as root) the real-cluster tier on a cluster brought up and
+//!   down around it.
+//! - `fuzz [TARGET...] [--seconds N]`: the fuzz targets in `fuzz/`
+//!   (cargo-fuzz, nightly) for a bounded time each (`xtask/src/fuzz.rs`).
 //! - `demo`: setup, build, then the demo (needs root).
 //! - `bench [--quick] [--upstream sim|real]`: setup (valgrind among the test
 //!   tools; Go for the Go peer), release builds, then the API server (kube-sim
@@ -31,6 +34,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod cluster;
+mod fuzz;
 mod kube;
 mod setup;
 
@@ -65,9 +69,21 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the fuzz targets run after the suite.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, nightly), each for a
+    /// bounded time.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = fuzz::CI_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
     /// Run the demo on this machine (needs root).
     Demo,
@@ -111,6 +127,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test {
             no_lint,
+            no_fuzz,
             cargo_test_args,
         } => {
             setup::all()?;
@@ -150,6 +167,12 @@ fn run(task: Task) -> Result<()> {
                 args.extend(cargo_test_args.iter().map(String::as_str));
             }
             let suite = cargo_test(&root, &args);
+            let fuzzed = if no_fuzz {
+                Ok(())
+            } else {
+                step("fuzz targets (fuzz/, bounded time)");
+                fuzz::run(&root, fuzz::CI_SECONDS, &[])
+            };
             // The real-cluster tier last, on a cluster of its own that is
             // brought down afterwards (the host as it was found).
             let cluster = if is_root() {
@@ -162,8 +185,9 @@ fn run(task: Task) -> Result<()> {
                 );
                 Ok(())
             };
-            suite.and(cluster)
+            suite.and(fuzzed).and(cluster)
         }
+        Task::Fuzz { seconds, targets } => fuzz::run(&root, seconds, &targets),
         Task::Demo => {
             if !is_root() {
                 bail!(

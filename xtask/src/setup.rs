@@ -28,6 +28,7 @@ pub fn all() -> Result<()> {
     manifest_validators()?;
     python_client()?;
     node_clients()?;
+    cargo_fuzz()?;
     println!("==> setup done");
     Ok(())
 }
@@ -155,6 +156,25 @@ fn node_clients() -> Result<()> {
         .arg(root.join("tests/node/setup.sh"))
         .stdout(Stdio::null())
         .current_dir(root))
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets in `fuzz/` with the
+/// nightly toolchain (`cargo xtask fuzz`, and `cargo xtask test` after the
+/// suite).
+pub(crate) fn cargo_fuzz() -> Result<()> {
+    let installed = Command::new(cargo_bin().join("cargo-fuzz"))
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if installed {
+        println!("    ok: cargo-fuzz (already installed)");
+        return Ok(());
+    }
+    println!("    installing cargo-fuzz from crates.io (takes a minute or two)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn cargo_bin() -> PathBuf {

@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::approval::{Decision, LocalStore, Refused, State};
+use crate::approval::{LocalStore, Refused, Ruling, State};
 use crate::kstatus::Status;
 
 /// Largest decision body read.
@@ -118,7 +118,7 @@ where
                     )));
                 }
             };
-            let decision = Decision {
+            let decision = Ruling {
                 state: if *verb == "approve" {
                     State::Approved
                 } else {

@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::{ApprovalRequest, DEFAULT_NAMESPACE, Decision, LocalStore, State, format_time};
+use super::{ApprovalRequest, DEFAULT_NAMESPACE, LocalStore, Ruling, State, format_time};
 use crate::kubectl::{self, Cluster, KubeconfigArgs, Output};
 
 const ROOT_EXAMPLES: &str = "\
@@ -988,7 +988,7 @@ async fn decide(
     out: &mut dyn Write,
 ) -> Result<()> {
     let me = place.whoami().await?;
-    let decision = Decision {
+    let decision = Ruling {
         state,
         by: me.username,
         groups: me.groups,

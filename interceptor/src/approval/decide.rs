@@ -8,9 +8,10 @@ use time::OffsetDateTime;
 
 use super::{ApprovalRequest, LocalStore, State, format_time};
 
-/// Who decides what.
+/// A person's ruling on an approval request: who decides what. (Named
+/// apart from [`crate::policy::Decision`], what policy decides.)
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Decision {
+pub struct Ruling {
     /// `Approved` or `Denied`.
     pub state: State,
     pub by: String,
@@ -49,7 +50,7 @@ pub enum Refused {
     Store(String),
 }
 
-impl Decision {
+impl Ruling {
     pub fn verb(&self) -> &'static str {
         if self.state == State::Approved {
             "approve"
@@ -130,7 +131,7 @@ impl Decision {
 impl LocalStore {
     /// Makes `decision` on approval `id` in this directory; the approval as
     /// it now stands.
-    pub fn decide(&self, id: &str, decision: &Decision) -> Result<ApprovalRequest, Refused> {
+    pub fn decide(&self, id: &str, decision: &Ruling) -> Result<ApprovalRequest, Refused> {
         let approval = self.read(id).map_err(|why| {
             if self.exists(id) {
                 Refused::Store(why)

@@ -54,7 +54,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-pub use decide::{Decision, Refused};
+pub use decide::{Refused, Ruling};
 pub use dry_run::PreviewClient;
 pub use object::{
     ApprovalRequest, ApprovalRequestSpec, ApprovalStatus, GRANT_KEY_LABEL, GrantScope, HeldRequest,

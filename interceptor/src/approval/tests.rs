@@ -847,7 +847,7 @@ async fn decisions_and_expiries_are_announced_once_with_who_decided() {
     store
         .decide(
             &denied,
-            &super::Decision {
+            &super::Ruling {
                 state: State::Denied,
                 by: "alice".into(),
                 groups: Vec::new(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::Action;
 use super::evaluate::{
-    CompiledPolicy, CompiledRule, CompiledSubject, DEFAULT_HOLD_TIMEOUT, NON_RESOURCE_VERBS,
-    Outcome, PolicySet, RESOURCE_VERBS, ResourcePattern, Selector, verb_bit,
+    CompiledPolicy, CompiledRule, CompiledSubject, DEFAULT_HOLD_TIMEOUT, Effect,
+    NON_RESOURCE_VERBS, PolicySet, RESOURCE_VERBS, ResourcePattern, Selector, verb_bit,
 };
 use super::glob::Glob;
 use super::spec::{AgentPolicy, LabelSelector, SelectorOperator, Subject};
@@ -273,7 +273,7 @@ impl Compiler<'_> {
             urls: Self::globs(&rule.non_resource_urls),
             commands: Self::globs(&rule.commands),
             executables: Self::globs(&rule.executables),
-            outcome: Outcome {
+            outcome: Effect {
                 action: rule.action,
                 record: rule.record.unwrap_or_default(),
                 rule: name.into(),
@@ -357,7 +357,7 @@ impl CompiledPolicy {
             credential_mode: spec.credential_mode,
             subjects,
             rules,
-            default: spec.default_action.map(|action| Outcome {
+            default: spec.default_action.map(|action| Effect {
                 action,
                 record: spec.default_record.unwrap_or_default(),
                 rule: "default".into(),

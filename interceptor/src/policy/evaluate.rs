@@ -36,7 +36,7 @@ pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a matched rule (or a default) decides.
 #[derive(Debug)]
-pub(super) struct Outcome {
+pub(super) struct Effect {
     pub(super) action: Action,
     pub(super) record: RecordLevel,
     pub(super) rule: Arc<str>,
@@ -53,7 +53,7 @@ pub(super) struct CompiledPolicy {
     pub(super) subjects: Vec<CompiledSubject>,
     pub(super) rules: Vec<CompiledRule>,
     /// `None`: the policy abstains where no rule matches.
-    pub(super) default: Option<Outcome>,
+    pub(super) default: Option<Effect>,
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +88,7 @@ pub(super) struct CompiledRule {
     pub(super) commands: Option<Vec<Glob>>,
     /// Globs on the calling process's executable (`Rule::executables`).
     pub(super) executables: Option<Vec<Glob>>,
-    pub(super) outcome: Outcome,
+    pub(super) outcome: Effect,
 }
 
 #[derive(Debug)]
@@ -346,7 +346,7 @@ pub(super) fn effective_verb(req: &crate::request::RequestInfo) -> &str {
 #[derive(Debug)]
 pub struct PolicySet {
     pub(super) policies: Vec<CompiledPolicy>,
-    unmatched: Outcome,
+    unmatched: Effect,
     /// The empty policy name of the unmatched decision, allocated once.
     no_policy: Arc<str>,
     uses_namespace_labels: bool,
@@ -362,7 +362,7 @@ impl Default for PolicySet {
 #[derive(Clone, Copy)]
 struct Hit<'p> {
     policy: &'p CompiledPolicy,
-    outcome: &'p Outcome,
+    outcome: &'p Effect,
     /// A rule matched (rather than the policy's default).
     explicit: bool,
 }
@@ -404,7 +404,7 @@ impl PolicySet {
     pub fn new() -> PolicySet {
         PolicySet {
             policies: Vec::new(),
-            unmatched: Outcome {
+            unmatched: Effect {
                 action: Action::Deny,
                 record: RecordLevel::Metadata,
                 rule: "default".into(),
@@ -586,7 +586,7 @@ impl PolicySet {
     }
 }
 
-fn decision(outcome: &Outcome, policy: &Arc<str>, record: RecordLevel) -> Decision {
+fn decision(outcome: &Effect, policy: &Arc<str>, record: RecordLevel) -> Decision {
     Decision {
         action: outcome.action,
         enforce: outcome.action,

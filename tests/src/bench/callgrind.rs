@@ -290,7 +290,7 @@ pub fn run_only(bench: &super::BenchSpec) -> Result<Vec<Instructions>> {
     let nginx = setup::nginx_binary().unwrap_or_default();
     let mut notes = Vec::new();
     let counted = measure_all(cg, bench, &dumps, &sim, netns.host_v4, &nginx, &mut notes);
-    sim.proc.stop(libc::SIGINT, Duration::from_secs(10));
+    sim.stop();
     drop(netns);
     let counted = counted?;
     // The before/after lines were said as they were measured.

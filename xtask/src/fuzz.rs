@@ -1,0 +1,92 @@
+//! `cargo xtask fuzz`: every target in `fuzz/` (cargo-fuzz, nightly) run
+//! for a bounded time. `fuzz/` is a workspace of its own, so stable builds
+//! of the main one never see it.
+//!
+//! The targets run without a sanitizer (`-s none`): the `chaperone` crate is
+//! safe Rust (`#![deny(unsafe_code)]` outside `redirect/`, which no target
+//! reaches), so what fuzzing finds is panics, overflows (debug assertions
+//! are on), hangs and broken invariants the targets assert, and without
+//! AddressSanitizer each target executes several times more inputs in the
+//! same time.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::setup;
+
+/// Every target in `fuzz/fuzz_targets`, in the order they run.
+pub const TARGETS: &[&str] = &["request", "mask_json", "websocket", "spdy", "policy_yaml"];
+
+/// Seconds each target runs in `cargo xtask test` (five targets: 100 s).
+pub const CI_SECONDS: u64 = 20;
+
+/// Builds the targets once, then runs each for `seconds`; the first crash
+/// (or hang of more than 10 s on one input) fails with what to do next.
+pub fn run(root: &Path, seconds: u64, only: &[String]) -> Result<()> {
+    setup::cargo_fuzz()?;
+    for name in only {
+        if !TARGETS.contains(&name.as_str()) {
+            bail!(
+                "no fuzz target `{name}`; the targets are {}",
+                TARGETS.join(", ")
+            );
+        }
+    }
+    let targets: Vec<&str> = if only.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        only.iter().map(String::as_str).collect()
+    };
+    println!(
+        "    fuzzing {} for {seconds} s each (fuzz/, cargo-fuzz, nightly)",
+        targets.join(", ")
+    );
+    fuzz(root, &["build", "-s", "none"])?;
+    for target in targets {
+        let corpus = format!("fuzz/corpus/{target}");
+        let seeds = format!("fuzz/seeds/{target}");
+        std::fs::create_dir_all(root.join(&corpus))
+            .with_context(|| format!("cannot create {corpus}"))?;
+        let max_time = format!("-max_total_time={seconds}");
+        let mut args = vec!["run", "-s", "none", target, corpus.as_str()];
+        if root.join(&seeds).is_dir() {
+            args.push(seeds.as_str());
+        }
+        args.extend([
+            "--",
+            max_time.as_str(),
+            "-timeout=10",
+            "-print_final_stats=1",
+        ]);
+        println!("    fuzz target {target}");
+        fuzz(root, &args).map_err(|error| {
+            anyhow::anyhow!(
+                "{error}\nthe fuzz target `{target}` failed: the input is in \
+                 fuzz/artifacts/{target}/ (cargo-fuzz printed its name above). Reproduce it with \
+                 `cargo +nightly fuzz run -s none {target} fuzz/artifacts/{target}/<file>`, fix \
+                 the crate and add the input as a regression test beside the code it broke"
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn fuzz(root: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new("cargo")
+        .arg("+nightly")
+        .arg("fuzz")
+        .args(args)
+        .current_dir(root)
+        .env("PATH", setup::path_with_cargo_bin())
+        // The toolchain is chosen by `+nightly`; a RUSTUP_TOOLCHAIN or
+        // CARGO inherited from `cargo xtask` (stable) would override it.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .status()
+        .with_context(|| format!("cannot run cargo +nightly fuzz {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo +nightly fuzz {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
