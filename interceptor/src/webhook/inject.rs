@@ -106,7 +106,7 @@ impl Injector {
                 400,
                 "BadRequest",
                 format!(
-                    "chaperone's {ATTEST_PATH} webhook only attests chaperone.dev ApprovalRequests,                      but was sent {}/{} {}: check the rules of the MutatingWebhookConfiguration",
+                    "chaperone's {ATTEST_PATH} webhook only attests chaperone.dev ApprovalRequests, but was sent {}/{} {}: check the rules of the MutatingWebhookConfiguration",
                     kind.group, kind.version, kind.kind
                 ),
             );
@@ -116,7 +116,7 @@ impl Injector {
                 uid,
                 503,
                 "ServiceUnavailable",
-                "chaperone's webhook has no attestation key (--attestation-key), so it cannot                  attest approval decisions"
+                "chaperone's webhook has no attestation key (--attestation-key), so it cannot attest approval decisions"
                     .to_owned(),
             );
         };

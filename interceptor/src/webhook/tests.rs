@@ -351,3 +351,16 @@ fn a_gate_turned_into_a_sidecar_is_replaced() {
             .is_none()
     );
 }
+
+/// The attest webhook's refusals read as one sentence: a missing line
+/// continuation once put 22 spaces into the middle of them.
+#[test]
+fn attest_refusals_are_one_sentence_each() {
+    let wrong_kind = Injector::default().attest(&review(sa_pod(json!({}))));
+    let message = serde_json::to_value(response(&wrong_kind)).unwrap()["status"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("only attests"), "{message}");
+    assert!(!message.contains("  "), "{message:?}");
+}
