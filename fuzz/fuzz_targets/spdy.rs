@@ -1,5 +1,6 @@
 //! The SPDY/3 frame parser of exec/attach (`exec/spdy.rs`): any bytes, in
-//! any chunks, never panic; the frame reader reports exactly the input;
+//! any chunks, never panic; the frame reader reports the input's prefix
+//! (an incomplete last frame held back), the same whatever the chunks;
 //! header blocks inflate and split without panicking.
 #![no_main]
 
@@ -38,8 +39,13 @@ fuzz_target!(|data: &[u8]| {
         "the split at {split} changed the verdict"
     );
     if whole_ok {
-        assert_eq!(whole, input, "the reported bytes are not the input");
-        assert_eq!(pieces, input, "split at {split}: reported bytes differ");
+        // A frame still incomplete at the end is held back, not reported:
+        // what is reported is the input's prefix, however it was split.
+        assert!(
+            input.starts_with(&whole),
+            "the reported bytes are not the input's prefix"
+        );
+        assert_eq!(pieces, whole, "split at {split}: reported bytes differ");
     }
     let mut agent = AgentFrames::new();
     if agent.push(head, &mut |_| {}).is_ok() {

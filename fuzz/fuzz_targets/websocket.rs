@@ -1,6 +1,7 @@
 //! The WebSocket frame parser of exec/attach (`exec/websocket.rs`): any
 //! bytes, in any chunks, never panic, and what is reported as the wire
-//! bytes of heads and payloads is exactly the input, in order.
+//! bytes of heads and payloads is the input's prefix, in order (a frame
+//! still incomplete at the end is held back), whatever the chunks.
 #![no_main]
 
 use chaperone::exec::websocket::{FrameReader, Messages, Piece};
@@ -41,8 +42,13 @@ fuzz_target!(|data: &[u8]| {
         "the split at {split} changed the verdict"
     );
     if whole_ok {
-        assert_eq!(whole, input, "the reported wire bytes are not the input");
-        assert_eq!(pieces, input, "split at {split}: reported bytes differ");
+        // A frame still incomplete at the end is held back, not reported:
+        // what is reported is the input's prefix, however it was split.
+        assert!(
+            input.starts_with(&whole),
+            "the reported wire bytes are not the input's prefix"
+        );
+        assert_eq!(pieces, whole, "split at {split}: reported bytes differ");
     }
     // The channel layer over it (stdin taken over, as for recording).
     let mut messages = Messages::new(b"\x00");
