@@ -236,4 +236,31 @@ fn the_real_api_server_stores_agent_pods_with_the_gate_once() {
         copied["spec"]["initContainers"][0].get("command").is_none(),
         "{copied:#}"
     );
+
+    // A Guaranteed pod stays Guaranteed with the gate (the CPU manager's
+    // pinning and the kubelet's eviction order depend on it), and a
+    // namespace whose quota demands limits still admits it: the gate sets
+    // requests equal to limits for both resources.
+    let mut guaranteed: Value = serde_json::from_str(&manifest("agent-guaranteed")).unwrap();
+    let fixed = json!({"requests": {"cpu": "100m", "memory": "64Mi"},
+                       "limits": {"cpu": "100m", "memory": "64Mi"}});
+    guaranteed["spec"]["initContainers"][0]["resources"] = fixed.clone();
+    guaranteed["spec"]["containers"][0]["resources"] = fixed;
+    let out = kubectl(
+        server,
+        &["create", "-f", "-"],
+        Some(&guaranteed.to_string()),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stored_guaranteed = stored(server, "agent-guaranteed");
+    assert_eq!(
+        init_names(&stored_guaranteed),
+        ["chaperone-gate", "setup"],
+        "{stored_guaranteed:#}"
+    );
+    assert_eq!(
+        stored_guaranteed["status"]["qosClass"], "Guaranteed",
+        "the gate changed the pod's QoS class: {:#}",
+        stored_guaranteed["spec"]["initContainers"][0]["resources"]
+    );
 }

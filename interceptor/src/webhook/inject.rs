@@ -359,9 +359,14 @@ pub fn gate_container(image: &str) -> Container {
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["gate"],
+        // Requests equal to limits for both resources: a Guaranteed pod
+        // stays Guaranteed (the QoS class needs it of every container,
+        // init containers included) and a namespace whose ResourceQuota
+        // demands limits still admits the pod. An init container's request
+        // adds to the pod's only when larger than its containers' sum.
         "resources": {
-            "requests": {"cpu": "10m", "memory": "16Mi"},
-            "limits": {"memory": "64Mi"},
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"cpu": "50m", "memory": "64Mi"},
         },
         "securityContext": {
             "runAsNonRoot": true,
