@@ -8,9 +8,10 @@
 //! Service; the node agents' DaemonSet and the readiness of each of its
 //! pods (their readiness probe is the agent's `/readyz`: programs
 //! attached, proxy listening, CA loaded); the AgentPolicies and whether
-//! the node agents accepted them; and every pod that asks to be guarded
+//! the node agents accepted them; every pod that asks to be guarded
 //! (labeled `chaperone.dev/intercept=true`, or in a namespace so
-//! labeled), guarded or not and why.
+//! labeled), guarded or not and why; and, in each agent namespace, the CA
+//! bundle ConfigMap the webhook mounts into agent pods.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,8 +22,9 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::gate::GATE_CA_FILE;
 use crate::kubectl::{self, Cluster};
-use crate::webhook::{INJECTED_ANNOTATION, INTERCEPT_LABEL};
+use crate::webhook::{DEFAULT_CA_BUNDLE_CONFIGMAP, INJECTED_ANNOTATION, INTERCEPT_LABEL};
 
 /// The CRDs a chaperone install puts in the cluster.
 pub const CRDS: &[&str] = &[
@@ -143,7 +145,9 @@ pub async fn check(cluster: &Cluster, namespace: &str) -> Result<Report> {
     webhook(cluster, &mut checks).await?;
     let ready_nodes = node_agents(cluster, namespace, &mut checks).await?;
     policies(cluster, &mut checks).await?;
-    let pods = guarded_pods(cluster, namespace, &ready_nodes, &mut checks).await?;
+    let (pods, agent_namespaces) =
+        guarded_pods(cluster, namespace, &ready_nodes, &mut checks).await?;
+    ca_bundles(cluster, &agent_namespaces, &mut checks).await?;
     Ok(Report {
         server: cluster.server.clone(),
         namespace: namespace.to_owned(),
@@ -288,9 +292,14 @@ fn ca_bundle_problem(bundle: &str) -> Option<String> {
     let Ok(pem) = base64::engine::general_purpose::STANDARD.decode(bundle.trim()) else {
         return Some("the CA bundle is not base64".to_owned());
     };
-    let certificates = match crate::tls::parse_certificates("the webhook's caBundle", &pem) {
+    pem_problem("the CA bundle", &pem)
+}
+
+/// Whether `pem` holds at least one certificate that has not expired.
+fn pem_problem(what: &str, pem: &[u8]) -> Option<String> {
+    let certificates = match crate::tls::parse_certificates(what, pem) {
         Ok(certificates) if !certificates.is_empty() => certificates,
-        _ => return Some("the CA bundle holds no PEM certificate".to_owned()),
+        _ => return Some(format!("{what} holds no PEM certificate")),
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let all_expired = certificates.iter().all(|der| {
@@ -298,7 +307,7 @@ fn ca_bundle_problem(bundle: &str) -> Option<String> {
             .map(|(_, c)| c.validity().not_after.timestamp() < now)
             .unwrap_or(true)
     });
-    all_expired.then(|| "every certificate in the CA bundle has expired".to_owned())
+    all_expired.then(|| format!("every certificate in {what} has expired"))
 }
 
 /// Checks the node agents; the nodes whose agent is ready.
@@ -451,7 +460,8 @@ async fn guarded_pods(
     namespace: &str,
     ready_nodes: &BTreeSet<String>,
     out: &mut Vec<Check>,
-) -> Result<BTreeMap<String, PodGuard>> {
+) -> Result<(BTreeMap<String, PodGuard>, BTreeSet<String>)> {
+    let mut agent_namespaces = BTreeSet::new();
     let mut checks = Checks {
         section: "Agent pods",
         list: Vec::new(),
@@ -476,6 +486,7 @@ async fn guarded_pods(
         if ns == namespace || NEVER_GUARDED.contains(&ns) {
             continue;
         }
+        agent_namespaces.insert(ns.to_owned());
         for pod in items(cluster, &format!("/api/v1/namespaces/{ns}/pods")).await? {
             if pod["metadata"]["labels"][INTERCEPT_LABEL] == "false" {
                 continue;
@@ -492,6 +503,9 @@ async fn guarded_pods(
             continue;
         }
         let (ns, name) = key.split_once('/').unwrap_or_default();
+        if ns != namespace {
+            agent_namespaces.insert(ns.to_owned());
+        }
         let node = str_of(&pod, "/spec/nodeName");
         let injected = pod["metadata"]["annotations"][INJECTED_ANNOTATION].is_string();
         let (guarded, reason, fix) = if !injected {
@@ -554,7 +568,75 @@ async fn guarded_pods(
         );
     }
     out.extend(checks.list);
-    Ok(pods)
+    Ok((pods, agent_namespaces))
+}
+
+/// The CA bundle ConfigMap in each agent namespace (`bootstrap-certs.sh
+/// NAMESPACE` makes it): key `ca.crt` is what the webhook puts in agent
+/// pods' service-account volume (the cluster CA and chaperone's), key
+/// `chaperone-ca.crt` chaperone's CA alone, which the gate trusts. Without
+/// either, agent pods wait in `ContainerCreating`: never unguarded, but
+/// never running either.
+async fn ca_bundles(
+    cluster: &Cluster,
+    namespaces: &BTreeSet<String>,
+    out: &mut Vec<Check>,
+) -> Result<()> {
+    let mut checks = Checks {
+        section: "CA bundles",
+        list: Vec::new(),
+    };
+    let name = DEFAULT_CA_BUNDLE_CONFIGMAP;
+    for ns in namespaces {
+        let fix = format!("deploy/bootstrap-certs.sh {ns}");
+        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
+        let Some(configmap) = get(cluster, &path).await? else {
+            checks.fail(
+                format!(
+                    "namespace {ns} has no ConfigMap {name}: its agent pods wait in \
+                     ContainerCreating"
+                ),
+                fix,
+            );
+            continue;
+        };
+        match bundle_problem(&configmap["data"]) {
+            None => checks.ok(format!("{ns}/{name} holds chaperone's CA")),
+            Some(problem) => checks.fail(
+                format!("{ns}/{name}: {problem}: new agent pods wait in ContainerCreating"),
+                fix,
+            ),
+        }
+    }
+    out.extend(checks.list);
+    Ok(())
+}
+
+/// What is wrong with a CA bundle ConfigMap's `data`, if anything.
+fn bundle_problem(data: &Value) -> Option<String> {
+    let key = |k: &str| data[k].as_str().filter(|v| !v.trim().is_empty());
+    let Some(bundle) = key("ca.crt") else {
+        return Some("no key ca.crt".to_owned());
+    };
+    let Some(ours) = key(GATE_CA_FILE) else {
+        return Some(format!(
+            "no key {GATE_CA_FILE} (made by a bootstrap-certs.sh older than the gate)"
+        ));
+    };
+    if let Some(problem) = pem_problem(GATE_CA_FILE, ours.as_bytes()) {
+        return Some(format!("{GATE_CA_FILE}: {problem}"));
+    }
+    if let Some(problem) = pem_problem("ca.crt", bundle.as_bytes()) {
+        return Some(format!("ca.crt: {problem}"));
+    }
+    let der = |pem: &str| crate::tls::parse_certificates("the CA bundle", pem.as_bytes()).ok();
+    let in_bundle = match (der(ours), der(bundle)) {
+        (Some(ours), Some(bundle)) => ours.iter().all(|c| bundle.contains(c)),
+        _ => false,
+    };
+    (!in_bundle).then(|| {
+        format!("ca.crt does not include {GATE_CA_FILE}: agent pods would not trust chaperone")
+    })
 }
 
 /// Prints the report as `linkerd check` does: sections, one line per
@@ -609,6 +691,7 @@ pub fn print(report: &Report, out: &mut dyn Write) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_ca_bundle_must_be_a_current_certificate() {
@@ -624,5 +707,50 @@ mod tests {
             .unwrap();
         let good = base64::engine::general_purpose::STANDARD.encode(cert.pem());
         assert_eq!(ca_bundle_problem(&good), None);
+    }
+
+    fn self_signed(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(vec![name.into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem()
+    }
+
+    #[test]
+    fn an_agent_namespaces_ca_bundle_needs_chaperones_ca_under_both_keys() {
+        let (cluster, ours) = (self_signed("cluster"), self_signed("chaperone"));
+        let both = format!("{cluster}{ours}");
+        let data = |bundle: &str, alone: Option<&str>| {
+            let mut data = json!({"ca.crt": bundle});
+            if let Some(alone) = alone {
+                data["chaperone-ca.crt"] = json!(alone);
+            }
+            data
+        };
+        assert_eq!(bundle_problem(&data(&both, Some(&ours))), None);
+        // The key an older bootstrap-certs.sh did not write.
+        assert!(
+            bundle_problem(&data(&both, None))
+                .unwrap()
+                .contains("no key chaperone-ca.crt (made by a bootstrap-certs.sh older")
+        );
+        assert!(
+            bundle_problem(&json!({"chaperone-ca.crt": ours}))
+                .unwrap()
+                .contains("no key ca.crt")
+        );
+        // A bundle that left chaperone's CA out: agents would not trust it.
+        assert!(
+            bundle_problem(&data(&cluster, Some(&ours)))
+                .unwrap()
+                .contains("ca.crt does not include chaperone-ca.crt")
+        );
+        assert!(
+            bundle_problem(&data(&both, Some("not a certificate")))
+                .unwrap()
+                .contains("chaperone-ca.crt: chaperone-ca.crt holds no PEM certificate")
+        );
     }
 }

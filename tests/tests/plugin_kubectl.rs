@@ -538,9 +538,29 @@ fn status_follows_an_install_of_the_deploy_manifests_to_green() {
             "× pod agents/early is not guarded: created without the webhook",
             "fix: recreate it: kubectl -n agents delete pod early",
             "× pod agents/coder-0 is not guarded: on node node-a, where no node agent is ready",
+            "× namespace agents has no ConfigMap chaperone-ca-bundle: its agent pods wait in ContainerCreating",
+            "fix: deploy/bootstrap-certs.sh agents",
         ],
     );
     assert_eq!(report["pods"]["agents/coder-1"]["guarded"], false);
+
+    // The bundle as an older bootstrap-certs.sh made it: no chaperone-ca.crt.
+    let ca_pem = real.ca_pem();
+    cluster
+        .api
+        .create(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "chaperone-ca-bundle", "namespace": "agents"},
+            "data": {"ca.crt": ca_pem},
+        }))
+        .unwrap();
+    let (_, checklist, _) = status(&cluster);
+    has(
+        &checklist,
+        &[
+            "× agents/chaperone-ca-bundle: no key chaperone-ca.crt (made by a bootstrap-certs.sh older than the gate)",
+        ],
+    );
 
     // What bootstrap-certs.sh, the controllers and the kubelet would do.
     let bundle = {
@@ -559,6 +579,14 @@ fn status_follows_an_install_of_the_deploy_manifests_to_green() {
         hook["clientConfig"]["caBundle"] = json!(bundle);
     }
     cluster.api.update(config).unwrap();
+    cluster
+        .api
+        .update(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "chaperone-ca-bundle", "namespace": "agents"},
+            "data": {"ca.crt": ca_pem, "chaperone-ca.crt": ca_pem},
+        }))
+        .unwrap();
     cluster
         .api
         .create(json!({
@@ -617,6 +645,7 @@ fn status_follows_an_install_of_the_deploy_manifests_to_green() {
             "√ namespace.pods.chaperone.dev: CA bundle injected",
             "√ Service chaperone-system/chaperone-webhook has 1 ready webhook pod(s)",
             "√ chaperone-node-a1b2c on node node-a is ready",
+            "√ agents/chaperone-ca-bundle holds chaperone's CA",
             "× AgentPolicy read-only-agent is not accepted: rules[2]: unknown verb",
             "1 of 2 labeled pods guarded",
             "× pod agents/coder-1 is not guarded: on node node-b, where no node agent is ready",
