@@ -56,7 +56,13 @@ enum Task {
     Build,
     /// Build or find cached the real control plane the tests run against
     /// (kube-apiserver v1.20.2 and etcd; idempotent, cached outside the clone).
-    Kube,
+    Kube {
+        /// Also the node's binaries the real-cluster tier runs (kubelet,
+        /// kube-proxy, kube-controller-manager, kube-scheduler), without
+        /// bringing a cluster up.
+        #[arg(long)]
+        node: bool,
+    },
     /// A real one-node Kubernetes cluster on this machine (needs root):
     /// control plane, kubelet, kube-proxy, containerd; state under
     /// /var/lib/chaperone-cluster. `down` restores the host.
@@ -119,7 +125,13 @@ fn run(task: Task) -> Result<()> {
     let root = workspace_root();
     match task {
         Task::Setup => setup::all(),
-        Task::Kube => kube::ensure(),
+        Task::Kube { node } => {
+            kube::ensure()?;
+            if node {
+                kube::ensure_set(&kube::NODE)?;
+            }
+            Ok(())
+        }
         Task::Cluster { action } => cluster::run(&root, action),
         Task::Build => {
             setup::all()?;
