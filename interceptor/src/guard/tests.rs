@@ -217,7 +217,9 @@ async fn per_pod_limits_are_taken_at_accept_and_counted_per_request() {
     assert_eq!(code, 429);
     assert!(message.contains("1 connections"), "{message}");
     assert_eq!(
-        guard.limits().usage(&crate::limits::LimitKey::Cgroup(77)),
+        guard
+            .limits()
+            .usage(&crate::limits::LimitKey::Cgroup(CgroupId(77))),
         (1, 0)
     );
 

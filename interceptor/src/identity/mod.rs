@@ -53,13 +53,73 @@ use jwt::Jwt;
 use oidc::OidcVerifier;
 use serviceaccount::ServiceAccountVerifier;
 
+/// A pod's `metadata.uid`, as the pod tracker read it from the API server
+/// or a token names it in `authentication.kubernetes.io/pod-uid`. Cheap to
+/// clone (it travels with every connection of the pod); written as the bare
+/// string wherever it is serialized.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodUid(Arc<str>);
+
+impl PodUid {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// No uid: a pod the tracker knows only by name.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Default for PodUid {
+    fn default() -> Self {
+        PodUid(Arc::from(""))
+    }
+}
+
+impl From<&str> for PodUid {
+    fn from(uid: &str) -> Self {
+        PodUid(Arc::from(uid))
+    }
+}
+
+impl From<String> for PodUid {
+    fn from(uid: String) -> Self {
+        PodUid(Arc::from(uid))
+    }
+}
+
+impl std::fmt::Display for PodUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for PodUid {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for PodUid {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl serde::Serialize for PodUid {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 /// The pod a connection came from, as the pod tracker resolved it from the
 /// kernel-attested cgroup id.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
-    pub uid: String,
+    pub uid: PodUid,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
 }
@@ -112,7 +172,7 @@ impl Caller {
                 .map(|(namespace, _)| namespace.to_string())
                 .unwrap_or_default(),
             name: first(EXTRA_POD_NAME).unwrap_or_default(),
-            uid,
+            uid: uid.into(),
         })
     }
 
