@@ -33,16 +33,19 @@ pub use config::{
     TokenReviewConfig,
 };
 pub use error::{AttackSignal, AuthError, PodIdentity};
+pub use jwt::{AlgorithmError, JwksError, KeyError};
 pub use keys::{
-    ApiServerKeySource, HttpFetcher, HttpsFetcher, JWKS_ACCEPT, KeySet, KeySource, OidcKeySource,
-    RefreshPolicy,
+    ApiServerKeySource, CaBundleError, FetchError, HttpFetcher, HttpsFetcher, JWKS_ACCEPT,
+    KeyFetchError, KeySet, KeySource, OidcKeySource, RefreshPolicy,
 };
 pub use process::MAX_PARENT_DEPTH;
 pub use serviceaccount::{
     EXTRA_CREDENTIAL_ID, EXTRA_NODE_NAME, EXTRA_NODE_UID, EXTRA_POD_NAME, EXTRA_POD_UID,
     LEGACY_ISSUER,
 };
-pub use tokenreview::{CachedReviewer, KubeTokenReviewer, ReviewOutcome, TokenReviewer};
+pub use tokenreview::{
+    CachedReviewer, KubeTokenReviewer, ReviewError, ReviewOutcome, TokenReviewer,
+};
 pub use upstream::{
     CredentialMode, HeaderError, IMPERSONATE_EXTRA_PREFIX, IMPERSONATE_GROUP, IMPERSONATE_UID,
     IMPERSONATE_USER, NoOwnCredentials, OwnCredentials, bearer_token, escape_extra_key,
@@ -413,7 +416,8 @@ fn https_fetcher(issuer: &OidcIssuerConfig) -> Result<Arc<dyn HttpFetcher>, Conf
         ),
         None => None,
     };
-    let fetcher = HttpsFetcher::new(ca.as_deref(), OIDC_FETCH_TIMEOUT).map_err(invalid)?;
+    let fetcher =
+        HttpsFetcher::new(ca.as_deref(), OIDC_FETCH_TIMEOUT).map_err(|e| invalid(e.to_string()))?;
     Ok(Arc::new(fetcher))
 }
 
