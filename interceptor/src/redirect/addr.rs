@@ -30,6 +30,23 @@ impl fmt::Display for OrigDst {
 
 /// The agent's end of an accepted connection: the socket's peer (the
 /// pod's address and ephemeral port).
+///
+/// The kernel files a redirected connection under the agent's end first;
+/// the two ends are typed so that they cannot be passed the wrong way round:
+///
+/// ```
+/// # use chaperone::redirect::{AgentAddr, ProxyAddr, Redirector};
+/// fn claim(redirector: &Redirector, agent: AgentAddr, proxy: ProxyAddr) {
+///     let _ = redirector.take_connection(agent, proxy);
+/// }
+/// ```
+///
+/// ```compile_fail
+/// # use chaperone::redirect::{AgentAddr, ProxyAddr, Redirector};
+/// fn claim(redirector: &Redirector, agent: AgentAddr, proxy: ProxyAddr) {
+///     let _ = redirector.take_connection(proxy, agent);
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AgentAddr(pub SocketAddr);
 
