@@ -669,12 +669,10 @@ where
 
 /// A duration with its unit (`30s`, `15m`, `1h`, `1h30m`): a bare number
 /// is refused rather than guessed to be seconds.
-pub fn parse_duration_with_unit(text: &str) -> Result<Duration, String> {
+pub fn parse_duration_with_unit(text: &str) -> Result<Duration, crate::policy::DurationError> {
     let trimmed = text.trim();
     if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!(
-            "\"{trimmed}\" has no unit: write \"{trimmed}s\", \"{trimmed}m\" or \"{trimmed}h\""
-        ));
+        return Err(crate::policy::DurationError::NoUnit(trimmed.to_owned()));
     }
     crate::policy::parse_duration(trimmed)
 }
@@ -1042,7 +1040,7 @@ mod tests {
     /// `--grant 15` silently meant 15 seconds; durations need their unit.
     #[test]
     fn a_duration_without_a_unit_is_refused() {
-        let error = parse_duration_with_unit("15").unwrap_err();
+        let error = parse_duration_with_unit("15").unwrap_err().to_string();
         assert!(error.contains("\"15m\""), "{error}");
         assert_eq!(
             parse_duration_with_unit("15m").unwrap(),

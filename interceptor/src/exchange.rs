@@ -254,7 +254,7 @@ pub(crate) mod testing {
                 ),
                 (
                     "authentication.kubernetes.io/pod-uid".to_string(),
-                    vec![pod().uid],
+                    vec![pod().uid.to_string()],
                 ),
             ]
             .into(),

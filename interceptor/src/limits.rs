@@ -21,7 +21,7 @@ use std::{
     },
 };
 
-use crate::kstatus::Status;
+use crate::{identity::PodUid, kstatus::Status, redirect::CgroupId};
 
 /// Connections one pod may hold unless configured (about 50 KiB each).
 pub const DEFAULT_CONNECTIONS_PER_POD: usize = 256;
@@ -51,8 +51,8 @@ impl Default for LimitConfig {
 /// Whose usage a connection counts against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LimitKey {
-    Pod(Arc<str>),
-    Cgroup(u64),
+    Pod(PodUid),
+    Cgroup(CgroupId),
 }
 
 impl std::fmt::Display for LimitKey {
@@ -285,13 +285,17 @@ mod tests {
             requests_per_pod: 1,
         });
         let slots: Vec<Arc<ConnectionSlot>> = (0..1000)
-            .map(|i| limits.connection(LimitKey::Cgroup(i % 3)).unwrap())
+            .map(|i| {
+                limits
+                    .connection(LimitKey::Cgroup(CgroupId(i % 3)))
+                    .unwrap()
+            })
             .collect();
         assert_eq!(limits.tracked(), 3);
         drop(slots);
         assert_eq!(limits.tracked(), 0);
-        let seven = limits.connection(LimitKey::Cgroup(7)).unwrap();
-        let eight = limits.connection(LimitKey::Cgroup(8)).unwrap();
+        let seven = limits.connection(LimitKey::Cgroup(CgroupId(7))).unwrap();
+        let eight = limits.connection(LimitKey::Cgroup(CgroupId(8))).unwrap();
         let _one = seven.request().unwrap();
         assert!(seven.request().is_err());
         assert!(eight.request().is_ok());

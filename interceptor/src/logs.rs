@@ -21,7 +21,7 @@ pub enum LogFormat {
 
 /// Installs the global subscriber writing to stderr. A filter that does not
 /// parse is an error that says so, never a silent `info`.
-pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
+pub fn init(filter: &str, format: LogFormat) -> Result<(), BadFilter> {
     let env_filter = parse_filter(filter)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
@@ -35,16 +35,25 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
     Ok(())
 }
 
+/// A `--log` filter that does not parse, with the syntax that would.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--log {filter:?} (or CHAPERONE_LOG) is not a log filter: {error}. Use a level \
+     (`error`, `warn`, `info`, `debug`, `trace`) or `target=level` pairs separated \
+     by commas, e.g. `info,chaperone=debug`"
+)]
+pub struct BadFilter {
+    filter: String,
+    error: tracing_subscriber::filter::ParseError,
+}
+
 /// `filter` as a tracing `EnvFilter`, or what is wrong with it.
-pub fn parse_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+pub fn parse_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, BadFilter> {
     tracing_subscriber::EnvFilter::builder()
         .parse(filter)
-        .map_err(|error| {
-            format!(
-                "--log {filter:?} (or CHAPERONE_LOG) is not a log filter: {error}. Use a level \
-                 (`error`, `warn`, `info`, `debug`, `trace`) or `target=level` pairs separated \
-                 by commas, e.g. `info,chaperone=debug`"
-            )
+        .map_err(|error| BadFilter {
+            filter: filter.to_owned(),
+            error,
         })
 }
 
@@ -153,7 +162,7 @@ mod tests {
 
     #[test]
     fn a_bad_filter_is_refused_with_the_syntax() {
-        let error = parse_filter("chaperone=verbose").unwrap_err();
+        let error = parse_filter("chaperone=verbose").unwrap_err().to_string();
         assert!(error.contains("chaperone=verbose"), "{error}");
         assert!(error.contains("info,chaperone=debug"), "{error}");
         parse_filter("info,chaperone=debug").unwrap();

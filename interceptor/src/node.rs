@@ -562,8 +562,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         connector: ConnectorOptions::default(),
         streams_per_connection: config.upstream_streams_per_connection,
         http1_connections: config.upstream_http1_connections,
-    })
-    .map_err(anyhow::Error::msg)?;
+    })?;
     // Say at start-up whether the API server answers. (Agents are served by
     // the data-path threads, which warm their own pools the same way; this
     // pool carries the approval previews.)

@@ -585,7 +585,7 @@ fn seen_pod(pod: &Pod) -> Option<(String, SeenPod)> {
     let pod_ref = PodRef {
         namespace: pod.namespace().unwrap_or_default(),
         name: pod.name_any(),
-        uid: uid.clone(),
+        uid: uid.as_str().into(),
         service_account,
         labels: pod.labels().clone(),
     };

@@ -82,12 +82,30 @@ pub fn controller_of(pod: &Pod) -> Option<Controller> {
         })
 }
 
+/// Why the API server did not say whether the DaemonSet exists.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    #[error("HTTP {code} {reason}: {message}")]
+    Refused {
+        code: u16,
+        reason: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The pod's owner is unknown or not a DaemonSet.
+    #[error("not asked")]
+    NotAsked,
+}
+
 /// The decision. `fresh` is a `GET` of the DaemonSet now (or why it
 /// failed); `watched` what the watch saw last. Only a positive answer from
 /// the API server removes; a fresh answer wins over the watch.
 pub fn decide(
     controller: Option<&Controller>,
-    fresh: Result<Seen, String>,
+    fresh: Result<Seen, Unanswered>,
     watched: Option<&Seen>,
 ) -> PinsOnExit {
     let Some(controller) = controller else {
@@ -178,10 +196,10 @@ impl RemovalWatch {
             Some(controller) if controller.kind == "DaemonSet" => {
                 match tokio::time::timeout(limit, get_daemonset(&self.client, controller)).await {
                     Ok(result) => result,
-                    Err(_) => Err(format!("no answer within {limit:?}")),
+                    Err(_) => Err(Unanswered::Timeout(limit)),
                 }
             }
-            _ => Err("not asked".into()),
+            _ => Err(Unanswered::NotAsked),
         };
         let watched = self.state.lock().unwrap().watched.clone();
         decide(controller.as_ref(), fresh, watched.as_ref())
@@ -201,18 +219,19 @@ impl Drop for RemovalWatch {
     }
 }
 
-async fn get_daemonset(client: &Client, controller: &Controller) -> Result<Seen, String> {
+async fn get_daemonset(client: &Client, controller: &Controller) -> Result<Seen, Unanswered> {
     match Api::<DaemonSet>::namespaced(client.clone(), &controller.namespace)
         .get(&controller.name)
         .await
     {
         Ok(ds) => Ok(seen(&ds)),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(Seen::Gone),
-        Err(kube::Error::Api(status)) => Err(format!(
-            "HTTP {} {}: {}",
-            status.code, status.reason, status.message
-        )),
-        Err(error) => Err(error.to_string()),
+        Err(kube::Error::Api(status)) => Err(Unanswered::Refused {
+            code: status.code,
+            reason: status.reason,
+            message: status.message,
+        }),
+        Err(error) => Err(Unanswered::Unreachable(error.to_string())),
     }
 }
 
@@ -355,7 +374,7 @@ mod tests {
     #[test]
     fn an_unanswered_question_keeps_the_pins_unless_the_watch_saw_the_removal() {
         let c = controller();
-        let down = || Err("connection refused".to_owned());
+        let down = || Err(Unanswered::Unreachable("connection refused".to_owned()));
         let v = decide(Some(&c), down(), None);
         assert!(
             matches!(&v, PinsOnExit::Unknown(why) if why.contains("connection refused")),

@@ -168,9 +168,14 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// A `%` not followed by two hex digits (the bytes from the `%`, at most 3).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid escape {0:?}")]
+struct InvalidEscape(String);
+
 /// Go's `unescape`: every `%XX` decoded once; `+` stays `+` in a path and is
 /// a space in a query component. An invalid escape is an error.
-fn percent_decode(s: &str, plus_is_space: bool) -> Result<Vec<u8>, String> {
+fn percent_decode(s: &str, plus_is_space: bool) -> Result<Vec<u8>, InvalidEscape> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -185,7 +190,7 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Result<Vec<u8>, String> {
                         // By bytes: the escape may end inside a multi-byte
                         // character (found by the `request` fuzz target).
                         let bad = String::from_utf8_lossy(&bytes[i..(i + 3).min(bytes.len())]);
-                        return Err(format!("invalid escape {bad:?}"));
+                        return Err(InvalidEscape(bad.into_owned()));
                     }
                 }
                 i += 3;

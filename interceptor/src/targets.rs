@@ -37,7 +37,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use crate::redirect::Redirector;
+use crate::redirect::{RedirectError, Redirector};
 
 /// The namespace and name of the Service (and its Endpoints) every cluster
 /// has for its API server.
@@ -58,12 +58,12 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 /// tests.
 pub trait TargetSink: Send + Sync {
     /// Replace the targets with exactly `targets`.
-    fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), String>;
+    fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), RedirectError>;
 }
 
 impl TargetSink for Redirector {
-    fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), String> {
-        Redirector::set_targets(self, targets).map_err(|e| e.to_string())
+    fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), RedirectError> {
+        Redirector::set_targets(self, targets)
     }
 }
 
@@ -120,7 +120,10 @@ pub struct TargetTracker {
 
 impl TargetTracker {
     /// A tracker that starts with the configured targets (applied at once).
-    pub fn new(sink: Arc<dyn TargetSink>, configured: &[SocketAddr]) -> Result<Self, String> {
+    pub fn new(
+        sink: Arc<dyn TargetSink>,
+        configured: &[SocketAddr],
+    ) -> Result<Self, RedirectError> {
         let tracker = TargetTracker {
             sink,
             state: Mutex::new((Sources::default(), BTreeSet::new())),
@@ -141,7 +144,7 @@ impl TargetTracker {
         &self,
         source: Source,
         targets: impl IntoIterator<Item = SocketAddr>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RedirectError> {
         let mut state = self.lock();
         *state.0.slot(source) = targets.into_iter().map(canonical).collect();
         let wanted = state.0.union();
@@ -466,7 +469,7 @@ mod tests {
     struct FakeSink(Mutex<Vec<Vec<SocketAddr>>>);
 
     impl TargetSink for FakeSink {
-        fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), String> {
+        fn set_targets(&self, targets: &[SocketAddr]) -> Result<(), RedirectError> {
             self.0.lock().unwrap().push(targets.to_vec());
             Ok(())
         }

@@ -43,7 +43,7 @@ use chaperone::{
     protect::Protect,
     proxy::{Attestor, Guard, Proxy, ProxyConfig, Upstream, UpstreamSpec},
     record::{RecordConfig, Recorder},
-    redirect::{AttestedConnection, CgroupId, OrigDst, cgroupfs::cgroup_id},
+    redirect::{AgentAddr, AttestedConnection, CgroupId, OrigDst, ProxyAddr, cgroupfs::cgroup_id},
     tls::{ConnectorOptions, LeafCache, LeafConfig, LocalCa, TlsTerminator, UpstreamConfig},
 };
 use http::{HeaderMap, HeaderValue};
@@ -173,8 +173,8 @@ struct InjectedAttestation {
 }
 
 impl Attestor for InjectedAttestation {
-    fn attest(&self, _peer: SocketAddr, local: SocketAddr) -> Option<AttestedConnection> {
-        self.by_listener.get(&local).cloned()
+    fn attest(&self, _agent: AgentAddr, proxy: ProxyAddr) -> Option<AttestedConnection> {
+        self.by_listener.get(&proxy.0).cloned()
     }
 }
 

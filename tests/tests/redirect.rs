@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chaperone::redirect::{CgroupId, RedirectSpec, Redirector, RefusedDestination};
+use chaperone::redirect::{
+    AgentAddr, CgroupId, ProxyAddr, RedirectSpec, Redirector, RefusedDestination,
+};
 use chaperone_tests::{
     require_root,
     topology::{Cgroup, Netns, Placement},
@@ -176,7 +178,7 @@ fn agent_dialing_the_service_ip_lands_on_the_proxy_with_its_identity() {
     let local = stream.local_addr().unwrap();
     let attested = node
         .redirector
-        .take_connection(peer, local)
+        .take_connection(AgentAddr(peer), ProxyAddr(local))
         .expect("the kernel recorded the redirected connection");
     assert_eq!(attested.orig_dst.0, SERVICE_IP);
     assert_eq!(attested.cgroup_id, CgroupId(node.agent.id()));
@@ -187,7 +189,9 @@ fn agent_dialing_the_service_ip_lands_on_the_proxy_with_its_identity() {
     );
     assert_eq!(attested.uid, 0);
     assert!(
-        node.redirector.take_connection(peer, local).is_none(),
+        node.redirector
+            .take_connection(AgentAddr(peer), ProxyAddr(local))
+            .is_none(),
         "a connection is attested once"
     );
     let counters = node.redirector.counters();
@@ -209,7 +213,7 @@ fn a_client_outside_the_agent_cgroup_is_not_redirected() {
     assert!(nothing_pending(&node.proxy_v4));
     assert!(
         node.redirector
-            .take_connection(peer, stream.local_addr().unwrap())
+            .take_connection(AgentAddr(peer), ProxyAddr(stream.local_addr().unwrap()))
             .is_none()
     );
 
@@ -368,7 +372,7 @@ fn ipv6_targets_are_redirected() {
     assert!(nothing_pending(&node.apiserver_v6));
     let attested = node
         .redirector
-        .take_connection(peer, stream.local_addr().unwrap())
+        .take_connection(AgentAddr(peer), ProxyAddr(stream.local_addr().unwrap()))
         .expect("attested");
     assert_eq!(attested.orig_dst.0, target);
 }
@@ -389,7 +393,7 @@ fn ipv4_mapped_targets_on_ipv6_sockets_are_redirected() {
     assert!(nothing_pending(&node.apiserver_v4));
     let attested = node
         .redirector
-        .take_connection(peer, stream.local_addr().unwrap())
+        .take_connection(AgentAddr(peer), ProxyAddr(stream.local_addr().unwrap()))
         .expect("attested");
     assert_eq!(attested.orig_dst.0, target);
 }
@@ -475,7 +479,7 @@ fn a_pod_cgroup_guards_the_containers_below_it() {
     let (stream, peer) = accept_within(&node.proxy_v4, Duration::from_secs(3)).expect("redirected");
     let attested = node
         .redirector
-        .take_connection(peer, stream.local_addr().unwrap())
+        .take_connection(AgentAddr(peer), ProxyAddr(stream.local_addr().unwrap()))
         .unwrap();
     assert_eq!(attested.agent_cgroup_id, pod_id);
     assert_eq!(attested.cgroup_id, CgroupId(node.agent.id()));

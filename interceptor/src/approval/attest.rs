@@ -116,8 +116,44 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
+/// A webhook signing key or a node's verify key that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AttestKeyError {
+    #[error("a {0} block has no end line")]
+    Unterminated(&'static str),
+    #[error("a {label} block is not base64: {reason}")]
+    NotBase64 { label: &'static str, reason: String },
+    #[error("no PRIVATE KEY block (make one with `openssl genpkey -algorithm ed25519`)")]
+    NoPrivateKey,
+    #[error("not an ed25519 PKCS#8 key: {0}")]
+    NotPkcs8(String),
+    #[error("a PUBLIC KEY block is not an ed25519 key")]
+    NotEd25519,
+    #[error("no PUBLIC KEY block")]
+    NoPublicKey,
+}
+
+/// Why a decision's attestation is not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unattested {
+    #[error(
+        "the decision carries no attestation from chaperone's admission webhook \
+         (written while the webhook was not called, or by hand)"
+    )]
+    Missing,
+    #[error("the decision is attested with key {0:?}, which this node does not trust")]
+    UnknownKey(String),
+    #[error("the attestation's signature is not base64")]
+    NotBase64,
+    #[error(
+        "the attestation does not match the decision (decidedBy, groups, state or grant \
+         were changed after the webhook signed them, or it was copied from elsewhere)"
+    )]
+    Mismatch,
+}
+
 /// The DER contents of every `-----BEGIN label-----` block in `pem`.
-fn pem_blocks(pem: &str, label: &str) -> Result<Vec<Vec<u8>>, String> {
+fn pem_blocks(pem: &str, label: &'static str) -> Result<Vec<Vec<u8>>, AttestKeyError> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
     let mut blocks = Vec::new();
@@ -126,7 +162,7 @@ fn pem_blocks(pem: &str, label: &str) -> Result<Vec<Vec<u8>>, String> {
         let after = &rest[start + begin.len()..];
         let stop = after
             .find(&end)
-            .ok_or_else(|| format!("a {label} block has no end line"))?;
+            .ok_or(AttestKeyError::Unterminated(label))?;
         let text: String = after[..stop]
             .chars()
             .filter(|c| !c.is_whitespace())
@@ -134,7 +170,10 @@ fn pem_blocks(pem: &str, label: &str) -> Result<Vec<Vec<u8>>, String> {
         blocks.push(
             STANDARD
                 .decode(text)
-                .map_err(|e| format!("a {label} block is not base64: {e}"))?,
+                .map_err(|e| AttestKeyError::NotBase64 {
+                    label,
+                    reason: e.to_string(),
+                })?,
         );
         rest = &after[stop + end.len()..];
     }
@@ -151,13 +190,13 @@ pub struct Signer {
 
 impl Signer {
     /// From a PKCS#8 PEM (`openssl genpkey -algorithm ed25519`).
-    pub fn from_pem(pem: &str) -> Result<Self, String> {
+    pub fn from_pem(pem: &str) -> Result<Self, AttestKeyError> {
         let der = pem_blocks(pem, "PRIVATE KEY")?
             .into_iter()
             .next()
-            .ok_or("no PRIVATE KEY block (make one with `openssl genpkey -algorithm ed25519`)")?;
+            .ok_or(AttestKeyError::NoPrivateKey)?;
         let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-            .map_err(|e| format!("not an ed25519 PKCS#8 key: {e}"))?;
+            .map_err(|e| AttestKeyError::NotPkcs8(e.to_string()))?;
         let key_id = key_id(key.public_key().as_ref());
         Ok(Signer { key, key_id })
     }
@@ -201,47 +240,40 @@ pub struct Verifier {
 
 impl Verifier {
     /// From one or more PEM `PUBLIC KEY` blocks (ed25519).
-    pub fn from_pem(pem: &str) -> Result<Self, String> {
+    pub fn from_pem(pem: &str) -> Result<Self, AttestKeyError> {
         let mut keys = Vec::new();
         for der in pem_blocks(pem, "PUBLIC KEY")? {
             let raw = der
                 .strip_prefix(&ED25519_SPKI_PREFIX[..])
                 .filter(|raw| raw.len() == 32)
-                .ok_or("a PUBLIC KEY block is not an ed25519 key")?;
+                .ok_or(AttestKeyError::NotEd25519)?;
             keys.push((key_id(raw), raw.to_vec()));
         }
         if keys.is_empty() {
-            return Err("no PUBLIC KEY block".into());
+            return Err(AttestKeyError::NoPublicKey);
         }
         Ok(Verifier { keys })
     }
 
     /// `Ok` when `status` carries a valid attestation of its decision on
     /// `object`; `Err` says what is wrong.
-    pub fn verify(&self, object: &ApprovalRequest, status: &ApprovalStatus) -> Result<(), String> {
+    pub fn verify(
+        &self,
+        object: &ApprovalRequest,
+        status: &ApprovalStatus,
+    ) -> Result<(), Unattested> {
         let Some(attestation) = &status.attestation else {
-            return Err(
-                "the decision carries no attestation from chaperone's admission webhook \
-                 (written while the webhook was not called, or by hand)"
-                    .into(),
-            );
+            return Err(Unattested::Missing);
         };
         let Some((_, key)) = self.keys.iter().find(|(id, _)| *id == attestation.key_id) else {
-            return Err(format!(
-                "the decision is attested with key {:?}, which this node does not trust",
-                attestation.key_id
-            ));
+            return Err(Unattested::UnknownKey(attestation.key_id.clone()));
         };
         let signature = STANDARD
             .decode(&attestation.signature)
-            .map_err(|_| "the attestation's signature is not base64".to_owned())?;
+            .map_err(|_| Unattested::NotBase64)?;
         UnparsedPublicKey::new(&ED25519, key)
             .verify(&signed_bytes(object, status), &signature)
-            .map_err(|_| {
-                "the attestation does not match the decision (decidedBy, groups, state or grant \
-                 were changed after the webhook signed them, or it was copied from elsewhere)"
-                    .to_owned()
-            })
+            .map_err(|_| Unattested::Mismatch)
     }
 }
 
@@ -504,7 +536,7 @@ mod tests {
         let forged: ApprovalStatus = serde_json::from_value(json!({
             "state": "Approved", "decidedBy": "anyone", "decidedByGroups": ["system:masters"]}))
         .unwrap();
-        let why = verify.verify(&pending, &forged).unwrap_err();
+        let why = verify.verify(&pending, &forged).unwrap_err().to_string();
         assert!(why.contains("no attestation"), "{why}");
         // With a made-up attestation.
         let mut made_up = forged.clone();
@@ -517,7 +549,7 @@ mod tests {
         let other = Signer::generate();
         let mut other_key = forged.clone();
         other_key.attestation = Some(other.sign(&pending, &forged));
-        let why = verify.verify(&pending, &other_key).unwrap_err();
+        let why = verify.verify(&pending, &other_key).unwrap_err().to_string();
         assert!(why.contains("does not trust"), "{why}");
         // A real attestation, then the groups changed.
         let approved = webhook(&signer, &pending, json!({"state": "Approved"}), &alice());

@@ -363,7 +363,7 @@ impl Place {
                 }
             }
             Place::Local(local) => {
-                let object = local.read(id).map_err(anyhow::Error::msg)?;
+                let object = local.read(id)?;
                 Ok(with_type(serde_json::to_value(object)?))
             }
         }
@@ -401,8 +401,7 @@ impl Place {
                     .collect())
             }
             Place::Local(local) => local
-                .list()
-                .map_err(anyhow::Error::msg)?
+                .list()?
                 .into_iter()
                 .map(|o| Ok(with_type(serde_json::to_value(o)?)))
                 .collect(),
@@ -422,7 +421,7 @@ impl Place {
                 .map_err(|e| self.explain(e, &format!("updating approval {id}")))?;
                 Ok(())
             }
-            Place::Local(local) => local.patch_status(id, &status).map_err(anyhow::Error::msg),
+            Place::Local(local) => Ok(local.patch_status(id, &status)?),
         }
     }
 

@@ -45,9 +45,9 @@ pub enum Refused {
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
-    NotFound(String),
+    NotFound(super::StoreError),
     #[error("{0}")]
-    Store(String),
+    Store(super::StoreError),
 }
 
 impl Ruling {

@@ -64,7 +64,7 @@ pub use object::{
 pub use refusal::{
     APPROVAL_CAUSE, agents_may_not_decide, preview_summary, refusal, writes_approvals,
 };
-pub use store::{Backend, LocalStore};
+pub use store::{Backend, LocalStore, StoreError};
 
 use crate::identity::Caller;
 use notify::Notifier;
@@ -114,6 +114,32 @@ pub enum Outcome {
     Unavailable(String),
 }
 
+/// Why the node does not act on a decision written on an approval; the
+/// decision is put back to `Pending` with this reason, and audited.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionRefused {
+    #[error("refused as a possible forgery: {0}")]
+    Forgery(attest::Unattested),
+    #[error(
+        "node {node} has no --approval-verify-key, so it cannot tell who made this decision \
+         and acts on none: give it chaperone's webhook public key (ConfigMap \
+         chaperone-attestation-public, see deploy/README.md), or start it with \
+         --approval-trust-unattested to trust decidedBy as written"
+    )]
+    NoVerifyKey { node: String },
+    #[error("the decision does not say who made it (decidedBy)")]
+    NoDecider,
+    #[error("{by} requested this approval and cannot decide it: a requester never approves itself")]
+    Requester { by: String },
+    #[error(
+        "{by} is one of chaperone's own service accounts (namespace {namespace}): chaperone never decides its own approvals"
+    )]
+    OwnServiceAccount { by: String, namespace: String },
+    /// The SubjectAccessReview said no, or could not be made.
+    #[error("{0}")]
+    MayNotDecide(String),
+}
+
 /// The hold manager: a cache of approvals kept current by the backend,
 /// and the waiting held requests.
 pub struct Approvals {
@@ -131,7 +157,7 @@ pub struct Approvals {
     synced: watch::Sender<bool>,
     /// Checked decisions by `(name, resourceVersion)`: `Err(why)` when the
     /// decision is refused.
-    checked: Mutex<HashMap<(String, String), Result<(), String>>>,
+    checked: Mutex<HashMap<(String, String), Result<(), DecisionRefused>>>,
     /// Where held requests are counted (`chaperone_approvals_held`).
     metrics: std::sync::OnceLock<crate::admin::Metrics>,
     /// Where refused forgeries are audited (the node's audit pipeline).
@@ -467,7 +493,7 @@ impl Approvals {
                 let object = self.new_object(&ask, &key, now, hold, preview.await);
                 let id = object.name().to_owned();
                 if let Err(why) = self.backend.create(&object).await {
-                    return Outcome::Unavailable(why);
+                    return Outcome::Unavailable(why.to_string());
                 }
                 tracing::info!(
                     approval = %id,
@@ -579,7 +605,7 @@ impl Approvals {
                             }
                             // Fail closed: an approval that cannot be marked
                             // used could let a second request through.
-                            Err(why) => return Outcome::Unavailable(why),
+                            Err(why) => return Outcome::Unavailable(why.to_string()),
                         }
                         return Outcome::Approved(decided);
                     }
@@ -625,7 +651,7 @@ impl Approvals {
     /// requester, with the right to decide (SubjectAccessReview in cluster
     /// mode). Results are cached per object version; a refused decision is
     /// written back on the object.
-    async fn check_decision(&self, approval: &ApprovalRequest) -> Result<Decided, String> {
+    async fn check_decision(&self, approval: &ApprovalRequest) -> Result<Decided, DecisionRefused> {
         let status = approval.status.clone().unwrap_or_default();
         let decided = Decided {
             id: approval.name().to_owned(),
@@ -652,7 +678,11 @@ impl Approvals {
                 let result = self.judge(approval, &status).await;
                 if let Err(why) = &result {
                     tracing::warn!(approval = %decided.id, %why, "refused a decision");
-                    if let Err(error) = self.backend.refuse_decision(approval, why).await {
+                    if let Err(error) = self
+                        .backend
+                        .refuse_decision(approval, &why.to_string())
+                        .await
+                    {
                         tracing::warn!(approval = %decided.id, %error, "could not write the refused decision back");
                     }
                 }
@@ -672,11 +702,11 @@ impl Approvals {
         &self,
         approval: &ApprovalRequest,
         status: &ApprovalStatus,
-    ) -> Result<(), String> {
+    ) -> Result<(), DecisionRefused> {
         self.verify_attestation(approval, status)?;
         let decided_by = self.verify_decider(approval, status).await;
         if let Err(why) = &decided_by {
-            self.audit_refused_decision(approval, status, why);
+            self.audit_refused_decision(approval, status, &why.to_string());
         }
         decided_by
     }
@@ -688,7 +718,7 @@ impl Approvals {
         &self,
         approval: &ApprovalRequest,
         status: &ApprovalStatus,
-    ) -> Result<(), String> {
+    ) -> Result<(), DecisionRefused> {
         if let (Backend::Cluster { .. }, Some(verifier)) = (&self.backend, &self.verifier)
             && let Err(why) = verifier.verify(approval, status)
         {
@@ -701,8 +731,8 @@ impl Approvals {
                 %why,
                 "refused an unattested approval decision: an attempted forgery, or written while chaperone's webhook was bypassed"
             );
-            self.audit_unattested(approval, status, Some(&why));
-            return Err(format!("refused as a possible forgery: {why}"));
+            self.audit_unattested(approval, status, Some(&why.to_string()));
+            return Err(DecisionRefused::Forgery(why));
         }
         Ok(())
     }
@@ -712,20 +742,16 @@ impl Approvals {
         &self,
         approval: &ApprovalRequest,
         status: &ApprovalStatus,
-    ) -> Result<(), String> {
+    ) -> Result<(), DecisionRefused> {
         if matches!(self.backend, Backend::Cluster { .. })
             && self.verifier.is_none()
             && self
                 .refuse_unattested
                 .load(std::sync::atomic::Ordering::Relaxed)
         {
-            return Err(format!(
-                "node {} has no --approval-verify-key, so it cannot tell who made this decision \
-                 and acts on none: give it chaperone's webhook public key (ConfigMap \
-                 chaperone-attestation-public, see deploy/README.md), or start it with \
-                 --approval-trust-unattested to trust decidedBy as written",
-                self.node
-            ));
+            return Err(DecisionRefused::NoVerifyKey {
+                node: self.node.clone(),
+            });
         }
         if matches!(self.backend, Backend::Cluster { .. }) && self.verifier.is_none() {
             // --approval-trust-unattested: trusted, and audited as such.
@@ -733,12 +759,10 @@ impl Approvals {
         }
         let by = status.decided_by.as_deref().unwrap_or("");
         if by.is_empty() {
-            return Err("the decision does not say who made it (decidedBy)".into());
+            return Err(DecisionRefused::NoDecider);
         }
         if by == approval.spec.requester.username {
-            return Err(format!(
-                "{by} requested this approval and cannot decide it: a requester never approves itself"
-            ));
+            return Err(DecisionRefused::Requester { by: by.to_owned() });
         }
         // chaperone's own service accounts (node agents, webhook) live in
         // the approvals' namespace and never decide.
@@ -749,9 +773,10 @@ impl Approvals {
                     .iter()
                     .any(|g| *g == format!("system:serviceaccounts:{namespace}")))
         {
-            return Err(format!(
-                "{by} is one of chaperone's own service accounts (namespace {namespace}): chaperone never decides its own approvals"
-            ));
+            return Err(DecisionRefused::OwnServiceAccount {
+                by: by.to_owned(),
+                namespace: namespace.clone(),
+            });
         }
         let verb = match status.state {
             State::Denied => "deny",
@@ -760,6 +785,7 @@ impl Approvals {
         self.backend
             .may_decide(by, &status.decided_by_groups, verb, approval)
             .await
+            .map_err(|why| DecisionRefused::MayNotDecide(why.to_string()))
     }
 
     /// Marks pending approvals past `expiresAt` as `Expired`.

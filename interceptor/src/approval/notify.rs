@@ -28,17 +28,29 @@ pub enum Format {
     Json,
 }
 
+/// A notification format chaperone does not send.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("notification format {0:?}: expected `slack` or `json`")]
+pub struct UnknownFormat(String);
+
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Self, UnknownFormat> {
         match s {
             "slack" => Ok(Format::Slack),
             "json" => Ok(Format::Json),
-            other => Err(format!(
-                "notification format {other:?}: expected `slack` or `json`"
-            )),
+            other => Err(UnknownFormat(other.to_owned())),
         }
     }
+}
+
+/// The notification sender cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("{0}")]
+    Tls(rustls::Error),
+    #[error("the system's CA certificates: {0}")]
+    Roots(std::io::Error),
 }
 
 /// How many times a notification is tried, and the first pause between.
@@ -55,14 +67,14 @@ pub struct Notifier {
 
 impl Notifier {
     /// Starts the sender task on the current runtime.
-    pub fn start(url: http::Uri, format: Format) -> Result<Self, String> {
+    pub fn start(url: http::Uri, format: Format) -> Result<Self, NotifyError> {
         let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(NotifyError::Tls)?;
         let tls = hyper_rustls::ConfigBuilderExt::with_native_roots(tls)
-            .map_err(|e| format!("the system's CA certificates: {e}"))?
+            .map_err(NotifyError::Roots)?
             .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)

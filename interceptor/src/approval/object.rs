@@ -440,7 +440,7 @@ impl Requester {
             pod: caller.pod.as_ref().map(|pod| RequesterPod {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
-                uid: pod.uid.clone(),
+                uid: pod.uid.to_string(),
             }),
         }
     }

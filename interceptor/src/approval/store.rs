@@ -19,6 +19,64 @@ use time::OffsetDateTime;
 
 use super::{ApprovalRequest, Approvals, State, format_time};
 
+/// An approval that could not be written, read or decided on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot create ApprovalRequest {name} in namespace {namespace}: {source} \
+         (is the approvalrequests.chaperone.dev CRD installed, and may chaperone-node create them?)"
+    )]
+    Create {
+        name: String,
+        namespace: String,
+        source: kube::Error,
+    },
+    #[error("cannot update ApprovalRequest {name}: {source}")]
+    Update { name: String, source: kube::Error },
+    #[error("the SubjectAccessReview for {user} failed: {source}")]
+    Review { user: String, source: kube::Error },
+    #[error(
+        "{user} may not {verb} approvalrequests.chaperone.dev in namespace {namespace} \
+         (bind the ClusterRole chaperone-approver)"
+    )]
+    Forbidden {
+        user: String,
+        verb: String,
+        namespace: String,
+    },
+    #[error("{0:?} is not an approval id")]
+    BadId(String),
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no approval {name} in {}", .dir.display())]
+    NotFound { name: String, dir: PathBuf },
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", .path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{name}: {source}")]
+    Patch {
+        name: String,
+        source: serde_json::Error,
+    },
+    #[error("{}: {source}", .dir.display())]
+    List {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The approvals' home.
 pub enum Backend {
     /// `ApprovalRequest` objects in `namespace`.
@@ -42,18 +100,16 @@ impl Backend {
         Api::namespaced(client.clone(), namespace)
     }
 
-    pub(super) async fn create(&self, object: &ApprovalRequest) -> Result<(), String> {
+    pub(super) async fn create(&self, object: &ApprovalRequest) -> Result<(), StoreError> {
         match self {
             Backend::Cluster { client, namespace } => {
                 let api = Self::api(client, namespace);
                 api.create(&PostParams::default(), object)
                     .await
-                    .map_err(|e| {
-                        format!(
-                            "cannot create ApprovalRequest {} in namespace {namespace}: {e} \
-                             (is the approvalrequests.chaperone.dev CRD installed, and may chaperone-node create them?)",
-                            object.name()
-                        )
+                    .map_err(|source| StoreError::Create {
+                        name: object.name().to_owned(),
+                        namespace: namespace.clone(),
+                        source,
                     })?;
                 // The status subresource ignores status on create.
                 let status = json!({"status": {"state": "Pending"}});
@@ -77,7 +133,7 @@ impl Backend {
         &self,
         object: &ApprovalRequest,
         status: serde_json::Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         match self {
             Backend::Cluster { client, namespace } => Self::api(client, namespace)
                 .patch_status(
@@ -87,7 +143,10 @@ impl Backend {
                 )
                 .await
                 .map(drop)
-                .map_err(|e| format!("cannot update ApprovalRequest {}: {e}", object.name())),
+                .map_err(|source| StoreError::Update {
+                    name: object.name().to_owned(),
+                    source,
+                }),
             Backend::Local(local) => local.patch_status(object.name(), &status),
         }
     }
@@ -98,7 +157,7 @@ impl Backend {
         &self,
         object: &ApprovalRequest,
         now: OffsetDateTime,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StoreError> {
         let status = json!({"usedAt": format_time(now)});
         match self {
             Backend::Cluster { client, namespace } => {
@@ -116,17 +175,17 @@ impl Backend {
                 {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-                    Err(e) => Err(format!(
-                        "cannot update ApprovalRequest {}: {e}",
-                        object.name()
-                    )),
+                    Err(source) => Err(StoreError::Update {
+                        name: object.name().to_owned(),
+                        source,
+                    }),
                 }
             }
             Backend::Local(local) => local.patch_status(object.name(), &status).map(|()| true),
         }
     }
 
-    pub(super) async fn expire(&self, object: &ApprovalRequest) -> Result<(), String> {
+    pub(super) async fn expire(&self, object: &ApprovalRequest) -> Result<(), StoreError> {
         self.patch_status(object, json!({"state": State::Expired}))
             .await
     }
@@ -136,7 +195,7 @@ impl Backend {
         &self,
         object: &ApprovalRequest,
         why: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         self.patch_status(
             object,
             json!({
@@ -160,7 +219,7 @@ impl Backend {
         groups: &[String],
         verb: &str,
         object: &ApprovalRequest,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         match self {
             // The directory's permissions decide who can write decisions.
             Backend::Local(_) => Ok(()),
@@ -182,17 +241,21 @@ impl Backend {
                     ..SubjectAccessReview::default()
                 };
                 let api: Api<SubjectAccessReview> = Api::all(client.clone());
-                let answer = api
-                    .create(&PostParams::default(), &review)
-                    .await
-                    .map_err(|e| format!("the SubjectAccessReview for {user} failed: {e}"))?;
+                let answer =
+                    api.create(&PostParams::default(), &review)
+                        .await
+                        .map_err(|source| StoreError::Review {
+                            user: user.to_owned(),
+                            source,
+                        })?;
                 if answer.status.as_ref().is_some_and(|s| s.allowed) {
                     Ok(())
                 } else {
-                    Err(format!(
-                        "{user} may not {verb} approvalrequests.chaperone.dev in namespace {namespace} \
-                         (bind the ClusterRole chaperone-approver)"
-                    ))
+                    Err(StoreError::Forbidden {
+                        user: user.to_owned(),
+                        verb: verb.to_owned(),
+                        namespace: namespace.clone(),
+                    })
                 }
             }
         }
@@ -294,14 +357,14 @@ impl LocalStore {
         })
     }
 
-    fn path(&self, name: &str) -> Result<PathBuf, String> {
+    fn path(&self, name: &str) -> Result<PathBuf, StoreError> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(format!("{name:?} is not an approval id"));
+            return Err(StoreError::BadId(name.to_owned()));
         }
         Ok(self.dir.join(format!("{name}.json")))
     }
 
-    pub fn write(&self, object: &ApprovalRequest) -> Result<(), String> {
+    pub fn write(&self, object: &ApprovalRequest) -> Result<(), StoreError> {
         let path = self.path(object.name())?;
         let tmp = path.with_extension("json.tmp");
         let mut object = object.clone();
@@ -311,29 +374,36 @@ impl LocalStore {
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()),
             );
         }
-        let text = serde_json::to_vec_pretty(&object).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        let text = serde_json::to_vec_pretty(&object).map_err(StoreError::Encode)?;
+        match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            Ok(()) => Ok(()),
+            Err(source) => Err(StoreError::Write { path, source }),
+        }
     }
 
     pub fn exists(&self, name: &str) -> bool {
         self.path(name).is_ok_and(|path| path.exists())
     }
 
-    pub fn read(&self, name: &str) -> Result<ApprovalRequest, String> {
+    pub fn read(&self, name: &str) -> Result<ApprovalRequest, StoreError> {
         let path = self.path(name)?;
-        let text = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!("no approval {name} in {}", self.dir.display()),
-            _ => format!("cannot read {}: {e}", path.display()),
-        })?;
-        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    name: name.to_owned(),
+                    dir: self.dir.clone(),
+                });
+            }
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
+        serde_json::from_slice(&text).map_err(|source| StoreError::Parse { path, source })
     }
 
     /// Merges `status` into the object's status (JSON merge patch).
-    pub fn patch_status(&self, name: &str, status: &serde_json::Value) -> Result<(), String> {
+    pub fn patch_status(&self, name: &str, status: &serde_json::Value) -> Result<(), StoreError> {
         let object = self.read(name)?;
-        let mut value = serde_json::to_value(&object).map_err(|e| e.to_string())?;
+        let mut value = serde_json::to_value(&object).map_err(StoreError::Encode)?;
         merge(
             value
                 .as_object_mut()
@@ -343,7 +413,10 @@ impl LocalStore {
             status,
         );
         let object: ApprovalRequest =
-            serde_json::from_value(value).map_err(|e| format!("{name}: {e}"))?;
+            serde_json::from_value(value).map_err(|source| StoreError::Patch {
+                name: name.to_owned(),
+                source,
+            })?;
         self.write(&object)
     }
 
@@ -362,8 +435,11 @@ impl LocalStore {
         Ok(out)
     }
 
-    pub fn list(&self) -> Result<Vec<ApprovalRequest>, String> {
-        Self::read_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))
+    pub fn list(&self) -> Result<Vec<ApprovalRequest>, StoreError> {
+        Self::read_dir(&self.dir).map_err(|source| StoreError::List {
+            dir: self.dir.clone(),
+            source,
+        })
     }
 }
 

@@ -988,7 +988,11 @@ async fn cluster_mode_accepts_only_attested_decisions_by_someone_else() {
         "state": "Approved", "decidedBy": "anyone", "decidedByGroups": ["system:masters"],
     }))
     .unwrap();
-    let why = approvals.judge(&pending, &forged).await.unwrap_err();
+    let why = approvals
+        .judge(&pending, &forged)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         why.contains("forgery") && why.contains("no attestation"),
         "{why}"
@@ -999,7 +1003,11 @@ async fn cluster_mode_accepts_only_attested_decisions_by_someone_else() {
         key_id: signer.sign(&pending, &forged).key_id,
         signature: "AAAA".into(),
     });
-    let why = approvals.judge(&pending, &bad).await.unwrap_err();
+    let why = approvals
+        .judge(&pending, &bad)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(why.contains("forgery"), "{why}");
 
     // Attested, but by the requester (the agent's own identity) or by a
@@ -1023,13 +1031,21 @@ async fn cluster_mode_accepts_only_attested_decisions_by_someone_else() {
         username: caller.username.clone(),
         groups: caller.groups.clone(),
     });
-    let why = approvals.judge(&pending, &own).await.unwrap_err();
+    let why = approvals
+        .judge(&pending, &own)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(why.contains("requested this approval"), "{why}");
     let node = decided_by(UserInfo {
         username: "system:serviceaccount:chaperone-system:chaperone-node".into(),
         groups: vec!["system:serviceaccounts:chaperone-system".into()],
     });
-    let why = approvals.judge(&pending, &node).await.unwrap_err();
+    let why = approvals
+        .judge(&pending, &node)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(why.contains("chaperone's own service accounts"), "{why}");
 }
 

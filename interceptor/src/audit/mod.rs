@@ -106,7 +106,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 pub use event::Event;
-pub use sink::{Endpoint, FileSinkConfig, SinkConfig, WebhookConfig};
+pub use sink::{DeliveryError, Endpoint, FileSinkConfig, SinkConfig, WebhookConfig};
 
 use crate::exchange::Exchange;
 use crate::kstatus::Status;
@@ -228,7 +228,16 @@ struct SinkState {
 /// (write-ahead), with the reason when it could not be.
 struct Queued {
     exchange: Arc<Exchange>,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: Option<oneshot::Sender<Result<(), SpoolFailure>>>,
+}
+
+/// A sink's spool refused a write: the events of that batch are lost for
+/// the sink, and a write-ahead request is refused.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("the audit spool of sink {sink} cannot be written ({error})")]
+struct SpoolFailure {
+    sink: String,
+    error: Arc<std::io::Error>,
 }
 
 struct Shared {
@@ -392,7 +401,7 @@ impl AuditGate {
         }
         match spooled.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => Err(AuditFull(why)),
+            Ok(Err(why)) => Err(AuditFull(why.to_string())),
             Err(_) => Err(AuditFull(
                 "the audit pipeline stopped before the event was spooled".into(),
             )),
@@ -653,7 +662,7 @@ fn ingest(shared: &Shared, batch: &mut Vec<Queued>) {
         })
         .map(|e| e.to_line())
         .collect();
-    let mut failure: Option<String> = None;
+    let mut failure: Option<SpoolFailure> = None;
     for sink in &shared.sinks {
         let take = if shared.mode == FullMode::Drop && sink.spool.is_full() {
             for _ in &lines {
@@ -665,10 +674,11 @@ fn ingest(shared: &Shared, batch: &mut Vec<Queued>) {
         };
         let refs: Vec<&[u8]> = lines[..take].iter().map(Vec::as_slice).collect();
         if let Err(error) = sink.spool.append(&refs) {
-            failure = Some(format!(
-                "the audit spool of sink {} cannot be written ({error})",
-                sink.name
-            ));
+            let error = Arc::new(error);
+            failure = Some(SpoolFailure {
+                sink: sink.name.clone(),
+                error: error.clone(),
+            });
             // The disk refused: the events cannot be kept for this sink.
             for _ in &refs {
                 shared.drop_event(sink, "the spool cannot be written");
@@ -795,7 +805,7 @@ async fn deliver(
             continue;
         }
         let result = match &mut deliverer {
-            Deliverer::File(file) => file.write(&batch.events).map_err(|e| e.to_string()),
+            Deliverer::File(file) => file.write(&batch.events).map_err(DeliveryError::from),
             Deliverer::Stdout => {
                 let mut out = std::io::stdout().lock();
                 batch
@@ -810,7 +820,7 @@ async fn deliver(
                         use std::io::Write;
                         out.flush()
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(DeliveryError::from)
             }
             Deliverer::Webhook(webhook) => {
                 tokio::select! {

@@ -361,7 +361,7 @@ impl WebhookSink {
 
     async fn connect(
         &self,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, DeliveryError> {
         let url = &self.config.endpoint.url;
         let host = url.host().unwrap_or_default();
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -370,20 +370,28 @@ impl WebhookSink {
             .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
         let tcp = tokio::net::TcpStream::connect((host, port))
             .await
-            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            .map_err(|e| DeliveryError::Connect {
+                to: format!("{host}:{port}"),
+                reason: e.to_string(),
+            })?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = match &self.tls {
-            Some((connector, name)) => Box::new(
-                connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake with {host}:{port}: {e}"))?,
-            ),
+            Some((connector, name)) => {
+                Box::new(connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    DeliveryError::Tls {
+                        with: format!("{host}:{port}"),
+                        reason: e.to_string(),
+                    }
+                })?)
+            }
             None => Box::new(tcp),
         };
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|e| format!("HTTP handshake with {host}:{port}: {e}"))?;
+            .map_err(|e| DeliveryError::Handshake {
+                with: format!("{host}:{port}"),
+                reason: e.to_string(),
+            })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -391,7 +399,7 @@ impl WebhookSink {
     }
 
     /// One POST of `events` as an `EventList`; `Ok` only for a 2xx answer.
-    pub async fn post(&mut self, events: &[Vec<u8>]) -> Result<(), String> {
+    pub async fn post(&mut self, events: &[Vec<u8>]) -> Result<(), DeliveryError> {
         let timeout = self.config.timeout;
         let attempt = async {
             let cached = match self.sender.take() {
@@ -416,11 +424,14 @@ impl WebhookSink {
             }
             let request = request
                 .body(Full::new(Bytes::from(event_list(events))))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| DeliveryError::Request(e.to_string()))?;
             let response = sender
                 .send_request(request)
                 .await
-                .map_err(|e| format!("POST {url}: {e}"))?;
+                .map_err(|e| DeliveryError::Post {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?;
             let status = response.status();
             let body = response.into_body().collect().await.map(|b| b.to_bytes());
             if status.is_success() {
@@ -428,18 +439,46 @@ impl WebhookSink {
                 Ok(())
             } else {
                 let body = body.unwrap_or_default();
-                Err(format!(
-                    "POST {url}: {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(512)])
-                ))
+                Err(DeliveryError::Refused {
+                    url: url.to_string(),
+                    status,
+                    body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+                })
             }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
-                "POST {}: no answer within {timeout:?}",
-                self.config.endpoint.url
-            )),
+            Err(_) => Err(DeliveryError::Timeout {
+                url: self.config.endpoint.url.to_string(),
+                timeout,
+            }),
         }
     }
+}
+
+/// Why a batch of events did not reach its sink; it stays spooled and is
+/// delivered again after a backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("connect {to}: {reason}")]
+    Connect { to: String, reason: String },
+    #[error("TLS handshake with {with}: {reason}")]
+    Tls { with: String, reason: String },
+    #[error("HTTP handshake with {with}: {reason}")]
+    Handshake { with: String, reason: String },
+    #[error("{0}")]
+    Request(String),
+    #[error("POST {url}: {reason}")]
+    Post { url: String, reason: String },
+    #[error("POST {url}: {status}: {body}")]
+    Refused {
+        url: String,
+        status: http::StatusCode,
+        body: String,
+    },
+    #[error("POST {url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    /// The file or stdout sink could not be written.
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
 }

@@ -4,7 +4,7 @@
 //! dropped when the last of them ends. Nothing here is shared between
 //! connections except the pod's limit counter, taken once, here.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
@@ -15,7 +15,7 @@ use crate::{
     limits::{ConnectionSlot, LimitKey, PodLimits},
     proxy::ConnectionInfo,
     record::{Session, SessionMeta},
-    redirect::CgroupId,
+    redirect::{AgentAddr, CgroupId},
 };
 
 /// One agent connection, as the guard knows it.
@@ -27,7 +27,7 @@ pub struct Connection {
     pub(super) process: Option<ProcessInfo>,
     /// The caller's own cgroup, as the kernel recorded it.
     pub(super) cgroup_id: Option<CgroupId>,
-    pub(super) peer: SocketAddr,
+    pub(super) peer: AgentAddr,
     /// The recording of this connection.
     pub(super) session: Option<Session>,
     /// The connection's place in its pod's connection limit (`None`: not
@@ -54,10 +54,8 @@ impl Connection {
             })
         });
         let limit_key = match (&pod, &info.attested) {
-            (Some(pod), _) if !pod.uid.is_empty() => {
-                Some(LimitKey::Pod(Arc::from(pod.uid.as_str())))
-            }
-            (_, Some(attested)) => Some(LimitKey::Cgroup(attested.agent_cgroup_id.0)),
+            (Some(pod), _) if !pod.uid.is_empty() => Some(LimitKey::Pod(pod.uid.clone())),
+            (_, Some(attested)) => Some(LimitKey::Cgroup(attested.agent_cgroup_id)),
             _ => None,
         };
         let limit = limit_key.map(|key| limits.connection(key)).transpose();

@@ -30,7 +30,7 @@ use crate::{
     policy::{Action, Decision, RecordLevel},
     proxy::{
         ResponseObserver, TunnelTap, Verdict,
-        body::{BodyObserver, status_response},
+        body::{BodyObserver, CutShort, status_response},
     },
     record::capture::{BodyCapture, CaptureSlot},
     request::RequestInfo,
@@ -387,7 +387,7 @@ impl Drop for BodyEnd {
     /// still completed in the record, as cut short.
     fn drop(&mut self) {
         if !self.draft.completed {
-            self.on_end(Err("the response was dropped before its end".into()));
+            self.on_end(Err(CutShort::ResponseDropped));
         }
     }
 }
@@ -399,11 +399,11 @@ impl BodyObserver for BodyEnd {
         }
     }
 
-    fn on_end(&mut self, result: Result<(), String>) {
+    fn on_end(&mut self, result: Result<(), CutShort>) {
         let status = match (result, self.code) {
             (Ok(()), code) if code < 400 => ResponseStatus::ok(code),
             (Ok(()), code) => ResponseStatus::failure(code, "", ""),
-            (Err(reason), code) => ResponseStatus::failure(code, "StreamEnded", reason),
+            (Err(reason), code) => ResponseStatus::failure(code, "StreamEnded", reason.to_string()),
         };
         let response_body = self.capture.take().and_then(BodyCapture::finish);
         self.draft.finish(

@@ -10,7 +10,10 @@ use http_body_util::BodyExt;
 
 use super::*;
 use crate::{
-    identity::{Backends, Caller, IdentityConfig, KeySet, KeySource, ReviewOutcome, TokenReviewer},
+    identity::{
+        Backends, Caller, IdentityConfig, KeyFetchError, KeySet, KeySource, ReviewError,
+        ReviewOutcome, TokenReviewer,
+    },
     limits::LimitConfig,
     policy::parse_documents,
     proxy::{ConnectionInfo, Verdict, body},
@@ -29,8 +32,13 @@ impl KeySource for NoKeys {
     fn describe(&self) -> String {
         "no issuer".into()
     }
-    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
-        Box::pin(async { Err("no keys in this test".to_string()) })
+    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, KeyFetchError>> {
+        Box::pin(async {
+            Err(KeyFetchError::ApiServer {
+                path: "/openid/v1/jwks",
+                reason: "no keys in this test".into(),
+            })
+        })
     }
 }
 
@@ -38,7 +46,7 @@ impl KeySource for NoKeys {
 struct Review;
 
 impl TokenReviewer for Review {
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, ReviewError>> {
         let outcome = if token == TOKEN {
             ReviewOutcome::Authenticated(Box::new(Caller {
                 username: AGENT.into(),
@@ -217,7 +225,9 @@ async fn per_pod_limits_are_taken_at_accept_and_counted_per_request() {
     assert_eq!(code, 429);
     assert!(message.contains("1 connections"), "{message}");
     assert_eq!(
-        guard.limits().usage(&crate::limits::LimitKey::Cgroup(77)),
+        guard
+            .limits()
+            .usage(&crate::limits::LimitKey::Cgroup(CgroupId(77))),
         (1, 0)
     );
 

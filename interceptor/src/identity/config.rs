@@ -169,7 +169,7 @@ impl KeyRefreshConfig {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("identity.serviceAccounts.algorithms: {0}")]
-    ServiceAccountAlgorithms(String),
+    ServiceAccountAlgorithms(super::AlgorithmError),
     #[error(
         "identity.serviceAccounts.allowLegacyTokens needs identity.tokenReview.enabled: \
          legacy tokens are checked by the API server's TokenReview"

@@ -5,6 +5,7 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::PodUid;
 use crate::kstatus::Status;
 
 /// The prefix of every refusal, so an agent can tell chaperone's 401 from
@@ -16,7 +17,7 @@ const REJECTED: &str = "chaperone: token rejected";
 pub struct PodIdentity {
     pub namespace: String,
     pub name: String,
-    pub uid: String,
+    pub uid: PodUid,
 }
 
 impl std::fmt::Display for PodIdentity {

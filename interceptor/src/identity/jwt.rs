@@ -182,18 +182,50 @@ pub(crate) fn allowed_algorithm(alg: &str, allowed: &[Algorithm]) -> Result<Algo
     }
 }
 
+/// A configured algorithm name chaperone will not verify with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AlgorithmError {
+    #[error("algorithm {0} cannot be allowed: only asymmetric signatures are safe")]
+    Forbidden(String),
+    #[error("unknown JWT algorithm {0:?}")]
+    Unknown(String),
+}
+
+/// Why a key of a JWKS is not used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key is not for signatures (use != sig)")]
+    NotForSignatures,
+    #[error("symmetric (oct) keys are never trusted")]
+    Symmetric,
+    #[error("unsupported key type")]
+    UnsupportedType,
+    #[error("key declares unsupported alg {0}")]
+    UnsupportedAlgorithm(String),
+    #[error("unusable key: {0}")]
+    Unusable(String),
+}
+
+/// A JWKS document that cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    #[error("JWKS is not JSON: {0}")]
+    NotJson(String),
+    #[error("JWKS has no keys array")]
+    NoKeys,
+}
+
 /// Parses configured algorithm names, refusing `none` and HMAC.
-pub(crate) fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
+pub(crate) fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, AlgorithmError> {
     if names.is_empty() {
         return Ok(DEFAULT_ALGORITHMS.to_vec());
     }
     names
         .iter()
         .map(|name| {
-            refuse_forbidden_algorithm(name).map_err(|_| {
-                format!("algorithm {name} cannot be allowed: only asymmetric signatures are safe")
-            })?;
-            Algorithm::from_str(name).map_err(|_| format!("unknown JWT algorithm {name:?}"))
+            refuse_forbidden_algorithm(name)
+                .map_err(|_| AlgorithmError::Forbidden(name.clone()))?;
+            Algorithm::from_str(name).map_err(|_| AlgorithmError::Unknown(name.clone()))
         })
         .collect()
 }
@@ -274,10 +306,10 @@ impl VerifiedSignatures {
 impl VerificationKey {
     /// The key of a JWK, or why it cannot be used. Symmetric (`oct`) keys are
     /// never accepted from a JWKS.
-    pub fn from_jwk(jwk: &Jwk) -> Result<Self, String> {
+    pub fn from_jwk(jwk: &Jwk) -> Result<Self, KeyError> {
         if let Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_)) = &jwk.common.public_key_use
         {
-            return Err("key is not for signatures (use != sig)".into());
+            return Err(KeyError::NotForSignatures);
         }
         let (family, curve) = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => (AlgorithmFamily::Rsa, None),
@@ -286,18 +318,18 @@ impl VerificationKey {
                 (AlgorithmFamily::Ed, Some(okp.curve.clone()))
             }
             AlgorithmParameters::OctetKey(_) => {
-                return Err("symmetric (oct) keys are never trusted".into());
+                return Err(KeyError::Symmetric);
             }
-            _ => return Err("unsupported key type".into()),
+            _ => return Err(KeyError::UnsupportedType),
         };
         let declared = match jwk.common.key_algorithm {
             Some(alg) => Some(
                 Algorithm::try_from(alg)
-                    .map_err(|_| format!("key declares unsupported alg {alg}"))?,
+                    .map_err(|_| KeyError::UnsupportedAlgorithm(alg.to_string()))?,
             ),
             None => None,
         };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| KeyError::Unusable(e.to_string()))?;
         Ok(Self {
             kid: jwk.common.key_id.clone(),
             family,
@@ -333,12 +365,12 @@ impl VerificationKey {
 
 /// Parses a JWKS document, keeping the keys chaperone can use and logging
 /// the others.
-pub(crate) fn parse_jwks(body: &[u8]) -> Result<Vec<Jwk>, String> {
-    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+pub(crate) fn parse_jwks(body: &[u8]) -> Result<Vec<Jwk>, JwksError> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| JwksError::NotJson(e.to_string()))?;
     let keys = doc
         .get("keys")
         .and_then(Value::as_array)
-        .ok_or("JWKS has no keys array")?;
+        .ok_or(JwksError::NoKeys)?;
     Ok(keys
         .iter()
         .filter_map(|key| match serde_json::from_value::<Jwk>(key.clone()) {

@@ -17,7 +17,7 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 
 use super::error::AuthError;
-use super::jwt::{VerificationKey, parse_jwks};
+use super::jwt::{JwksError, VerificationKey, parse_jwks};
 
 /// An issuer's signing keys as fetched, with the issuer its discovery
 /// document names.
@@ -32,12 +32,74 @@ pub trait KeySource: Send + Sync {
     /// What is fetched from where, for logs and errors.
     fn describe(&self) -> String;
     /// Fetches the discovery document and the JWKS.
-    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>>;
+    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, KeyFetchError>>;
 }
 
 /// `GET` of a URL, for external OIDC discovery; injectable for tests.
 pub trait HttpFetcher: Send + Sync {
-    fn get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Vec<u8>, String>>;
+    fn get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>>;
+}
+
+/// Why an issuer's keys could not be fetched; tokens are then checked
+/// against the keys fetched before, if any.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFetchError {
+    #[error("building GET {path}: {reason}")]
+    Request { path: &'static str, reason: String },
+    #[error(
+        "GET {path} from the API server failed: {reason} (chaperone's service account \
+         needs the system:service-account-issuer-discovery ClusterRole)"
+    )]
+    ApiServer { path: &'static str, reason: String },
+    #[error("{from} is not an OpenID configuration: {reason}")]
+    NotDiscovery { from: String, reason: String },
+    #[error("{url} names issuer {named:?}, not {configured:?}; refusing its keys")]
+    IssuerMismatch {
+        url: String,
+        named: String,
+        configured: String,
+    },
+    #[error("{0} has no jwks_uri")]
+    NoJwksUri(String),
+    #[error("{from}: {error}")]
+    Jwks { from: String, error: JwksError },
+    #[error(transparent)]
+    Http(#[from] FetchError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A `GET` of an external issuer's URL that failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("GET {url}: {reason}")]
+    Request { url: String, reason: String },
+    #[error("GET {url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
+    #[error("GET {url}: reading the body: {reason}")]
+    Body { url: String, reason: String },
+    #[error("GET {url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// A configured CA bundle (an OIDC issuer's `caFile`) that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CaBundleError {
+    #[error("CA bundle does not parse: {0}")]
+    Parse(String),
+    #[error("CA bundle holds an unusable certificate: {0}")]
+    Unusable(String),
+    #[error("CA bundle holds no certificates")]
+    Empty,
+    #[error("{0}")]
+    Tls(String),
+    #[error("loading the system's CA roots: {0}")]
+    SystemRoots(String),
 }
 
 #[derive(Deserialize)]
@@ -69,18 +131,21 @@ impl ApiServerKeySource {
         Self { client }
     }
 
-    async fn get(&self, path: &str, accept: &str) -> Result<String, String> {
+    async fn get(&self, path: &'static str, accept: &str) -> Result<String, KeyFetchError> {
         let request = http::Request::get(path)
             .header(http::header::ACCEPT, accept)
             .body(Vec::new())
-            .map_err(|e| format!("building GET {path}: {e}"))?;
-        self.client.request_text(request).await.map_err(|e| {
-            format!(
-                "GET {path} from the API server failed: {} (chaperone's service account \
-                 needs the system:service-account-issuer-discovery ClusterRole)",
-                describe_kube_error(&e)
-            )
-        })
+            .map_err(|e| KeyFetchError::Request {
+                path,
+                reason: e.to_string(),
+            })?;
+        self.client
+            .request_text(request)
+            .await
+            .map_err(|e| KeyFetchError::ApiServer {
+                path,
+                reason: describe_kube_error(&e),
+            })
     }
 }
 
@@ -89,13 +154,19 @@ impl KeySource for ApiServerKeySource {
         format!("the API server's {DISCOVERY_PATH} and {JWKS_PATH}")
     }
 
-    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
+    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, KeyFetchError>> {
         Box::pin(async move {
             let discovery = self.get(DISCOVERY_PATH, DISCOVERY_ACCEPT).await?;
-            let discovery: Discovery = serde_json::from_str(&discovery)
-                .map_err(|e| format!("{DISCOVERY_PATH} is not an OpenID configuration: {e}"))?;
+            let discovery: Discovery =
+                serde_json::from_str(&discovery).map_err(|e| KeyFetchError::NotDiscovery {
+                    from: DISCOVERY_PATH.into(),
+                    reason: e.to_string(),
+                })?;
             let jwks = self.get(JWKS_PATH, JWKS_ACCEPT).await?;
-            let keys = parse_jwks(jwks.as_bytes()).map_err(|e| format!("{JWKS_PATH}: {e}"))?;
+            let keys = parse_jwks(jwks.as_bytes()).map_err(|error| KeyFetchError::Jwks {
+                from: JWKS_PATH.into(),
+                error,
+            })?;
             Ok(KeySet {
                 issuer: Some(discovery.issuer),
                 keys,
@@ -136,23 +207,34 @@ impl KeySource for OidcKeySource {
         format!("the OIDC discovery of {}", self.issuer)
     }
 
-    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
+    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, KeyFetchError>> {
         Box::pin(async move {
             let url = format!("{}{DISCOVERY_PATH}", self.issuer.trim_end_matches('/'));
             let body = self.fetcher.get(&url).await?;
-            let discovery: Discovery = serde_json::from_slice(&body)
-                .map_err(|e| format!("{url} is not an OpenID configuration: {e}"))?;
+            let discovery: Discovery = match serde_json::from_slice(&body) {
+                Ok(discovery) => discovery,
+                Err(e) => {
+                    return Err(KeyFetchError::NotDiscovery {
+                        from: url,
+                        reason: e.to_string(),
+                    });
+                }
+            };
             if discovery.issuer != self.issuer {
-                return Err(format!(
-                    "{url} names issuer {:?}, not {:?}; refusing its keys",
-                    discovery.issuer, self.issuer
-                ));
+                return Err(KeyFetchError::IssuerMismatch {
+                    url,
+                    named: discovery.issuer,
+                    configured: self.issuer.clone(),
+                });
             }
-            let jwks_uri = discovery
-                .jwks_uri
-                .ok_or_else(|| format!("{url} has no jwks_uri"))?;
+            let Some(jwks_uri) = discovery.jwks_uri else {
+                return Err(KeyFetchError::NoJwksUri(url));
+            };
             let jwks = self.fetcher.get(&jwks_uri).await?;
-            let keys = parse_jwks(&jwks).map_err(|e| format!("{jwks_uri}: {e}"))?;
+            let keys = parse_jwks(&jwks).map_err(|error| KeyFetchError::Jwks {
+                from: jwks_uri,
+                error,
+            })?;
             Ok(KeySet {
                 issuer: Some(discovery.issuer),
                 keys,
@@ -175,7 +257,7 @@ const MAX_BODY: usize = 1024 * 1024;
 
 impl HttpsFetcher {
     /// Trusts `ca_pem` only, when given; otherwise the system's roots.
-    pub fn new(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<Self, String> {
+    pub fn new(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<Self, CaBundleError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match ca_pem {
@@ -183,54 +265,71 @@ impl HttpsFetcher {
                 let mut roots = rustls::RootCertStore::empty();
                 let mut reader = pem;
                 for cert in rustls_pemfile::certs(&mut reader) {
-                    let cert = cert.map_err(|e| format!("CA bundle does not parse: {e}"))?;
+                    let cert = cert.map_err(|e| CaBundleError::Parse(e.to_string()))?;
                     roots
                         .add(cert)
-                        .map_err(|e| format!("CA bundle holds an unusable certificate: {e}"))?;
+                        .map_err(|e| CaBundleError::Unusable(e.to_string()))?;
                 }
                 if roots.is_empty() {
-                    return Err("CA bundle holds no certificates".into());
+                    return Err(CaBundleError::Empty);
                 }
                 let config = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| CaBundleError::Tls(e.to_string()))?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
                 builder.with_tls_config(config)
             }
             None => builder
                 .with_provider_and_native_roots(provider)
-                .map_err(|e| format!("loading the system's CA roots: {e}"))?,
+                .map_err(|e| CaBundleError::SystemRoots(e.to_string()))?,
         };
         let connector = builder.https_only().enable_http1().build();
         let client = HyperClient::builder(TokioExecutor::new()).build(connector);
         Ok(Self { client, timeout })
     }
 
-    async fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
-        let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+        let uri: http::Uri =
+            url.parse()
+                .map_err(|e: http::uri::InvalidUri| FetchError::BadUrl {
+                    url: url.into(),
+                    reason: e.to_string(),
+                })?;
         let response = self
             .client
             .get(uri)
             .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
+            .map_err(|e| FetchError::Request {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
         if !response.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", response.status()));
+            return Err(FetchError::Status {
+                url: url.into(),
+                status: response.status(),
+            });
         }
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| format!("GET {url}: reading the body: {e}"))?;
+            .map_err(|e| FetchError::Body {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
         Ok(body.to_bytes().to_vec())
     }
 }
 
 impl HttpFetcher for HttpsFetcher {
-    fn get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+    fn get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
         Box::pin(async move {
             tokio::time::timeout(self.timeout, self.fetch(url))
                 .await
-                .map_err(|_| format!("GET {url}: no answer within {:?}", self.timeout))?
+                .map_err(|_| FetchError::Timeout {
+                    url: url.into(),
+                    timeout: self.timeout,
+                })?
         })
     }
 }
@@ -265,7 +364,7 @@ struct Snapshot {
 #[derive(Default)]
 struct FetchState {
     last_attempt: Option<Instant>,
-    last_error: Option<String>,
+    last_error: Option<KeyFetchError>,
 }
 
 /// Requests wait for a key fetch (an unknown kid) at most this long.
@@ -365,7 +464,7 @@ impl KeyCache {
             state.last_attempt = Some(Instant::now());
             let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.source.fetch())
                 .await
-                .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
+                .unwrap_or(Err(KeyFetchError::Timeout(FETCH_TIMEOUT)));
             match fetched {
                 Ok(set) => {
                     let keys = usable_keys(&set.keys);
@@ -398,8 +497,8 @@ impl KeyCache {
             from: self.source.describe(),
             reason: state
                 .last_error
-                .clone()
-                .unwrap_or_else(|| "no keys fetched yet".into()),
+                .as_ref()
+                .map_or_else(|| "no keys fetched yet".into(), ToString::to_string),
         })
     }
 }
@@ -428,7 +527,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            error.starts_with("GET http://127.0.0.1:1/.well-known/openid-configuration: "),
+            error
+                .to_string()
+                .starts_with("GET http://127.0.0.1:1/.well-known/openid-configuration: "),
             "{error}"
         );
     }
@@ -438,7 +539,7 @@ mod tests {
         let error = HttpsFetcher::new(Some(b"not a certificate"), Duration::from_secs(1))
             .err()
             .unwrap();
-        assert_eq!(error, "CA bundle holds no certificates");
+        assert_eq!(error.to_string(), "CA bundle holds no certificates");
     }
 
     #[test]

@@ -33,16 +33,19 @@ pub use config::{
     TokenReviewConfig,
 };
 pub use error::{AttackSignal, AuthError, PodIdentity};
+pub use jwt::{AlgorithmError, JwksError, KeyError};
 pub use keys::{
-    ApiServerKeySource, HttpFetcher, HttpsFetcher, JWKS_ACCEPT, KeySet, KeySource, OidcKeySource,
-    RefreshPolicy,
+    ApiServerKeySource, CaBundleError, FetchError, HttpFetcher, HttpsFetcher, JWKS_ACCEPT,
+    KeyFetchError, KeySet, KeySource, OidcKeySource, RefreshPolicy,
 };
 pub use process::MAX_PARENT_DEPTH;
 pub use serviceaccount::{
     EXTRA_CREDENTIAL_ID, EXTRA_NODE_NAME, EXTRA_NODE_UID, EXTRA_POD_NAME, EXTRA_POD_UID,
     LEGACY_ISSUER,
 };
-pub use tokenreview::{CachedReviewer, KubeTokenReviewer, ReviewOutcome, TokenReviewer};
+pub use tokenreview::{
+    CachedReviewer, KubeTokenReviewer, ReviewError, ReviewOutcome, TokenReviewer,
+};
 pub use upstream::{
     CredentialMode, HeaderError, IMPERSONATE_EXTRA_PREFIX, IMPERSONATE_GROUP, IMPERSONATE_UID,
     IMPERSONATE_USER, NoOwnCredentials, OwnCredentials, bearer_token, escape_extra_key,
@@ -53,13 +56,73 @@ use jwt::Jwt;
 use oidc::OidcVerifier;
 use serviceaccount::ServiceAccountVerifier;
 
+/// A pod's `metadata.uid`, as the pod tracker read it from the API server
+/// or a token names it in `authentication.kubernetes.io/pod-uid`. Cheap to
+/// clone (it travels with every connection of the pod); written as the bare
+/// string wherever it is serialized.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodUid(Arc<str>);
+
+impl PodUid {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// No uid: a pod the tracker knows only by name.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Default for PodUid {
+    fn default() -> Self {
+        PodUid(Arc::from(""))
+    }
+}
+
+impl From<&str> for PodUid {
+    fn from(uid: &str) -> Self {
+        PodUid(Arc::from(uid))
+    }
+}
+
+impl From<String> for PodUid {
+    fn from(uid: String) -> Self {
+        PodUid(Arc::from(uid))
+    }
+}
+
+impl std::fmt::Display for PodUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for PodUid {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for PodUid {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl serde::Serialize for PodUid {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 /// The pod a connection came from, as the pod tracker resolved it from the
 /// kernel-attested cgroup id.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
-    pub uid: String,
+    pub uid: PodUid,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
 }
@@ -112,7 +175,7 @@ impl Caller {
                 .map(|(namespace, _)| namespace.to_string())
                 .unwrap_or_default(),
             name: first(EXTRA_POD_NAME).unwrap_or_default(),
-            uid,
+            uid: uid.into(),
         })
     }
 
@@ -353,7 +416,8 @@ fn https_fetcher(issuer: &OidcIssuerConfig) -> Result<Arc<dyn HttpFetcher>, Conf
         ),
         None => None,
     };
-    let fetcher = HttpsFetcher::new(ca.as_deref(), OIDC_FETCH_TIMEOUT).map_err(invalid)?;
+    let fetcher =
+        HttpsFetcher::new(ca.as_deref(), OIDC_FETCH_TIMEOUT).map_err(|e| invalid(e.to_string()))?;
     Ok(Arc::new(fetcher))
 }
 

@@ -48,7 +48,8 @@ impl OidcVerifier {
         if config.username_claim.is_empty() {
             return Err(invalid("usernameClaim is empty".into()));
         }
-        let algorithms = jwt::parse_algorithms(&config.algorithms).map_err(invalid)?;
+        let algorithms =
+            jwt::parse_algorithms(&config.algorithms).map_err(|e| invalid(e.to_string()))?;
         let username_prefix = match config.username_prefix.as_deref() {
             Some("-") => String::new(),
             Some(prefix) => prefix.to_string(),

@@ -103,10 +103,13 @@ impl KeySource for TestKeySource {
         "the test issuer".into()
     }
 
-    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, String>> {
+    fn fetch(&self) -> BoxFuture<'_, Result<KeySet, KeyFetchError>> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         let result = if self.down.load(Ordering::SeqCst) {
-            Err("connection refused".to_string())
+            Err(KeyFetchError::ApiServer {
+                path: "/openid/v1/jwks",
+                reason: "connection refused".into(),
+            })
         } else {
             Ok(KeySet {
                 issuer: Some(self.issuer.clone()),
@@ -121,12 +124,11 @@ impl KeySource for TestKeySource {
 struct TestWeb(BTreeMap<String, Vec<u8>>);
 
 impl HttpFetcher for TestWeb {
-    fn get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Vec<u8>, String>> {
-        let answer = self
-            .0
-            .get(url)
-            .cloned()
-            .ok_or_else(|| format!("GET {url}: 404"));
+    fn get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        let answer = self.0.get(url).cloned().ok_or_else(|| FetchError::Status {
+            url: url.into(),
+            status: http::StatusCode::NOT_FOUND,
+        });
         Box::pin(async move { answer })
     }
 }

@@ -25,7 +25,22 @@ pub enum ReviewOutcome {
 
 /// Asks the API server who a token belongs to.
 pub trait TokenReviewer: Send + Sync {
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, String>>;
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, ReviewError>>;
+}
+
+/// Why the API server could not be asked (not a refusal of the token: the
+/// agent gets a 503 and may retry).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    #[error(
+        "creating a TokenReview failed: {0} (chaperone's service account needs \
+         create on tokenreviews.authentication.k8s.io)"
+    )]
+    Create(String),
+    #[error("TokenReview authenticated the token but named no user")]
+    NoUser,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 // === impl KubeTokenReviewer ===
@@ -47,7 +62,7 @@ impl KubeTokenReviewer {
 }
 
 impl TokenReviewer for KubeTokenReviewer {
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, ReviewError>> {
         Box::pin(async move {
             let review = TokenReview {
                 spec: TokenReviewSpec {
@@ -60,13 +75,7 @@ impl TokenReviewer for KubeTokenReviewer {
                 .api
                 .create(&PostParams::default(), &review)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "creating a TokenReview failed: {} (chaperone's service account needs \
-                         create on tokenreviews.authentication.k8s.io)",
-                        super::keys::describe_kube_error(&e)
-                    )
-                })?;
+                .map_err(|e| ReviewError::Create(super::keys::describe_kube_error(&e)))?;
             let status = answer.status.unwrap_or_default();
             if status.authenticated != Some(true) {
                 return Ok(ReviewOutcome::Rejected(
@@ -79,7 +88,7 @@ impl TokenReviewer for KubeTokenReviewer {
             let user = status.user.unwrap_or_default();
             let username = user.username.unwrap_or_default();
             if username.is_empty() {
-                return Err("TokenReview authenticated the token but named no user".into());
+                return Err(ReviewError::NoUser);
             }
             Ok(ReviewOutcome::Authenticated(Box::new(Caller {
                 username,
@@ -141,8 +150,10 @@ impl CachedReviewer {
         }
         let outcome = tokio::time::timeout(REVIEW_TIMEOUT, self.inner.review(token))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {REVIEW_TIMEOUT:?}")))
-            .map_err(|reason| AuthError::ReviewUnavailable { reason })?;
+            .unwrap_or(Err(ReviewError::Timeout(REVIEW_TIMEOUT)))
+            .map_err(|error| AuthError::ReviewUnavailable {
+                reason: error.to_string(),
+            })?;
         let ttl = match outcome {
             ReviewOutcome::Authenticated(_) => self.positive_ttl,
             ReviewOutcome::Rejected(_) => self.negative_ttl,
@@ -185,7 +196,7 @@ pub(crate) struct StaticReviewer {
 
 #[cfg(test)]
 impl TokenReviewer for StaticReviewer {
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, ReviewError>> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let outcome = self
             .answers
@@ -265,8 +276,8 @@ mod tests {
 
     struct Down;
     impl TokenReviewer for Down {
-        fn review<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
-            Box::pin(async { Err("connection refused".to_string()) })
+        fn review<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<ReviewOutcome, ReviewError>> {
+            Box::pin(async { Err(ReviewError::Create("connection refused".into())) })
         }
     }
 

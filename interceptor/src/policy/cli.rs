@@ -126,10 +126,15 @@ pub const EXIT_APPROVE: u8 = 3;
 /// Exit status of `policy explain` when the response is masked.
 pub const EXIT_MASK: u8 = 4;
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+/// A `--pod-label` or `--namespace-label` without `=`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not KEY=VALUE")]
+pub struct LabelError(String);
+
+fn parse_label(s: &str) -> Result<(String, String), LabelError> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("\"{s}\" is not KEY=VALUE"))
+        .ok_or_else(|| LabelError(s.to_owned()))
 }
 
 /// Runs a `chaperone policy` subcommand, printing to stdout and stderr.

@@ -247,7 +247,7 @@ impl Compiler<'_> {
             (Some(text), Action::Approve) => match parse_duration(text) {
                 Ok(d) => Some(d),
                 Err(why) => {
-                    self.error(format!("{path}.holdTimeout"), why);
+                    self.error(format!("{path}.holdTimeout"), why.to_string());
                     None
                 }
             },
@@ -284,9 +284,20 @@ impl Compiler<'_> {
     }
 }
 
+/// A duration chaperone cannot read, with the forms it can.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("\"{0}\" is not a duration; write e.g. \"30s\", \"5m\" or \"1h30m\"")]
+    Invalid(String),
+    /// A bare number where a unit is required (see
+    /// `config::parse_duration_with_unit`).
+    #[error("\"{0}\" has no unit: write \"{0}s\", \"{0}m\" or \"{0}h\"")]
+    NoUnit(String),
+}
+
 /// `30s`, `5m`, `1h30m`, `90` (seconds): Go-style durations, whole units.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("\"{text}\" is not a duration; write e.g. \"30s\", \"5m\" or \"1h30m\"");
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    let bad = || DurationError::Invalid(text.to_owned());
     let text = text.trim();
     if text.is_empty() {
         return Err(bad());

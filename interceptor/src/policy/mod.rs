@@ -53,17 +53,18 @@ mod store;
 mod tests;
 pub mod watch;
 
-pub use compile::PolicyError;
 pub(crate) use compile::parse_duration;
+pub use compile::{DurationError, PolicyError};
 pub use evaluate::{DEFAULT_HOLD_TIMEOUT, PolicySet};
 pub use explain::{Explanation, PolicyTrace, RuleTrace};
 pub use glob::Glob;
+pub use schema::InvalidName;
 pub use spec::{
     AgentPolicy, AgentPolicySpec, AgentPolicyStatus, Condition, CredentialMode, DocumentError,
     LabelSelector, LabelSelectorRequirement, NamespaceSubject, PolicyDocument, Rule,
     SelectorOperator, Subject, parse_documents,
 };
-pub use store::{ApplyOutcome, LoadError, PolicyStore, policy_files};
+pub use store::{ApplyOutcome, InvalidPolicy, LoadError, PolicyStore, policy_files};
 
 /// What a rule says to do with a matching request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, schemars::JsonSchema)]

@@ -310,7 +310,7 @@ fn is_free_form(schema: &Value, path: &FieldPath) -> bool {
 /// `metadata.name` as the API server checks it for a custom resource: a
 /// DNS subdomain (lower-case letters, digits, `-` and `.`, starting and
 /// ending with a letter or digit, at most 253 characters).
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), InvalidName> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
@@ -324,9 +324,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "\"{name}\" is not a valid name: use lower-case letters, digits, '-' and '.', \
-             starting and ending with a letter or digit (e.g. \"read-only-agents\")"
-        ))
+        Err(InvalidName(name.to_owned()))
     }
 }
+
+/// A `metadata.name` the API server would refuse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "\"{0}\" is not a valid name: use lower-case letters, digits, '-' and '.', \
+     starting and ending with a letter or digit (e.g. \"read-only-agents\")"
+)]
+pub struct InvalidName(pub String);

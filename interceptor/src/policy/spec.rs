@@ -428,11 +428,11 @@ fn check_document(
             i + 1
         ))),
         Some(name) => {
-            if let Err(why) = name
-                .as_str()
-                .ok_or_else(|| "metadata.name is not a string".to_owned())
-                .and_then(super::schema::check_name)
-            {
+            let why = match name.as_str() {
+                None => Err("metadata.name is not a string".to_owned()),
+                Some(name) => super::schema::check_name(name).map_err(|e| e.to_string()),
+            };
+            if let Err(why) = why {
                 errors.push(located(&FieldPath::parse("metadata.name"), why));
             }
         }

@@ -32,10 +32,15 @@ pub struct ApplyOutcome {
     pub generation: Option<i64>,
     /// `Err(why)` when the object is invalid; then the previous good version
     /// (if any) stays in force.
-    pub result: Result<(), String>,
+    pub result: Result<(), InvalidPolicy>,
     /// The generation in force after the apply, if the policy is in force.
     pub active_generation: Option<i64>,
 }
+
+/// Why an applied policy object is not in force: every problem found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct InvalidPolicy(pub Vec<PolicyError>);
 
 /// Policy files that could not be loaded; nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -167,11 +172,7 @@ impl PolicyStore {
                 Ok(())
             }
             Err(errors) => {
-                let why = errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let why = InvalidPolicy(errors);
                 let kept = state.good.get(&name).and_then(|p| p.metadata.generation);
                 tracing::warn!(
                     policy = %name,

@@ -648,7 +648,11 @@ fn an_invalid_update_keeps_the_last_good_version() {
     broken.spec.rules[0].hold_timeout = Some("5m".into());
     let v2 = store.apply(&broken);
     assert!(
-        v2.result.as_ref().unwrap_err().contains("holdTimeout"),
+        v2.result
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("holdTimeout"),
         "{v2:?}"
     );
     assert_eq!(v2.active_generation, Some(1));

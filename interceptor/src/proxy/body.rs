@@ -58,7 +58,22 @@ pub trait BodyObserver: Send + 'static {
     fn on_data(&mut self, chunk: &[u8]);
     /// `Ok` when the body completed, `Err` with a reason when it was cut
     /// short (client gone, upstream error, transform refused).
-    fn on_end(&mut self, result: Result<(), String>);
+    fn on_end(&mut self, result: Result<(), CutShort>);
+}
+
+/// Why a body ended before its end: what recording and audit write as the
+/// `StreamEnded` reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CutShort {
+    #[error("the body was dropped before it ended (client went away)")]
+    ClientGone,
+    #[error("the response was dropped before its end")]
+    ResponseDropped,
+    #[error("upgrade failed: {0}")]
+    Upgrade(String),
+    /// The upstream body, or the transform rewriting it, failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// A body passed through an optional transform and an optional observer.
@@ -95,7 +110,7 @@ impl Transformed {
         self.transform.is_none() && http_body::Body::is_end_stream(&self.inner)
     }
 
-    fn end(&mut self, result: Result<(), String>) {
+    fn end(&mut self, result: Result<(), CutShort>) {
         if let Some(mut observer) = self.observer.take() {
             observer.on_end(result);
         }
@@ -107,9 +122,7 @@ impl Drop for Transformed {
         if self.end_pending || (!self.finished && self.untouched_end()) {
             self.end(Ok(()));
         } else if !self.finished {
-            self.end(Err(
-                "the body was dropped before it ended (client went away)".into(),
-            ));
+            self.end(Err(CutShort::ClientGone));
         }
     }
 }
@@ -134,7 +147,7 @@ impl http_body::Body for Transformed {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(error))) => {
                     this.finished = true;
-                    this.end(Err(error.to_string()));
+                    this.end(Err(CutShort::Failed(error.to_string())));
                     return Poll::Ready(Some(Err(error)));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
@@ -158,7 +171,7 @@ impl http_body::Body for Transformed {
                             }
                             if let Err(error) = result {
                                 this.finished = true;
-                                this.end(Err(error.to_string()));
+                                this.end(Err(CutShort::Failed(error.to_string())));
                                 return Poll::Ready(Some(Err(error)));
                             }
                             if this.scratch.is_empty() && !last {
@@ -182,7 +195,7 @@ impl http_body::Body for Transformed {
                     if let Some(transform) = &mut this.transform
                         && let Err(error) = transform.finish(&mut tail)
                     {
-                        this.end(Err(error.to_string()));
+                        this.end(Err(CutShort::Failed(error.to_string())));
                         return Poll::Ready(Some(Err(error)));
                     }
                     if tail.is_empty() {

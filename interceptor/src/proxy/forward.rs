@@ -10,7 +10,7 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 
 use super::{
     Shared,
-    body::{BodyObserver, ProxyBody, RequestBody, Transformed, status_response},
+    body::{BodyObserver, CutShort, ProxyBody, RequestBody, Transformed, status_response},
     guard::{ConnectionInfo, Forward, Guard, ResponseObserver, Verdict},
     tunnel,
     upstream::UpstreamBody,
@@ -198,7 +198,7 @@ fn switch_protocols<G: Guard>(
             }
             Err(error) => {
                 tracing::warn!(conn = %conn.id, %error, "upgrade failed");
-                Err(format!("upgrade failed: {error}"))
+                Err(CutShort::Upgrade(error.to_string()))
             }
         };
         if let Some(end) = tunnel_end.as_mut() {

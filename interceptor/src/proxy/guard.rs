@@ -2,20 +2,20 @@
 //! (identity, policy, masking, approval, recording): a [`Guard`] looks at
 //! each request before it is forwarded and says what to do with it.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{future::Future, sync::Arc, time::SystemTime};
 
 use http::request::Parts;
 
 use super::body::{BodyObserver, BodyTransform, ProxyBody, RequestBody};
-use crate::redirect::AttestedConnection;
+use crate::redirect::{AgentAddr, AttestedConnection, ProxyAddr};
 
 /// One accepted agent connection, as the proxy knows it.
 #[derive(Debug)]
 pub struct ConnectionInfo {
     /// Unique per connection: the recording session id.
     pub id: uuid::Uuid,
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
+    pub peer: AgentAddr,
+    pub local: ProxyAddr,
     /// What the kernel attested, when the connection came through the redirect.
     pub attested: Option<AttestedConnection>,
     /// The server name the agent asked for in its TLS ClientHello.

@@ -25,7 +25,7 @@ pub use guard::{
     ConnectionInfo, Forward, Guard, Passthrough, ResponseObserver, TapError, TunnelTap, Verdict,
 };
 pub use server::{Attestor, Proxy, StaticTls, Terminate};
-pub use upstream::{Upstream, UpstreamSpec};
+pub use upstream::{TrustError, Upstream, UpstreamError, UpstreamSpec};
 pub use workers::defer_until_idle;
 
 /// Limits and timeouts of the proxy's agent-facing side.

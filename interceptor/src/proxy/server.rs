@@ -20,7 +20,7 @@ use tokio_rustls::server::TlsStream;
 use super::{
     Guard, ProxyConfig, Shared, Upstream, forward, guard::ConnectionInfo, workers::DataWorkers,
 };
-use crate::redirect::{AttestedConnection, Redirector};
+use crate::redirect::{AgentAddr, AttestedConnection, ProxyAddr, Redirector};
 
 /// Terminates TLS for one accepted connection. The original destination is
 /// given because clients send no SNI when they dial an IP address, and the
@@ -49,18 +49,18 @@ impl Terminate for StaticTls {
 
 /// Tells what the kernel attested about an accepted connection.
 pub trait Attestor: Send + Sync + 'static {
-    fn attest(&self, peer: SocketAddr, local: SocketAddr) -> Option<AttestedConnection>;
+    fn attest(&self, agent: AgentAddr, proxy: ProxyAddr) -> Option<AttestedConnection>;
 }
 
 impl Attestor for Redirector {
-    fn attest(&self, peer: SocketAddr, local: SocketAddr) -> Option<AttestedConnection> {
-        self.take_connection(peer, local)
+    fn attest(&self, agent: AgentAddr, proxy: ProxyAddr) -> Option<AttestedConnection> {
+        self.take_connection(agent, proxy)
     }
 }
 
 /// No kernel redirect (local mode without eBPF, tests of the HTTP layer).
 impl Attestor for () {
-    fn attest(&self, _peer: SocketAddr, _local: SocketAddr) -> Option<AttestedConnection> {
+    fn attest(&self, _agent: AgentAddr, _proxy: ProxyAddr) -> Option<AttestedConnection> {
         None
     }
 }
@@ -221,8 +221,9 @@ impl<G: Guard, T: Terminate, A: Attestor> Proxy<G, T, A> {
         watcher: hyper_util::server::graceful::Watcher,
         upstream: Arc<Upstream>,
     ) {
+        let peer = AgentAddr(peer);
         let local = match tcp.local_addr() {
-            Ok(local) => local,
+            Ok(local) => ProxyAddr(local),
             Err(error) => {
                 tracing::debug!(%peer, %error, "connection closed before it was set up");
                 return;

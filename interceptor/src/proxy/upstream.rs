@@ -141,7 +141,7 @@ impl Upstream {
     /// Pools for agents' requests, which carry no client certificate of
     /// chaperone's; if `spec.tls` has one, [`Upstream::with_own_credentials`]
     /// pools that present it.
-    pub fn new(spec: UpstreamSpec) -> Result<Self, String> {
+    pub fn new(spec: UpstreamSpec) -> Result<Self, UpstreamError> {
         let own_credentials = if spec.tls.client_auth_cert_resolver.has_certs() {
             Some(Arc::new(Self::pools(spec.clone(), None)?))
         } else {
@@ -163,23 +163,23 @@ impl Upstream {
         self.own_credentials.as_deref().unwrap_or(self)
     }
 
-    fn pools(spec: UpstreamSpec, own_credentials: Option<Arc<Upstream>>) -> Result<Self, String> {
+    fn pools(
+        spec: UpstreamSpec,
+        own_credentials: Option<Arc<Upstream>>,
+    ) -> Result<Self, UpstreamError> {
         let kept = Arc::new(spec.clone());
         let authority = spec
             .base
             .authority()
             .cloned()
-            .ok_or_else(|| format!("upstream URL {} has no host:port", spec.base))?;
+            .ok_or_else(|| UpstreamError::NoAuthority(spec.base.clone()))?;
         if spec.base.scheme_str() != Some("https") {
-            return Err(format!(
-                "upstream URL {} must be https: chaperone only re-originates over TLS",
-                spec.base
-            ));
+            return Err(UpstreamError::NotHttps(spec.base.clone()));
         }
         let server_name = match &spec.tls_server_name {
             Some(name) => Some(
                 ServerName::try_from(name.clone())
-                    .map_err(|_| format!("tls-server-name {name:?} is not a valid name"))?,
+                    .map_err(|_| UpstreamError::ServerName(name.clone()))?,
             ),
             None => None,
         };
@@ -572,25 +572,49 @@ fn https(
     }
 }
 
+/// An upstream chaperone cannot re-originate to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream URL {0} has no host:port")]
+    NoAuthority(Uri),
+    #[error("upstream URL {0} must be https: chaperone only re-originates over TLS")]
+    NotHttps(Uri),
+    #[error("tls-server-name {0:?} is not a valid name")]
+    ServerName(String),
+}
+
+/// A CA bundle that cannot be trusted as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    #[error("the CA bundle is not valid PEM: {0}")]
+    NotPem(String),
+    #[error("the CA bundle holds a certificate rustls refuses: {0}")]
+    Refused(String),
+    #[error("the CA bundle holds no certificate")]
+    Empty,
+    #[error("{0}")]
+    Tls(String),
+}
+
 /// A rustls client config trusting exactly the given PEM CA bundle.
-pub fn client_tls_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig, String> {
+pub fn client_tls_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TrustError> {
     let mut roots = rustls::RootCertStore::empty();
     let mut found = 0;
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        let cert = cert.map_err(|e| format!("the CA bundle is not valid PEM: {e}"))?;
+        let cert = cert.map_err(|e| TrustError::NotPem(e.to_string()))?;
         roots
             .add(cert)
-            .map_err(|e| format!("the CA bundle holds a certificate rustls refuses: {e}"))?;
+            .map_err(|e| TrustError::Refused(e.to_string()))?;
         found += 1;
     }
     if found == 0 {
-        return Err("the CA bundle holds no certificate".into());
+        return Err(TrustError::Empty);
     }
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(|e| TrustError::Tls(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth())
 }

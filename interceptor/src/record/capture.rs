@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 
 use crate::mask::{Masker, ResponseMask};
-use crate::proxy::body::BodyObserver;
+use crate::proxy::body::{BodyObserver, CutShort};
 use crate::request::RequestInfo;
 
 /// Most bytes of one body kept for the record.
@@ -171,7 +171,7 @@ impl BodyObserver for CaptureObserver {
         }
     }
 
-    fn on_end(&mut self, _result: Result<(), String>) {
+    fn on_end(&mut self, _result: Result<(), CutShort>) {
         if let Some(capture) = self.capture.take() {
             *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = capture.finish();
         }

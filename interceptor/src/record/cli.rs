@@ -49,7 +49,7 @@ pub struct ReadArgs {
     pub gap: std::time::Duration,
 }
 
-fn parse_gap(text: &str) -> Result<std::time::Duration, String> {
+fn parse_gap(text: &str) -> Result<std::time::Duration, crate::policy::DurationError> {
     crate::policy::parse_duration(text)
 }
 
@@ -703,8 +703,24 @@ fn write_timeline(
     Ok(())
 }
 
+/// A connection's chain that does not hold, as `verify` reports it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}:{}: {}\n{} record(s) before it verify; last good hash {}",
+    .broken.file.display(),
+    .broken.line,
+    .broken.reason,
+    .records,
+    .last_hash
+)]
+struct ChainBroken<'a> {
+    broken: &'a read::Broken,
+    records: u64,
+    last_hash: &'a str,
+}
+
 /// One connection's verdict: `Ok(line)` or `Err(lines)`.
-fn verdict(recording: &Recording) -> Result<String, String> {
+fn verdict(recording: &Recording) -> Result<String, ChainBroken<'_>> {
     let v = &recording.verification;
     let keyed = match &v.keyed {
         Some(id) => format!("chain keyed with node key {id}"),
@@ -718,14 +734,11 @@ fn verdict(recording: &Recording) -> Result<String, String> {
             v.casts,
             v.last_hash
         )),
-        Some(broken) => Err(format!(
-            "{}:{}: {}\n{} record(s) before it verify; last good hash {}",
-            broken.file.display(),
-            broken.line,
-            broken.reason,
-            v.records,
-            v.last_hash
-        )),
+        Some(broken) => Err(ChainBroken {
+            broken,
+            records: v.records,
+            last_hash: &v.last_hash,
+        }),
     }
 }
 

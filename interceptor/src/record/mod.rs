@@ -86,7 +86,7 @@ pub mod cli;
 pub mod read;
 mod writer;
 
-use std::net::SocketAddr;
+use crate::redirect::AgentAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,7 +169,7 @@ pub struct SessionMeta {
     /// The kernel-attested pod, when the connection came through the redirect.
     pub pod: Option<PodRef>,
     /// The agent's address.
-    pub peer: SocketAddr,
+    pub peer: AgentAddr,
     /// When the connection was accepted.
     pub started: OffsetDateTime,
 }

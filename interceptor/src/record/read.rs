@@ -178,7 +178,7 @@ pub fn read_session(path: &Path, key: Option<&ChainKey>) -> Result<Recording, Re
                         verification.keyed = found.map(|k| k.id().to_owned());
                     }
                     Err(reason) => {
-                        verification.broken = Some(fail(reason));
+                        verification.broken = Some(fail(reason.to_string()));
                         // Unverified, but replay still names the pod.
                         header = serde_json::from_str(text).unwrap_or_default();
                         continue;
@@ -306,7 +306,7 @@ pub fn read_session(path: &Path, key: Option<&ChainKey>) -> Result<Recording, Re
                     verification.broken = Some(Broken {
                         file,
                         line,
-                        reason,
+                        reason: reason.to_string(),
                         unsealed: false,
                     });
                     break;
@@ -328,59 +328,100 @@ pub fn read_session(path: &Path, key: Option<&ChainKey>) -> Result<Recording, Re
 fn chain_key_for<'k>(
     header: &str,
     key: Option<&'k ChainKey>,
-) -> Result<Option<&'k ChainKey>, String> {
+) -> Result<Option<&'k ChainKey>, KeyMismatch> {
     let header: Map<String, Value> = serde_json::from_str(header).unwrap_or_default();
     let keyed = header.get("chain").and_then(Value::as_str) == Some(chain::KEYED);
     let key_id = header.get("keyId").and_then(Value::as_str).unwrap_or("?");
     match (keyed, key) {
         (true, Some(key)) if key.id() == key_id => Ok(Some(key)),
-        (true, Some(key)) => Err(format!(
-            "the session is keyed with node key {key_id}, not with the key given ({}): pass --key with the record.key of the node that recorded it",
-            key.id()
-        )),
-        (true, None) => Err(format!(
-            "the session is keyed with node key {key_id} and no key was given: pass --key with that node's record key file (the node keeps it as record.key beside its recordings directory)"
-        )),
-        (false, Some(key)) => Err(format!(
-            "the session's chain is not keyed, but recordings here are keyed with node key {}: it was rewritten by someone without the key (or recorded by a chaperone before keyed chains; check it alone with --key none)",
-            key.id()
-        )),
+        (true, Some(key)) => Err(KeyMismatch::OtherKey {
+            session: key_id.to_owned(),
+            given: key.id().to_owned(),
+        }),
+        (true, None) => Err(KeyMismatch::NoKey {
+            session: key_id.to_owned(),
+        }),
+        (false, Some(key)) => Err(KeyMismatch::Unkeyed {
+            node: key.id().to_owned(),
+        }),
         (false, None) => Ok(None),
     }
+}
+
+/// A session header that does not go with the key it is checked with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum KeyMismatch {
+    #[error(
+        "the session is keyed with node key {session}, not with the key given ({given}): pass --key with the record.key of the node that recorded it"
+    )]
+    OtherKey { session: String, given: String },
+    #[error(
+        "the session is keyed with node key {session} and no key was given: pass --key with that node's record key file (the node keeps it as record.key beside its recordings directory)"
+    )]
+    NoKey { session: String },
+    #[error(
+        "the session's chain is not keyed, but recordings here are keyed with node key {node}: it was rewritten by someone without the key (or recorded by a chaperone before keyed chains; check it alone with --key none)"
+    )]
+    Unkeyed { node: String },
+}
+
+/// An exec cast that is not what its stream record says.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum CastTampered {
+    #[error("the stream record names no valid cast file ({0:?}): it was edited")]
+    BadName(String),
+    #[error("the stream record of {0} carries no castSha256: it was edited")]
+    NoHash(String),
+    #[error("the cast {} cannot be read ({reason}): it was deleted or moved", .path.display())]
+    Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "the cast {} does not match the SHA-256 its stream record holds ({recorded}, the file has {found}): it was edited, truncated or replaced",
+        .path.display()
+    )]
+    Mismatch {
+        path: PathBuf,
+        recorded: String,
+        found: String,
+    },
 }
 
 /// Checks a cast file against the hash its stream record holds: `Ok(true)`
 /// when it matches, `Ok(false)` when the record holds none (an unkeyed
 /// session from before casts were chained).
-fn check_cast(dir: &Path, cast: &str, hash: Option<&str>, keyed: bool) -> Result<bool, String> {
+fn check_cast(
+    dir: &Path,
+    cast: &str,
+    hash: Option<&str>,
+    keyed: bool,
+) -> Result<bool, CastTampered> {
     use sha2::Digest as _;
     if cast.is_empty() || cast.contains('/') || cast.starts_with('.') {
-        return Err(format!(
-            "the stream record names no valid cast file ({cast:?}): it was edited"
-        ));
+        return Err(CastTampered::BadName(cast.to_owned()));
     }
     let Some(hash) = hash else {
         return if keyed {
-            Err(format!(
-                "the stream record of {cast} carries no castSha256: it was edited"
-            ))
+            Err(CastTampered::NoHash(cast.to_owned()))
         } else {
             Ok(false)
         };
     };
     let path = dir.join(cast);
-    let bytes = fs::read(&path).map_err(|e| {
-        format!(
-            "the cast {} cannot be read ({e}): it was deleted or moved",
-            path.display()
-        )
-    })?;
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return Err(CastTampered::Unreadable {
+                path,
+                reason: e.to_string(),
+            });
+        }
+    };
     let found = hex::encode(sha2::Sha256::digest(&bytes));
     if found != hash {
-        return Err(format!(
-            "the cast {} does not match the SHA-256 its stream record holds ({hash}, the file has {found}): it was edited, truncated or replaced",
-            path.display()
-        ));
+        return Err(CastTampered::Mismatch {
+            path,
+            recorded: hash.to_owned(),
+            found,
+        });
     }
     Ok(true)
 }
@@ -797,7 +838,11 @@ fn target_of(
 /// decision, status), and every request of the pod the log holds within
 /// the session's time must be recorded (or counted in a `gap` record).
 /// `Ok(n)`: `n` requests agree.
-pub fn cross_check(pod: &str, recordings: &[&Recording], log: &AuditLog) -> Result<usize, String> {
+pub fn cross_check(
+    pod: &str,
+    recordings: &[&Recording],
+    log: &AuditLog,
+) -> Result<usize, AuditDisagrees> {
     let mut agreed = 0;
     let mut recorded = std::collections::HashSet::new();
     let mut dropped = 0;
@@ -838,16 +883,21 @@ pub fn cross_check(pod: &str, recordings: &[&Recording], log: &AuditLog) -> Resu
             };
             match log.by_id.get(&(id.clone(), stage.clone())) {
                 None => {
-                    return Err(format!(
-                        "{}: the request {id} ({stage}, {said}) is not in the audit log: the recording was forged, or pass every (rotated) audit file",
-                        recording.path.display()
-                    ));
+                    return Err(AuditDisagrees::NotInLog {
+                        recording: recording.path.clone(),
+                        id,
+                        stage,
+                        said: said.to_string(),
+                    });
                 }
                 Some(witness) if *witness != said => {
-                    return Err(format!(
-                        "{}: the request {id} ({stage}) was recorded as {said}, but the audit log says {witness}: the recording (or the log) was rewritten",
-                        recording.path.display()
-                    ));
+                    return Err(AuditDisagrees::Differs {
+                        recording: recording.path.clone(),
+                        id,
+                        stage,
+                        said: said.to_string(),
+                        log: witness.to_string(),
+                    });
                 }
                 Some(_) => agreed += 1,
             }
@@ -872,12 +922,48 @@ pub fn cross_check(pod: &str, recordings: &[&Recording], log: &AuditLog) -> Resu
         .collect();
     if missing.len() as u64 > dropped {
         let (_, t, id, stage, uri) = missing[0];
-        return Err(format!(
-            "the audit log holds {} request(s) of {pod} made during this agent session that no recording of it holds ({} accounted for by gap records); the first: {id} ({stage}) {uri} at {}: a recording was removed or cut",
-            missing.len(),
-            dropped,
-            super::micro_time(*t)
-        ));
+        return Err(AuditDisagrees::Unrecorded {
+            count: missing.len(),
+            pod: pod.to_owned(),
+            gaps: dropped,
+            first: format!("{id} ({stage}) {uri} at {}", super::micro_time(*t)),
+        });
     }
     Ok(agreed)
+}
+
+/// Where the recordings of an agent session and the audit log disagree.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuditDisagrees {
+    #[error(
+        "{}: the request {id} ({stage}, {said}) is not in the audit log: the recording was forged, or pass every (rotated) audit file",
+        .recording.display()
+    )]
+    NotInLog {
+        recording: PathBuf,
+        id: String,
+        stage: String,
+        said: String,
+    },
+    #[error(
+        "{}: the request {id} ({stage}) was recorded as {said}, but the audit log says {log}: the recording (or the log) was rewritten",
+        .recording.display()
+    )]
+    Differs {
+        recording: PathBuf,
+        id: String,
+        stage: String,
+        said: String,
+        log: String,
+    },
+    #[error(
+        "the audit log holds {count} request(s) of {pod} made during this agent session that no recording of it holds ({gaps} accounted for by gap records); the first: {first}: a recording was removed or cut"
+    )]
+    Unrecorded {
+        count: usize,
+        pod: String,
+        gaps: u64,
+        /// `ID (STAGE) URI at TIME`.
+        first: String,
+    },
 }

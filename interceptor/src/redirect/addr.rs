@@ -28,6 +28,68 @@ impl fmt::Display for OrigDst {
     }
 }
 
+/// The agent's end of an accepted connection: the socket's peer (the
+/// pod's address and ephemeral port).
+///
+/// The kernel files a redirected connection under the agent's end first;
+/// the two ends are typed so that they cannot be passed the wrong way round:
+///
+/// ```
+/// # use chaperone::redirect::{AgentAddr, ProxyAddr, Redirector};
+/// fn claim(redirector: &Redirector, agent: AgentAddr, proxy: ProxyAddr) {
+///     let _ = redirector.take_connection(agent, proxy);
+/// }
+/// ```
+///
+/// ```compile_fail
+/// # use chaperone::redirect::{AgentAddr, ProxyAddr, Redirector};
+/// fn claim(redirector: &Redirector, agent: AgentAddr, proxy: ProxyAddr) {
+///     let _ = redirector.take_connection(proxy, agent);
+/// }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AgentAddr(pub SocketAddr);
+
+impl AgentAddr {
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip()
+    }
+}
+
+impl fmt::Display for AgentAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for AgentAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(AgentAddr)
+    }
+}
+
+/// The proxy's end of an accepted connection: the socket's local address
+/// (the node address and proxy port the kernel rewrote the agent's
+/// `connect()` to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProxyAddr(pub SocketAddr);
+
+impl fmt::Display for ProxyAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for ProxyAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(ProxyAddr)
+    }
+}
+
 /// What the kernel attests about an accepted, redirected connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttestedConnection {
@@ -137,12 +199,12 @@ pub(crate) fn ip_from_key(bytes: [u8; 16]) -> IpAddr {
 
 /// The key `sock_ops` filed the connection under: the agent's side is the
 /// accepted socket's peer, the proxy's side its local address.
-pub(crate) fn conn_key(peer: SocketAddr, local: SocketAddr) -> ConnKey {
+pub(crate) fn conn_key(agent: AgentAddr, proxy: ProxyAddr) -> ConnKey {
     ConnKey {
-        src_addr: ip_key(peer.ip()),
-        dst_addr: ip_key(local.ip()),
-        src_port: peer.port(),
-        dst_port: local.port(),
+        src_addr: ip_key(agent.0.ip()),
+        dst_addr: ip_key(proxy.0.ip()),
+        src_port: agent.0.port(),
+        dst_port: proxy.0.port(),
     }
 }
 
@@ -226,8 +288,8 @@ mod tests {
     #[test]
     fn connection_key_puts_the_agent_first() {
         let key = conn_key(
-            "10.0.0.2:40000".parse().unwrap(),
-            "10.0.0.1:15443".parse().unwrap(),
+            AgentAddr("10.0.0.2:40000".parse().unwrap()),
+            ProxyAddr("10.0.0.1:15443".parse().unwrap()),
         );
         assert_eq!(key.src_addr, v4_mapped([10, 0, 0, 2]));
         assert_eq!(key.dst_addr, v4_mapped([10, 0, 0, 1]));

@@ -23,7 +23,10 @@ use interceptor_ebpf::{
 };
 
 use super::{
-    addr::{AttestedConnection, CgroupId, RefusedDestination, conn_key, sock_addr_key},
+    addr::{
+        AgentAddr, AttestedConnection, CgroupId, ProxyAddr, RefusedDestination, conn_key,
+        sock_addr_key,
+    },
     bpf_sys::{self, attach_type},
     pin::{DetachReport, PinDir, PinDirError, PinHold},
     preflight,
@@ -492,16 +495,16 @@ impl Redirector {
         removed
     }
 
-    /// Claims the kernel's record of an accepted connection (`peer` is the
-    /// agent's side, `local` the proxy's). The record is removed: each
-    /// connection is attested once. `None` when the connection was not
-    /// redirected by these programs.
+    /// Claims the kernel's record of an accepted connection (the socket's
+    /// peer is the agent's side, its local address the proxy's). The record
+    /// is removed: each connection is attested once. `None` when the
+    /// connection was not redirected by these programs.
     pub fn take_connection(
         &self,
-        peer: SocketAddr,
-        local: SocketAddr,
+        agent: AgentAddr,
+        proxy: ProxyAddr,
     ) -> Option<AttestedConnection> {
-        let key = conn_key(normalize(peer), normalize(local));
+        let key = conn_key(AgentAddr(normalize(agent.0)), ProxyAddr(normalize(proxy.0)));
         let mut connections = lock(&self.connections);
         let record = connections.get(&key, 0).ok()?;
         // Already read; a failed delete only leaves an entry the LRU ages out.

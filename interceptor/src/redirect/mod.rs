@@ -18,7 +18,7 @@ pub mod pin;
 #[allow(unsafe_code)] // setrlimit(RLIMIT_MEMLOCK) before loading programs
 mod preflight;
 
-pub use addr::{AttestedConnection, CgroupId, OrigDst, RefusedDestination};
+pub use addr::{AgentAddr, AttestedConnection, CgroupId, OrigDst, ProxyAddr, RefusedDestination};
 pub use cgroupfs::{CgroupMountError, cgroup2_mount, cgroup2_root_at};
 pub use loader::{Lifetime, RedirectCounters, RedirectError, RedirectSpec, Redirector};
 pub use pin::{DetachRefusal, DetachReport, PinDir, detach_all};

@@ -120,12 +120,11 @@ impl Injector {
                     .to_owned(),
             );
         };
-        let parse = |value: Option<&Value>| -> Result<Option<ApprovalRequest>, String> {
+        let parse = |value: Option<&Value>| -> Result<Option<ApprovalRequest>, serde_json::Error> {
             value
                 .filter(|v| !v.is_null())
                 .map(|v| serde_json::from_value(v.clone()))
                 .transpose()
-                .map_err(|e| format!("not a valid ApprovalRequest: {e}"))
         };
         let (new, old) = match (
             parse(request.object.as_ref()),
@@ -134,7 +133,12 @@ impl Injector {
             (Ok(Some(new)), Ok(old)) => (new, old),
             (Ok(None), _) => return AdmissionResponse::allow(uid),
             (Err(why), _) | (_, Err(why)) => {
-                return AdmissionResponse::deny(uid, 400, "BadRequest", why);
+                return AdmissionResponse::deny(
+                    uid,
+                    400,
+                    "BadRequest",
+                    format!("not a valid ApprovalRequest: {why}"),
+                );
             }
         };
         let user = request.user_info.clone().unwrap_or_default();

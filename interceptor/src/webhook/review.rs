@@ -119,15 +119,13 @@ impl AdmissionResponse {
     }
 
     /// The decoded JSON Patch, if the response carries one.
-    pub fn decoded_patch(&self) -> Option<Result<Value, String>> {
+    pub fn decoded_patch(&self) -> Option<Result<Value, BadPatch>> {
         let patch = self.patch.as_deref()?;
         Some(
             base64::engine::general_purpose::STANDARD
                 .decode(patch)
-                .map_err(|e| format!("patch is not base64: {e}"))
-                .and_then(|bytes| {
-                    serde_json::from_slice(&bytes).map_err(|e| format!("patch is not JSON: {e}"))
-                }),
+                .map_err(BadPatch::NotBase64)
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(BadPatch::NotJson)),
         )
     }
 
@@ -147,4 +145,13 @@ impl AdmissionResponse {
 pub(super) enum PatchOp {
     Add { path: String, value: Value },
     Replace { path: String, value: Value },
+}
+
+/// An `AdmissionResponse` patch that does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum BadPatch {
+    #[error("patch is not base64: {0}")]
+    NotBase64(base64::DecodeError),
+    #[error("patch is not JSON: {0}")]
+    NotJson(serde_json::Error),
 }
