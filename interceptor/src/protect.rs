@@ -25,6 +25,9 @@
 //!   something else (a list of `key=value` strings, a template in a string)
 //!   is beyond what chaperone can read: keep such kinds from agents by RBAC
 //!   or policy;
+//! - bodies of those writes that name one key twice in an object (also as
+//!   Go folds field names' case): Go's decoder merges both, a last-wins
+//!   reader would judge another object;
 //! - anything in chaperone's own namespace (`chaperone-system` by default),
 //!   except reading `ApprovalRequest`s, and writes to that namespace object;
 //! - writes to chaperone's DaemonSets, webhook configurations, CRDs
@@ -682,29 +685,101 @@ enum Form {
 }
 
 /// JSON, or YAML (with merge keys applied, as the API server's YAML reader
-/// does).
+/// does). An object that names one key twice (also as Go folds case) is
+/// refused: chaperone's reader keeps the last, Go's decoder merges both
+/// into one field, so the two would read different objects.
 fn parse(bytes: &[u8]) -> Result<Value, String> {
-    if let Ok(value) = serde_json::from_slice::<Value>(bytes) {
-        return Ok(value);
+    match serde_json::from_slice::<OneReading>(bytes) {
+        Ok(OneReading) => {
+            return serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string());
+        }
+        Err(e) if e.is_data() => return Err(e.to_string()),
+        Err(_) => {}
     }
     let mut yaml: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(|e| e.to_string())?;
     yaml.apply_merge().map_err(|e| e.to_string())?;
-    serde_json::to_value(yaml).map_err(|e| e.to_string())
+    let value = serde_json::to_value(yaml).map_err(|e| e.to_string())?;
+    serde_json::from_value::<OneReading>(value.clone()).map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// A JSON document whose objects name no key twice, as Go folds field
+/// names (`fold`): what deserializing it proves.
+struct OneReading;
+
+impl<'de> serde::Deserialize<'de> for OneReading {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OneReadingVisitor)
+    }
+}
+
+struct OneReadingVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OneReadingVisitor {
+    type Value = OneReading;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_unit<E>(self) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_none<E>(self) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneReading, A::Error> {
+        while seq.next_element::<OneReading>()?.is_some() {}
+        Ok(OneReading)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OneReading, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(fold(&key)) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key \"{key}\" appears twice in one object (keys differing only in \
+                     case count as one, as the API server reads them)"
+                )));
+            }
+            map.next_value::<OneReading>()?;
+        }
+        Ok(OneReading)
+    }
 }
 
 /// Go's `encoding/json` matches field names case-insensitively, with
 /// Unicode simple folding (`ſ` is `s`, the Kelvin sign `k`): the API
 /// server (before 1.23) reads `"Labels"` or `"labelſ"` as `labels`.
 fn field_is(key: &str, field: &str) -> bool {
-    let folded: String = key
-        .chars()
+    fold(key) == field.to_ascii_lowercase()
+}
+
+/// A field name as Go's decoder matches it.
+fn fold(key: &str) -> String {
+    key.chars()
         .map(|c| match c {
             '\u{17F}' => 's',
             '\u{212A}' => 'k',
             c => c.to_ascii_lowercase(),
         })
-        .collect();
-    folded == field.to_ascii_lowercase()
+        .collect()
 }
 
 /// Every value of `object` whose key reads as `field`.
@@ -1684,6 +1759,44 @@ mod tests {
             "{}",
             status.message
         );
+    }
+
+    #[test]
+    fn bodies_that_name_a_key_twice_are_refused() {
+        let deployments = "/apis/apps/v1/namespaces/agents/deployments";
+        for (content_type, body) in [
+            // Go merges the two specs into one; a last-wins reader sees none.
+            (
+                "application/json",
+                r#"{"spec":{"template":{"metadata":{"labels":{"chaperone.dev/intercept":"false"}}}},"spec":{"replicas":1}}"#,
+            ),
+            (
+                "application/json",
+                r#"{"spec":{"template":{"metadata":{"labels":{"chaperone.dev/intercept":"false"}}},"Template":{}}}"#,
+            ),
+            (
+                "application/yaml",
+                "spec:\n  template:\n    metadata:\n      labels:\n        chaperone.dev/intercept: \"false\"\nSpec:\n  replicas: 1\n",
+            ),
+        ] {
+            let why = body_check("POST", deployments, content_type, body).unwrap_err();
+            assert!(why.contains("twice") || why.contains("duplicate"), "{why}");
+        }
+        body_check(
+            "PATCH",
+            POD,
+            MERGE,
+            r#"{"metadata":{"labels":{"chaperone.dev/intercept":"false"}},"metadata":{}}"#,
+        )
+        .unwrap_err();
+        // The same key in different objects is fine.
+        body_check(
+            "POST",
+            deployments,
+            "application/json",
+            r#"{"metadata":{"name":"a"},"spec":{"template":{"metadata":{"name":"b"}}}}"#,
+        )
+        .unwrap();
     }
 
     fn request_post(path: &str) -> RequestInfo {
