@@ -296,6 +296,7 @@ fn an_agent_cannot_start_pods_that_opt_out(backend: Backend) {
 
     if backend == Backend::Real {
         tried += protobuf_as_the_real_server_writes_it(&world, &kinds);
+        tried += a_key_named_twice_on_the_real_server(&world);
     }
 
     // A pod made directly: kubectl run, and a manifest with generateName.
@@ -466,4 +467,73 @@ fn protobuf_as_the_real_server_writes_it(world: &World, kinds: &[&Kind]) -> usiz
         );
     }
     refused
+}
+
+/// A JSON body naming `spec` twice: the real server's decoder merges both
+/// (the first's template labels survive), so it stores a template that
+/// opts out; chaperone refuses the body rather than judge one of them.
+fn a_key_named_twice_on_the_real_server(world: &World) -> usize {
+    let body = r#"{"apiVersion":"apps/v1","kind":"Deployment",
+        "metadata":{"name":"twice","namespace":"default"},
+        "spec":{"template":{"metadata":{"labels":{"app":"twice","chaperone.dev/intercept":"false"}}}},
+        "spec":{"selector":{"matchLabels":{"app":"twice"}},
+            "template":{"spec":{"containers":[{"name":"c","image":"busybox"}]}}}}"#;
+    let file = world.work.path().join("twice.json");
+    std::fs::write(&file, body).unwrap();
+    let collection = "/apis/apps/v1/namespaces/default/deployments";
+    let post = |mut cmd: std::process::Command, auth: String, url: String, ca: &str| {
+        cmd.args(["-sS", "--max-time", "10", "--cacert", ca, "-H", &auth])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(url);
+        let out = run_for(&mut cmd, LIMIT).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_owned())
+    };
+
+    // Through chaperone, as the agent: refused, nothing stored.
+    let (code, said) = post(
+        world.agent().in_cluster_command(&world.credentials, "curl"),
+        format!("Authorization: Bearer {}", world.token),
+        format!(
+            "https://{}:{}{collection}",
+            world.credentials.service_host, world.credentials.service_port
+        ),
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+    );
+    assert_eq!(code, 403, "{said}");
+    assert!(said.contains("appears twice"), "{said}");
+    assert!(
+        world
+            .api
+            .get("deployments.apps", Some(NAMESPACE), "twice")
+            .is_none()
+    );
+
+    // Straight to the server, as an admin: what it would have stored.
+    let ca = world.work.path().join("cluster-ca.crt");
+    std::fs::write(&ca, world.api.ca_pem()).unwrap();
+    let (code, said) = post(
+        std::process::Command::new("curl"),
+        format!("Authorization: Bearer {}", world.api.admin_token()),
+        format!("{}{collection}", world.api.url()),
+        ca.to_str().unwrap(),
+    );
+    assert_eq!(code, 201, "{said}");
+    let stored = world
+        .api
+        .get("deployments.apps", Some(NAMESPACE), "twice")
+        .unwrap();
+    assert_eq!(
+        stored["spec"]["template"]["metadata"]["labels"]["chaperone.dev/intercept"], "false",
+        "the server merged the two specs: {stored}"
+    );
+    1
 }
