@@ -325,7 +325,8 @@ impl PodTracker {
             .filter(|(uid, seen)| {
                 !seen.finished
                     && (labeled(&seen.pod.labels)
-                        || state.agent_namespaces.contains(&seen.pod.namespace)
+                        || (state.agent_namespaces.contains(&seen.pod.namespace)
+                            && !opted_out(&seen.pod.labels))
                         || state.guarded_for_life.contains(*uid))
             })
             .map(|(uid, seen)| (uid, &seen.pod))
@@ -572,6 +573,20 @@ fn boxed<K>(event: watcher::Event<K>) -> watcher::Event<Box<K>> {
 
 fn labeled(labels: &BTreeMap<String, String>) -> bool {
     labels.get(INTERCEPT_LABEL).is_some_and(|v| v == "true")
+}
+
+/// A pod in a labeled namespace that says `chaperone.dev/intercept: "false"`
+/// is not an agent, as the webhook (its objectSelector) and `kubectl
+/// chaperone status` read it: intercepting it would send its API
+/// connections to a CA it was never given. Only a pod's first sighting
+/// decides; once guarded, a later opt-out label does not release it
+/// (`guarded_for_life`). Agents may not write the label on pods nor in any
+/// workload's pod template (`protect`), so the opt-out comes from a person
+/// or a controller running what a person wrote; a pod already labeled
+/// when the node agent starts (made before chaperone was deployed) is
+/// left alone as well, which deploy/README.md asks operators to review.
+fn opted_out(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(INTERCEPT_LABEL).is_some_and(|v| v == "false")
 }
 
 fn seen_pod(pod: &Pod) -> Option<(String, SeenPod)> {
@@ -1125,6 +1140,29 @@ mod tests {
         assert_eq!(sink.ids(), [id(2)].into());
         tracker.apply_namespace(&namespace("web", false));
         assert_eq!(sink.ids(), [id(2)].into());
+    }
+
+    /// The real-cluster tier found it: a pod labeled `intercept: "false"`
+    /// in a labeled namespace was intercepted anyway, though the webhook
+    /// gave it no CA (its connections failed, and it could not reach its
+    /// kubelet). It opts out as it does for the webhook; a guarded pod
+    /// labeled "false" afterwards stays guarded.
+    #[test]
+    fn a_pod_that_opts_out_of_a_labeled_namespace_is_not_guarded() {
+        let tree = Tree::plain();
+        let layout = kubelet_layout(&tree);
+        let id = |i: usize| cgroup_id(&layout[i].1).unwrap();
+        let sink = Arc::new(FakeSink::default());
+        let tracker = PodTracker::new(sink.clone(), &tree.root);
+        tracker.apply_namespace(&namespace("ci", true));
+        tracker.replace_pods(&[
+            pod("ci", "runner", UID_A, &[]),
+            pod("ci", "tool", UID_B, &[(INTERCEPT_LABEL, "false")]),
+        ]);
+        assert_eq!(sink.ids(), [id(0)].into());
+
+        tracker.apply_pod(&pod("ci", "runner", UID_A, &[(INTERCEPT_LABEL, "false")]));
+        assert_eq!(sink.ids(), [id(0)].into(), "guarded for its lifetime");
     }
 
     /// A minimal API server for the watch: lists return the objects given

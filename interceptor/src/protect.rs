@@ -10,6 +10,24 @@
 //!   label or annotation of a pod or namespace (create, update, JSON patch,
 //!   merge patch, strategic merge patch, server-side apply), and bodies to
 //!   pods and namespaces chaperone cannot read (protobuf, too large);
+//! - the same in the pod template of a built-in workload (Deployment,
+//!   ReplicaSet, StatefulSet, DaemonSet, Job, CronJob, ReplicationController,
+//!   PodTemplate; any version), whose controller would make pods with it: a
+//!   Job whose template says `"false"` in a labeled namespace would start
+//!   pods the node agent leaves alone. The workload's own labels do not
+//!   decide anything and are not checked; removing `"true"` by replacing
+//!   the whole workload is not seen (it changes nothing in a labeled
+//!   namespace, and in any other an agent that may create pods there can
+//!   create unguarded ones anyway);
+//! - in a custom resource (an API group with a dot, not `*.k8s.io`), whose
+//!   controller may make pods from any field: the key with any value but
+//!   `"true"` anywhere in the body. A controller that builds pod labels from
+//!   something else (a list of `key=value` strings, a template in a string)
+//!   is beyond what chaperone can read: keep such kinds from agents by RBAC
+//!   or policy;
+//! - bodies of those writes that name one key twice in an object (also as
+//!   Go folds field names' case): Go's decoder merges both, a last-wins
+//!   reader would judge another object;
 //! - anything in chaperone's own namespace (`chaperone-system` by default),
 //!   except reading `ApprovalRequest`s, and writes to that namespace object;
 //! - writes to chaperone's DaemonSets, webhook configurations, CRDs
@@ -33,8 +51,8 @@ pub const INTERCEPT_KEY: &str = crate::pods::INTERCEPT_LABEL;
 /// The policy rule name recorded for a protect refusal.
 pub const RULE: &str = "chaperone-protect";
 
-/// Longest pod or namespace body read to check the intercept label; the API
-/// server's own limit is 3 MiB.
+/// Longest body read to check the intercept label; the API server's own
+/// limit is 3 MiB.
 pub const BODY_READ_LIMIT: usize = 4 << 20;
 
 /// chaperone's built-in refusals, configured with its own namespaces.
@@ -50,8 +68,8 @@ pub enum Check {
     Pass,
     /// Refused: the 403 to answer.
     Refuse(Box<Status>),
-    /// A write to a pod or namespace: read the body, then ask
-    /// [`Protect::check_body`].
+    /// A write to a pod, namespace, workload with a pod template or custom
+    /// resource: read the body, then ask [`Protect::check_body`].
     ReadBody,
     /// A write to `AgentPolicy` objects: allowed only when the policy
     /// decision comes from a rule that names `agentpolicies` explicitly.
@@ -159,18 +177,8 @@ impl Protect {
             }
         }
 
-        if matches!(verb, "create" | "update" | "patch") && group.is_empty() {
-            let object = match resource {
-                "pods" => !matches!(
-                    request.subresource.as_str(),
-                    "exec" | "attach" | "portforward" | "proxy" | "log" | "eviction" | "binding"
-                ),
-                "namespaces" => true,
-                _ => false,
-            };
-            if object {
-                return Check::ReadBody;
-            }
+        if matches!(verb, "create" | "update" | "patch") && holder(request).is_some() {
+            return Check::ReadBody;
         }
         Check::Pass
     }
@@ -185,10 +193,18 @@ impl Protect {
         .with_details(&request.api_group, &request.resource, &request.name)
     }
 
+    /// Whether [`Protect::check_body`] compares the write with the
+    /// object's current intercept label (pods and namespaces, whose label
+    /// the pod tracker knows).
+    pub fn reads_current_label(request: &RequestInfo) -> bool {
+        matches!(holder(request), Some(Holder::Object(_)))
+    }
+
     /// For [`Check::ReadBody`]: whether the write's body would set, change
-    /// or remove the intercept label or annotation. `current_label` is the
-    /// object's label value as chaperone knows it (the pod tracker's
-    /// watch), `None` when unknown or absent.
+    /// or remove the intercept label or annotation of a pod or namespace,
+    /// of a workload's pod template, or anywhere in a custom resource.
+    /// `current_label` is a pod's or namespace's label value as chaperone
+    /// knows it (the pod tracker's watch), `None` when unknown or absent.
     pub fn check_body(
         &self,
         request: &RequestInfo,
@@ -196,18 +212,16 @@ impl Protect {
         body: &WholeBody,
         current_label: Option<&str>,
     ) -> Result<(), Box<Status>> {
-        let kind = if request.resource == "namespaces" {
-            "namespace"
-        } else {
-            "pod"
+        let Some(holder) = holder(request) else {
+            return Ok(());
         };
         let refuse = |why: String| {
             Box::new(
-                Status::forbidden(format!(
-                    "chaperone: agents may not change the {INTERCEPT_KEY} label or annotation of a \
-                     {kind}, which decides what chaperone guards: {why}"
-                ))
-                .with_details("", &request.resource, &request.name),
+                Status::forbidden(holder.refusal(request, &why)).with_details(
+                    &request.api_group,
+                    &request.resource,
+                    &request.name,
+                ),
             )
         };
         let bytes = match body {
@@ -242,6 +256,11 @@ impl Protect {
                 Form::Object
             }
             ("create" | "update", "application/json" | "application/yaml" | "") => Form::Object,
+            ("create" | "update", proto::MEDIA_TYPE) if holder.fields().is_some() => {
+                // kubectl's typed clients (`kubectl create deployment`,
+                // `kubectl create job`) send protobuf.
+                return proto::object_touches(bytes, holder, current_label).map_err(refuse);
+            }
             _ => {
                 return Err(refuse(format!(
                     "chaperone cannot read a {} body of type \"{media}\" to check it; send JSON or YAML",
@@ -250,12 +269,409 @@ impl Protect {
             }
         };
         let value = parse(bytes).map_err(|why| refuse(format!("the body is unreadable: {why}")))?;
-        let result = match form {
-            Form::JsonPatch => json_patch_touches(&value),
-            Form::MergePatch => merge_patch_touches(&value),
-            Form::Object => object_touches(&value, current_label),
+        let result = match (holder, form) {
+            (Holder::Custom, Form::JsonPatch) => json_patch_names_key(&value),
+            (Holder::Custom, Form::MergePatch | Form::Object) => key_anywhere(&value, ""),
+            (_, Form::JsonPatch) => json_patch_touches(&value, holder.path()),
+            (_, Form::MergePatch) => merge_patch_touches(&value, holder.path()),
+            (_, Form::Object) => object_touches(&value, holder.path(), current_label),
         };
         result.map_err(refuse)
+    }
+}
+
+/// Where a write's body holds the label and annotation that decide what
+/// chaperone guards.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Holder {
+    /// The object's own metadata: `pod` or `namespace`.
+    Object(&'static str),
+    /// A workload's pod template at `path` (`spec.template`): its
+    /// controller makes pods with the template's labels.
+    Template {
+        kind: &'static str,
+        path: &'static [&'static str],
+        /// The same path as protobuf field numbers, to the template's
+        /// `ObjectMeta`.
+        fields: &'static [u32],
+    },
+    /// A custom resource: chaperone knows neither whether nor where it
+    /// holds a pod template, so the key anywhere in the body counts.
+    Custom,
+}
+
+const SPEC_TEMPLATE: &[&str] = &["spec", "template"];
+
+/// A workload kind with a pod template: group, resource, kind, the
+/// template's JSON path, and its protobuf field numbers from the object to
+/// the template's `ObjectMeta` (`k8s.io/api`'s `generated.proto`: `spec`
+/// is 2 in every object, the template's `metadata` 1).
+type TemplateKind = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static [u32],
+);
+
+/// The built-in kinds whose controllers make pods from a template, by API
+/// group and resource (every version: `batch/v1beta1` CronJobs on 1.20,
+/// the `extensions` group's old workloads).
+const TEMPLATES: &[TemplateKind] = &[
+    // ReplicationControllerSpec.template = 3
+    (
+        "",
+        "replicationcontrollers",
+        "ReplicationController",
+        SPEC_TEMPLATE,
+        &[2, 3, 1],
+    ),
+    // PodTemplate.template = 2
+    ("", "podtemplates", "PodTemplate", &["template"], &[2, 1]),
+    // DeploymentSpec, ReplicaSetSpec, StatefulSetSpec: template = 3
+    (
+        "apps",
+        "deployments",
+        "Deployment",
+        SPEC_TEMPLATE,
+        &[2, 3, 1],
+    ),
+    (
+        "apps",
+        "replicasets",
+        "ReplicaSet",
+        SPEC_TEMPLATE,
+        &[2, 3, 1],
+    ),
+    (
+        "apps",
+        "statefulsets",
+        "StatefulSet",
+        SPEC_TEMPLATE,
+        &[2, 3, 1],
+    ),
+    // DaemonSetSpec.template = 2
+    ("apps", "daemonsets", "DaemonSet", SPEC_TEMPLATE, &[2, 2, 1]),
+    (
+        "extensions",
+        "deployments",
+        "Deployment",
+        SPEC_TEMPLATE,
+        &[2, 3, 1],
+    ),
+    (
+        "extensions",
+        "replicasets",
+        "ReplicaSet",
+        SPEC_TEMPLATE,
+        &[2, 3, 1],
+    ),
+    (
+        "extensions",
+        "daemonsets",
+        "DaemonSet",
+        SPEC_TEMPLATE,
+        &[2, 2, 1],
+    ),
+    // JobSpec.template = 6
+    ("batch", "jobs", "Job", SPEC_TEMPLATE, &[2, 6, 1]),
+    // CronJobSpec.jobTemplate = 5, JobTemplateSpec.spec = 2
+    (
+        "batch",
+        "cronjobs",
+        "CronJob",
+        &["spec", "jobTemplate", "spec", "template"],
+        &[2, 5, 2, 6, 1],
+    ),
+];
+
+/// What holds the intercept key in a create, update or patch of this
+/// request's resource, if anything does.
+fn holder(request: &RequestInfo) -> Option<Holder> {
+    let group = request.api_group.as_str();
+    let resource = request.resource.as_str();
+    let subresource = request.subresource.as_str();
+    match (group, resource) {
+        ("", "pods") => {
+            let object = !matches!(
+                subresource,
+                "exec" | "attach" | "portforward" | "proxy" | "log" | "eviction" | "binding"
+            );
+            return object.then_some(Holder::Object("pod"));
+        }
+        ("", "namespaces") => return Some(Holder::Object("namespace")),
+        _ => {}
+    }
+    // A Scale carries no template; every other subresource (status) is
+    // read like the object.
+    if subresource == "scale" {
+        return None;
+    }
+    if let Some((.., kind, path, fields)) = TEMPLATES
+        .iter()
+        .find(|(g, r, ..)| *g == group && *r == resource)
+    {
+        return Some(Holder::Template { kind, path, fields });
+    }
+    is_custom_group(group).then_some(Holder::Custom)
+}
+
+/// A custom resource's API group: custom groups have a dot; built-in ones
+/// have none (`apps`, `batch`) or end in `.k8s.io`. chaperone's own
+/// (`chaperone.dev`) are refused or granted before bodies are read.
+fn is_custom_group(group: &str) -> bool {
+    group.contains('.') && !group.ends_with(".k8s.io") && group != "chaperone.dev"
+}
+
+impl Holder {
+    fn path(self) -> &'static [&'static str] {
+        match self {
+            Holder::Template { path, .. } => path,
+            Holder::Object(_) | Holder::Custom => &[],
+        }
+    }
+
+    /// The protobuf field numbers from the object to the `ObjectMeta` that
+    /// holds the key; `None` where the API server takes no protobuf
+    /// (custom resources).
+    fn fields(self) -> Option<&'static [u32]> {
+        match self {
+            Holder::Object(_) => Some(&[1]),
+            Holder::Template { fields, .. } => Some(fields),
+            Holder::Custom => None,
+        }
+    }
+
+    /// The kind a protobuf body must say it is (`None`: any).
+    fn kind(self) -> Option<&'static str> {
+        match self {
+            Holder::Object("pod") => Some("Pod"),
+            Holder::Object(_) => Some("Namespace"),
+            Holder::Template { kind, .. } => Some(kind),
+            Holder::Custom => None,
+        }
+    }
+
+    /// The refusal's message: what was refused, why it matters, and what
+    /// to do instead.
+    fn refusal(self, request: &RequestInfo, why: &str) -> String {
+        match self {
+            Holder::Object(kind) => format!(
+                "chaperone: agents may not change the {INTERCEPT_KEY} label or annotation of a \
+                 {kind}, which decides what chaperone guards: {why}; ask a cluster admin to \
+                 make this change"
+            ),
+            Holder::Template { kind, path, .. } => format!(
+                "chaperone: agents may not set, change or remove the {INTERCEPT_KEY} label or \
+                 annotation in a {kind}'s pod template ({}.metadata), which decides whether \
+                 chaperone guards the pods made from it: {why}; leave the key out (the pods of a \
+                 labeled namespace are guarded) or ask a cluster admin to write this {kind}",
+                path.join(".")
+            ),
+            Holder::Custom => format!(
+                "chaperone: agents may not write the {INTERCEPT_KEY} label or annotation into \
+                 {} ({}), a custom resource whose controller may make pods with it: {why}; ask \
+                 a cluster admin to write this object",
+                request.resource, request.api_group
+            ),
+        }
+    }
+}
+
+// === protobuf ===
+
+/// Kubernetes' protobuf bodies (`application/vnd.kubernetes.protobuf`): the
+/// `k8s\0` magic, then a `runtime.Unknown` whose `raw` is the object. Only
+/// the path to the intercept key is read; a field repeated on the way is
+/// merged by the API server, so every occurrence is read.
+mod proto {
+    use super::{Holder, INTERCEPT_KEY};
+
+    pub const MEDIA_TYPE: &str = "application/vnd.kubernetes.protobuf";
+    const MAGIC: &[u8] = b"k8s\0";
+    /// `ObjectMeta.labels` and `ObjectMeta.annotations`.
+    const LABELS: u32 = 11;
+    const ANNOTATIONS: u32 = 12;
+
+    /// One field: its number and, for length-delimited ones, the bytes.
+    struct Field<'b> {
+        number: u32,
+        bytes: Option<&'b [u8]>,
+    }
+
+    fn varint(input: &mut &[u8]) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = input.split_first().ok_or("a truncated varint")?;
+            *input = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("a varint longer than 10 bytes".into())
+    }
+
+    /// The fields of one message, in order.
+    fn fields(mut input: &[u8]) -> Result<Vec<Field<'_>>, String> {
+        let mut out = Vec::new();
+        while !input.is_empty() {
+            let key = varint(&mut input)?;
+            let number = u32::try_from(key >> 3).map_err(|_| "a field number out of range")?;
+            let take = |input: &mut &[u8], n: usize| -> Result<(), String> {
+                if input.len() < n {
+                    return Err("a truncated field".into());
+                }
+                *input = &input[n..];
+                Ok(())
+            };
+            let bytes = match key & 7 {
+                0 => {
+                    varint(&mut input)?;
+                    None
+                }
+                1 => {
+                    take(&mut input, 8)?;
+                    None
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut input)?)
+                        .map_err(|_| "a length out of range")?;
+                    if input.len() < len {
+                        return Err("a truncated field".into());
+                    }
+                    let (bytes, rest) = input.split_at(len);
+                    input = rest;
+                    Some(bytes)
+                }
+                5 => {
+                    take(&mut input, 4)?;
+                    None
+                }
+                wire => return Err(format!("wire type {wire}, which Kubernetes never sends")),
+            };
+            out.push(Field { number, bytes });
+        }
+        Ok(out)
+    }
+
+    /// Every length-delimited field `number` of a message.
+    fn embedded(message: &[u8], number: u32) -> Result<Vec<&[u8]>, String> {
+        fields(message)?
+            .into_iter()
+            .filter(|f| f.number == number)
+            .map(|f| {
+                f.bytes
+                    .ok_or_else(|| format!("field {number} is not a message"))
+            })
+            .collect()
+    }
+
+    fn string(bytes: &[u8]) -> Result<&str, String> {
+        std::str::from_utf8(bytes).map_err(|_| "a string that is not UTF-8".into())
+    }
+
+    /// The object inside the envelope, once its kind is the expected one.
+    fn object<'b>(body: &'b [u8], kind: Option<&str>) -> Result<&'b [u8], String> {
+        let unknown = body
+            .strip_prefix(MAGIC)
+            .ok_or("a protobuf body without the k8s magic")?;
+        let mut raw: &[u8] = &[];
+        for field in fields(unknown)? {
+            match (field.number, field.bytes) {
+                // typeMeta: apiVersion 1, kind 2.
+                (1, Some(type_meta)) => {
+                    for said in embedded(type_meta, 2)? {
+                        let said = string(said)?;
+                        if kind.is_some_and(|k| k != said) {
+                            return Err(format!("a protobuf body of kind {said}"));
+                        }
+                    }
+                }
+                // A repeated bytes field: the last one counts.
+                (2, Some(bytes)) => raw = bytes,
+                // contentEncoding, contentType: only the plain form.
+                (3 | 4, Some(b"")) => {}
+                (3 | 4, _) => return Err("an encoded protobuf body".into()),
+                _ => {}
+            }
+        }
+        Ok(raw)
+    }
+
+    /// The `(map, value)` of each intercept key in the labels and
+    /// annotations at the holder's path, in order.
+    fn keys(body: &[u8], holder: Holder) -> Result<Vec<(&'static str, String)>, String> {
+        let path = holder.fields().unwrap_or(&[1]);
+        let mut level = vec![object(body, holder.kind())?];
+        for &number in path {
+            let mut next = Vec::new();
+            for message in level {
+                next.extend(embedded(message, number)?);
+            }
+            level = next;
+        }
+        let mut keys = Vec::new();
+        for metadata in level {
+            for field in fields(metadata)? {
+                let map = match field.number {
+                    LABELS => "labels",
+                    ANNOTATIONS => "annotations",
+                    _ => continue,
+                };
+                let entry = field.bytes.ok_or("a map entry that is not a message")?;
+                let mut key = "";
+                let mut value = "";
+                for part in fields(entry)? {
+                    match (part.number, part.bytes) {
+                        (1, Some(bytes)) => key = string(bytes)?,
+                        (2, Some(bytes)) => value = string(bytes)?,
+                        _ => return Err("a malformed map entry".into()),
+                    }
+                }
+                if key == INTERCEPT_KEY {
+                    keys.push((map, value.to_owned()));
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The protobuf form of [`super::object_touches`].
+    pub fn object_touches(
+        body: &[u8],
+        holder: Holder,
+        current_label: Option<&str>,
+    ) -> Result<(), String> {
+        let keys = keys(body, holder).map_err(|why| {
+            format!("chaperone cannot read this protobuf body ({why}); send JSON or YAML")
+        })?;
+        let at = holder
+            .path()
+            .iter()
+            .chain(["metadata"].iter())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(".");
+        let mut label = None;
+        for (map, value) in keys {
+            if value != "true" {
+                return Err(format!(
+                    "the body sets {at}.{map}[{INTERCEPT_KEY}] to \"{value}\""
+                ));
+            }
+            if map == "labels" {
+                label = Some(value);
+            }
+        }
+        if let Some(current) = current_label
+            && label.is_none()
+        {
+            return Err(format!(
+                "the object carries the label \"{current}\" and the body leaves it out (which removes it)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -269,29 +685,101 @@ enum Form {
 }
 
 /// JSON, or YAML (with merge keys applied, as the API server's YAML reader
-/// does).
+/// does). An object that names one key twice (also as Go folds case) is
+/// refused: chaperone's reader keeps the last, Go's decoder merges both
+/// into one field, so the two would read different objects.
 fn parse(bytes: &[u8]) -> Result<Value, String> {
-    if let Ok(value) = serde_json::from_slice::<Value>(bytes) {
-        return Ok(value);
+    match serde_json::from_slice::<OneReading>(bytes) {
+        Ok(OneReading) => {
+            return serde_json::from_slice::<Value>(bytes).map_err(|e| e.to_string());
+        }
+        Err(e) if e.is_data() => return Err(e.to_string()),
+        Err(_) => {}
     }
     let mut yaml: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(|e| e.to_string())?;
     yaml.apply_merge().map_err(|e| e.to_string())?;
-    serde_json::to_value(yaml).map_err(|e| e.to_string())
+    let value = serde_json::to_value(yaml).map_err(|e| e.to_string())?;
+    serde_json::from_value::<OneReading>(value.clone()).map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// A JSON document whose objects name no key twice, as Go folds field
+/// names (`fold`): what deserializing it proves.
+struct OneReading;
+
+impl<'de> serde::Deserialize<'de> for OneReading {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OneReadingVisitor)
+    }
+}
+
+struct OneReadingVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OneReadingVisitor {
+    type Value = OneReading;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_unit<E>(self) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+    fn visit_none<E>(self) -> Result<OneReading, E> {
+        Ok(OneReading)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneReading, A::Error> {
+        while seq.next_element::<OneReading>()?.is_some() {}
+        Ok(OneReading)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OneReading, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(fold(&key)) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key \"{key}\" appears twice in one object (keys differing only in \
+                     case count as one, as the API server reads them)"
+                )));
+            }
+            map.next_value::<OneReading>()?;
+        }
+        Ok(OneReading)
+    }
 }
 
 /// Go's `encoding/json` matches field names case-insensitively, with
 /// Unicode simple folding (`ſ` is `s`, the Kelvin sign `k`): the API
 /// server (before 1.23) reads `"Labels"` or `"labelſ"` as `labels`.
 fn field_is(key: &str, field: &str) -> bool {
-    let folded: String = key
-        .chars()
+    fold(key) == field.to_ascii_lowercase()
+}
+
+/// A field name as Go's decoder matches it.
+fn fold(key: &str) -> String {
+    key.chars()
         .map(|c| match c {
             '\u{17F}' => 's',
             '\u{212A}' => 'k',
             c => c.to_ascii_lowercase(),
         })
-        .collect();
-    folded == field
+        .collect()
 }
 
 /// Every value of `object` whose key reads as `field`.
@@ -307,41 +795,66 @@ fn fields<'v>(
 
 const MAPS: [&str; 2] = ["labels", "annotations"];
 
+/// The strategic merge patch directives that only order lists; every other
+/// (`$patch`, `$retainKeys`, ...) can replace or drop the map below it.
+fn is_harmless_directive(key: &str) -> bool {
+    key.starts_with("$setElementOrder/")
+}
+
+fn directive(object: &serde_json::Map<String, Value>) -> Option<&String> {
+    object
+        .keys()
+        .find(|k| k.starts_with('$') && !is_harmless_directive(k))
+}
+
 /// A merge or strategic merge patch: only setting the key to `"true"` is
-/// allowed; removing it (`null`), replacing the whole object, metadata or
-/// map, and directives (`$patch`, `$retainKeys`, ...) that could reach it
-/// are refused.
-fn merge_patch_touches(patch: &Value) -> Result<(), String> {
+/// allowed; removing it (`null`), replacing the whole object, the template,
+/// its metadata or map, and directives (`$patch`, `$retainKeys`, ...) on the
+/// way to it are refused. `path` leads from the root to the metadata that
+/// holds the key (empty for a pod or namespace).
+fn merge_patch_touches(patch: &Value, path: &[&'static str]) -> Result<(), String> {
     let Some(root) = patch.as_object() else {
         return Err("the patch replaces the whole object".into());
     };
-    if let Some(directive) = root.keys().find(|k| k.starts_with('$')) {
+    if let Some(directive) = directive(root) {
         return Err(format!("the patch has the directive {directive}"));
     }
-    for metadata in fields(root, "metadata") {
-        let Some(metadata) = metadata.as_object() else {
-            return Err("the patch replaces metadata".into());
-        };
-        if let Some(directive) = metadata.keys().find(|k| k.starts_with('$')) {
-            return Err(format!(
-                "the patch has the directive {directive} in metadata"
-            ));
+    let mut level = vec![root];
+    let mut walked: Vec<&str> = Vec::new();
+    for step in path.iter().chain(["metadata"].iter()) {
+        walked.push(step);
+        let at = walked.join(".");
+        let mut next = Vec::new();
+        for object in &level {
+            for value in fields(object, step) {
+                let Some(value) = value.as_object() else {
+                    return Err(format!("the patch replaces {at}"));
+                };
+                if let Some(directive) = directive(value) {
+                    return Err(format!("the patch has the directive {directive} in {at}"));
+                }
+                next.push(value);
+            }
         }
+        level = next;
+    }
+    let at = walked.join(".");
+    for metadata in level {
         for map in MAPS {
             for value in fields(metadata, map) {
                 let Some(entries) = value.as_object() else {
-                    return Err(format!("the patch replaces metadata.{map}"));
+                    return Err(format!("the patch replaces {at}.{map}"));
                 };
-                if let Some(directive) = entries.keys().find(|k| k.starts_with('$')) {
+                if let Some(directive) = directive(entries) {
                     return Err(format!(
-                        "the patch has the directive {directive} in metadata.{map}"
+                        "the patch has the directive {directive} in {at}.{map}"
                     ));
                 }
                 if let Some(set) = entries.get(INTERCEPT_KEY)
                     && set != "true"
                 {
                     return Err(format!(
-                        "the patch sets metadata.{map}[{INTERCEPT_KEY}] to {set}"
+                        "the patch sets {at}.{map}[{INTERCEPT_KEY}] to {set}"
                     ));
                 }
             }
@@ -351,9 +864,9 @@ fn merge_patch_touches(patch: &Value) -> Result<(), String> {
 }
 
 /// A JSON patch (RFC 6902): no operation may write at or above
-/// `/metadata/labels/chaperone.dev~1intercept` (or the annotation), nor
-/// move it away.
-fn json_patch_touches(patch: &Value) -> Result<(), String> {
+/// `<path>/metadata/labels/chaperone.dev~1intercept` (or the annotation),
+/// nor move it away.
+fn json_patch_touches(patch: &Value, path: &[&'static str]) -> Result<(), String> {
     let Some(ops) = patch.as_array() else {
         return Err("a JSON patch is a list of operations".into());
     };
@@ -370,11 +883,11 @@ fn json_patch_touches(patch: &Value) -> Result<(), String> {
             let Some(pointer) = pointer.and_then(Value::as_str) else {
                 return Err(format!("operation {op} has no path"));
             };
-            if reaches_key(pointer) {
+            if reaches_key(pointer, path) {
                 // Adding "true" exactly at the key itself is the one harmless write.
                 let sets_true = matches!(kind, "add" | "replace")
                     && op.get("value").is_some_and(|v| v == "true")
-                    && tokens(pointer).len() == 3;
+                    && tokens(pointer).len() == path.len() + 3;
                 if !sets_true {
                     return Err(format!("the operation {kind} {pointer} reaches it"));
                 }
@@ -396,32 +909,51 @@ fn tokens(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a pointer is the intercept key or one of its ancestors.
-fn reaches_key(pointer: &str) -> bool {
+/// Whether a pointer is the intercept key under `path`, one of its
+/// ancestors, or below it.
+fn reaches_key(pointer: &str, path: &[&'static str]) -> bool {
     let tokens = tokens(pointer);
-    match tokens.as_slice() {
-        [] => true,
-        [metadata] => field_is(metadata, "metadata"),
-        [metadata, map] => field_is(metadata, "metadata") && MAPS.iter().any(|m| field_is(map, m)),
-        [metadata, map, key, ..] => {
-            field_is(metadata, "metadata")
-                && MAPS.iter().any(|m| field_is(map, m))
-                && key == INTERCEPT_KEY
+    tokens.iter().enumerate().all(|(i, token)| {
+        let depth = path.len();
+        match i.cmp(&depth) {
+            std::cmp::Ordering::Less => field_is(token, path[i]),
+            std::cmp::Ordering::Equal => field_is(token, "metadata"),
+            std::cmp::Ordering::Greater if i == depth + 1 => {
+                MAPS.iter().any(|m| field_is(token, m))
+            }
+            std::cmp::Ordering::Greater if i == depth + 2 => token == INTERCEPT_KEY,
+            std::cmp::Ordering::Greater => true,
         }
-    }
+    })
 }
 
-/// A whole object (create, update, apply): the key, where present, must say
-/// `"true"`; a label chaperone knows the object carries must be kept.
-fn object_touches(object: &Value, current_label: Option<&str>) -> Result<(), String> {
+/// A whole object (create, update, apply): the key under `path`, where
+/// present, must say `"true"`; a label chaperone knows the object carries
+/// must be kept.
+fn object_touches(
+    object: &Value,
+    path: &[&'static str],
+    current_label: Option<&str>,
+) -> Result<(), String> {
     let Some(root) = object.as_object() else {
         return Err("the body is not an object".into());
     };
+    let mut level = vec![root];
+    for step in path.iter().chain(["metadata"].iter()) {
+        level = level
+            .into_iter()
+            .flat_map(|object| fields(object, step))
+            .filter_map(Value::as_object)
+            .collect();
+    }
+    let at = path
+        .iter()
+        .chain(["metadata"].iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(".");
     let mut label = None;
-    for metadata in fields(root, "metadata") {
-        let Some(metadata) = metadata.as_object() else {
-            continue;
-        };
+    for metadata in level {
         for map in MAPS {
             for entries in fields(metadata, map) {
                 let Some(set) = entries.as_object().and_then(|e| e.get(INTERCEPT_KEY)) else {
@@ -429,7 +961,7 @@ fn object_touches(object: &Value, current_label: Option<&str>) -> Result<(), Str
                 };
                 if set != "true" {
                     return Err(format!(
-                        "the body sets metadata.{map}[{INTERCEPT_KEY}] to {set}"
+                        "the body sets {at}.{map}[{INTERCEPT_KEY}] to {set}"
                     ));
                 }
                 if map == "labels" {
@@ -444,6 +976,65 @@ fn object_touches(object: &Value, current_label: Option<&str>) -> Result<(), Str
         return Err(format!(
             "the object carries the label \"{current}\" and the body leaves it out (which removes it)"
         ));
+    }
+    Ok(())
+}
+
+/// A custom resource's body (object or merge patch): the key anywhere,
+/// with any value but `"true"` (`null` removes it), is refused.
+fn key_anywhere(value: &Value, at: &str) -> Result<(), String> {
+    match value {
+        Value::Object(object) => {
+            for (key, value) in object {
+                let here = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                if key == INTERCEPT_KEY && value != "true" {
+                    return Err(format!("the body sets {here} to {value}"));
+                }
+                key_anywhere(value, &here)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| key_anywhere(item, &format!("{at}[{i}]"))),
+        _ => Ok(()),
+    }
+}
+
+/// A custom resource's JSON patch: no operation may name the key in its
+/// path or source but to add `"true"`, nor carry it in its value.
+fn json_patch_names_key(patch: &Value) -> Result<(), String> {
+    let Some(ops) = patch.as_array() else {
+        return Err("a JSON patch is a list of operations".into());
+    };
+    for op in ops {
+        let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
+        if kind == "test" {
+            continue;
+        }
+        for pointer in [op.get("path"), op.get("from")].into_iter().flatten() {
+            let Some(pointer) = pointer.as_str() else {
+                return Err(format!("operation {op} has a path that is not a string"));
+            };
+            let tokens = tokens(pointer);
+            if let Some(i) = tokens.iter().position(|t| t == INTERCEPT_KEY) {
+                let sets_true = matches!(kind, "add" | "replace")
+                    && i + 1 == tokens.len()
+                    && op.get("from").is_none()
+                    && op.get("value").is_some_and(|v| v == "true");
+                if !sets_true {
+                    return Err(format!("the operation {kind} {pointer} reaches it"));
+                }
+            }
+        }
+        if let Some(value) = op.get("value") {
+            key_anywhere(value, "value")?;
+        }
     }
     Ok(())
 }
@@ -700,6 +1291,512 @@ mod tests {
         ] {
             assert_eq!(protect().check(&request_post(path)), Check::Pass, "{path}");
         }
+    }
+
+    /// Every built-in kind whose controller makes pods, and the path of its
+    /// pod template.
+    const WORKLOADS: &[(&str, &str)] = &[
+        ("/apis/apps/v1/namespaces/agents/deployments", "Deployment"),
+        ("/apis/apps/v1/namespaces/agents/replicasets", "ReplicaSet"),
+        (
+            "/apis/apps/v1/namespaces/agents/statefulsets",
+            "StatefulSet",
+        ),
+        ("/apis/apps/v1/namespaces/agents/daemonsets", "DaemonSet"),
+        (
+            "/apis/extensions/v1beta1/namespaces/agents/deployments",
+            "Deployment",
+        ),
+        ("/apis/batch/v1/namespaces/agents/jobs", "Job"),
+        ("/apis/batch/v1beta1/namespaces/agents/cronjobs", "CronJob"),
+        ("/apis/batch/v1/namespaces/agents/cronjobs", "CronJob"),
+        (
+            "/api/v1/namespaces/agents/replicationcontrollers",
+            "ReplicationController",
+        ),
+        ("/api/v1/namespaces/agents/podtemplates", "PodTemplate"),
+    ];
+
+    /// `kind`'s object with `metadata` as its pod template's metadata.
+    fn workload(kind: &str, template_metadata: Value) -> Value {
+        let template = json!({"metadata": template_metadata,
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        match kind {
+            "PodTemplate" => json!({"kind": kind, "metadata": {"name": "w"}, "template": template}),
+            "CronJob" => json!({"kind": kind, "metadata": {"name": "w"},
+                "spec": {"schedule": "* * * * *", "jobTemplate": {"spec": {"template": template}}}}),
+            _ => json!({"kind": kind, "metadata": {"name": "w"}, "spec": {"template": template}}),
+        }
+    }
+
+    /// The same nesting as a merge patch, or as a JSON pointer prefix.
+    fn template_prefix(kind: &str) -> &'static str {
+        match kind {
+            "PodTemplate" => "/template",
+            "CronJob" => "/spec/jobTemplate/spec/template",
+            _ => "/spec/template",
+        }
+    }
+
+    #[test]
+    fn workloads_may_not_carry_the_opt_out_in_their_pod_template() {
+        for (collection, kind) in WORKLOADS {
+            let object = format!("{collection}/w");
+            let off = workload(
+                kind,
+                json!({"labels": {"chaperone.dev/intercept": "false"}}),
+            );
+            // Create, replace, server-side apply.
+            let why = body_check("POST", collection, "application/json", &off.to_string())
+                .expect_err(kind);
+            assert!(
+                why.contains("chaperone.dev/intercept")
+                    && why.contains(&format!("{kind}'s pod template"))
+                    && why.contains("ask a cluster admin"),
+                "{why}"
+            );
+            body_check("PUT", &object, "application/json", &off.to_string()).expect_err(kind);
+            body_check("PATCH", &object, APPLY, &off.to_string()).expect_err(kind);
+            // YAML, the annotation, and a value that is not "false".
+            let yaml = serde_yaml::to_string(&workload(
+                kind,
+                json!({"annotations": {"chaperone.dev/intercept": "no"}}),
+            ))
+            .unwrap();
+            body_check("POST", collection, "application/yaml", &yaml).expect_err(kind);
+            // Merge and strategic merge patches: set, remove, replace.
+            let merge = |metadata: Value| {
+                let mut patch = json!({});
+                let mut at = &mut patch;
+                for step in template_prefix(kind).split('/').skip(1) {
+                    at = &mut at[step];
+                }
+                *at = json!({"metadata": metadata});
+                patch.to_string()
+            };
+            for (content_type, patch) in [
+                (
+                    MERGE,
+                    merge(json!({"labels": {"chaperone.dev/intercept": "false"}})),
+                ),
+                (
+                    STRATEGIC,
+                    merge(json!({"labels": {"chaperone.dev/intercept": null}})),
+                ),
+                (STRATEGIC, merge(json!({"labels": null}))),
+                (STRATEGIC, merge(json!({"labels": {"$patch": "replace"}}))),
+                (MERGE, merge(Value::Null)),
+            ] {
+                body_check("PATCH", &object, content_type, &patch)
+                    .expect_err(&format!("{kind} {patch}"));
+            }
+            // JSON patches at the key, at an ancestor, moving it away.
+            let prefix = template_prefix(kind);
+            for ops in [
+                json!([{"op": "add", "path": format!("{prefix}/metadata/labels/chaperone.dev~1intercept"), "value": "false"}]),
+                json!([{"op": "remove", "path": format!("{prefix}/metadata/labels/chaperone.dev~1intercept")}]),
+                json!([{"op": "replace", "path": format!("{prefix}/metadata/labels"), "value": {"chaperone.dev/intercept": "false"}}]),
+                json!([{"op": "replace", "path": prefix, "value": {}}]),
+                json!([{"op": "copy", "from": "/metadata/labels", "path": format!("{prefix}/metadata/labels")}]),
+                json!([{"op": "move", "from": format!("{prefix}/metadata/annotations/chaperone.dev~1intercept"), "path": "/x"}]),
+            ] {
+                body_check("PATCH", &object, JSON_PATCH, &ops.to_string())
+                    .expect_err(&format!("{kind} {ops}"));
+            }
+
+            // What an agent does every day passes: no key, other labels,
+            // "true", a JSON patch to the containers, a rollout restart.
+            let fine = workload(kind, json!({"labels": {"app": "web"}}));
+            body_check("POST", collection, "application/json", &fine.to_string())
+                .unwrap_or_else(|why| panic!("{kind}: {why}"));
+            let on = workload(kind, json!({"labels": {"chaperone.dev/intercept": "true"}}));
+            body_check("PUT", &object, "application/json", &on.to_string())
+                .unwrap_or_else(|why| panic!("{kind}: {why}"));
+            body_check(
+                "PATCH",
+                &object,
+                STRATEGIC,
+                &merge(json!({"annotations": {"kubectl.kubernetes.io/restartedAt": "now"}})),
+            )
+            .unwrap_or_else(|why| panic!("{kind}: {why}"));
+            body_check(
+                "PATCH",
+                &object,
+                JSON_PATCH,
+                &json!([{"op": "replace", "path": format!("{prefix}/spec/containers/0/image"), "value": "b"}])
+                    .to_string(),
+            )
+            .unwrap_or_else(|why| panic!("{kind}: {why}"));
+            // The workload's own labels make no pod: not checked.
+            body_check(
+                "PATCH",
+                &object,
+                MERGE,
+                r#"{"metadata":{"labels":{"chaperone.dev/intercept":"false"}}}"#,
+            )
+            .unwrap_or_else(|why| panic!("{kind}: {why}"));
+        }
+    }
+
+    #[test]
+    fn template_checks_read_the_fields_as_the_api_server_does() {
+        let deployments = "/apis/apps/v1/namespaces/agents/deployments";
+        for body in [
+            // Go's JSON decoding folds case, Unicode included.
+            r#"{"Spec":{"TEMPLATE":{"Metadata":{"labels":{"chaperone.dev/intercept":"false"}}}}}"#,
+            "{\"spec\":{\"template\":{\"metadata\":{\"label\u{17F}\":{\"chaperone.dev/intercept\":\"false\"}}}}}",
+            r#"{"spec":{"template":{"metadata":{"labels":{"chaperone.dev/intercept":false}}}}}"#,
+        ] {
+            assert!(
+                body_check("POST", deployments, "application/json", body).is_err(),
+                "{body} was let through"
+            );
+        }
+        // A merge key hiding the label in YAML.
+        let yaml = "kind: Deployment\nspec:\n  template:\n    metadata:\n      labels:\n        <<: {\"chaperone.dev/intercept\": \"false\"}\n";
+        body_check("POST", deployments, "application/yaml", yaml).unwrap_err();
+        // kubectl's strategic merge patches order lists with
+        // $setElementOrder: harmless, let through; $retainKeys is not.
+        body_check(
+            "PATCH",
+            &format!("{deployments}/web"),
+            STRATEGIC,
+            r#"{"spec":{"template":{"spec":{"$setElementOrder/containers":[{"name":"c"}],"containers":[{"name":"c","image":"b"}]}}}}"#,
+        )
+        .unwrap();
+        body_check(
+            "PATCH",
+            &format!("{deployments}/web"),
+            STRATEGIC,
+            r#"{"spec":{"template":{"$retainKeys":["spec"]}}}"#,
+        )
+        .unwrap_err();
+    }
+
+    #[test]
+    fn workload_bodies_chaperone_cannot_read_are_refused() {
+        let job = request("POST", "/apis/batch/v1/namespaces/agents/jobs");
+        assert_eq!(protect().check(&job), Check::ReadBody);
+        for (content_type, body) in [
+            (
+                "application/vnd.kubernetes.protobuf",
+                WholeBody::Complete(Bytes::from_static(b"k8s\x00\x0a")),
+            ),
+            (
+                "application/json",
+                WholeBody::Complete(Bytes::from_static(b"{not json")),
+            ),
+            ("application/json", WholeBody::TooLarge { read: 0 }),
+        ] {
+            let status = protect()
+                .check_body(&job, Some(content_type), &body, None)
+                .unwrap_err();
+            assert_eq!(status.code, 403, "{content_type}: {}", status.message);
+            assert!(
+                status.message.contains("Job's pod template"),
+                "{}",
+                status.message
+            );
+        }
+        // A dry run is judged like the write itself.
+        body_check(
+            "POST",
+            "/apis/batch/v1/namespaces/agents/jobs?dryRun=All",
+            "application/json",
+            &workload(
+                "Job",
+                json!({"labels": {"chaperone.dev/intercept": "false"}}),
+            )
+            .to_string(),
+        )
+        .unwrap_err();
+        // A Scale carries no template, and reads and deletes carry no body.
+        for (method, path) in [
+            (
+                "PUT",
+                "/apis/apps/v1/namespaces/agents/deployments/web/scale",
+            ),
+            (
+                "PATCH",
+                "/apis/apps/v1/namespaces/agents/deployments/web/scale",
+            ),
+            ("GET", "/apis/apps/v1/namespaces/agents/deployments/web"),
+            ("DELETE", "/apis/batch/v1/namespaces/agents/jobs/j"),
+            ("POST", "/api/v1/namespaces/agents/configmaps"),
+            (
+                "POST",
+                "/apis/networking.k8s.io/v1/namespaces/agents/networkpolicies",
+            ),
+        ] {
+            assert_eq!(
+                protect().check(&request(method, path)),
+                Check::Pass,
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn custom_resources_may_not_carry_the_opt_out_anywhere() {
+        let collection = "/apis/argoproj.io/v1alpha1/namespaces/agents/rollouts";
+        let rollout = |labels: Value| {
+            json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+                "metadata": {"name": "r"},
+                "spec": {"workload": {"podTemplate": {"metadata": {"labels": labels}}}}})
+            .to_string()
+        };
+        let why = body_check(
+            "POST",
+            collection,
+            "application/json",
+            &rollout(json!({"chaperone.dev/intercept": "false"})),
+        )
+        .unwrap_err();
+        assert!(
+            why.contains("rollouts (argoproj.io)")
+                && why
+                    .contains("spec.workload.podTemplate.metadata.labels.chaperone.dev/intercept"),
+            "{why}"
+        );
+        body_check(
+            "PATCH",
+            &format!("{collection}/r"),
+            APPLY,
+            &rollout(json!({"chaperone.dev/intercept": "no"})),
+        )
+        .unwrap_err();
+        body_check(
+            "PATCH",
+            &format!("{collection}/r"),
+            MERGE,
+            r#"{"spec":{"pods":[{"labels":{"chaperone.dev/intercept":null}}]}}"#,
+        )
+        .unwrap_err();
+        for ops in [
+            json!([{"op": "add", "path": "/spec/t/metadata/labels/chaperone.dev~1intercept", "value": "false"}]),
+            json!([{"op": "remove", "path": "/spec/t/metadata/labels/chaperone.dev~1intercept"}]),
+            json!([{"op": "add", "path": "/spec/t/metadata/labels", "value": {"chaperone.dev/intercept": "false"}}]),
+            json!([{"op": "copy", "from": "/metadata/labels/chaperone.dev~1intercept", "path": "/spec/x"}]),
+        ] {
+            body_check(
+                "PATCH",
+                &format!("{collection}/r"),
+                JSON_PATCH,
+                &ops.to_string(),
+            )
+            .expect_err(&ops.to_string());
+        }
+        // Without the key, or with "true", custom resources are the agent's business.
+        body_check(
+            "POST",
+            collection,
+            "application/json",
+            &rollout(json!({"app": "r"})),
+        )
+        .unwrap();
+        body_check(
+            "POST",
+            collection,
+            "application/json",
+            &rollout(json!({"chaperone.dev/intercept": "true"})),
+        )
+        .unwrap();
+        body_check(
+            "PATCH",
+            &format!("{collection}/r"),
+            JSON_PATCH,
+            &json!([{"op": "add", "path": "/spec/t/metadata/labels/chaperone.dev~1intercept", "value": "true"}]).to_string(),
+        )
+        .unwrap();
+        // Built-in groups without templates are not read.
+        assert_eq!(
+            protect().check(&request(
+                "POST",
+                "/apis/networking.k8s.io/v1/namespaces/agents/ingresses"
+            )),
+            Check::Pass
+        );
+    }
+
+    // === protobuf bodies, as kubectl's typed clients send them ===
+
+    /// A protobuf field: `number`, length-delimited `bytes`.
+    fn pb(number: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let varint = |mut v: u64, out: &mut Vec<u8>| loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        };
+        varint(u64::from(number) << 3 | 2, &mut out);
+        varint(bytes.len() as u64, &mut out);
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// `ObjectMeta` with `labels` (field 11) and a name.
+    fn pb_meta(labels: &[(&str, &str)]) -> Vec<u8> {
+        let mut meta = pb(1, b"w");
+        for (k, v) in labels {
+            meta.extend(pb(11, &[pb(1, k.as_bytes()), pb(2, v.as_bytes())].concat()));
+        }
+        meta
+    }
+
+    /// The envelope around `raw` of `kind`.
+    fn pb_body(kind: &str, raw: &[u8]) -> WholeBody {
+        let type_meta = [pb(1, b"v1"), pb(2, kind.as_bytes())].concat();
+        let body = [b"k8s\0".to_vec(), pb(1, &type_meta), pb(2, raw)].concat();
+        WholeBody::Complete(Bytes::from(body))
+    }
+
+    /// `raw` nested along `fields` (outermost first) around `inner`.
+    fn pb_nest(fields: &[u32], inner: Vec<u8>) -> Vec<u8> {
+        fields.iter().rev().fold(inner, |acc, &n| pb(n, &acc))
+    }
+
+    #[test]
+    fn protobuf_workloads_are_read_not_refused_for_their_form() {
+        let protobuf = Some("application/vnd.kubernetes.protobuf");
+        for (collection, kind, path) in [
+            (
+                "/apis/apps/v1/namespaces/agents/deployments",
+                "Deployment",
+                &[2, 3][..],
+            ),
+            (
+                "/apis/apps/v1/namespaces/agents/daemonsets",
+                "DaemonSet",
+                &[2, 2],
+            ),
+            ("/apis/batch/v1/namespaces/agents/jobs", "Job", &[2, 6]),
+            (
+                "/apis/batch/v1beta1/namespaces/agents/cronjobs",
+                "CronJob",
+                &[2, 5, 2, 6],
+            ),
+            (
+                "/api/v1/namespaces/agents/podtemplates",
+                "PodTemplate",
+                &[2],
+            ),
+            ("/api/v1/namespaces/agents/pods", "Pod", &[]),
+        ] {
+            let create = request("POST", collection);
+            assert_eq!(protect().check(&create), Check::ReadBody, "{kind}");
+            let object = |labels: &[(&str, &str)]| {
+                // The object's own metadata (field 1) says nothing; the template's does.
+                let mut raw = pb(1, &pb_meta(&[("chaperone.dev/intercept", "true")]));
+                raw.extend(pb_nest(path, pb(1, &pb_meta(labels))));
+                if path.is_empty() {
+                    raw = pb(1, &pb_meta(labels));
+                }
+                raw
+            };
+            let check =
+                |raw: Vec<u8>| protect().check_body(&create, protobuf, &pb_body(kind, &raw), None);
+            check(object(&[("app", "w")])).unwrap_or_else(|s| panic!("{kind}: {}", s.message));
+            check(object(&[("chaperone.dev/intercept", "true")]))
+                .unwrap_or_else(|s| panic!("{kind}: {}", s.message));
+            let status = check(object(&[
+                ("app", "w"),
+                ("chaperone.dev/intercept", "false"),
+            ]))
+            .expect_err(kind);
+            assert!(
+                status.message.contains("to \"false\""),
+                "{}",
+                status.message
+            );
+            // A template repeated: the API server merges both.
+            let mut twice = object(&[("app", "w")]);
+            twice.extend(pb_nest(
+                path,
+                pb(1, &pb_meta(&[("chaperone.dev/intercept", "no")])),
+            ));
+            if !path.is_empty() {
+                check(twice).expect_err(kind);
+            }
+            // Another kind in the envelope is not read as this one.
+            let other = protect().check_body(
+                &create,
+                protobuf,
+                &pb_body("ConfigMap", &object(&[("app", "w")])),
+                None,
+            );
+            assert!(other.unwrap_err().message.contains("kind ConfigMap"));
+        }
+        // An update that drops the label chaperone knows a pod carries.
+        let update = request("PUT", POD);
+        let status = protect()
+            .check_body(
+                &update,
+                protobuf,
+                &pb_body("Pod", &pb(1, &pb_meta(&[]))),
+                Some("true"),
+            )
+            .unwrap_err();
+        assert!(
+            status.message.contains("leaves it out"),
+            "{}",
+            status.message
+        );
+        // Garbage is refused, saying what to send instead.
+        let status = protect()
+            .check_body(
+                &request("POST", "/apis/apps/v1/namespaces/agents/deployments"),
+                protobuf,
+                &WholeBody::Complete(Bytes::from_static(b"k8s\0\x12\x05ab")),
+                None,
+            )
+            .unwrap_err();
+        assert!(
+            status.message.contains("send JSON or YAML"),
+            "{}",
+            status.message
+        );
+    }
+
+    #[test]
+    fn bodies_that_name_a_key_twice_are_refused() {
+        let deployments = "/apis/apps/v1/namespaces/agents/deployments";
+        for (content_type, body) in [
+            // Go merges the two specs into one; a last-wins reader sees none.
+            (
+                "application/json",
+                r#"{"spec":{"template":{"metadata":{"labels":{"chaperone.dev/intercept":"false"}}}},"spec":{"replicas":1}}"#,
+            ),
+            (
+                "application/json",
+                r#"{"spec":{"template":{"metadata":{"labels":{"chaperone.dev/intercept":"false"}}},"Template":{}}}"#,
+            ),
+            (
+                "application/yaml",
+                "spec:\n  template:\n    metadata:\n      labels:\n        chaperone.dev/intercept: \"false\"\nSpec:\n  replicas: 1\n",
+            ),
+        ] {
+            let why = body_check("POST", deployments, content_type, body).unwrap_err();
+            assert!(why.contains("twice") || why.contains("duplicate"), "{why}");
+        }
+        body_check(
+            "PATCH",
+            POD,
+            MERGE,
+            r#"{"metadata":{"labels":{"chaperone.dev/intercept":"false"}},"metadata":{}}"#,
+        )
+        .unwrap_err();
+        // The same key in different objects is fine.
+        body_check(
+            "POST",
+            deployments,
+            "application/json",
+            r#"{"metadata":{"name":"a"},"spec":{"template":{"metadata":{"name":"b"}}}}"#,
+        )
+        .unwrap();
     }
 
     fn request_post(path: &str) -> RequestInfo {

@@ -1324,16 +1324,17 @@ fn an_agent_cannot_dial_the_real_kubelet() {
     );
 }
 
-/// A known gap, failing today: README and deploy/README say a pod in a
-/// labeled namespace opts out with the label `chaperone.dev/intercept:
-/// "false"`, and the webhook and `kubectl chaperone status` honour it, but
-/// the node agent's pod tracker guards every pod of a labeled namespace
-/// (interceptor/src/pods.rs, `desired`): the opted-out pod's connections
-/// are redirected (its API connections would meet a CA it was never
-/// given) and it may not dial the kubelet.
+/// A pod in a labeled namespace opts out with the label
+/// `chaperone.dev/intercept: "false"`, for the webhook, `kubectl chaperone
+/// status` and the node agent alike. Found here: the node agent's pod
+/// tracker used to guard every pod of a labeled namespace, so the
+/// opted-out pod's connections were redirected (to a CA it was never
+/// given) and it could not dial the kubelet. Agents cannot make such a pod
+/// themselves (tests/tests/e2e_optout.rs): the protect stage refuses the
+/// opt-out on pods and in workloads' pod templates.
 #[test]
 #[ignore = "the real-cluster tier: cargo xtask cluster test"]
-fn known_gap_a_pod_that_opts_out_of_a_labeled_namespace_is_not_intercepted() {
+fn a_pod_that_opts_out_of_a_labeled_namespace_is_not_intercepted() {
     require_cluster!();
     operator();
     let dial = format!("nc -w 3 {NODE_IP} 10250 </dev/null; echo rc=$?");

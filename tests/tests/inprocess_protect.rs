@@ -3,7 +3,8 @@
 //! anything, so each refusal below is chaperone's alone: an agent may not
 //! unlabel itself or its namespace, nor touch chaperone's namespace,
 //! DaemonSet, webhooks, CRDs, RBAC, approvals or policies. Each refused
-//! object is in kube-sim and stays as it was (kube-sim serves no webhook
+//! object is in kube-sim and stays as it was; nor may it start pods that opt
+//! out, directly or through a workload's pod template. Each refused (kube-sim serves no webhook
 //! configurations or RBAC: those refusals are judged by what reaches it); nothing
 //! reaches the API server.
 
@@ -16,6 +17,7 @@ use serde_json::{Value, json};
 
 in_process!(
     an_agent_cannot_unlabel_itself_or_its_namespace,
+    an_agent_cannot_start_pods_that_opt_out,
     chaperones_namespace_is_off_limits,
     chaperones_cluster_objects_are_off_limits,
     agents_may_not_write_approval_requests,
@@ -153,6 +155,225 @@ fn an_agent_cannot_unlabel_itself_or_its_namespace() {
         e["verb"] == "patch" && e["objectRef"]["resource"] == "pods"
     });
     assert_eq!(refused["responseStatus"]["code"], 403);
+    assert_eq!(
+        refused["annotations"]["chaperone.dev/rule"],
+        "chaperone-protect"
+    );
+}
+
+/// A Deployment whose pod template carries `labels` as the agent would
+/// write it.
+fn deployment(name: &str, labels: Value) -> Value {
+    let mut selector = json!({"app": name});
+    if let Some(extra) = labels.as_object() {
+        for (k, v) in extra {
+            selector[k] = v.clone();
+        }
+    }
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": selector},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}})
+}
+
+/// In a labeled namespace a pod labeled `chaperone.dev/intercept: "false"`
+/// is left alone by the webhook and the node agent: an agent may not make
+/// one, neither directly nor through any workload whose controller would
+/// (its pod template), nor a custom resource carrying the key. Ordinary
+/// workload writes keep working.
+fn an_agent_cannot_start_pods_that_opt_out() {
+    let h = Harness::start(HarnessSpec::default()).unwrap();
+    let store = h.sim.store();
+    let mut ns = store.get("namespaces", None, "default").unwrap();
+    ns["metadata"]["labels"]["chaperone.dev/intercept"] = "true".into();
+    store.update(ns).unwrap();
+    store.create(deployment("web", json!({}))).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let file = |name: &str, object: &Value| {
+        let path = files.path().join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(object).unwrap()).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let off = deployment("off", json!({"chaperone.dev/intercept": "false"}));
+    let off_file = file("off.json", &off);
+    let mut web_off = deployment("web", json!({"chaperone.dev/intercept": "false"}));
+    web_off["spec"]["selector"] = json!({"matchLabels": {"app": "web"}});
+    let web_off_file = file("web-off.json", &web_off);
+    let pod = file(
+        "pod.json",
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "tool-", "labels": {"chaperone.dev/intercept": "false"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}}),
+    );
+    let template =
+        r#"{"spec":{"template":{"metadata":{"labels":{"chaperone.dev/intercept":"false"}}}}}"#;
+
+    // Real kubectl, the ways an agent would try.
+    let attempts: &[&[&str]] = &[
+        &["create", "-f", &off_file],
+        &["apply", "-f", &off_file],
+        &["apply", "--server-side", "-f", &off_file],
+        &["apply", "--dry-run=server", "-f", &off_file],
+        &["replace", "-f", &web_off_file],
+        &["patch", "deployment", "web", "-p", template],
+        &["patch", "deployment", "web", "--type=merge", "-p", template],
+        &[
+            "patch",
+            "deployment",
+            "web",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/spec/template/metadata/labels/chaperone.dev~1intercept","value":"false"}]"#,
+        ],
+        &[
+            "run",
+            "tool",
+            "--image=busybox",
+            "--labels=chaperone.dev/intercept=false",
+        ],
+        &["create", "-f", &pod],
+    ];
+    for args in attempts {
+        let out = h.kubectl(args);
+        let said = all_bytes(&out);
+        assert!(!out.status.success(), "kubectl {args:?} succeeded: {said}");
+        assert!(
+            said.contains("Forbidden")
+                && said.contains("chaperone.dev/intercept")
+                && !said.contains("cannot read")
+                && said.contains("ask a cluster admin"),
+            "kubectl {args:?}: {said}"
+        );
+    }
+
+    // Every other kind with a pod template (kube-sim serves only the apps
+    // group, so these go as the agent's HTTP requests would).
+    let with_template = |api_version: &str, kind: &str| {
+        let template = json!({"metadata": {"labels": {"chaperone.dev/intercept": "false"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        let mut object = json!({"apiVersion": api_version, "kind": kind,
+            "metadata": {"name": "off"}, "spec": {"template": template.clone()}});
+        if kind == "CronJob" {
+            object["spec"] = json!({"schedule": "* * * * *",
+                "jobTemplate": {"spec": {"template": template}}});
+        } else if kind == "PodTemplate" {
+            object = json!({"apiVersion": api_version, "kind": kind,
+                "metadata": {"name": "off"}, "template": template});
+        }
+        object
+    };
+    for (collection, api_version, kind) in [
+        (
+            "/apis/apps/v1/namespaces/default/replicasets",
+            "apps/v1",
+            "ReplicaSet",
+        ),
+        (
+            "/apis/apps/v1/namespaces/default/statefulsets",
+            "apps/v1",
+            "StatefulSet",
+        ),
+        (
+            "/apis/apps/v1/namespaces/default/daemonsets",
+            "apps/v1",
+            "DaemonSet",
+        ),
+        ("/apis/batch/v1/namespaces/default/jobs", "batch/v1", "Job"),
+        (
+            "/apis/batch/v1beta1/namespaces/default/cronjobs",
+            "batch/v1beta1",
+            "CronJob",
+        ),
+        (
+            "/api/v1/namespaces/default/replicationcontrollers",
+            "v1",
+            "ReplicationController",
+        ),
+        (
+            "/api/v1/namespaces/default/podtemplates",
+            "v1",
+            "PodTemplate",
+        ),
+        (
+            "/apis/argoproj.io/v1alpha1/namespaces/default/rollouts",
+            "argoproj.io/v1alpha1",
+            "Rollout",
+        ),
+    ] {
+        let before = h.agent_requests_seen().len();
+        let reply = h.send(AgentRequest::post(
+            collection,
+            &with_template(api_version, kind),
+        ));
+        assert_protect_refusal(&h, kind, &reply, "chaperone.dev/intercept", before);
+        let before = h.agent_requests_seen().len();
+        let reply = h.send(AgentRequest::post(collection, &json!({})).body(
+            "application/vnd.kubernetes.protobuf",
+            b"k8s\x00\x0a\x02".to_vec(),
+        ));
+        assert_protect_refusal(
+            &h,
+            &format!("{kind} in protobuf"),
+            &reply,
+            "send JSON or YAML",
+            before,
+        );
+    }
+
+    let stored = store
+        .get("deployments.apps", Some("default"), "web")
+        .unwrap();
+    assert!(
+        stored["spec"]["template"]["metadata"]["labels"]["chaperone.dev/intercept"].is_null(),
+        "{stored}"
+    );
+    assert!(
+        store
+            .get("deployments.apps", Some("default"), "off")
+            .is_none()
+    );
+    assert!(
+        store
+            .list("pods", Some("default"))
+            .iter()
+            .all(|p| p["metadata"]["labels"]["chaperone.dev/intercept"] != "false"),
+        "a pod opting out was stored"
+    );
+
+    // Workloads without the key are the agent's business, and so are the
+    // everyday changes to them (`kubectl create deployment` sends
+    // protobuf: read, not refused for its form).
+    let fine = file("fine.json", &deployment("fine", json!({"tier": "x"})));
+    for args in [
+        &["apply", "-f", fine.as_str()][..],
+        &["create", "deployment", "made", "--image=busybox"],
+        &["set", "image", "deployment/web", "c=busybox:2"],
+        &["rollout", "restart", "deployment/web"],
+    ] {
+        let out = h.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            all_bytes(&out)
+        );
+    }
+    assert!(
+        store
+            .get("deployments.apps", Some("default"), "fine")
+            .is_some()
+    );
+    let web = store
+        .get("deployments.apps", Some("default"), "web")
+        .unwrap();
+    assert_eq!(
+        web["spec"]["template"]["spec"]["containers"][0]["image"],
+        "busybox:2"
+    );
+
+    let refused = h.wait_for_audit("a refused workload", |e| {
+        e["objectRef"]["resource"] == "deployments" && e["responseStatus"]["code"] == 403
+    });
     assert_eq!(
         refused["annotations"]["chaperone.dev/rule"],
         "chaperone-protect"

@@ -20,8 +20,9 @@ use crate::{
 };
 
 impl NodeGuard {
-    /// The built-in refusals, before policy (some read the body of a pod
-    /// or namespace write, bounded).
+    /// The built-in refusals, before policy (some read the body of a write
+    /// to a pod, a namespace, a workload with a pod template or a custom
+    /// resource, bounded).
     pub(super) async fn protect(
         &self,
         parts: &Parts,
@@ -44,7 +45,9 @@ impl NodeGuard {
             Check::ReadBody => {
                 let whole = read_body(parts, body, protect::BODY_READ_LIMIT).await;
                 let current = self.parts.pods.as_ref().and_then(|pods| {
-                    if request.resource == "namespaces" {
+                    if !protect::Protect::reads_current_label(request) {
+                        None
+                    } else if request.resource == "namespaces" {
                         pods.intercept_label("", &request.name)
                     } else {
                         pods.intercept_label(&request.namespace, &request.name)
