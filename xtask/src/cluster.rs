@@ -151,18 +151,10 @@ pub fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
     let started = Instant::now();
     let mut tally = TierTally::default();
     let result = up().and_then(|()| deploy(root, debug)).and_then(|()| {
-        // The README's verify block runs `kubectl chaperone`: the plugin
-        // the tests put on PATH (target/debug, beside the test binary).
-        crate::cargo(
-            root,
-            &[
-                "build",
-                "--package",
-                "chaperone",
-                "--bin",
-                "kubectl-chaperone",
-            ],
-        )?;
+        // The tier's test binary, and the README's verify block runs
+        // `kubectl chaperone`: the plugin the tests put on PATH
+        // (target/debug, beside the test binary).
+        crate::cargo(root, DEBUG_BUILD)?;
         println!("==> the real-cluster tier (tests/tests/cluster.rs)");
         // Known gaps, if any: tests that fail today and say why (run by
         // hand with `-- --include-ignored known_gap_`). Removal (`kubectl
@@ -193,6 +185,23 @@ pub fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
     result
 }
 
+/// The debug build of what the tier runs: chaperone's binaries (built for
+/// its integration test `gate`, as for every integration test of the
+/// package) and the tier's test binary, selected from the whole workspace
+/// as `cargo xtask test`'s `cargo test --workspace` selects them, so that
+/// features unify alike and after the suite every unit is fresh (building
+/// one package resolves other features: kube, chaperone and its eBPF
+/// object were rebuilt, about 100 s in CI).
+const DEBUG_BUILD: &[&str] = &[
+    "test",
+    "--workspace",
+    "--no-run",
+    "--test",
+    "cluster",
+    "--test",
+    "gate",
+];
+
 /// `cargo test --test cluster` with the tier's environment, one test at a
 /// time (the scenarios share one node and its agents: a pod another test is
 /// creating would be "not guarded yet" in the status check), its output
@@ -200,8 +209,7 @@ pub fn tier(root: &Path, debug: bool, keep: bool) -> Result<()> {
 fn run_tier(root: &Path, filter: &[&str], tally: &mut TierTally) -> Result<()> {
     let mut args = vec![
         "test",
-        "-p",
-        "chaperone-tests",
+        "--workspace",
         "--test",
         "cluster",
         "--",
@@ -1495,11 +1503,21 @@ fn deploy(root: &Path, debug: bool) -> Result<()> {
     println!("==> cluster deploy: chaperone as users deploy it (kubectl apply -k deploy/...)");
     // 1. The binary and its image (the local equivalent of deploy/Dockerfile).
     let profile = if debug { "debug" } else { "release" };
-    let mut args = vec!["build", "--package", "chaperone", "--bin", "chaperone"];
-    if !debug {
-        args.push("--release");
+    if debug {
+        crate::cargo(root, DEBUG_BUILD)?;
+    } else {
+        crate::cargo(
+            root,
+            &[
+                "build",
+                "--release",
+                "--package",
+                "chaperone",
+                "--bin",
+                "chaperone",
+            ],
+        )?;
     }
-    crate::cargo(root, &args)?;
     let binary = root.join("target").join(profile).join("chaperone");
     let tag = sha256_file(&binary)?[..12].to_string();
     let name: &'static str = Box::leak(format!("{CHAPERONE_IMAGE}:{tag}").into_boxed_str());
