@@ -1119,14 +1119,191 @@ spec:
 
 // === the DaemonSet's rolling update ===
 
+/// The node agents' pod names.
+fn node_agents() -> Vec<String> {
+    admin_ok(&[
+        "-n",
+        "chaperone-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=chaperone-node",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// A child process whose output goes to a file, killed when dropped:
+/// `kubectl logs -f` of a node agent, whose log goes with its pod.
+struct Follower {
+    child: std::process::Child,
+    file: PathBuf,
+}
+
+impl Follower {
+    fn logs(pod: &str) -> Follower {
+        let file = std::env::temp_dir().join(unique("chaperone-tier-log"));
+        let child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .args(["-n", "chaperone-system", "logs", "-f", "--timestamps", pod])
+            .stdout(std::fs::File::create(&file).expect("a log file in the temp directory"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kubectl runs");
+        Follower { child, file }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.file).unwrap_or_default()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// An agent reading a Secret twice a second in its pod until the test
+/// creates its stop file (or 4 minutes passed), one line per attempt: `read
+/// <decoded value>` or `refused <kubectl's last error line>`, each taken
+/// with the time it arrived.
+struct Dialer {
+    pod: String,
+    stop: String,
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Dialer {
+    fn start(pod: &str, secret: &str) -> Dialer {
+        let stop = format!("/tmp/{secret}.stop");
+        let script = format!(
+            "end=$(( $(date +%s) + 240 )); \
+             while [ ! -e {stop} ] && [ $(date +%s) -lt $end ]; do \
+               if v=$(kubectl get secret {secret} -o 'jsonpath={{.data.password}}' 2>/tmp/{secret}.err); \
+               then echo \"read $(echo $v | base64 -d)\"; \
+               else echo \"refused $(tail -n 1 /tmp/{secret}.err | head -c 300)\"; fi; \
+               sleep 0.5; \
+             done; rm -f {stop} /tmp/{secret}.err"
+        );
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .args([
+                "exec", "-n", NAMESPACE, pod, "-c", "agent", "--", "sh", "-c", &script,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kubectl runs");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                    let Ok(line) = line else { break };
+                    lines
+                        .lock()
+                        .unwrap()
+                        .push((std::time::Instant::now(), line));
+                }
+            })
+        };
+        Dialer {
+            pod: pod.to_owned(),
+            stop,
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn lines(&self) -> Vec<(std::time::Instant, String)> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a masked read arrived after `since`.
+    fn masked_read_after(&self, since: std::time::Instant, deadline: std::time::Instant) -> bool {
+        loop {
+            if self
+                .lines()
+                .iter()
+                .any(|(at, l)| *at > since && l.starts_with("read <masked by chaperone"))
+            {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Creates the stop file and waits for the dialer to end (10 s, then
+    /// it is killed): every line it printed.
+    fn stop(mut self) -> Vec<(std::time::Instant, String)> {
+        self.ask_to_stop();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.lines()
+    }
+
+    fn ask_to_stop(&self) {
+        admin(&[
+            "exec",
+            "-n",
+            NAMESPACE,
+            &self.pod,
+            "-c",
+            "agent",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo > {}", self.stop),
+        ]);
+    }
+}
+
+impl Drop for Dialer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.ask_to_stop();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// `kubectl rollout restart` of the node agents while an agent reads a
-/// Secret twice a second: on 1.20 (`overlays/k8s-1.20`: no surge) the
-/// node has no agent for a few seconds, and the pinned programs refuse the
-/// agent's connections then; none ever goes direct (a clear value), and the
-/// new agent guards the same pod afterwards.
+/// Secret twice a second, until the rollout is complete and the agent is
+/// answered again: on 1.20 (`overlays/k8s-1.20`: no surge) the node has no
+/// agent for some seconds (the old pod's termination, the new one's
+/// start), and the pinned programs refuse the agent's connections then.
+/// None ever goes direct (a clear value), every answer is masked, refusals
+/// come only between the restart and the new agent's first answer, and the
+/// new agent guards the same pod afterwards. The gap is printed; on failure
+/// so are both node agents' logs and the events.
 #[test]
 #[ignore = "the real-cluster tier: cargo xtask cluster test"]
 fn the_daemonsets_rolling_update_never_lets_an_agent_go_direct() {
+    use std::time::{Duration, Instant};
     require_cluster!();
     let secret = unique("rolling");
     let value = format!("clear-{secret}");
@@ -1139,38 +1316,64 @@ fn the_daemonsets_rolling_update_never_lets_an_agent_go_direct() {
         NAMESPACE,
         &format!("--from-literal=password={value}"),
     ]);
-    let node_agent = || {
-        admin_ok(&[
+    let before = node_agents();
+    assert_eq!(before.len(), 1, "one node agent should run: {before:?}");
+    let old_log = Follower::logs(&before[0]);
+    let pod = agent_pod();
+    let dialer = Dialer::start(&pod, &secret);
+    let started = Instant::now();
+    let diagnose = |lines: &[(Instant, String)], restart: Option<Instant>| {
+        let zero = restart.unwrap_or(started);
+        let timeline: Vec<String> = lines
+            .iter()
+            .map(|(at, l)| {
+                let s = at.saturating_duration_since(zero).as_secs_f64()
+                    - zero.saturating_duration_since(*at).as_secs_f64();
+                format!("{s:+7.1} s {l}")
+            })
+            .collect();
+        let new_logs: Vec<String> = node_agents()
+            .iter()
+            .filter(|p| !before.contains(p))
+            .map(|p| {
+                let out = admin(&["-n", "chaperone-system", "logs", "--timestamps", p]);
+                format!("--- new node agent {p}:\n{}", text(&out))
+            })
+            .collect();
+        let events = admin(&[
             "-n",
             "chaperone-system",
             "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=chaperone-node",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .trim()
-        .to_string()
+            "events",
+            "--sort-by=.lastTimestamp",
+        ]);
+        let pods = admin(&["-n", "chaperone-system", "get", "pods", "-o", "wide"]);
+        format!(
+            "the agent's attempts (seconds since the restart):\n{}\n--- old node agent {}:\n{}\n{}\n--- events in chaperone-system:\n{}\n--- pods:\n{}",
+            timeline.join("\n"),
+            before[0],
+            old_log.text(),
+            new_logs.join("\n"),
+            text(&events),
+            text(&pods)
+        )
     };
-    let before = node_agent();
-    let pod = agent_pod();
-    // The agent dials for about 50 s, one line per attempt: the decoded value,
-    // or `refused` when kubectl failed.
-    let script = format!(
-        "i=0; while [ $i -lt 60 ]; do i=$((i+1)); \
-         v=$(kubectl get secret {secret} -o 'jsonpath={{.data.password}}' 2>/dev/null) \
-         && echo \"read $(echo $v | base64 -d)\" || echo refused; sleep 0.5; done"
-    );
-    let dialer = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig())
-        .args(["exec", "-n", NAMESPACE, &pod, "--", "sh", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    std::thread::sleep(std::time::Duration::from_secs(5));
+    let cleanup = || {
+        admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
+    };
+
+    // Guarded before: masked reads.
+    if !dialer.masked_read_after(started, started + Duration::from_secs(60)) {
+        let lines = dialer.stop();
+        cleanup();
+        panic!(
+            "the agent read no masked Secret before the rolling update\n{}",
+            diagnose(&lines, None)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    let restart = Instant::now();
     admin_ok(&[
         "-n",
         "chaperone-system",
@@ -1178,49 +1381,138 @@ fn the_daemonsets_rolling_update_never_lets_an_agent_go_direct() {
         "restart",
         "daemonset/chaperone-node",
     ]);
-    admin_ok(&[
+    let rollout = admin(&[
         "-n",
         "chaperone-system",
         "rollout",
         "status",
         "daemonset/chaperone-node",
-        "--timeout=120s",
+        "--timeout=180s",
     ]);
-    let out = dialer.wait_with_output().expect("the dialer ends");
-    admin(&["delete", "secret", &secret, "-n", NAMESPACE, "--wait=false"]);
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let after = node_agent();
-    assert_ne!(before, after, "the node agent was not replaced");
+    let rolled = Instant::now();
+    // Answered again, by the new agent, after the rollout completed.
+    let resumed = rollout.status.success()
+        && dialer.masked_read_after(rolled, restart + Duration::from_secs(180));
+    let lines = dialer.stop();
+    cleanup();
+    let report = || diagnose(&lines, Some(restart));
     assert!(
-        !lines.iter().any(|l| l.contains(&value)),
-        "during the rolling update the agent read the Secret in clear (direct): {lines:?}"
+        rollout.status.success(),
+        "the rollout did not complete in 180 s: {}\n{}",
+        text(&rollout),
+        report()
     );
-    let reads = lines.iter().filter(|l| l.starts_with("read ")).count();
-    eprintln!(
-        "rolling update: {reads} reads masked, {} refused, of {} attempts",
-        lines.len() - reads,
-        lines.len()
+    assert!(
+        resumed,
+        "the new node agent never answered the agent (masked) within 180 s of the restart\n{}",
+        report()
+    );
+    let after = node_agents();
+    assert!(
+        !after.iter().any(|p| before.contains(p)),
+        "the node agent was not replaced: before {before:?}, after {after:?}"
+    );
+
+    assert!(
+        !lines.iter().any(|(_, l)| l.contains(&value)),
+        "during the rolling update the agent read the Secret in clear (direct)\n{}",
+        report()
     );
     assert!(
         lines
             .iter()
-            .filter(|l| l.starts_with("read "))
-            .all(|l| l.contains("<masked by chaperone")),
-        "{lines:?}"
+            .filter(|(_, l)| l.starts_with("read "))
+            .all(|(_, l)| l.starts_with("read <masked by chaperone")),
+        "every answer should be chaperone's mask\n{}",
+        report()
     );
+    // Refused only in the gap: after the restart, before the new agent's
+    // first answer; masked before and after it.
+    let refused: Vec<Instant> = lines
+        .iter()
+        .filter(|(_, l)| l.starts_with("refused"))
+        .map(|(at, _)| *at)
+        .collect();
+    let masked_at: Vec<Instant> = lines
+        .iter()
+        .filter(|(_, l)| l.starts_with("read "))
+        .map(|(at, _)| *at)
+        .collect();
     assert!(
-        lines.len() >= 40 && reads >= 10,
-        "the agent should have dialled all along and been answered before and after: {}",
-        text(&out)
+        refused.iter().all(|at| *at > restart),
+        "the agent was refused before the rolling update began\n{}",
+        report()
     );
+    let back = masked_at
+        .iter()
+        .find(|at| refused.last().is_none_or(|last| *at > last))
+        .copied();
     assert!(
-        lines
-            .last()
-            .is_some_and(|l| l.starts_with("read <masked by chaperone")),
-        "the new node agent should guard the agent once it is ready: {lines:?}"
+        back.is_some_and(|back| back < rolled + Duration::from_secs(180))
+            && masked_at.iter().any(|at| *at < restart),
+        "masked reads should come before the restart and after the last refusal\n{}",
+        report()
+    );
+    let gap_from = masked_at
+        .iter()
+        .rfind(|at| refused.first().is_some_and(|first| *at < first))
+        .copied()
+        .unwrap_or(restart);
+    // Where the gap went: the old agent's end, the new one's start.
+    let old_end: Vec<String> = old_log
+        .text()
+        .lines()
+        .skip_while(|l| !l.contains("SIGTERM"))
+        .map(str::to_owned)
+        .collect();
+    let new_start: Vec<String> = after
+        .iter()
+        .flat_map(|p| {
+            let log = admin_ok(&["-n", "chaperone-system", "logs", "--timestamps", p]);
+            let mut head: Vec<String> = Vec::new();
+            for l in log.lines() {
+                head.push(l.to_owned());
+                if l.contains("guarding pod") && l.contains(&pod) {
+                    break;
+                }
+            }
+            head
+        })
+        .collect();
+    // The DaemonSet controller's own account: when it deleted the old
+    // pod, when it created the new one (only once the old one was gone).
+    let controller = admin(&[
+        "-n",
+        "chaperone-system",
+        "get",
+        "events",
+        "--field-selector=involvedObject.kind=DaemonSet,involvedObject.name=chaperone-node",
+        "--sort-by=.lastTimestamp",
+        "-o",
+        "custom-columns=TIME:.lastTimestamp,REASON:.reason,MESSAGE:.message",
+    ]);
+    let controller: Vec<String> = String::from_utf8_lossy(&controller.stdout)
+        .lines()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .map(str::to_owned)
+        .collect();
+    eprintln!(
+        "rolling update: {} reads masked, {} refused, of {} attempts; the agent went unanswered \
+         for {:.1} s (from its last answer by the old node agent to its first by the new one); \
+         the rollout took {:.1} s\n--- the DaemonSet controller:\n{}\n--- the old node agent's end:\n{}\n--- the new node agent's \
+         start:\n{}",
+        masked_at.len(),
+        refused.len(),
+        lines.len(),
+        back.map_or(0.0, |back| back.duration_since(gap_from).as_secs_f64()),
+        rolled.duration_since(restart).as_secs_f64(),
+        controller.join("\n"),
+        old_end.join("\n"),
+        new_start.join("\n")
     );
 }
 
