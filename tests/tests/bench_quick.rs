@@ -195,6 +195,34 @@ fn the_quick_bench_measures_every_target_and_loses_no_audit_event() {
     assert!(markdown.contains("| whole kubectl session ("), "{markdown}");
     assert_eq!(report["audit"]["lost"], 0, "audit events lost:\n{stdout}");
 
+    // The big Secret list ran directly and through chaperone, every list
+    // answered, and chaperone masked it: what the lister received through
+    // chaperone is a small fraction of the upstream's list.
+    let big = &report["big_list"];
+    let upstream_bytes = big["list_bytes_upstream"].as_u64().unwrap_or(0);
+    assert!(upstream_bytes >= 5_000_000, "{big}\n{stdout}");
+    for (i, target) in ["direct", "chaperone"].iter().enumerate() {
+        let row = &big["rows"][i];
+        assert_eq!(row["target"], *target, "{big}");
+        assert!(
+            row["lists"].as_u64().unwrap_or(0) > 0,
+            "{target}: {row}\n{stdout}"
+        );
+        assert_eq!(row["list_errors"], 0, "{target}: {row}\n{stdout}");
+        assert_eq!(row["get_beside"]["errors"], 0, "{target}: {row}\n{stdout}");
+    }
+    let masked = big["rows"][1]["list_bytes_received"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        masked < upstream_bytes / 100,
+        "chaperone passed {masked} of the list's {upstream_bytes} bytes: not masked?\n{stdout}"
+    );
+    assert!(
+        markdown.contains("Secret list beside other agents' GETs"),
+        "{markdown}"
+    );
+
     // Instructions per GET under callgrind: chaperone and nginx each
     // counted over two runs, the long one with more requests, and the
     // ratio marked against the target.

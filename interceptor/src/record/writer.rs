@@ -30,7 +30,7 @@ const LINGER: Duration = Duration::from_millis(5);
 struct OpenSession {
     shared: Arc<SessionShared>,
     dir: PathBuf,
-    file: BufWriter<File>,
+    file: LineFile,
     part: u32,
     bytes: u64,
     seq: u64,
@@ -38,6 +38,59 @@ struct OpenSession {
     dirty: bool,
     /// Drops already reported in a `gap` record.
     reported_dropped: u64,
+}
+
+/// A session's file, buffered only from a batch's first record to the
+/// flush that ends the batch: an idle session holds no buffer. (A
+/// `BufWriter` kept 8 KiB per open session, that is per idle agent
+/// connection, for the connection's life.)
+struct LineFile {
+    file: File,
+    pending: Vec<u8>,
+}
+
+impl LineFile {
+    fn new(file: File) -> Self {
+        LineFile {
+            file,
+            pending: Vec::new(),
+        }
+    }
+
+    fn get_ref(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Write for LineFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    /// Writes what is pending and lets the buffer go; on an error what was
+    /// not written stays pending, to be written by the next flush.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut written = 0;
+        let result = loop {
+            if written == self.pending.len() {
+                break Ok(());
+            }
+            match self.file.write(&self.pending[written..]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => break Err(error),
+            }
+        };
+        match result {
+            Ok(()) => self.pending = Vec::new(),
+            Err(_) => {
+                self.pending.drain(..written);
+            }
+        }
+        result
+    }
 }
 
 struct OpenStream {
@@ -326,7 +379,7 @@ impl Writer {
         let mut open = OpenSession {
             shared: session.clone(),
             dir,
-            file: BufWriter::new(file),
+            file: LineFile::new(file),
             part: 0,
             bytes: 0,
             seq: 1,
@@ -381,7 +434,7 @@ impl Writer {
         open.file.flush()?;
         open.file.get_ref().sync_data()?;
         let file = create_new(&open.dir.join(&next))?;
-        open.file = BufWriter::new(file);
+        open.file = LineFile::new(file);
         open.part = next_part;
         open.bytes = 0;
         self.append_raw(
@@ -690,4 +743,32 @@ fn read_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     dirs.sort();
     Ok(dirs)
+}
+
+#[cfg(test)]
+mod line_file_tests {
+    use super::*;
+
+    #[test]
+    fn a_flushed_session_file_holds_no_buffer_and_a_failed_flush_keeps_the_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session.jsonl");
+        let mut file = LineFile::new(create_new(&path).unwrap());
+        file.write_all(b"{\"seq\":0}\n{\"seq\":1}\n").unwrap();
+        assert!(file.pending.capacity() > 0);
+        file.flush().unwrap();
+        assert_eq!(
+            file.pending.capacity(),
+            0,
+            "an idle session keeps no buffer"
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"{\"seq\":0}\n{\"seq\":1}\n");
+
+        // A file that refuses writes (opened read-only): the line stays
+        // pending for the next flush, nothing is dropped.
+        let mut refusing = LineFile::new(File::open(&path).unwrap());
+        refusing.write_all(b"{\"seq\":2}\n").unwrap();
+        assert!(refusing.flush().is_err());
+        assert_eq!(refusing.pending, b"{\"seq\":2}\n");
+    }
 }

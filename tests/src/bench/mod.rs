@@ -6,6 +6,7 @@
 //! request under callgrind ([`callgrind`]). Writes `latest.md` and
 //! `latest.json`.
 
+pub mod big_list;
 pub mod callgrind;
 pub mod procs;
 pub mod report;
@@ -67,6 +68,8 @@ pub struct BenchSpec {
     /// the latency a proxy adds to one request, with nothing else queued
     /// at the simulator. 0 skips them.
     pub get_rate: u32,
+    /// A big Secret list beside GET secret at [`BenchSpec::get_rate`].
+    pub big_list: big_list::BigListRun,
     /// Only the GET-alone runs: no mix, no idle watches (a quick A/B of
     /// the per-request cost while profiling).
     pub get_only: bool,
@@ -74,6 +77,10 @@ pub struct BenchSpec {
     /// closes, printing how to reach them; measure nothing.
     #[serde(skip)]
     pub hold: bool,
+    /// A program (and its arguments) the main chaperone runs under, e.g.
+    /// `valgrind --tool=massif`, for profiling it with `hold`.
+    #[serde(skip)]
+    pub chaperone_wrapper: Vec<String>,
     /// Instructions per request under callgrind (`None`: not counted).
     pub callgrind: Option<callgrind::CallgrindSpec>,
 }
@@ -107,8 +114,15 @@ impl BenchSpec {
             // The first commands of the script, once: proves it runs.
             session: (5, 1),
             get_rate: 50,
+            // 5 MB: proves the run works; the target is at 50 MB.
+            big_list: big_list::BigListRun {
+                secrets: 5,
+                secret_bytes: 1_000_000,
+                seconds: 2.0,
+            },
             get_only: false,
             hold: false,
+            chaperone_wrapper: Vec::new(),
             // The full pipeline and nginx, GET secret only: enough to see
             // the ratio; every variant and the list in the full bench.
             callgrind: Some(callgrind::CallgrindSpec {
@@ -142,6 +156,12 @@ impl BenchSpec {
             },
             session: (50, 3),
             get_rate: 200,
+            // 50 MB: 50 Secrets of 1 MB (the API server's limit per Secret).
+            big_list: big_list::BigListRun {
+                secrets: 50,
+                secret_bytes: 1_000_000,
+                seconds: 10.0,
+            },
             callgrind: Some(callgrind::CallgrindSpec {
                 requests: 100,
                 ops: vec![crate::load::Op::GetSecret, crate::load::Op::ListPods],
@@ -302,6 +322,8 @@ pub struct BenchReport {
     pub agents: Option<AgentsResult>,
     /// The kubectl session, direct and through a fresh chaperone.
     pub session: Option<session::SessionResult>,
+    /// The big Secret list beside other agents' GETs.
+    pub big_list: Option<big_list::BigListResult>,
     pub audit: Option<AuditCheck>,
     pub criterion: Criterion,
     /// Instructions per request under callgrind.
@@ -385,12 +407,13 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         "starting chaperone node on {} (local mode, --allow-unattested)",
         netns.host_v4
     ));
-    let mut chaperone = setup::start_chaperone(
+    let mut chaperone = setup::start_chaperone_with(
         &spec.bin_dir,
         &work.path().join("chaperone"),
         &sim,
         netns.host_v4,
-        false,
+        &setup::Pipeline::FULL,
+        (!spec.chaperone_wrapper.is_empty()).then_some(spec.chaperone_wrapper.as_slice()),
     )?;
     let chaperone_h2 = if spec.get_rate > 0 {
         say(
@@ -772,6 +795,12 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         None
     };
 
+    let big_list = if spec.big_list.secrets > 0 && spec.get_rate > 0 && !spec.get_only {
+        Some(big_list::run(&spec, work.path(), &sim, netns.host_v4)?)
+    } else {
+        None
+    };
+
     // Instructions per request, one proxy at a time under callgrind.
     let instructions = match &spec.callgrind {
         Some(cg) => callgrind::measure_all(
@@ -798,6 +827,7 @@ pub fn run(spec: BenchSpec) -> Result<Option<BenchReport>> {
         idle,
         agents,
         session,
+        big_list,
         audit: Some(audit),
         criterion,
         instructions,

@@ -321,6 +321,7 @@ pub fn render_markdown(report: &BenchReport) -> String {
     render_idle(&mut md, report);
     render_agents(&mut md, report);
     render_session(&mut md, report);
+    render_big_list(&mut md, report);
     render_targets(&mut md, report);
 
     let _ = writeln!(md, "\n### Chaperone only\n");
@@ -762,6 +763,28 @@ fn verdicts(report: &BenchReport) -> Vec<Verdict> {
             met: Some(session.ratio <= 1.05),
         });
     }
+    if let Some(b) = &report.big_list
+        && let Some((alone, beside)) = b.added_p99(Target::Chaperone)
+    {
+        let mb = b.list_bytes_upstream as f64 / 1e6;
+        let at = if mb >= 49.0 {
+            String::new()
+        } else {
+            " (the target is at 50 MB)".to_owned()
+        };
+        out.push(Verdict {
+            what: format!("added p99 on other agents' GETs beside a {mb:.0} MB Secret list"),
+            measured: format!(
+                "{} beside the list ({} without it)",
+                signed_us(Some(beside)),
+                signed_us(Some(alone))
+            ),
+            target: format!("≤ 1 ms{at}"),
+            met: Some(
+                beside <= 1000.0 && b.row(Target::Chaperone).is_some_and(|r| r.list_errors == 0),
+            ),
+        });
+    }
     if let Some(a) = &report.agents {
         let at = if a.run.pods == super::setup::AGENT_PODS {
             String::new()
@@ -976,8 +999,75 @@ fn render_targets(md: &mut String, report: &BenchReport) {
             }
         );
     }
+}
+
+/// The big Secret list beside other agents' GETs.
+fn render_big_list(md: &mut String, report: &BenchReport) {
+    let Some(b) = &report.big_list else {
+        return;
+    };
     let _ = writeln!(
         md,
-        "\nNot measured by this bench yet: a 50 MB Secret list beside other agents' GETs."
+        "\n### A {:.1} MB Secret list beside other agents' GETs\n",
+        b.list_bytes_upstream as f64 / 1e6
     );
+    let _ = writeln!(
+        md,
+        "{} Secrets of {} KB of data each in one namespace. One agent (its own pod-bound token \
+         and connection) lists them over and over, one list at a time (through chaperone every \
+         value masked), while another agent's GET secret runs open loop at {}/s; the GETs are \
+         measured first alone, then with the list running, {} s each after {} s warm-up, \
+         directly and through a freshly started chaperone. MB/s: the upstream's list bytes over \
+         the median list time. {}\n",
+        b.run.secrets,
+        b.run.secret_bytes / 1000,
+        report.spec.get_rate,
+        b.run.seconds,
+        report.spec.warmup_seconds,
+        if b.upstream_peak_rss_kib > 0 {
+            format!(
+                "The simulator's peak RSS with the list: {:.0} MiB.",
+                b.upstream_peak_rss_kib as f64 / 1024.0
+            )
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| target | lists (failed) | list p50 / max | MB/s | received per list | GET p50 / p99 alone | GET p50 / p99 beside the list | added p99 alone / beside | CPU beside (s) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for row in &b.rows {
+        let added = if row.target == Target::Direct {
+            String::new()
+        } else {
+            b.added_p99(row.target)
+                .map(|(a, s)| format!("{} / {}", signed_us(Some(a)), signed_us(Some(s))))
+                .unwrap_or_default()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} ({}) | {} / {} | {} | {} | {} / {} | {} / {} | {} | {:.2} |",
+            row.target.label(),
+            row.lists,
+            row.list_errors,
+            us(Some(row.list_p50_us as f64)),
+            us(Some(row.list_max_us as f64)),
+            b.mb_per_s(row.target)
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            if row.list_bytes_received >= 1_000_000 {
+                format!("{:.2} MB", row.list_bytes_received as f64 / 1e6)
+            } else {
+                format!("{:.1} kB", row.list_bytes_received as f64 / 1e3)
+            },
+            us(Some(row.get_alone.p50_us as f64)),
+            us(Some(row.get_alone.p99_us as f64)),
+            us(Some(row.get_beside.p50_us as f64)),
+            us(Some(row.get_beside.p99_us as f64)),
+            added,
+            row.cpu_seconds_beside
+        );
+    }
 }

@@ -21,13 +21,16 @@ use super::procs::{Proc, with_children};
 /// The namespace the mix runs in, and the one idle watches wait on.
 pub const NAMESPACE: &str = "bench";
 pub const IDLE_NAMESPACE: &str = "idle";
+/// The namespace of the big Secret list (its Secrets are made by the run
+/// that lists them, not seeded: the other runs' upstream stays small).
+pub const BIG_NAMESPACE: &str = "big";
 pub const PODS: usize = 500;
 
 /// The objects the simulator starts with: 500 pods of a realistic size,
 /// secrets (the masked one the mix reads) and configmaps.
 pub fn seed_yaml() -> String {
     let mut out = String::new();
-    for ns in [NAMESPACE, IDLE_NAMESPACE] {
+    for ns in [NAMESPACE, IDLE_NAMESPACE, BIG_NAMESPACE] {
         out.push_str(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\n"
         ));

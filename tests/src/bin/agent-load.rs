@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use chaperone_tests::load::{
-    AgentsSpec, LoadSpec, Op, agents, idle_connections, idle_watches, run,
+    AgentsSpec, LoadSpec, Op, agents, create_secrets, idle_connections, idle_watches, run,
 };
 use clap::Parser;
 
@@ -61,6 +61,13 @@ struct Args {
     agent_rate: f64,
     #[arg(long, default_value = "idle")]
     watch_namespace: String,
+    /// Instead of the mix: create this many Secrets `big-N` of
+    /// --secret-bytes base64 characters each in --namespace, then exit
+    /// (the bench's 50 MB list).
+    #[arg(long)]
+    create_secrets: Option<usize>,
+    #[arg(long, default_value_t = 1_000_000)]
+    secret_bytes: usize,
     /// Only this operation instead of the mix (profiling one path).
     #[arg(long, value_enum)]
     only: Option<Op>,
@@ -99,6 +106,9 @@ async fn main() -> anyhow::Result<()> {
         let mut sink = Vec::new();
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
     };
+    if let Some(count) = args.create_secrets {
+        return create_secrets(&spec, count, args.secret_bytes).await;
+    }
     if let Some(count) = args.idle_connections {
         return idle_connections(
             &spec,

@@ -47,6 +47,9 @@ struct Args {
     /// Override: rate of the get-secret-alone runs (req/s; 0 skips them).
     #[arg(long)]
     get_rate: Option<u32>,
+    /// Override: Secrets (1 MB each) of the big-list run (0 skips it).
+    #[arg(long)]
+    big_list_secrets: Option<usize>,
     /// Only the get-secret-alone runs (no mix, no idle watches): a quick
     /// A/B of what one request costs.
     #[arg(long)]
@@ -57,6 +60,10 @@ struct Args {
     /// `agent-load` drives it.
     #[arg(long)]
     hold: bool,
+    /// With --hold: run the main chaperone under this program, split at
+    /// spaces (e.g. `valgrind --tool=massif --massif-out-file=/tmp/m.out`).
+    #[arg(long)]
+    chaperone_wrapper: Option<String>,
     /// Skip the instructions-per-request runs under callgrind.
     #[arg(long)]
     no_callgrind: bool,
@@ -120,6 +127,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(get_rate) = args.get_rate {
         spec.get_rate = get_rate;
     }
+    if let Some(secrets) = args.big_list_secrets {
+        spec.big_list.secrets = secrets;
+    }
     if args.get_only {
         if spec.get_rate == 0 {
             anyhow::bail!("--get-only needs a --get-rate above 0");
@@ -127,6 +137,9 @@ fn main() -> anyhow::Result<()> {
         spec.get_only = true;
     }
     spec.hold = args.hold;
+    if let Some(wrapper) = &args.chaperone_wrapper {
+        spec.chaperone_wrapper = wrapper.split_whitespace().map(str::to_owned).collect();
+    }
     if args.no_callgrind {
         spec.callgrind = None;
     }

@@ -28,14 +28,18 @@ pub enum Op {
     ListPods,
     GetSecret,
     CreateDeleteConfigMap,
+    /// Every Secret of the namespace (not in the mix: the bench's big
+    /// list, a namespace of large Secrets that chaperone masks).
+    ListSecrets,
 }
 
 impl Op {
-    pub const ALL: [Op; 4] = [
+    pub const ALL: [Op; 5] = [
         Op::GetPod,
         Op::ListPods,
         Op::GetSecret,
         Op::CreateDeleteConfigMap,
+        Op::ListSecrets,
     ];
 
     /// Relative weight in the mix: agents mostly read.
@@ -45,6 +49,7 @@ impl Op {
             Op::ListPods => 1,
             Op::GetSecret => 2,
             Op::CreateDeleteConfigMap => 1,
+            Op::ListSecrets => 0,
         }
     }
 }
@@ -82,6 +87,9 @@ pub struct OpReport {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    /// Response body bytes of the recorded successful requests.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -146,7 +154,8 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<rustls::pki_types::Certificate
 }
 
 struct Recorder {
-    per_op: Vec<(Op, std::sync::Mutex<Histogram<u64>>, AtomicU64)>,
+    /// Per op: latencies, errors, body bytes.
+    per_op: Vec<(Op, std::sync::Mutex<Histogram<u64>>, AtomicU64, AtomicU64)>,
     recording: std::sync::atomic::AtomicBool,
 }
 
@@ -162,6 +171,7 @@ impl Recorder {
                             Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
                         ),
                         AtomicU64::new(0),
+                        AtomicU64::new(0),
                     )
                 })
                 .collect(),
@@ -169,16 +179,18 @@ impl Recorder {
         }
     }
 
-    fn record(&self, op: Op, latency: Duration, ok: bool) {
+    /// `bytes`: the response body's length, `None` for a failed request.
+    fn record(&self, op: Op, latency: Duration, bytes: Option<u64>) {
         if !self.recording.load(Ordering::Relaxed) {
             return;
         }
         let slot = self
             .per_op
             .iter()
-            .find(|(o, _, _)| *o == op)
+            .find(|(o, _, _, _)| *o == op)
             .expect("every op has a slot");
-        if ok {
+        if let Some(bytes) = bytes {
+            slot.3.fetch_add(bytes, Ordering::Relaxed);
             let micros = latency.as_micros().clamp(1, 60_000_000) as u64;
             let _ = slot
                 .1
@@ -191,13 +203,14 @@ impl Recorder {
     }
 }
 
+/// The response body's length, or `None` if the request failed.
 async fn request(
     client: &HttpsClient,
     spec: &LoadSpec,
     method: Method,
     path: &str,
     body: Option<String>,
-) -> bool {
+) -> Option<u64> {
     let mut builder = Request::builder()
         .method(method)
         .uri(format!("{}{path}", spec.base))
@@ -210,16 +223,24 @@ async fn request(
         .body(Full::new(body.map(Bytes::from).unwrap_or_default()))
         .expect("valid request");
     HTTP_REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
-    match client.request(request).await {
-        Ok(response) => {
-            let ok = response.status().is_success();
-            ok && response.into_body().collect().await.is_ok()
-        }
-        Err(_) => false,
+    let response = client.request(request).await.ok()?;
+    if !response.status().is_success() {
+        return None;
     }
+    // Counted frame by frame: a 50 MB list is not held whole.
+    let mut body = response.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.ok()?.data_ref() {
+            bytes += data.len() as u64;
+        }
+    }
+    Some(bytes)
 }
 
-async fn run_op(client: &HttpsClient, spec: &LoadSpec, op: Op, n: u64) -> bool {
+/// The response body's length (of the last request, for two), or `None`
+/// if a request failed.
+async fn run_op(client: &HttpsClient, spec: &LoadSpec, op: Op, n: u64) -> Option<u64> {
     let ns = &spec.namespace;
     match op {
         Op::GetPod => {
@@ -264,15 +285,25 @@ async fn run_op(client: &HttpsClient, spec: &LoadSpec, op: Op, n: u64) -> bool {
                 &format!("/api/v1/namespaces/{ns}/configmaps"),
                 Some(body),
             )
+            .await?;
+            request(
+                client,
+                spec,
+                Method::DELETE,
+                &format!("/api/v1/namespaces/{ns}/configmaps/{name}"),
+                None,
+            )
             .await
-                && request(
-                    client,
-                    spec,
-                    Method::DELETE,
-                    &format!("/api/v1/namespaces/{ns}/configmaps/{name}"),
-                    None,
-                )
-                .await
+        }
+        Op::ListSecrets => {
+            request(
+                client,
+                spec,
+                Method::GET,
+                &format!("/api/v1/namespaces/{ns}/secrets"),
+                None,
+            )
+            .await
         }
     }
 }
@@ -305,9 +336,10 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
     let sent_before = HTTP_REQUESTS_SENT.load(Ordering::Relaxed);
     let client = client(&spec)?;
     // Fail early and clearly if the target is not usable.
-    if !run_op(&client, &spec, Op::GetPod, 0).await {
+    let probe = spec.only.unwrap_or(Op::GetPod);
+    if run_op(&client, &spec, probe, 0).await.is_none() {
         bail!(
-            "GET /api/v1/namespaces/{}/pods/pod-0 against {} failed: is the target up and seeded?",
+            "the first {probe:?} in namespace {} against {} failed: is the target up and seeded?",
             spec.namespace,
             spec.base
         );
@@ -430,7 +462,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut ops = Vec::new();
     let mut errors = 0;
-    for (op, histogram, op_errors) in &recorder.per_op {
+    for (op, histogram, op_errors, op_bytes) in &recorder.per_op {
         let histogram = histogram.lock().unwrap_or_else(|p| p.into_inner());
         let _ = all.add(&*histogram);
         let op_errors = op_errors.load(Ordering::Relaxed);
@@ -443,6 +475,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
             p99_us: histogram.value_at_quantile(0.99),
             p999_us: histogram.value_at_quantile(0.999),
             max_us: histogram.max(),
+            bytes: op_bytes.load(Ordering::Relaxed),
         });
     }
     Ok(LoadReport {
@@ -560,7 +593,9 @@ pub async fn idle_connections(
         let (spec, gate) = (spec.clone(), gate.clone());
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("semaphore open");
-            run_op(&client, &spec, Op::GetSecret, n as u64).await
+            run_op(&client, &spec, Op::GetSecret, n as u64)
+                .await
+                .is_some()
         });
     }
     let mut ok = 0;
@@ -598,6 +633,56 @@ fn idle_client(spec: &LoadSpec) -> Result<HttpsClient> {
         .http2_only(true)
         .pool_idle_timeout(None)
         .build(connector))
+}
+
+/// Creates Secrets `big-0` .. `big-{count-1}` in `spec.namespace`, each
+/// holding `bytes` characters of base64 data (decoded, 3/4 of that: under
+/// the API server's 1 MiB per Secret for `bytes` up to 1,398,100), a few
+/// at a time; one that already exists (409) counts as made.
+pub async fn create_secrets(spec: &LoadSpec, count: usize, bytes: usize) -> Result<()> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    // Whole base64 quanta, no padding: valid base64 of bytes * 3/4 bytes.
+    let data: String = (0..bytes / 4 * 4)
+        .map(|i| ALPHABET[(i * 7 + i / 64) % 64] as char)
+        .collect();
+    let client = client(spec)?;
+    let gate = Arc::new(tokio::sync::Semaphore::new(4));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (client, spec, gate) = (client.clone(), spec.clone(), gate.clone());
+        let body = format!(
+            r#"{{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"big-{i}"}},"type":"Opaque","data":{{"blob":"{data}"}}}}"#
+        );
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore open");
+            let request = Request::post(format!(
+                "{}/api/v1/namespaces/{}/secrets",
+                spec.base, spec.namespace
+            ))
+            .header("authorization", format!("Bearer {}", spec.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+            let response = client
+                .request(request)
+                .await
+                .with_context(|| format!("creating Secret big-{i}"))?;
+            let status = response.status();
+            if status.is_success() || status == http::StatusCode::CONFLICT {
+                return Ok(());
+            }
+            let text = response.into_body().collect().await?.to_bytes();
+            bail!(
+                "creating Secret big-{i} in {}: HTTP {status}: {}",
+                spec.namespace,
+                String::from_utf8_lossy(&text)
+            )
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
 }
 
 /// The agents [`agents`] runs: one per token.
@@ -707,7 +792,7 @@ pub async fn agents(
                     Op::GetSecret
                 };
                 let ok = run_op(&client, &spec, op, n).await;
-                if ok {
+                if ok.is_some() {
                     let micros = next.elapsed().as_micros().clamp(1, 60_000_000) as u64;
                     let _ = histogram
                         .lock()
