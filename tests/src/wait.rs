@@ -143,23 +143,30 @@ impl Followed {
 /// disk. Returns how many connections were sealed; panics after `limit`
 /// naming the files still open, and if nothing was recorded at all.
 pub fn sealed_recordings(dir: &std::path::Path, limit: Duration) -> usize {
-    let mut open = Vec::new();
-    wait_for(
-        &format!(
-            "every recorded connection under {} to be sealed",
-            dir.display()
-        ),
-        limit,
-        || {
-            let lasts = last_parts(dir);
-            open = lasts
-                .iter()
-                .filter(|path| !ends_sealed(path))
-                .map(|path| path.display().to_string())
-                .collect();
-            (!lasts.is_empty() && open.is_empty()).then_some(lasts.len())
-        },
-    )
+    let deadline = Instant::now() + limit;
+    loop {
+        let lasts = last_parts(dir);
+        let open: Vec<String> = lasts
+            .iter()
+            .filter(|path| !ends_sealed(path))
+            .map(|path| path.display().to_string())
+            .collect();
+        if !lasts.is_empty() && open.is_empty() {
+            return lasts.len();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {limit:?} for every recorded connection under {} to be sealed (an `end` \
+             record last); {}",
+            dir.display(),
+            if lasts.is_empty() {
+                "nothing was recorded".to_owned()
+            } else {
+                format!("still open: {open:?}")
+            }
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The last part of each recorded connection under `dir`.
@@ -205,4 +212,45 @@ fn ends_sealed(path: &std::path::Path) -> bool {
             .last()
             .and_then(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .is_some_and(|record| record["type"] == "end")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(dir: &std::path::Path, name: &str, types: &[&str]) {
+        let lines: String = types
+            .iter()
+            .map(|t| format!("{{\"type\":\"{t}\",\"hash\":\"x\"}}\n"))
+            .collect();
+        std::fs::write(dir.join(name), lines).unwrap();
+    }
+
+    #[test]
+    fn sealed_recordings_counts_connections_whose_last_part_ends_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("default/agent-0");
+        std::fs::create_dir_all(&pod).unwrap();
+        record(&pod, "a.jsonl", &["session", "exchange", "end"]);
+        // Rotated: the first part has no end record, the last one does.
+        record(&pod, "b.jsonl", &["session", "exchange"]);
+        record(&pod, "b.p1.jsonl", &["exchange", "end"]);
+        assert_eq!(sealed_recordings(dir.path(), Duration::from_secs(1)), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "to be sealed (an `end` record last); still open")]
+    fn sealed_recordings_names_what_is_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        record(dir.path(), "a.jsonl", &["session", "end"]);
+        record(dir.path(), "b.jsonl", &["session", "exchange"]);
+        sealed_recordings(dir.path(), Duration::from_millis(100));
+    }
+
+    #[test]
+    #[should_panic(expected = "nothing was recorded")]
+    fn sealed_recordings_fails_when_nothing_was_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        sealed_recordings(dir.path(), Duration::from_millis(100));
+    }
 }
