@@ -422,6 +422,55 @@ impl NodeAgent {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// GET `path` on the admin listener (`/metrics`, `/readyz`): the status
+    /// code and body.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .unwrap_or_else(|e| panic!("the admin listener on port {}: {e}", self.admin_port));
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response from the admin listener: {head}"));
+        (code, body.to_owned())
+    }
+
+    /// `/metrics`, parsed.
+    pub fn metrics(&self) -> crate::prom::Exposition {
+        let (code, body) = self.admin_get("/metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        crate::prom::parse(&body).unwrap_or_else(|e| panic!("{e:#}\n{body}"))
+    }
+
+    /// Waits until the samples of `name` with `labels` sum to at least
+    /// `want`; the sum. Panics after `limit` with what `/metrics` showed.
+    pub fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        limit: Duration,
+    ) -> f64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = self.metrics().sum(name, labels);
+            if got >= want {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {limit:?} for {name}{labels:?} to reach {want}; it is {got}:\n{}",
+                self.admin_get("/metrics").1
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and wait (graceful drain).
     pub fn stop(&mut self) {
         self.signal_and_wait(libc::SIGTERM);

@@ -213,7 +213,25 @@ fn the_pod_tracker_guards_a_pod_by_its_label_for_its_lifetime() {
     let mut pod = store.get("pods", Some("default"), "agent-0").unwrap();
     pod["metadata"]["labels"]["chaperone.dev/intercept"] = "false".into();
     store.update(pod).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // The tracker reads this node's pods in order: once it has counted a
+    // labeled pod created after the update (one with no cgroup here, so
+    // unresolved), it has read the update too.
+    world
+        .api
+        .create(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "after-the-update", "namespace": "default",
+                "labels": {"chaperone.dev/intercept": "true"}},
+            "spec": {"nodeName": "e2e-node", "automountServiceAccountToken": false,
+                "containers": [{"name": "agent", "image": "agent:latest"}]},
+        }))
+        .unwrap();
+    world.node.wait_for_metric(
+        "chaperone_unresolved_pods",
+        &[],
+        1.0,
+        Duration::from_secs(20),
+    );
     eventually(&world, true);
     let before = world.sim().requests().len();
     let out = kubectl(&world, &["get", "configmaps"]);

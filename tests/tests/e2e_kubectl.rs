@@ -292,9 +292,18 @@ fn watch_and_follow_outputs_arrive() {
     let follower = Followed::new(follow.spawn().unwrap());
     // Both streams are open: the simulator serves the watch, and the log
     // follower has printed the line already there.
-    wait_for("the configmap watch to reach the simulator", LIMIT, || {
-        (world.sim().open_watches() > 0).then_some(())
-    });
+    // (The agent's watch: chaperone's own are open all along.)
+    wait_for(
+        "the agent's configmap watch to reach the simulator",
+        LIMIT,
+        || {
+            (world
+                .sim()
+                .open_watches_of("system:serviceaccount:default:agent")
+                > 0)
+            .then_some(())
+        },
+    );
     follower.wait_for("line one\n", LIMIT);
     world
         .sim()

@@ -13,7 +13,7 @@ use std::{
 use base64::Engine;
 use chaperone_tests::{
     e2e::{Backend, World, WorldSpec, run_for, workspace_binary},
-    on_both_servers, prom, require_root,
+    on_both_servers, prom, require_root, wait,
 };
 use serde_json::{Value, json};
 
@@ -356,9 +356,8 @@ fn a_kubectl_session_replays_with_its_exec_cast_and_tampering_shows() {
     assert!(exec_out.starts_with("typed-marker-42\n"), "{exec_out}");
     assert_no_secret("kubectl exec -i sh", &text(&exec));
     // Streams and sessions are sealed when their connections close.
-    std::thread::sleep(Duration::from_secs(3));
-
     let dir = world.work.path().join("sessions");
+    wait::sealed_recordings(&dir, LIMIT);
     let sessions = replays(&dir);
     // The sequence, as replay tells it.
     let mut seen: Vec<(String, String)> = Vec::new();
@@ -837,7 +836,7 @@ fn spdy_exec_and_attach_are_masked_and_recorded() {
     assert!(upgrades.iter().all(|u| u == "SPDY/3.1"), "{upgrades:?}");
 
     // Streams are sealed when their connections close.
-    std::thread::sleep(Duration::from_secs(3));
+    wait::sealed_recordings(&world.work.path().join("sessions"), LIMIT);
     let casts = casts(&world.work.path().join("sessions"));
     assert_eq!(casts.len(), 6, "a cast per stream: {casts:?}");
     let cast = |start: &str, end: &str| {
@@ -884,9 +883,8 @@ fn bodies_are_recorded_masked_at_request_and_response_levels(backend: Backend) {
     assert!(out.status.success(), "{}", text(&out));
     let out = kubectl(&world, &["get", "secret", "db", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
-    std::thread::sleep(Duration::from_secs(3));
-
     let dir = world.work.path().join("sessions");
+    wait::sealed_recordings(&dir, LIMIT);
     let events: Vec<Value> = replays(&dir)
         .iter()
         .flat_map(|s| s["events"].as_array().unwrap().clone())
@@ -987,7 +985,32 @@ fn metrics_parse_and_count_the_requests_made() {
             .status
             .success()
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Each request is counted once its exchange is finished: wait until
+    // the last one (the exec) and every one that reached the API server is.
+    world.node.wait_for_metric(
+        "chaperone_requests_total",
+        &[("resource", "pods/exec")],
+        1.0,
+        LIMIT,
+    );
+    let forwarded = || {
+        world
+            .sim()
+            .requests()
+            .iter()
+            .filter(|r| r.token.as_deref() == Some(world.token.as_str()))
+            .count() as f64
+    };
+    wait::wait_for(
+        "every request forwarded to the API server to be counted in chaperone_requests_total",
+        LIMIT,
+        || {
+            let counted = world.node.metrics();
+            let passed = counted.sum("chaperone_requests_total", &[])
+                - counted.sum("chaperone_requests_total", &[("decision", "deny")]);
+            (passed >= forwarded()).then_some(())
+        },
+    );
     let body = scrape(&world);
     let metrics = prom::parse(&body).unwrap_or_else(|e| panic!("{e:#}\n{body}"));
     let requests = "chaperone_requests_total";
@@ -1174,30 +1197,28 @@ fn interactive_terminal_session(spdy: bool) {
     if spdy {
         cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
     }
+    // kubectl's output and errors both reach the terminal `script` made.
     cmd.args(["-qfec", "kubectl exec -it worker -- sh", "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::inherit());
     let mut child = cmd.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let terminal = wait::Followed::new(child);
+    // The prompt has no newline: it shows because held output is released.
+    terminal.wait_for("$ ", LIMIT);
     // Typed a key at a time, Enter as a terminal sends it.
     for key in "echo tty-marker API_TOKEN=$API_TOKEN\r".bytes() {
         stdin.write_all(&[key]).unwrap();
         stdin.flush().unwrap();
         std::thread::sleep(Duration::from_millis(30));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // The typed line echoes after the prompt; its output starts a line.
+    terminal.wait_for("\ntty-marker", LIMIT);
     stdin.write_all(b"exit\r").unwrap();
     stdin.flush().unwrap();
-    let deadline = Instant::now() + LIMIT;
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "kubectl exec -it hangs");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_, seen) = terminal.wait_exit(LIMIT);
     drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    let seen = text(&out);
     // The prompt has no newline: it shows because held output is released.
     assert!(seen.contains("$ "), "{seen:?}");
     assert!(seen.contains("tty-marker"), "{seen:?}");
@@ -1211,9 +1232,8 @@ fn interactive_terminal_session(spdy: bool) {
         .map(|(_, v)| v.to_ascii_lowercase());
     let expected = if spdy { "spdy/3.1" } else { "websocket" };
     assert_eq!(upgrade.as_deref(), Some(expected));
-    std::thread::sleep(Duration::from_secs(3));
-
     let dir = world.work.path().join("sessions");
+    wait::sealed_recordings(&dir, LIMIT);
     let cast = replays(&dir)
         .iter()
         .flat_map(|s| {
@@ -1250,7 +1270,14 @@ fn metrics_stay_bounded_under_made_up_resources(backend: Backend) {
     require_root!();
     let world = observed_world_on(backend);
     assert!(kubectl(&world, &["get", "pods"]).status.success());
-    std::thread::sleep(Duration::from_millis(500));
+    // kubectl's requests counted (the list of pods is its last).
+    world.node.wait_for_metric(
+        "chaperone_requests_total",
+        &[("verb", "list"), ("resource", "pods")],
+        1.0,
+        LIMIT,
+    );
+    let counted_before = world.node.metrics().sum("chaperone_requests_total", &[]);
     let before = scrape(&world);
     let count = 3000;
     let mut curl = world.agent().in_cluster_command(&world.credentials, "curl");
@@ -1272,7 +1299,13 @@ fn metrics_stay_bounded_under_made_up_resources(backend: Backend) {
         "every token-less request is refused: {}",
         text(&out)
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Every refusal counted (in the fixed vocabulary) before the scrape.
+    world.node.wait_for_metric(
+        "chaperone_requests_total",
+        &[],
+        counted_before + count as f64,
+        LIMIT,
+    );
     let after = scrape(&world);
     let series = |body: &str| {
         body.lines()
@@ -1313,12 +1346,16 @@ fn a_pod_over_its_in_flight_limit_gets_429_with_retry_after(backend: Backend) {
         ));
         cmd
     };
-    let mut watch =
-        curl("-o /dev/null 'https://10.96.0.1/api/v1/namespaces/default/configmaps?watch=true'")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // The watch holds the pod's one slot once its response has started.
+    let watch = wait::Followed::new(
+        curl(
+            "-D - -o /dev/null 'https://10.96.0.1/api/v1/namespaces/default/configmaps?watch=true'",
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    watch.wait_for(" 200", LIMIT);
     let out = run_for(
         &mut curl("-D - 'https://10.96.0.1/api/v1/namespaces/default/configmaps'"),
         LIMIT,
@@ -1330,9 +1367,7 @@ fn a_pod_over_its_in_flight_limit_gets_429_with_retry_after(backend: Backend) {
     assert!(said.contains("toomanyrequests"), "{said}");
     assert!(said.contains("retryafterseconds"), "{said}");
 
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(watch.id() as i32, libc::SIGKILL) };
-    let _ = watch.wait();
+    watch.kill();
     let mut passed = false;
     for _ in 0..50 {
         let out = run_for(

@@ -21,6 +21,9 @@ use chaperone_tests::{
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// Whom the agent pod's requests act as (passthrough: its own token).
+const AGENT: &str = "system:serviceaccount:default:agent";
+
 /// A child process whose stdout lines arrive on a channel; killed on drop.
 struct Running {
     child: Child,
@@ -274,42 +277,37 @@ fn watches_a_client_drops_mid_stream_release_their_upstream_streams() {
     let world = World::start(WorldSpec::default()).unwrap();
     create_configmap(&world, "existing");
     let log = || format!("chaperone log:\n{}", world.node.log_text());
-    // chaperone's own watches (the pod tracker) are the baseline.
-    std::thread::sleep(Duration::from_millis(500));
-    let baseline = world.sim().open_watches();
+    // The agent's watches, as the simulator serves them (chaperone's own,
+    // such as the pod tracker's, act as chaperone and are not counted).
+    let agent_watches = || world.sim().open_watches_of(AGENT);
 
     // A custom HTTP/2 client: five watch streams, then the process dies.
     let mut watcher = agent_watch(&world, 5, "never-made", 60);
     watcher.expect_line("open 5", LIMIT, &log);
     assert!(
-        eventually(Duration::from_secs(5), || world.sim().open_watches()
-            == baseline + 5),
-        "the simulator serves {} watches, expected {}",
-        world.sim().open_watches(),
-        baseline + 5
+        eventually(Duration::from_secs(5), || agent_watches() == 5),
+        "the simulator serves {} of the agent's watches, expected 5",
+        agent_watches()
     );
     drop(watcher);
     assert!(
-        eventually(Duration::from_secs(10), || world.sim().open_watches()
-            == baseline),
-        "after the agent went away the simulator still serves {} watches (baseline {baseline}): \
+        eventually(Duration::from_secs(10), || agent_watches() == 0),
+        "after the agent went away the simulator still serves {} of its watches: \
          chaperone did not release the upstream streams",
-        world.sim().open_watches()
+        agent_watches()
     );
 
     // Real kubectl, killed mid-watch.
     let mut kubectl = Running::spawn(world.agent_kubectl(&["get", "configmaps", "-w"]));
     kubectl.expect_line("existing", LIMIT, &log);
     assert!(
-        eventually(Duration::from_secs(5), || world.sim().open_watches()
-            == baseline + 1),
-        "kubectl's watch is not open upstream ({} watches, baseline {baseline})",
-        world.sim().open_watches()
+        eventually(Duration::from_secs(5), || agent_watches() == 1),
+        "kubectl's watch is not open upstream ({} of the agent's watches)",
+        agent_watches()
     );
     drop(kubectl);
     assert!(
-        eventually(Duration::from_secs(10), || world.sim().open_watches()
-            == baseline),
+        eventually(Duration::from_secs(10), || agent_watches() == 0),
         "kubectl's watch still open upstream after kubectl died"
     );
     assert_healthy(&world);
@@ -387,8 +385,7 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
     })
     .unwrap();
     let log = || format!("chaperone log:\n{}", world.node.log_text());
-    std::thread::sleep(Duration::from_millis(500));
-    let baseline = world.sim().open_watches();
+    let agent_watches = || world.sim().open_watches_of(AGENT);
     let rss_before = world.node.rss_kib().unwrap_or(0);
     let served_before = world.sim().served_connections();
 
@@ -397,10 +394,9 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
     watcher.expect_line(&format!("open {WATCHES}"), Duration::from_secs(40), &log);
     let opened = started.elapsed();
     assert!(
-        eventually(Duration::from_secs(5), || world.sim().open_watches()
-            >= baseline + WATCHES),
-        "the simulator serves {} watches",
-        world.sim().open_watches()
+        eventually(Duration::from_secs(5), || agent_watches() == WATCHES),
+        "the simulator serves {} of the agent's watches",
+        agent_watches()
     );
     let rss_open = world.node.rss_kib().unwrap_or(0);
     let upstream_connections = world.sim().open_connections();
@@ -422,10 +418,9 @@ fn a_thousand_concurrent_watches_all_get_the_event() {
 
     drop(watcher);
     assert!(
-        eventually(Duration::from_secs(15), || world.sim().open_watches()
-            == baseline),
-        "{} watches still open upstream after the agent left (baseline {baseline})",
-        world.sim().open_watches()
+        eventually(Duration::from_secs(15), || agent_watches() == 0),
+        "{} of the agent's watches still open upstream after it left",
+        agent_watches()
     );
     assert_healthy(&world);
 }

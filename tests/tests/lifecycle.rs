@@ -175,14 +175,22 @@ fn restarted_node_agent_takes_over_with_no_direct_window() {
             .spawn()
             .expect("spawn the dialing agent");
         let stdout = dialer.stdout.take().unwrap();
+        let (first_connected, connected_seen) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .map(|l| serde_json::from_str::<Value>(&l).unwrap())
-                .collect::<Vec<_>>()
+            let mut attempts = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let attempt: Value = serde_json::from_str(&line).unwrap();
+                if attempt["connected"] == true {
+                    let _ = first_connected.send(());
+                }
+                attempts.push(attempt);
+            }
+            attempts
         });
-        std::thread::sleep(Duration::from_millis(700));
+        // The agent reaches chaperone before the node agent goes away.
+        connected_seen
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the dialing agent never reached chaperone before the restart");
         world.node.signal_and_wait(signal);
         let stopped = Instant::now();
         std::thread::sleep(Duration::from_millis(300));

@@ -11,7 +11,7 @@ use std::{
 
 use chaperone_tests::{
     e2e::{World, WorldSpec},
-    prom, require_root,
+    prom, require_root, wait,
 };
 
 /// `GET path` on the node agent's admin port: `(status code, body)`.
@@ -167,16 +167,39 @@ fn readyz_waits_for_pods_and_policies() {
         ..WorldSpec::default()
     })
     .expect("start the e2e world");
-    std::thread::sleep(Duration::from_secs(2));
+    // The policy watch has tried and failed: the log says what to do.
+    wait::wait_for(
+        "the node to log that the AgentPolicy CRD must be installed",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .node
+                .log_text()
+                .contains("install its CRD")
+                .then_some(())
+        },
+    );
     let (code, body) = admin_get(&cluster, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("[-]policies-synced"), "{body}");
-    std::thread::sleep(Duration::from_secs(2));
-    let log = cluster.node.log_text();
-    assert!(log.contains("install its CRD"), "{log}");
-    assert!(!log.contains("ApiError"), "{log}");
     // The watch retries every second or so; the warning is not repeated
-    // within the minute.
+    // within the minute: seen after two more attempts at the API server.
+    let attempts = || {
+        cluster
+            .sim()
+            .requests()
+            .iter()
+            .filter(|r| r.uri.contains("/agentpolicies"))
+            .count()
+    };
+    let first = attempts();
+    wait::wait_for(
+        "the node to retry its AgentPolicy watch twice",
+        Duration::from_secs(20),
+        || (attempts() >= first + 2).then_some(()),
+    );
+    let log = cluster.node.log_text();
+    assert!(!log.contains("ApiError"), "{log}");
     let warnings = log
         .lines()
         .filter(|l| l.contains("AgentPolicy objects") && l.contains("install its CRD"))

@@ -2,11 +2,15 @@
 //! restarts, many watches, impersonation, token keys, content negotiation,
 //! watch options, optimistic concurrency, dry runs, CRDs, streams.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use chaperone_tests::sim::{
-    Rule, SimConfig, SimHandle, Simulator, Subject,
-    client::{Client, Lines},
+use base64::Engine;
+use chaperone_tests::{
+    sim::{
+        Rule, SimConfig, SimHandle, Simulator, Subject,
+        client::{Client, Lines},
+    },
+    wait,
 };
 use serde_json::{Value, json};
 
@@ -221,7 +225,6 @@ async fn service_account_tokens_verify_rotate_and_expire() {
         .unwrap();
     let old_kid = sim.signing_key_id();
     let new_kid = sim.rotate_signing_key().unwrap();
-    let rotated = Instant::now();
     assert_ne!(old_kid, new_kid);
     let new = sim
         .mint_service_account_token("default", "agent", None, None, Duration::from_secs(600))
@@ -306,7 +309,20 @@ async fn service_account_tokens_verify_rotate_and_expire() {
     let expired = sim
         .mint_service_account_token("default", "agent", None, None, Duration::from_secs(1))
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Expired once the clock is past its `exp` claim (whole seconds).
+    let exp = claims(&expired)["exp"].as_u64().expect("an exp claim");
+    wait::until(
+        "the clock to pass the token's exp claim",
+        Duration::from_secs(5),
+        || async {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            (now > exp).then_some(())
+        },
+    )
+    .await;
     let c = Client::connect(sim.addr(), &sim.ca_pem(), true)
         .await
         .unwrap()
@@ -319,9 +335,20 @@ async fn service_account_tokens_verify_rotate_and_expire() {
         401
     );
 
-    // After the retention period the rotated-out key is gone: its tokens fail.
-    tokio::time::sleep(
-        (rotated + Duration::from_millis(4100)).saturating_duration_since(Instant::now()),
+    // After the retention period the rotated-out key is gone from the JWKS,
+    // and its tokens fail.
+    wait::until(
+        &format!("the rotated-out key {old_kid} to leave the JWKS (4 s retention)"),
+        Duration::from_secs(10),
+        || async {
+            let jwks = admin.get("/openid/v1/jwks").await.unwrap().json();
+            let listed = jwks["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["kid"] == old_kid);
+            (!listed).then_some(())
+        },
     )
     .await;
     let c = Client::connect(sim.addr(), &sim.ca_pem(), true)
@@ -1015,4 +1042,13 @@ async fn finalizers_keep_a_deleted_object_until_they_are_removed() {
             .get("daemonsets", Some("default"), "bg")
             .is_none()
     );
+}
+
+/// A JWT's claims (its payload, not verified).
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("the payload is base64url");
+    serde_json::from_slice(&bytes).expect("the payload is JSON")
 }

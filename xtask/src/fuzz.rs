@@ -101,6 +101,19 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/chaperone/fuzz-target"))
 }
 
+/// Variables `cargo run` sets for the binary it runs (besides
+/// `CARGO_PKG_*`), which describe xtask and where this clone is.
+const RUN_ENV: &[&str] = &[
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_MANIFEST_LINKS",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
 /// The host's target triple, which cargo-fuzz builds for explicitly.
 fn host_triple() -> String {
     format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
@@ -108,7 +121,8 @@ fn host_triple() -> String {
 
 fn fuzz(root: &Path, args: &[&str]) -> Result<()> {
     let (subcommand, rest) = args.split_first().context("a cargo fuzz subcommand")?;
-    let status = Command::new("cargo")
+    let mut command = Command::new("cargo");
+    command
         .arg("+nightly")
         .arg("fuzz")
         .arg(subcommand)
@@ -120,7 +134,19 @@ fn fuzz(root: &Path, args: &[&str]) -> Result<()> {
         // The toolchain is chosen by `+nightly`; a RUSTUP_TOOLCHAIN or
         // CARGO inherited from `cargo xtask` (stable) would override it.
         .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
+        .env_remove("CARGO");
+    // What `cargo run` sets for xtask itself names this clone
+    // (CARGO_MANIFEST_DIR=<clone>/xtask, ...). `ring`'s build script reads
+    // those through `rerun-if-env-changed`, so inherited they made every
+    // clone at another path rebuild ring and everything above it (rustls,
+    // kube) in the shared cache: minutes of each CI fuzz build.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if RUN_ENV.contains(&name.as_ref()) || name.starts_with("CARGO_PKG_") {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command
         .status()
         .with_context(|| format!("cannot run cargo +nightly fuzz {}", args.join(" ")))?;
     if !status.success() {

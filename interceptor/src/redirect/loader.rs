@@ -32,7 +32,8 @@ use super::{
     preflight,
 };
 
-/// The compiled programs, embedded at build time (see `interceptor/build.rs`).
+/// The compiled programs, embedded at build time (see `interceptor/build.rs`);
+/// empty in a build without the `ebpf` feature.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor-ebpf"));
 
 /// On kernels with BPF links (5.7+, which aya uses there) a cgroup link is
@@ -58,6 +59,12 @@ pub struct RedirectSpec {
 pub enum RedirectError {
     #[error("cannot open the cgroup {path} to attach to: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
+    #[error(
+        "this chaperone was built without its eBPF programs (the `ebpf` feature, on by \
+         default, was turned off, as for the fuzz targets): build it with default features, \
+         `cargo build --release -p chaperone`"
+    )]
+    NotBuilt,
     #[error("cannot load chaperone's eBPF programs: {source}. {hint}")]
     Load {
         source: Box<aya::EbpfError>,
@@ -201,6 +208,9 @@ impl Redirector {
     /// `lifetime`: pinned (they outlive the process, and a previous node
     /// agent's pins are adopted without a gap) or not.
     pub fn attach_with(spec: RedirectSpec, lifetime: Lifetime) -> Result<Self, RedirectError> {
+        if PROGRAMS.is_empty() {
+            return Err(RedirectError::NotBuilt);
+        }
         if spec.proxy_v4.is_none() && spec.proxy_v6.is_none() {
             return Err(RedirectError::NoProxyAddress);
         }

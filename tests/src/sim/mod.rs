@@ -247,6 +247,8 @@ pub(crate) struct State {
     pub open_connections: std::sync::atomic::AtomicUsize,
     /// Client connections served since start (TLS handshakes completed).
     pub served_connections: std::sync::atomic::AtomicUsize,
+    /// Watches being served now, by the user they act as.
+    pub watches_by_user: Mutex<HashMap<String, usize>>,
 }
 
 /// The simulator (see [`Simulator::start`]).
@@ -297,6 +299,7 @@ impl Simulator {
             api_audiences,
             open_connections: Default::default(),
             served_connections: Default::default(),
+            watches_by_user: Default::default(),
         });
         let handle = SimHandle {
             state,
@@ -526,6 +529,18 @@ impl SimHandle {
     /// events until its client goes away or the watch ends).
     pub fn open_watches(&self) -> usize {
         self.state.store.watchers()
+    }
+
+    /// Watches being served now that act as `username` (after
+    /// impersonation): one client's watches, whatever else is watching.
+    pub fn open_watches_of(&self, username: &str) -> usize {
+        self.state
+            .watches_by_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(username)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Client connections (TCP, after TLS) being served now.

@@ -869,6 +869,41 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// One watch served, counted for its user while it lasts
+/// ([`super::SimHandle::open_watches_of`]).
+struct WatchOf {
+    state: Arc<State>,
+    username: String,
+}
+
+impl WatchOf {
+    fn count(state: &Arc<State>, username: &str) -> WatchOf {
+        *state
+            .watches_by_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(username.to_owned())
+            .or_default() += 1;
+        WatchOf {
+            state: state.clone(),
+            username: username.to_owned(),
+        }
+    }
+}
+
+impl Drop for WatchOf {
+    fn drop(&mut self) {
+        let mut counts = self
+            .state
+            .watches_by_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.username) {
+            *count -= 1;
+        }
+    }
+}
+
 fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let (labels, fields) = match selectors(ctx) {
         Ok(s) => s,
@@ -896,11 +931,13 @@ fn watch(ctx: &Ctx, def: &ResourceDef, namespace: &str) -> Response<Body> {
     let include = IncludeObject::parse(ctx.q("includeObject"));
     let (tx, resp) = streaming_response("application/json");
     let started = ctx.state.store.watch_in(def, from);
+    let counted = WatchOf::count(&ctx.state, &ctx.user.username);
     let store = ctx.state.store.clone();
     let def = def.clone();
     let namespace = namespace.to_string();
     let interval = ctx.state.config.bookmark_interval;
     tokio::spawn(async move {
+        let _counted = counted;
         let (first, mut rx, mut last_rv) = match started {
             Ok(s) => s,
             Err(e) => {
